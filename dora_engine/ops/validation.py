@@ -1,0 +1,145 @@
+"""Input checks shared by every backend of the op (DESIGN.md section 7).
+
+Each failure names the offending argument (and row/prompt where one is at fault).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dora_engine.losses import LossSpec, StrategySpec, get_loss, get_strategy, resolve_params
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, float64 for float64 (DESIGN.md section 4)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_logits_labels(
+    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, check_range: bool, name: str = "logits"
+) -> None:
+    """logits (N, T, V) float; labels (N, T) int64 on the same device; labels in [0, V) or ignore_index."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise ValueError(f"{name} must be a 3-D tensor (N, T, V), got shape {_shape(logits)}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    check_labels(labels, logits.shape[:2], logits.shape[2], logits.device, ignore_index, check_range)
+
+
+def check_labels(
+    labels: torch.Tensor,
+    leading: tuple[int, ...] | torch.Size,
+    vocab: int,
+    device: torch.device,
+    ignore_index: int,
+    check_range: bool,
+) -> None:
+    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != tuple(leading):
+        raise ValueError(f"labels must have shape {tuple(leading)} (N, T), got {_shape(labels)}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"labels must be int64, got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the logits/hidden states on {device}")
+    if check_range and labels.numel():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            n, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"labels[{n}, {t}] = {int(labels[n, t])} is outside [0, {vocab}) and is not "
+                f"ignore_index ({ignore_index})"
+            )
+
+
+def _shape(x: Any) -> str:
+    return str(tuple(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """A validated call of ``dora_loss``: resolved loss, parameters, strategy and batch geometry."""
+
+    loss: LossSpec
+    params: dict[str, Any]
+    strategy: StrategySpec
+    lam: float
+    num_prompts: int
+    num_responses: int
+
+
+def check_loss_inputs(
+    *,
+    num_rows: int,
+    device: torch.device,
+    num_responses: int,
+    scores: torch.Tensor,
+    h_tilde: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    loss: str,
+    loss_params: dict[str, Any] | None,
+    strategy: str,
+    lam: float,
+    validate: bool,
+) -> LossConfig:
+    """Validate everything about a ``dora_loss`` call except the logits/labels themselves."""
+    spec = get_loss(loss)
+    params = resolve_params(loss, loss_params)
+    strat = get_strategy(strategy)
+    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam <= 0:
+        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+    if isinstance(num_responses, bool) or not isinstance(num_responses, int) or num_responses < 2:
+        raise ValueError(f"num_responses (K) must be an integer >= 2, got {num_responses!r}")
+    if num_rows % num_responses:
+        raise ValueError(
+            f"the number of rows N = {num_rows} is not divisible by num_responses K = {num_responses}"
+        )
+    B = num_rows // num_responses
+    if B == 0:
+        raise ValueError("the batch is empty (N = 0)")
+    _check_tensor("scores", scores, (B, num_responses), device)
+    if validate and not bool(torch.isfinite(scores).all()):
+        raise ValueError("scores contain NaN or inf")
+    if h_tilde is None:
+        if strat.needs_h_tilde:
+            raise ValueError(f"strategy {strategy!r} needs h_tilde (B,), got None: run calibration first")
+    else:
+        _check_tensor("h_tilde", h_tilde, (B,), device)
+        if validate:
+            bad = ~(torch.isfinite(h_tilde) & (h_tilde > 0))
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(f"h_tilde must be finite and > 0; h_tilde[{b}] = {float(h_tilde[b])}")
+    if spec.needs_reference:
+        if ref_logps is None:
+            raise ValueError(f"loss {loss!r} needs a reference model: pass ref_logps (N,) = ({num_rows},)")
+        _check_tensor("ref_logps", ref_logps, (num_rows,), device)
+    elif ref_logps is not None:
+        _check_tensor("ref_logps", ref_logps, (num_rows,), device)
+    return LossConfig(spec, params, strat, float(lam), B, num_responses)
+
+
+def _check_tensor(name: str, x: Any, shape: tuple[int, ...], device: torch.device) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {shape}, got {type(x).__name__}")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but the logits/hidden states on {device}")
+
+
+def check_valid_tokens(seq_lens: torch.Tensor, num_responses: int) -> None:
+    """Every response must have at least one valid (non-ignored) label token."""
+    empty = seq_lens == 0
+    if bool(empty.any()):
+        n = int(empty.nonzero()[0, 0])
+        raise ValueError(
+            f"response row {n} (prompt {n // num_responses}, response {n % num_responses}) has no valid "
+            "label token (all ignore_index)"
+        )
