@@ -1,0 +1,99 @@
+"""The per-prompt weight h̃ from classifier probabilities (DESIGN.md section 4, "Calibration"; Eq. 5-6).
+
+For a prompt with n responses, response k has classifier probability c_k ≈ P(golden | x, y_k), the
+odds ratio γ_k of the classifier that scored it (γ_s = #label-0 / #label-1 in its training set) and
+the mixture weight β_k of its slot (default 1/n). With c clamped to [1e-6, 1 − 1e-6]:
+
+    term_k = γ_k c_k / (γ_k c_k / n + β_k (1 − c_k))        h̃ = (1/n) Σ_k term_k
+
+This is 1 / (1/n + β_k / w_k) with the importance weight w_k = γ_k c_k / (1 − c_k) (Eq. 5), so each term
+lies in (0, n) and so does h̃. With β_k = 1/n and γ_k = 1, term_k = n · c_k exactly.
+
+h̃ is a data weight, never differentiated: tensors are computed in float64 on the CPU and returned in
+the input's floating dtype and device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+CLAMP_EPS = 1e-6
+
+
+def h_tilde(c: Any, gamma: Any = 1.0, beta: Any = None) -> Any:
+    """h̃ for one prompt (``c`` of shape (n,)) or a batch of prompts (``c`` of shape (B, n)).
+
+    Args:
+        c: classifier probabilities in [0, 1]; a list, numpy array or torch tensor.
+        gamma: the scoring classifier's γ per response: a positive scalar or an array broadcastable
+            to ``c`` (e.g. (n,) or (B, n)).
+        beta: the slot mixture weights β_k > 0, broadcastable to ``c``; ``None`` means 1/n for every slot.
+
+    Returns:
+        A float for 1-D ``c``; an array (B,) for 2-D ``c`` (a tensor with ``c``'s dtype and device when
+        ``c`` is a torch tensor).
+    """
+    torch_like = _as_torch_reference(c)
+    probs = _as_float64(c, "c")
+    if probs.ndim not in (1, 2) or probs.shape[-1] < 1:
+        raise ValueError(f"h_tilde: c must have shape (n,) or (B, n) with n >= 1, got shape {tuple(probs.shape)}")
+    _check_finite(probs, "c")
+    outside = (probs < 0) | (probs > 1)
+    if outside.any():
+        idx = tuple(int(i) for i in np.argwhere(outside)[0])
+        raise ValueError(f"h_tilde: c{list(idx)} = {float(probs[idx])!r} is outside [0, 1]")
+    n = probs.shape[-1]
+    gammas = _positive_broadcast(gamma, probs.shape, "gamma")
+    betas = np.full(probs.shape, 1.0 / n) if beta is None else _positive_broadcast(beta, probs.shape, "beta")
+
+    clamped = np.clip(probs, CLAMP_EPS, 1.0 - CLAMP_EPS)
+    weighted = gammas * clamped
+    terms = weighted / (weighted / n + betas * (1.0 - clamped))
+    result = terms.mean(axis=-1)
+
+    if torch_like is not None:
+        import torch
+
+        dtype = torch_like.dtype if torch_like.dtype.is_floating_point else torch.float64
+        return torch.as_tensor(result, dtype=dtype, device=torch_like.device)
+    return float(result) if result.ndim == 0 else result
+
+
+def _as_torch_reference(x: Any) -> Any:
+    """The tensor itself when ``x`` is a torch tensor (its dtype/device shape the output), else None."""
+    module = type(x).__module__
+    return x if module.startswith("torch") and hasattr(x, "detach") else None
+
+
+def _as_float64(x: Any, name: str) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().double().numpy()
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"h_tilde: {name} must be numeric (a number, list, numpy array or tensor): {err}") from None
+    return arr
+
+
+def _check_finite(arr: np.ndarray, name: str) -> None:
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        idx = [int(i) for i in np.argwhere(bad)[0]]
+        raise ValueError(f"h_tilde: {name}{idx} = {float(arr[tuple(idx)])!r} is not finite")
+
+
+def _positive_broadcast(x: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
+    arr = _as_float64(x, name)
+    try:
+        out = np.broadcast_to(arr, shape)
+    except ValueError:
+        raise ValueError(
+            f"h_tilde: {name} of shape {tuple(arr.shape)} does not broadcast to c's shape {tuple(shape)}"
+        ) from None
+    _check_finite(out, name)
+    if (out <= 0).any():
+        idx = [int(i) for i in np.argwhere(out <= 0)[0]]
+        raise ValueError(f"h_tilde: {name}{idx} = {float(out[tuple(idx)])!r} must be > 0")
+    return out
