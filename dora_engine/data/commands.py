@@ -1,0 +1,85 @@
+"""``dora-engine data …``: the data pipeline on the command line (issue 7, DESIGN.md section 6).
+
+Each sub-command is a thin wrapper over a library function of ``dora_engine.data`` so that the steps
+compose in Python as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from dora_engine.data.schema import read_records, write_records
+from dora_engine.data.summary import summarize
+
+
+def _parse_mix(text: str) -> dict[str, float]:
+    """``verbose=1,off_topic=2`` -> {"verbose": 1.0, "off_topic": 2.0}."""
+    mix = {}
+    for item in text.split(","):
+        name, sep, weight = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"--mix item {item!r} is not SOURCE=WEIGHT")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--mix weight {weight!r} of {name!r} is not a number") from None
+    return mix
+
+
+def _finish(out: Path, records) -> int:
+    write_records(out, records)
+    print(f"wrote {out}")
+    print(summarize(records))
+    return 0
+
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from dora_engine.data.synth import build_synth_tokenizer, synth_records
+
+    records = synth_records(
+        num_prompts=args.num_prompts,
+        k=args.k,
+        golden_per_prompt=args.golden_per_prompt,
+        mix=args.mix,
+        label_noise=args.label_noise,
+        length_bias=args.length_bias,
+        seed=args.seed,
+    )
+    if args.tokenizer_dir is not None:
+        build_synth_tokenizer(args.tokenizer_dir)
+        print(f"wrote tokenizer to {args.tokenizer_dir}")
+    return _finish(args.out, records)
+
+
+def _cmd_corrupt(args: argparse.Namespace) -> int:
+    from dora_engine.data.corrupt import corrupt_records
+
+    return _finish(args.out, corrupt_records(read_records(args.input), args.rate, args.seed))
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    data = subparsers.add_parser("data", help="data pipeline: convert, augment, score, corrupt, synth")
+    commands = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
+
+    synth = commands.add_parser("synth", help="write the synthetic mixture-shift dataset with its known oracle")
+    synth.add_argument("--out", type=Path, required=True, help="output JSONL (.gz allowed)")
+    synth.add_argument("--num-prompts", type=int, default=200)
+    synth.add_argument("--k", type=int, default=4, help="responses per prompt")
+    synth.add_argument("--golden-per-prompt", type=int, default=1)
+    synth.add_argument("--mix", type=_parse_mix, default=None,
+                       help="weights of the shifted sources, e.g. verbose=1,off_topic=1,repetitive=1 (default)")
+    synth.add_argument("--label-noise", type=float, default=0.0, help="fraction of records with permuted scores")
+    synth.add_argument("--length-bias", type=float, default=0.0,
+                       help="add length_bias * words/40 to the scores (a verbosity-biased reward model)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--tokenizer-dir", type=Path, default=None,
+                       help="also save a word-level tokenizer for the synth vocabulary here")
+    synth.set_defaults(func=_cmd_synth)
+
+    corrupt = commands.add_parser("corrupt", help="label noise: permute the scores of a random subset of prompts")
+    corrupt.add_argument("input", type=Path)
+    corrupt.add_argument("--out", type=Path, required=True)
+    corrupt.add_argument("--rate", type=float, required=True, help="probability that a record is corrupted")
+    corrupt.add_argument("--seed", type=int, default=0)
+    corrupt.set_defaults(func=_cmd_corrupt)
