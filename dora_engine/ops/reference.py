@@ -16,6 +16,7 @@ from dora_engine.ops.distributed import gather_for_global_loss, local_slice
 from dora_engine.ops.validation import (
     accumulation_dtype,
     check_labels,
+    check_linear_inputs,
     check_logits_labels,
     check_loss_inputs,
     check_valid_tokens,
@@ -60,14 +61,7 @@ def _sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
 
 
 def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be a 3-D tensor (N, T, H), got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(
-            f"weight must have shape (V, H) with H = {hidden.shape[2]}, got {tuple(weight.shape)}"
-        )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    check_linear_inputs(hidden, weight, bias)
     return torch.nn.functional.linear(hidden, weight, bias)
 
 

@@ -32,6 +32,23 @@ def check_logits_labels(
     check_labels(labels, logits.shape[:2], logits.shape[2], logits.device, ignore_index, check_range)
 
 
+def check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """hidden (N, T, H), weight (V, H) and bias (V,) or None of one float dtype and device."""
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+        raise ValueError(f"hidden must be a 3-D tensor (N, T, H), got shape {_shape(hidden)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight must have shape (V, H) with H = {hidden.shape[2]}, got {_shape(weight)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {_shape(bias)}")
+    for name, x in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if x is None:
+            continue
+        if x.dtype not in FLOAT_DTYPES or x.dtype != hidden.dtype:
+            raise TypeError(f"{name} must be float32, bfloat16, float16 or float64 like hidden, got {x.dtype}")
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden on {hidden.device}")
+
+
 def check_labels(
     labels: torch.Tensor,
     leading: tuple[int, ...] | torch.Size,
