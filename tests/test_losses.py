@@ -204,7 +204,7 @@ def test_exo_default_eps_is_sigmoid_of_minus_ten() -> None:
         (lambda: resolve_params("robust_dpo", {"eps": 0.5}), "['eps'] for loss 'robust_dpo' must be in [0"),
         (lambda: resolve_params("exo", {"eps": 0.0}), "loss_params['eps'] for loss 'exo' must be in (0"),
         (lambda: resolve_params("lire", {"reward_norm": "rank"}), "must be one of ('softmax', 'zscore')"),
-        (lambda: resolve_params("simpo", {"gamma": float("nan")}), "loss_params['gamma'] for loss 'simpo' must be a finite number"),
+        (lambda: resolve_params("simpo", {"gamma": math.nan}), "['gamma'] for loss 'simpo' must be a finite number"),
         (lambda: robust_objective("cvar", torch.ones(2), None, 1.0), "unknown strategy 'cvar'; valid strategies: erm"),
         (lambda: robust_objective("dora", torch.ones(2), None, 1.0), "strategy 'dora' needs h_tilde"),
     ],
