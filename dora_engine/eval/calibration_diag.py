@@ -1,0 +1,166 @@
+"""The paper's reward–confidence diagnostic (``dora-engine eval calibration``).
+
+For each model (e.g. the DoRA policy and an ERM baseline), every generated response y to a prompt x
+gets a classifier confidence c(x, y) ≈ P(golden | x, y) and a reward r(x, y). A model whose responses
+look more like the golden distribution *and* earn more reward for it shows a positive slope of reward
+on confidence.
+
+Rewards are normalised over the responses of all models pooled, so that every model shares one axis:
+
+    minmax: r̂ = (r − min r) / (max r − min r)        zscore: r̂ = (r − mean r) / std r
+
+(all-equal rewards give r̂ = 0). Per model, the ordinary least-squares line r̂ ≈ a + b·c has
+
+    b = Σ(c − c̄)(r̂ − r̄) / Σ(c − c̄)²,   a = r̄ − b·c̄,   r = Σ(c − c̄)(r̂ − r̄) / sqrt(Σ(c − c̄)² Σ(r̂ − r̄)²)
+
+(b and r are NaN when every c is equal). One PNG shows every model's scatter and line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from dora_engine.atomic import atomic_path
+from dora_engine.data.schema import RecordError, iter_jsonl
+
+NORMALISATIONS = ("minmax", "zscore", "none")
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    slope: float
+    intercept: float
+    r: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass
+class ScoredResponses:
+    """One model's responses: prompts and texts, with confidence c and raw reward r once known."""
+
+    model: str
+    instructions: list[str]
+    outputs: list[str]
+    confidence: list[float | None]
+    reward: list[float | None]
+
+
+def ols_fit(x: Sequence[float], y: Sequence[float]) -> LinearFit:
+    """The least-squares line y ≈ intercept + slope·x and Pearson's r (see the module docstring)."""
+    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if xs.shape != ys.shape or xs.ndim != 1 or xs.size < 2:
+        raise ValueError(f"ols_fit needs two 1-D arrays of equal length >= 2, got shapes {xs.shape} and {ys.shape}")
+    dx, dy = xs - xs.mean(), ys - ys.mean()
+    sxx, syy, sxy = float(dx @ dx), float(dy @ dy), float(dx @ dy)
+    slope = sxy / sxx if sxx > 0 else math.nan
+    intercept = float(ys.mean() - slope * xs.mean()) if sxx > 0 else float(ys.mean())
+    r = sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else math.nan
+    return LinearFit(slope, intercept, r, int(xs.size))
+
+
+def normalise_rewards(rewards: Sequence[float], method: str = "minmax") -> np.ndarray:
+    """Rewards normalised by ``method`` (minmax, zscore or none) over the whole given pool."""
+    if method not in NORMALISATIONS:
+        raise ValueError(f"unknown normalisation {method!r}; valid: {', '.join(NORMALISATIONS)}")
+    r = np.asarray(rewards, dtype=np.float64)
+    if method == "none":
+        return r
+    if method == "minmax":
+        spread = r.max() - r.min()
+        return (r - r.min()) / spread if spread > 0 else np.zeros_like(r)
+    std = r.std()
+    return (r - r.mean()) / std if std > 0 else np.zeros_like(r)
+
+
+def diagnose(
+    groups: Sequence[ScoredResponses], method: str = "minmax"
+) -> tuple[dict[str, np.ndarray], dict[str, LinearFit]]:
+    """Normalised rewards per model (pooled normalisation) and each model's OLS fit of r̂ on c."""
+    for g in groups:
+        for field in ("confidence", "reward"):
+            missing = [i for i, v in enumerate(getattr(g, field)) if v is None]
+            if missing:
+                raise RecordError(f"model {g.model!r}: response {missing[0]} has no {field}")
+    pooled = normalise_rewards([v for g in groups for v in g.reward], method)
+    normalised, fits, start = {}, {}, 0
+    for g in groups:
+        normalised[g.model] = pooled[start:start + len(g.reward)]
+        start += len(g.reward)
+        fits[g.model] = ols_fit(g.confidence, normalised[g.model])
+    return normalised, fits
+
+
+def plot_diagnostic(
+    groups: Sequence[ScoredResponses], normalised: dict[str, np.ndarray], fits: dict[str, LinearFit],
+    path: str | os.PathLike, method: str = "minmax",
+) -> None:
+    """Every model's (c, r̂) scatter and fitted line on one figure, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    grid = np.linspace(0.0, 1.0, 50)
+    for i, g in enumerate(groups):
+        colour = f"C{i}"
+        fit = fits[g.model]
+        ax.scatter(g.confidence, normalised[g.model], s=10, alpha=0.4, color=colour)
+        ax.plot(grid, fit.intercept + fit.slope * grid, color=colour,
+                label=f"{g.model}: slope {fit.slope:.3f}, r {fit.r:.2f} (n={fit.n})")
+    ax.set_xlabel("classifier confidence c = P(golden | x, y)")
+    ax.set_ylabel(f"reward ({method}-normalised)")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_title("Reward vs. confidence")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def load_scored(path: str | os.PathLike, model: str) -> ScoredResponses:
+    """Rows with string ``instruction`` and ``output``, and optional numeric ``confidence`` and ``reward``."""
+    group = ScoredResponses(model, [], [], [], [])
+    for i, row in iter_jsonl(path):
+        where = f"{path}: line {i + 1}"
+        if not isinstance(row, dict):
+            raise RecordError(f"{where}: expected an object")
+        for key in ("instruction", "output"):
+            if not isinstance(row.get(key), str):
+                raise RecordError(f"{where}: field {key!r} must be a string, got {row.get(key)!r}")
+        group.instructions.append(row["instruction"])
+        group.outputs.append(row["output"])
+        for key in ("confidence", "reward"):
+            value = row.get(key)
+            if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+                raise RecordError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+            if key == "confidence" and value is not None and not 0 <= value <= 1:
+                raise RecordError(f"{where}: field 'confidence' must lie in [0, 1], got {value!r}")
+            getattr(group, key).append(None if value is None else float(value))
+    if len(group.outputs) < 2:
+        raise RecordError(f"{path}: model {model!r} needs at least 2 responses for a fit, got {len(group.outputs)}")
+    return group
+
+
+def classifier_confidence(
+    classifier_dir: str | os.PathLike, group: ScoredResponses, *, max_length: int = 512, batch_size: int = 16,
+    device: str = "auto",
+) -> list[float]:
+    """P(golden | x, y) from a binary calibration classifier (class 1 = golden, as phase 1 trains it)."""
+    from dora_engine.calibration.classifier import Example, predict
+
+    examples = [Example(p, r) for p, r in zip(group.instructions, group.outputs, strict=True)]
+    probs = predict(classifier_dir, examples, max_length=max_length, batch_size=batch_size, device=device,
+                    description=f"confidence {group.model}")
+    if probs.shape[1] != 2:
+        raise ValueError(f"classifier {classifier_dir} has {probs.shape[1]} classes; the diagnostic needs a binary one")
+    return probs[:, 1].tolist()

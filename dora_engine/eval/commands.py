@@ -1,0 +1,161 @@
+"""``dora-engine eval generate | winrate | calibration`` (DESIGN.md section 6)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from dora_engine.atomic import atomic_write
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("eval", help="evaluation: generate, win rates, calibration diagnostic")
+    commands = parser.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    _register_generate(commands)
+    _register_winrate(commands)
+    _register_calibration(commands)
+
+
+def _register_generate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("generate", help="responses of a trained model to held-out prompts")
+    p.add_argument("--model", required=True, help="the model: a local folder or hub id")
+    p.add_argument("--data", required=True, help="records (JSONL, DESIGN.md section 3) whose prompts to answer")
+    p.add_argument("--output", required=True, help="generations JSONL: {id, instruction, output, generator} per line")
+    p.add_argument("--alpaca-eval", metavar="PATH", help="also write AlpacaEval's model_outputs.json here")
+    p.add_argument("--generator", help="the generator name in the outputs (default: the model folder's name)")
+    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, help="answer only the first N prompts")
+    p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    p.set_defaults(func=run_generate)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from dora_engine.data.schema import read_records
+    from dora_engine.eval.generate import DecodingConfig, generate_records, write_generations, write_model_outputs
+
+    decoding = DecodingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    records = read_records(args.data)[: args.limit]
+    generations = generate_records(
+        records, args.model, generator=args.generator, backend=args.backend, decoding=decoding,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+    )
+    write_generations(args.output, generations)
+    if args.alpaca_eval:
+        write_model_outputs(args.alpaca_eval, generations)
+    print(f"wrote {len(generations)} generations to {args.output}")
+    return 0
+
+
+def _register_winrate(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("winrate", help="win / lose / tie rates against the golden responses")
+    p.add_argument("--generations", required=True, help="generations JSONL, or an AlpacaEval model_outputs.json")
+    p.add_argument("--data", required=True, help="records holding the golden responses (joined by id or prompt)")
+    p.add_argument("--target-source", default="golden", help="the golden source's name (default: golden)")
+    p.add_argument("--judge", default="oracle", help="oracle | reward-model:PATH | openai:MODEL (default: oracle)")
+    p.add_argument("--judge-template", choices=("helpful", "harmless"), default="helpful",
+                   help="prompt of the openai judge (default: helpful)")
+    p.add_argument("--cache-dir", help="openai judge answer cache (default: judge_cache beside --output, else ./)")
+    p.add_argument("--workers", type=int, default=4, help="parallel requests of the openai judge")
+    p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--tie-tolerance", type=float, default=0.0, help="reward judges: |Δr| at most this is a tie")
+    p.add_argument("--batch-size", type=int, default=8, help="reward-model batch size")
+    p.add_argument("--device", help="reward-model device (default: cuda when available)")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0, help="seeds the A/B order swap and the bootstrap")
+    p.add_argument("--output", help="report JSON: rates, intervals and per-comparison verdicts")
+    p.set_defaults(func=run_winrate)
+
+
+def _judge_options(args: argparse.Namespace) -> dict:
+    if args.judge.startswith("openai:"):
+        beside = Path(args.output).parent if args.output else Path(".")
+        cache = Path(args.cache_dir) if args.cache_dir else beside / "judge_cache"
+        return {"template": args.judge_template, "seed": args.seed, "cache_dir": cache,
+                "workers": args.workers, "max_retries": args.max_retries}
+    if args.judge.startswith("reward-model:"):
+        return {"batch_size": args.batch_size, "device": args.device, "tie_tolerance": args.tie_tolerance}
+    return {"tie_tolerance": args.tie_tolerance}
+
+
+def run_winrate(args: argparse.Namespace) -> int:
+    from dora_engine.data.schema import read_records
+    from dora_engine.eval.generate import read_generations
+    from dora_engine.eval.judges import make_judge
+    from dora_engine.eval.winrate import format_summary, pair_with_golden, summarise
+
+    comparisons = pair_with_golden(read_generations(args.generations), read_records(args.data), args.target_source)
+    judge = make_judge(args.judge, **_judge_options(args))
+    verdicts = judge.judge(comparisons)
+    summary = summarise(verdicts, n_boot=args.n_boot, seed=args.seed)
+    print(format_summary(summary, judge.name))
+    if args.output:
+        report = {"judge": judge.name, "generations": str(args.generations), **summary.to_dict(),
+                  "verdicts": {c.id: v for c, v in zip(comparisons, verdicts, strict=True)}}
+        with atomic_write(args.output) as handle:
+            json.dump(report, handle, indent=1)
+    return 0
+
+
+def _register_calibration(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("calibration", help="reward vs. classifier confidence of generated responses")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+                   help="a model's generations JSONL (repeat: e.g. policy=… baseline=…); rows may carry "
+                        "precomputed 'reward' and 'confidence'")
+    p.add_argument("--reward", help="oracle | reward-model:PATH (default: each row's 'reward')")
+    p.add_argument("--classifier", help="binary calibration classifier folder (default: each row's 'confidence')")
+    p.add_argument("--normalise", choices=("minmax", "zscore", "none"), default="minmax",
+                   help="reward normalisation over all models' responses pooled (default: minmax)")
+    p.add_argument("--max-length", type=int, default=512, help="classifier input length")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output-dir", required=True, help="writes calibration_report.json and reward_confidence.png")
+    p.set_defaults(func=run_calibration)
+
+
+def _parse_models(specs: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"eval calibration: --model expects NAME=PATH, got {spec!r}")
+        pairs.append((name, path))
+    return pairs
+
+
+def run_calibration(args: argparse.Namespace) -> int:
+    from dora_engine.eval.calibration_diag import (
+        classifier_confidence,
+        diagnose,
+        load_scored,
+        plot_diagnostic,
+    )
+    from dora_engine.eval.judges import make_scorer
+
+    groups = [load_scored(path, name) for name, path in _parse_models(args.model)]
+    scorer = make_scorer(args.reward) if args.reward else None
+    for g in groups:
+        if scorer is not None:
+            g.reward = list(scorer.score(g.instructions, g.outputs))
+        if args.classifier:
+            g.confidence = list(classifier_confidence(
+                args.classifier, g, max_length=args.max_length, batch_size=args.batch_size, device=args.device
+            ))
+    normalised, fits = diagnose(groups, args.normalise)
+    out = Path(args.output_dir)
+    plot_diagnostic(groups, normalised, fits, out / "reward_confidence.png", args.normalise)
+    report = {"normalise": args.normalise, "reward": args.reward or "precomputed",
+              "confidence": args.classifier or "precomputed", "fits": {k: v.to_dict() for k, v in fits.items()}}
+    with atomic_write(out / "calibration_report.json") as handle:
+        json.dump(report, handle, indent=1)
+    for name, fit in fits.items():
+        print(f"{name}: slope {fit.slope:.4f}, intercept {fit.intercept:.4f}, r {fit.r:.3f} (n={fit.n})")
+    print(f"wrote {out / 'reward_confidence.png'} and {out / 'calibration_report.json'}")
+    return 0

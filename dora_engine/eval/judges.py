@@ -1,0 +1,151 @@
+"""Pairwise judges for ``eval winrate``: does the policy's response beat the golden one?
+
+A judge maps comparisons (prompt, policy response, golden response) to verdicts from the policy's
+point of view: ``win``, ``lose``, ``tie`` or ``error`` (the judge gave no usable answer). Specs:
+
+- ``oracle``: the synthetic data's ``oracle_reward(prompt, response)`` (``dora_engine.data.synth``);
+- ``reward-model:PATH``: a sequence-classification model with a single logit as the reward;
+- ``openai:MODEL``: an OpenAI-compatible chat endpoint (``dora_engine.eval.http_judge``).
+
+Reward judges compare the two rewards: a difference within ``tie_tolerance`` is a tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+Verdict = Literal["win", "lose", "tie", "error"]
+VERDICTS: tuple[Verdict, ...] = ("win", "lose", "tie", "error")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One judgement to make: ``policy`` is the evaluated model's response, ``golden`` the target's."""
+
+    id: str
+    instruction: str
+    policy: str
+    golden: str
+
+
+class Judge(Protocol):
+    name: str
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]: ...
+
+
+class RewardScorer(Protocol):
+    name: str
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]: ...
+
+
+class OracleScorer:
+    """The synthetic mixture's known reward (``dora_engine.data.synth.oracle_reward``)."""
+
+    name = "oracle"
+
+    def __init__(self) -> None:
+        try:
+            from dora_engine.data.synth import oracle_reward
+        except ImportError as err:
+            raise RuntimeError(f"the oracle judge needs dora_engine.data.synth.oracle_reward ({err})") from None
+        self._reward = oracle_reward
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return [float(self._reward(p, r)) for p, r in zip(prompts, responses, strict=True)]
+
+
+class RewardModelScorer:
+    """r(x, y) = the single logit of a sequence-classification reward model on the chat (or "x\\n\\ny")."""
+
+    def __init__(
+        self, path: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None
+    ) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = f"reward-model:{path}"
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"reward model {path} has {self.model.config.num_labels} outputs; a reward model needs exactly 1"
+            )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def _text(self, prompt: str, response: str) -> str:
+        if getattr(self.tokenizer, "chat_template", None):
+            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            return self.tokenizer.apply_chat_template(chat, tokenize=False)
+        return f"{prompt}\n\n{response}"
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        import torch
+        from tqdm.auto import tqdm
+
+        texts = [self._text(p, r) for p, r in zip(prompts, responses, strict=True)]
+        rewards: list[float] = []
+        for start in tqdm(range(0, len(texts), self.batch_size), desc="reward model", unit="batch"):
+            enc = self.tokenizer(
+                texts[start:start + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                max_length=self.max_length,
+            ).to(self.device)
+            with torch.no_grad():
+                rewards.extend(self.model(**enc).logits[:, 0].float().cpu().tolist())
+        return rewards
+
+
+class RewardJudge:
+    """Verdicts from the reward difference r(policy) − r(golden); |difference| ≤ tie_tolerance is a tie."""
+
+    def __init__(self, scorer: RewardScorer, tie_tolerance: float = 0.0) -> None:
+        if tie_tolerance < 0:
+            raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+        self.scorer = scorer
+        self.name = scorer.name
+        self.tie_tolerance = tie_tolerance
+
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+        prompts = [c.instruction for c in comparisons]
+        policy = self.scorer.score(prompts, [c.policy for c in comparisons])
+        golden = self.scorer.score(prompts, [c.golden for c in comparisons])
+        return [self._verdict(p - g) for p, g in zip(policy, golden, strict=True)]
+
+    def _verdict(self, margin: float) -> Verdict:
+        if margin > self.tie_tolerance:
+            return "win"
+        if margin < -self.tie_tolerance:
+            return "lose"
+        return "tie"
+
+
+def make_scorer(spec: str, **options: Any) -> RewardScorer:
+    """``oracle`` or ``reward-model:PATH`` (options: batch_size, max_length, device)."""
+    if spec == "oracle":
+        return OracleScorer()
+    if spec.startswith("reward-model:") and spec.split(":", 1)[1]:
+        return RewardModelScorer(spec.split(":", 1)[1], **options)
+    raise ValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
+
+
+def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judge:
+    """A judge from its spec: ``oracle``, ``reward-model:PATH`` or ``openai:MODEL``.
+
+    ``options`` go to the reward-model scorer (batch_size, max_length, device) or to
+    ``dora_engine.eval.http_judge.ChatJudge`` (template, seed, cache_dir, max_retries, …).
+    """
+    if spec.startswith("openai:") and spec.split(":", 1)[1]:
+        from dora_engine.eval.http_judge import ChatJudge
+
+        return ChatJudge(spec.split(":", 1)[1], **options)
+    if spec == "oracle" or spec.startswith("reward-model:"):
+        return RewardJudge(make_scorer(spec, **options), tie_tolerance=tie_tolerance)
+    raise ValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")
