@@ -34,6 +34,13 @@ def _finish(out: Path, records) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from dora_engine.data.converters import convert_files
+
+    records = convert_files(args.format, args.inputs, target=args.target, drop_empty=not args.keep_empty)
+    return _finish(args.out, records)
+
+
 def _cmd_synth(args: argparse.Namespace) -> int:
     from dora_engine.data.synth import build_synth_tokenizer, synth_records
 
@@ -61,6 +68,17 @@ def _cmd_corrupt(args: argparse.Namespace) -> int:
 def register(subparsers: argparse._SubParsersAction) -> None:
     data = subparsers.add_parser("data", help="data pipeline: convert, augment, score, corrupt, synth")
     commands = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
+
+    convert = commands.add_parser("convert", help="convert a public preference format to the dataset schema")
+    convert.add_argument("inputs", type=Path, nargs="+", help="input files: JSON list or JSONL, .gz allowed")
+    convert.add_argument("--format", required=True, choices=["trl", "hh", "alpaca", "authors"],
+                         help="trl: prompt/chosen/rejected; hh: raw HH-RLHF transcripts; alpaca: AlpacaEval "
+                              "model outputs of several generators; authors: query/responses/scores/probs")
+    convert.add_argument("--out", type=Path, required=True, help="output JSONL (.gz allowed)")
+    convert.add_argument("--target", default=None, help="alpaca: the generator whose outputs are the target")
+    convert.add_argument("--keep-empty", action="store_true",
+                         help="keep records with an empty response (dropped by default)")
+    convert.set_defaults(func=_cmd_convert)
 
     synth = commands.add_parser("synth", help="write the synthetic mixture-shift dataset with its known oracle")
     synth.add_argument("--out", type=Path, required=True, help="output JSONL (.gz allowed)")
