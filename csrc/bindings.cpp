@@ -1,0 +1,118 @@
+// Registers the DoRA ops (DESIGN.md section 5) as torch.ops.dora_engine.* with CPU and CUDA kernels.
+//
+//   seq_logprobs_fwd   row pass (1): S, L (N,) and the per-token log-sum-exp lse (N, T)
+//   seq_logprobs_bwd   row pass (3): dz = gS[n]·(onehot(y) − softmax(z)) into a new tensor
+//   seq_logprobs_bwd_  the same, written over the logits (which the caller no longer needs)
+//   prompt_loss        stage (2a): ℓ (B,) and ∂ℓ_b/∂S_n (N,)
+//   robust_reduce      stage (2b): L, the strategy's weights (B,) and ∂L/∂ℓ (B,)
+//   batch_stage        (2a) + (2b) + gS[n] = ∂L/∂ℓ_b·∂ℓ_b/∂S_n in one call (one launch on the GPU)
+//
+// Loss and strategy codes and the parameter order come from dora_engine/losses.py.
+#include <torch/library.h>
+
+#include "dora_math.h"
+#include "dora_ops.h"
+
+namespace dora {
+
+namespace {
+
+bool is_accumulation_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kDouble; }
+
+void check_same_device(const at::Tensor& x, const char* name, const at::Tensor& ref) {
+  TORCH_CHECK(x.device() == ref.device(), name, " is on ", x.device(), " but the other inputs on ", ref.device());
+}
+
+void check_vector(const at::Tensor& x, const char* name, int64_t size, const at::Tensor& ref) {
+  TORCH_CHECK(x.dim() == 1 && x.size(0) == size, name, " must have shape (", size, ",), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), name, " must have dtype ", ref.scalar_type(), ", got ",
+              x.scalar_type());
+  check_same_device(x, name, ref);
+}
+
+}  // namespace
+
+void check_rowpass_inputs(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.dim() == 3, "logits must be a 3-D tensor (N, T, V), got shape ", logits.sizes());
+  const auto t = logits.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble,
+              "logits must be float32, bfloat16, float16 or float64, got ", t);
+  TORCH_CHECK(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
+              "labels must have shape (", logits.size(0), ", ", logits.size(1), ") (N, T), got ", labels.sizes());
+  TORCH_CHECK(labels.scalar_type() == at::kLong, "labels must be int64, got ", labels.scalar_type());
+  check_same_device(labels, "labels", logits);
+}
+
+void check_rowpass_backward_inputs(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
+                                   const at::Tensor& gS) {
+  check_rowpass_inputs(logits, labels);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(lse.sizes() == labels.sizes(), "lse must have shape ", labels.sizes(), " (N, T), got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == acc, "lse must have dtype ", acc, ", got ", lse.scalar_type());
+  check_same_device(lse, "lse", logits);
+  TORCH_CHECK(gS.dim() == 1 && gS.size(0) == logits.size(0), "gS must have shape (", logits.size(0),
+              ",), got ", gS.sizes());
+  TORCH_CHECK(gS.scalar_type() == acc, "gS must have dtype ", acc, ", got ", gS.scalar_type());
+  check_same_device(gS, "gS", logits);
+}
+
+void check_prompt_inputs(const at::Tensor& S, const at::Tensor& L, const std::optional<at::Tensor>& S_ref,
+                         const at::Tensor& scores, int64_t loss_code, c10::ArrayRef<double> params) {
+  TORCH_CHECK(loss_code >= 0 && loss_code < kNumLosses, "unknown loss code ", loss_code);
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == loss_param_count(static_cast<int>(loss_code)), "loss code ",
+              loss_code, " takes ", loss_param_count(static_cast<int>(loss_code)), " parameters, got ",
+              params.size());
+  TORCH_CHECK(is_accumulation_dtype(S.scalar_type()), "S must be float32 or float64, got ", S.scalar_type());
+  TORCH_CHECK(scores.dim() == 2, "scores must have shape (B, K), got ", scores.sizes());
+  const int64_t B = scores.size(0), K = scores.size(1);
+  TORCH_CHECK(B >= 1 && K >= 2, "scores must have shape (B, K) with B >= 1 and K >= 2, got ", scores.sizes());
+  TORCH_CHECK(K <= kMaxResponses, "num_responses K = ", K, " exceeds the fused op's limit of ", kMaxResponses);
+  TORCH_CHECK(scores.scalar_type() == S.scalar_type(), "scores must have dtype ", S.scalar_type(), ", got ",
+              scores.scalar_type());
+  check_same_device(scores, "scores", S);
+  check_vector(S, "S", B * K, S);
+  check_vector(L, "L", B * K, S);
+  if (S_ref.has_value()) {
+    check_vector(*S_ref, "S_ref", B * K, S);
+  } else {
+    TORCH_CHECK(!loss_needs_reference(static_cast<int>(loss_code)), "loss code ", loss_code,
+                " needs reference log-probs S_ref");
+  }
+}
+
+void check_reduce_inputs(const at::Tensor& ell, const std::optional<at::Tensor>& h, int64_t strategy_code,
+                         double lam) {
+  TORCH_CHECK(strategy_code >= 0 && strategy_code < kNumStrategies, "unknown strategy code ", strategy_code);
+  TORCH_CHECK(lam > 0 && std::isfinite(lam), "lam must be a finite number > 0, got ", lam);
+  TORCH_CHECK(is_accumulation_dtype(ell.scalar_type()), "ell must be float32 or float64, got ", ell.scalar_type());
+  TORCH_CHECK(ell.dim() == 1 && ell.size(0) >= 1, "ell must have shape (B,) with B >= 1, got ", ell.sizes());
+  if (h.has_value()) check_vector(*h, "h", ell.size(0), ell);
+}
+
+}  // namespace dora
+
+TORCH_LIBRARY(dora_engine, m) {
+  m.def("seq_logprobs_fwd(Tensor logits, Tensor labels, int ignore_index) -> (Tensor S, Tensor L, Tensor lse)");
+  m.def("seq_logprobs_bwd(Tensor logits, Tensor labels, Tensor lse, Tensor gS, int ignore_index) -> Tensor");
+  m.def("seq_logprobs_bwd_(Tensor(a!) logits, Tensor labels, Tensor lse, Tensor gS, int ignore_index) -> ()");
+  m.def("prompt_loss(Tensor S, Tensor L, Tensor? S_ref, Tensor scores, int loss_code, float[] params) "
+        "-> (Tensor ell, Tensor dell_dS)");
+  m.def("robust_reduce(Tensor ell, Tensor? h, int strategy_code, float lam) "
+        "-> (Tensor loss, Tensor weights, Tensor dloss_dell)");
+  m.def("batch_stage(Tensor S, Tensor L, Tensor? S_ref, Tensor scores, Tensor? h, int loss_code, float[] params, "
+        "int strategy_code, float lam) -> (Tensor loss, Tensor ell, Tensor weights, Tensor gS)");
+}
+
+#define DORA_REGISTER_BACKEND(m, suffix)                                   \
+  m.impl("seq_logprobs_fwd", &dora::seq_logprobs_fwd_##suffix);           \
+  m.impl("seq_logprobs_bwd", &dora::seq_logprobs_bwd_##suffix);           \
+  m.impl("seq_logprobs_bwd_", &dora::seq_logprobs_bwd_inplace_##suffix);  \
+  m.impl("prompt_loss", &dora::prompt_loss_##suffix);                     \
+  m.impl("robust_reduce", &dora::robust_reduce_##suffix);                 \
+  m.impl("batch_stage", &dora::batch_stage_##suffix);
+
+TORCH_LIBRARY_IMPL(dora_engine, CPU, m) { DORA_REGISTER_BACKEND(m, cpu) }
+
+#ifdef DORA_WITH_CUDA
+TORCH_LIBRARY_IMPL(dora_engine, CUDA, m) { DORA_REGISTER_BACKEND(m, cuda) }
+#endif

@@ -1,0 +1,392 @@
+// Per-batch stage of the DoRA op (DESIGN.md sections 4-5): per-prompt losses ℓ_b with their
+// gradients ∂ℓ_b/∂S, and the robust reduction over prompts with its weights and ∂L/∂ℓ_b.
+//
+// Written once for the CPU and CUDA kernels: every function is `DORA_HD` (host and device under
+// nvcc, plain inline under a host compiler). The reductions over prompts are expressed against a
+// `Block` policy (rank(), size(), sum(), max(), sync()) so that the same code runs as a serial loop
+// on the CPU and as one thread block on the GPU. No torch header: nvcc compiles this alone.
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#ifdef __CUDACC__
+#define DORA_HD __host__ __device__ __forceinline__
+#define DORA_HD_TEMPLATE_CALLS_DEVICE _Pragma("nv_exec_check_disable")
+#else
+#define DORA_HD inline
+#define DORA_HD_TEMPLATE_CALLS_DEVICE
+#endif
+
+namespace dora {
+
+// The largest number of responses per prompt K that the per-prompt scratch arrays hold.
+constexpr int kMaxResponses = 64;
+constexpr int kMaxLossParams = 4;
+
+// Codes of dora_engine/losses.py (LossSpec.code, StrategySpec.code): the registry is the source.
+enum LossCode : int { kDpo = 0, kRdpo, kIpo, kRobustDpo, kExo, kSimpo, kDpoPl, kRrhf, kLire, kNumLosses };
+enum StrategyCode : int { kErm = 0, kReweight, kDro, kDora, kDrdpo, kNumStrategies };
+
+// Loss parameters in LossSpec.param_names order (encode_params), passed by value to kernels.
+struct LossParams {
+  double value[kMaxLossParams];
+};
+
+DORA_HD int loss_param_count(int code) {
+  switch (code) {
+    case kDpo: case kIpo: case kDpoPl: case kRrhf: return 1;
+    default: return 2;
+  }
+}
+
+DORA_HD bool loss_needs_reference(int code) { return code <= kExo || code == kDpoPl; }
+
+// ------------------------------------------------------------------------------------------------
+// Scalar helpers (float and double overloads, host and device)
+// ------------------------------------------------------------------------------------------------
+
+DORA_HD float exp_(float x) { return expf(x); }
+DORA_HD double exp_(double x) { return exp(x); }
+DORA_HD float log_(float x) { return logf(x); }
+DORA_HD double log_(double x) { return log(x); }
+DORA_HD float log1p_(float x) { return log1pf(x); }
+DORA_HD double log1p_(double x) { return log1p(x); }
+DORA_HD float expm1_(float x) { return expm1f(x); }
+DORA_HD double expm1_(double x) { return expm1(x); }
+DORA_HD float sqrt_(float x) { return sqrtf(x); }
+DORA_HD double sqrt_(double x) { return sqrt(x); }
+
+template <typename T>
+DORA_HD T negative_infinity() { return -static_cast<T>(INFINITY); }
+
+// max that propagates NaN (a NaN loss must reach the caller, never be hidden)
+template <typename T>
+DORA_HD T max_nan(T a, T b) { return (a > b || a != a) ? a : b; }
+
+// log σ(x) = min(x, 0) − log1p(exp(−|x|)), stable for every x.
+template <typename T>
+DORA_HD T log_sigmoid(T x) { return (x < T(0) ? x : T(0)) - log1p_(exp_(x < T(0) ? x : -x)); }
+
+template <typename T>
+DORA_HD T sigmoid(T x) {
+  if (x >= T(0)) return T(1) / (T(1) + exp_(-x));
+  T e = exp_(x);
+  return e / (T(1) + e);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stage (2a): one prompt's loss ℓ_b and gradient ∂ℓ_b/∂S_k (section 4 table)
+// ------------------------------------------------------------------------------------------------
+
+// One prompt's K responses: S, L, scores and (optionally) S_ref, each K contiguous values.
+template <typename T>
+struct Prompt {
+  int K;
+  const T* S;
+  const T* L;
+  const T* S_ref;  // nullptr when the loss has no reference
+  const T* scores;
+
+  DORA_HD T rho(int k) const { return S_ref ? S[k] - S_ref[k] : S[k]; }
+  DORA_HD T length(int k) const { return L[k] > T(1) ? L[k] : T(1); }  // max(L, 1)
+  DORA_HD T avg(int k) const { return S[k] / length(k); }
+};
+
+// order[0..K): response indices by score descending, ties by list order (a stable insertion sort).
+template <typename T>
+DORA_HD void score_order(int K, const T* scores, int* order) {
+  for (int i = 0; i < K; ++i) {
+    int j = i;
+    while (j > 0 && scores[order[j - 1]] < scores[i]) {
+      order[j] = order[j - 1];
+      --j;
+    }
+    order[j] = i;
+  }
+}
+
+// −log σ(z) and d/dz of it for z = β(ρ_c − ρ_r) (+ offset): the shared pairwise logistic form.
+template <typename T>
+DORA_HD T pairwise_logistic(T z, T* dz) {
+  *dz = -sigmoid(-z);
+  return -log_sigmoid(z);
+}
+
+template <typename T>
+DORA_HD T loss_pairwise(int code, const T* prm, const Prompt<T>& p, int c, int r, T* grad) {
+  const T beta = prm[0];
+  const T h = p.rho(c) - p.rho(r);
+  T ell, dh;  // ℓ and ∂ℓ/∂h; then ∂S_c = dh, ∂S_r = −dh
+  switch (code) {
+    case kDpo: {
+      T dz;
+      ell = pairwise_logistic(beta * h, &dz);
+      dh = beta * dz;
+      break;
+    }
+    case kRdpo: {
+      T dz;
+      ell = pairwise_logistic(beta * h + prm[1] * (p.L[c] - p.L[r]), &dz);
+      dh = beta * dz;
+      break;
+    }
+    case kIpo: {
+      const T d = h - T(1) / (T(2) * beta);
+      ell = d * d;
+      dh = T(2) * d;
+      break;
+    }
+    case kRobustDpo: {
+      // ((1−ε)(−log σ(z)) − ε(−log σ(−z))) / (1 − 2ε); d/dz = (−(1−ε)σ(−z) − ε σ(z)) / (1 − 2ε)
+      const T eps = prm[1], z = beta * h, denom = T(1) - T(2) * eps;
+      ell = ((T(1) - eps) * -log_sigmoid(z) - eps * -log_sigmoid(-z)) / denom;
+      dh = beta * (-(T(1) - eps) * sigmoid(-z) - eps * sigmoid(z)) / denom;
+      break;
+    }
+    default: {  // kExo: Σ_i p_i (log p_i − log t_i), p = softmax(β ρ_c, β ρ_r), t = (1 − ε, ε)
+      const T eps = prm[1];
+      const T uc = beta * p.rho(c), ur = beta * p.rho(r);
+      const T m = uc > ur ? uc : ur;
+      const T lse = m + log_(exp_(uc - m) + exp_(ur - m));
+      const T lpc = uc - lse, lpr = ur - lse, pc = exp_(lpc), pr = exp_(lpr);
+      const T ac = lpc - log1p_(-eps), ar = lpr - log_(eps);
+      ell = pc * ac + pr * ar;
+      // ∂ℓ/∂u_i = p_i (a_i − ℓ)
+      grad[c] += beta * pc * (ac - ell);
+      grad[r] += beta * pr * (ar - ell);
+      return ell;
+    }
+  }
+  grad[c] += dh;
+  grad[r] -= dh;
+  return ell;
+}
+
+template <typename T>
+DORA_HD T loss_simpo(const T* prm, const Prompt<T>& p, int c, int r, T* grad) {
+  const T beta = prm[0], gamma = prm[1];
+  T dz;
+  const T ell = pairwise_logistic(beta * (p.avg(c) - p.avg(r)) - gamma, &dz);
+  grad[c] += beta * dz / p.length(c);
+  grad[r] -= beta * dz / p.length(r);
+  return ell;
+}
+
+// Plackett-Luce: u_k = β ρ_τ(k), ℓ = −Σ_{k<K−1} (u_k − lse_{j≥k} u_j);
+// ∂ℓ/∂u_j = −[j < K−1] + Σ_{k ≤ min(j, K−2)} exp(u_j − lse_k).
+template <typename T>
+DORA_HD T loss_dpo_pl(const T* prm, const Prompt<T>& p, const int* order, T* grad) {
+  const int K = p.K;
+  const T beta = prm[0];
+  T u[kMaxResponses], suffix[kMaxResponses];
+  for (int k = 0; k < K; ++k) u[k] = beta * p.rho(order[k]);
+  suffix[K - 1] = u[K - 1];
+  for (int k = K - 2; k >= 0; --k) {
+    const T m = u[k] > suffix[k + 1] ? u[k] : suffix[k + 1];
+    suffix[k] = m + log_(exp_(u[k] - m) + exp_(suffix[k + 1] - m));
+  }
+  T ell = T(0);
+  for (int k = 0; k + 1 < K; ++k) ell -= u[k] - suffix[k];
+  for (int j = 0; j < K; ++j) {
+    T du = j + 1 < K ? T(-1) : T(0);
+    const int last = j < K - 2 ? j : K - 2;
+    for (int k = 0; k <= last; ++k) du += exp_(u[j] - suffix[k]);
+    grad[order[j]] += beta * du;
+  }
+  return ell;
+}
+
+// RRHF: Σ_{score_i < score_j} max(0, A_i − A_j) − α_sft A_best (relu'(0) = 0, as in PyTorch).
+template <typename T>
+DORA_HD T loss_rrhf(const T* prm, const Prompt<T>& p, int best, T* grad) {
+  T ell = T(0);
+  T da[kMaxResponses];
+  for (int i = 0; i < p.K; ++i) da[i] = T(0);
+  for (int i = 0; i < p.K; ++i) {
+    for (int j = 0; j < p.K; ++j) {
+      const T gap = p.avg(i) - p.avg(j);
+      if (p.scores[i] < p.scores[j] && gap > T(0)) {
+        ell += gap;
+        da[i] += T(1);
+        da[j] -= T(1);
+      }
+    }
+  }
+  ell -= prm[0] * p.avg(best);
+  da[best] -= prm[0];
+  for (int i = 0; i < p.K; ++i) grad[i] += da[i] / p.length(i);
+  return ell;
+}
+
+// softmax(x / temperature) over K values.
+template <typename T>
+DORA_HD void softmax(int K, const T* x, T temperature, T* out) {
+  T m = negative_infinity<T>();
+  for (int k = 0; k < K; ++k) m = max_nan(m, x[k] / temperature);
+  T total = T(0);
+  for (int k = 0; k < K; ++k) {
+    out[k] = exp_(x[k] / temperature - m);
+    total += out[k];
+  }
+  for (int k = 0; k < K; ++k) out[k] /= total;
+}
+
+// LiRE: max_k R_k − Σ_k P_k R_k, P = softmax(S/T); ∂ℓ/∂S_j = −P_j (R_j − Σ P R) / T.
+// R = softmax(scores) (reward_norm 0) or the per-prompt z-score with population std (1; all-equal → 0).
+template <typename T>
+DORA_HD T loss_lire(const T* prm, const Prompt<T>& p, T* grad) {
+  const int K = p.K;
+  const T temperature = prm[0];
+  const bool zscore = prm[1] > T(0.5);
+  T R[kMaxResponses], P[kMaxResponses];
+  if (zscore) {
+    T mean = T(0);
+    for (int k = 0; k < K; ++k) mean += p.scores[k];
+    mean /= T(K);
+    T var = T(0);
+    for (int k = 0; k < K; ++k) var += (p.scores[k] - mean) * (p.scores[k] - mean);
+    const T sd = sqrt_(var / T(K));
+    for (int k = 0; k < K; ++k) R[k] = sd > T(0) ? (p.scores[k] - mean) / sd : T(0);
+  } else {
+    softmax(K, p.scores, T(1), R);
+  }
+  softmax(K, p.S, temperature, P);
+  T expected = T(0), best = R[0];
+  for (int k = 0; k < K; ++k) {
+    expected += P[k] * R[k];
+    best = max_nan(best, R[k]);
+  }
+  for (int k = 0; k < K; ++k) grad[k] += -P[k] * (R[k] - expected) / temperature;
+  return best - expected;
+}
+
+// ℓ_b of loss `code` for one prompt; writes ∂ℓ_b/∂S_k into grad[0..K).
+template <typename T>
+DORA_HD T prompt_loss(int code, const T* prm, const Prompt<T>& p, T* grad) {
+  int order[kMaxResponses];
+  score_order(p.K, p.scores, order);
+  for (int k = 0; k < p.K; ++k) grad[k] = T(0);
+  const int best = order[0], worst = order[p.K - 1];
+  switch (code) {
+    case kSimpo: return loss_simpo(prm, p, best, worst, grad);
+    case kDpoPl: return loss_dpo_pl(prm, p, order, grad);
+    case kRrhf: return loss_rrhf(prm, p, best, grad);
+    case kLire: return loss_lire(prm, p, grad);
+    default: return loss_pairwise(code, prm, p, best, worst, grad);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Stage (2b): the robust reduction over prompts (section 4, strategies table)
+// ------------------------------------------------------------------------------------------------
+//
+// With s_b the strategy's per-prompt value (erm ℓ, reweight h̃ℓ, dro ℓ, dora h̃ℓ, drdpo −ℓ):
+//   linear (erm, reweight): L = mean(s)
+//   exponential (dro, dora, drdpo): L = ±(m + λ log1p(mean expm1((s − m)/λ))), m = max s,
+//   weights softmax(s/λ); drdpo takes the minus sign.
+
+DORA_HD bool strategy_is_exponential(int code) { return code >= kDro; }
+
+template <typename T>
+DORA_HD T strategy_value(int code, T ell, T h) {
+  switch (code) {
+    case kReweight: case kDora: return h * ell;
+    case kDrdpo: return -ell;
+    default: return ell;
+  }
+}
+
+// ∂L/∂ℓ_b from the prompt's weight w_b (section 4 table).
+template <typename T>
+DORA_HD T strategy_dloss_dell(int code, T weight, T h, int B) {
+  switch (code) {
+    case kErm: return T(1) / T(B);
+    case kReweight: return h / T(B);
+    case kDora: return h * weight;
+    default: return weight;
+  }
+}
+
+template <typename T>
+DORA_HD T h_at(const T* h, int b) { return h ? h[b] : T(1); }
+
+// L, weights (B,) and, when dloss_dell is not null, ∂L/∂ℓ (B,) of strategy `code`.
+DORA_HD_TEMPLATE_CALLS_DEVICE
+template <typename T, typename Block>
+DORA_HD void robust_reduce(int code, T lam, int B, const T* ell, const T* h, Block& block, T* loss, T* weights,
+                           T* dloss_dell) {
+  const bool exponential = strategy_is_exponential(code);
+  T local_max = negative_infinity<T>(), local_h = T(0);
+  for (int b = block.rank(); b < B; b += block.size()) {
+    local_max = max_nan(local_max, strategy_value(code, ell[b], h_at(h, b)));
+    local_h += h_at(h, b);
+  }
+  const T m = block.max(local_max);
+  const T sum_h = block.sum(local_h);
+  T local_terms = T(0), local_exp = T(0);
+  for (int b = block.rank(); b < B; b += block.size()) {
+    const T s = strategy_value(code, ell[b], h_at(h, b));
+    local_terms += exponential ? expm1_((s - m) / lam) : s;
+    local_exp += exponential ? exp_((s - m) / lam) : T(0);
+  }
+  const T terms = block.sum(local_terms);
+  const T exp_total = block.sum(local_exp);
+  for (int b = block.rank(); b < B; b += block.size()) {
+    const T hb = h_at(h, b);
+    T w;
+    if (exponential) w = exp_((strategy_value(code, ell[b], hb) - m) / lam) / exp_total;
+    else w = code == kReweight ? hb / sum_h : T(1) / T(B);
+    weights[b] = w;
+    if (dloss_dell) dloss_dell[b] = strategy_dloss_dell(code, w, hb, B);
+  }
+  if (block.rank() == 0) {
+    if (!exponential) {
+      *loss = terms / T(B);
+    } else {
+      const T value = m + lam * log1p_(terms / T(B));
+      *loss = code == kDrdpo ? -value : value;
+    }
+  }
+}
+
+// Stage (2a) for every prompt: ℓ (B,) and ∂ℓ_b/∂S_n (N = B·K,), prompts strided over the block.
+DORA_HD_TEMPLATE_CALLS_DEVICE
+template <typename T, typename Block>
+DORA_HD void prompt_losses(int code, const T* prm, int B, int K, const T* S, const T* L, const T* S_ref,
+                           const T* scores, Block& block, T* ell, T* dell_dS) {
+  for (int b = block.rank(); b < B; b += block.size()) {
+    const int64_t row = static_cast<int64_t>(b) * K;
+    const Prompt<T> p{K, S + row, L + row, S_ref ? S_ref + row : nullptr, scores + row};
+    ell[b] = prompt_loss(code, prm, p, dell_dS + row);
+  }
+}
+
+// The whole per-batch stage: ℓ, then the strategy, then gS[n] = ∂L/∂ℓ_b · ∂ℓ_b/∂S_n, the coefficient
+// of the backward row pass. dell_dS (N,) is scratch; gS may alias it.
+DORA_HD_TEMPLATE_CALLS_DEVICE
+template <typename T, typename Block>
+DORA_HD void batch_stage(int loss_code, const T* prm, int strategy_code, T lam, int B, int K, const T* S,
+                         const T* L, const T* S_ref, const T* scores, const T* h, Block& block, T* ell,
+                         T* dell_dS, T* loss, T* weights, T* gS) {
+  prompt_losses(loss_code, prm, B, K, S, L, S_ref, scores, block, ell, dell_dS);
+  block.sync();
+  robust_reduce(strategy_code, lam, B, ell, h, block, loss, weights, static_cast<T*>(nullptr));
+  block.sync();
+  for (int64_t n = block.rank(); n < static_cast<int64_t>(B) * K; n += block.size()) {
+    const int b = static_cast<int>(n / K);
+    gS[n] = strategy_dloss_dell(strategy_code, weights[b], h_at(h, b), B) * dell_dS[n];
+  }
+}
+
+// The Block policy of a single host thread: the reductions are the identity.
+template <typename T>
+struct SerialBlock {
+  int rank() const { return 0; }
+  int size() const { return 1; }
+  T sum(T x) const { return x; }
+  T max(T x) const { return x; }
+  void sync() const {}
+};
+
+}  // namespace dora
