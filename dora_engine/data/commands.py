@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dora_engine.data.schema import read_records, write_records
+from dora_engine.data.schema import Record, read_records, write_records
 from dora_engine.data.summary import summarize
 
 
@@ -27,11 +27,23 @@ def _parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
-def _finish(out: Path, records) -> int:
-    write_records(out, records)
+def _report(out: Path, records: list[Record]) -> int:
     print(f"wrote {out}")
     print(summarize(records))
     return 0
+
+
+def _finish(out: Path, records: list[Record]) -> int:
+    write_records(out, records)
+    return _report(out, records)
+
+
+def _add_resume_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard-size", type=int, default=256,
+                        help="prompts per shard; finished shards survive an interruption and are not redone")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the shards of an earlier, different run instead of refusing to resume")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -39,6 +51,29 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     records = convert_files(args.format, args.inputs, target=args.target, drop_empty=not args.keep_empty)
     return _finish(args.out, records)
+
+
+def _cmd_augment(args: argparse.Namespace) -> int:
+    from dora_engine.data.augment import Sampling, augment_file
+
+    sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+    records = augment_file(
+        args.input, args.out, args.model, args.n, backend=args.backend, sampling=sampling,
+        batch_size=args.batch_size, source=args.source, seed=args.seed, device=args.device,
+        shard_size=args.shard_size, restart=args.restart,
+    )
+    return _report(args.out, records)
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from dora_engine.data.score import score_file
+
+    records = score_file(
+        args.input, args.out, args.model, batch_size=args.batch_size, max_length=args.max_length,
+        keep_existing=args.keep_existing, device=args.device, shard_size=args.shard_size, restart=args.restart,
+    )
+    return _report(args.out, records)
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
@@ -79,6 +114,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("--keep-empty", action="store_true",
                          help="keep records with an empty response (dropped by default)")
     convert.set_defaults(func=_cmd_convert)
+
+    augment = commands.add_parser("augment", help="add n sampled responses per prompt from a causal LM")
+    augment.add_argument("input", type=Path)
+    augment.add_argument("--out", type=Path, required=True)
+    augment.add_argument("--model", required=True, help="path or name of the causal LM")
+    augment.add_argument("--n", type=int, default=2, help="responses to add per prompt")
+    augment.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    augment.add_argument("--source", default=None, help="source label of the new responses (default: model name)")
+    augment.add_argument("--temperature", type=float, default=0.8)
+    augment.add_argument("--top-p", type=float, default=1.0)
+    augment.add_argument("--top-k", type=int, default=0, help="0 switches top-k filtering off")
+    augment.add_argument("--repetition-penalty", type=float, default=1.1)
+    augment.add_argument("--max-new-tokens", type=int, default=256)
+    augment.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
+    augment.add_argument("--seed", type=int, default=0)
+    _add_resume_options(augment)
+    augment.set_defaults(func=_cmd_augment)
+
+    score = commands.add_parser("score", help="fill every response's score with a single-logit reward model")
+    score.add_argument("input", type=Path)
+    score.add_argument("--out", type=Path, required=True)
+    score.add_argument("--model", required=True, help="path or name of an AutoModelForSequenceClassification")
+    score.add_argument("--batch-size", type=int, default=16, help="responses per forward pass")
+    score.add_argument("--max-length", type=int, default=1024, help="truncate (prompt first) beyond this")
+    score.add_argument("--keep-existing", action="store_true", help="keep scores that are already present")
+    _add_resume_options(score)
+    score.set_defaults(func=_cmd_score)
 
     synth = commands.add_parser("synth", help="write the synthetic mixture-shift dataset with its known oracle")
     synth.add_argument("--out", type=Path, required=True, help="output JSONL (.gz allowed)")

@@ -1,0 +1,198 @@
+"""augment and score with tiny randomly-initialised models on CPU: shapes, resume, bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from data_cli import run_data_cli
+
+from dora_engine.data.augment import Sampling, TransformersGenerator, augment_file, augment_records, render_prompt
+from dora_engine.data.schema import read_records, write_records
+from dora_engine.data.score import RewardModel, score_file, score_records
+from dora_engine.data.synth import build_synth_tokenizer, synth_records
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_llama_config(tok, **extra):
+    return transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    tok = build_synth_tokenizer(root / "tok")
+    torch.manual_seed(0)
+    paths = {}
+    for name, cls, extra in [
+        ("tiny-lm", transformers.LlamaForCausalLM, {}),
+        ("tiny-rm", transformers.LlamaForSequenceClassification, {"num_labels": 1}),
+        ("tiny-rm3", transformers.LlamaForSequenceClassification, {"num_labels": 3}),
+    ]:
+        cls(_tiny_llama_config(tok, **extra)).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths[name] = str(root / name)
+    return paths
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    path = tmp_path / "in.jsonl"
+    write_records(path, synth_records(10, k=2, seed=0))
+    return path
+
+
+SHORT = Sampling(max_new_tokens=6)
+
+
+def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_path):
+    out = augment_file(dataset, tmp_path / "out.jsonl", models["tiny-lm"], n=3, sampling=SHORT, batch_size=4,
+                       shard_size=4)
+    before = read_records(dataset)
+    assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in out]
+    for old, new in zip(before, out, strict=True):
+        assert new.num_responses == old.num_responses + 3
+        assert [r.to_dict() for r in new.responses[:2]] == [r.to_dict() for r in old.responses]
+        assert [r.source for r in new.responses[2:]] == ["tiny-lm"] * 3
+        assert all(r.score is None for r in new.responses[2:])
+        assert new.meta["generation"]["tiny-lm"]["temperature"] == 0.8
+    assert not (tmp_path / ".out.jsonl.shards").exists()
+    # one shard in memory == the file run with a shard covering everything
+    whole = augment_file(dataset, tmp_path / "whole.jsonl", models["tiny-lm"], n=3, sampling=SHORT, batch_size=4,
+                         shard_size=100)
+    mem = augment_records(before, models["tiny-lm"], n=3, sampling=SHORT, batch_size=4)
+    assert [r.to_dict() for r in mem] == [r.to_dict() for r in whole]
+
+
+def test_augment_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):
+    kwargs = {"n": 2, "sampling": SHORT, "batch_size": 3, "shard_size": 3}
+    reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], **kwargs)
+
+    calls = {"n": 0}
+    original = TransformersGenerator.generate
+
+    def dies_after_two_shards(self, prompts, n, seeds):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, prompts, n, seeds)
+
+    monkeypatch.setattr(TransformersGenerator, "generate", dies_after_two_shards)
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        augment_file(dataset, out, models["tiny-lm"], **kwargs)
+    assert not out.exists()
+    assert len(list((tmp_path / ".out.jsonl.shards").glob("shard-*.jsonl"))) == 2
+    monkeypatch.setattr(TransformersGenerator, "generate", original)
+    calls["resumed"] = 0
+
+    def counting(self, prompts, n, seeds):
+        calls["resumed"] += len(prompts)
+        return original(self, prompts, n, seeds)
+
+    monkeypatch.setattr(TransformersGenerator, "generate", counting)
+    resumed = augment_file(dataset, out, models["tiny-lm"], **kwargs)
+    assert calls["resumed"] == 10 - 6  # only the unfinished prompts were generated again
+    assert [r.to_dict() for r in resumed] == [r.to_dict() for r in reference]
+    assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
+
+
+def test_resume_refuses_a_different_run(models, dataset, tmp_path, monkeypatch):
+    def boom(self, prompts, n, seeds):
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(TransformersGenerator, "generate", boom)
+    with pytest.raises(RuntimeError):
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=1, sampling=SHORT)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"different run \(differs in \['n'\]\)"):
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=2, sampling=SHORT)
+    out = augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=2, sampling=SHORT, restart=True)
+    assert all(r.num_responses == 4 for r in out)
+
+
+def test_score_fills_every_score_with_the_reward_logit(models, dataset, tmp_path):
+    records = read_records(dataset)
+    scored = score_records(records, models["tiny-rm"], batch_size=3)
+    # independent: score each pair alone through the model
+    tok = transformers.AutoTokenizer.from_pretrained(models["tiny-rm"])
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(models["tiny-rm"]).eval()
+    for rec in scored[:3]:
+        for r in rec.responses:
+            enc = tok(rec.prompt, r.text, return_tensors="pt")
+            with torch.no_grad():
+                expected = model(**enc).logits[0, 0].item()
+            assert r.score == pytest.approx(expected, abs=1e-4)
+    # keep_existing keeps the synth oracle scores and scores only what is missing
+    records[0].responses[1].score = None
+    kept = score_records(records, models["tiny-rm"], keep_existing=True)
+    assert kept[0].responses[0].score == records[0].responses[0].score
+    assert kept[0].responses[1].score == pytest.approx(scored[0].responses[1].score, abs=1e-4)
+    assert [r.to_dict() for r in kept[1:]] == [r.to_dict() for r in records[1:]]
+
+
+def test_score_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):
+    reference = score_file(dataset, tmp_path / "ref.jsonl", models["tiny-rm"], batch_size=4, shard_size=4)
+    original = RewardModel.score
+    calls = {"n": 0}
+
+    def dies_on_second_shard(self, pairs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, pairs)
+
+    monkeypatch.setattr(RewardModel, "score", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        score_file(dataset, tmp_path / "out.jsonl", models["tiny-rm"], batch_size=4, shard_size=4)
+    monkeypatch.setattr(RewardModel, "score", original)
+    resumed = score_file(dataset, tmp_path / "out.jsonl", models["tiny-rm"], batch_size=4, shard_size=4)
+    assert [r.to_dict() for r in resumed] == [r.to_dict() for r in reference]
+
+
+def test_reward_model_with_more_than_one_output_is_refused(models):
+    with pytest.raises(ValueError, match="has 3 outputs.*exactly one logit"):
+        RewardModel(models["tiny-rm3"])
+
+
+def test_vllm_requested_but_missing(models, dataset, tmp_path):
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed")
+    with pytest.raises(ImportError, match="backend 'vllm' was requested but vllm is not installed"):
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], backend="vllm")
+
+
+def test_bad_sampling_and_n(models, dataset, tmp_path):
+    with pytest.raises(ValueError, match="temperature"):
+        Sampling(temperature=0)
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(top_p=1.5)
+    with pytest.raises(ValueError, match="n must be"):
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], backend="onnx")
+
+
+def test_chat_template_is_used_when_present(models):
+    tok = transformers.AutoTokenizer.from_pretrained(models["tiny-lm"])
+    assert render_prompt(tok, "How do I make tea?") == ("How do I make tea?", False)
+    tok.chat_template = (
+        "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
+    )
+    text, templated = render_prompt(tok, [{"role": "user", "content": "make tea"}])
+    assert templated and text == "<s>make tea</s><s>"
+
+
+def test_cli_augment_then_score(models, dataset, tmp_path):
+    aug, scored = tmp_path / "aug.jsonl", tmp_path / "scored.jsonl"
+    assert run_data_cli(["augment", str(dataset), "--out", str(aug), "--model", models["tiny-lm"], "--n", "1",
+                         "--max-new-tokens", "4", "--shard-size", "4"]) == 0
+    assert run_data_cli(["score", str(aug), "--out", str(scored), "--model", models["tiny-rm"]]) == 0
+    records = read_records(scored)
+    assert len(records) == 10 and all(r.num_responses == 3 and r.has_scores for r in records)
