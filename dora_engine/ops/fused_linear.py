@@ -3,7 +3,7 @@
 DESIGN.md section 5, "Fused-linear". The logits z = hidden @ weightᵀ + bias of the N = B·K rows are
 never held at once. Per chunk, the extension's row kernels give S, L and the per-token log-sum-exp
 (``seq_logprobs_fwd``) and write dz = gS[n]·(onehot(y) − softmax(z)) over the chunk's logits in place
-(``seq_logprobs_bwd``); the stage kernels give ℓ_b with ∂ℓ_b/∂S (``prompt_loss``) and the robust
+(``seq_logprobs_bwd_``); the stage kernels give ℓ_b with ∂ℓ_b/∂S (``prompt_loss``) and the robust
 reduction with ∂L/∂ℓ_b (``robust_reduce``). The loss math lives in those kernels and the registry of
 ``dora_engine.losses`` only; this module schedules GEMMs and rescales.
 
@@ -199,7 +199,8 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         top = p0 + grad_now[p0:p1].argmax()
         chunk_refs.append((p1 - p0, top, grad_now[top]))
         gS = grad_now[p0:p1].repeat_interleave(K) * dell_dS
-        dz = ops.seq_logprobs_bwd(logits, labels, lse, gS, p.ignore_index, True).view(-1, V)
+        ops.seq_logprobs_bwd_(logits, labels, lse, gS, p.ignore_index)  # logits now hold dz
+        dz = logits.view(-1, V)
         x = hidden[rows].reshape(-1, H)
         if need_hidden:
             torch.mm(dz, weight, out=grad_hidden[rows].view(-1, H))
@@ -288,8 +289,8 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
         grad_bias = torch.zeros(V, dtype=acc, device=x.device) if need_bias else None
         for t0, t1 in _spans(N * T, ctx.tokens_per_chunk):
             logits = F.linear(x[t0:t1], weight, bias).unsqueeze(1)
-            dz = ops.seq_logprobs_bwd(logits, y[t0:t1], lse[t0:t1], grad_token[t0:t1], ctx.ignore_index, True)
-            dz = dz.view(-1, V)
+            ops.seq_logprobs_bwd_(logits, y[t0:t1], lse[t0:t1], grad_token[t0:t1], ctx.ignore_index)
+            dz = logits.view(-1, V)
             if need_hidden:
                 torch.mm(dz, weight, out=grad_hidden[t0:t1])
             if need_weight:
