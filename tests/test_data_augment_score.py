@@ -156,6 +156,21 @@ def test_score_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path,
     assert [r.to_dict() for r in resumed] == [r.to_dict() for r in reference]
 
 
+def test_oracle_scoring_matches_oracle_reward(dataset, tmp_path):
+    from dora_engine.data.score import ORACLE
+    from dora_engine.data.synth import oracle_reward
+
+    records = read_records(dataset)
+    for rec in records:
+        for r in rec.responses:
+            r.score = None
+    assert run_data_cli(["score", str(dataset), "--out", str(tmp_path / "o.jsonl"), "--oracle"]) == 0
+    rescored = score_records(records, ORACLE)
+    assert [r.to_dict() for r in read_records(tmp_path / "o.jsonl")] == [r.to_dict() for r in read_records(dataset)]
+    for rec in rescored:
+        assert [r.score for r in rec.responses] == [oracle_reward(rec.prompt, r.text) for r in rec.responses]
+
+
 def test_reward_model_with_more_than_one_output_is_refused(models):
     with pytest.raises(ValueError, match="has 3 outputs.*exactly one logit"):
         RewardModel(models["tiny-rm3"])

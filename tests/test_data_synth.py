@@ -121,3 +121,17 @@ def test_records_roundtrip_through_jsonl(tmp_path):
     records = synth_records(10, seed=0)
     write_records(tmp_path / "s.jsonl", records)
     assert [r.to_dict() for r in read_records(tmp_path / "s.jsonl")] == [r.to_dict() for r in records]
+
+
+def test_cli_synth_writes_dataset_and_tokenizer(tmp_path, capsys):
+    from data_cli import run_data_cli
+
+    assert run_data_cli(["synth", "--out", str(tmp_path / "s.jsonl.gz"), "--num-prompts", "12", "--k", "3",
+                         "--mix", "verbose=1,repetitive=2", "--seed", "9",
+                         "--tokenizer-dir", str(tmp_path / "tok")]) == 0
+    assert "records: 12" in capsys.readouterr().out
+    expected = synth_records(12, k=3, mix={"verbose": 1, "repetitive": 2}, seed=9)
+    assert [r.to_dict() for r in read_records(tmp_path / "s.jsonl.gz")] == [r.to_dict() for r in expected]
+    assert (tmp_path / "tok" / "tokenizer.json").exists()
+    with pytest.raises(SystemExit):
+        run_data_cli(["synth", "--out", str(tmp_path / "x.jsonl"), "--mix", "verbose"])

@@ -67,11 +67,12 @@ def _cmd_augment(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from dora_engine.data.score import score_file
+    from dora_engine.data.score import ORACLE, score_file
 
     records = score_file(
-        args.input, args.out, args.model, batch_size=args.batch_size, max_length=args.max_length,
-        keep_existing=args.keep_existing, device=args.device, shard_size=args.shard_size, restart=args.restart,
+        args.input, args.out, ORACLE if args.oracle else args.model, batch_size=args.batch_size,
+        max_length=args.max_length, keep_existing=args.keep_existing, device=args.device,
+        shard_size=args.shard_size, restart=args.restart,
     )
     return _report(args.out, records)
 
@@ -135,7 +136,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score = commands.add_parser("score", help="fill every response's score with a single-logit reward model")
     score.add_argument("input", type=Path)
     score.add_argument("--out", type=Path, required=True)
-    score.add_argument("--model", required=True, help="path or name of an AutoModelForSequenceClassification")
+    scorer = score.add_mutually_exclusive_group(required=True)
+    scorer.add_argument("--model", help="path or name of an AutoModelForSequenceClassification with one output")
+    scorer.add_argument("--oracle", action="store_true", help="score with the synth dataset's oracle_reward")
     score.add_argument("--batch-size", type=int, default=16, help="responses per forward pass")
     score.add_argument("--max-length", type=int, default=1024, help="truncate (prompt first) beyond this")
     score.add_argument("--keep-existing", action="store_true", help="keep scores that are already present")

@@ -7,18 +7,26 @@ pair encoding of (prompt text, response). Sequences longer than ``max_length`` t
 (prompt first). With ``keep_existing`` responses that already have a score keep it and are not
 scored. Scoring is deterministic; ``score_file`` is sharded and resumable like ``augment_file``.
 
+``model = ORACLE`` (``"synth:oracle"``) scores with the synthetic dataset's known reward
+``dora_engine.data.synth.oracle_reward`` instead of a network (e.g. responses added by ``augment``
+to a ``data synth`` dataset).
+
 API: ``score_records(records, model, ...) -> list[Record]``; ``score_file(input, output, model, ...)``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dora_engine.data.augment import resolve_device
 from dora_engine.data.schema import Prompt, Record, Response, read_records
 from dora_engine.data.sharded import run_sharded
+
+ORACLE = "synth:oracle"
+
+Scorer = Callable[[Sequence[tuple[Prompt, str]]], list[float]]
 
 
 class RewardModel:
@@ -76,10 +84,23 @@ class RewardModel:
         return scores
 
 
-def _score_shard(records: Sequence[Record], reward_model: RewardModel, keep_existing: bool) -> list[Record]:
+def _oracle_scores(pairs: Sequence[tuple[Prompt, str]]) -> list[float]:
+    from dora_engine.data.synth import oracle_reward
+
+    return [oracle_reward(prompt, response) for prompt, response in pairs]
+
+
+def make_scorer(model: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None) -> Scorer:
+    """A function from (prompt, response) pairs to scores: the oracle for ``ORACLE``, else a ``RewardModel``."""
+    if model == ORACLE:
+        return _oracle_scores
+    return RewardModel(model, batch_size, max_length, device).score
+
+
+def _score_shard(records: Sequence[Record], scorer: Scorer, keep_existing: bool) -> list[Record]:
     todo = [(i, k) for i, rec in enumerate(records) for k, r in enumerate(rec.responses)
             if not (keep_existing and r.score is not None)]
-    values = reward_model.score([(records[i].prompt, records[i].responses[k].text) for i, k in todo])
+    values = scorer([(records[i].prompt, records[i].responses[k].text) for i, k in todo])
     new_scores = dict(zip(todo, values, strict=True))
     return [
         Record(rec.id, rec.prompt,
@@ -93,8 +114,8 @@ def score_records(
     records: Sequence[Record], model: str, *, batch_size: int = 16, max_length: int = 1024,
     keep_existing: bool = False, device: str | None = None,
 ) -> list[Record]:
-    """Every record with its responses scored by the reward model ``model`` (in memory)."""
-    return _score_shard(records, RewardModel(model, batch_size, max_length, device), keep_existing)
+    """Every record with its responses scored by the reward model ``model`` or ``ORACLE`` (in memory)."""
+    return _score_shard(records, make_scorer(model, batch_size, max_length, device), keep_existing)
 
 
 def score_file(
@@ -104,9 +125,9 @@ def score_file(
 ) -> list[Record]:
     """Score a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
     records = read_records(input)
-    reward_model = RewardModel(model, batch_size, max_length, device)
+    scorer = make_scorer(model, batch_size, max_length, device)
     settings = {"step": "score", "model": str(model), "max_length": max_length, "keep_existing": keep_existing}
     return run_sharded(
-        records, lambda shard, _: _score_shard(shard, reward_model, keep_existing), output,
+        records, lambda shard, _: _score_shard(shard, scorer, keep_existing), output,
         settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart, desc="score",
     )
