@@ -103,16 +103,26 @@ def _generate_transformers(
     dtype: str,
 ) -> list[str]:
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
+    return generate_texts(model, tokenizer, prompts, decoding, batch_size=batch_size)
+
+
+def generate_texts(
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], decoding: DecodingConfig = DecodingConfig(), *,
+    batch_size: int = 8, progress: bool = True,
+) -> list[str]:
+    """One response per prompt from an in-memory causal LM (batched, left-padded, on the model's device)."""
+    import torch
+    from tqdm.auto import tqdm
+
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"{model_path}: the tokenizer has neither a pad nor an eos token; cannot batch prompts")
+            raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     texts = [render_prompt(tokenizer, p) for p in prompts]
     # Longest first, so that each batch holds prompts of similar length (less padding); order restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -120,19 +130,26 @@ def _generate_transformers(
         "temperature": decoding.temperature, "top_k": decoding.top_k or None, "top_p": decoding.top_p,
     }
     torch.manual_seed(decoding.seed)
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
     outputs: list[str] = [""] * len(texts)
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch"):
-        idx = order[start:start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(device)
-        with torch.no_grad():
-            out = model.generate(
-                **enc, do_sample=not decoding.greedy, max_new_tokens=decoding.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id, **sampling,
-            )
-        new_tokens = out[:, enc["input_ids"].shape[1]:]
-        for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
-            outputs[i] = text.strip()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, do_sample=not decoding.greedy, max_new_tokens=decoding.max_new_tokens,
+                    pad_token_id=tokenizer.pad_token_id, **sampling,
+                )
+            new_tokens = out[:, enc["input_ids"].shape[1]:]
+            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True), strict=True):
+                outputs[i] = text.strip()
+    finally:
+        model.train(was_training)
+        tokenizer.padding_side = padding_side
     return outputs
 
 

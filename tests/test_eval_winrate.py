@@ -1,0 +1,95 @@
+"""Win-rate arithmetic, bootstrap intervals and the join of generations with golden responses."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dora_engine.data.schema import Record, RecordError, Response
+from dora_engine.eval.generate import Generation
+from dora_engine.eval.judges import Comparison, RewardJudge
+from dora_engine.eval.winrate import pair_with_golden, summarise
+
+
+def test_rates_count_ties_and_leave_out_errors():
+    verdicts = ["win"] * 5 + ["lose"] * 3 + ["tie"] * 2 + ["error"] * 4
+    s = summarise(verdicts, n_boot=200, seed=0)
+    assert (s.judged, s.wins, s.losses, s.ties, s.errors) == (10, 5, 3, 2, 4)
+    assert s.win_rate == pytest.approx(0.5)
+    assert s.lose_rate == pytest.approx(0.3)
+    assert s.tie_rate == pytest.approx(0.2)
+    assert s.win_rate_ties_half == pytest.approx(0.6)
+
+
+def test_all_wins_give_a_degenerate_interval():
+    s = summarise(["win"] * 30, n_boot=500)
+    assert s.ci["win_rate"] == (1.0, 1.0)
+    assert s.ci["lose_rate"] == (0.0, 0.0)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    n, p = 2000, 0.3
+    verdicts = ["win"] * int(n * p) + ["lose"] * (n - int(n * p))
+    s = summarise(verdicts, n_boot=4000, seed=1)
+    lo, hi = s.ci["win_rate"]
+    half_width = 1.959964 * math.sqrt(p * (1 - p) / n)
+    assert lo < p < hi
+    assert (hi - lo) / 2 == pytest.approx(half_width, rel=0.1)
+    assert (lo + hi) / 2 == pytest.approx(p, abs=half_width / 5)
+
+
+def test_bootstrap_equals_an_explicit_resampling_loop():
+    verdicts = ["win", "lose", "tie", "win", "win", "lose", "tie", "win", "error", "lose", "win"]
+    s = summarise(verdicts, n_boot=300, seed=7)
+    judged = [v for v in verdicts if v != "error"]
+    rng = np.random.default_rng(7)
+    draws = rng.integers(0, len(judged), size=(300, len(judged)))
+    half = [sum({"win": 1.0, "tie": 0.5}.get(judged[i], 0.0) for i in row) / len(judged) for row in draws]
+    assert s.ci["win_rate_ties_half"] == pytest.approx(tuple(np.quantile(half, [0.025, 0.975])))
+
+
+def test_bootstrap_is_seeded():
+    verdicts = ["win"] * 13 + ["lose"] * 11 + ["tie"] * 6
+    assert summarise(verdicts, seed=3).ci == summarise(verdicts, seed=3).ci
+    assert summarise(verdicts, seed=3).ci != summarise(verdicts, seed=4).ci
+
+
+def test_only_errors_give_nan_rates_and_bad_verdicts_fail():
+    s = summarise(["error", "error"])
+    assert s.judged == 0 and s.errors == 2 and math.isnan(s.win_rate)
+    with pytest.raises(ValueError, match="unknown verdict"):
+        summarise(["win", "draw"])
+
+
+def _record(rid: str, prompt: str) -> Record:
+    return Record(rid, prompt, [Response(f"shifted {rid}", "verbose", 0.0), Response(f"gold {rid}", "golden", 1.0)])
+
+
+def test_pairing_by_id_then_by_prompt_text():
+    records = [_record("a", "first prompt"), _record("b", "second prompt")]
+    generations = [Generation("b", "second prompt", "out b", "m"), Generation("7", "first prompt", "out a", "m")]
+    pairs = pair_with_golden(generations, records, "golden")
+    assert [(c.id, c.policy, c.golden) for c in pairs] == [("b", "out b", "gold b"), ("7", "out a", "gold a")]
+
+
+def test_pairing_errors_name_the_record():
+    with pytest.raises(RecordError, match="id='a'.*no response from target source 'chosen'"):
+        pair_with_golden([Generation("a", "first prompt", "x", "m")], [_record("a", "first prompt")], "chosen")
+    with pytest.raises(RecordError, match="generation id='zz'"):
+        pair_with_golden([Generation("zz", "unknown", "x", "m")], [_record("a", "first prompt")], "golden")
+
+
+class _LengthScorer:
+    name = "length"
+
+    def score(self, prompts, responses):
+        return [float(len(r)) for r in responses]
+
+
+def test_reward_judge_verdicts_and_tie_tolerance():
+    comparisons = [Comparison("1", "p", "long answer", "short"), Comparison("2", "p", "ab", "abcd"),
+                   Comparison("3", "p", "abc", "abd"), Comparison("4", "p", "abcd", "abc")]
+    assert RewardJudge(_LengthScorer()).judge(comparisons) == ["win", "lose", "tie", "win"]
+    assert RewardJudge(_LengthScorer(), tie_tolerance=1.0).judge(comparisons) == ["win", "lose", "tie", "tie"]
