@@ -1,0 +1,361 @@
+"""Training configuration (DESIGN.md section 6): dataclasses, YAML loading and ``key=value`` overrides.
+
+Top-level keys: ``stage``, ``model``, ``data``, ``loss``, ``robust``, ``train``, ``lora``, ``deepspeed``,
+``logging``, ``checkpoint``, ``output_dir``. Every unknown key is an error that names it; loss names,
+parameters and defaults come from the registry in ``dora_engine.losses``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dora_engine.losses import get_loss, get_strategy, resolve_params
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key at fault."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # Hugging Face model directory (or hub name already in the local cache)
+    tokenizer: str | None = None  # defaults to ``path``
+    reference: str | None = None  # frozen reference model for ref log-probs; defaults to ``path``
+    chat_template: str = "auto"  # auto: the tokenizer's template for chat prompts when it has one; none: plain text
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # JSONL files (section 3 schema)
+    eval: list[str] = field(default_factory=list)
+    target_source: str = "chosen"  # the golden source: the responses SFT trains on
+    num_responses: int | None = None  # K; None: the K of the first record (every record must match)
+    max_prompt_tokens: int = 256  # prompts keep their last tokens
+    max_response_tokens: int = 256  # responses keep their first tokens
+    ref_cache_dir: str | None = None  # default <output_dir>/ref_cache
+
+
+@dataclass
+class LossConfig:
+    name: str = "dpo_pl"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RobustConfig:
+    strategy: str = "dora"
+    lam: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_prompts: int = 1  # prompts per rank per micro-step
+    grad_accum_steps: int = 1
+    lr: float = 5e-7
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # constant | linear | cosine (after warmup)
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    seed: int = 42
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    backend: str = "auto"  # op backend: auto | fused | reference
+    loss_path: str = "logits"  # logits: model logits -> dora_loss
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1  # optimizer steps between metric records
+    tensorboard: str = "auto"  # auto (when installed) | on | off
+    wandb: bool = False
+    wandb_project: str = "dora-engine"
+    run_name: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between checkpoints (0: only at the end and on SIGTERM)
+    keep: int = 2  # checkpoints kept on disk
+    resume: str | None = None  # None | auto | a checkpoint tag
+    export: bool = True  # Hugging Face export to <output_dir>/final at the end
+
+
+@dataclass
+class TrainingConfig:
+    stage: str = "align"  # sft | align
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    deepspeed: str | dict[str, Any] | None = None  # JSON path or dict; None: launch/zero3.json's settings
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    output_dir: str = "runs/dora"
+
+    @property
+    def loss_params(self) -> dict[str, Any]:
+        """The loss's parameters with the registry's defaults filled in."""
+        return resolve_params(self.loss.name, self.loss.params)
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.stage == "align" and get_loss(self.loss.name).needs_reference
+
+    @property
+    def needs_h_tilde(self) -> bool:
+        return self.stage == "align" and get_strategy(self.robust.strategy).needs_h_tilde
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that fixes the data order and the optimisation (not logging or paths)."""
+        keep = self.to_dict()
+        for volatile in ("logging", "checkpoint", "output_dir"):
+            keep.pop(volatile)
+        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+STAGES = ("sft", "align")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+BACKENDS = ("auto", "fused", "reference")
+LOSS_PATHS = ("logits",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with errors that name the key
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """``value`` checked against the annotation ``tp`` (ints accepted for floats, a str for list[str])."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"config key {key!r}: unexpected value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key!r} must be a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML reads 5e-7 (no dot) as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls: type, data: Any, prefix: str = "") -> Any:
+    where = prefix or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {where!r} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            raise ConfigError(f"unknown config key {full!r}; valid keys under {where}: {', '.join(sorted(names))}")
+    values = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# Semantic checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    if not (math.isfinite(value) and ok):
+        raise ConfigError(f"config key {key!r} must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: TrainingConfig) -> TrainingConfig:
+    """Checks that need more than types; each failure names its key."""
+    _choice("stage", cfg.stage, STAGES)
+    if not cfg.model.path:
+        raise ConfigError("config key 'model.path' is required (a Hugging Face model directory)")
+    _choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
+    for i, path in enumerate(cfg.data.train + cfg.data.eval):
+        kind, idx = ("train", i) if i < len(cfg.data.train) else ("eval", i - len(cfg.data.train))
+        if not Path(path).is_file():
+            raise ConfigError(f"config key 'data.{kind}[{idx}]': file not found: {path}")
+    if cfg.data.num_responses is not None and cfg.data.num_responses < 2:
+        raise ConfigError(f"config key 'data.num_responses' must be ≥ 2, got {cfg.data.num_responses}")
+    _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    _positive("data.max_response_tokens", cfg.data.max_response_tokens)
+    try:
+        get_loss(cfg.loss.name)
+    except ValueError as err:
+        raise ConfigError(f"config key 'loss.name': {err}") from None
+    try:
+        resolve_params(cfg.loss.name, cfg.loss.params)
+    except ValueError as err:
+        raise ConfigError(f"config key 'loss.params': {err}") from None
+    try:
+        get_strategy(cfg.robust.strategy)
+    except ValueError as err:
+        raise ConfigError(f"config key 'robust.strategy': {err}") from None
+    _positive("robust.lam", cfg.robust.lam)
+    t = cfg.train
+    _positive("train.micro_batch_prompts", t.micro_batch_prompts)
+    _positive("train.grad_accum_steps", t.grad_accum_steps)
+    _positive("train.lr", t.lr)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _choice("train.schedule", t.schedule, SCHEDULES)
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.epochs", t.epochs)
+    if t.max_steps is not None:
+        _positive("train.max_steps", t.max_steps)
+    _choice("train.precision", t.precision, PRECISIONS)
+    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    _choice("train.backend", t.backend, BACKENDS)
+    _choice("train.loss_path", t.loss_path, LOSS_PATHS)
+    _positive("train.max_consecutive_skips", t.max_consecutive_skips)
+    _positive("train.eval_every", t.eval_every, allow_zero=True)
+    if cfg.lora.enabled:
+        _positive("lora.r", cfg.lora.r)
+        _positive("lora.alpha", cfg.lora.alpha)
+        if not 0 <= cfg.lora.dropout < 1:
+            raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
+    _positive("logging.every", cfg.logging.every)
+    _choice("logging.tensorboard", cfg.logging.tensorboard, ("auto", "on", "off"))
+    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).is_file():
+        raise ConfigError(f"config key 'deepspeed': file not found: {cfg.deepspeed}")
+    if not cfg.output_dir:
+        raise ConfigError("config key 'output_dir' must not be empty")
+    return cfg
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override (the value is parsed as YAML) to a raw config dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must have the form key=value (e.g. train.lr=1e-5)")
+    dotted, raw = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    cls: Any = TrainingConfig
+    node = data
+    for depth, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if names is not None and part not in names:
+            where = ".".join(parts[:depth]) or "the config"
+            raise ConfigError(
+                f"unknown config key {dotted!r} in override; valid keys under {where}: {', '.join(sorted(names))}"
+            )
+        if depth == len(parts) - 1:
+            node[part] = yaml.safe_load(raw)
+            return
+        hint = typing.get_type_hints(cls)[part] if names is not None else dict
+        cls = hint if dataclasses.is_dataclass(hint) else dict
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {assignment!r}: config key {'.'.join(parts[: depth + 1])!r} is not a mapping")
+        node = child
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainingConfig:
+    """Read a YAML config, apply ``key=value`` overrides, build and validate it.
+
+    Relative paths of files named in the config (data, model, deepspeed) stay relative to the working
+    directory, as on the command line.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must contain a mapping at the top level")
+        data = loaded or {}
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return validate(_build(TrainingConfig, data))

@@ -1,0 +1,261 @@
+"""Tokenised training data, the deterministic sampler and the collator (DESIGN.md sections 3-5).
+
+Each response becomes one row ``prompt tokens + response tokens (+ EOS)``. Labels are stored already
+shifted (``labels[t]`` is the token the logits at position t predict, DESIGN.md section 4): the labels of
+prompt positions are -100, so only response tokens are scored. A batch of B prompts × K responses is
+flattened to N = B·K rows, row n = b·K + k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dora_engine.data.schema import Record, RecordError, read_records
+from dora_engine.training.config import DataConfig, ModelConfig
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Row:
+    """One tokenised (prompt, response) sequence."""
+
+    input_ids: list[int]
+    prompt_len: int
+
+    def labels(self) -> list[int]:
+        """Shifted labels: position t predicts input_ids[t + 1] when that token belongs to the response."""
+        ids = self.input_ids
+        return [ids[t + 1] if t + 1 >= self.prompt_len else IGNORE_INDEX for t in range(len(ids) - 1)] + [
+            IGNORE_INDEX
+        ]
+
+
+@dataclass
+class Example:
+    """One training item: a prompt with its K rows (align), or one prompt-response row (sft)."""
+
+    record_index: int
+    rows: list[Row]
+    scores: list[float] | None
+    h_tilde: float | None
+
+
+def _where(index: int, record: Record) -> str:
+    return f"record {index} (id={record.id!r})"
+
+
+class Tokenizer:
+    """Turns records into rows with the model's tokenizer and, where it has one, its chat template."""
+
+    def __init__(self, tokenizer: Any, model_cfg: ModelConfig, data_cfg: DataConfig):
+        self.tok = tokenizer
+        self.use_template = model_cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        self.max_prompt = data_cfg.max_prompt_tokens
+        self.max_response = data_cfg.max_response_tokens
+
+    def prompt_ids(self, record: Record) -> list[int]:
+        if self.use_template:
+            messages = record.prompt if isinstance(record.prompt, list) else [
+                {"role": "user", "content": record.prompt}
+            ]
+            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+                ids = ids["input_ids"]
+        else:
+            ids = self.tok(record.prompt_text(), add_special_tokens=True)["input_ids"]
+        return list(ids)[-self.max_prompt :]
+
+    def response_ids(self, text: str) -> list[int]:
+        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
+        if self.tok.eos_token_id is not None:
+            ids.append(self.tok.eos_token_id)
+        return ids[: self.max_response]
+
+    def rows(self, index: int, record: Record, responses: Sequence[int]) -> list[Row]:
+        prompt = self.prompt_ids(record)
+        rows = []
+        for k in responses:
+            response = self.response_ids(record.responses[k].text)
+            if not response:
+                raise RecordError(
+                    f"{_where(index, record)}: field 'responses[{k}].text' has no tokens (and the tokenizer has "
+                    "no EOS token to score)"
+                )
+            rows.append(Row(prompt + response, len(prompt)))
+        return rows
+
+
+@dataclass
+class TrainingData:
+    """Tokenised examples of one split and the hashes that key the reference cache."""
+
+    examples: list[Example]
+    num_responses: int  # K (1 for sft)
+    data_hash: str
+    token_hash: str
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def file_hash(paths: Sequence[str]) -> str:
+    """sha256 over the bytes of the data files, in order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def load_records(paths: Sequence[str]) -> list[Record]:
+    """Records of several JSONL files; ids must be unique across the files."""
+    records: list[Record] = []
+    seen: dict[str, str] = {}
+    for path in paths:
+        try:
+            part = read_records(path)
+        except RecordError as err:
+            raise RecordError(f"{path}: {err}") from None
+        for n, rec in enumerate(part):
+            if rec.id in seen:
+                raise RecordError(f"{path}: record {n} (id={rec.id!r}): duplicate id (also in {seen[rec.id]})")
+            seen[rec.id] = path
+        records.extend(part)
+    return records
+
+
+def check_align_records(records: Sequence[Record], num_responses: int | None, needs_h_tilde: bool) -> int:
+    """The checks an align run needs before its first step; returns K. Failures name the record."""
+    if not records:
+        raise RecordError("the training data has no records")
+    K = num_responses or records[0].num_responses
+    for i, rec in enumerate(records):
+        if rec.num_responses != K:
+            raise RecordError(
+                f"{_where(i, rec)}: has {rec.num_responses} responses but a batch needs a fixed K = {K} "
+                "(set data.num_responses, or split the data by K)"
+            )
+        if not rec.has_scores:
+            k = next(k for k, r in enumerate(rec.responses) if r.score is None)
+            raise RecordError(f"{_where(i, rec)}: field 'responses[{k}].score' is missing; the losses rank by score")
+        if needs_h_tilde and rec.h_tilde is None:
+            raise RecordError(
+                f"{_where(i, rec)}: field 'h_tilde' is missing; this strategy needs it "
+                "(run `dora-engine calibrate` first, or use robust.strategy erm/dro)"
+            )
+    return K
+
+
+def tokenise(
+    records: Sequence[Record], tokenizer: Tokenizer, *, stage: str, target_source: str, num_responses: int | None,
+    needs_h_tilde: bool, data_hash: str, progress: bool = False,
+) -> TrainingData:
+    """Examples of ``stage``: whole prompts with their K responses (align) or target-source responses (sft)."""
+    from tqdm.auto import tqdm
+
+    examples: list[Example] = []
+    if stage == "align":
+        K = check_align_records(records, num_responses, needs_h_tilde)
+    else:
+        K = 1
+    for i, rec in enumerate(tqdm(records, desc="tokenising", disable=not progress, leave=False)):
+        if stage == "align":
+            rows = tokenizer.rows(i, rec, range(K))
+            examples.append(Example(i, rows, [r.score for r in rec.responses], rec.h_tilde))
+        else:
+            targets = [k for k, r in enumerate(rec.responses) if r.source == target_source]
+            examples.extend(Example(i, tokenizer.rows(i, rec, [k]), None, None) for k in targets)
+    if not examples:
+        sources = sorted({r.source for rec in records for r in rec.responses})
+        raise RecordError(
+            f"no response has source {target_source!r} (data.target_source); sources in the data: {sources}"
+        )
+    digest = hashlib.sha256(f"{stage}|{K}".encode())
+    for ex in examples:
+        for row in ex.rows:
+            digest.update(f"{ex.record_index}:{row.prompt_len}:".encode())
+            digest.update(torch.tensor(row.input_ids, dtype=torch.int64).numpy().tobytes())
+    return TrainingData(examples, K, data_hash, digest.hexdigest())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampler: a global order per epoch from (seed, epoch), cut into optimizer steps
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Deterministic data order: epoch e visits ``randperm(n, seed + e)``; the remainder is dropped.
+
+    One optimizer step consumes ``prompts_per_step = micro · world · accum`` examples; micro-step j of
+    a step gives rank r the slice ``[(j·world + r)·micro, … + micro)`` of that step's examples, so the
+    global batch of a micro-step is the same whatever the world size. A position is the number of
+    examples consumed, which keeps the order when a run resumes on another world size.
+    """
+
+    num_examples: int
+    micro: int
+    world: int
+    accum: int
+    seed: int
+
+    @property
+    def prompts_per_step(self) -> int:
+        return self.micro * self.world * self.accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_examples // self.prompts_per_step
+
+    def order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.num_examples, generator=gen)
+
+    def step_indices(self, step: int, rank: int) -> list[list[int]]:
+        """Example indices of optimizer step ``step`` (0-based) for ``rank``, one list per micro-step."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self.order(epoch)
+        base = within * self.prompts_per_step
+        out = []
+        for j in range(self.accum):
+            lo = base + (j * self.world + rank) * self.micro
+            out.append(order[lo : lo + self.micro].tolist())
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Collator
+# --------------------------------------------------------------------------------------------------
+
+
+def collate(
+    data: TrainingData, indices: Sequence[int], *, pad_id: int, ref_logps: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """A micro-batch of ``indices``: right-padded input_ids/attention_mask/labels (N = B·K, T), plus
+    scores (B, K), h_tilde (B,), ref_logps (N,) where the data has them."""
+    rows = [row for i in indices for row in data.examples[i].rows]
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
+    mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for n, row in enumerate(rows):
+        length = len(row.input_ids)
+        input_ids[n, :length] = torch.tensor(row.input_ids)
+        labels[n, :length] = torch.tensor(row.labels())
+        mask[n, :length] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    examples = [data.examples[i] for i in indices]
+    if examples[0].scores is not None:
+        batch["scores"] = torch.tensor([ex.scores for ex in examples], dtype=torch.float32)
+    if all(ex.h_tilde is not None for ex in examples):
+        batch["h_tilde"] = torch.tensor([ex.h_tilde for ex in examples], dtype=torch.float32)
+    if ref_logps is not None:
+        batch["ref_logps"] = ref_logps[[ex.record_index for ex in examples]].reshape(-1)
+    return batch

@@ -1,0 +1,408 @@
+"""The DeepSpeed ZeRO-3 trainer for the ``sft`` and ``align`` stages (DESIGN.md sections 5-7).
+
+One optimizer step = ``train.grad_accum_steps`` micro-steps; each micro-step is one batch 𝓑 of
+Algorithm 1: every rank forwards ``train.micro_batch_prompts`` whole prompts (K responses each) and
+``dora_loss`` reduces the robust objective over the micro-step's prompts on all ranks. Order of work:
+config and data are checked first (bad input fails before anything heavy starts), then the process
+group, the reference log-probs (computed once, cached), the policy engine, and the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dora_engine.training import ref_logps as ref_cache
+from dora_engine.training.checkpoint import CheckpointManager, config_differences, latest_tag
+from dora_engine.training.config import TrainingConfig
+from dora_engine.training.data import Sampler, Tokenizer, TrainingData, collate, file_hash, load_records, tokenise
+from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
+from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
+from dora_engine.training.model import PolicyLoss, ReferenceLogps, StepOutput, load_causal_lm, load_tokenizer
+
+# Config keys a resumed run may change without breaking the identical continuation.
+RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every")
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> Dist:
+    """Join the process group the ``deepspeed`` launcher describes, or make a one-process group."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python` / `dora-engine train`: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def load_data(cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool) -> TrainingData:
+    """Read, validate and tokenise ``files``; every data error names its record."""
+    return tokenise(
+        load_records(files), Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
+        target_source=cfg.data.target_source, num_responses=cfg.data.num_responses,
+        needs_h_tilde=cfg.needs_h_tilde, data_hash=file_hash(files), progress=progress,
+    )
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the peak lr at optimizer step s: linear warmup, then constant/linear/cosine to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Builds everything from a ``TrainingConfig`` and runs the loop; ``run()`` returns the exit code."""
+
+    def __init__(self, cfg: TrainingConfig, *, progress: bool = True):
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self.progress = progress
+        self.stop_signal: str | None = None
+        self.precision = resolve_precision(cfg.train.precision)
+        # 1. Everything that can be wrong with the input, before any process group or model.
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.train_data = load_data(cfg, self.tokenizer, cfg.data.train, progress)
+        self.eval_data = load_data(cfg, self.tokenizer, cfg.data.eval, progress) if cfg.data.eval else None
+        # 2. Processes, sampler, reference log-probs.
+        self.dist = init_distributed()
+        self.sampler = Sampler(
+            len(self.train_data), cfg.train.micro_batch_prompts, self.dist.world, cfg.train.grad_accum_steps,
+            cfg.train.seed,
+        )
+        self._check_sizes()
+        self.ds_config = build_deepspeed_config(cfg, self.dist.world)
+        self.ref_train = self.ref_eval = None
+        if cfg.needs_reference:
+            self.ref_train = ensure_reference(cfg, self.train_data, self.ds_config, self.dist, self.pad_id, progress)
+            if self.eval_data is not None:
+                self.ref_eval = ensure_reference(cfg, self.eval_data, self.ds_config, self.dist, self.pad_id, progress)
+        # 3. The policy engine.
+        torch.manual_seed(cfg.train.seed)
+        self.engine, self.lr_scheduler, self.hf_ds_config = self._build_engine()
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", keep=cfg.checkpoint.keep, writer=self.dist.local_rank == 0
+        )
+
+    # ---------------------------------------------------------------------------------------- setup
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.max_steps or self.cfg.train.epochs * self.sampler.steps_per_epoch
+
+    def _check_sizes(self) -> None:
+        if self.sampler.steps_per_epoch == 0:
+            raise TrainingError(
+                f"data.train has {len(self.train_data)} examples, fewer than one optimizer step uses "
+                f"(train.micro_batch_prompts × world size × train.grad_accum_steps = {self.sampler.prompts_per_step})"
+            )
+        per_eval = self.cfg.train.micro_batch_prompts * self.dist.world
+        if self.eval_data is not None and len(self.eval_data) < per_eval:
+            raise TrainingError(
+                f"data.eval has {len(self.eval_data)} examples, fewer than one evaluation batch "
+                f"(train.micro_batch_prompts × world size = {per_eval})"
+            )
+
+    def _build_engine(self) -> tuple[Any, Any, Any]:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        cfg = self.cfg
+        # While this object lives, from_pretrained partitions the weights across ranks as it loads them.
+        hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        model = load_causal_lm(
+            cfg.model.path, torch_dtype(self.precision), gradient_checkpointing=cfg.train.gradient_checkpointing
+        )
+        if cfg.lora.enabled:
+            from dora_engine.training.model import add_lora
+
+            model = add_lora(model, cfg.lora)
+        module = PolicyLoss(model, cfg, self.train_data.num_responses)
+        params = [p for p in module.parameters() if p.requires_grad]
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps)
+
+        def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+        engine, _, _, lr_scheduler = deepspeed.initialize(
+            model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
+            config=self.ds_config,
+        )
+        return engine, lr_scheduler, hf_ds_config
+
+    def _resume(self) -> dict[str, Any]:
+        """Client state of the checkpoint to resume from, or a fresh start's."""
+        fresh = {"step": 0, "consumed_prompts": 0, "skipped_steps": 0, "consecutive_skips": 0}
+        wanted = self.cfg.checkpoint.resume
+        if wanted is None:
+            return fresh
+        tag = latest_tag(self.checkpoints.directory) if wanted == "auto" else wanted
+        if tag is None:
+            self._say(f"no checkpoint in {self.checkpoints.directory}; starting from step 0")
+            return fresh
+        state = self.checkpoints.load(self.engine, tag)
+        changed = [
+            k for k in config_differences(state["config"], self.cfg.to_dict())
+            if not k.startswith(RESUMABLE_CHANGES)
+        ]
+        if changed:
+            raise TrainingError(
+                f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
+                "resuming would not continue the same run"
+            )
+        if state["consumed_prompts"] % self.sampler.prompts_per_step:
+            raise TrainingError(
+                f"checkpoint {tag} consumed {state['consumed_prompts']} prompts, not a multiple of this run's "
+                f"{self.sampler.prompts_per_step} prompts per step (world size changed?)"
+            )
+        state["step"] = state["consumed_prompts"] // self.sampler.prompts_per_step
+        self._say(f"resumed from {self.checkpoints.directory / tag} at step {state['step']}")
+        return state
+
+    # ---------------------------------------------------------------------------------------- loop
+
+    def _say(self, message: str) -> None:
+        if self.dist.main:
+            print(f"[dora-engine] {message}", flush=True)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stop_signal = signal.Signals(signum).name
+
+    def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.engine.device) for k, v in batch.items()}
+
+    def train_step(self, step: int) -> tuple[dict[str, float], bool]:
+        """One optimizer step; returns the global metrics and whether DeepSpeed applied the update."""
+        started = time.perf_counter()
+        lr = self.lr_scheduler.get_last_lr()[0]
+        acc = StepAccumulator()
+        self.engine.train()
+        for indices in self.sampler.step_indices(step, self.dist.rank):
+            batch = self._device_batch(collate(self.train_data, indices, pad_id=self.pad_id, ref_logps=self.ref_train))
+            out: StepOutput = self.engine(**batch)
+            loss = out.loss
+            if not torch.isfinite(out.value):
+                # The value is global, so every rank takes this branch: NaN gradients make DeepSpeed's
+                # overflow check discard the whole accumulated step on all ranks.
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+            acc.add(out, int(batch["attention_mask"].sum()), self._stats(out, batch))
+        applied = bool(self.engine.was_step_applied()) and all(math.isfinite(x) for x in acc.losses)
+        metrics, stop = acc.reduce(self.stop_signal is not None)
+        if stop and self.stop_signal is None:
+            self.stop_signal = "SIGTERM (another rank)"
+        elapsed = time.perf_counter() - started
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics.update(
+            lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else math.nan,
+            tokens_per_s=metrics.pop("tokens") / elapsed,
+            step_time_s=elapsed,
+            mem_peak=peak_memory_bytes(self.engine.device),
+        )
+        return metrics, applied
+
+    def _stats(self, out: StepOutput, batch: dict[str, torch.Tensor]) -> dict | None:
+        if self.cfg.stage != "align":
+            return None
+        return align_stats(out, batch, self.cfg.loss.name, self.cfg.loss_params)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics of data.eval, prefixed ``eval/``; the remainder of a batch of micro × world is dropped."""
+        data, micro, world = self.eval_data, self.cfg.train.micro_batch_prompts, self.dist.world
+        acc = StepAccumulator()
+        self.engine.eval()
+        for lo in range(0, len(data) - micro * world + 1, micro * world):
+            indices = list(range(lo + self.dist.rank * micro, lo + (self.dist.rank + 1) * micro))
+            batch = self._device_batch(collate(data, indices, pad_id=self.pad_id, ref_logps=self.ref_eval))
+            out = self.engine(**batch)
+            acc.add(out, int(batch["attention_mask"].sum()), self._stats(out, batch))
+        metrics, _ = acc.reduce(False)
+        metrics.pop("tokens")
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
+    def run(self) -> int:
+        from tqdm.auto import tqdm
+
+        state = self._resume()
+        step, skipped, in_a_row = state["step"], state["skipped_steps"], state["consecutive_skips"]
+        writer = MetricsWriter(self.output_dir, self.cfg.logging, self.cfg.to_dict(), step) if self.dist.main else None
+        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        show = self.progress and self.dist.main
+        bar = tqdm(total=self.total_steps, initial=step, desc=self.cfg.stage, disable=not show)
+        last_saved = step if state["step"] else None
+        client = self._client_state(step, skipped, in_a_row)
+        try:
+            while step < self.total_steps and self.stop_signal is None:
+                metrics, applied = self.train_step(step)
+                step += 1
+                if applied:
+                    in_a_row = 0
+                else:
+                    skipped += 1
+                    in_a_row += 1
+                    self._say(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}); update skipped")
+                metrics["skipped_steps"] = skipped
+                every_eval = self.cfg.train.eval_every
+                if self.eval_data is not None and every_eval and step % every_eval == 0:
+                    metrics.update(self.evaluate())
+                if writer is not None and (step % self.cfg.logging.every == 0 or step == self.total_steps):
+                    writer.write(step, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                client = self._client_state(step, skipped, in_a_row)
+                if in_a_row >= self.cfg.train.max_consecutive_skips:
+                    tag = self.checkpoints.save(self.engine, step, client)
+                    raise TrainingError(
+                        f"{in_a_row} optimizer steps in a row had a non-finite loss or gradient (limit "
+                        f"train.max_consecutive_skips = {self.cfg.train.max_consecutive_skips}); stopped at step "
+                        f"{step}, checkpoint {self.checkpoints.directory / tag}. Lower train.lr, check the data, "
+                        "or use train.precision fp32."
+                    )
+                if self.cfg.checkpoint.every and step % self.cfg.checkpoint.every == 0:
+                    self.checkpoints.save(self.engine, step, client)
+                    last_saved = step
+            bar.close()
+            if self.stop_signal is not None:
+                if last_saved != step:
+                    self.checkpoints.save(self.engine, step, client)
+                self._say(f"stopped on {self.stop_signal} after step {step}; checkpoint saved in "
+                          f"{self.checkpoints.directory}. Continue with --resume auto")
+                return 0
+            if self.cfg.checkpoint.every and last_saved != step:
+                self.checkpoints.save(self.engine, step, client)
+            if self.eval_data is not None and not self.cfg.train.eval_every:
+                final_eval = self.evaluate()
+                if writer is not None:
+                    writer.write(step, final_eval)
+            if self.cfg.checkpoint.export:
+                self.export()
+            self._say(f"done: {step} steps, {skipped} skipped; metrics in {self.output_dir / 'metrics.jsonl'}")
+            return 0
+        finally:
+            bar.close()
+            signal.signal(signal.SIGTERM, previous)
+            if writer is not None:
+                writer.close()
+
+    def _client_state(self, step: int, skipped: int, in_a_row: int) -> dict[str, Any]:
+        return {"step": step, "consumed_prompts": step * self.sampler.prompts_per_step, "skipped_steps": skipped,
+                "consecutive_skips": in_a_row, "config": self.cfg.to_dict()}
+
+    def export(self) -> Path:
+        """Gather the ZeRO-3 weights and write ``<output_dir>/final`` (every rank must call this)."""
+        from dora_engine.training.export import gathered_state_dict, merge_lora, write_export
+
+        destination = self.output_dir / "final"
+        state = gathered_state_dict(self.engine)
+        if state is not None:
+            if self.cfg.lora.enabled:
+                state = merge_lora(state, self.cfg.lora.alpha, self.cfg.lora.r)
+            model_config = self.engine.module.model.config
+            write_export(destination, state, model_config, self.tokenizer, self.cfg.to_dict())
+            self._say(f"exported the trained model to {destination}")
+        dist.barrier()
+        return destination
+
+
+def ensure_reference(
+    cfg: TrainingConfig, data: TrainingData, ds_config: dict, dist_info: Dist, pad_id: int, progress: bool
+) -> torch.Tensor:
+    """S_ref (num_records, K) for ``data``: from the cache when its key matches, else one sharded pass."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    reference = cfg.model.reference or cfg.model.path
+    precision = resolve_precision(cfg.train.precision)
+    key = ref_cache.cache_key(data, ref_cache.model_hash(reference), precision)
+    directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
+    path = ref_cache.cache_file(directory, key)
+    cached = ref_cache.load_cached(path, data)
+    if cached is not None:
+        if dist_info.main:
+            print(f"[dora-engine] reference log-probs: reusing {path}", flush=True)
+        return cached
+    if dist_info.main:
+        print(f"[dora-engine] reference log-probs: computing {path} with {reference}", flush=True)
+    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    keep_alive = HfDeepSpeedConfig(config)  # partitioned loading, as for the policy
+    model = load_causal_lm(reference, torch_dtype(precision))
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg.train.backend), config=config)
+    ref = ref_cache.compute_reference(
+        engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=dist_info.rank,
+        world=dist_info.world, progress=progress and dist_info.main,
+    )
+    ref_cache.release(engine)
+    del keep_alive, model
+    if dist_info.local_rank == 0:
+        ref_cache.save_cache(path, ref, key)
+    dist.barrier()
+    return ref
+
+
+def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[torch.Tensor]:
+    """``dora-engine ref-logps``: fill the reference cache of the train (and eval) data of ``cfg``."""
+    if not cfg.needs_reference:
+        raise TrainingError(f"loss {cfg.loss.name!r} in stage {cfg.stage!r} uses no reference log-probs")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    splits = [load_data(cfg, tokenizer, cfg.data.train, progress)]
+    if cfg.data.eval:
+        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress))
+    dist_info = init_distributed()
+    ds_config = build_deepspeed_config(cfg, dist_info.world)
+    return [ensure_reference(cfg, data, ds_config, dist_info, pad_id, progress) for data in splits]
