@@ -1,7 +1,7 @@
 PYTHON ?= python3
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 
-.PHONY: install test lint pytest
+.PHONY: install test lint pytest cuda-compile
 
 # Installs the package with its test tools (torch must already be present: see README).
 install:
@@ -13,4 +13,17 @@ lint:
 pytest:
 	$(PYTHON) -m pytest
 
-test: install lint pytest
+# Compiles every CUDA kernel file alone (no torch headers) for sm_80 and sm_90; skipped without nvcc.
+CUDA_GENCODE = -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
+cuda-compile:
+ifneq ($(NVCC),)
+	@mkdir -p build/cuda
+	@for f in csrc/cuda/*.cu; do \
+		echo "nvcc $$f"; \
+		$(NVCC) -std=c++17 -O3 -Icsrc/include $(CUDA_GENCODE) -c $$f -o build/cuda/$$(basename $$f .cu).o || exit 1; \
+	done
+else
+	@echo "nvcc not found: CUDA compile check skipped"
+endif
+
+test: install lint cuda-compile pytest

@@ -1,0 +1,52 @@
+// Host launchers of the DoRA CUDA kernels (csrc/cuda/dora_kernels.cu). Plain CUDA C++ on raw device
+// pointers: no torch header, so nvcc compiles the kernels alone; csrc/cuda_ops.cpp adapts tensors.
+//
+// "acc" below is the accumulation dtype: double for kFloat64 logits, float otherwise.
+#pragma once
+
+#include <cuda_runtime_api.h>
+#include <stdint.h>
+
+#include "dora_math.h"
+
+namespace dora {
+namespace cuda {
+
+enum class DType : int { kFloat32, kBFloat16, kFloat16, kFloat64 };
+
+struct RowShape {
+  int64_t N, T, V;
+  int64_t ignore_index;
+};
+
+// Forward row pass: lse (N, T) and S, L (N,) in acc; lp_scratch holds N·T acc values.
+// A label outside [0, V) (unchecked input) gives NaN for its row.
+cudaError_t seq_logprobs_fwd(DType dtype, const void* logits, const int64_t* labels, RowShape shape, void* lse,
+                             void* lp_scratch, void* S, void* L, cudaStream_t stream);
+
+// Backward row pass: grad = gS[n]·(onehot(y) − softmax(z)), zero rows at ignored tokens; grad may be logits.
+cudaError_t seq_logprobs_bwd(DType dtype, const void* logits, void* grad, const int64_t* labels, const void* lse,
+                             const void* gS, RowShape shape, cudaStream_t stream);
+
+// The per-batch stage (csrc/include/dora_math.h) in one thread block. Tensors are acc (float or double)
+// as `fp64` says; S_ref and h may be null.
+struct StageArgs {
+  int loss_code;
+  LossParams params;
+  int strategy_code;
+  double lam;
+  int B, K;
+};
+
+cudaError_t prompt_loss(bool fp64, const StageArgs& args, const void* S, const void* L, const void* S_ref,
+                        const void* scores, void* ell, void* dell_dS, cudaStream_t stream);
+
+cudaError_t robust_reduce(bool fp64, const StageArgs& args, const void* ell, const void* h, void* loss,
+                          void* weights, void* dloss_dell, cudaStream_t stream);
+
+cudaError_t batch_stage(bool fp64, const StageArgs& args, const void* S, const void* L, const void* S_ref,
+                        const void* scores, const void* h, void* ell, void* loss, void* weights, void* gS,
+                        cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace dora
