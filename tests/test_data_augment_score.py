@@ -62,12 +62,13 @@ def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_pat
         assert [r.source for r in new.responses[2:]] == ["tiny-lm"] * 3
         assert all(r.score is None for r in new.responses[2:])
         assert new.meta["generation"]["tiny-lm"]["temperature"] == 0.8
+    assert any(r.text for rec in out for r in rec.responses[2:])
     assert not (tmp_path / ".out.jsonl.shards").exists()
-    # one shard in memory == the file run with a shard covering everything
-    whole = augment_file(dataset, tmp_path / "whole.jsonl", models["tiny-lm"], n=3, sampling=SHORT, batch_size=4,
-                         shard_size=100)
+    # seeds follow the records, so in memory (one shard) == sharded with a multiple of the batch size
     mem = augment_records(before, models["tiny-lm"], n=3, sampling=SHORT, batch_size=4)
-    assert [r.to_dict() for r in mem] == [r.to_dict() for r in whole]
+    assert [r.to_dict() for r in mem] == [r.to_dict() for r in out]
+    other_seed = augment_records(before, models["tiny-lm"], n=3, sampling=SHORT, batch_size=4, seed=1)
+    assert [r.to_dict() for r in other_seed] != [r.to_dict() for r in out]
 
 
 def test_augment_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):

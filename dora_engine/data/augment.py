@@ -7,9 +7,11 @@ text is the model input. Each new response has ``source`` = the model's name (it
 unless given) and no score; ``meta["generation"][source]`` records the sampling settings.
 
 Backends: ``transformers`` (default; batched ``generate`` with left padding, CPU or GPU) and ``vllm``
-(the ``generate`` extra; a clear error when it is not installed). Randomness is seeded per shard
-(transformers) or per record (vllm) from ``seed``, so ``augment_file`` resumes an interrupted run to
-exactly the output an uninterrupted run writes (``dora_engine.data.sharded``).
+(the ``generate`` extra; a clear error when it is not installed). Every record gets a seed derived from
+``seed`` and its id; vllm seeds each prompt with it, transformers each batch with its first prompt's.
+So ``augment_file`` resumes an interrupted run to exactly the output of an uninterrupted one
+(``dora_engine.data.sharded``), and with transformers any shard size that is a multiple of the batch
+size gives the same output as ``augment_records``.
 
 API: ``augment_records(records, model, n=2, ...) -> list[Record]`` in memory;
 ``augment_file(input, output, model, n=2, ...) -> list[Record]`` sharded and resumable.
@@ -54,7 +56,8 @@ class Sampling:
 
 class Generator(Protocol):
     def generate(self, prompts: Sequence[Prompt], n: int, seeds: Sequence[int]) -> list[list[str]]:
-        """n completions per prompt; ``seeds[0]`` seeds a batched backend, ``seeds[i]`` prompt i otherwise."""
+        """n completions per prompt; ``seeds[i]`` belongs to prompt i (a batched backend seeds each batch
+        with the seed of its first prompt)."""
         ...
 
 
@@ -96,9 +99,9 @@ class TransformersGenerator:
     def generate(self, prompts: Sequence[Prompt], n: int, seeds: Sequence[int]) -> list[list[str]]:
         import torch
 
-        torch.manual_seed(seeds[0])
         out: list[list[str]] = []
         for start in range(0, len(prompts), self.batch_size):
+            torch.manual_seed(seeds[start])
             rendered = [render_prompt(self.tokenizer, p) for p in prompts[start:start + self.batch_size]]
             templated = rendered[0][1]
             batch = self.tokenizer([text for text, _ in rendered], return_tensors="pt", padding=True,
@@ -158,10 +161,8 @@ def source_name(model: str | os.PathLike) -> str:
 
 
 def _augment_shard(records: Sequence[Record], generator: Generator, n: int, source: str, seed: int,
-                   shard_index: int, settings: dict[str, Any]) -> list[Record]:
-    seeds = [derived_seed(seed, "shard", shard_index)] if isinstance(generator, TransformersGenerator) else [
-        derived_seed(seed, rec.id) for rec in records
-    ]
+                   settings: dict[str, Any]) -> list[Record]:
+    seeds = [derived_seed(seed, rec.id) for rec in records]
     completions = generator.generate([rec.prompt for rec in records], n, seeds)
     out = []
     for rec, texts in zip(records, completions, strict=True):
@@ -183,7 +184,7 @@ def augment_records(
     sampling = sampling or Sampling()
     generator = make_generator(model, backend, sampling, batch_size, device)
     source = source or source_name(model)
-    return _augment_shard(records, generator, n, source, seed, 0, {"n": n, **asdict(sampling)})
+    return _augment_shard(records, generator, n, source, seed, {"n": n, **asdict(sampling)})
 
 
 def augment_file(
@@ -204,6 +205,6 @@ def augment_file(
                 "batch_size": batch_size, **generation}
     return run_sharded(
         records,
-        lambda shard, i: _augment_shard(shard, generator, n, source, seed, i, generation),
+        lambda shard, _: _augment_shard(shard, generator, n, source, seed, generation),
         output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart, desc="augment",
     )

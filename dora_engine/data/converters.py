@@ -94,10 +94,11 @@ def _check_messages(messages: list, where: str, name: str) -> list[dict[str, str
 def _keep(records: list[Record], drop_empty: bool, fmt: str) -> list[Record]:
     if not drop_empty:
         return records
-    kept = [rec for rec in records if all(r.text.strip() for r in rec.responses)]
-    if len(kept) < len(records):
-        dropped = [rec.id for rec in records if not all(r.text.strip() for r in rec.responses)]
-        shown = ", ".join(dropped[:10]) + (", …" if len(dropped) > 10 else "")
+    kept, dropped = [], []
+    for rec in records:
+        (kept if all(r.text.strip() for r in rec.responses) else dropped).append(rec)
+    if dropped:
+        shown = ", ".join(rec.id for rec in dropped[:10]) + (", …" if len(dropped) > 10 else "")
         warnings.warn(f"{fmt}: dropped {len(dropped)} record(s) with an empty response: {shown}", stacklevel=3)
     return kept
 

@@ -3,9 +3,9 @@
 The input records are cut into consecutive shards of ``shard_size``. Each finished shard is written
 atomically to ``<work_dir>/shard-<i>.jsonl``; a rerun after an interruption loads the finished shards
 and processes only the rest, so no prompt is lost or processed twice. ``process(shard, i)`` receives
-the shard index so that random steps can seed themselves per shard: a resumed run then gives exactly
-the output of an uninterrupted one. When every shard is done, the output file is written atomically
-and the work directory removed.
+the shard and its index; a random step that seeds itself from the records (``derived_seed``) makes a
+resumed run give exactly the output of an uninterrupted one. When every shard is done, the output
+file is written atomically and the work directory removed.
 
 ``<work_dir>/run.json`` holds a fingerprint of the input records and of the step's settings; a work
 directory left by a different run is refused (pass ``restart=True`` to discard it).
