@@ -7,6 +7,8 @@ compose in Python as well.
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 
 from dora_engine.data.schema import Record, read_records, write_records
@@ -49,7 +51,11 @@ def _add_resume_options(parser: argparse.ArgumentParser) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from dora_engine.data.converters import convert_files
 
-    records = convert_files(args.format, args.inputs, target=args.target, drop_empty=not args.keep_empty)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = convert_files(args.format, args.inputs, target=args.target, drop_empty=not args.keep_empty)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
     return _finish(args.out, records)
 
 
