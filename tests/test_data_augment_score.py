@@ -52,8 +52,8 @@ SHORT = Sampling(max_new_tokens=6)
 
 
 def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_path):
-    out = augment_file(dataset, tmp_path / "out.jsonl", models["tiny-lm"], n=3, sampling=SHORT, batch_size=4,
-                       shard_size=4)
+    out = augment_file(dataset, tmp_path / "out.jsonl", models["tiny-lm"], device="cpu", n=3, sampling=SHORT,
+                       batch_size=4, shard_size=4)
     before = read_records(dataset)
     assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in out]
     for old, new in zip(before, out, strict=True):
@@ -65,15 +65,15 @@ def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_pat
     assert any(r.text for rec in out for r in rec.responses[2:])
     assert not (tmp_path / ".out.jsonl.shards").exists()
     # seeds follow the records, so in memory (one shard) == sharded with a multiple of the batch size
-    mem = augment_records(before, models["tiny-lm"], n=3, sampling=SHORT, batch_size=4)
+    mem = augment_records(before, models["tiny-lm"], device="cpu", n=3, sampling=SHORT, batch_size=4)
     assert [r.to_dict() for r in mem] == [r.to_dict() for r in out]
-    other_seed = augment_records(before, models["tiny-lm"], n=3, sampling=SHORT, batch_size=4, seed=1)
+    other_seed = augment_records(before, models["tiny-lm"], device="cpu", n=3, sampling=SHORT, batch_size=4, seed=1)
     assert [r.to_dict() for r in other_seed] != [r.to_dict() for r in out]
 
 
 def test_augment_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):
     kwargs = {"n": 2, "sampling": SHORT, "batch_size": 3, "shard_size": 3}
-    reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], **kwargs)
+    reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], device="cpu", **kwargs)
 
     calls = {"n": 0}
     original = TransformersGenerator.generate
@@ -87,7 +87,7 @@ def test_augment_resume_after_kill_equals_uninterrupted(models, dataset, tmp_pat
     monkeypatch.setattr(TransformersGenerator, "generate", dies_after_two_shards)
     out = tmp_path / "out.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        augment_file(dataset, out, models["tiny-lm"], **kwargs)
+        augment_file(dataset, out, models["tiny-lm"], device="cpu", **kwargs)
     assert not out.exists()
     assert len(list((tmp_path / ".out.jsonl.shards").glob("shard-*.jsonl"))) == 2
     monkeypatch.setattr(TransformersGenerator, "generate", original)
@@ -98,7 +98,7 @@ def test_augment_resume_after_kill_equals_uninterrupted(models, dataset, tmp_pat
         return original(self, prompts, n, seeds)
 
     monkeypatch.setattr(TransformersGenerator, "generate", counting)
-    resumed = augment_file(dataset, out, models["tiny-lm"], **kwargs)
+    resumed = augment_file(dataset, out, models["tiny-lm"], device="cpu", **kwargs)
     assert calls["resumed"] == 10 - 6  # only the unfinished prompts were generated again
     assert [r.to_dict() for r in resumed] == [r.to_dict() for r in reference]
     assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
@@ -110,17 +110,18 @@ def test_resume_refuses_a_different_run(models, dataset, tmp_path, monkeypatch):
 
     monkeypatch.setattr(TransformersGenerator, "generate", boom)
     with pytest.raises(RuntimeError):
-        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=1, sampling=SHORT)
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", n=1, sampling=SHORT)
     monkeypatch.undo()
     with pytest.raises(ValueError, match=r"different run \(differs in \['n'\]\)"):
-        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=2, sampling=SHORT)
-    out = augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=2, sampling=SHORT, restart=True)
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", n=2, sampling=SHORT)
+    out = augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", n=2, sampling=SHORT,
+                       restart=True)
     assert all(r.num_responses == 4 for r in out)
 
 
 def test_score_fills_every_score_with_the_reward_logit(models, dataset, tmp_path):
     records = read_records(dataset)
-    scored = score_records(records, models["tiny-rm"], batch_size=3)
+    scored = score_records(records, models["tiny-rm"], device="cpu", batch_size=3)
     # independent: score each pair alone through the model
     tok = transformers.AutoTokenizer.from_pretrained(models["tiny-rm"])
     model = transformers.AutoModelForSequenceClassification.from_pretrained(models["tiny-rm"]).eval()
@@ -132,14 +133,18 @@ def test_score_fills_every_score_with_the_reward_logit(models, dataset, tmp_path
             assert r.score == pytest.approx(expected, abs=1e-4)
     # keep_existing keeps the synth oracle scores and scores only what is missing
     records[0].responses[1].score = None
-    kept = score_records(records, models["tiny-rm"], keep_existing=True)
+    kept = score_records(records, models["tiny-rm"], device="cpu", keep_existing=True)
     assert kept[0].responses[0].score == records[0].responses[0].score
     assert kept[0].responses[1].score == pytest.approx(scored[0].responses[1].score, abs=1e-4)
     assert [r.to_dict() for r in kept[1:]] == [r.to_dict() for r in records[1:]]
+    # fresh scores over corrupted ones clear the corruption mark; kept scores keep it
+    records[0].meta["corrupted"] = records[1].meta["corrupted"] = True
+    marked = score_records(records[:2], models["tiny-rm"], device="cpu", keep_existing=True)
+    assert [r.meta["corrupted"] for r in marked] == [False, True]
 
 
 def test_score_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):
-    reference = score_file(dataset, tmp_path / "ref.jsonl", models["tiny-rm"], batch_size=4, shard_size=4)
+    reference = score_file(dataset, tmp_path / "ref.jsonl", models["tiny-rm"], device="cpu", batch_size=4, shard_size=4)
     original = RewardModel.score
     calls = {"n": 0}
 
@@ -151,9 +156,9 @@ def test_score_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path,
 
     monkeypatch.setattr(RewardModel, "score", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        score_file(dataset, tmp_path / "out.jsonl", models["tiny-rm"], batch_size=4, shard_size=4)
+        score_file(dataset, tmp_path / "out.jsonl", models["tiny-rm"], device="cpu", batch_size=4, shard_size=4)
     monkeypatch.setattr(RewardModel, "score", original)
-    resumed = score_file(dataset, tmp_path / "out.jsonl", models["tiny-rm"], batch_size=4, shard_size=4)
+    resumed = score_file(dataset, tmp_path / "out.jsonl", models["tiny-rm"], device="cpu", batch_size=4, shard_size=4)
     assert [r.to_dict() for r in resumed] == [r.to_dict() for r in reference]
 
 
@@ -174,14 +179,14 @@ def test_oracle_scoring_matches_oracle_reward(dataset, tmp_path):
 
 def test_reward_model_with_more_than_one_output_is_refused(models):
     with pytest.raises(ValueError, match="has 3 outputs.*exactly one logit"):
-        RewardModel(models["tiny-rm3"])
+        RewardModel(models["tiny-rm3"], device="cpu")
 
 
 def test_vllm_requested_but_missing(models, dataset, tmp_path):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")
     with pytest.raises(ImportError, match="backend 'vllm' was requested but vllm is not installed"):
-        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], backend="vllm")
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", backend="vllm")
 
 
 def test_bad_sampling_and_n(models, dataset, tmp_path):
@@ -190,9 +195,9 @@ def test_bad_sampling_and_n(models, dataset, tmp_path):
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=1.5)
     with pytest.raises(ValueError, match="n must be"):
-        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], n=0)
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", n=0)
     with pytest.raises(ValueError, match="unknown backend"):
-        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], backend="onnx")
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", backend="onnx")
 
 
 def test_chat_template_is_used_when_present(models):
@@ -208,7 +213,8 @@ def test_chat_template_is_used_when_present(models):
 def test_cli_augment_then_score(models, dataset, tmp_path):
     aug, scored = tmp_path / "aug.jsonl", tmp_path / "scored.jsonl"
     assert run_data_cli(["augment", str(dataset), "--out", str(aug), "--model", models["tiny-lm"], "--n", "1",
-                         "--max-new-tokens", "4", "--shard-size", "4"]) == 0
-    assert run_data_cli(["score", str(aug), "--out", str(scored), "--model", models["tiny-rm"]]) == 0
+                         "--max-new-tokens", "4", "--shard-size", "4", "--device", "cpu"]) == 0
+    assert run_data_cli(["score", str(aug), "--out", str(scored), "--model", models["tiny-rm"],
+                         "--device", "cpu"]) == 0
     records = read_records(scored)
     assert len(records) == 10 and all(r.num_responses == 3 and r.has_scores for r in records)

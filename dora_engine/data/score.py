@@ -5,7 +5,8 @@ the score; any other head size is refused). Its input is (prompt, response) thro
 chat template when it has one (the response as the assistant turn), otherwise the tokenizer's text
 pair encoding of (prompt text, response). Sequences longer than ``max_length`` tokens are truncated
 (prompt first). With ``keep_existing`` responses that already have a score keep it and are not
-scored. Scoring is deterministic; ``score_file`` is sharded and resumable like ``augment_file``.
+scored; a record that gets fresh scores loses its ``meta.corrupted`` mark (see ``corrupt``).
+Scoring is deterministic; ``score_file`` is sharded and resumable like ``augment_file``.
 
 ``model = ORACLE`` (``"synth:oracle"``) scores with the synthetic dataset's known reward
 ``dora_engine.data.synth.oracle_reward`` instead of a network (e.g. responses added by ``augment``
@@ -102,12 +103,15 @@ def _score_shard(records: Sequence[Record], scorer: Scorer, keep_existing: bool)
             if not (keep_existing and r.score is not None)]
     values = scorer([(records[i].prompt, records[i].responses[k].text) for i, k in todo])
     new_scores = dict(zip(todo, values, strict=True))
-    return [
-        Record(rec.id, rec.prompt,
-               [Response(r.text, r.source, new_scores.get((i, k), r.score)) for k, r in enumerate(rec.responses)],
-               rec.h_tilde, dict(rec.meta))
-        for i, rec in enumerate(records)
-    ]
+    rescored = {i for i, _ in todo}
+    out = []
+    for i, rec in enumerate(records):
+        responses = [Response(r.text, r.source, new_scores.get((i, k), r.score)) for k, r in enumerate(rec.responses)]
+        meta = dict(rec.meta)
+        if i in rescored and meta.get("corrupted"):
+            meta["corrupted"] = False  # fresh scores replace the permuted ones
+        out.append(Record(rec.id, rec.prompt, responses, rec.h_tilde, meta))
+    return out
 
 
 def score_records(
