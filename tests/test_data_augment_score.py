@@ -143,6 +143,15 @@ def test_score_fills_every_score_with_the_reward_logit(models, dataset, tmp_path
     assert [r.meta["corrupted"] for r in marked] == [False, True]
 
 
+def test_score_truncates_from_the_left(models):
+    rm = RewardModel(models["tiny-rm"], max_length=8, device="cpu")
+    long_prompt = "How do I make tea? " + "Boil fresh water. " * 20
+    enc = rm._encode([(long_prompt, "pour the tea")])
+    assert enc["input_ids"].shape[1] == 8
+    assert rm.tokenizer.decode(enc["input_ids"][0]).endswith("pour the tea")
+    assert len(rm.score([(long_prompt, "pour the tea " * 30)])) == 1
+
+
 def test_score_resume_after_kill_equals_uninterrupted(models, dataset, tmp_path, monkeypatch):
     reference = score_file(dataset, tmp_path / "ref.jsonl", models["tiny-rm"], device="cpu", batch_size=4, shard_size=4)
     original = RewardModel.score

@@ -146,7 +146,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     scorer.add_argument("--model", help="path or name of an AutoModelForSequenceClassification with one output")
     scorer.add_argument("--oracle", action="store_true", help="score with the synth dataset's oracle_reward")
     score.add_argument("--batch-size", type=int, default=16, help="responses per forward pass")
-    score.add_argument("--max-length", type=int, default=1024, help="truncate (prompt first) beyond this")
+    score.add_argument("--max-length", type=int, default=1024, help="truncate longer inputs from the left")
     score.add_argument("--keep-existing", action="store_true", help="keep scores that are already present")
     _add_resume_options(score)
     score.set_defaults(func=_cmd_score)

@@ -4,9 +4,10 @@ The reward model is an ``AutoModelForSequenceClassification`` with exactly one o
 the score; any other head size is refused). Its input is (prompt, response) through the tokenizer's
 chat template when it has one (the response as the assistant turn), otherwise the tokenizer's text
 pair encoding of (prompt text, response). Sequences longer than ``max_length`` tokens are truncated
-(prompt first). With ``keep_existing`` responses that already have a score keep it and are not
-scored; a record that gets fresh scores loses its ``meta.corrupted`` mark (see ``corrupt``).
-Scoring is deterministic; ``score_file`` is sharded and resumable like ``augment_file``.
+from the left, so that the response's end is always seen. With ``keep_existing`` responses that
+already have a score keep it and are not scored; a record that gets fresh scores loses its
+``meta.corrupted`` mark (see ``corrupt``). Scoring is deterministic; ``score_file`` is sharded and
+resumable like ``augment_file``.
 
 ``model = ORACLE`` (``"synth:oracle"``) scores with the synthetic dataset's known reward
 ``dora_engine.data.synth.oracle_reward`` instead of a network (e.g. responses added by ``augment``
@@ -51,6 +52,7 @@ class RewardModel:
             )
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.truncation_side = "left"
         if self.model.config.pad_token_id is None:  # decoder-based classifiers find the last token by padding
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.model.to(self.device).eval()
@@ -71,7 +73,7 @@ class RewardModel:
                                   max_length=self.max_length, add_special_tokens=False)
         prompts = [p if isinstance(p, str) else "\n".join(f"{m['role']}: {m['content']}" for m in p) for p, _ in pairs]
         return self.tokenizer(prompts, [r for _, r in pairs], return_tensors="pt", padding=True,
-                              truncation="only_first", max_length=self.max_length)
+                              truncation=True, max_length=self.max_length)
 
     def score(self, pairs: Sequence[tuple[Prompt, str]]) -> list[float]:
         import torch
