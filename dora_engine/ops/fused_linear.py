@@ -216,7 +216,8 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         param_scale = _common_ratio(grad_final, grad_seen)
         if need_hidden:
             sizes = torch.tensor([n for n, _, _ in chunk_refs], device=hidden.device)
-            per_chunk = torch.stack([grad_final[top] / then for _, top, then in chunk_refs])
+            # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
+            per_chunk = torch.stack([torch.where(then > 0, grad_final[top] / then, 0.0) for _, top, then in chunk_refs])
             grad_hidden.view(B, -1).mul_(per_chunk.repeat_interleave(sizes)[:, None])
     stats = DoRAOutput(loss, ell, S, L, weights)
     return stats, (grad_hidden, grad_weight, grad_bias), param_scale

@@ -1,0 +1,187 @@
+"""Fused-linear DoRA loss (DESIGN.md section 5) against the reference logits path: values, gradients, memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dora_engine.losses import LOSSES, STRATEGIES
+from dora_engine.ops import reference
+from dora_engine.ops.builder import OpLoadError, load_ops
+from dora_engine.ops.fused_linear import dora_loss_linear, sequence_logprobs_linear
+
+try:
+    load_ops()
+except OpLoadError as err:  # pragma: no cover - depends on the machine's compiler
+    pytest.skip(f"the extension does not build here: {err}", allow_module_level=True)
+
+MODES = ("single_pass", "recompute")
+
+
+def make_problem(B: int, K: int, T: int, H: int, V: int, dtype: torch.dtype, seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    N = B * K
+    hidden = torch.randn(N, T, H, generator=g).to(dtype).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(dtype).requires_grad_(True)
+    b = torch.randn(V, generator=g).to(dtype).requires_grad_(True) if bias else None
+    labels = torch.randint(0, V, (N, T), generator=g)
+    labels[:, : T // 3] = -100  # prompt tokens
+    labels[1, -1] = -100  # padding
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    loss_kwargs = {
+        "num_responses": K,
+        "scores": torch.randn(B, K, generator=g).to(acc),
+        "h_tilde": (torch.rand(B, generator=g) + 0.5).to(acc),
+        "ref_logps": (3 * torch.randn(N, generator=g)).to(acc),
+    }
+    return hidden, weight, b, labels, loss_kwargs
+
+
+def run(fn, hidden, weight, bias, labels, grad_scale: float = 1.7, **kwargs):
+    out = fn(hidden, weight, labels, bias=bias, **kwargs)
+    params = [t for t in (hidden, weight, bias) if t is not None]
+    grads = torch.autograd.grad(out.loss * grad_scale, params)
+    return out, grads
+
+
+def assert_same(out, grads, expected_out, expected_grads, rtol: float, atol: float):
+    for field in out._fields:
+        torch.testing.assert_close(getattr(out, field), getattr(expected_out, field), rtol=rtol, atol=atol)
+    for got, want in zip(grads, expected_grads, strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol * want.abs().max().item())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_every_loss_and_strategy_matches_the_logits_path(mode):
+    # float64 and 5 prompts in chunks of 2 (the last chunk is smaller): exact up to rounding.
+    hidden, weight, bias, labels, kw = make_problem(B=5, K=3, T=6, H=8, V=13, dtype=torch.float64)
+    chunk_bytes = 2 * 3 * 6 * 13 * 8 if mode == "single_pass" else 7 * 13 * 8
+    for loss in LOSSES:
+        for strategy in STRATEGIES:
+            args = {**kw, "loss": loss, "strategy": strategy, "lam": 0.7}
+            want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+            got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, chunk_bytes=chunk_bytes, **args)
+            assert_same(*got, *want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("B", "K", "prompts_per_chunk"), [(4, 2, 2), (3, 5, 2), (2, 8, 1), (3, 4, 10)])
+def test_dtypes_chunkings_and_group_sizes(mode, dtype, B, K, prompts_per_chunk):
+    T, H, V = 7, 16, 50
+    hidden, weight, bias, labels, kw = make_problem(B, K, T, H, V, dtype, seed=B * K)
+    chunk_bytes = prompts_per_chunk * K * T * V * hidden.element_size()
+    if mode == "recompute":
+        chunk_bytes //= 3 * K  # chunks end inside sequences
+    args = {**kw, "loss": "dpo_pl", "strategy": "dora", "lam": 0.3}
+    want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+    got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, chunk_bytes=chunk_bytes, **args)
+    tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    assert_same(*got, *want, *tol)
+
+
+def test_bf16_weight_gradient_accumulates_in_fp32():
+    # Many chunks each adding a small contribution: bf16 accumulation would drift, fp32 does not.
+    hidden, weight, bias, labels, kw = make_problem(B=16, K=2, T=4, H=8, V=32, dtype=torch.bfloat16)
+    exact = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
+    args = {**kw, "loss": "simpo", "strategy": "erm"}
+    _, want = run(reference.dora_loss_linear, *exact, labels, **{k: v.double() if torch.is_tensor(v) else v
+                                                                  for k, v in args.items()})
+    _, got = run(dora_loss_linear, hidden, weight, bias, labels, chunk_bytes=1, **args)
+    rel = (got[1].double() - want[1]).norm() / want[1].norm()
+    assert rel < 1e-2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_bias_and_without_grad(mode):
+    hidden, weight, _, labels, kw = make_problem(B=3, K=2, T=5, H=8, V=20, dtype=torch.float32, bias=False)
+    want = run(reference.dora_loss_linear, hidden, weight, None, labels, **kw)
+    got = run(dora_loss_linear, hidden, weight, None, labels, mode=mode, chunk_bytes=1, **kw)
+    assert_same(*got, *want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        out = dora_loss_linear(hidden, weight, labels, mode=mode, **kw)
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, want[0].loss)
+
+
+def test_global_reduction_of_a_skewed_batch_stays_finite():
+    # λ small and ℓ spread widely: later chunks dominate, earlier chunks' weights underflow to 0.
+    hidden, weight, bias, labels, kw = make_problem(B=6, K=2, T=5, H=8, V=20, dtype=torch.float32)
+    with torch.no_grad():
+        hidden[::4] *= 30
+    args = {**kw, "loss": "ipo", "strategy": "dora", "lam": 1e-3}
+    want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+    got = run(dora_loss_linear, hidden, weight, bias, labels, chunk_bytes=1, **args)
+    assert all(torch.isfinite(g).all() for g in got[1])
+    assert_same(*got, *want, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_logprobs_linear_matches_reference():
+    hidden, weight, bias, labels, _ = make_problem(B=3, K=2, T=6, H=8, V=17, dtype=torch.float32)
+    labels[4] = -100  # a row with no valid token: S = L = 0
+    weights = torch.arange(6, dtype=torch.float32)
+    results = []
+    for fn, extra in ((reference.sequence_logprobs_linear, {}), (sequence_logprobs_linear, {"chunk_bytes": 1})):
+        S, L = fn(hidden, weight, labels, bias=bias, **extra)
+        results.append((S, L, torch.autograd.grad((S * weights).sum(), (hidden, weight, bias))))
+    (S, L, grads), (S_ref, L_ref, grads_ref) = results[1], results[0]
+    torch.testing.assert_close(S, S_ref)
+    torch.testing.assert_close(L, L_ref)
+    assert S[4] == 0 and L[4] == 0
+    for got, want in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input_is_named():
+    hidden, weight, bias, labels, kw = make_problem(B=2, K=2, T=4, H=8, V=10, dtype=torch.float32)
+    with pytest.raises(ValueError, match="mode"):
+        dora_loss_linear(hidden, weight, labels, mode="twice", **kw)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        dora_loss_linear(hidden, weight, labels, chunk_bytes=0, **kw)
+    for fn in (reference.dora_loss_linear, dora_loss_linear):
+        with pytest.raises(ValueError, match=r"weight must have shape \(V, H\)"):
+            fn(hidden, weight[:, :4], labels, **kw)
+        bad = labels.clone()
+        bad[3] = -100
+        with pytest.raises(ValueError, match="response row 3 .prompt 1, response 1. has no valid label token"):
+            fn(hidden, weight, bad, **kw)
+        bad[3, 0] = 10
+        with pytest.raises(ValueError, match=r"labels\[3, 0\] = 10 is outside \[0, 10\)"):
+            fn(hidden, weight, bad, **kw)
+
+
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from dora_engine.ops.builder import load_ops
+    from dora_engine.ops.fused_linear import dora_loss_linear
+    load_ops()
+    mode, B, K, T, H, V = sys.argv[1], 8, 2, 50, 16, 125_000
+    torch.manual_seed(0)
+    hidden = torch.randn(B * K, T, H, requires_grad=True)
+    weight = torch.randn(V, H, requires_grad=True)
+    labels = torch.randint(0, V, (B * K, T))
+    kw = dict(num_responses=K, scores=torch.randn(B, K), h_tilde=torch.rand(B) + 0.5, ref_logps=torch.randn(B * K))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = dora_loss_linear(hidden, weight, labels, mode=mode, chunk_bytes=10 << 20, **kw)
+    out.loss.backward()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"extra_bytes": (after - before) * 1024, "logits_bytes": B * K * T * V * 4}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_full_logits_allocation(mode):
+    # N·T·V·4 = 400 MB of logits; a chunk is one prompt (50 MB) or 20 tokens (10 MB).
+    proc = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, mode], capture_output=True, text=True, timeout=120, check=True
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["extra_bytes"] < 0.25 * result["logits_bytes"], result
