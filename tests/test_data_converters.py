@@ -132,6 +132,7 @@ def test_read_rows_json_list_and_jsonl(tmp_path):
         (from_trl, {"id": 7, "prompt": 3, "chosen": "c", "rejected": "r"}, r"row 0 \(id=7\): field 'prompt' must"),
         (from_trl, {"chosen": "c", "rejected": "r"}, "field 'prompt' is missing"),
         (from_trl, {"prompt": "p", "chosen": [{"role": "user", "content": "x"}], "rejected": "r"}, r"chosen\[-1\]"),
+        (from_trl, {"prompt": " ", "chosen": "c", "rejected": "r"}, r"record 0 \(id='trl-000000'\): field 'prompt'"),
         (from_hh_rlhf, {"chosen": "hello", "rejected": "world"}, "share no prefix"),
         (from_authors, {"query": "q", "responses": ["a", "b"], "scores": [1.0], "probs": [0.1, 0.2]},
          r"field 'scores' must have one entry per response \(2\), got 1"),
@@ -139,11 +140,19 @@ def test_read_rows_json_list_and_jsonl(tmp_path):
          r"probs\[1\]"),
         (from_authors, {"query": "q", "responses": ["a", 2], "scores": [1, 0], "probs": [0.1, 0.5]},
          r"responses\[1\]"),
+        (from_authors, {"query": "q", "responses": ["a", "b"], "scores": [1, float("nan")], "probs": [0.1, 0.5]},
+         r"responses\[1\]\.score' must be a finite number"),
     ],
 )
 def test_bad_rows_name_the_row_and_field(converter, row, match):
     with pytest.raises(RecordError, match=match):
         converter([row])
+
+
+def test_duplicate_ids_are_refused():
+    row = {"id": "same", "prompt": "p", "chosen": "c", "rejected": "r"}
+    with pytest.raises(RecordError, match=r"record 1 \(id='same'\): duplicate id"):
+        from_trl([row, row])
 
 
 def test_alpaca_bad_input():

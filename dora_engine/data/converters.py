@@ -91,7 +91,14 @@ def _check_messages(messages: list, where: str, name: str) -> list[dict[str, str
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _keep(records: list[Record], drop_empty: bool, fmt: str) -> list[Record]:
+def _finish(records: list[Record], drop_empty: bool, fmt: str) -> list[Record]:
+    """Validate the converted records against the schema (unique ids included); drop empty-response ones."""
+    seen: set[str] = set()
+    for n, rec in enumerate(records):
+        Record.from_dict(rec.to_dict(), index=n)
+        if rec.id in seen:
+            raise RecordError(f"{fmt}: record {n} (id={rec.id!r}): duplicate id")
+        seen.add(rec.id)
     if not drop_empty:
         return records
     kept, dropped = [], []
@@ -149,7 +156,7 @@ def from_trl(rows: Iterable[Any], id_prefix: str = "trl", drop_empty: bool = Tru
             Response(rejected, "rejected", _score(row, "score_rejected", 0.0, where)),
         ]
         records.append(Record(_row_id(i, row, id_prefix), prompt, responses))
-    return _keep(records, drop_empty, "trl")
+    return _finish(records, drop_empty, "trl")
 
 
 def _with_leading(prompt: Prompt, leading: list[dict[str, str]]) -> Prompt:
@@ -193,7 +200,7 @@ def from_hh_rlhf(rows: Iterable[Any], id_prefix: str = "hh", drop_empty: bool = 
                 raise RecordError(f"{where}: field {name!r} continues past its final assistant turn")
         responses = [Response(answers[0], "chosen", 1.0), Response(answers[1], "rejected", 0.0)]
         records.append(Record(_row_id(i, row, id_prefix), prompt, responses))
-    return _keep(records, drop_empty, "hh")
+    return _finish(records, drop_empty, "hh")
 
 
 def from_alpaca_eval(
@@ -225,7 +232,7 @@ def from_alpaca_eval(
                meta={"target": target})
         for ins in common
     ]
-    return _keep(records, drop_empty, "alpaca")
+    return _finish(records, drop_empty, "alpaca")
 
 
 def from_authors(rows: Iterable[Any], id_prefix: str = "dora", drop_empty: bool = True) -> list[Record]:
@@ -255,7 +262,7 @@ def from_authors(rows: Iterable[Any], id_prefix: str = "dora", drop_empty: bool 
         prompt = _check_messages(query, where, "query") if isinstance(query, list) else query
         responses = [Response(t, s, float(v)) for t, s, v in zip(texts, sources, scores, strict=True)]
         records.append(Record(_row_id(i, row, id_prefix), prompt, responses, h_tilde=float(h_tilde(probs))))
-    return _keep(records, drop_empty, "authors")
+    return _finish(records, drop_empty, "authors")
 
 
 def _check_items(values: list, kinds: type | tuple[type, ...], where: str, name: str) -> None:
