@@ -141,8 +141,11 @@ class VLLMGenerator:
                                       repetition_penalty=s.repetition_penalty, max_tokens=s.max_new_tokens, seed=seed)
             for seed in seeds
         ]
-        texts = [render_prompt(self.tokenizer, p)[0] for p in prompts]
-        results = self.llm.generate(texts, params, use_tqdm=False)
+        inputs = []
+        for prompt in prompts:  # token ids, so that a templated prompt does not get a second BOS
+            text, templated = render_prompt(self.tokenizer, prompt)
+            inputs.append({"prompt_token_ids": self.tokenizer(text, add_special_tokens=not templated)["input_ids"]})
+        results = self.llm.generate(inputs, params, use_tqdm=False)
         return [[o.text.strip() for o in r.outputs] for r in results]
 
 
