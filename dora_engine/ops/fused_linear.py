@@ -193,6 +193,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         S[rows], L[rows], lse = ops.seq_logprobs_fwd(logits, labels, p.ignore_index)
         ell[p0:p1], dell_dS = _prompt_loss(ops, S, L, p, slice(p0, p1))
         if not need_any:
+            del logits
             continue
         _, _, grad_now = _robust_reduce(ops, ell[:p1], p.h_tilde[:p1], p, global_batch=False)
         rescale = 1.0 if grad_seen is None else _common_ratio(grad_now[:p0], grad_seen)
@@ -209,6 +210,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if need_bias:
             grad_bias.mul_(rescale).add_(dz.sum(dim=0, dtype=acc))
         grad_seen = grad_now
+        del logits, dz  # free this chunk before the next one is allocated
 
     loss, weights, grad_final = _robust_reduce(ops, ell, p.h_tilde, p, global_batch=True)
     param_scale = 0.0
@@ -269,6 +271,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
             # Each token is its own length-1 row, so a chunk may end anywhere inside a sequence.
             logits = F.linear(x[t0:t1], weight, bias).unsqueeze(1)
             token_lp[t0:t1], _, lse[t0:t1] = ops.seq_logprobs_fwd(logits, y[t0:t1], ignore_index)
+            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index, ctx.tokens_per_chunk = ignore_index, tokens_per_chunk
         L = (labels != ignore_index).sum(dim=1).to(acc)
@@ -298,6 +301,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
                 _accumulate_weight_grad(grad_weight, dz, x[t0:t1], 1.0)
             if need_bias:
                 grad_bias.add_(dz.sum(dim=0, dtype=acc))
+            del logits, dz
         return (
             None if grad_hidden is None else grad_hidden.view(N, T, H),
             None if grad_weight is None else grad_weight.to(weight.dtype),
