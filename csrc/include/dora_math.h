@@ -146,16 +146,13 @@ DORA_HD T loss_pairwise(int code, const T* prm, const Prompt<T>& p, int c, int r
     }
     default: {  // kExo: Σ_i p_i (log p_i − log t_i), p = softmax(β ρ_c, β ρ_r), t = (1 − ε, ε)
       const T eps = prm[1];
-      const T uc = beta * p.rho(c), ur = beta * p.rho(r);
-      const T m = uc > ur ? uc : ur;
-      const T lse = m + log_(exp_(uc - m) + exp_(ur - m));
-      const T lpc = uc - lse, lpr = ur - lse, pc = exp_(lpc), pr = exp_(lpr);
-      const T ac = lpc - log1p_(-eps), ar = lpr - log_(eps);
-      ell = pc * ac + pr * ar;
-      // ∂ℓ/∂u_i = p_i (a_i − ℓ)
-      grad[c] += beta * pc * (ac - ell);
-      grad[r] += beta * pr * (ar - ell);
-      return ell;
+      const T u = beta * h;  // u_c − u_r
+      const T lpc = log_sigmoid(u), lpr = log_sigmoid(-u), pc = sigmoid(u), pr = sigmoid(-u);
+      const T log_tc = log1p_(-eps), log_tr = log_(eps);
+      ell = pc * (lpc - log_tc) + pr * (lpr - log_tr);
+      // ∂ℓ/∂u_c = p_c (a_c − ℓ) = p_c p_r (a_c − a_r) with a_c − a_r = u − log(t_c / t_r): no cancellation
+      dh = beta * pc * pr * (u - (log_tc - log_tr));
+      break;
     }
   }
   grad[c] += dh;

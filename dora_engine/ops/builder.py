@@ -75,7 +75,7 @@ class OpBuilder:
 
     def cxx_flags(self, *, native: bool) -> list[str]:
         """Host flags; ``native`` tunes for this CPU (the just-in-time build, never a shipped binary)."""
-        flags = ["-O3", "-std=c++17", "-fopenmp-simd"]
+        flags = ["-O3", "-fopenmp-simd"]
         if native:
             flags.append("-march=native")
         if self.with_cuda:
@@ -83,7 +83,7 @@ class OpBuilder:
         return flags
 
     def nvcc_flags(self) -> list[str]:
-        return ["-O3", "-std=c++17", "-DDORA_WITH_CUDA", *self.cuda_arch_flags()]
+        return ["-O3", "-DDORA_WITH_CUDA", *self.cuda_arch_flags()]
 
     @staticmethod
     def cuda_archs() -> list[str]:
@@ -91,7 +91,8 @@ class OpBuilder:
         listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";")
         archs = [a for a in listed.split(";") if a]
         if not archs and torch.cuda.is_available():
-            archs = sorted({"{}.{}".format(*torch.cuda.get_device_capability(i)) for i in range(torch.cuda.device_count())})
+            capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            archs = [f"{major}.{minor}" for major, minor in sorted(capabilities)]
         if not archs:
             raise OpLoadError("no CUDA architecture to build for: set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0') or "
                               "make a GPU visible")
