@@ -227,3 +227,36 @@ def test_cli_augment_then_score(models, dataset, tmp_path):
                          "--device", "cpu"]) == 0
     records = read_records(scored)
     assert len(records) == 10 and all(r.num_responses == 3 and r.has_scores for r in records)
+
+
+def test_augment_survives_sigkill_and_resumes_exactly(models, tmp_path):
+    """A real kill (SIGKILL of the CLI process) mid-run, then a resume, equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    dataset = tmp_path / "in.jsonl"
+    write_records(dataset, synth_records(16, k=2, seed=1))
+    argv = [str(dataset), "--out", str(tmp_path / "out.jsonl"), "--model", models["tiny-lm"], "--n", "2",
+            "--max-new-tokens", "16", "--batch-size", "2", "--shard-size", "2", "--device", "cpu"]
+    tests_dir = Path(__file__).resolve().parent
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from data_cli import run_data_cli; "
+            "sys.exit(run_data_cli(['augment', *sys.argv[3:]]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tests_dir), str(tests_dir.parent), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    shards = tmp_path / ".out.jsonl.shards"
+    deadline = time.monotonic() + 120
+    while not list(shards.glob("shard-*.jsonl")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out.jsonl").exists(), "the run finished before it could be killed"
+    finished = len(list(shards.glob("shard-*.jsonl")))
+    assert 1 <= finished < 8
+    assert run_data_cli(["augment", *argv]) == 0
+    reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], device="cpu", n=2,
+                             sampling=Sampling(max_new_tokens=16), batch_size=2, shard_size=2)
+    assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in reference]
