@@ -69,3 +69,17 @@ def test_cli_corrupt_writes_atomically(tmp_path):
     out = read_records(tmp_path / "out.jsonl")
     assert [r.to_dict() for r in out] == [r.to_dict() for r in corrupt_records(_records(100, 2), 0.5, seed=3)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    from dora_engine.data.schema import write_records
+
+    unscored = [Record("x", "p", [Response("a", "s"), Response("b", "s")])]
+    write_records(tmp_path / "in.jsonl", unscored)
+    assert run_data_cli(["corrupt", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                         "--rate", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dora-engine data corrupt: error: record 0 (id='x')") and err.count("\n") == 1
+    assert run_data_cli(["corrupt", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+                         "--rate", "0.5"]) == 2
+    assert not (tmp_path / "o.jsonl").exists()
