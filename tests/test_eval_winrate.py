@@ -93,3 +93,29 @@ def test_reward_judge_verdicts_and_tie_tolerance():
                    Comparison("3", "p", "abc", "abd"), Comparison("4", "p", "abcd", "abc")]
     assert RewardJudge(_LengthScorer()).judge(comparisons) == ["win", "lose", "tie", "win"]
     assert RewardJudge(_LengthScorer(), tie_tolerance=1.0).judge(comparisons) == ["win", "lose", "tie", "tie"]
+
+
+def test_cli_with_the_oracle_judge(tmp_path):
+    import argparse
+    import json
+
+    from dora_engine.data.schema import write_records
+    from dora_engine.data.synth import synth_records
+    from dora_engine.eval import commands
+    from dora_engine.eval.generate import write_generations
+
+    records = synth_records(12, k=3, seed=4)
+    golden = {r.id: next(x.text for x in r.responses if x.source == "golden") for r in records}
+    outputs = [golden[r.id] if i < 4 else "" for i, r in enumerate(records)]  # 4 ties, then empty answers
+    write_records(tmp_path / "data.jsonl", records)
+    write_generations(tmp_path / "gen.jsonl", [Generation(r.id, r.prompt_text(), o, "m")
+                                               for r, o in zip(records, outputs, strict=True)])
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["eval", "winrate", "--generations", str(tmp_path / "gen.jsonl"), "--data",
+                              str(tmp_path / "data.jsonl"), "--output", str(tmp_path / "report.json")])
+    assert args.func(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert (report["ties"], report["losses"], report["wins"]) == (4, 8, 0)
+    assert report["win_rate_ties_half"] == pytest.approx(2 / 12)
+    assert report["verdicts"][records[0].id] == "tie" and report["judge"] == "oracle"
