@@ -176,7 +176,7 @@ template <typename T>
 DORA_HD T loss_dpo_pl(const T* prm, const Prompt<T>& p, const int* order, T* grad) {
   const int K = p.K;
   const T beta = prm[0];
-  T u[kMaxResponses], suffix[kMaxResponses];
+  T u[kMaxResponses] = {}, suffix[kMaxResponses] = {};
   for (int k = 0; k < K; ++k) u[k] = beta * p.rho(order[k]);
   suffix[K - 1] = u[K - 1];
   for (int k = K - 2; k >= 0; --k) {
@@ -236,7 +236,7 @@ DORA_HD T loss_lire(const T* prm, const Prompt<T>& p, T* grad) {
   const int K = p.K;
   const T temperature = prm[0];
   const bool zscore = prm[1] > T(0.5);
-  T R[kMaxResponses], P[kMaxResponses];
+  T R[kMaxResponses] = {}, P[kMaxResponses] = {};
   if (zscore) {
     T mean = T(0);
     for (int k = 0; k < K; ++k) mean += p.scores[k];
@@ -261,7 +261,7 @@ DORA_HD T loss_lire(const T* prm, const Prompt<T>& p, T* grad) {
 // ℓ_b of loss `code` for one prompt; writes ∂ℓ_b/∂S_k into grad[0..K).
 template <typename T>
 DORA_HD T prompt_loss(int code, const T* prm, const Prompt<T>& p, T* grad) {
-  int order[kMaxResponses];
+  int order[kMaxResponses] = {};
   score_order(p.K, p.scores, order);
   for (int k = 0; k < p.K; ++k) grad[k] = T(0);
   const int best = order[0], worst = order[p.K - 1];
