@@ -98,3 +98,28 @@ def test_cli_rejects_out_of_range_confidence(tmp_path):
     path.write_text(json.dumps({"instruction": "p", "output": "y", "confidence": 1.5, "reward": 1.0}) + "\n")
     with pytest.raises(RecordError, match="line 1: field 'confidence' must lie in"):
         _run(["eval", "calibration", "--model", f"m={path}", "--output-dir", str(tmp_path)])
+
+
+def test_cli_scores_with_a_classifier_and_the_oracle(tmp_path):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from dora_engine.data.synth import build_synth_tokenizer, synth_records
+
+    classifier = tmp_path / "classifier"
+    tokenizer = build_synth_tokenizer(classifier)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        pad_token_id=tokenizer.pad_token_id, num_labels=2,
+    )).save_pretrained(classifier)
+    records = synth_records(6, k=2, seed=0)
+    for model in ("policy", "baseline"):
+        rows = [{"instruction": r.prompt_text(), "output": r.responses[model == "policy"].text} for r in records]
+        (tmp_path / f"{model}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    assert _run(["eval", "calibration", "--model", f"policy={tmp_path / 'policy.jsonl'}", "--model",
+                 f"baseline={tmp_path / 'baseline.jsonl'}", "--reward", "oracle", "--classifier", str(classifier),
+                 "--device", "cpu", "--max-length", "64", "--output-dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "calibration_report.json").read_text())
+    assert report["reward"] == "oracle" and report["confidence"] == str(classifier)
+    assert {name: fit["n"] for name, fit in report["fits"].items()} == {"policy": 6, "baseline": 6}
