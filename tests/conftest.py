@@ -1,0 +1,19 @@
+"""Test-suite policy: `gpu` tests skip without CUDA; `slow` tests run only with RUN_SLOW=1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
+    run_slow = os.environ.get("RUN_SLOW") == "1"
+    for item in items:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
