@@ -9,9 +9,10 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dora_engine.losses import LOSSES, STRATEGIES
-from dora_engine.ops import reference
+from dora_engine.ops import fused, reference
 from dora_engine.ops.builder import OpLoadError, load_ops
 from dora_engine.ops.fused_linear import dora_loss_linear, sequence_logprobs_linear
 
@@ -49,6 +50,11 @@ def run(fn, hidden, weight, bias, labels, grad_scale: float = 1.7, **kwargs):
     return out, grads
 
 
+def fused_logits_path(hidden, weight, labels, *, bias, **kwargs):
+    """hidden @ Wᵀ + b materialised, then the fused op writing its gradient over the logits."""
+    return fused.dora_loss(F.linear(hidden, weight, bias), labels, inplace_backward=True, **kwargs)
+
+
 def assert_same(out, grads, expected_out, expected_grads, rtol: float, atol: float):
     for field in out._fields:
         torch.testing.assert_close(getattr(out, field), getattr(expected_out, field), rtol=rtol, atol=atol)
@@ -66,8 +72,10 @@ def test_every_loss_and_strategy_matches_the_logits_path(mode):
         for strategy in STRATEGIES:
             args = {**kw, "loss": loss, "strategy": strategy, "lam": 0.7}
             want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+            logits_path = run(fused_logits_path, hidden, weight, bias, labels, **args)
             got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, chunk_bytes=chunk_bytes, **args)
             assert_same(*got, *want, rtol=1e-9, atol=1e-10)
+            assert_same(*got, *logits_path, rtol=1e-9, atol=1e-10)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -122,25 +122,6 @@ def _robust_reduce(ops: Any, ell: torch.Tensor, h: torch.Tensor, p: _LossInputs,
     return loss, weights[mine], grad[mine] * world
 
 
-class _RobustLossFromSequences(torch.autograd.Function):
-    """loss = strategy(ℓ(S)) with backward gS[n] = ∂L/∂ℓ_b · ∂ℓ_b/∂S_n, both from the stage kernels."""
-
-    @staticmethod
-    def forward(ctx, S: torch.Tensor, L: torch.Tensor, p: _LossInputs):
-        ops = _kernels()
-        B = p.config.num_prompts
-        ell, dell_dS = _prompt_loss(ops, S, L, p, slice(0, B))
-        loss, weights, grad_ell = _robust_reduce(ops, ell, p.h_tilde, p, global_batch=True)
-        ctx.save_for_backward(grad_ell.repeat_interleave(p.config.num_responses) * dell_dS)
-        ctx.mark_non_differentiable(ell, weights)
-        return loss, ell, weights
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, *_unused):
-        (coefficient,) = ctx.saved_tensors
-        return coefficient * grad_loss, None, None
-
-
 # --------------------------------------------------------------------------------------------------
 # GEMM helpers
 # --------------------------------------------------------------------------------------------------
@@ -391,6 +372,10 @@ def dora_loss_linear(
     hidden = hidden.contiguous()
     if mode == "single_pass":
         return DoRAOutput(*_SinglePassLoss.apply(hidden, weight, bias, inputs))
+    from dora_engine.ops.fused import robust_loss_from_sequences  # imported late: fused re-exports this module
+
     S, L = _LinearSequenceLogprobs.apply(hidden, weight, bias, labels, ignore_index, inputs.chunk_bytes)
-    total, ell, weights = _RobustLossFromSequences.apply(S, L.detach(), inputs)
-    return DoRAOutput(total, ell, S.detach(), L, weights)
+    return robust_loss_from_sequences(
+        S, L, config=config, scores=inputs.scores, h_tilde=inputs.h_tilde, ref_logps=inputs.ref_logps,
+        process_group=process_group,
+    )
