@@ -21,6 +21,7 @@ from dora_engine.atomic import atomic_write
 POINTER = "latest_complete"
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
+CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
 
 
 def tag_for(step: int) -> str:
@@ -54,7 +55,7 @@ class CheckpointManager:
         state = {**client_state, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state=state, save_latest=False)
+        engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
         _barrier()
         if self.writer:
             with atomic_write(self.directory / tag / META) as handle:
@@ -75,9 +76,10 @@ class CheckpointManager:
 
     def load(self, engine: Any, tag: str) -> dict[str, Any]:
         """Restore module, optimizer, scheduler and RNG state; returns the client state."""
-        path, state = engine.load_checkpoint(str(self.directory), tag=tag)
-        if path is None:
+        path, client = engine.load_checkpoint(str(self.directory), tag=tag)
+        if path is None or CLIENT_KEY not in (client or {}):
             raise RuntimeError(f"could not load checkpoint {self.directory / tag}")
+        state = client[CLIENT_KEY]
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng_cuda"])
