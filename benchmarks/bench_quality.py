@@ -253,10 +253,12 @@ class RunResult:
     seconds: float
 
 
-def run_grid(config: BenchConfig, progress) -> tuple[list[RunResult], dict[str, float]]:
+def run_grid(config: BenchConfig, progress) -> tuple[list[RunResult], dict[str, float], dict[str, dict[str, float]]]:
+    """Every run of the grid, the SFT win rate per seed, and the mean h̃ per seed and kind of prompt."""
     tokenizer = build_synth_tokenizer()
     results: list[RunResult] = []
     sft_rates: dict[str, float] = {}
+    h_means: dict[str, dict[str, float]] = {}
     alignment_runs = [(loss, strategy, config.lam) for loss in config.losses for strategy in config.strategies]
     alignment_runs += [(config.lam_curve_loss, "dora", lam) for lam in config.lam_curve
                        if (config.lam_curve_loss, "dora", lam) not in alignment_runs]
@@ -265,6 +267,8 @@ def run_grid(config: BenchConfig, progress) -> tuple[list[RunResult], dict[str, 
         clean = mixture(config, seed, 0.0)
         with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
             h = torch.tensor(fit_h_tilde(clean, tokenizer, config, seed, Path(tmp)), dtype=torch.float32)
+        has_golden = torch.tensor([any(r.source == GOLDEN_SOURCE for r in rec.responses) for rec in clean])
+        h_means[str(seed)] = {"with_golden": h[has_golden].mean().item(), "shifted_only": h[~has_golden].mean().item()}
         sft = tiny_llama(tokenizer, config, seed)
         train_sft(sft, tokenizer, clean, config, seed)
         ref = reference_logps(sft, tokenizer, clean, config)
@@ -280,7 +284,7 @@ def run_grid(config: BenchConfig, progress) -> tuple[list[RunResult], dict[str, 
                 rate = oracle_win_rate(sft, tokenizer, eval_records, config, seed)
                 results.append(RunResult(seed, noise, loss, strategy, lam, rate, time.perf_counter() - start))
                 progress(results[-1])
-    return results, sft_rates
+    return results, sft_rates, h_means
 
 
 # ---------------------------------------------------------------- reporting
@@ -301,12 +305,21 @@ def _select(results: Sequence[RunResult], **match) -> list[float]:
     return [r.win_rate for r in results if all(getattr(r, k) == v for k, v in match.items())]
 
 
-def markdown_tables(config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str, float]) -> str:
+def markdown_tables(
+    config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str, float],
+    h_means: dict[str, dict[str, float]] | None = None,
+) -> str:
     """The main table (loss × noise rows, strategy columns at λ = config.lam) and the λ curve."""
     lines = [
         f"Oracle win rate (%) against the golden responses, ties count half; mean ± std over seeds "
         f"{list(config.seeds)}; λ = {config.lam} for dro and dora. "
         f"SFT starting point: {_cell(list(sft_rates.values()))}.",
+        *([] if not h_means else [
+            "",
+            "Mean h̃ over seeds: prompts with a golden response "
+            f"{statistics.fmean(h['with_golden'] for h in h_means.values()):.3f}, shifted-only prompts "
+            f"{statistics.fmean(h['shifted_only'] for h in h_means.values()):.3f}.",
+        ]),
         "",
         "| loss | label noise | " + " | ".join(config.strategies) + " |",
         "| --- | --- | " + " | ".join("---" for _ in config.strategies) + " |",
@@ -393,13 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             name = f"{run.loss}/{run.strategy}/λ{run.lam:g}/noise{run.noise:g}"
             bar.set_postfix(last=f"{name}: {100 * run.win_rate:.1f}%")
 
-        results, sft_rates = run_grid(config, progress)
+        results, sft_rates, h_means = run_grid(config, progress)
     elapsed = time.perf_counter() - started
     out = Path(args.output_dir)
-    table = markdown_tables(config, results, sft_rates)
+    table = markdown_tables(config, results, sft_rates, h_means)
     with atomic_write(out / "quality_results.json") as handle:
         config_dict = {**asdict(config), "decoding": asdict(config.decoding)}
         json.dump({"config": config_dict, "quick": args.quick, "seconds": elapsed, "sft_win_rate": sft_rates,
+                   "mean_h_tilde": h_means,
                    "runs": [asdict(r) for r in results]}, handle, indent=1)
     with atomic_write(out / "quality.md") as handle:
         handle.write(table)
