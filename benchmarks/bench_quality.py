@@ -362,6 +362,7 @@ def plot(config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str,
     bars.axhline(100 * sft_mean, color="grey", linestyle="--", linewidth=1, label="SFT")
     bars.set_xticks(range(len(groups)), [f"{lo}\nnoise {100 * no:.0f}%" for lo, no in groups])
     bars.set_ylabel("oracle win rate vs golden (%)")
+    bars.set_ylim(bottom=0)
     bars.legend(fontsize=8)
     for noise in config.noises:
         stats = [mean_std(_select(results, loss=config.lam_curve_loss, noise=noise, strategy="dora", lam=lam)
@@ -370,6 +371,8 @@ def plot(config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str,
                        marker="o", capsize=3, label=f"noise {100 * noise:.0f}%")
     curve.set_xscale("log", base=2)
     curve.set_xlabel("λ")
+    curve.set_ylabel("oracle win rate vs golden (%)")
+    curve.set_ylim(bottom=0)
     curve.set_title(f"dora + {config.lam_curve_loss}")
     curve.legend(fontsize=8)
     fig.tight_layout()
