@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed runs per point (default CPU 5, CUDA 10)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default CPU 1, CUDA 3)")
     p.add_argument("--hbm-gbps", type=float, default=None, help="HBM bound in GB/s (default: from the device)")
+    p.add_argument("--time-budget", type=float, default=None,
+                   help="seconds; grid points not started by then are reported as skipped")
     p.add_argument("--out", type=Path, default=Path("runs/bench_op"))
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one CPU point in this process
     args = p.parse_args(argv)
@@ -293,7 +295,11 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     results = []
+    deadline = None if args.time_budget is None else time.monotonic() + args.time_budget
     for point in tqdm(grid, desc="bench_op", unit="point"):
+        if deadline is not None and time.monotonic() > deadline:
+            results.append({**point, "skipped": "time budget"})
+            continue
         results.append(run_point(point, args))
         tqdm.write(json.dumps(results[-1]))
     meta = {
