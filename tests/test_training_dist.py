@@ -85,7 +85,8 @@ def toy(tmp_path_factory) -> dict:
                 "train.micro_batch_prompts=4"], root / "log1")
     assert one == 0, (root / "log1").read_text()[-4000:]
     run2 = root / "run2"
-    args = [CHECK, str(root / "out2"), str(config), f"output_dir={run2}", "checkpoint.every=1"]
+    args = [CHECK, str(root / "out2"), str(config), f"output_dir={run2}", "checkpoint.every=1",
+            f"data.ref_cache_dir={root / 'ref_cache2'}"]
     with open(root / "log2a", "w") as log:
         proc = subprocess.Popen(_deepspeed(*args, "train.max_steps=400"), stdout=log, stderr=subprocess.STDOUT,
                                 env=_env(), start_new_session=True)
@@ -121,6 +122,14 @@ def test_sigterm_on_two_ranks_saves_and_resume_continues_identically(toy):
     expected, got = losses(root / "run1"), losses(root / "run2")
     for step in range(stopped + 1, STEPS + 1):
         assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6), step
+
+
+def test_reference_pass_sharded_over_two_ranks_equals_one_rank(toy):
+    (one,), (two,) = (list((toy["root"] / d).glob("ref_logps-*.pt")) for d in ("ref_cache", "ref_cache2"))
+    assert one.name == two.name  # same key: same data, tokens and model
+    ref1, ref2 = (torch.load(p)["ref_logps"] for p in (one, two))
+    assert ref1.shape == (8, 3) and bool((ref1 < 0).all())
+    torch.testing.assert_close(ref2, ref1, rtol=1e-5, atol=1e-5)
 
 
 def test_export_loads_and_reproduces_the_trained_logps(toy):
