@@ -118,6 +118,9 @@ def test_without_bias_and_without_grad(mode):
         out = dora_loss_linear(hidden, weight, labels, mode=mode, **kw)
     assert not out.loss.requires_grad
     torch.testing.assert_close(out.loss, want[0].loss)
+    frozen = weight.detach()  # e.g. LoRA training: the lm_head is frozen, only d hidden is formed
+    (grad_hidden,) = torch.autograd.grad(dora_loss_linear(hidden, frozen, labels, mode=mode, **kw).loss, hidden)
+    torch.testing.assert_close(grad_hidden * 1.7, want[1][0], rtol=1e-5, atol=1e-6)
 
 
 def test_global_reduction_of_a_skewed_batch_stays_finite():
