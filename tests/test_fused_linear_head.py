@@ -1,0 +1,81 @@
+"""DoRALossHead / DoRAPolicy (dora_engine/ops/lm_head.py) on a tiny Llama in one process."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from dora_engine.ops import dora_loss, sequence_logprobs
+from dora_engine.ops.builder import OpLoadError, load_ops
+from dora_engine.ops.lm_head import DoRALossHead, DoRAPolicy, install_loss_head
+
+transformers = pytest.importorskip("transformers")
+try:
+    load_ops()
+except OpLoadError as err:  # pragma: no cover - depends on the machine's compiler
+    pytest.skip(f"the extension does not build here: {err}", allow_module_level=True)
+
+B, K, T, VOCAB = 2, 3, 9, 48
+
+
+def tiny_llama(tied: bool):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, tie_word_embeddings=tied,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, VOCAB, (B * K, T), generator=g)
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+    loss_kwargs = {
+        "num_responses": K, "scores": torch.randn(B, K, generator=g), "h_tilde": torch.rand(B, generator=g) + 0.5,
+        "ref_logps": torch.randn(B * K, generator=g) - 20, "loss": "dpo_pl", "strategy": "dora", "lam": 0.5,
+    }
+    return input_ids, torch.ones_like(input_ids), labels, loss_kwargs
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("mode", ["single_pass", "recompute"])
+def test_policy_equals_the_logits_path(tied, mode):
+    model = tiny_llama(tied)
+    oracle = copy.deepcopy(model)
+    input_ids, mask, labels, kw = batch()
+    policy = DoRAPolicy(model, mode=mode, chunk_bytes=1, backend="fused")
+    assert isinstance(model.lm_head, DoRALossHead)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    out = policy(input_ids, mask, labels, **kw)
+    out.loss.backward()
+
+    logits = oracle(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    want = dora_loss(logits, labels[:, 1:].contiguous(), backend="reference", **kw)
+    want.loss.backward()
+    torch.testing.assert_close(out.loss, want.loss)
+    torch.testing.assert_close(model.lm_head.weight.grad, oracle.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        model.model.layers[0].mlp.up_proj.weight.grad, oracle.model.layers[0].mlp.up_proj.weight.grad,
+        rtol=1e-4, atol=1e-6,
+    )
+    with torch.no_grad():
+        S, L = policy(input_ids, mask, labels)
+    S_ref, L_ref = sequence_logprobs(logits.detach(), labels[:, 1:].contiguous(), backend="reference")
+    torch.testing.assert_close(S, S_ref)
+    torch.testing.assert_close(L, L_ref)
+
+
+def test_head_is_a_drop_in_output_layer():
+    model = tiny_llama(tied=False)
+    linear = model.lm_head
+    head = install_loss_head(model)
+    assert install_loss_head(model) is head and head.weight is linear.weight
+    hidden = torch.randn(2, 4, 16)
+    torch.testing.assert_close(head(hidden), linear(hidden))
+    assert model(input_ids=torch.randint(0, VOCAB, (1, 5))).logits.shape == (1, 5, VOCAB)  # generation still works
+    with pytest.raises(TypeError, match="without labels"):
+        head(hidden, num_responses=2)
