@@ -156,8 +156,9 @@ def test_lire_zscore_and_loss_params() -> None:
         assert_close(grad, grad_ref, 1e-5, loss)
 
 
-def test_inplace_backward_overwrites_logits_with_their_gradient() -> None:
-    batch = make_batch(2, 3, V=V_ODD, seed=5)
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_backward_overwrites_logits_with_their_gradient(device: str) -> None:
+    batch = make_batch(2, 3, V=V_ODD, seed=5, device=device)
     rest = {k: v for k, v in batch.items() if k != "logits"}
     expected, grad_ref = oracle({**batch, "logits": batch["logits"] * 2.0})
     base = batch["logits"].clone().requires_grad_(True)
@@ -174,11 +175,12 @@ def test_inplace_backward_overwrites_logits_with_their_gradient() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _op_samples() -> list[tuple[str, tuple]]:
-    batch = make_batch(2, 3, V=37, seed=11)
+def _op_samples(device: str) -> list[tuple[str, tuple]]:
+    batch = make_batch(2, 3, V=37, seed=11, device=device)
     z, y = batch["logits"], batch["labels"]
     S, L, lse = torch.ops.dora_engine.seq_logprobs_fwd(z, y, -100)
-    gS = torch.randn(S.shape)
+    gS = torch.randn(S.shape, device=device)
+    ell, h = torch.rand(4, device=device), torch.rand(4, device=device) + 0.5
     dpo = LOSSES["dpo"]
     params = encode_params("dpo", resolve_params("dpo"))
     return [
@@ -187,16 +189,17 @@ def _op_samples() -> list[tuple[str, tuple]]:
         ("seq_logprobs_bwd", (z, y, lse, gS, -100)),
         ("seq_logprobs_bwd_", (z.clone(), y, lse, gS, -100)),
         ("prompt_loss", (S, L, batch["ref_logps"], batch["scores"], dpo.code, params)),
-        ("robust_reduce", (torch.rand(4), torch.rand(4) + 0.5, STRATEGIES["dora"].code, 0.5)),
-        ("robust_reduce", (torch.rand(4), None, STRATEGIES["erm"].code, 1.0)),
+        ("robust_reduce", (ell, h, STRATEGIES["dora"].code, 0.5)),
+        ("robust_reduce", (ell, None, STRATEGIES["erm"].code, 1.0)),
         ("batch_stage", (S, L, batch["ref_logps"], batch["scores"], batch["h_tilde"], dpo.code, params,
                          STRATEGIES["dora"].code, 0.5)),
     ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sample", range(8))
-def test_opcheck(sample: int) -> None:
-    name, args = _op_samples()[sample]
+def test_opcheck(device: str, sample: int) -> None:
+    name, args = _op_samples(device)[sample]
     torch.library.opcheck(getattr(torch.ops.dora_engine, name).default, args)
 
 
