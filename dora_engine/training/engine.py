@@ -29,6 +29,7 @@ from dora_engine.training.data import Sampler, Tokenizer, TrainingData, collate,
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
 from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
 from dora_engine.training.model import PolicyLoss, ReferenceLogps, StepOutput, load_causal_lm, load_tokenizer
+from dora_engine.training.plots import plot_metrics
 
 # Config keys a resumed run may change without breaking the identical continuation.
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every")
@@ -330,7 +331,11 @@ class Trainer:
                     writer.write(step, final_eval)
             if self.cfg.checkpoint.export:
                 self.export()
-            self._say(f"done: {step} steps, {skipped} skipped; metrics in {self.output_dir / 'metrics.jsonl'}")
+            if writer is not None:
+                writer.close()
+                plot = plot_metrics(writer.path, self.output_dir / "metrics.png")
+                self._say(f"done: {step} steps, {skipped} skipped; metrics in {writer.path}"
+                          + (f", curves in {plot}" if plot else ""))
             return 0
         finally:
             bar.close()

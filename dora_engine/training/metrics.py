@@ -171,6 +171,9 @@ class MetricsWriter:
             self.wandb.log(metrics, step=step)
 
     def close(self) -> None:
+        """Close every sink (safe to call twice)."""
+        if self.handle.closed:
+            return
         self.handle.close()
         if self.tb is not None:
             self.tb.close()
