@@ -144,16 +144,24 @@ def hbm_bound_gbps(args: argparse.Namespace) -> float | None:
 
 
 def row_pass_bandwidth(inputs: dict[str, Any], args: argparse.Namespace) -> dict:
-    """GB/s of the forward row pass (reads the logits) and backward (reads them, writes the gradient)."""
+    """GB/s of the row passes: forward reads the valid tokens' logits; backward reads them and writes the
+    whole gradient (ignored tokens' rows are written as zeros without being read)."""
     ops = torch.ops.dora_engine
     z, y = inputs["logits"].detach(), inputs["labels"]
     S, _, lse = ops.seq_logprobs_fwd(z, y, -100)
     gS = torch.ones_like(S)
-    nbytes = z.numel() * z.element_size()
+    row_bytes = z.shape[-1] * z.element_size()
+    valid_rows, all_rows = int((y != -100).sum()), y.numel()
     fwd = timed(lambda: ops.seq_logprobs_fwd(z, y, -100), args.repeats, args.warmup, torch.cuda.synchronize)
     bwd = timed(lambda: ops.seq_logprobs_bwd(z, y, lse, gS, -100), args.repeats, args.warmup, torch.cuda.synchronize)
     bound = hbm_bound_gbps(args)
-    result = {"fwd_gbps": nbytes / fwd / 1e9, "bwd_gbps": 2 * nbytes / bwd / 1e9, "hbm_gbps": bound}
+    result = {
+        "fwd_ms": fwd * 1e3,
+        "bwd_ms": bwd * 1e3,
+        "fwd_gbps": valid_rows * row_bytes / fwd / 1e9,
+        "bwd_gbps": (valid_rows + all_rows) * row_bytes / bwd / 1e9,
+        "hbm_gbps": bound,
+    }
     if bound:
         result.update(fwd_of_bound=result["fwd_gbps"] / bound, bwd_of_bound=result["bwd_gbps"] / bound)
     return result

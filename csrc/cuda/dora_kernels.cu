@@ -212,12 +212,20 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t label = labels[r];
   const scalar_t* row = z + r * V;
   scalar_t* out = grad + r * V;
-  const bool ignored = label == ignore_index || label < 0 || label >= V;
-  const acc_t g = ignored ? acc_t(0) : gS[r / T];
-  const acc_t shift = ignored ? acc_t(0) : lse[r];
+  if (label == ignore_index || label < 0 || label >= V) {  // a zero row, without reading the logits
+    const RowLayout layout = row_layout<scalar_t>(out, V);
+    Pack<scalar_t> zeros;
+#pragma unroll
+    for (int j = 0; j < W; ++j) zeros.v[j] = narrow<scalar_t>(acc_t(0));
+    for (int64_t i = threadIdx.x; i < layout.head; i += blockDim.x) out[i] = zeros.v[0];
+    Pack<scalar_t>* out_packs = reinterpret_cast<Pack<scalar_t>*>(out + layout.head);
+    for (int64_t p = threadIdx.x; p < layout.packs; p += blockDim.x) out_packs[p] = zeros;
+    for (int64_t i = layout.head + layout.packs * W + threadIdx.x; i < V; i += blockDim.x) out[i] = zeros.v[0];
+    return;
+  }
+  const acc_t g = gS[r / T], shift = lse[r];
   // dz_v = g·([v = y] − p_v), the target value g·(1 − p_y) formed in acc_t before the cast.
   auto value = [&](int64_t v, acc_t x) -> acc_t {
-    if (ignored) return acc_t(0);
     const acc_t p = fast_exp(x - shift);
     return v == label ? g * (acc_t(1) - p) : -g * p;
   };
