@@ -184,6 +184,22 @@ def test_two_sources_schemes_agree(tiny_backbone, tmp_path):
     assert [r.h_tilde for r in score(records, loaded)] == pytest.approx(results["multiclass"], rel=1e-9)
 
 
+@pytest.mark.gpu
+def test_fit_and_score_on_gpu_with_mixed_precision(tiny_backbone, tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    records = make_records(16, ("gold", "llm_a"), seed=2)
+    settings = ClassifierSettings(backbone=tiny_backbone, epochs=1, batch_size=8, max_length=32, held_out=0.25,
+                                  device="cuda")
+    calibration = fit(records, target="gold", output_dir=tmp_path, settings=settings, min_examples=4)
+    scored = score(records, calibration)
+    assert all(0 < r.h_tilde < 2 for r in scored)
+    on_cpu = score(records, calibration, device="cpu")
+    assert [r.h_tilde for r in scored] == pytest.approx([r.h_tilde for r in on_cpu], abs=0.05)
+
+
 def test_scheme_plans():
     specs, rules = plan(["a", "b", "gold"], "gold", "per_source")
     assert [s.name for s in specs] == ["gold-vs-a", "gold-vs-b", "gold-vs-rest"]

