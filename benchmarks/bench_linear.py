@@ -145,6 +145,14 @@ def _peak_bytes(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _current_bytes(device: str) -> int:
+    """Memory held now: the baseline (the peak so far also counts temporaries of building the inputs)."""
+    if device == "cuda":
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -157,10 +165,9 @@ def worker(method: str, p: Point) -> dict:
     x = make_inputs(p)
     grads_bytes = sum(t.numel() * t.element_size() for t in (x["hidden"], x["weight"]))
     _sync(p.device)
-    baseline = _peak_bytes(p.device)
     if p.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        baseline = torch.cuda.memory_allocated()
+    baseline = _current_bytes(p.device)
     times = []
     for _ in range(p.repeats):
         x["hidden"].grad = x["weight"].grad = None
@@ -169,8 +176,7 @@ def worker(method: str, p: Point) -> dict:
         run_method(method, x, p)
         _sync(p.device)
         times.append(time.perf_counter() - start)
-    has_grads = method not in ("gemms3", "gemms4")
-    extra = _peak_bytes(p.device) - baseline - (grads_bytes if has_grads else 0)
+    extra = _peak_bytes(p.device) - baseline - grads_bytes  # the bare GEMMs fill gradient buffers too
     return {"method": method, "time_s": min(times), "times_s": times, "extra_bytes": extra, **asdict(p)}
 
 
