@@ -135,6 +135,10 @@ def _examples(spec: ClassifierSpec, records: list[Record]) -> list[Example]:
     return out
 
 
+def _class_counts(examples: list[Example], num_classes: int) -> list[int]:
+    return np.bincount([e.label for e in examples], minlength=num_classes).tolist()
+
+
 def _check_enough(spec: ClassifierSpec, source_counts: Counter, min_examples: int) -> None:
     for members in spec.classes:
         for source in members:
@@ -191,9 +195,14 @@ def _fit_one(
         )
         target_class = len(spec.classes) - 1
         metrics = classifier_metrics(held_probs, np.array([e.label for e in held], dtype=int), target_class)
-        counts = [sum(e.label == j for e in examples) for examples in (train, held) for j in range(len(spec.classes))]
+        num_classes = len(spec.classes)
         fitted = FittedClassifier(
-            spec, str(folder), counts[: len(spec.classes)], counts[len(spec.classes) :], source_counts, metrics
+            spec,
+            str(folder),
+            _class_counts(train, num_classes),
+            _class_counts(held, num_classes),
+            source_counts,
+            metrics,
         )
         meta = {k: v for k, v in asdict(fitted).items() if k not in ("path", "reused")}
         (tmp / CLASSIFIER_META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
