@@ -1,7 +1,8 @@
-"""Write a tiny randomly initialised Llama with a given tokenizer: the quickstart's model.
+"""Write a tiny randomly initialised model with a given tokenizer: the quickstart's models.
 
-``python launch/make_tiny_model.py --tokenizer DIR --out DIR [--hidden 64 --layers 2 --heads 4 --seed 0]``
-The output folder loads with ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``.
+``python launch/make_tiny_model.py --kind llama|bert --tokenizer DIR --out DIR [--hidden 64 --layers 2 ...]``
+``llama``: the causal LM to align (loads with ``AutoModelForCausalLM``); ``bert``: a sequence classifier
+backbone for ``dora-engine calibrate --backbone DIR`` (loads with ``AutoModelForSequenceClassification``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kind", choices=("llama", "bert"), default="llama")
     parser.add_argument("--tokenizer", required=True, help="tokenizer folder (save_pretrained)")
     parser.add_argument("--out", required=True, help="model folder to write")
     parser.add_argument("--hidden", type=int, default=64)
@@ -22,20 +24,29 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(args.seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.max_positions, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
-    )
+    special = dict(pad_token_id=tokenizer.pad_token_id, max_position_embeddings=args.max_positions)
+    if args.kind == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True,
+            **special,
+        )
+        model = LlamaForCausalLM(config)
+    else:
+        config = BertConfig(
+            vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_labels=2, **special,
+        )
+        model = BertForSequenceClassification(config)
     out = Path(args.out)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"tiny Llama ({sum(p.numel() for p in LlamaForCausalLM(config).parameters()):,} parameters) -> {out}")
+    print(f"tiny {args.kind} ({sum(p.numel() for p in model.parameters()):,} parameters) -> {out}")
 
 
 if __name__ == "__main__":

@@ -20,12 +20,15 @@ step "1/7 synthetic mixture-shift data: $PROMPTS prompts x 4 responses (1 golden
 dora-engine data synth --out "$DATA/train.jsonl" --num-prompts "$PROMPTS" --k 4 --seed 0 --tokenizer-dir "$WORK/tokenizer"
 dora-engine data synth --out "$DATA/heldout.jsonl" --num-prompts 48 --k 2 --seed 1000
 
-step "2/7 tiny Llama with the synthetic vocabulary"
-python launch/make_tiny_model.py --tokenizer "$WORK/tokenizer" --out "$WORK/tiny-llama"
+step "2/7 tiny Llama (the policy) and tiny BERT (the calibration classifier) over the synthetic vocabulary"
+python launch/make_tiny_model.py --kind llama --tokenizer "$WORK/tokenizer" --out "$WORK/tiny-llama"
+python launch/make_tiny_model.py --kind bert --hidden 32 --layers 1 --heads 2 --tokenizer "$WORK/tokenizer" \
+  --out "$WORK/tiny-bert"
 
 step "3/7 calibration: golden-vs-source classifiers -> h_tilde"
 dora-engine calibrate "$DATA/train.jsonl" --target golden --out "$DATA/train.calibrated.jsonl" \
-  --output-dir "$WORK/calibration" --epochs 1 --max-length 96
+  --output-dir "$WORK/calibration" --backbone "$WORK/tiny-bert" --epochs 6 --lr 2e-3 --batch-size 32 \
+  --max-length 192 --device cpu
 
 COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft")
 step "4/7 SFT on the golden responses ($NPROC ranks, ZeRO-3)"

@@ -77,8 +77,9 @@ def _sigterm_ranks(proc: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> dict:
-    """Two runs of the same global batches: one rank, uninterrupted (run1); two ranks, stopped by
-    SIGTERM after step ≥ 2 and resumed with --resume auto (run2)."""
+    """Two runs of the same global batches: one rank, uninterrupted, logits through the reference op
+    (run1); two ranks, the fused-linear loss head (fused op when it builds), stopped by SIGTERM after
+    step ≥ 2 and resumed with --resume auto (run2)."""
     root = tmp_path_factory.mktemp("train")
     config = make_toy(root, n_records=8, overrides={"train.max_steps": STEPS})
     one = _run([sys.executable, CHECK, str(root / "out1"), str(config), f"output_dir={root / 'run1'}",
@@ -86,7 +87,7 @@ def toy(tmp_path_factory) -> dict:
     assert one == 0, (root / "log1").read_text()[-4000:]
     run2 = root / "run2"
     args = [CHECK, str(root / "out2"), str(config), f"output_dir={run2}", "checkpoint.every=1",
-            f"data.ref_cache_dir={root / 'ref_cache2'}"]
+            f"data.ref_cache_dir={root / 'ref_cache2'}", "train.loss_path=fused_linear", "train.backend=auto"]
     with open(root / "log2a", "w") as log:
         proc = subprocess.Popen(_deepspeed(*args, "train.max_steps=400"), stdout=log, stderr=subprocess.STDOUT,
                                 env=_env(), start_new_session=True)
@@ -106,11 +107,11 @@ def test_two_ranks_learn_the_toy(toy):
 
 def test_two_ranks_equal_one_rank_on_the_same_global_batch(toy):
     root = toy["root"]
-    assert losses(root / "run2")[1] == pytest.approx(losses(root / "run1")[1], rel=1e-6)
+    assert losses(root / "run2")[1] == pytest.approx(losses(root / "run1")[1], rel=1e-5)
     g2, g1 = torch.load(root / "out2" / "grads.pt"), torch.load(root / "out1" / "grads.pt")
     assert g2.keys() == g1.keys() and len(g1) > 10
     for name in g1:
-        torch.testing.assert_close(g2[name], g1[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(float(g.abs().max()) > 1e-3 for g in g1.values())
 
 

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def _ref_logps(config: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = str(ROOT)
-    proc = subprocess.run([sys.executable, "-m", "dora_engine.training", "--task", "ref-logps", "--config", str(config)],
-                          capture_output=True, text=True, env=env, timeout=300)
+    cmd = [sys.executable, "-m", "dora_engine.training", "--task", "ref-logps", "--config", str(config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

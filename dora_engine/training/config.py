@@ -73,7 +73,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     backend: str = "auto"  # op backend: auto | fused | reference
-    loss_path: str = "logits"  # logits: model logits -> dora_loss
+    loss_path: str = "logits"  # logits: model logits -> dora_loss; fused_linear: hidden states -> dora_loss_linear
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
 
@@ -146,7 +146,7 @@ STAGES = ("sft", "align")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 BACKENDS = ("auto", "fused", "reference")
-LOSS_PATHS = ("logits",)
+LOSS_PATHS = ("logits", "fused_linear")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,6 +50,11 @@ class PolicyLoss(nn.Module):
         self.lam = cfg.robust.lam
         self.backend = cfg.train.backend
         self.uses_h_tilde = cfg.needs_h_tilde
+        self.fused_linear = cfg.train.loss_path == "fused_linear"
+        if self.fused_linear:
+            from dora_engine.ops.lm_head import install_loss_head
+
+            install_loss_head(_causal_lm(model), backend=self.backend)
 
     def forward(
         self,
@@ -60,21 +65,33 @@ class PolicyLoss(nn.Module):
         h_tilde: torch.Tensor | None = None,
         ref_logps: torch.Tensor | None = None,
     ) -> StepOutput:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         group = process_group()
-        if self.stage == "sft":
-            return self._sft(logits, labels, group)
-        out = dora_loss(
-            logits, labels, num_responses=self.num_responses, scores=scores,
-            h_tilde=h_tilde if self.uses_h_tilde else None, ref_logps=ref_logps, loss=self.loss_name,
-            loss_params=self.loss_params, strategy=self.strategy, lam=self.lam, process_group=group,
-            backend=self.backend,
-        )
+        if self.fused_linear:
+            # Decoder body, then the loss head (a module of its own, so ZeRO-3 gathers its weight):
+            # the logits are never materialised.
+            lm = _causal_lm(self.model)
+            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            head = lm.get_output_embeddings()
+            if self.stage == "sft":
+                return self._sft(*head(hidden, labels), group)
+            out = head(hidden, labels, **self._loss_kwargs(scores, h_tilde, ref_logps, group))
+        else:
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            if self.stage == "sft":
+                return self._sft(*sequence_logprobs(logits, labels, backend=self.backend), group)
+            kwargs = self._loss_kwargs(scores, h_tilde, ref_logps, group)
+            out = dora_loss(logits, labels, backend=self.backend, **kwargs)
         return StepOutput(out.loss, out.loss.detach(), out.seq_logps, out.seq_lens, out)
 
-    def _sft(self, logits: torch.Tensor, labels: torch.Tensor, group: Any) -> StepOutput:
+    def _loss_kwargs(self, scores: Any, h_tilde: Any, ref_logps: Any, group: Any) -> dict[str, Any]:
+        return dict(
+            num_responses=self.num_responses, scores=scores, h_tilde=h_tilde if self.uses_h_tilde else None,
+            ref_logps=ref_logps, loss=self.loss_name, loss_params=self.loss_params, strategy=self.strategy,
+            lam=self.lam, process_group=group,
+        )
+
+    def _sft(self, S: torch.Tensor, L: torch.Tensor, group: Any) -> StepOutput:
         """NLL = −Σ S / Σ L over the global micro-batch (token mean across all ranks)."""
-        S, L = sequence_logprobs(logits, labels, backend=self.backend)
         totals = torch.stack([S.detach().sum(), L.sum()])
         world = 1
         if group is not None:
@@ -96,6 +113,11 @@ class ReferenceLogps(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         return sequence_logprobs(logits, labels, backend=self.backend)[0]
+
+
+def _causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_tokenizer(path: str) -> Any:
