@@ -103,12 +103,13 @@ def test_float64_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda z: fused.sequence_logprobs(z, batch["labels"])[0], (logits,))
 
 
-def test_bf16_target_term_formed_in_fp32() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_target_term_formed_in_fp32(device: str) -> None:
     # A confident token: p_y ≈ 1 − 1e-4. In bf16, 1 − p_y would round to 0; the op must keep it.
     logits = torch.zeros(1, 1, 16)
     logits[0, 0, 3] = 12.0
-    labels = torch.tensor([[3]])
-    z = logits.to(torch.bfloat16).requires_grad_(True)
+    labels = torch.tensor([[3]], device=device)
+    z = logits.to(device=device, dtype=torch.bfloat16).requires_grad_(True)
     fused.sequence_logprobs(z, labels)[0].sum().backward()
     expected = 1 - torch.softmax(logits.double(), -1)[0, 0, 3]
     assert z.grad[0, 0, 3].item() == pytest.approx(expected.item(), rel=1e-2)
@@ -158,6 +159,7 @@ def test_lire_zscore_and_loss_params() -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inplace_backward_overwrites_logits_with_their_gradient(device: str) -> None:
+    """The gradient lands in the logits buffer; non-contiguous logits get a new buffer instead."""
     batch = make_batch(2, 3, V=V_ODD, seed=5, device=device)
     rest = {k: v for k, v in batch.items() if k != "logits"}
     expected, grad_ref = oracle({**batch, "logits": batch["logits"] * 2.0})
@@ -168,6 +170,12 @@ def test_inplace_backward_overwrites_logits_with_their_gradient(device: str) -> 
     assert_close(out.loss, expected.loss, 1e-5, "loss")
     assert_close(logits.detach(), grad_ref, 1e-5, "overwritten logits")
     assert_close(base.grad, 2.0 * grad_ref, 1e-5, "d base")
+
+    strided = batch["logits"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    assert not strided.is_contiguous()
+    fused.dora_loss(strided, **rest, inplace_backward=True).loss.backward()
+    assert_close(strided.grad, oracle(batch)[1], 1e-5, "d strided logits")
+    assert torch.equal(strided.detach(), batch["logits"])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -55,9 +55,9 @@ def seq_logprobs_backward(
 ) -> torch.Tensor:
     """dz[n, t, :] = gS[n]·(onehot(labels[n, t]) − softmax(logits[n, t, :])), 0 at ignored tokens.
 
-    ``inplace=True`` writes dz over ``logits`` (which must be contiguous) and returns it.
+    ``inplace=True`` writes dz over ``logits`` and returns it (a new tensor when they are not contiguous).
     """
-    if inplace:
+    if inplace and logits.is_contiguous():
         _ops.seq_logprobs_bwd_(logits, labels, lse, gS, ignore_index)
         return logits
     return _ops.seq_logprobs_bwd(logits, labels, lse, gS, ignore_index)
