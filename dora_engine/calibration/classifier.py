@@ -39,17 +39,16 @@ class ClassifierSettings:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        checks = {
-            "lr": self.lr > 0 and math.isfinite(self.lr),
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 1,
-            "max_length": self.max_length >= 8,
-            "held_out": 0.0 <= self.held_out < 1.0,
-        }
-        for name, ok in checks.items():
+        requirements = (
+            ("lr", self.lr > 0 and math.isfinite(self.lr), "a finite number > 0"),
+            ("epochs", self.epochs >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("max_length", self.max_length >= 8, ">= 8"),
+            ("held_out", 0.0 <= self.held_out < 1.0, "in [0, 1)"),
+        )
+        for name, ok, requirement in requirements:
             if not ok:
-                allowed = {"held_out": "in [0, 1)", "max_length": ">= 8", "lr": "> 0"}.get(name, ">= 1")
-                raise ValueError(f"classifier setting {name!r} must be {allowed}, got {getattr(self, name)!r}")
+                raise ValueError(f"classifier setting {name!r} must be {requirement}, got {getattr(self, name)!r}")
 
     def training_identity(self) -> dict[str, Any]:
         """The settings that change a trained classifier (the device does not, up to rounding)."""
@@ -142,6 +141,16 @@ def _autocast(device: str):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
+def _warmup_then_linear_decay(total_steps: int):
+    """LR factor: linear rise over the first 10% of the steps, then linear decay towards 0."""
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        return min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup + 1)))
+
+    return factor
+
+
 def train(
     examples: Sequence[Example],
     num_labels: int,
@@ -151,8 +160,8 @@ def train(
 ) -> None:
     """Fine-tune the backbone with a fresh ``num_labels``-class head and ``save_pretrained`` it.
 
-    The model and tokenizer are written to ``output_dir``, which must not exist yet (callers write to a
-    temporary folder and rename it).
+    The model and tokenizer are written to ``output_dir`` (callers pass a temporary folder and rename it
+    when everything else about the classifier is written too).
     """
     import torch
     from tqdm.auto import tqdm
@@ -169,11 +178,8 @@ def train(
     generator = torch.Generator().manual_seed(settings.seed)
     steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
     total_steps = steps_per_epoch * settings.epochs
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / (total_steps - warmup + 1)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear_decay(total_steps))
     autocast, scaler = _autocast(device)
     with tqdm(total=total_steps, desc=description, unit="step") as bar:
         for _ in range(settings.epochs):
