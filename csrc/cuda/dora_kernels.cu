@@ -146,6 +146,8 @@ __global__ void __launch_bounds__(kRowThreads)
   auto add_one = [&](acc_t x) { state.add(x, [x](acc_t m) { return fast_exp(x - m); }); };
   for (int64_t i = threadIdx.x; i < layout.head; i += blockDim.x) add_one(widen(row[i]));
   const Pack<scalar_t>* packs = reinterpret_cast<const Pack<scalar_t>*>(row + layout.head);
+  // Unrolled so that several 16-byte loads per thread are in flight (the updates only chain the sums).
+#pragma unroll 4
   for (int64_t p = threadIdx.x; p < layout.packs; p += blockDim.x) {
     const Pack<scalar_t> pack = packs[p];
     acc_t x[W];
@@ -234,6 +236,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t i = threadIdx.x; i < layout.head; i += blockDim.x) out[i] = narrow<scalar_t>(value(i, widen(row[i])));
   const Pack<scalar_t>* in_packs = reinterpret_cast<const Pack<scalar_t>*>(row + layout.head);
   Pack<scalar_t>* out_packs = reinterpret_cast<Pack<scalar_t>*>(out + layout.head);
+#pragma unroll 4
   for (int64_t p = threadIdx.x; p < layout.packs; p += blockDim.x) {
     const Pack<scalar_t> pack = in_packs[p];
     Pack<scalar_t> result;
