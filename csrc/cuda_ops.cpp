@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <limits>
+
 #include "dora_cuda.h"
 #include "dora_ops.h"
 
@@ -33,6 +35,8 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& x) {
 }
 
 cuda::RowShape row_shape(const at::Tensor& logits, int64_t ignore_index) {
+  TORCH_CHECK(logits.size(0) * logits.size(1) <= std::numeric_limits<int32_t>::max(),
+              "the CUDA row pass takes at most 2^31 - 1 token rows (N·T), got ", logits.size(0) * logits.size(1));
   return {logits.size(0), logits.size(1), logits.size(2), ignore_index};
 }
 
