@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from dora_engine.losses import encode_params
 from dora_engine.ops.distributed import gather_uneven
@@ -137,6 +136,16 @@ def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, x: torch.Tensor
         acc.mul_(beta).add_(dz.t() @ x)
 
 
+def _linear_into(
+    buffer: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (n, H) @ weightᵀ + bias written over the first n rows of ``buffer`` (one buffer serves every chunk)."""
+    out = buffer[: x.shape[0]]
+    if bias is None:
+        return torch.mm(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _common_ratio(new: torch.Tensor, old: torch.Tensor) -> float:
     """new[i]/old[i] at the largest old[i]: the factor relating two proportional gradient vectors."""
     i = old.argmax()
@@ -165,16 +174,17 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     ell = hidden.new_empty(B, dtype=acc)
 
     prompts_per_chunk = max(1, p.chunk_bytes // (K * T * V * hidden.element_size()))
+    buffer = hidden.new_empty(min(B, prompts_per_chunk) * K * T, V)
     chunk_refs = []  # per chunk: (its prompts, its prompt with the largest ∂L_seen/∂ℓ, that value then)
     grad_seen = None
     for p0, p1 in _spans(B, prompts_per_chunk):
         rows = slice(p0 * K, p1 * K)
-        logits = F.linear(hidden[rows], weight, bias)
+        x = hidden[rows].reshape(-1, H)
+        logits = _linear_into(buffer, x, weight, bias).view(-1, T, V)
         labels = p.labels[rows]
         S[rows], L[rows], lse = ops.seq_logprobs_fwd(logits, labels, p.ignore_index)
         ell[p0:p1], dell_dS = _prompt_loss(ops, S, L, p, slice(p0, p1))
         if not need_any:
-            del logits
             continue
         _, _, grad_now = _robust_reduce(ops, ell[:p1], p.h_tilde[:p1], p, global_batch=False)
         rescale = 1.0 if grad_seen is None else _common_ratio(grad_now[:p0], grad_seen)
@@ -183,7 +193,6 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         gS = grad_now[p0:p1].repeat_interleave(K) * dell_dS
         ops.seq_logprobs_bwd_(logits, labels, lse, gS, p.ignore_index)  # logits now hold dz
         dz = logits.view(-1, V)
-        x = hidden[rows].reshape(-1, H)
         if need_hidden:
             torch.mm(dz, weight, out=grad_hidden[rows].view(-1, H))
         if need_weight:
@@ -191,7 +200,6 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if need_bias:
             grad_bias.mul_(rescale).add_(dz.sum(dim=0, dtype=acc))
         grad_seen = grad_now
-        del logits, dz  # free this chunk before the next one is allocated
 
     loss, weights, grad_final = _robust_reduce(ops, ell, p.h_tilde, p, global_batch=True)
     param_scale = 0.0
@@ -248,11 +256,11 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
         token_lp = hidden.new_empty(N * T, dtype=acc)
         lse = hidden.new_empty(N * T, 1, dtype=acc)
         tokens_per_chunk = max(1, chunk_bytes // (weight.shape[0] * hidden.element_size()))
+        buffer = hidden.new_empty(min(N * T, tokens_per_chunk), weight.shape[0])
         for t0, t1 in _spans(N * T, tokens_per_chunk):
             # Each token is its own length-1 row, so a chunk may end anywhere inside a sequence.
-            logits = F.linear(x[t0:t1], weight, bias).unsqueeze(1)
+            logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
             token_lp[t0:t1], _, lse[t0:t1] = ops.seq_logprobs_fwd(logits, y[t0:t1], ignore_index)
-            del logits
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
         ctx.ignore_index, ctx.tokens_per_chunk = ignore_index, tokens_per_chunk
         L = (labels != ignore_index).sum(dim=1).to(acc)
@@ -272,8 +280,9 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
         grad_hidden = torch.empty_like(x) if need_hidden else None
         grad_weight = torch.zeros(V, H, dtype=acc, device=x.device) if need_weight else None
         grad_bias = torch.zeros(V, dtype=acc, device=x.device) if need_bias else None
+        buffer = x.new_empty(min(N * T, ctx.tokens_per_chunk), V)
         for t0, t1 in _spans(N * T, ctx.tokens_per_chunk):
-            logits = F.linear(x[t0:t1], weight, bias).unsqueeze(1)
+            logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
             ops.seq_logprobs_bwd_(logits, y[t0:t1], lse[t0:t1], grad_token[t0:t1], ctx.ignore_index)
             dz = logits.view(-1, V)
             if need_hidden:
@@ -282,7 +291,6 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
                 _accumulate_weight_grad(grad_weight, dz, x[t0:t1], 1.0)
             if need_bias:
                 grad_bias.add_(dz.sum(dim=0, dtype=acc))
-            del logits, dz
         return (
             None if grad_hidden is None else grad_hidden.view(N, T, H),
             None if grad_weight is None else grad_weight.to(weight.dtype),
