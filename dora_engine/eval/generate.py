@@ -124,6 +124,8 @@ def generate_texts(
             raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
         tokenizer.pad_token = tokenizer.eos_token
     texts = [render_prompt(tokenizer, p) for p in prompts]
+    # A chat template already writes the special tokens (bos) into the text; a plain prompt gets the tokenizer's.
+    special = not getattr(tokenizer, "chat_template", None)
     # Longest first, so that each batch holds prompts of similar length (less padding); order restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     sampling = {} if decoding.greedy else {
@@ -137,7 +139,7 @@ def generate_texts(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
             idx = order[start:start + batch_size]
-            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=special)
             enc = enc.to(model.device)
             with torch.no_grad():
                 out = model.generate(
