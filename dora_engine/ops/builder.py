@@ -25,7 +25,10 @@ from typing import Any
 
 import torch
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+# The source tree's csrc/ (editable installs), else the copy a plain install ships inside the package.
+_REPO_CSRC = Path(__file__).resolve().parents[2] / "csrc"
+_PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "_csrc"
+CSRC = _REPO_CSRC if _REPO_CSRC.is_dir() else _PACKAGED_CSRC
 AOT_MODULE = "dora_engine._ops"
 OPS_NAMESPACE = "dora_engine"
 
@@ -65,8 +68,8 @@ class OpBuilder:
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise OpLoadError(
-                f"extension sources not found ({', '.join(missing)}): the just-in-time build needs the source "
-                "tree (an editable install); otherwise install with DORA_BUILD_OPS=1"
+                f"extension sources not found ({', '.join(missing)}): reinstall dora-engine, or build the op "
+                "ahead of time with DORA_BUILD_OPS=1"
             )
         return [str(f) for f in files]
 
