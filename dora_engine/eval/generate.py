@@ -73,6 +73,12 @@ def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
+def adds_special_tokens(tokenizer: Any) -> bool:
+    """Whether to let the tokenizer add its special tokens (bos) to a rendered prompt: a chat template
+    already writes them into the text, a plain prompt needs them."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
 def generate_records(
     records: Sequence[Record],
     model_path: str,
@@ -124,8 +130,7 @@ def generate_texts(
             raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
         tokenizer.pad_token = tokenizer.eos_token
     texts = [render_prompt(tokenizer, p) for p in prompts]
-    # A chat template already writes the special tokens (bos) into the text; a plain prompt gets the tokenizer's.
-    special = not getattr(tokenizer, "chat_template", None)
+    special = adds_special_tokens(tokenizer)
     # Longest first, so that each batch holds prompts of similar length (less padding); order restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     sampling = {} if decoding.greedy else {
@@ -169,7 +174,12 @@ def _generate_vllm(model_path: str, prompts: Sequence[Prompt], decoding: Decodin
         temperature=decoding.temperature, top_k=decoding.top_k or -1, top_p=decoding.top_p,
         max_tokens=decoding.max_new_tokens, seed=decoding.seed,
     )
-    results = llm.generate([render_prompt(tokenizer, p) for p in prompts], params)
+    special = adds_special_tokens(tokenizer)
+    requests = [
+        {"prompt_token_ids": tokenizer(render_prompt(tokenizer, p), add_special_tokens=special)["input_ids"]}
+        for p in prompts
+    ]
+    results = llm.generate(requests, params)
     return [r.outputs[0].text.strip() for r in results]
 
 
