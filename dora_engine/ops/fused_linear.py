@@ -202,16 +202,23 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         grad_seen = grad_now
 
     loss, weights, grad_final = _robust_reduce(ops, ell, p.h_tilde, p, global_batch=True)
-    param_scale = 0.0
+    scales = _GradScales()
     if need_any:
-        param_scale = _common_ratio(grad_final, grad_seen)
-        if need_hidden:
-            sizes = torch.tensor([n for n, _, _ in chunk_refs], device=hidden.device)
-            # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
-            per_chunk = torch.stack([torch.where(then > 0, grad_final[top] / then, 0.0) for _, top, then in chunk_refs])
-            grad_hidden.view(B, -1).mul_(per_chunk.repeat_interleave(sizes)[:, None])
+        scales.params = _common_ratio(grad_final, grad_seen)
+        sizes = torch.tensor([n for n, _, _ in chunk_refs], device=hidden.device)
+        # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
+        per_chunk = torch.stack([torch.where(then > 0, grad_final[top] / then, 0.0) for _, top, then in chunk_refs])
+        scales.prompts = per_chunk.repeat_interleave(sizes)
     stats = DoRAOutput(loss, ell, S, L, weights)
-    return stats, (grad_hidden, grad_weight, grad_bias), param_scale
+    return stats, (grad_hidden, grad_weight, grad_bias), scales
+
+
+@dataclass
+class _GradScales:
+    """What turns single_pass's accumulated gradients into those of the final loss (applied in backward)."""
+
+    params: float = 0.0  # weight and bias
+    prompts: torch.Tensor | None = None  # (B,) d hidden of each prompt's rows
 
 
 class _SinglePassLoss(torch.autograd.Function):
@@ -219,9 +226,8 @@ class _SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
-        stats, grads, param_scale = _single_pass(hidden, weight, bias, p)
-        ctx.grads = grads
-        ctx.param_scale = param_scale
+        stats, grads, scales = _single_pass(hidden, weight, bias, p)
+        ctx.grads, ctx.scales = grads, scales
         ctx.param_dtype = weight.dtype
         ctx.mark_non_differentiable(*stats[1:])
         return tuple(stats)
@@ -229,11 +235,12 @@ class _SinglePassLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, *_unused):
         grad_hidden, grad_weight, grad_bias = ctx.grads
+        scales = ctx.scales
         del ctx.grads
         if grad_hidden is not None:
-            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+            grad_hidden.view(scales.prompts.numel(), -1).mul_((scales.prompts * grad_loss)[:, None])
         params = [
-            None if g is None else g.mul_(grad_loss * ctx.param_scale).to(ctx.param_dtype)
+            None if g is None else g.mul_(grad_loss * scales.params).to(ctx.param_dtype)
             for g in (grad_weight, grad_bias)
         ]
         return grad_hidden, *params, None
