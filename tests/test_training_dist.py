@@ -83,7 +83,8 @@ def toy(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train")
     config = make_toy(root, n_records=8, overrides={"train.max_steps": STEPS})
     one = _run([sys.executable, CHECK, str(root / "out1"), str(config), f"output_dir={root / 'run1'}",
-                "train.micro_batch_prompts=4"], root / "log1")
+                "train.micro_batch_prompts=4", f"data.eval=[{root / 'train.jsonl'}]", "train.eval_every=4"],
+               root / "log1")
     assert one == 0, (root / "log1").read_text()[-4000:]
     run2 = root / "run2"
     args = [CHECK, str(root / "out2"), str(config), f"output_dir={run2}", "checkpoint.every=1",
@@ -133,26 +134,46 @@ def test_reference_pass_sharded_over_two_ranks_equals_one_rank(toy):
     torch.testing.assert_close(ref2, ref1, rtol=1e-5, atol=1e-5)
 
 
-def test_export_loads_and_reproduces_the_trained_logps(toy):
+def _export_reproduces_trained_logps(final: Path, logps_file: Path, initial: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = toy["root"] / "run2" / "final"
-    model = AutoModelForCausalLM.from_pretrained(final).eval()
     AutoTokenizer.from_pretrained(final)
-    saved = torch.load(toy["root"] / "out2" / "logps.pt")
+    saved = torch.load(logps_file)
     labels = saved["labels"]
     valid = labels != -100
 
-    def seq_logps(m) -> torch.Tensor:
+    def seq_logps(model) -> torch.Tensor:
         with torch.no_grad():
-            logits = m(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits.float()
-        lp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+            logits = model.eval()(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
         return (lp * valid).sum(-1)
 
-    S = seq_logps(model)
+    S = seq_logps(AutoModelForCausalLM.from_pretrained(final))
     torch.testing.assert_close(S, saved["seq_logps"], rtol=1e-4, atol=1e-4)
-    initial = seq_logps(AutoModelForCausalLM.from_pretrained(toy["root"] / "model").eval())
-    assert (S - initial).abs().max() > 0.1  # the export holds the trained weights, not the initial ones
+    before = seq_logps(AutoModelForCausalLM.from_pretrained(initial))
+    assert (S - before).abs().max() > 0.05  # the export holds the trained weights, not the initial ones
+
+
+def test_export_loads_and_reproduces_the_trained_logps(toy):
+    root = toy["root"]
+    _export_reproduces_trained_logps(root / "run2" / "final", root / "out2" / "logps.pt", root / "model")
+
+
+def test_lora_run_exports_a_merged_model(toy):
+    root, config = toy["root"], str(toy["config"])
+    code = _run([sys.executable, CHECK, str(root / "out_lora"), config, f"output_dir={root / 'run_lora'}",
+                 "train.micro_batch_prompts=4", "train.max_steps=3", "lora.enabled=true", "lora.r=4",
+                 "train.lr=0.05"], root / "log_lora")
+    assert code == 0, (root / "log_lora").read_text()[-3000:]
+    _export_reproduces_trained_logps(root / "run_lora" / "final", root / "out_lora" / "logps.pt", root / "model")
+
+
+def test_evaluation_metrics_are_logged(toy):
+    records = [json.loads(line) for line in (toy["root"] / "run1" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in records if "eval/loss" in r}
+    assert sorted(evals) == [4, 8]
+    assert all(0 <= r["eval/rewards/accuracies"] <= 1 for r in evals.values())
+    assert evals[8]["eval/loss"] < evals[4]["eval/loss"]  # the same prompts as training: the loss falls
 
 
 def test_sigkill_then_resume_auto_continues_identically(toy):

@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def dispatch(task: str, args: argparse.Namespace) -> int:
     if args.num_procs > 1 and "RANK" not in os.environ:
-        cmd = ["deepspeed", "--num_gpus", str(args.num_procs), "--module", "dora_engine.training", "--task", task,
-               "--config", args.config]
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_procs), "--module",
+               "dora_engine.training", "--task", task, "--config", args.config]
         if args.resume:
             cmd += ["--resume", args.resume]
         return subprocess.call(cmd + list(args.overrides))

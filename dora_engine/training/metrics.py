@@ -96,7 +96,7 @@ class StepAccumulator:
         for i, k in enumerate(keys):
             metrics[k] = vec[i].item() / max(count, 1)
         if keys:
-            # Each micro-step's weights sum to 1 over the global batch: 1/Σw² per micro-step, averaged.
+            # Each micro-step's weights sum to 1 over its global batch: ESS = 1 / (Σw² averaged over micro-steps).
             inv_ess_mean = vec[len(keys) + 1].item() / self.micro_steps
             metrics["robust/ess"] = 1.0 / inv_ess_mean if inv_ess_mean > 0 else math.nan
             metrics["robust/weight_max"] = flags[0].item()
