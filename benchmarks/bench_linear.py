@@ -186,16 +186,31 @@ def worker(method: str, p: Point) -> dict:
 
 
 def run_all(methods: list[str], p: Point, timeout: float) -> list[dict]:
+    """``p.repeats`` rounds over the methods, interleaved so that a slow spell of a shared machine hits every
+    method alike; per method the best time and the largest extra memory."""
     from tqdm import tqdm
 
-    results = []
-    for method in tqdm(methods, desc="methods", unit="method"):
-        cmd = [sys.executable, __file__, "--worker", method, "--point", json.dumps(asdict(p))]
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    errors: dict[str, list[str]] = {}
+    single = json.dumps(asdict(replace(p, repeats=1)))
+    for _, method in tqdm([(r, m) for r in range(p.repeats) for m in methods], desc="runs", unit="run"):
+        if method in errors:
+            continue
+        cmd = [sys.executable, __file__, "--worker", method, "--point", single]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            results.append({"method": method, "error": proc.stderr.strip().splitlines()[-1:]})
+            errors[method] = proc.stderr.strip().splitlines()[-1:]
             continue
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = []
+    for method in methods:
+        if method in errors:
+            results.append({"method": method, "error": errors[method]})
+            continue
+        times = [t for r in runs[method] for t in r["times_s"]]
+        extra = max(r["extra_bytes"] for r in runs[method])
+        results.append({**runs[method][0], "time_s": min(times), "times_s": times, "extra_bytes": extra,
+                        "repeats": p.repeats})
     return results
 
 
