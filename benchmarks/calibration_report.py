@@ -111,7 +111,7 @@ def _hardware() -> str:
 
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    return f"{os.cpu_count()} CPU cores (shared with other jobs)"
+    return f"{os.cpu_count()} CPU cores"
 
 
 def markdown(results: dict, settings: ClassifierSettings, command: str) -> str:
