@@ -27,7 +27,7 @@ python launch/make_tiny_model.py --kind bert --hidden 32 --layers 1 --heads 2 --
 
 step "3/7 calibration: golden-vs-source classifiers -> h_tilde"
 dora-engine calibrate "$DATA/train.jsonl" --target golden --out "$DATA/train.calibrated.jsonl" \
-  --output-dir "$WORK/calibration" --backbone "$WORK/tiny-bert" --epochs 6 --lr 2e-3 --batch-size 32 \
+  --output-dir "$WORK/calibration" --backbone "$WORK/tiny-bert" --epochs 3 --lr 2e-3 --batch-size 32 \
   --max-length 192 --device cpu
 
 COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft")
@@ -44,7 +44,7 @@ dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_align.
 step "7/7 evaluation: greedy generations judged by the oracle reward against the golden responses"
 for model in sft align; do
   dora-engine eval generate --model "$WORK/$model/final" --data "$DATA/heldout.jsonl" \
-    --output "$WORK/eval/generations_$model.jsonl" --generator "$model" --temperature 0 --max-new-tokens 48
+    --output "$WORK/eval/generations_$model.jsonl" --generator "$model" --temperature 0 --max-new-tokens 48 --batch-size 48
   dora-engine eval winrate --generations "$WORK/eval/generations_$model.jsonl" --data "$DATA/heldout.jsonl" \
     --target-source golden --judge oracle --output "$WORK/eval/winrate_$model.json"
 done

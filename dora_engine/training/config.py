@@ -8,8 +8,6 @@ parameters and defaults come from the registry in ``dora_engine.losses``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import types
@@ -133,13 +131,6 @@ class TrainingConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def fingerprint(self) -> str:
-        """Hash of everything that fixes the data order and the optimisation (not logging or paths)."""
-        keep = self.to_dict()
-        for volatile in ("logging", "checkpoint", "output_dir"):
-            keep.pop(volatile)
-        return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 STAGES = ("sft", "align")
