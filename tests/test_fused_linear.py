@@ -198,3 +198,18 @@ def test_no_full_logits_allocation(mode):
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["extra_bytes"] < 0.25 * result["logits_bytes"], result
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_the_logits_path(mode, dtype):
+    # On CUDA the bf16 weight gradient is accumulated by a mixed-dtype GEMM straight into fp32.
+    hidden, weight, bias, labels, kw = make_problem(B=6, K=4, T=33, H=64, V=1000, dtype=dtype)
+    cuda = [t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias)]
+    kw = {k: v.cuda() for k, v in kw.items() if torch.is_tensor(v)} | {"num_responses": 4}
+    want = run(reference.dora_loss_linear, *cuda[:2], cuda[2], labels.cuda(), **kw)
+    got = run(dora_loss_linear, *cuda[:2], cuda[2], labels.cuda(), mode=mode, chunk_bytes=1 << 20, **kw)
+    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    assert_same(*got, *want, *tol)
