@@ -14,14 +14,16 @@ L_seen. A new chunk changes L_seen, and with it ∂L_seen/∂ℓ_i of every earl
 factor r (dro/dora/drdpo: exp((M_old − M_new)/λ)·Z_old/Z_new, the online-softmax rescale; erm/reweight:
 B_old/B_new), read off the stage kernel's gradients as r = g_new[i]/g_old[i] at the earlier prompt with
 the largest g_old (never 0). The weight accumulator takes r as the GEMM's beta; d hidden of each chunk
-is corrected once at the end by g_final/g_then, which also applies the data-parallel global reduction:
-the per-prompt local gradients are exact, only the strategy's weights are global.
+is scaled once, in backward together with grad_output, by g_final/g_then. g_final comes from the
+reduction over all ranks' prompts when a process group is given (the per-prompt local gradients are
+exact, only the strategy's weights are global), × world size because DeepSpeed averages gradients.
+Forward forms every gradient; backward only scales them by grad_output.
 
 ``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the per-token log-sum-exp, chunked in
 tokens (down to one token); backward recomputes each chunk's logits.
 
-Weight/bias gradients accumulate in fp32 (float64 for float64 inputs) and are cast to the parameter's
-dtype once at the end.
+Weight/bias gradients accumulate in fp32 (float64 for float64 inputs; on CUDA a bf16/fp16 GEMM writes
+straight into the fp32 accumulator) and are cast to the parameter's dtype once at the end.
 """
 
 from __future__ import annotations
