@@ -79,3 +79,19 @@ def test_head_is_a_drop_in_output_layer():
     assert model(input_ids=torch.randint(0, VOCAB, (1, 5))).logits.shape == (1, 5, VOCAB)  # generation still works
     with pytest.raises(TypeError, match="without labels"):
         head(hidden, num_responses=2)
+
+
+def test_policy_over_a_peft_model_trains_only_the_adapters():
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(tied=False), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    input_ids, mask, labels, kw = batch()
+    policy = DoRAPolicy(model, backend="fused")
+    out = policy(input_ids, mask, labels, **kw)
+    out.loss.backward()
+    trained = [name for name, p in model.named_parameters() if p.grad is not None]
+    assert trained and all("lora_" in name for name in trained)
+
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    want = dora_loss(logits, labels[:, 1:].contiguous(), backend="reference", **kw)
+    torch.testing.assert_close(out.loss, want.loss)

@@ -13,9 +13,9 @@ loss (DESIGN.md section 5) runs inside the forward of the module that owns the w
   holding the very same ``Parameter`` objects. With tied input/output embeddings that parameter is also
   the input embedding's, so both modules own it and ZeRO-3 gathers it for either (and sums both
   gradients into it).
-- ``DoRAPolicy(model)`` is the root module to hand to ``deepspeed.initialize``: its forward runs the
-  decoder body and the loss head in one root forward, so DeepSpeed's per-step parameter tracing sees the
-  usual order of sub-module calls.
+- ``DoRAPolicy(model)`` is the root module to hand to ``deepspeed.initialize`` (``model`` a Hugging Face
+  causal LM, optionally PEFT-wrapped): its forward runs the decoder body and the loss head in one root
+  forward, so DeepSpeed's per-step parameter tracing sees the usual order of sub-module calls.
 
 What a trainer calls (labels in the Hugging Face convention, ``labels[:, t]`` is token t and
 ``-100`` marks prompt and padding tokens; the shift to "logits at t predict token t + 1" happens here)::
@@ -130,6 +130,7 @@ class DoRAPolicy(nn.Module):
 
         ``labels`` unshifted (``labels[:, t]`` is token t, -100 ignored).
         """
-        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # get_decoder(): the transformer body, also through a PEFT wrapper (whose base_model is not the body)
+        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         # Hidden states at t predict token t + 1.
         return self.head(hidden[:, :-1], labels[:, 1:].contiguous(), **loss_kwargs)
