@@ -123,6 +123,14 @@ def test_without_bias_and_without_grad(mode):
     torch.testing.assert_close(grad_hidden * 1.7, want[1][0], rtol=1e-5, atol=1e-6)
 
 
+def test_single_pass_refuses_a_second_backward():
+    hidden, weight, bias, labels, kw = make_problem(B=2, K=2, T=4, H=8, V=10, dtype=torch.float32)
+    out = dora_loss_linear(hidden, weight, labels, bias=bias, **kw)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        out.loss.backward()
+
+
 def test_global_reduction_of_a_skewed_batch_stays_finite():
     # λ small and ℓ spread widely: later chunks dominate, earlier chunks' weights underflow to 0.
     hidden, weight, bias, labels, kw = make_problem(B=6, K=2, T=5, H=8, V=20, dtype=torch.float32)

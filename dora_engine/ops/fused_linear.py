@@ -236,9 +236,13 @@ class _SinglePassLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, *_unused):
-        grad_hidden, grad_weight, grad_bias = ctx.grads
-        scales = ctx.scales
-        del ctx.grads
+        if ctx.grads is None:
+            raise RuntimeError(
+                "dora_loss_linear(mode='single_pass') forms its gradients once and cannot be backpropagated "
+                "twice (retain_graph); use mode='recompute'"
+            )
+        (grad_hidden, grad_weight, grad_bias), scales = ctx.grads, ctx.scales
+        ctx.grads = None
         if grad_hidden is not None:
             grad_hidden.view(scales.prompts.numel(), -1).mul_((scales.prompts * grad_loss)[:, None])
         params = [
