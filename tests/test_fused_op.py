@@ -7,12 +7,10 @@ The extension is built once (just in time, cached under TORCH_EXTENSIONS_DIR) fo
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiproc import run_gloo
 
 from dora_engine import ops
 from dora_engine.losses import LOSSES, STRATEGIES, encode_params, resolve_params
@@ -288,44 +286,25 @@ SPLIT = (2, 1)  # prompts per rank: uneven on purpose
 DIST_KWARGS = dict(loss="dpo_pl", strategy="dora", lam=0.4)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(SPLIT))
-    try:
-        batch = make_batch(sum(SPLIT), 3, seed=21)
-        first = sum(SPLIT[:rank])
-        prompts = slice(first, first + SPLIT[rank])
-        rows = slice(3 * prompts.start, 3 * prompts.stop)
-        local = {k: v[prompts] if k in ("scores", "h_tilde") else v for k, v in batch.items()}
-        local.update(logits=batch["logits"][rows], labels=batch["labels"][rows], ref_logps=batch["ref_logps"][rows])
-        out, grad = loss_and_grad(fused, local, **DIST_KWARGS, process_group=dist.group.WORLD)
-        queue.put((rank, out.loss.item(), grad, out.weights))
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank: int):
+    batch = make_batch(sum(SPLIT), 3, seed=21)
+    first = sum(SPLIT[:rank])
+    prompts = slice(first, first + SPLIT[rank])
+    rows = slice(3 * prompts.start, 3 * prompts.stop)
+    local = {k: v[prompts] if k in ("scores", "h_tilde") else v for k, v in batch.items()}
+    local.update(logits=batch["logits"][rows], labels=batch["labels"][rows], ref_logps=batch["ref_logps"][rows])
+    out, grad = loss_and_grad(fused, local, **DIST_KWARGS, process_group=dist.group.WORLD)
+    return out.loss.item(), grad, out.weights
 
 
 @pytest.mark.multiproc
 def test_two_gloo_ranks_equal_one_process() -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(rank, port, queue)) for rank in range(len(SPLIT))]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    results = run_gloo(_rank_main, len(SPLIT))
     single, grad = loss_and_grad(fused, make_batch(sum(SPLIT), 3, seed=21), **DIST_KWARGS)
     world = len(SPLIT)
-    losses = [loss for _, loss, _, _ in results]
+    losses = [loss for loss, _, _ in results]
     assert losses[0] == losses[1] == pytest.approx(single.loss.item(), rel=1e-6)
     # DeepSpeed averages gradients over ranks: each rank holds world × the global gradient of its rows.
-    local_grads = torch.cat([g for _, _, g, _ in results]) / world
+    local_grads = torch.cat([g for _, g, _ in results]) / world
     assert_close(local_grads, grad, 1e-5, "d logits")
-    assert_close(torch.cat([w for _, _, _, w in results]), single.weights, 1e-6, "weights")
+    assert_close(torch.cat([w for _, _, w in results]), single.weights, 1e-6, "weights")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiproc import run_gloo
 
 from dora_engine import ops
 from dora_engine.ops import reference
@@ -148,48 +147,28 @@ def test_label_out_of_range_and_empty_response() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank: int, port: int, strategy: str, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        inputs = make_inputs(B=4, K=2)
-        rows = slice(rank * 4, rank * 4 + 4)
-        prompts = slice(rank * 2, rank * 2 + 2)
-        logits = inputs["logits"][rows].clone().requires_grad_(True)
-        out = reference.dora_loss(
-            logits, inputs["labels"][rows], num_responses=2, scores=inputs["scores"][prompts],
-            h_tilde=inputs["h_tilde"][prompts], ref_logps=inputs["ref_logps"][rows], loss="dpo",
-            strategy=strategy, lam=0.3, process_group=dist.group.WORLD,
-        )
-        out.loss.backward()
-        queue.put((rank, out.loss.item(), logits.grad.clone(), out.weights))
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank: int, strategy: str):
+    inputs = make_inputs(B=4, K=2)
+    rows = slice(rank * 4, rank * 4 + 4)
+    prompts = slice(rank * 2, rank * 2 + 2)
+    logits = inputs["logits"][rows].clone().requires_grad_(True)
+    out = reference.dora_loss(
+        logits, inputs["labels"][rows], num_responses=2, scores=inputs["scores"][prompts],
+        h_tilde=inputs["h_tilde"][prompts], ref_logps=inputs["ref_logps"][rows], loss="dpo",
+        strategy=strategy, lam=0.3, process_group=dist.group.WORLD,
+    )
+    out.loss.backward()
+    return out.loss.item(), logits.grad, out.weights
 
 
 @pytest.mark.multiproc
 @pytest.mark.parametrize("strategy", ["dora", "drdpo"])
 def test_two_gloo_ranks_equal_one_process(strategy: str) -> None:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, strategy, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    (loss0, grad0, w0), (loss1, grad1, w1) = run_gloo(_rank_main, 2, strategy)
     inputs = make_inputs(B=4, K=2)
     logits = inputs.pop("logits").requires_grad_(True)
     single = reference.dora_loss(logits, loss="dpo", strategy=strategy, lam=0.3, **inputs)
     single.loss.backward()
-    (_, loss0, grad0, w0), (_, loss1, grad1, w1) = results
     assert loss0 == pytest.approx(single.loss.item(), rel=1e-12) and loss1 == pytest.approx(loss0, rel=1e-12)
     # each rank's gradient is the world size times the global loss's gradient for its own samples, so that
     # DeepSpeed's averaging over ranks of the (shared) parameters' gradients gives the exact global gradient
