@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from multiproc import run_gloo
 
 from dora_engine.ops import reference
 from dora_engine.ops.builder import OpLoadError, load_ops
@@ -62,42 +62,24 @@ def _loss(fn, data: dict[str, torch.Tensor], prompts: slice, strategy: str, **ex
     return out.loss.item(), out.weights, [t.grad for t in leaves]
 
 
-def _rank_main(rank: int, port: int, queue) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        data = _problem()
-        results = {}
-        for mode, strategy in CASES:
-            results[(mode, strategy)] = _loss(
-                dora_loss_linear, data, RANK_PROMPTS[rank], strategy, mode=mode, chunk_bytes=1,
-                process_group=dist.group.WORLD,
-            )
-        # numpy arrays travel by value; torch tensors would go through shared memory this process frees on exit
-        queue.put((rank, {case: (loss, w.numpy(), [g.numpy() for g in grads])
-                          for case, (loss, w, grads) in results.items()}))
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank: int) -> dict:
+    data = _problem()
+    return {
+        (mode, strategy): _loss(
+            dora_loss_linear, data, RANK_PROMPTS[rank], strategy, mode=mode, chunk_bytes=1,
+            process_group=dist.group.WORLD,
+        )
+        for mode, strategy in CASES
+    }
 
 
 @pytest.mark.multiproc
 def test_two_gloo_ranks_equal_one_process():
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    (_, ranks0), (_, ranks1) = sorted((queue.get(timeout=120) for _ in procs), key=lambda item: item[0])
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    ranks0, ranks1 = run_gloo(_rank_main, 2)
     data = _problem()
     for case in CASES:
         loss, weights, (g_hidden, g_weight, g_bias) = _loss(reference.dora_loss_linear, data, slice(0, B), case[1])
-        (loss0, w0, grads0), (loss1, w1, grads1) = (
-            (value, torch.from_numpy(w), [torch.from_numpy(g) for g in gs])
-            for value, w, gs in (ranks0[case], ranks1[case])
-        )
+        (loss0, w0, grads0), (loss1, w1, grads1) = ranks0[case], ranks1[case]
         assert loss0 == pytest.approx(loss, rel=1e-5) and loss1 == pytest.approx(loss, rel=1e-5), case
         torch.testing.assert_close(torch.cat([w0, w1]), weights)
         # Each rank returns world size × the global gradient of its own rows; DeepSpeed averages over ranks.
