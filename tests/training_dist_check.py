@@ -3,7 +3,7 @@
 ``python tests/training_dist_check.py OUT CONFIG [key=value ...]`` under ``deepspeed --num_gpus N`` or
 alone (a world of one). It trains with the config and writes to OUT (rank 0):
   grads.pt    the full gradients of step 1, gathered before the optimizer step (runs that start at step 0);
-  params.pt   a checksum (Σ|θ|) of the parameters after each optimizer step;
+  params.pt   a checksum (Σ|θ|) of the trained parameters after each optimizer step;
   logps.pt    the trained model's summed log-probs on the first training examples (for the export check).
 With ``NAN_FROM_STEP=s`` in the environment the loss is NaN from optimizer step s on (fault injection).
 The metrics land in the config's output_dir as usual. Exits with the trainer's exit code.
@@ -36,14 +36,15 @@ def main() -> int:
     checksums: list[float] = []
     real_step, real_forward = engine.step, module.forward
     nan_from = int(os.environ.get("NAN_FROM_STEP", 0))
+    trained = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
 
     def step_with_capture() -> None:
         boundary = engine.is_gradient_accumulation_boundary()
         if boundary and engine.global_steps == 0:  # step 1: gradients complete, update not yet applied
-            grads.update({n: safe_get_full_grad(p).clone() for n, p in module.named_parameters()})
+            grads.update({n: safe_get_full_grad(p).clone() for n, p in trained})
         real_step()
         if boundary:
-            total = sum(float(safe_get_full_fp32_param(p).abs().sum()) for p in module.parameters())
+            total = sum(float(safe_get_full_fp32_param(p).abs().sum()) for _, p in trained)
             checksums.append(total)
 
     def forward_with_faults(*args, **kwargs) -> StepOutput:
