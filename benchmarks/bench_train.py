@@ -94,12 +94,14 @@ def results_section(args: argparse.Namespace, rows: dict[str, dict], device: str
     base = rows["logits/reference"]
     lines = [
         f"## Training throughput, {device.upper()}", "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads default; shared VM, so times vary "
-        "(about ±20 %).", "", f"    {command}", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads default; a shared VM: the same "
+        "variant's step time varied up to 2× between runs, so compare the rows of one run.", "", f"    {command}", "",
         f"One process (`dora-engine train`, DeepSpeed ZeRO-3, fp32), DoRA with dpo_pl: tiny Llama (V = {args.vocab}, "
         f"H = {args.hidden}, {args.layers} layers), {args.prompts} prompts × K = {args.k} responses of {args.seq} "
         f"tokens per step; median over steps {args.warmup + 1}-{args.steps}. Peak memory: "
-        + ("max allocated." if device == "gpu" else "peak resident set of the training process."), "",
+        + ("max allocated." if device == "gpu" else "peak resident set of the training process, which also holds "
+           "the libraries, weights and optimizer state (the same for every variant), so only the differences "
+           "between rows come from the loss path."), "",
         "| loss path | op backend | tokens/s | step s | speedup | peak MiB |",
         "|---|---|---|---|---|---|",
     ]
