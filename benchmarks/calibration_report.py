@@ -179,6 +179,9 @@ def main() -> None:
     parser.add_argument("--hh-limit", type=int, default=600, help="first N HH-RLHF pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="run only these jobs, e.g. alpaca/alpaca-7b hh/rejected"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file whose section is rewritten")
     args = parser.parse_args()
     if not DATA.is_dir():
@@ -205,6 +208,8 @@ def main() -> None:
     jobs = [(f"alpaca/{other}", alpaca, TARGET, other) for other in OTHERS] + [
         ("hh/rejected", hh, "chosen", "rejected")
     ]
+    if args.only is not None:
+        jobs = [job for job in jobs if job[0] in args.only]
     results = {}
     for name, records, target, other in jobs:
         results[name] = pair_result(records, target, other, settings, work / name.split("/")[0])
