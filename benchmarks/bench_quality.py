@@ -161,7 +161,7 @@ def fit_h_tilde(records: list[Record], tokenizer, config: BenchConfig, seed: int
             intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, num_labels=2,
         ))
         bert.save_pretrained(backbone)
-        tokenizer.save_pretrained(backbone)
+        build_synth_tokenizer(backbone)  # a fresh copy: no state left by earlier use
     settings = ClassifierSettings(
         backbone=str(backbone), lr=config.classifier_lr, epochs=config.classifier_epochs, batch_size=32, seed=seed,
         max_length=192, held_out=0.1, device="cpu",

@@ -101,3 +101,18 @@ def test_bad_options_are_reported(records):
 def test_vllm_requested_but_missing(records):
     with pytest.raises(RuntimeError, match="vllm.*dora-engine\\[generate\\]"):
         generate_records(records, "unused", backend="vllm")
+
+
+def test_generation_leaves_the_tokenizer_padding_as_it_was(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dora_engine.eval.generate import generate_texts
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generate_texts(model, tokenizer, PROMPTS[:2], DecodingConfig(max_new_tokens=2), progress=False)
+    assert tokenizer.padding_side == "right"
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    mask = reloaded(["a", "how do i make tea"], padding=True)["attention_mask"]
+    assert mask[0][0] == 1 and mask[0][-1] == 0  # still padded on the right

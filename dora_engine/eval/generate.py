@@ -137,7 +137,11 @@ def generate_texts(
         "temperature": decoding.temperature, "top_k": decoding.top_k or None, "top_p": decoding.top_p,
     }
     torch.manual_seed(decoding.seed)
+    # Left padding is set for this call only: the fast tokenizer's backend keeps (and save_pretrained writes)
+    # the last padding it used, so its previous state is restored as well.
     was_training, padding_side = model.training, tokenizer.padding_side
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend_padding = backend.padding if backend is not None else None
     model.eval()
     tokenizer.padding_side = "left"
     outputs: list[str] = [""] * len(texts)
@@ -157,6 +161,11 @@ def generate_texts(
     finally:
         model.train(was_training)
         tokenizer.padding_side = padding_side
+        if backend is not None:
+            if backend_padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**backend_padding)
     return outputs
 
 
