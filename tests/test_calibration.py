@@ -289,6 +289,8 @@ def test_bad_input_is_named(tmp_path):
         ValueError, match=r"record 12 \(id='lonely'\) has 1 response\(s\); calibration needs at least 2"
     ):
         fit(single, target="gold", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"min_examples must be >= 1, got 0"):
+        fit(records, target="gold", output_dir=tmp_path, min_examples=0)
     with pytest.raises(ValueError, match=r"unknown calibration scheme 'mixture'"):
         fit(records, target="gold", output_dir=tmp_path, scheme="mixture")
     with pytest.raises(ValueError, match=r"classifier setting 'held_out' must be in \[0, 1\), got 1.5"):

@@ -234,6 +234,8 @@ def fit(
     fewer than ``min_examples`` training responses.
     """
     settings = settings or ClassifierSettings()
+    if min_examples < 1:
+        raise ValueError(f"min_examples must be >= 1, got {min_examples}")
     sources = check_records(records)
     specs, rules = plan(sources, target, scheme)
     train_records, held_records = split_by_prompt(records, settings.held_out, settings.seed)
