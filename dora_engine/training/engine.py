@@ -65,14 +65,13 @@ def init_distributed() -> Dist:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)  # before the process group, so NCCL binds each rank to its own GPU
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
@@ -294,8 +293,12 @@ class Trainer:
                     in_a_row = 0
                 else:
                     skipped += 1
-                    in_a_row += 1
-                    self._say(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}); update skipped")
+                    if self.precision == "fp16" and math.isfinite(metrics["loss"]):
+                        # A gradient overflow with a finite loss is fp16 loss scaling at work, not a fault.
+                        self._say(f"step {step}: fp16 gradient overflow; loss scale lowered, update skipped")
+                    else:
+                        in_a_row += 1
+                        self._say(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}); update skipped")
                 metrics["skipped_steps"] = skipped
                 every_eval = self.cfg.train.eval_every
                 if self.eval_data is not None and every_eval and step % every_eval == 0:
