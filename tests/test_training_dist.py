@@ -50,9 +50,11 @@ def losses(run_dir: Path) -> dict[int, float]:
 def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        path = run_dir / "metrics.jsonl"
-        if path.is_file() and any(s >= step for s in losses(run_dir)):
-            return
+        try:
+            if any(s >= step for s in losses(run_dir)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or a line being written
+            pass
         assert proc.poll() is None, "the run ended before it could be interrupted"
         time.sleep(0.1)
     raise AssertionError(f"step {step} never came")
