@@ -65,6 +65,8 @@ def test_defaults_overrides_and_registry_defaults(toy):
         ({"robust": {"strategy": "minimax"}}, "'robust.strategy': unknown strategy"),
         ({"data": {"train": ["missing.jsonl"]}}, "'data.train[0]': file not found"),
         ({"lora": {"enabled": True, "dropout": 1.5}}, "'lora.dropout'"),
+        ({"model": {"path": "/nonexistent/model"}}, "'model.path': folder not found"),
+        ({"model": {"reference": "./runs/missing-sft"}}, "'model.reference': folder not found"),
     ],
 )
 def test_bad_config_names_the_key(toy, tmp_path, edit, message):

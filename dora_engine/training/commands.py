@@ -16,7 +16,7 @@ TASKS = ("train", "ref-logps")
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML training config (DESIGN.md section 6)")
+    parser.add_argument("--config", required=True, help="YAML training config (keys: launch/README.md)")
     parser.add_argument("--resume", default=None, metavar="auto|TAG",
                         help="continue from the latest checkpoint (auto) or a given tag; same as checkpoint.resume")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-6")

@@ -236,11 +236,22 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"config key {key!r} must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def _check_model_location(key: str, location: str | None) -> None:
+    """A local folder must exist; anything shaped like a hub id (``org/name``) is left to the loader."""
+    if not location or Path(location).expanduser().is_dir():
+        return
+    local = location.startswith(("/", ".", "~")) or location.count("/") > 1 or os.sep != "/" and os.sep in location
+    if local:
+        raise ConfigError(f"config key {key!r}: folder not found: {location}")
+
+
 def validate(cfg: TrainingConfig) -> TrainingConfig:
     """Checks that need more than types; each failure names its key."""
     _choice("stage", cfg.stage, STAGES)
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required (a Hugging Face model directory)")
+    for key in ("path", "tokenizer", "reference"):
+        _check_model_location(f"model.{key}", getattr(cfg.model, key))
     _choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
