@@ -293,12 +293,7 @@ class Trainer:
                     in_a_row = 0
                 else:
                     skipped += 1
-                    if self.precision == "fp16" and math.isfinite(metrics["loss"]):
-                        # A gradient overflow with a finite loss is fp16 loss scaling at work, not a fault.
-                        self._say(f"step {step}: fp16 gradient overflow; loss scale lowered, update skipped")
-                    else:
-                        in_a_row += 1
-                        self._say(f"step {step}: non-finite loss or gradient (loss={metrics['loss']}); update skipped")
+                    in_a_row += self._report_skip(step, metrics["loss"])
                 metrics["skipped_steps"] = skipped
                 every_eval = self.cfg.train.eval_every
                 if self.eval_data is not None and every_eval and step % every_eval == 0:
@@ -320,31 +315,43 @@ class Trainer:
                     self.checkpoints.save(self.engine, step, client)
                     last_saved = step
             bar.close()
-            if self.stop_signal is not None:
+            if self.stop_signal is not None or self.cfg.checkpoint.every:
                 if last_saved != step:
                     self.checkpoints.save(self.engine, step, client)
+            if self.stop_signal is not None:
                 self._say(f"stopped on {self.stop_signal} after step {step}; checkpoint saved in "
                           f"{self.checkpoints.directory}. Continue with --resume auto")
                 return 0
-            if self.cfg.checkpoint.every and last_saved != step:
-                self.checkpoints.save(self.engine, step, client)
-            if self.eval_data is not None and not self.cfg.train.eval_every:
-                final_eval = self.evaluate()
-                if writer is not None:
-                    writer.write(step, final_eval)
-            if self.cfg.checkpoint.export:
-                self.export()
-            if writer is not None:
-                writer.close()
-                plot = plot_metrics(writer.path, self.output_dir / "metrics.png")
-                self._say(f"done: {step} steps, {skipped} skipped; metrics in {writer.path}"
-                          + (f", curves in {plot}" if plot else ""))
+            self._finish(step, skipped, writer)
             return 0
         finally:
             bar.close()
             signal.signal(signal.SIGTERM, previous)
             if writer is not None:
                 writer.close()
+
+    def _report_skip(self, step: int, loss: float) -> int:
+        """Log a skipped update; 1 when it counts towards train.max_consecutive_skips, else 0."""
+        if self.precision == "fp16" and math.isfinite(loss):
+            # A gradient overflow with a finite loss is fp16 loss scaling at work, not a fault.
+            self._say(f"step {step}: fp16 gradient overflow; loss scale lowered, update skipped")
+            return 0
+        self._say(f"step {step}: non-finite loss or gradient (loss={loss}); update skipped")
+        return 1
+
+    def _finish(self, step: int, skipped: int, writer: MetricsWriter | None) -> None:
+        """End of a completed run: final evaluation, export, curves."""
+        if self.eval_data is not None and not self.cfg.train.eval_every:
+            final_eval = self.evaluate()
+            if writer is not None:
+                writer.write(step, final_eval)
+        if self.cfg.checkpoint.export:
+            self.export()
+        if writer is not None:
+            writer.close()
+            plot = plot_metrics(writer.path, self.output_dir / "metrics.png")
+            self._say(f"done: {step} steps, {skipped} skipped; metrics in {writer.path}"
+                      + (f", curves in {plot}" if plot else ""))
 
     def _client_state(self, step: int, skipped: int, in_a_row: int) -> dict[str, Any]:
         return {"step": step, "consumed_prompts": step * self.sampler.prompts_per_step, "skipped_steps": skipped,
