@@ -215,3 +215,20 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(toy):
     assert checksums[0] != checksums[1]  # steps 1-2 train ...
     assert checksums[1] == checksums[2] == checksums[3]  # ... steps 3-4 leave the weights alone
     assert _latest_step(run) == 4
+
+
+def test_gradient_accumulation_averages_the_micro_steps(toy):
+    """With erm the objective is a plain mean, so 2 micro-steps of 2 prompts must give the same
+    optimizer steps as 1 micro-step of 4 (DESIGN.md section 5: the step averages the micro-steps)."""
+    root, config = toy["root"], str(toy["config"])
+    records = {}
+    for name, micro, accum in (("one_micro", 4, 1), ("two_micro", 2, 2)):
+        run = root / f"run_{name}"
+        code = _run([sys.executable, "-m", "dora_engine.training", "--config", config, f"output_dir={run}",
+                     "robust.strategy=erm", f"train.micro_batch_prompts={micro}", f"train.grad_accum_steps={accum}",
+                     "train.max_steps=4", "checkpoint.export=false"], root / f"log_{name}")
+        assert code == 0, (root / f"log_{name}").read_text()[-3000:]
+        records[name] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(records["one_micro"], records["two_micro"], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
