@@ -119,3 +119,42 @@ def test_cli_with_the_oracle_judge(tmp_path):
     assert (report["ties"], report["losses"], report["wins"]) == (4, 8, 0)
     assert report["win_rate_ties_half"] == pytest.approx(2 / 12)
     assert report["verdicts"][records[0].id] == "tie" and report["judge"] == "oracle"
+
+
+def _tiny_reward_model(path, num_labels):
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from dora_engine.data.synth import build_synth_tokenizer
+
+    tokenizer = build_synth_tokenizer(path)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        pad_token_id=tokenizer.pad_token_id, num_labels=num_labels,
+    )).save_pretrained(path)
+    return path
+
+
+def test_reward_model_judge_compares_single_logits(tmp_path):
+    from dora_engine.eval.judges import RewardModelScorer, make_judge
+
+    path = str(_tiny_reward_model(tmp_path / "rm", 1))
+    scorer = RewardModelScorer(path, batch_size=2, device="cpu")
+    texts = ["make tea", "boil fresh water", "warm the pot then add the tea leaves"]
+    prompts = ["how do i make tea?"] * 3
+    rewards = scorer.score(prompts, texts)
+    assert len(rewards) == 3 and len(set(rewards)) == 3
+    one_padded_batch = RewardModelScorer(path, batch_size=3, device="cpu").score(prompts, texts)
+    assert rewards == pytest.approx(one_padded_batch, abs=1e-5)
+    comparisons = [Comparison(str(i), "how do i make tea?", texts[i], texts[(i + 1) % 3]) for i in range(3)]
+    expected = ["win" if rewards[i] > rewards[(i + 1) % 3] else "lose" for i in range(3)]
+    assert make_judge(f"reward-model:{path}", device="cpu").judge(comparisons) == expected
+
+
+def test_reward_model_with_two_outputs_is_rejected(tmp_path):
+    from dora_engine.eval.judges import RewardModelScorer
+
+    path = str(_tiny_reward_model(tmp_path / "rm2", 2))
+    with pytest.raises(ValueError, match="has 2 outputs; a reward model needs exactly 1"):
+        RewardModelScorer(path, device="cpu")
