@@ -43,10 +43,11 @@ import torch
 
 from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record
+from dora_engine.data.sharded import derived_seed
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
-from dora_engine.eval.generate import DecodingConfig, generate_texts, render_prompt
 from dora_engine.eval.judges import Comparison, OracleScorer, RewardJudge
 from dora_engine.eval.winrate import golden_response, summarise
+from dora_engine.generation import Sampling, render_prompt, sample_texts
 from dora_engine.ops import dora_loss
 
 IGNORE = -100
@@ -78,7 +79,7 @@ class BenchConfig:
     classifier_lr: float = 2e-3
     max_new_tokens: int = 48
     backend: str = "reference"
-    decoding: DecodingConfig = field(default_factory=lambda: DecodingConfig(max_new_tokens=48))
+    decoding: Sampling = field(default_factory=lambda: Sampling.evaluation(max_new_tokens=48))
 
 
 QUICK = {
@@ -231,11 +232,11 @@ def train_alignment(
 
 def oracle_win_rate(model, tokenizer, eval_records: list[Record], config: BenchConfig, seed: int) -> float:
     """Win rate (ties half) of sampled responses against the golden ones, judged by the oracle."""
-    decoding = replace(config.decoding, seed=seed)
-    outputs = generate_texts(model, tokenizer, [r.prompt for r in eval_records], decoding,
-                             batch_size=len(eval_records), progress=False)
-    comparisons = [Comparison(r.id, r.prompt_text(), out, golden_response(r, GOLDEN_SOURCE))
-                   for r, out in zip(eval_records, outputs, strict=True)]
+    outputs = sample_texts(model, tokenizer, [r.prompt for r in eval_records], config.decoding,
+                           [derived_seed(seed, r.id) for r in eval_records], batch_size=len(eval_records),
+                           progress=False)
+    comparisons = [Comparison(r.id, r.prompt_text(), texts[0], golden_response(r, GOLDEN_SOURCE))
+                   for r, texts in zip(eval_records, outputs, strict=True)]
     return summarise(RewardJudge(OracleScorer()).judge(comparisons), n_boot=1).win_rate_ties_half
 
 

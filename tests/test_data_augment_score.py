@@ -7,10 +7,11 @@ import importlib.util
 import pytest
 from data_cli import run_data_cli
 
-from dora_engine.data.augment import Sampling, TransformersGenerator, augment_file, augment_records, render_prompt
+from dora_engine.data.augment import augment_file, augment_records
 from dora_engine.data.schema import read_records, write_records
 from dora_engine.data.score import RewardModel, score_file, score_records
 from dora_engine.data.synth import build_synth_tokenizer, synth_records
+from dora_engine.generation import Sampling, TransformersGenerator, adds_special_tokens, render_prompt
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -48,7 +49,7 @@ def dataset(tmp_path):
     return path
 
 
-SHORT = Sampling(max_new_tokens=6)
+SHORT = Sampling.augmentation(max_new_tokens=6)
 
 
 def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_path):
@@ -64,8 +65,8 @@ def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_pat
         assert new.meta["generation"]["tiny-lm"]["temperature"] == 0.8
     assert any(r.text for rec in out for r in rec.responses[2:])
     assert not (tmp_path / ".out.jsonl.shards").exists()
-    # seeds follow the records, so in memory (one shard) == sharded with a multiple of the batch size
-    mem = augment_records(before, models["tiny-lm"], device="cpu", n=3, sampling=SHORT, batch_size=4)
+    # seeds follow the records, so in memory (one shard, another batch size) == sharded
+    mem = augment_records(before, models["tiny-lm"], device="cpu", n=3, sampling=SHORT, batch_size=3)
     assert [r.to_dict() for r in mem] == [r.to_dict() for r in out]
     other_seed = augment_records(before, models["tiny-lm"], device="cpu", n=3, sampling=SHORT, batch_size=4, seed=1)
     assert [r.to_dict() for r in other_seed] != [r.to_dict() for r in out]
@@ -194,13 +195,14 @@ def test_reward_model_with_more_than_one_output_is_refused(models):
 def test_vllm_requested_but_missing(models, dataset, tmp_path):
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed")
-    with pytest.raises(ImportError, match="backend 'vllm' was requested but vllm is not installed"):
+    with pytest.raises(ImportError, match="backend 'vllm' was requested but vllm cannot be imported"):
         augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu", backend="vllm")
 
 
 def test_bad_sampling_and_n(models, dataset, tmp_path):
-    with pytest.raises(ValueError, match="temperature"):
-        Sampling(temperature=0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu",
+                     sampling=Sampling.augmentation(temperature=0))
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=1.5)
     with pytest.raises(ValueError, match="n must be"):
@@ -211,12 +213,12 @@ def test_bad_sampling_and_n(models, dataset, tmp_path):
 
 def test_chat_template_is_used_when_present(models):
     tok = transformers.AutoTokenizer.from_pretrained(models["tiny-lm"])
-    assert render_prompt(tok, "How do I make tea?") == ("How do I make tea?", False)
+    assert render_prompt(tok, "How do I make tea?") == "How do I make tea?" and adds_special_tokens(tok)
     tok.chat_template = (
         "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>{% endif %}"
     )
-    text, templated = render_prompt(tok, [{"role": "user", "content": "make tea"}])
-    assert templated and text == "<s>make tea</s><s>"
+    assert render_prompt(tok, [{"role": "user", "content": "make tea"}]) == "<s>make tea</s><s>"
+    assert not adds_special_tokens(tok)  # the template already wrote them
 
 
 def test_cli_augment_then_score(models, dataset, tmp_path):
@@ -258,5 +260,5 @@ def test_augment_survives_sigkill_and_resumes_exactly(models, tmp_path):
     assert 1 <= finished < 8
     assert run_data_cli(["augment", *argv]) == 0
     reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], device="cpu", n=2,
-                             sampling=Sampling(max_new_tokens=16), batch_size=2, shard_size=2)
+                             sampling=Sampling.augmentation(max_new_tokens=16), batch_size=2, shard_size=2)
     assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in reference]

@@ -10,7 +10,8 @@ import pytest
 
 from dora_engine.data.schema import Record, Response, write_records
 from dora_engine.eval import commands
-from dora_engine.eval.generate import DecodingConfig, generate_records, read_generations, render_prompt
+from dora_engine.eval.generate import generate_records, read_generations
+from dora_engine.generation import Sampling, render_prompt
 
 PROMPTS = ["How do I bake bread?", "Give me tips to make tea.", "What is the best way to plant a tree?",
            "Can you explain how to clean a window?", "How do I cook rice?"]
@@ -63,20 +64,22 @@ def test_cli_writes_jsonl_and_alpaca_eval_outputs(model_dir, records, tmp_path):
 
 
 def test_left_padded_batches_match_one_prompt_at_a_time(model_dir, records):
-    greedy = DecodingConfig(temperature=0.0, max_new_tokens=8)
-    batched = generate_records(records, str(model_dir), decoding=greedy, batch_size=5, device="cpu")
-    single = generate_records(records, str(model_dir), decoding=greedy, batch_size=1, device="cpu")
+    greedy = Sampling.evaluation(temperature=0.0, max_new_tokens=8)
+    batched = generate_records(records, str(model_dir), sampling=greedy, batch_size=5, device="cpu")
+    single = generate_records(records, str(model_dir), sampling=greedy, batch_size=1, device="cpu")
     assert [g.output for g in batched] == [g.output for g in single]
     assert batched[0].generator == model_dir.name
 
 
-def test_sampling_is_seeded(model_dir, records):
-    def sample(seed):
-        return [g.output for g in generate_records(records, str(model_dir), device="cpu",
-                                                   decoding=DecodingConfig(max_new_tokens=8, seed=seed))]
+def test_sampling_is_seeded_and_independent_of_the_batch_size(model_dir, records):
+    def sample(seed, batch_size=8):
+        return [g.output for g in generate_records(records, str(model_dir), device="cpu", seed=seed,
+                                                   sampling=Sampling.evaluation(max_new_tokens=8),
+                                                   batch_size=batch_size)]
 
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
+    assert sample(1, batch_size=2) == sample(1)
 
 
 def test_chat_template_is_used_when_present():
@@ -92,25 +95,25 @@ def test_chat_template_is_used_when_present():
 
 def test_bad_options_are_reported(records):
     with pytest.raises(ValueError, match="top_p"):
-        DecodingConfig(top_p=0.0)
+        Sampling(top_p=0.0)
     with pytest.raises(ValueError, match="unknown backend"):
         generate_records(records, "unused", backend="tgi")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
 def test_vllm_requested_but_missing(records):
-    with pytest.raises(RuntimeError, match="vllm.*dora-engine\\[generate\\]"):
+    with pytest.raises(ImportError, match="vllm.*dora-engine\\[generate\\]"):
         generate_records(records, "unused", backend="vllm")
 
 
 def test_generation_leaves_the_tokenizer_padding_as_it_was(model_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dora_engine.eval.generate import generate_texts
+    from dora_engine.generation import sample_texts
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    generate_texts(model, tokenizer, PROMPTS[:2], DecodingConfig(max_new_tokens=2), progress=False)
+    sample_texts(model, tokenizer, PROMPTS[:2], Sampling.evaluation(max_new_tokens=2), [0, 1], progress=False)
     assert tokenizer.padding_side == "right"
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)

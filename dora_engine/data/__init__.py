@@ -6,7 +6,7 @@ Each pipeline step is a plain function, so the steps compose in Python as on the
 - schema: ``Record``, ``Response``, ``RecordError``, ``read_records``, ``write_records``, ``iter_jsonl``;
 - ``converters``: ``convert_files(fmt, paths, target=None)``, ``from_trl``, ``from_hh_rlhf``,
   ``from_alpaca_eval``, ``from_authors``, ``read_rows``;
-- ``augment``: ``augment_records``, ``augment_file``, ``Sampling``;
+- ``augment``: ``augment_records``, ``augment_file`` (``Sampling`` from ``dora_engine.generation``);
 - ``score``: ``score_records``, ``score_file``, ``ORACLE``;
 - ``corrupt``: ``corrupt_records``;
 - ``synth``: ``synth_records``, ``oracle_reward``, ``build_synth_tokenizer``.
@@ -14,12 +14,13 @@ Each pipeline step is a plain function, so the steps compose in Python as on the
 No module here imports torch or transformers at import time.
 """
 
-from dora_engine.data.augment import Sampling, augment_file, augment_records
+from dora_engine.data.augment import augment_file, augment_records
 from dora_engine.data.converters import convert_files, from_alpaca_eval, from_authors, from_hh_rlhf, from_trl, read_rows
 from dora_engine.data.corrupt import corrupt_records
 from dora_engine.data.schema import Record, RecordError, Response, iter_jsonl, read_records, write_records
 from dora_engine.data.score import ORACLE, score_file, score_records
 from dora_engine.data.synth import build_synth_tokenizer, oracle_reward, synth_records
+from dora_engine.generation import Sampling
 
 __all__ = [
     "ORACLE",

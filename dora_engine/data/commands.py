@@ -78,7 +78,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 @_user_errors
 def _cmd_augment(args: argparse.Namespace) -> int:
-    from dora_engine.data.augment import Sampling, augment_file
+    from dora_engine.data.augment import augment_file
+    from dora_engine.generation import Sampling
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)

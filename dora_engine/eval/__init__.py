@@ -3,8 +3,9 @@
 Modules:
 
 ``generate``
-    ``generate_records`` / ``generate_texts``: responses with the paper's decoding (temperature 0.8, top-k 50,
-    top-p 0.9), transformers or vllm; JSONL and AlpacaEval ``model_outputs.json`` writers and a reader.
+    ``generate_records``: responses with the paper's decoding (temperature 0.8, top-k 50, top-p 0.9; see
+    ``dora_engine.generation``), transformers or vllm; JSONL and AlpacaEval ``model_outputs.json`` writers and a
+    reader.
 ``judges`` and ``http_judge``
     pairwise judges (``make_judge``): ``oracle``, ``reward-model:PATH``, ``openai:MODEL`` (cached, retried).
 ``winrate``

@@ -39,12 +39,14 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
 
 def run_generate(args: argparse.Namespace) -> int:
     from dora_engine.data.schema import read_records
-    from dora_engine.eval.generate import DecodingConfig, generate_records, write_generations, write_model_outputs
+    from dora_engine.eval.generate import generate_records, write_generations, write_model_outputs
+    from dora_engine.generation import Sampling
 
-    decoding = DecodingConfig(args.temperature, args.top_k, args.top_p, args.max_new_tokens, args.seed)
+    sampling = Sampling.evaluation(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                   max_new_tokens=args.max_new_tokens)
     records = read_records(args.data)[: args.limit]
     generations = generate_records(
-        records, args.model, generator=args.generator, backend=args.backend, decoding=decoding,
+        records, args.model, generator=args.generator, backend=args.backend, sampling=sampling, seed=args.seed,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype,
     )
     write_generations(args.output, generations)

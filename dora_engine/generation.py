@@ -1,0 +1,278 @@
+"""Text generation from a causal LM: n sampled completions per prompt, transformers or vllm.
+
+Prompts (``dora_engine.data.schema.Prompt``) go through the tokenizer's chat template when it has one
+(a string prompt as one user turn); otherwise the plain prompt text is the model input. ``Sampling``
+holds the settings, with the paper's two presets: ``Sampling.augmentation()`` for synthetic responses
+(temperature 0.8, repetition penalty 1.1) and ``Sampling.evaluation()`` for evaluated responses
+(temperature 0.8, top-k 50, top-p 0.9); temperature 0 means greedy decoding.
+
+Every prompt comes with its own seed, and a completion's random draws depend only on that seed and the
+completion's index, never on the batch: transformers draws token ``t`` of a row as
+``argmax(logits_t / T + G_t)`` with Gumbel noise ``G_t`` from a generator owned by the row (the
+Gumbel-max trick: that argmax is a sample of ``softmax(logits_t / T)`` after top-k/top-p filtering);
+vllm seeds each request. So the output does not depend on the batch size or on which prompts share a
+batch (up to floating-point differences between padded batches).
+
+Backends: ``transformers`` (batched ``generate`` with left padding, CPU or GPU; the tokenizer's padding
+is restored afterwards, so that ``save_pretrained`` does not write the left padding) and ``vllm`` (the
+``generate`` extra; a clear ``ImportError`` when it cannot be imported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:  # dora_engine.data imports this module
+    from dora_engine.data.schema import Prompt
+
+BACKENDS = ("transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings; ``temperature = 0`` is greedy, ``top_k = 0`` and ``top_p = 1`` switch those filters off."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    max_new_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+    @classmethod
+    def augmentation(cls, **changes: Any) -> Sampling:
+        """The paper's synthetic responses: temperature 0.8, repetition penalty 1.1, 256 new tokens."""
+        return cls(**{"temperature": 0.8, "repetition_penalty": 1.1, "max_new_tokens": 256, **changes})
+
+    @classmethod
+    def evaluation(cls, **changes: Any) -> Sampling:
+        """The paper's decoding of evaluated responses: temperature 0.8, top-k 50, top-p 0.9, 512 new tokens."""
+        return cls(**{"temperature": 0.8, "top_k": 50, "top_p": 0.9, "max_new_tokens": 512, **changes})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
+    """The text fed to the model: the chat template with a generation prompt, else the plain prompt text."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return prompt if isinstance(prompt, str) else "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def adds_special_tokens(tokenizer: Any) -> bool:
+    """Whether to let the tokenizer add its special tokens (bos) to a rendered prompt: a chat template
+    already writes them into the text, a plain prompt needs them."""
+    return not getattr(tokenizer, "chat_template", None)
+
+
+def sample_texts(
+    model: Any, tokenizer: Any, prompts: Sequence[Prompt], sampling: Sampling, seeds: Sequence[int], *, n: int = 1,
+    batch_size: int = 8, progress: bool = True,
+) -> list[list[str]]:
+    """``n`` completions per prompt from an in-memory causal LM (batched, left-padded, on the model's device);
+    ``seeds[i]`` seeds prompt i."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from dora_engine.data.sharded import derived_seed
+
+    if len(seeds) != len(prompts):
+        raise ValueError(f"one seed per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
+        tokenizer.pad_token = tokenizer.eos_token
+    texts = [render_prompt(tokenizer, p) for p in prompts]
+    special = adds_special_tokens(tokenizer)
+    # Longest first, so that each batch holds prompts of similar length (less padding); order restored below.
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    outputs: list[list[str]] = [[] for _ in texts]
+    with _left_padding(tokenizer), _eval_mode(model), torch.no_grad():
+        for start in tqdm(range(0, len(order), batch_size), desc="generate", unit="batch", disable=not progress):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=special)
+            # Rows are expanded here rather than with num_return_sequences, which greedy decoding refuses.
+            enc = {key: value.repeat_interleave(n, dim=0).to(model.device) for key, value in enc.items()}
+            row_seeds = [derived_seed(seeds[i], j) for i in idx for j in range(n)]
+            out = model.generate(
+                **enc, do_sample=False, max_new_tokens=sampling.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                repetition_penalty=1.0, logits_processor=_logits_processors(sampling, row_seeds, model.device),
+            )
+            decoded = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for k, i in enumerate(idx):
+                outputs[i] = [text.strip() for text in decoded[k * n:(k + 1) * n]]
+    return outputs
+
+
+def _logits_processors(sampling: Sampling, row_seeds: Sequence[int], device: Any) -> Any:
+    """Repetition penalty, then (unless greedy) temperature, top-k, top-p and per-row Gumbel noise."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors: list[Any] = []
+    if sampling.repetition_penalty != 1:
+        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
+    if not sampling.greedy:
+        if sampling.temperature != 1:
+            processors.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            processors.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p < 1:
+            processors.append(TopPLogitsWarper(sampling.top_p))
+        processors.append(_RowGumbelNoise(row_seeds, device))
+    return LogitsProcessorList(processors)
+
+
+class _RowGumbelNoise:
+    """Adds standard Gumbel noise ``-log(-log U)`` to every row's scores, from a generator seeded per row;
+    the greedy argmax over the noisy scores is then a sample of the softmax of the scores."""
+
+    def __init__(self, row_seeds: Sequence[int], device: Any) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device=self.device).manual_seed(seed) for seed in row_seeds]
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        uniform = torch.stack([
+            torch.rand(scores.shape[-1], generator=g, device=self.device, dtype=torch.float32)
+            for g in self.generators
+        ])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
+
+
+@contextmanager
+def _left_padding(tokenizer: Any) -> Iterator[None]:
+    """Left padding (generation continues from the right end of every row) for the block only: a fast
+    tokenizer's backend keeps, and ``save_pretrained`` writes, the last padding it used, so that is restored too."""
+    padding_side = tokenizer.padding_side
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    backend_padding = backend.padding if backend is not None else None
+    tokenizer.padding_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side = padding_side
+        if backend is not None:
+            if backend_padding is None:
+                backend.no_padding()
+            else:
+                backend.enable_padding(**backend_padding)
+
+
+@contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Generator(Protocol):
+    def generate(self, prompts: Sequence[Prompt], n: int, seeds: Sequence[int]) -> list[list[str]]:
+        """``n`` completions per prompt; ``seeds[i]`` seeds prompt i."""
+        ...
+
+
+def resolve_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class TransformersGenerator:
+    """``sample_texts`` with a model loaded by ``AutoModelForCausalLM`` (default dtype: bfloat16 on cuda,
+    float32 on cpu; else a torch dtype name or ``"auto"`` for the checkpoint's)."""
+
+    def __init__(self, model: str, sampling: Sampling, *, batch_size: int = 8, device: str | None = None,
+                 dtype: str | None = None, progress: bool = False) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = resolve_device(device)
+        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        self.sampling = sampling
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def generate(self, prompts: Sequence[Prompt], n: int, seeds: Sequence[int]) -> list[list[str]]:
+        return sample_texts(self.model, self.tokenizer, prompts, self.sampling, seeds, n=n,
+                            batch_size=self.batch_size, progress=self.progress)
+
+
+class VLLMGenerator:
+    """Sampling with vLLM (``pip install 'dora-engine[generate]'``); each request seeded with its prompt's seed."""
+
+    def __init__(self, model: str, sampling: Sampling, *, dtype: str | None = None, progress: bool = False) -> None:
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(
+                f"backend 'vllm' was requested but vllm cannot be imported ({err}); install it with "
+                "`pip install 'dora-engine[generate]'` or use backend 'transformers'"
+            ) from None
+        self._vllm = vllm
+        self.llm = vllm.LLM(model=model, dtype=dtype or "auto")
+        self.tokenizer = self.llm.get_tokenizer()
+        self.sampling = sampling
+        self.progress = progress
+
+    def generate(self, prompts: Sequence[Prompt], n: int, seeds: Sequence[int]) -> list[list[str]]:
+        s = self.sampling
+        params = [
+            self._vllm.SamplingParams(n=n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or -1,
+                                      repetition_penalty=s.repetition_penalty, max_tokens=s.max_new_tokens, seed=seed)
+            for seed in seeds
+        ]
+        special = adds_special_tokens(self.tokenizer)
+        # Token ids, so that a templated prompt does not get a second bos.
+        token_ids = [self.tokenizer(render_prompt(self.tokenizer, p), add_special_tokens=special)["input_ids"]
+                     for p in prompts]
+        requests = [{"prompt_token_ids": ids} for ids in token_ids]
+        results = self.llm.generate(requests, params, use_tqdm=self.progress)
+        return [[o.text.strip() for o in r.outputs] for r in results]
+
+
+def make_generator(model: str, sampling: Sampling, *, backend: str = "transformers", batch_size: int = 8,
+                   device: str | None = None, dtype: str | None = None, progress: bool = False) -> Generator:
+    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``BACKENDS``)."""
+    if backend == "transformers":
+        return TransformersGenerator(model, sampling, batch_size=batch_size, device=device, dtype=dtype,
+                                     progress=progress)
+    if backend == "vllm":
+        return VLLMGenerator(model, sampling, dtype=dtype, progress=progress)
+    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
