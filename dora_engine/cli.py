@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from dora_engine import __version__
@@ -34,13 +35,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_words(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """The sub-command chain named in ``argv`` (e.g. ``["data", "corrupt"]``), for error messages."""
+    words = []
+    for word in argv:
+        choices = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if not choices or word not in choices:
+            break
+        words.append(word)
+        parser = choices[word]
+    return words
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command. Bad input (data, options, missing files or packages) ends with one line naming the
+    command and exit code 2; set DORA_ENGINE_DEBUG=1 for the traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValueError, TypeError, ImportError, OSError) as err:  # RecordError is a ValueError
+        if os.environ.get("DORA_ENGINE_DEBUG") == "1":
+            raise
+        print(f"dora-engine {' '.join(_command_words(parser, argv))}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

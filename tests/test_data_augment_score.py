@@ -5,8 +5,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from data_cli import run_data_cli
 
+from dora_engine.cli import main as cli_main
 from dora_engine.data.augment import augment_file, augment_records
 from dora_engine.data.schema import read_records, write_records
 from dora_engine.data.score import RewardModel, score_file, score_records
@@ -180,7 +180,7 @@ def test_oracle_scoring_matches_oracle_reward(dataset, tmp_path):
     for rec in records:
         for r in rec.responses:
             r.score = None
-    assert run_data_cli(["score", str(dataset), "--out", str(tmp_path / "o.jsonl"), "--oracle"]) == 0
+    assert cli_main(["data", "score", str(dataset), "--out", str(tmp_path / "o.jsonl"), "--oracle"]) == 0
     rescored = score_records(records, ORACLE)
     assert [r.to_dict() for r in read_records(tmp_path / "o.jsonl")] == [r.to_dict() for r in read_records(dataset)]
     for rec in rescored:
@@ -223,9 +223,9 @@ def test_chat_template_is_used_when_present(models):
 
 def test_cli_augment_then_score(models, dataset, tmp_path):
     aug, scored = tmp_path / "aug.jsonl", tmp_path / "scored.jsonl"
-    assert run_data_cli(["augment", str(dataset), "--out", str(aug), "--model", models["tiny-lm"], "--n", "1",
+    assert cli_main(["data", "augment", str(dataset), "--out", str(aug), "--model", models["tiny-lm"], "--n", "1",
                          "--max-new-tokens", "4", "--shard-size", "4", "--device", "cpu"]) == 0
-    assert run_data_cli(["score", str(aug), "--out", str(scored), "--model", models["tiny-rm"],
+    assert cli_main(["data", "score", str(aug), "--out", str(scored), "--model", models["tiny-rm"],
                          "--device", "cpu"]) == 0
     records = read_records(scored)
     assert len(records) == 10 and all(r.num_responses == 3 and r.has_scores for r in records)
@@ -245,8 +245,8 @@ def test_augment_survives_sigkill_and_resumes_exactly(models, tmp_path):
     argv = [str(dataset), "--out", str(tmp_path / "out.jsonl"), "--model", models["tiny-lm"], "--n", "2",
             "--max-new-tokens", "16", "--batch-size", "2", "--shard-size", "2", "--device", "cpu"]
     tests_dir = Path(__file__).resolve().parent
-    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from data_cli import run_data_cli; "
-            "sys.exit(run_data_cli(['augment', *sys.argv[3:]]))")
+    code = ("import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; from dora_engine.cli import main; "
+            "sys.exit(main(['data', 'augment', *sys.argv[3:]]))")
     proc = subprocess.Popen([sys.executable, "-c", code, str(tests_dir), str(tests_dir.parent), *argv],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     shards = tmp_path / ".out.jsonl.shards"
@@ -258,7 +258,7 @@ def test_augment_survives_sigkill_and_resumes_exactly(models, tmp_path):
     assert not (tmp_path / "out.jsonl").exists(), "the run finished before it could be killed"
     finished = len(list(shards.glob("shard-*.jsonl")))
     assert 1 <= finished < 8
-    assert run_data_cli(["augment", *argv]) == 0
+    assert cli_main(["data", "augment", *argv]) == 0
     reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], device="cpu", n=2,
                              sampling=Sampling.augmentation(max_new_tokens=16), batch_size=2, shard_size=2)
     assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in reference]

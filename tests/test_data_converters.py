@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-from data_cli import run_data_cli
 
+from dora_engine.cli import main as cli_main
 from dora_engine.data.converters import (
     convert_files,
     from_alpaca_eval,
@@ -62,7 +62,7 @@ def test_alpaca_eval_real_files_join_seven_generators(tmp_path, capsys):
     per_file = [_gz_rows(p) for p in ALPACA_FILES]
     generators = sorted(rows[0]["generator"] for rows in per_file)
     empty = {r["instruction"] for rows in per_file for r in rows if not r["output"].strip()}
-    assert run_data_cli(["convert", "--format", "alpaca", "--target", "gpt4_1106_preview",
+    assert cli_main(["data", "convert", "--format", "alpaca", "--target", "gpt4_1106_preview",
                          *map(str, ALPACA_FILES), "--out", str(tmp_path / "a.jsonl")]) == 0
     assert f"warning: alpaca: dropped {len(empty)} record" in capsys.readouterr().err
     records = read_records(tmp_path / "a.jsonl")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from data_cli import run_data_cli
 
+from dora_engine.cli import main as cli_main
 from dora_engine.data.corrupt import corrupt_records
 from dora_engine.data.schema import Record, RecordError, Response
 
@@ -64,7 +64,7 @@ def test_cli_corrupt_writes_atomically(tmp_path):
     from dora_engine.data.schema import read_records, write_records
 
     write_records(tmp_path / "in.jsonl", _records(100, 2))
-    assert run_data_cli(["corrupt", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
+    assert cli_main(["data", "corrupt", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out.jsonl"),
                  "--rate", "0.5", "--seed", "3"]) == 0
     out = read_records(tmp_path / "out.jsonl")
     assert [r.to_dict() for r in out] == [r.to_dict() for r in corrupt_records(_records(100, 2), 0.5, seed=3)]
@@ -76,10 +76,10 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
 
     unscored = [Record("x", "p", [Response("a", "s"), Response("b", "s")])]
     write_records(tmp_path / "in.jsonl", unscored)
-    assert run_data_cli(["corrupt", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+    assert cli_main(["data", "corrupt", str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "o.jsonl"),
                          "--rate", "0.5"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dora-engine data corrupt: error: record 0 (id='x')") and err.count("\n") == 1
-    assert run_data_cli(["corrupt", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"),
+    assert cli_main(["data", "corrupt", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o.jsonl"),
                          "--rate", "0.5"]) == 2
     assert not (tmp_path / "o.jsonl").exists()

@@ -125,9 +125,9 @@ def test_records_roundtrip_through_jsonl(tmp_path):
 
 
 def test_cli_synth_writes_dataset_and_tokenizer(tmp_path, capsys):
-    from data_cli import run_data_cli
+    from dora_engine.cli import main as cli_main
 
-    assert run_data_cli(["synth", "--out", str(tmp_path / "s.jsonl.gz"), "--num-prompts", "12", "--k", "3",
+    assert cli_main(["data", "synth", "--out", str(tmp_path / "s.jsonl.gz"), "--num-prompts", "12", "--k", "3",
                          "--mix", "verbose=1,repetitive=2", "--seed", "9",
                          "--tokenizer-dir", str(tmp_path / "tok")]) == 0
     assert "records: 12" in capsys.readouterr().out
@@ -135,4 +135,4 @@ def test_cli_synth_writes_dataset_and_tokenizer(tmp_path, capsys):
     assert [r.to_dict() for r in read_records(tmp_path / "s.jsonl.gz")] == [r.to_dict() for r in expected]
     assert (tmp_path / "tok" / "tokenizer.json").exists()
     with pytest.raises(SystemExit):
-        run_data_cli(["synth", "--out", str(tmp_path / "x.jsonl"), "--mix", "verbose"])
+        cli_main(["data", "synth", "--out", str(tmp_path / "x.jsonl"), "--mix", "verbose"])

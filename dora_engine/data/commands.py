@@ -7,10 +7,8 @@ compose in Python as well.
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 from dora_engine.data.schema import Record, read_records, write_records
@@ -29,20 +27,6 @@ def _parse_mix(text: str) -> dict[str, float]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"--mix weight {weight!r} of {name!r} is not a number") from None
     return mix
-
-
-def _user_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Bad input (data, options, missing files or packages) ends with one clear line and exit code 2."""
-
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ValueError, ImportError, OSError) as err:  # RecordError is a ValueError
-            print(f"dora-engine data {args.data_command}: error: {err}", file=sys.stderr)
-            return 2
-
-    return run
 
 
 def _report(out: Path, records: list[Record]) -> int:
@@ -64,7 +48,6 @@ def _add_resume_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
 
 
-@_user_errors
 def _cmd_convert(args: argparse.Namespace) -> int:
     from dora_engine.data.converters import convert_files
 
@@ -76,7 +59,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return _finish(args.out, records)
 
 
-@_user_errors
 def _cmd_augment(args: argparse.Namespace) -> int:
     from dora_engine.data.augment import augment_file
     from dora_engine.generation import Sampling
@@ -91,7 +73,6 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     return _report(args.out, records)
 
 
-@_user_errors
 def _cmd_score(args: argparse.Namespace) -> int:
     from dora_engine.data.score import ORACLE, score_file
 
@@ -103,7 +84,6 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return _report(args.out, records)
 
 
-@_user_errors
 def _cmd_synth(args: argparse.Namespace) -> int:
     from dora_engine.data.synth import build_synth_tokenizer, synth_records
 
@@ -122,7 +102,6 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return _finish(args.out, records)
 
 
-@_user_errors
 def _cmd_corrupt(args: argparse.Namespace) -> int:
     from dora_engine.data.corrupt import corrupt_records
 
