@@ -149,7 +149,7 @@ def mixture(config: BenchConfig, seed: int, noise: float) -> list[Record]:
 
 def fit_h_tilde(records: list[Record], tokenizer, config: BenchConfig, seed: int, workdir: Path) -> list[float]:
     """Phase 1 through the calibration API with a tiny random BERT over the synth tokenizer."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertConfig, BertModel
 
     from dora_engine.calibration.classifier import ClassifierSettings
     from dora_engine.calibration.pipeline import fit, score
@@ -157,9 +157,9 @@ def fit_h_tilde(records: list[Record], tokenizer, config: BenchConfig, seed: int
     backbone = workdir / "bert"
     if not backbone.exists():
         torch.manual_seed(seed)
-        bert = BertForSequenceClassification(BertConfig(
+        bert = BertModel(BertConfig(
             vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, num_labels=2,
+            intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
         ))
         bert.save_pretrained(backbone)
         build_synth_tokenizer(backbone)  # a fresh copy: no state left by earlier use

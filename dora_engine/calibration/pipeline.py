@@ -1,8 +1,9 @@
 """Phase 1 end to end: ``fit`` the classifiers of a scheme, ``score`` a dataset into h̃ (DESIGN.md section 4).
 
-Prompts are split into training and held-out sets (never a prompt in both). Each trained classifier is
-saved with ``save_pretrained`` under ``output_dir/classifiers/<key>``, where the key hashes its training
-and held-out examples, its classes and the training settings: a rerun with the same inputs reuses it.
+Prompts are split into training and held-out sets (never a prompt in both). Each trained classifier (its
+encoder's ``save_pretrained`` folder plus its head) is saved under ``output_dir/classifiers/<key>``, where
+the key hashes its training and held-out examples, its classes and the training settings: a rerun with
+the same inputs reuses it.
 A classifier folder appears only complete (it is written under a temporary name and renamed).
 """
 
