@@ -141,7 +141,7 @@ def markdown(results: dict, settings: ClassifierSettings, command: str) -> str:
     lines += [
         "",
         f"The transformer classifier beats the bag-of-words baseline on {len(beaten)} of {len(results)} pairs "
-        "in this setting (the paper's: 512 tokens, 3 epochs, lr 2e-5).",
+        "in this setting (the paper's setting is 512 tokens, 3 epochs, lr 2e-5).",
         "",
     ]
     for row in results.values():
