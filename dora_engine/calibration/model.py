@@ -4,9 +4,9 @@
 
 ``h`` are the encoder's last hidden states of the (prompt, response) pair; ``pool`` is the mean over the
 attended tokens (``"mean"``, the default) or the first token (``"cls"``). Mean pooling is what
-sentence-embedding checkpoints such as the default MiniLM were trained for, and it learns the style of a
-source from far fewer examples than a fresh head on the first token (the measured comparison is in
-benchmarks/RESULTS.md, "Calibration on real data").
+sentence-embedding checkpoints such as the default MiniLM were trained for; on the same data it separated
+the sources better than a head on the first token (measured in benchmarks/RESULTS.md, "Calibration on
+real data").
 
 A trained classifier is saved as the encoder's own ``save_pretrained`` folder (loadable by any Hugging Face
 tool) plus ``classifier_head.json`` and ``classifier_head.safetensors``. ``load_trained`` also accepts any
