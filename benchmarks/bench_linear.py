@@ -91,7 +91,7 @@ def make_inputs(p: Point) -> dict:
 
 def _gemms(x: dict, p: Point, count: int) -> None:
     """The GEMMs of the fused-linear loss on single_pass's prompt chunks, without anything else."""
-    from dora_engine.ops.fused_linear import DEFAULT_CHUNK_BYTES
+    from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 
     hidden, weight = x["hidden"].detach(), x["weight"].detach()
     budget = p.chunk_bytes or DEFAULT_CHUNK_BYTES[p.device]
@@ -120,16 +120,15 @@ def _liger_simpo(x: dict, p: Point) -> None:
 
 
 def run_method(method: str, x: dict, p: Point) -> None:
-    from dora_engine.ops import fused, reference
-    from dora_engine.ops.fused_linear import dora_loss_linear
+    from dora_engine.ops import dora_loss, dora_loss_linear
 
     hidden, weight, labels, kw = x["hidden"], x["weight"], x["labels"], x["loss_kwargs"]
     if method in ("single_pass", "recompute"):
-        out = dora_loss_linear(hidden, weight, labels, mode=method, chunk_bytes=p.chunk_bytes, **kw)
+        out = dora_loss_linear(hidden, weight, labels, mode=method, chunk_bytes=p.chunk_bytes, backend="fused", **kw)
     elif method == "logits_fused":
-        out = fused.dora_loss(F.linear(hidden, weight), labels, inplace_backward=True, **kw)
+        out = dora_loss(F.linear(hidden, weight), labels, inplace_backward=True, backend="fused", **kw)
     elif method == "logits_reference":
-        out = reference.dora_loss(F.linear(hidden, weight), labels, **kw)
+        out = dora_loss(F.linear(hidden, weight), labels, backend="reference", **kw)
     elif method in ("gemms3", "gemms4"):
         return _gemms(x, p, int(method[-1]))
     elif method == "liger_simpo":

@@ -90,11 +90,13 @@ def make_inputs(point: dict, device: str) -> dict[str, Any]:
 
 
 def make_step(impl: str, inputs: dict[str, Any]):
-    from dora_engine.ops import fused, reference
+    from functools import partial
+
+    from dora_engine.ops import dora_loss
 
     logits = inputs["logits"]
     rest = {k: v for k, v in inputs.items() if k != "logits"}
-    fn = reference.dora_loss if impl == "reference" else fused.dora_loss
+    fn = partial(dora_loss, backend="reference" if impl == "reference" else "fused")
     extra = {"inplace_backward": True} if impl == "fused_inplace" else {}
 
     def step() -> None:

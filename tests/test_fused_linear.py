@@ -1,4 +1,4 @@
-"""Fused-linear DoRA loss (DESIGN.md section 5) against the reference logits path: values, gradients, memory."""
+"""Fused-linear DoRA loss (docs/design.md section 5) against the reference logits path: values, gradients, memory."""
 
 from __future__ import annotations
 
@@ -6,22 +6,20 @@ import json
 import subprocess
 import sys
 import textwrap
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from dora_engine import ops
 from dora_engine.losses import LOSSES, STRATEGIES
-from dora_engine.ops import reference
-from dora_engine.ops.builder import OpLoadError, load_ops
-from dora_engine.ops.fused_linear import dora_loss_linear, sequence_logprobs_linear
+from dora_engine.ops import fused_linear
 
-try:
-    load_ops()
-except OpLoadError as err:  # pragma: no cover - depends on the machine's compiler
-    pytest.skip(f"the extension does not build here: {err}", allow_module_level=True)
-
-from dora_engine.ops import fused  # noqa: E402  (importing it loads the extension)
+dora_loss_linear = partial(ops.dora_loss_linear, backend="fused")
+sequence_logprobs_linear = partial(ops.sequence_logprobs_linear, backend="fused")
+reference_loss_linear = partial(ops.dora_loss_linear, backend="reference")
+reference_logprobs_linear = partial(ops.sequence_logprobs_linear, backend="reference")
 
 MODES = ("single_pass", "recompute")
 
@@ -54,7 +52,7 @@ def run(fn, hidden, weight, bias, labels, grad_scale: float = 1.7, **kwargs):
 
 def fused_logits_path(hidden, weight, labels, *, bias, **kwargs):
     """hidden @ Wᵀ + b materialised, then the fused op writing its gradient over the logits."""
-    return fused.dora_loss(F.linear(hidden, weight, bias), labels, inplace_backward=True, **kwargs)
+    return ops.dora_loss(F.linear(hidden, weight, bias), labels, inplace_backward=True, backend="fused", **kwargs)
 
 
 def assert_same(out, grads, expected_out, expected_grads, rtol: float, atol: float):
@@ -73,7 +71,7 @@ def test_every_loss_and_strategy_matches_the_logits_path(mode):
     for loss in LOSSES:
         for strategy in STRATEGIES:
             args = {**kw, "loss": loss, "strategy": strategy, "lam": 0.7}
-            want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+            want = run(reference_loss_linear, hidden, weight, bias, labels, **args)
             logits_path = run(fused_logits_path, hidden, weight, bias, labels, **args)
             got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, chunk_bytes=chunk_bytes, **args)
             assert_same(*got, *want, rtol=1e-9, atol=1e-10)
@@ -90,7 +88,7 @@ def test_dtypes_chunkings_and_group_sizes(mode, dtype, B, K, prompts_per_chunk):
     if mode == "recompute":
         chunk_bytes //= 3 * K  # chunks end inside sequences
     args = {**kw, "loss": "dpo_pl", "strategy": "dora", "lam": 0.3}
-    want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+    want = run(reference_loss_linear, hidden, weight, bias, labels, **args)
     got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, chunk_bytes=chunk_bytes, **args)
     tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     assert_same(*got, *want, *tol)
@@ -101,7 +99,7 @@ def test_bf16_weight_gradient_accumulates_in_fp32():
     hidden, weight, bias, labels, kw = make_problem(B=16, K=2, T=4, H=8, V=32, dtype=torch.bfloat16)
     exact = [t.detach().double().requires_grad_(True) for t in (hidden, weight, bias)]
     args = {**kw, "loss": "simpo", "strategy": "erm"}
-    _, want = run(reference.dora_loss_linear, *exact, labels, **{k: v.double() if torch.is_tensor(v) else v
+    _, want = run(reference_loss_linear, *exact, labels, **{k: v.double() if torch.is_tensor(v) else v
                                                                   for k, v in args.items()})
     _, got = run(dora_loss_linear, hidden, weight, bias, labels, chunk_bytes=1, **args)
     rel = (got[1].double() - want[1]).norm() / want[1].norm()
@@ -111,7 +109,7 @@ def test_bf16_weight_gradient_accumulates_in_fp32():
 @pytest.mark.parametrize("mode", MODES)
 def test_without_bias_and_without_grad(mode):
     hidden, weight, _, labels, kw = make_problem(B=3, K=2, T=5, H=8, V=20, dtype=torch.float32, bias=False)
-    want = run(reference.dora_loss_linear, hidden, weight, None, labels, **kw)
+    want = run(reference_loss_linear, hidden, weight, None, labels, **kw)
     got = run(dora_loss_linear, hidden, weight, None, labels, mode=mode, chunk_bytes=1, **kw)
     assert_same(*got, *want, rtol=1e-5, atol=1e-6)
     with torch.no_grad():
@@ -137,7 +135,7 @@ def test_global_reduction_of_a_skewed_batch_stays_finite():
     with torch.no_grad():
         hidden[::4] *= 30
     args = {**kw, "loss": "ipo", "strategy": "dora", "lam": 1e-3}
-    want = run(reference.dora_loss_linear, hidden, weight, bias, labels, **args)
+    want = run(reference_loss_linear, hidden, weight, bias, labels, **args)
     got = run(dora_loss_linear, hidden, weight, bias, labels, chunk_bytes=1, **args)
     assert all(torch.isfinite(g).all() for g in got[1])
     assert_same(*got, *want, rtol=1e-4, atol=1e-5)
@@ -148,7 +146,7 @@ def test_sequence_logprobs_linear_matches_reference():
     labels[4] = -100  # a row with no valid token: S = L = 0
     weights = torch.arange(6, dtype=torch.float32)
     results = []
-    for fn, extra in ((reference.sequence_logprobs_linear, {}), (sequence_logprobs_linear, {"chunk_bytes": 1})):
+    for fn, extra in ((reference_logprobs_linear, {}), (sequence_logprobs_linear, {"chunk_bytes": 1})):
         S, L = fn(hidden, weight, labels, bias=bias, **extra)
         results.append((S, L, torch.autograd.grad((S * weights).sum(), (hidden, weight, bias))))
     (S, L, grads), (S_ref, L_ref, grads_ref) = results[1], results[0]
@@ -165,7 +163,7 @@ def test_bad_input_is_named():
         dora_loss_linear(hidden, weight, labels, mode="twice", **kw)
     with pytest.raises(ValueError, match="chunk_bytes"):
         dora_loss_linear(hidden, weight, labels, chunk_bytes=0, **kw)
-    for fn in (reference.dora_loss_linear, dora_loss_linear):
+    for fn in (reference_loss_linear, dora_loss_linear):
         with pytest.raises(ValueError, match=r"weight must have shape \(V, H\)"):
             fn(hidden, weight[:, :4], labels, **kw)
         bad = labels.clone()
@@ -180,9 +178,7 @@ def test_bad_input_is_named():
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from dora_engine.ops.builder import load_ops
-    from dora_engine.ops.fused_linear import dora_loss_linear
-    load_ops()
+    from dora_engine.ops import dora_loss_linear
     mode, B, K, T, H, V = sys.argv[1], 8, 2, 50, 16, 125_000
     torch.manual_seed(0)
     hidden = torch.randn(B * K, T, H, requires_grad=True)
@@ -190,7 +186,7 @@ MEMORY_PROBE = textwrap.dedent(
     labels = torch.randint(0, V, (B * K, T))
     kw = dict(num_responses=K, scores=torch.randn(B, K), h_tilde=torch.rand(B) + 0.5, ref_logps=torch.randn(B * K))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = dora_loss_linear(hidden, weight, labels, mode=mode, chunk_bytes=10 << 20, **kw)
+    out = dora_loss_linear(hidden, weight, labels, mode=mode, chunk_bytes=10 << 20, backend="fused", **kw)
     out.loss.backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"extra_bytes": (after - before) * 1024, "logits_bytes": B * K * T * V * 4}))
@@ -217,7 +213,31 @@ def test_cuda_matches_the_logits_path(mode, dtype):
     hidden, weight, bias, labels, kw = make_problem(B=6, K=4, T=33, H=64, V=1000, dtype=dtype)
     cuda = [t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias)]
     kw = {k: v.cuda() for k, v in kw.items() if torch.is_tensor(v)} | {"num_responses": 4}
-    want = run(reference.dora_loss_linear, *cuda[:2], cuda[2], labels.cuda(), **kw)
+    want = run(reference_loss_linear, *cuda[:2], cuda[2], labels.cuda(), **kw)
     got = run(dora_loss_linear, *cuda[:2], cuda[2], labels.cuda(), mode=mode, chunk_bytes=1 << 20, **kw)
     tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     assert_same(*got, *want, *tol)
+
+
+@pytest.mark.parametrize(
+    "mixed_gemm",
+    [False, pytest.param(True, marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                            reason="needs a CUDA device")])],
+)
+def test_weight_gradient_accumulates_in_fp32_with_and_without_a_mixed_dtype_gemm(monkeypatch, mixed_gemm):
+    """torch without ``addmm(out_dtype=)`` (and every CPU) takes the fallback: one bf16 product per chunk,
+    summed into the fp32 accumulator with the running rescale."""
+    device = "cuda" if mixed_gemm else "cpu"
+    if mixed_gemm and not fused_linear.ADDMM_OUT_DTYPE:
+        pytest.skip("this torch has no addmm(out_dtype=)")
+    monkeypatch.setattr(fused_linear, "ADDMM_OUT_DTYPE", mixed_gemm)
+    g = torch.Generator().manual_seed(0)
+    dz = [torch.randn(7, 5, generator=g).bfloat16().to(device) for _ in range(3)]
+    x = [torch.randn(7, 3, generator=g).bfloat16().to(device) for _ in range(3)]
+    acc = torch.zeros(5, 3, device=device)
+    want = torch.zeros(5, 3, dtype=torch.float64, device=device)
+    for d, h, beta in zip(dz, x, (1.0, 0.5, 2.0), strict=True):
+        fused_linear._accumulate_weight_grad(acc, d, h, beta)
+        want = beta * want + d.double().t() @ h.double()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc.double(), want, rtol=2e-2, atol=2e-2)

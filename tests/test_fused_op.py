@@ -1,6 +1,6 @@
-"""The fused C++/CUDA op against the pure-PyTorch reference (DESIGN.md sections 4, 5 and 7).
+"""The fused C++/CUDA backend against the pure-PyTorch reference (docs/design.md sections 4, 5 and 7).
 
-The reference (``dora_engine.ops.reference`` on the ``dora_engine.losses`` registry) is the oracle for
+The reference backend (on the ``dora_engine.losses`` registry) is the oracle for
 values and gradients. Device-parametrised tests run on CPU and, marked ``gpu``, on CUDA when present.
 The extension is built once (just in time, cached under TORCH_EXTENSIONS_DIR) for the whole session.
 """
@@ -14,8 +14,10 @@ from multiproc import run_gloo
 
 from dora_engine import ops
 from dora_engine.losses import LOSSES, STRATEGIES, encode_params, resolve_params
-from dora_engine.ops import fused, reference
+from dora_engine.ops.builder import load_ops
 from dora_engine.ops.validation import accumulation_dtype
+
+load_ops()  # the registered ops are called directly below
 
 DEVICES = [
     "cpu",
@@ -46,10 +48,10 @@ def make_batch(B: int, K: int, *, T: int = 6, V: int = 67, dtype=torch.float32, 
     )
 
 
-def loss_and_grad(impl, batch: dict, **kwargs):
+def loss_and_grad(backend: str, batch: dict, **kwargs):
     logits = batch["logits"].clone().requires_grad_(True)
     rest = {k: v for k, v in batch.items() if k != "logits"}
-    out = impl.dora_loss(logits, **rest, **kwargs)
+    out = ops.dora_loss(logits, **rest, **kwargs, backend=backend)
     out.loss.backward()
     return out, logits.grad
 
@@ -57,7 +59,7 @@ def loss_and_grad(impl, batch: dict, **kwargs):
 def oracle(batch: dict, **kwargs):
     """The reference in float64 on the same input values: the exact answer the op is held to."""
     wide = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
-    return loss_and_grad(reference, wide, **kwargs)
+    return loss_and_grad("reference", wide, **kwargs)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str) -> None:
@@ -81,9 +83,9 @@ def test_sequence_logprobs_values_and_gradients(device: str, dtype: torch.dtype)
     labels[4] = -100  # a fully masked padding row: S = L = 0, zero gradient
     weights = torch.randn(labels.shape[0], device=device, dtype=torch.float64)
     results = []
-    for impl, z in ((fused, batch["logits"]), (reference, batch["logits"].double())):
+    for backend, z in (("fused", batch["logits"]), ("reference", batch["logits"].double())):
         logits = z.clone().requires_grad_(True)
-        S, L = impl.sequence_logprobs(logits, labels)
+        S, L = ops.sequence_logprobs(logits, labels, backend=backend)
         (S.double() * weights).sum().backward()
         results.append((S, L, logits.grad))
     (S, L, grad), (S_ref, L_ref, grad_ref) = results
@@ -98,7 +100,7 @@ def test_sequence_logprobs_values_and_gradients(device: str, dtype: torch.dtype)
 def test_float64_gradcheck() -> None:
     batch = make_batch(1, 2, T=3, V=11, dtype=torch.float64)
     logits = batch["logits"].requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda z: fused.sequence_logprobs(z, batch["labels"])[0], (logits,))
+    assert torch.autograd.gradcheck(lambda z: ops.sequence_logprobs(z, batch["labels"], backend="fused")[0], (logits,))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -108,7 +110,7 @@ def test_bf16_target_term_formed_in_fp32(device: str) -> None:
     logits[0, 0, 3] = 12.0
     labels = torch.tensor([[3]], device=device)
     z = logits.to(device=device, dtype=torch.bfloat16).requires_grad_(True)
-    fused.sequence_logprobs(z, labels)[0].sum().backward()
+    ops.sequence_logprobs(z, labels, backend="fused")[0].sum().backward()
     expected = 1 - torch.softmax(logits.double(), -1)[0, 0, 3]
     assert z.grad[0, 0, 3].item() == pytest.approx(expected.item(), rel=1e-2)
 
@@ -127,7 +129,7 @@ def test_dora_loss_matches_reference(device: str, loss: str, strategy: str) -> N
     K = 2 + index % 7  # K = 2..8 across the grid
     batch = make_batch(3, K, device=device, seed=index, tied_scores=index % 2 == 0)
     kwargs = dict(loss=loss, strategy=strategy, lam=0.7)
-    out, grad = loss_and_grad(fused, batch, **kwargs)
+    out, grad = loss_and_grad("fused", batch, **kwargs)
     expected, grad_ref = oracle(batch, **kwargs)
     for field in ("loss", "per_sample_loss", "seq_logps", "seq_lens", "weights"):
         assert_close(getattr(out, field), getattr(expected, field), 1e-5, field)
@@ -139,7 +141,7 @@ def test_dora_loss_matches_reference(device: str, loss: str, strategy: str) -> N
 @pytest.mark.parametrize("loss", list(LOSSES))
 def test_bf16_logits(device: str, loss: str) -> None:
     batch = make_batch(2, 4, V=V_ODD, dtype=torch.bfloat16, device=device, seed=7)
-    out, grad = loss_and_grad(fused, batch, loss=loss, strategy="dora", lam=2.0)
+    out, grad = loss_and_grad("fused", batch, loss=loss, strategy="dora", lam=2.0)
     expected, grad_ref = oracle(batch, loss=loss, strategy="dora", lam=2.0)
     assert_close(out.loss, expected.loss, 2e-2, "loss")
     assert_close(grad, grad_ref, 2e-2, "d logits")
@@ -149,7 +151,7 @@ def test_lire_zscore_and_loss_params() -> None:
     batch = make_batch(3, 5, seed=3)
     batch["scores"][1] = 0.5  # all-equal scores: zero rewards
     for loss, params in (("lire", {"reward_norm": "zscore", "temperature": 25.0}), ("rdpo", {"alpha": 0.3})):
-        out, grad = loss_and_grad(fused, batch, loss=loss, loss_params=params, strategy="dro", lam=0.2)
+        out, grad = loss_and_grad("fused", batch, loss=loss, loss_params=params, strategy="dro", lam=0.2)
         expected, grad_ref = oracle(batch, loss=loss, loss_params=params, strategy="dro", lam=0.2)
         assert_close(out.loss, expected.loss, 1e-5, loss)
         assert_close(grad, grad_ref, 1e-5, loss)
@@ -163,7 +165,7 @@ def test_inplace_backward_overwrites_logits_with_their_gradient(device: str) -> 
     expected, grad_ref = oracle({**batch, "logits": batch["logits"] * 2.0})
     base = batch["logits"].clone().requires_grad_(True)
     logits = base * 2.0  # a non-leaf buffer whose producer does not keep it for backward
-    out = fused.dora_loss(logits, **rest, inplace_backward=True)
+    out = ops.dora_loss(logits, **rest, inplace_backward=True, backend="fused")
     out.loss.backward()
     assert_close(out.loss, expected.loss, 1e-5, "loss")
     assert_close(logits.detach(), grad_ref, 1e-5, "overwritten logits")
@@ -171,7 +173,7 @@ def test_inplace_backward_overwrites_logits_with_their_gradient(device: str) -> 
 
     strided = batch["logits"].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
     assert not strided.is_contiguous()
-    fused.dora_loss(strided, **rest, inplace_backward=True).loss.backward()
+    ops.dora_loss(strided, **rest, inplace_backward=True, backend="fused").loss.backward()
     assert_close(strided.grad, oracle(batch)[1], 1e-5, "d strided logits")
     assert torch.equal(strided.detach(), batch["logits"])
 
@@ -214,7 +216,7 @@ def test_torch_compile_has_no_graph_break() -> None:
     rest = {k: v for k, v in batch.items() if k != "logits"}
 
     def objective(logits: torch.Tensor) -> torch.Tensor:
-        return fused.dora_loss(logits, **rest, loss="dpo", strategy="dora", lam=0.5, validate=False).loss
+        return ops.dora_loss(logits, **rest, loss="dpo", strategy="dora", lam=0.5, validate=False, backend="fused").loss
 
     compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
     z1 = batch["logits"].clone().requires_grad_(True)
@@ -225,7 +227,7 @@ def test_torch_compile_has_no_graph_break() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Bad input (DESIGN.md section 7), same messages on both backends
+# Bad input (docs/design.md section 7), same messages on both backends
 # --------------------------------------------------------------------------------------------------
 
 
@@ -265,7 +267,7 @@ def test_unchecked_out_of_range_label_still_fails_on_cpu() -> None:
     batch = make_batch(2, 2)
     batch["labels"][3, 4] = -7
     with pytest.raises(RuntimeError, match=r"labels\[3, 4\] = -7 is outside \[0, 67\)"):
-        fused.sequence_logprobs(batch["logits"], batch["labels"], validate=False)
+        ops.sequence_logprobs(batch["logits"], batch["labels"], validate=False, backend="fused")
 
 
 def test_stage_kernel_rejects_bad_codes() -> None:
@@ -293,14 +295,14 @@ def _rank_main(rank: int):
     rows = slice(3 * prompts.start, 3 * prompts.stop)
     local = {k: v[prompts] if k in ("scores", "h_tilde") else v for k, v in batch.items()}
     local.update(logits=batch["logits"][rows], labels=batch["labels"][rows], ref_logps=batch["ref_logps"][rows])
-    out, grad = loss_and_grad(fused, local, **DIST_KWARGS, process_group=dist.group.WORLD)
+    out, grad = loss_and_grad("fused", local, **DIST_KWARGS, process_group=dist.group.WORLD)
     return out.loss.item(), grad, out.weights
 
 
 @pytest.mark.multiproc
 def test_two_gloo_ranks_equal_one_process() -> None:
     results = run_gloo(_rank_main, len(SPLIT))
-    single, grad = loss_and_grad(fused, make_batch(sum(SPLIT), 3, seed=21), **DIST_KWARGS)
+    single, grad = loss_and_grad("fused", make_batch(sum(SPLIT), 3, seed=21), **DIST_KWARGS)
     world = len(SPLIT)
     losses = [loss for loss, _, _ in results]
     assert losses[0] == losses[1] == pytest.approx(single.loss.item(), rel=1e-6)

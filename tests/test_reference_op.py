@@ -1,8 +1,9 @@
-"""The pure-PyTorch reference op (DESIGN.md section 5) and its input checks (section 7)."""
+"""The pure-PyTorch reference backend of the op (docs/design.md section 5) and its input checks (section 7)."""
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ import torch.distributed as dist
 from multiproc import run_gloo
 
 from dora_engine import ops
-from dora_engine.ops import reference
+
+reference_loss = partial(ops.dora_loss, backend="reference")
+reference_logprobs = partial(ops.sequence_logprobs, backend="reference")
 
 
 def make_inputs(B: int = 3, K: int = 4, T: int = 7, V: int = 13, *, seed: int = 0, dtype=torch.float64):
@@ -34,7 +37,7 @@ def test_sequence_logprobs_by_hand() -> None:
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]], [[5.0, 1.0, 1.0], [2.0, 2.0, 9.0]]],
                           dtype=torch.float64)
     labels = torch.tensor([[2, -100], [-100, -100]])
-    S, L = reference.sequence_logprobs(logits, labels)
+    S, L = reference_logprobs(logits, labels)
     assert S[0].item() == pytest.approx(3.0 - math.log(math.exp(1) + math.exp(2) + math.exp(3)))
     assert S[1].item() == 0.0 and L.tolist() == [1.0, 0.0]
     assert S.dtype == torch.float64
@@ -43,8 +46,8 @@ def test_sequence_logprobs_by_hand() -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_low_precision_inputs_accumulate_in_fp32(dtype: torch.dtype) -> None:
     inputs = make_inputs(dtype=dtype)
-    S, L = reference.sequence_logprobs(inputs["logits"], inputs["labels"])
-    S64, _ = reference.sequence_logprobs(inputs["logits"].double(), inputs["labels"])
+    S, L = reference_logprobs(inputs["logits"], inputs["labels"])
+    S64, _ = reference_logprobs(inputs["logits"].double(), inputs["labels"])
     assert S.dtype == torch.float32 and L.dtype == torch.float32
     assert torch.allclose(S.double(), S64, rtol=1e-5)
 
@@ -52,8 +55,8 @@ def test_low_precision_inputs_accumulate_in_fp32(dtype: torch.dtype) -> None:
 def test_dora_loss_composes_sequence_logprobs_loss_and_strategy() -> None:
     inputs = make_inputs()
     logits = inputs.pop("logits").requires_grad_(True)
-    out = reference.dora_loss(logits, loss="dpo", strategy="dora", lam=0.5, **inputs)
-    S, L = reference.sequence_logprobs(logits, inputs["labels"])
+    out = reference_loss(logits, loss="dpo", strategy="dora", lam=0.5, **inputs)
+    S, L = reference_logprobs(logits, inputs["labels"])
     rho = (S - inputs["ref_logps"]).view(3, 4)
     order = torch.argsort(-inputs["scores"], dim=1, stable=True)
     margin = rho.gather(1, order[:, :1]) - rho.gather(1, order[:, -1:])
@@ -89,12 +92,12 @@ def test_nan_logits_propagate() -> None:
     inputs = make_inputs()
     inputs["logits"][3, 4, 0] = float("nan")
     inputs["labels"][3, 4] = 1
-    out = reference.dora_loss(**inputs)
+    out = reference_loss(**inputs)
     assert math.isnan(out.loss.item())
 
 
 def test_unknown_backend() -> None:
-    with pytest.raises(ValueError, match="unknown backend 'gpu'; valid backends: auto, fused, reference"):
+    with pytest.raises(ValueError, match="unknown backend 'gpu'; valid: auto, fused, reference"):
         ops.dora_loss(**make_inputs(), backend="gpu")
 
 
@@ -152,7 +155,7 @@ def _rank_main(rank: int, strategy: str):
     rows = slice(rank * 4, rank * 4 + 4)
     prompts = slice(rank * 2, rank * 2 + 2)
     logits = inputs["logits"][rows].clone().requires_grad_(True)
-    out = reference.dora_loss(
+    out = reference_loss(
         logits, inputs["labels"][rows], num_responses=2, scores=inputs["scores"][prompts],
         h_tilde=inputs["h_tilde"][prompts], ref_logps=inputs["ref_logps"][rows], loss="dpo",
         strategy=strategy, lam=0.3, process_group=dist.group.WORLD,
@@ -167,7 +170,7 @@ def test_two_gloo_ranks_equal_one_process(strategy: str) -> None:
     (loss0, grad0, w0), (loss1, grad1, w1) = run_gloo(_rank_main, 2, strategy)
     inputs = make_inputs(B=4, K=2)
     logits = inputs.pop("logits").requires_grad_(True)
-    single = reference.dora_loss(logits, loss="dpo", strategy=strategy, lam=0.3, **inputs)
+    single = reference_loss(logits, loss="dpo", strategy=strategy, lam=0.3, **inputs)
     single.loss.backward()
     assert loss0 == pytest.approx(single.loss.item(), rel=1e-12) and loss1 == pytest.approx(loss0, rel=1e-12)
     # each rank's gradient is the world size times the global loss's gradient for its own samples, so that

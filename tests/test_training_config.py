@@ -124,7 +124,7 @@ def _tokeniser(toy: Path, **data_overrides) -> Tokenizer:
     return Tokenizer(build_tokenizer(toy.parent / "tok"), cfg.model, cfg.data), cfg
 
 
-def test_rows_mask_the_prompt_and_shift_labels(toy):
+def test_rows_label_only_the_response_tokens(toy):
     tok, cfg = _tokeniser(toy)
     records = load_records(cfg.data.train)
     data = tokenise(records, tok, stage="align", target_source="chosen", num_responses=None, needs_h_tilde=True,
@@ -140,10 +140,10 @@ def test_rows_mask_the_prompt_and_shift_labels(toy):
         ids, labels = batch["input_ids"][n], batch["labels"][n]
         length = len(prompt) + len(response)
         assert ids[:length].tolist() == prompt + response
-        # labels[t] is the token the logits at t predict; only response tokens are scored
-        assert labels[: len(prompt) - 1].eq(IGNORE_INDEX).all()
-        assert labels[len(prompt) - 1 : length - 1].tolist() == response
-        assert labels[length - 1 :].eq(IGNORE_INDEX).all()
+        # Hugging Face labels: labels[t] is token t, and only response tokens are scored
+        assert labels[: len(prompt)].eq(IGNORE_INDEX).all()
+        assert labels[len(prompt) : length].tolist() == response
+        assert labels[length:].eq(IGNORE_INDEX).all()
         assert batch["attention_mask"][n].sum() == length
     expected_scores = [[r.score for r in records[i].responses] for i in (2, 0)]
     assert torch.equal(batch["scores"], torch.tensor(expected_scores))

@@ -18,6 +18,8 @@ import pytest
 import torch
 from training_toy import make_toy
 
+from dora_engine.ops import shift_labels
+
 pytestmark = pytest.mark.multiproc
 
 HERE = Path(__file__).resolve().parent
@@ -142,7 +144,7 @@ def _export_reproduces_trained_logps(final: Path, logps_file: Path, initial: Pat
 
     AutoTokenizer.from_pretrained(final)
     saved = torch.load(logps_file)
-    labels = saved["labels"]
+    labels = shift_labels(saved["labels"])
     valid = labels != -100
 
     def seq_logps(model) -> torch.Tensor:

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dora_engine.atomic import atomic_write
 from dora_engine.ops import dora_loss
-from dora_engine.ops.lm_head import DoRAPolicy
+from dora_engine.ops.lm_head import DoRAPolicy, RobustObjective
 
 PROMPTS, K, T, VOCAB, PROMPT_TOKENS = 4, 3, 10, 64, 3
 LOSS_ARGS = {"loss": "dpo_pl", "strategy": "dora", "lam": 0.5}
@@ -71,7 +71,9 @@ def logits_path_grad(model: LlamaForCausalLM, batch: dict[str, torch.Tensor]) ->
 
 
 def train(model: LlamaForCausalLM, batch: dict[str, torch.Tensor], mode: str, steps: int) -> dict:
-    policy = DoRAPolicy(model, mode=mode, chunk_bytes=K * T * VOCAB * 4, backend="fused")  # a prompt per chunk
+    policy = DoRAPolicy(  # a prompt per chunk
+        model, RobustObjective(**LOSS_ARGS), mode=mode, chunk_bytes=K * T * VOCAB * 4, backend="fused"
+    )
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
@@ -85,8 +87,8 @@ def train(model: LlamaForCausalLM, batch: dict[str, torch.Tensor], mode: str, st
     losses, first_grad = [], None
     for _ in range(steps):
         out = engine(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], num_responses=K, scores=batch["scores"],
-            h_tilde=batch["h_tilde"], ref_logps=batch["ref_logps"], process_group=dist.group.WORLD, **LOSS_ARGS,
+            batch["input_ids"], batch["attention_mask"], batch["labels"], scores=batch["scores"],
+            h_tilde=batch["h_tilde"], ref_logps=batch["ref_logps"], process_group=dist.group.WORLD,
         )
         engine.backward(out.loss)
         if first_grad is None:

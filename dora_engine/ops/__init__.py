@@ -1,7 +1,17 @@
-"""Public API of the DoRA op (DESIGN.md section 5). Imports with torch alone.
+"""The public DoRA op (docs/design.md section 5): the only place its functions and their checks are defined.
 
-``backend``: ``"fused"`` (the C++/CUDA extension, CPU or CUDA by the tensors' device), ``"reference"``
-(pure PyTorch), ``"auto"`` (fused when the extension loads, else the reference with one warning).
+Each function validates its arguments once, picks a backend and composes that backend's primitives: the
+row pass (per-sequence log-probs), the per-batch stage (loss → h̃ → robust reduction, with its backward)
+and, for the ``*_linear`` functions, the chunk loop over the lm_head GEMM. Backends:
+
+- ``"fused"``: the C++/CUDA extension (CPU or CUDA kernels by the tensors' device);
+- ``"reference"``: pure PyTorch differentiated by autograd, the oracle;
+- ``"auto"``: fused, falling back to the reference with one warning only when the extension cannot be
+  built or loaded (``OpLoadError``); any other error propagates.
+
+Labels are aligned with the logits: ``labels[n, t]`` is the token that ``logits[n, t]`` predicts, and
+``ignore_index`` marks positions that are not scored. Hugging Face labels (``labels[n, t]`` is token t)
+become aligned labels with ``shift_labels``; or pass ``logits[:, :-1]`` with ``labels[:, 1:]``.
 """
 
 from __future__ import annotations
@@ -11,71 +21,156 @@ from types import ModuleType
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from dora_engine.ops import reference
-from dora_engine.ops.reference import DoRAOutput
+from dora_engine.ops.builder import OpLoadError
+from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
+from dora_engine.ops.output import DoRAOutput
+from dora_engine.ops.validation import (
+    LossCall,
+    check_choice,
+    check_chunk_bytes,
+    check_labels,
+    check_linear_inputs,
+    check_logits_labels,
+    check_loss_inputs,
+    check_response_limit,
+    check_valid_tokens,
+)
 
 __all__ = [
+    "FUSED_LINEAR_MODES",
+    "OP_BACKENDS",
     "DoRAOutput",
     "dora_loss",
     "dora_loss_linear",
     "sequence_logprobs",
     "sequence_logprobs_linear",
+    "shift_labels",
 ]
 
-BACKENDS = ("auto", "fused", "reference")
+OP_BACKENDS = ("auto", "fused", "reference")
+FUSED_LINEAR_MODES = ("single_pass", "recompute")
 _fallback_warned = False
 
 
-def _fused() -> ModuleType:
+def _load_fused() -> ModuleType:
+    """The fused backend; importing it builds or loads the extension (``OpLoadError`` when it cannot)."""
     from dora_engine.ops import fused
 
     return fused
 
 
-def _select(backend: str) -> ModuleType:
+def _backend(name: str) -> ModuleType:
+    """The module of backend ``name`` (see the module docstring)."""
     global _fallback_warned
-    if backend == "reference":
+    check_choice("backend", name, OP_BACKENDS)
+    if name == "reference":
         return reference
-    if backend == "fused":
-        return _fused()
-    if backend == "auto":
-        try:
-            return _fused()
-        except Exception as err:  # the extension could not be built or loaded
-            if not _fallback_warned:
-                warnings.warn(
-                    f"dora_engine: fused op unavailable ({err}); using the PyTorch reference. "
-                    "Run `dora-engine report` for details.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                _fallback_warned = True
-            return reference
-    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    try:
+        return _load_fused()
+    except OpLoadError as err:
+        if name == "fused":
+            raise
+        if not _fallback_warned:
+            warnings.warn(
+                f"dora_engine: fused op unavailable ({err}); using the PyTorch reference. "
+                "Run `dora-engine report` for details.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _fallback_warned = True
+        return reference
+
+
+def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Hugging Face labels (N, T) (``labels[:, t]`` is token t) → the op's aligned labels: ``labels[:, t + 1]``
+    at position t, ``ignore_index`` at the last position. The logits stay whole (no sliced view to copy)."""
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"labels must be a 2-D tensor (N, T), got {getattr(labels, 'shape', type(labels).__name__)}")
+    return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
+
+
+def _loss_call(
+    rows: int, device: torch.device, labels: torch.Tensor, impl: ModuleType, *,
+    num_responses: int, scores: torch.Tensor, h_tilde: torch.Tensor | None, ref_logps: torch.Tensor | None,
+    loss: str, loss_params: dict[str, Any] | None, strategy: str, lam: float, ignore_index: int, validate: bool,
+) -> LossCall:
+    call = check_loss_inputs(
+        num_rows=rows, device=device, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
+        ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam, validate=validate,
+    )
+    check_response_limit(num_responses, impl.MAX_RESPONSES)
+    if validate:
+        check_valid_tokens(labels, ignore_index, num_responses)
+    return call
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, backend: str = "auto",
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    backend: str = "auto",
     validate: bool = True,
+    inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(S, L): summed token log-probs and valid-token counts per row (N,), in fp32 (float64 for float64).
+    """Summed token log-probs S[n] = Σ_t log softmax(logits[n, t])[labels[n, t]] and counts L[n] of valid tokens.
 
-    Rows with no valid token give S = 0, L = 0. Differentiable in ``logits`` through S.
+    Args:
+        logits: (N, T, V) float32, bfloat16, float16 or float64; differentiable (through S).
+        labels: (N, T) int64 aligned with ``logits`` (see the module docstring); values in [0, V) or
+            ``ignore_index``.
+        ignore_index: label value of positions that are not scored.
+        backend: ``"auto"``, ``"fused"`` or ``"reference"``.
+        validate: check the label range on the host (one synchronisation); shapes, dtypes and devices are
+            always checked. With ``validate=False`` an out-of-range label is undefined behaviour.
+        inplace_backward: allow the backward to overwrite ``logits`` with their gradient (the fused backend
+            then allocates no N·T·V buffer); do not read ``logits`` after backward.
+
+    Returns:
+        (S, L), each (N,) in fp32 (float64 for float64 logits); a row without a valid token gives S = L = 0.
+
+    Raises:
+        ValueError / TypeError naming the argument at fault; ``OpLoadError`` for ``backend="fused"`` when the
+        extension cannot be built or loaded.
     """
-    return _select(backend).sequence_logprobs(logits, labels, ignore_index=ignore_index, validate=validate)
+    check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
+    return _backend(backend).sequence_logprobs(logits, labels, ignore_index, inplace_backward)
 
 
 def sequence_logprobs_linear(
-    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, bias: torch.Tensor | None = None,
-    ignore_index: int = -100, chunk_bytes: int | None = None, backend: str = "auto", validate: bool = True,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    chunk_bytes: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logprobs`` of hidden (N, T, H) @ weight (V, H)ᵀ + bias without holding all logits."""
-    impl = _select(backend)
-    extra = {} if impl is reference else {"chunk_bytes": chunk_bytes}
-    return impl.sequence_logprobs_linear(
-        hidden, weight, labels, bias=bias, ignore_index=ignore_index, validate=validate, **extra
-    )
+    """``sequence_logprobs`` of the logits hidden @ weightᵀ + bias, holding one chunk of them at a time.
+
+    Args:
+        hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device.
+            All three are differentiable; the backward recomputes each chunk's logits.
+        labels: (N, T) int64 aligned with the logits, in [0, V) or ``ignore_index``.
+        chunk_bytes: bytes of one chunk's logits (default 256 MiB on CUDA, 64 MiB on CPU); a chunk holds at
+            least one token's V logits.
+        ignore_index, backend, validate: as in ``sequence_logprobs``.
+
+    Returns:
+        (S, L), each (N,) in the accumulation dtype (fp32, or float64 for float64 inputs).
+
+    Raises:
+        ValueError / TypeError naming the argument at fault; ``OpLoadError`` as in ``sequence_logprobs``.
+    """
+    check_linear_inputs(hidden, weight, bias)
+    check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
+    budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
+    return _backend(backend).sequence_logprobs_linear(hidden, weight, bias, labels, ignore_index, budget)
 
 
 def dora_loss(
@@ -90,23 +185,56 @@ def dora_loss(
     loss_params: dict[str, Any] | None = None,
     strategy: str = "dora",
     lam: float = 1.0,
-    process_group: Any = None,
+    process_group: dist.ProcessGroup | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
     validate: bool = True,
+    inplace_backward: bool = False,
 ) -> DoRAOutput:
-    """The robust preference loss of B prompts × K responses from logits (N = B·K, T, V).
+    """The robust preference loss of B prompts × K responses from their logits (docs/design.md section 4).
 
-    ℓ_b is ``loss`` on the prompt's sequence log-probs S (minus ``ref_logps`` where the loss uses a
-    reference); the batch objective is ``strategy`` over s_b = h̃_b ℓ_b, e.g. dora:
-    λ·log (1/B) Σ_b exp(h̃_b ℓ_b / λ) (DESIGN.md section 4). With ``process_group`` the reduction is
-    over the batch of all ranks (section 5).
+    ℓ_b is ``loss`` on prompt b's sequence log-probs S (minus ``ref_logps`` where the loss has a reference),
+    and the batch objective is ``strategy`` over s_b = h̃_b·ℓ_b, e.g. dora: λ·log (1/B) Σ_b exp(h̃_b ℓ_b / λ).
+
+    Args:
+        logits: (N, T, V) with N = B·K, row n = b·K + k; float32, bfloat16, float16 or float64;
+            differentiable.
+        labels: (N, T) int64 aligned with ``logits`` (module docstring), in [0, V) or ``ignore_index``;
+            every row needs at least one valid token.
+        num_responses: K ≥ 2 responses per prompt; the fused backend handles K ≤ 64
+            (``fused.MAX_RESPONSES``), larger K raises ValueError there (use ``backend="reference"``).
+        scores: (B, K) float, higher is better; they rank the responses (not differentiated).
+        h_tilde: (B,) float > 0, the calibration weights; required by ``reweight`` and ``dora``.
+        ref_logps: (N,) float, the reference model's S; required by dpo, rdpo, ipo, robust_dpo, exo, dpo_pl.
+        loss, loss_params: a loss of ``dora_engine.losses.LOSSES`` and overrides of its defaults.
+        strategy: ``erm``, ``reweight``, ``dro``, ``dora`` or ``drdpo``; ``lam``: λ > 0 of the last three.
+        process_group: reduce the strategy over the prompts of every rank of this group (data parallel);
+            the gradient is then that of the global loss under DeepSpeed's gradient averaging.
+        ignore_index: label value of positions that are not scored.
+        backend: ``"auto"``, ``"fused"`` or ``"reference"``.
+        validate: check values on the host (label range, finite scores, h̃ finite and > 0, a valid token
+            in every row); shapes, dtypes and devices are always checked. Trainers that validated their data
+            at load pass False, so a step makes no host synchronisation for checks.
+        inplace_backward: allow the backward to overwrite ``logits`` with their gradient (fused: no extra
+            N·T·V buffer); do not read ``logits`` after backward.
+
+    Returns:
+        ``DoRAOutput``: ``loss`` (scalar, the only differentiable output), ``per_sample_loss`` ℓ (B,),
+        ``seq_logps`` S (N,), ``seq_lens`` L (N,), ``weights`` (B,).
+
+    Raises:
+        ValueError / TypeError naming the argument (and row or prompt) at fault; ``OpLoadError`` for
+        ``backend="fused"`` when the extension cannot be built or loaded.
     """
-    return _select(backend).dora_loss(
-        logits, labels, num_responses=num_responses, scores=scores, h_tilde=h_tilde, ref_logps=ref_logps,
-        loss=loss, loss_params=loss_params, strategy=strategy, lam=lam, process_group=process_group,
+    check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
+    impl = _backend(backend)
+    call = _loss_call(
+        logits.shape[0], logits.device, labels, impl, num_responses=num_responses, scores=scores,
+        h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
         ignore_index=ignore_index, validate=validate,
     )
+    S, L = impl.sequence_logprobs(logits, labels, ignore_index, inplace_backward)
+    return impl.robust_loss(S, L, call, scores, h_tilde, ref_logps, process_group)
 
 
 def dora_loss_linear(
@@ -115,15 +243,49 @@ def dora_loss_linear(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    chunk_bytes: int | None = None,
+    num_responses: int,
+    scores: torch.Tensor,
+    h_tilde: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    loss: str = "dpo_pl",
+    loss_params: dict[str, Any] | None = None,
+    strategy: str = "dora",
+    lam: float = 1.0,
+    process_group: dist.ProcessGroup | None = None,
+    ignore_index: int = -100,
     mode: str = "single_pass",
+    chunk_bytes: int | None = None,
     backend: str = "auto",
-    **kwargs: Any,
+    validate: bool = True,
 ) -> DoRAOutput:
-    """``dora_loss`` of the logits hidden @ weightᵀ + bias, holding only a chunk of logits at a time.
+    """``dora_loss`` of the logits hidden @ weightᵀ + bias without holding them all (docs/design.md section 5).
 
-    ``mode="single_pass"`` (3 GEMMs) or ``"recompute"`` (4 GEMMs, least memory); see DESIGN.md section 5.
+    Args:
+        hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device. All
+            three are differentiable through ``loss``.
+        labels, num_responses, scores, h_tilde, ref_logps, loss, loss_params, strategy, lam, process_group,
+        ignore_index, backend, validate: as in ``dora_loss``.
+        mode: ``"single_pass"`` (3 GEMMs per chunk, nothing recomputed; chunks of whole prompts, so a chunk
+            holds at least one prompt's K·T·V logits; backward once only) or ``"recompute"`` (4 GEMMs, token
+            chunks, least memory). The reference backend follows the same chunking (``recompute`` by
+            activation checkpointing); both modes give the same values.
+        chunk_bytes: bytes of one chunk's logits (default 256 MiB on CUDA, 64 MiB on CPU).
+
+    Returns / Raises: as ``dora_loss``.
     """
-    impl = _select(backend)
-    extra = {} if impl is reference else {"chunk_bytes": chunk_bytes, "mode": mode}
-    return impl.dora_loss_linear(hidden, weight, labels, bias=bias, **extra, **kwargs)
+    check_choice("mode", mode, FUSED_LINEAR_MODES)
+    check_linear_inputs(hidden, weight, bias)
+    check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
+    budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
+    impl = _backend(backend)
+    call = _loss_call(
+        hidden.shape[0], hidden.device, labels, impl, num_responses=num_responses, scores=scores,
+        h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
+        ignore_index=ignore_index, validate=validate,
+    )
+    if mode == "single_pass":
+        return impl.single_pass_loss(
+            hidden, weight, bias, labels, ignore_index, budget, call, scores, h_tilde, ref_logps, process_group
+        )
+    S, L = impl.sequence_logprobs_linear(hidden, weight, bias, labels, ignore_index, budget)
+    return impl.robust_loss(S, L, call, scores, h_tilde, ref_logps, process_group)

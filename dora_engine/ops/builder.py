@@ -196,3 +196,12 @@ def loaded_from() -> str | None:
 def has_kernel(backend: str) -> bool:
     """Whether the loaded extension registered its kernels for ``"CPU"`` or ``"CUDA"``."""
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{OPS_NAMESPACE}::seq_logprobs_fwd", backend)
+
+
+def check_kernels_for(t: torch.Tensor) -> None:
+    """The loaded extension has kernels for the device of ``t`` (CUDA kernels are optional in a build)."""
+    if t.is_cuda and not has_kernel("CUDA"):
+        raise RuntimeError(
+            "the dora_engine extension was built without CUDA kernels (torch without CUDA or nvcc not found "
+            "at build time); run `dora-engine report`"
+        )

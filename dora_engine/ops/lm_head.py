@@ -1,66 +1,94 @@
-"""The DoRA loss as the model's output layer, so that it works with ZeRO-3 partitioned lm_head weights.
+"""The DoRA loss inside a causal LM's forward, so that it works with ZeRO-3 partitioned weights.
 
 Under ZeRO-3 a parameter holds its full value only inside the forward of a module that owns it, and
 again during that module's backward: DeepSpeed's hooks gather it there. Reading
-``engine.module.lm_head.weight`` from the training loop gives an empty placeholder. So the fused-linear
-loss (DESIGN.md section 5) runs inside the forward of the module that owns the weight:
+``engine.module.lm_head.weight`` from a training loop gives an empty placeholder, so the loss runs
+inside the forward of a module DeepSpeed wraps (docs/design.md section 5):
 
-- ``DoRALossHead`` owns the lm_head weight (and bias) directly. ``head(hidden)`` returns logits like the
-  ``nn.Linear`` it replaces (generation, evaluation); ``head(hidden, labels, num_responses=…, scores=…)``
-  returns the ``DoRAOutput`` of ``dora_loss_linear`` and ``head(hidden, labels)`` the (S, L) of
-  ``sequence_logprobs_linear``, never holding the full logits.
+- ``DoRAPolicy(model, objective, loss_path=...)`` is the root module to hand to ``deepspeed.initialize``
+  (``model`` a Hugging Face causal LM, optionally PEFT-wrapped). ``loss_path="logits"``: the model's logits
+  → ``dora_loss`` (backward written over the logits); ``"fused_linear"``: the decoder body's hidden states
+  → ``dora_loss_linear`` inside the loss head, never holding all logits.
+- ``DoRALossHead`` owns the lm_head weight (and bias). ``head(hidden)`` returns logits like the
+  ``nn.Linear`` it replaces (generation, evaluation); with labels it returns (S, L), and with scores too the
+  ``DoRAOutput``.
 - ``install_loss_head(model)`` swaps a Hugging Face causal LM's output embedding for a ``DoRALossHead``
   holding the very same ``Parameter`` objects. With tied input/output embeddings that parameter is also
-  the input embedding's, so both modules own it and ZeRO-3 gathers it for either (and sums both
-  gradients into it).
-- ``DoRAPolicy(model)`` is the root module to hand to ``deepspeed.initialize`` (``model`` a Hugging Face
-  causal LM, optionally PEFT-wrapped): its forward runs the decoder body and the loss head in one root
-  forward, so DeepSpeed's per-step parameter tracing sees the usual order of sub-module calls.
+  the input embedding's, so both modules own it and ZeRO-3 gathers it for either.
 
-What a trainer calls (labels in the Hugging Face convention, ``labels[:, t]`` is token t and
-``-100`` marks prompt and padding tokens; the shift to "logits at t predict token t + 1" happens here)::
+Labels follow the Hugging Face convention (``labels[:, t]`` is token t, ``-100`` marks prompt and padding
+tokens); the policy aligns them with ``shift_labels``::
 
-    policy = DoRAPolicy(model, mode="single_pass")          # before deepspeed.initialize
+    policy = DoRAPolicy(model, RobustObjective(loss="dpo_pl", strategy="dora", lam=1.0))
     engine, *_ = deepspeed.initialize(model=policy, config=ds_config, optimizer=opt)
-    out = engine(input_ids, attention_mask, labels, num_responses=K, scores=scores, h_tilde=h,
-                 ref_logps=ref, loss="dpo_pl", strategy="dora", lam=1.0,
+    out = engine(input_ids, attention_mask, labels, scores=scores, h_tilde=h, ref_logps=ref,
                  process_group=dist.group.WORLD)            # global robust reduction (section 5)
     engine.backward(out.loss)
     engine.step()
 
-``engine(input_ids, attention_mask, labels)`` without loss arguments gives (S, L) per row the same way
-(e.g. for the reference log-prob cache, under ``torch.no_grad()``).
+``engine(input_ids, attention_mask, labels)`` without scores gives (S, L) per row the same way (e.g. for
+the reference log-prob cache, under ``torch.no_grad()``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dora_engine.ops import DoRAOutput, dora_loss_linear, sequence_logprobs_linear
+from dora_engine.ops import (
+    DoRAOutput,
+    dora_loss,
+    dora_loss_linear,
+    sequence_logprobs,
+    sequence_logprobs_linear,
+    shift_labels,
+)
+
+LOSS_PATHS = ("logits", "fused_linear")
+
+
+@dataclass(frozen=True)
+class RobustObjective:
+    """The training objective: a loss of ``dora_engine.losses`` under a robust strategy (docs/design.md
+    section 4)."""
+
+    loss: str = "dpo_pl"
+    """Preference loss name (``dora_engine.losses.LOSSES``)."""
+    loss_params: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the loss's default parameters."""
+    strategy: str = "dora"
+    """``erm``, ``reweight``, ``dro``, ``dora`` or ``drdpo``."""
+    lam: float = 1.0
+    """λ > 0 of ``dro``, ``dora`` and ``drdpo``."""
 
 
 class DoRALossHead(nn.Module):
-    """Output layer owning ``weight`` (V, H) and ``bias`` (V,) or None; logits or the DoRA loss."""
+    """Output layer owning ``weight`` (V, H) and ``bias`` (V,) or None: logits, (S, L) or the DoRA loss."""
 
     def __init__(
         self,
         weight: nn.Parameter,
         bias: nn.Parameter | None = None,
         *,
+        objective: RobustObjective = RobustObjective(),
         mode: str = "single_pass",
         chunk_bytes: int | None = None,
         backend: str = "auto",
+        validate: bool = True,
     ) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
+        self.objective = objective
         self.mode = mode
         self.chunk_bytes = chunk_bytes
         self.backend = backend
+        self.validate = validate
 
     @property
     def out_features(self) -> int:
@@ -71,27 +99,44 @@ class DoRALossHead(nn.Module):
         return self.weight.shape[1]
 
     def forward(
-        self, hidden: torch.Tensor, labels: torch.Tensor | None = None, **loss_kwargs: Any
+        self,
+        hidden: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+        h_tilde: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | DoRAOutput:
-        """hidden (N, T, H) and aligned labels (N, T) → ``dora_loss_linear`` with ``loss_kwargs``.
-
-        Without ``loss_kwargs``: (S, L) of ``sequence_logprobs_linear``. Without labels: the logits.
-        """
+        """hidden (N, T, H) → logits; with labels aligned to hidden (N, T) → (S, L) of
+        ``sequence_logprobs_linear``; with scores (B, K) too → ``DoRAOutput`` of ``dora_loss_linear``."""
         if labels is None:
-            if loss_kwargs:
-                raise TypeError(f"loss arguments {sorted(loss_kwargs)} given without labels")
+            if scores is not None:
+                raise ValueError("scores given without labels")
             return F.linear(hidden, self.weight, self.bias)
-        if not loss_kwargs:
+        if scores is None:
             return sequence_logprobs_linear(
-                hidden, self.weight, labels, bias=self.bias, chunk_bytes=self.chunk_bytes, backend=self.backend
+                hidden, self.weight, labels, bias=self.bias, chunk_bytes=self.chunk_bytes, backend=self.backend,
+                validate=self.validate,
             )
+        o = self.objective
         return dora_loss_linear(
-            hidden, self.weight, labels, bias=self.bias, chunk_bytes=self.chunk_bytes, mode=self.mode,
-            backend=self.backend, **loss_kwargs,
+            hidden, self.weight, labels, bias=self.bias, num_responses=_num_responses(scores), scores=scores,
+            h_tilde=h_tilde, ref_logps=ref_logps, loss=o.loss, loss_params=o.loss_params, strategy=o.strategy,
+            lam=o.lam, process_group=process_group, mode=self.mode, chunk_bytes=self.chunk_bytes,
+            backend=self.backend, validate=self.validate,
         )
 
 
-def install_loss_head(model: nn.Module, **head_options: Any) -> DoRALossHead:
+def _num_responses(scores: torch.Tensor) -> int:
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 2:
+        raise ValueError(f"scores must be a (B, K) tensor, got {getattr(scores, 'shape', type(scores).__name__)}")
+    return scores.shape[1]
+
+
+def install_loss_head(
+    model: nn.Module, *, objective: RobustObjective = RobustObjective(), mode: str = "single_pass",
+    chunk_bytes: int | None = None, backend: str = "auto", validate: bool = True,
+) -> DoRALossHead:
     """Replace ``model``'s output embedding by a ``DoRALossHead`` sharing its parameters; returns the head.
 
     Call it before ``deepspeed.initialize``. Tied embeddings stay tied: the head holds the same
@@ -102,35 +147,83 @@ def install_loss_head(model: nn.Module, **head_options: Any) -> DoRALossHead:
         return current
     if current is None or not isinstance(getattr(current, "weight", None), nn.Parameter):
         raise ValueError(f"{type(model).__name__} has no linear output embedding (lm_head) to replace")
-    head = DoRALossHead(current.weight, getattr(current, "bias", None), **head_options)
+    head = DoRALossHead(
+        current.weight, getattr(current, "bias", None), objective=objective, mode=mode, chunk_bytes=chunk_bytes,
+        backend=backend, validate=validate,
+    )
     model.set_output_embeddings(head)
     return head
 
 
-class DoRAPolicy(nn.Module):
-    """Root module for DeepSpeed: causal-LM body and DoRA loss head in one forward (see module docstring)."""
+def causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
-    def __init__(self, model: nn.Module, **head_options: Any) -> None:
+
+class DoRAPolicy(nn.Module):
+    """Root module for DeepSpeed: causal LM and DoRA loss in one forward (see the module docstring).
+
+    ``validate=False`` for callers that validated their data at load: a step then makes no host
+    synchronisation for checks.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: RobustObjective = RobustObjective(),
+        *,
+        loss_path: str = "fused_linear",
+        mode: str = "single_pass",
+        chunk_bytes: int | None = None,
+        backend: str = "auto",
+        validate: bool = True,
+    ) -> None:
         super().__init__()
+        if loss_path not in LOSS_PATHS:
+            raise ValueError(f"unknown loss_path {loss_path!r}; valid: {', '.join(LOSS_PATHS)}")
         self.model = model
-        install_loss_head(model, **head_options)
+        self.objective = objective
+        self.loss_path = loss_path
+        self.backend = backend
+        self.validate = validate
+        if loss_path == "fused_linear":
+            install_loss_head(
+                causal_lm(model), objective=objective, mode=mode, chunk_bytes=chunk_bytes, backend=backend,
+                validate=validate,
+            )
 
     @property
-    def head(self) -> DoRALossHead:
-        return self.model.get_output_embeddings()
+    def head(self) -> nn.Module:
+        return causal_lm(self.model).get_output_embeddings()
 
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
-        **loss_kwargs: Any,
+        scores: torch.Tensor | None = None,
+        h_tilde: torch.Tensor | None = None,
+        ref_logps: torch.Tensor | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ) -> DoRAOutput | tuple[torch.Tensor, torch.Tensor]:
-        """``DoRAOutput`` of the N = B·K rows with ``loss_kwargs`` (as in ``dora_loss``), else (S, L).
-
-        ``labels`` unshifted (``labels[:, t]`` is token t, -100 ignored).
-        """
-        # get_decoder(): the transformer body, also through a PEFT wrapper (whose base_model is not the body)
-        hidden = self.model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        # Hidden states at t predict token t + 1.
-        return self.head(hidden[:, :-1], labels[:, 1:].contiguous(), **loss_kwargs)
+        """``DoRAOutput`` of the N = B·K rows (row n = b·K + k) when ``scores`` (B, K) is given, else (S, L)
+        per row. ``labels`` (N, T) in the Hugging Face convention; the other arguments as in ``dora_loss``."""
+        aligned = shift_labels(labels)
+        if self.loss_path == "fused_linear":
+            # get_decoder(): the transformer body, also through a PEFT wrapper (whose base_model is not the body)
+            body = causal_lm(self.model).get_decoder()
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return self.head(hidden, aligned, scores, h_tilde, ref_logps, process_group)
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        # Nothing reads the logits after the loss: the backward may overwrite them with their gradient.
+        inplace = torch.is_grad_enabled()
+        if scores is None:
+            return sequence_logprobs(
+                logits, aligned, backend=self.backend, validate=self.validate, inplace_backward=inplace
+            )
+        o = self.objective
+        return dora_loss(
+            logits, aligned, num_responses=_num_responses(scores), scores=scores, h_tilde=h_tilde,
+            ref_logps=ref_logps, loss=o.loss, loss_params=o.loss_params, strategy=o.strategy, lam=o.lam,
+            process_group=process_group, backend=self.backend, validate=self.validate, inplace_backward=inplace,
+        )

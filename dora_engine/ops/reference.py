@@ -1,41 +1,24 @@
-"""Pure-PyTorch reference of every op (DESIGN.md sections 4-5): the fallback and the oracle.
+"""Pure-PyTorch backend of the op (docs/design.md sections 4-5): the fallback and the oracle.
 
-It materialises the fp32 log-softmax and the full logits, which the fused op never does; its job is
-to be obviously right, not fast.
+Primitives only; ``dora_engine.ops`` validates the inputs and composes them. Autograd differentiates
+everything here. It materialises the fp32 log-softmax of each (chunk of) logits, which the fused
+backend never does; its job is to be obviously right, not fast.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
 import torch
 import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
 
 from dora_engine.losses import PromptBatch
+from dora_engine.ops.chunking import prompts_per_chunk, spans, tokens_per_chunk
 from dora_engine.ops.distributed import gather_for_global_loss, local_slice
-from dora_engine.ops.validation import (
-    accumulation_dtype,
-    check_labels,
-    check_linear_inputs,
-    check_logits_labels,
-    check_loss_inputs,
-    check_valid_tokens,
-)
+from dora_engine.ops.output import DoRAOutput
+from dora_engine.ops.validation import LossCall, accumulation_dtype
 
-
-class DoRAOutput(NamedTuple):
-    """Result of ``dora_loss``. Only ``loss`` carries gradient.
-
-    loss: scalar robust objective; per_sample_loss (B,) ℓ_b; seq_logps (N,) S; seq_lens (N,) L;
-    weights (B,) the strategy's distribution over prompts (with a process group: this rank's slice of
-    the global distribution, which sums to 1 over all ranks).
-    """
-
-    loss: torch.Tensor
-    per_sample_loss: torch.Tensor
-    seq_logps: torch.Tensor
-    seq_lens: torch.Tensor
-    weights: torch.Tensor
+#: The per-batch stage has no limit on the responses per prompt.
+MAX_RESPONSES = None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -48,50 +31,53 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 
 def sequence_logprobs(
-    logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, validate: bool = True
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """S[n] = Σ_t lp[n, t] and L[n] = #valid t, both in the accumulation dtype (fp32 or float64)."""
-    check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
-    return _sequence_logprobs(logits, labels, ignore_index)
+    """S[n] = Σ_t lp[n, t] and L[n] = #valid t, both in the accumulation dtype (fp32 or float64).
 
-
-def _sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
+    ``inplace_backward`` only permits overwriting the logits; autograd here keeps them intact.
+    """
     lp = token_logprobs(logits, labels, ignore_index)
     return lp.sum(dim=-1), (labels != ignore_index).sum(dim=-1).to(lp.dtype)
 
 
-def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    check_linear_inputs(hidden, weight, bias)
-    return torch.nn.functional.linear(hidden, weight, bias)
+def _linear_token_logprobs(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, ignore_index: int
+) -> torch.Tensor:
+    """Token log-probs (n,) of the logits x (n, H) @ weightᵀ + bias for labels y (n,)."""
+    logits = torch.nn.functional.linear(x, weight, bias)
+    return token_logprobs(logits.unsqueeze(1), y.unsqueeze(1), ignore_index).squeeze(1)
 
 
 def sequence_logprobs_linear(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    validate: bool = True,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sequence_logprobs`` of the logits hidden @ weightᵀ + bias."""
-    logits = _linear_logits(hidden, weight, bias)
-    check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
-    return _sequence_logprobs(logits, labels, ignore_index)
+    """(S, L) of hidden @ weightᵀ + bias, the fused backend's recompute schedule: token chunks of
+    ``chunk_bytes`` logits, each recomputed in backward (activation checkpointing), so only one chunk's
+    logits are alive at a time."""
+    N, T, H = hidden.shape
+    x, y = hidden.reshape(N * T, H), labels.reshape(N * T)
+    per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], hidden.element_size())
+    parts = [
+        checkpoint(_linear_token_logprobs, x[t0:t1], weight, bias, y[t0:t1], ignore_index, use_reentrant=False)
+        for t0, t1 in spans(N * T, per_chunk)
+    ]
+    lp = torch.cat(parts).view(N, T)
+    return lp.sum(dim=1), (labels != ignore_index).sum(dim=1).to(lp.dtype)
 
 
-def robust_loss_from_sequences(
+def robust_loss(
     S: torch.Tensor,
     L: torch.Tensor,
-    *,
-    config,
+    call: LossCall,
     scores: torch.Tensor,
     h_tilde: torch.Tensor | None,
     ref_logps: torch.Tensor | None,
-    process_group: dist.ProcessGroup | None = None,
+    process_group: dist.ProcessGroup | None,
 ) -> DoRAOutput:
-    """Stages (2a)-(2b) of DESIGN.md section 5 on per-sequence S, L (N,): ℓ_b, then the strategy."""
-    B, K = config.num_prompts, config.num_responses
+    """Stages (2a)-(2b) of docs/design.md section 5 on per-sequence S, L (N,): ℓ_b, then the strategy."""
+    B, K = call.num_prompts, call.num_responses
     dtype = S.dtype
     batch = PromptBatch(
         S=S.view(B, K),
@@ -99,56 +85,39 @@ def robust_loss_from_sequences(
         scores=scores.to(dtype),
         S_ref=None if ref_logps is None else ref_logps.to(dtype).view(B, K),
     )
-    ell = config.loss.fn(batch, **config.params)
+    ell = call.loss.fn(batch, **call.params)
     h = torch.ones_like(ell) if h_tilde is None else h_tilde.to(dtype)
     if process_group is None:
-        loss, weights = config.strategy.fn(ell, h, config.lam)
+        loss, weights = call.strategy.fn(ell, h, call.lam)
     else:
-        loss, global_weights = config.strategy.fn(
-            gather_for_global_loss(ell, process_group), gather_for_global_loss(h, process_group), config.lam
+        loss, global_weights = call.strategy.fn(
+            gather_for_global_loss(ell, process_group), gather_for_global_loss(h, process_group), call.lam
         )
         weights = local_slice(global_weights, ell, process_group)
     return DoRAOutput(loss, ell.detach(), S.detach(), L.detach(), weights.detach())
 
 
-def dora_loss(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    num_responses: int,
-    scores: torch.Tensor,
-    h_tilde: torch.Tensor | None = None,
-    ref_logps: torch.Tensor | None = None,
-    loss: str = "dpo_pl",
-    loss_params: dict[str, Any] | None = None,
-    strategy: str = "dora",
-    lam: float = 1.0,
-    process_group: dist.ProcessGroup | None = None,
-    ignore_index: int = -100,
-    validate: bool = True,
-) -> DoRAOutput:
-    """L = strategy over b of ℓ_b(S, L, S_ref, scores), S and L from the logits (DESIGN.md section 4)."""
-    check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
-    config = check_loss_inputs(
-        num_rows=logits.shape[0], device=logits.device, num_responses=num_responses, scores=scores,
-        h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy,
-        lam=lam, validate=validate,
-    )
-    S, L = _sequence_logprobs(logits, labels, ignore_index)
-    if validate:
-        check_valid_tokens(L, num_responses)
-    return robust_loss_from_sequences(
-        S, L, config=config, scores=scores, h_tilde=h_tilde, ref_logps=ref_logps, process_group=process_group
-    )
-
-
-def dora_loss_linear(
+def single_pass_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     labels: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    **kwargs: Any,
+    ignore_index: int,
+    chunk_bytes: int,
+    call: LossCall,
+    scores: torch.Tensor,
+    h_tilde: torch.Tensor | None,
+    ref_logps: torch.Tensor | None,
+    process_group: dist.ProcessGroup | None,
 ) -> DoRAOutput:
-    """``dora_loss`` of the logits hidden @ weightᵀ + bias (materialised: this is the oracle)."""
-    return dora_loss(_linear_logits(hidden, weight, bias), labels, **kwargs)
+    """``dora_loss_linear(mode="single_pass")``: the fused backend's chunks of whole prompts, each chunk's
+    logits kept for backward (nothing recomputed), then the per-batch stage."""
+    K, T, V = call.num_responses, hidden.shape[1], weight.shape[0]
+    per_chunk = prompts_per_chunk(chunk_bytes, K * T, V, hidden.element_size())
+    rows = [(p0 * K, p1 * K) for p0, p1 in spans(call.num_prompts, per_chunk)]
+    parts = [
+        sequence_logprobs(torch.nn.functional.linear(hidden[r0:r1], weight, bias), labels[r0:r1], ignore_index, False)
+        for r0, r1 in rows
+    ]
+    S, L = (torch.cat(x) for x in zip(*parts, strict=True))
+    return robust_loss(S, L, call, scores, h_tilde, ref_logps, process_group)

@@ -1,6 +1,7 @@
-"""Input checks shared by every backend of the op (DESIGN.md section 7).
+"""Input checks of the public ops, run once by ``dora_engine.ops`` whatever the backend (docs/design.md section 7).
 
-Each failure names the offending argument (and row/prompt where one is at fault).
+Each failure names the offending argument (and row/prompt where one is at fault). Shapes, dtypes and
+devices are always checked; ``validate=False`` skips only the checks that read tensor values on the host.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _shape(x: Any) -> str:
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossCall:
     """A validated call of ``dora_loss``: resolved loss, parameters, strategy and batch geometry."""
 
     loss: LossSpec
@@ -102,7 +103,7 @@ def check_loss_inputs(
     strategy: str,
     lam: float,
     validate: bool,
-) -> LossConfig:
+) -> LossCall:
     """Validate everything about a ``dora_loss`` call except the logits/labels themselves."""
     spec = get_loss(loss)
     params = resolve_params(loss, loss_params)
@@ -137,7 +138,7 @@ def check_loss_inputs(
         _check_tensor("ref_logps", ref_logps, (num_rows,), device)
     elif ref_logps is not None:
         _check_tensor("ref_logps", ref_logps, (num_rows,), device)
-    return LossConfig(spec, params, strat, float(lam), B, num_responses)
+    return LossCall(spec, params, strat, float(lam), B, num_responses)
 
 
 def _check_tensor(name: str, x: Any, shape: tuple[int, ...], device: torch.device) -> None:
@@ -151,12 +152,35 @@ def _check_tensor(name: str, x: Any, shape: tuple[int, ...], device: torch.devic
         raise ValueError(f"{name} is on {x.device} but the logits/hidden states on {device}")
 
 
-def check_valid_tokens(seq_lens: torch.Tensor, num_responses: int) -> None:
-    """Every response must have at least one valid (non-ignored) label token."""
-    empty = seq_lens == 0
+def check_valid_tokens(labels: torch.Tensor, ignore_index: int, num_responses: int) -> None:
+    """Every response row must have at least one valid (non-ignored) label token."""
+    empty = (labels != ignore_index).sum(dim=1) == 0
     if bool(empty.any()):
         n = int(empty.nonzero()[0, 0])
         raise ValueError(
             f"response row {n} (prompt {n // num_responses}, response {n % num_responses}) has no valid "
             "label token (all ignore_index)"
         )
+
+
+def check_response_limit(num_responses: int, limit: int | None) -> None:
+    """K within what the fused per-batch stage handles (``limit``; None: the reference, no limit)."""
+    if limit is not None and num_responses > limit:
+        raise ValueError(
+            f"num_responses K = {num_responses} exceeds the fused backend's limit of {limit} responses per "
+            "prompt; use backend='reference' for larger K"
+        )
+
+
+def check_chunk_bytes(chunk_bytes: int | None, device: torch.device, defaults: dict[str, int]) -> int:
+    """The chunk size in bytes: ``chunk_bytes``, or the device's default when None."""
+    if chunk_bytes is None:
+        return defaults.get(device.type, defaults["cuda"])
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
+        raise ValueError(f"chunk_bytes must be a positive integer (bytes of one chunk's logits), got {chunk_bytes!r}")
+    return chunk_bytes
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(choices)}")

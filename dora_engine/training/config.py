@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from dora_engine.losses import get_loss, get_strategy, resolve_params
+from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
+from dora_engine.ops.lm_head import LOSS_PATHS
 
 
 class ConfigError(ValueError):
@@ -72,6 +74,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     backend: str = "auto"  # op backend: auto | fused | reference
     loss_path: str = "logits"  # logits: model logits -> dora_loss; fused_linear: hidden states -> dora_loss_linear
+    fused_linear_mode: str = "single_pass"  # single_pass (3 GEMMs) | recompute (4 GEMMs, least memory)
+    chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: 256 MiB GPU, 64 MiB CPU)
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
 
@@ -136,8 +140,6 @@ class TrainingConfig:
 STAGES = ("sft", "align")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-BACKENDS = ("auto", "fused", "reference")
-LOSS_PATHS = ("logits", "fused_linear")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,8 +290,11 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         _positive("train.max_steps", t.max_steps)
     _choice("train.precision", t.precision, PRECISIONS)
     _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    _choice("train.backend", t.backend, BACKENDS)
+    _choice("train.backend", t.backend, OP_BACKENDS)
     _choice("train.loss_path", t.loss_path, LOSS_PATHS)
+    _choice("train.fused_linear_mode", t.fused_linear_mode, FUSED_LINEAR_MODES)
+    if t.chunk_bytes is not None:
+        _positive("train.chunk_bytes", t.chunk_bytes)
     _positive("train.max_consecutive_skips", t.max_consecutive_skips)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
     if cfg.lora.enabled:

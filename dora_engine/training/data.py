@@ -1,8 +1,9 @@
 """Tokenised training data, the deterministic sampler and the collator (DESIGN.md sections 3-5).
 
-Each response becomes one row ``prompt tokens + response tokens (+ EOS)``. Labels are stored already
-shifted (``labels[t]`` is the token the logits at position t predict, DESIGN.md section 4): the labels of
-prompt positions are -100, so only response tokens are scored. A batch of B prompts × K responses is
+Each response becomes one row ``prompt tokens + response tokens (+ EOS)``. Labels follow the Hugging Face
+convention (``labels[t]`` is token t; prompt and padding positions are -100, so only response tokens are
+scored); the model wrapper aligns them with the logits (``dora_engine.ops.shift_labels``, docs/design.md
+section 4). A batch of B prompts × K responses is
 flattened to N = B·K rows, row n = b·K + k.
 """
 
@@ -29,11 +30,8 @@ class Row:
     prompt_len: int
 
     def labels(self) -> list[int]:
-        """Shifted labels: position t predicts input_ids[t + 1] when that token belongs to the response."""
-        ids = self.input_ids
-        return [ids[t + 1] if t + 1 >= self.prompt_len else IGNORE_INDEX for t in range(len(ids) - 1)] + [
-            IGNORE_INDEX
-        ]
+        """Hugging Face labels: input_ids[t] where token t belongs to the response, else IGNORE_INDEX."""
+        return [IGNORE_INDEX] * self.prompt_len + self.input_ids[self.prompt_len :]
 
 
 @dataclass
@@ -86,6 +84,11 @@ class Tokenizer:
                 raise RecordError(
                     f"{_where(index, record)}: field 'responses[{k}].text' has no tokens (and the tokenizer has "
                     "no EOS token to score)"
+                )
+            if not prompt and len(response) < 2:
+                raise RecordError(
+                    f"{_where(index, record)}: field 'responses[{k}].text': with an empty prompt the first token is "
+                    "never predicted, so a one-token response has nothing to score"
                 )
             rows.append(Row(prompt + response, len(prompt)))
         return rows
@@ -183,6 +186,18 @@ def tokenise(
             digest.update(f"{ex.record_index}:{row.prompt_len}:".encode())
             digest.update(torch.tensor(row.input_ids, dtype=torch.int64).numpy().tobytes())
     return TrainingData(examples, K, data_hash, digest.hexdigest())
+
+
+def check_token_range(data: TrainingData, vocab_size: int, key: str) -> None:
+    """Every token id is below the model's vocabulary size, so the op can run without checking labels."""
+    for ex in data.examples:
+        for row in ex.rows:
+            top = max(row.input_ids)
+            if top >= vocab_size:
+                raise RecordError(
+                    f"{key}: record {ex.record_index}: token id {top} is outside the model's vocabulary "
+                    f"({vocab_size} tokens); the tokenizer does not match model.path"
+                )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,10 +25,26 @@ import torch.distributed as dist
 from dora_engine.training import ref_logps as ref_cache
 from dora_engine.training.checkpoint import CheckpointManager, config_differences, latest_tag
 from dora_engine.training.config import TrainingConfig
-from dora_engine.training.data import Sampler, Tokenizer, TrainingData, collate, file_hash, load_records, tokenise
+from dora_engine.training.data import (
+    Sampler,
+    Tokenizer,
+    TrainingData,
+    check_token_range,
+    collate,
+    file_hash,
+    load_records,
+    tokenise,
+)
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
 from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
-from dora_engine.training.model import PolicyLoss, ReferenceLogps, StepOutput, load_causal_lm, load_tokenizer
+from dora_engine.training.model import (
+    PolicyLoss,
+    ReferenceLogps,
+    StepOutput,
+    load_causal_lm,
+    load_tokenizer,
+    model_vocab_size,
+)
 from dora_engine.training.plots import plot_metrics
 
 # Config keys a resumed run may change without breaking the identical continuation.
@@ -112,6 +128,10 @@ class Trainer:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_data = load_data(cfg, self.tokenizer, cfg.data.train, progress)
         self.eval_data = load_data(cfg, self.tokenizer, cfg.data.eval, progress) if cfg.data.eval else None
+        vocab = model_vocab_size(cfg.model.path)
+        check_token_range(self.train_data, vocab, "data.train")
+        if self.eval_data is not None:
+            check_token_range(self.eval_data, vocab, "data.eval")
         # 2. Processes, sampler, reference log-probs.
         self.dist = init_distributed()
         self.sampler = Sampler(
@@ -165,7 +185,7 @@ class Trainer:
             from dora_engine.training.model import add_lora
 
             model = add_lora(model, cfg.lora)
-        module = PolicyLoss(model, cfg, self.train_data.num_responses)
+        module = PolicyLoss(model, cfg)
         params = [p for p in module.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in self.ds_config:
@@ -396,7 +416,7 @@ def ensure_reference(
     keep_alive = HfDeepSpeedConfig(config)  # partitioned loading, as for the policy
     model = load_causal_lm(reference, torch_dtype(precision))
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg.train.backend), config=config)
+    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg), config=config)
     ref = ref_cache.compute_reference(
         engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=dist_info.rank,
         world=dist_info.world, progress=progress and dist_info.main,

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dora_engine.ops import DoRAOutput, dora_loss, sequence_logprobs
+from dora_engine.ops import DoRAOutput
+from dora_engine.ops.lm_head import DoRAPolicy, RobustObjective
 from dora_engine.training.config import LoraConfig, TrainingConfig
 
 
@@ -36,25 +37,24 @@ def process_group() -> Any:
     return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-class PolicyLoss(nn.Module):
-    """forward(batch) -> StepOutput; ``stage`` selects SFT (NLL) or alignment (``dora_loss``)."""
+def policy_options(cfg: TrainingConfig) -> dict[str, Any]:
+    """The ``DoRAPolicy`` settings of a run: its loss path and op options. The op runs with
+    ``validate=False``: the data were validated when they were loaded (``training/data.py``)."""
+    t = cfg.train
+    return dict(
+        loss_path=t.loss_path, mode=t.fused_linear_mode, chunk_bytes=t.chunk_bytes, backend=t.backend,
+        validate=False,
+    )
 
-    def __init__(self, model: nn.Module, cfg: TrainingConfig, num_responses: int):
-        super().__init__()
-        self.model = model
+
+class PolicyLoss(DoRAPolicy):
+    """forward(batch) -> StepOutput; ``stage`` selects SFT (NLL) or alignment (the robust DoRA loss)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainingConfig):
+        objective = RobustObjective(cfg.loss.name, dict(cfg.loss.params), cfg.robust.strategy, cfg.robust.lam)
+        super().__init__(model, objective, **policy_options(cfg))
         self.stage = cfg.stage
-        self.num_responses = num_responses
-        self.loss_name = cfg.loss.name
-        self.loss_params = cfg.loss_params
-        self.strategy = cfg.robust.strategy
-        self.lam = cfg.robust.lam
-        self.backend = cfg.train.backend
         self.uses_h_tilde = cfg.needs_h_tilde
-        self.fused_linear = cfg.train.loss_path == "fused_linear"
-        if self.fused_linear:
-            from dora_engine.ops.lm_head import install_loss_head
-
-            install_loss_head(_causal_lm(model), backend=self.backend)
 
     def forward(
         self,
@@ -66,29 +66,11 @@ class PolicyLoss(nn.Module):
         ref_logps: torch.Tensor | None = None,
     ) -> StepOutput:
         group = process_group()
-        if self.fused_linear:
-            # Decoder body, then the loss head (a module of its own, so ZeRO-3 gathers its weight):
-            # the logits are never materialised.
-            lm = _causal_lm(self.model)
-            hidden = lm.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            head = lm.get_output_embeddings()
-            if self.stage == "sft":
-                return self._sft(*head(hidden, labels), group)
-            out = head(hidden, labels, **self._loss_kwargs(scores, h_tilde, ref_logps, group))
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            if self.stage == "sft":
-                return self._sft(*sequence_logprobs(logits, labels, backend=self.backend), group)
-            kwargs = self._loss_kwargs(scores, h_tilde, ref_logps, group)
-            out = dora_loss(logits, labels, backend=self.backend, **kwargs)
+        if self.stage == "sft":
+            return self._sft(*super().forward(input_ids, attention_mask, labels), group)
+        h = h_tilde if self.uses_h_tilde else None
+        out = super().forward(input_ids, attention_mask, labels, scores, h, ref_logps, group)
         return StepOutput(out.loss, out.loss.detach(), out.seq_logps, out.seq_lens, out)
-
-    def _loss_kwargs(self, scores: Any, h_tilde: Any, ref_logps: Any, group: Any) -> dict[str, Any]:
-        return dict(
-            num_responses=self.num_responses, scores=scores, h_tilde=h_tilde if self.uses_h_tilde else None,
-            ref_logps=ref_logps, loss=self.loss_name, loss_params=self.loss_params, strategy=self.strategy,
-            lam=self.lam, process_group=group,
-        )
 
     def _sft(self, S: torch.Tensor, L: torch.Tensor, group: Any) -> StepOutput:
         """NLL = −Σ S / Σ L over the global micro-batch (token mean across all ranks)."""
@@ -101,23 +83,16 @@ class PolicyLoss(nn.Module):
         return StepOutput(-S.sum() * world / tokens, -totals[0] / tokens, S.detach(), L.detach(), None)
 
 
-class ReferenceLogps(nn.Module):
-    """forward(batch) -> summed log-probs S (N,) of the frozen reference model (no gradient)."""
+class ReferenceLogps(DoRAPolicy):
+    """forward(batch) -> summed log-probs S (N,) of the frozen reference model (no gradient), through the
+    same loss path as the policy."""
 
-    def __init__(self, model: nn.Module, backend: str):
-        super().__init__()
-        self.model = model
-        self.backend = backend
+    def __init__(self, model: nn.Module, cfg: TrainingConfig):
+        super().__init__(model, **policy_options(cfg))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        return sequence_logprobs(logits, labels, backend=self.backend)[0]
-
-
-def _causal_lm(model: nn.Module) -> nn.Module:
-    """The Hugging Face causal LM inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+        return super().forward(input_ids, attention_mask, labels)[0]
 
 
 def load_tokenizer(path: str) -> Any:
@@ -127,6 +102,13 @@ def load_tokenizer(path: str) -> Any:
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return tokenizer
+
+
+def model_vocab_size(path: str) -> int:
+    """The vocabulary size of the causal LM at ``path``, read from its config (no weights loaded)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path).vocab_size
 
 
 def load_causal_lm(path: str, dtype: torch.dtype, *, gradient_checkpointing: bool = False) -> nn.Module:
