@@ -145,8 +145,11 @@ def lire(batch: PromptBatch, *, temperature: float, reward_norm: str) -> torch.T
     """ℓ = max_k R_k − Σ_k softmax_k(S_k / T) · R_k (LiRE, Zhu et al., 2024; no reference).
 
     R = softmax_k(scores), or the per-prompt z-score (population std; all-equal scores give R = 0)
-    with ``reward_norm="zscore"``. The max_k R_k shift makes ℓ a non-negative regret without changing
-    the gradient.
+    with ``reward_norm="zscore"``. The max_k R_k shift makes ℓ a non-negative regret. It adds to ℓ_b a
+    constant c_b = max_k R_k that does not depend on S, so the gradient of the batch objective is
+    unchanged only where that objective is linear in ℓ: under ``erm`` and ``reweight``. Under ``dro``,
+    ``dora`` and ``drdpo`` ℓ enters through exp(·/λ), the shift moves the strategy's weights over
+    prompts, and the gradient changes (unless c_b, for ``dora`` h̃_b·c_b, is the same for every prompt).
     """
     rewards = _normalise_rewards(batch.scores, reward_norm)
     p = torch.softmax(batch.S / temperature, dim=1)
