@@ -1,14 +1,22 @@
-"""Building and reporting the fused op: builder flags and sources, and `dora-engine report`."""
+"""Building and reporting the fused op: builder flags and sources, build records and the choice between
+the ahead-of-time and the just-in-time build, the just-in-time build's name, and `dora-engine report`."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
+import re
+import shutil
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from dora_engine.cli import main
 from dora_engine.ops import builder
-from dora_engine.ops.builder import OpBuilder, OpLoadError
+from dora_engine.ops.builder import BuildRecord, OpBuilder, OpLoadError, Runtime, arch_covers, mismatches
 
 
 def test_arch_flags_follow_torch_cuda_arch_list(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,7 +28,8 @@ def test_arch_flags_follow_torch_cuda_arch_list(monkeypatch: pytest.MonkeyPatch)
     ]
 
 
-def test_sources_by_backend() -> None:
+def test_sources_by_backend(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
     cpu = OpBuilder(with_cuda=False)
     cuda = OpBuilder(with_cuda=True)
     assert not any(s.endswith((".cu", "cuda_ops.cpp")) for s in cpu.sources())
@@ -48,5 +57,202 @@ def test_report_without_deepspeed(monkeypatch: pytest.MonkeyPatch, capsys: pytes
     out = capsys.readouterr().out
     assert "deepspeed ......" in out and "not installed" in out
     assert "op loads ......" in out and "yes," in out
+    if "just-in-time build" in out:  # what it was built with
+        assert re.search(rf"build hash \.+ {builder.loaded_build().hash} ", out)
     assert "CPU kernels ......" in out and "compatible (max rel. diff" in out and "INCOMPATIBLE" not in out
     assert builder.has_kernel("CPU")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Build records and the choice of library
+# ------------------------------------------------------------------------------------------------------
+
+RUNTIME = Runtime(torch="2.13.0", torch_cuda="12.8", gpus=(("NVIDIA H200", (9, 0)),), sources="abc")
+RECORD = BuildRecord(
+    torch="2.13.0", torch_cuda="12.8", cuda_kernels=True, cuda_archs=["8.0", "9.0"], sources="abc",
+    hash="0123456789", flags={"cxx": ["-O3"], "nvcc": ["-O3"]},
+)
+
+
+@pytest.mark.parametrize(
+    "arch, capability, covered",
+    [
+        ("9.0", (9, 0), True), ("8.0", (8, 6), True), ("8.6", (8, 0), False), ("8.0", (9, 0), False),
+        ("8.0+PTX", (9, 0), True), ("9.0+PTX", (8, 0), False), ("9.0a", (9, 0), True), ("9.0a", (10, 0), False),
+        ("Ampere", (8, 0), False),
+    ],
+)
+def test_arch_covers(arch: str, capability: tuple[int, int], covered: bool) -> None:
+    assert arch_covers(arch, capability) is covered
+
+
+def test_record_round_trip_and_bad_records() -> None:
+    assert BuildRecord.from_json(RECORD.to_json()) == RECORD
+    for text in ("not json", "[]", '{"format": 1}', RECORD.to_json().replace('"format": 1', '"format": 99')):
+        with pytest.raises(ValueError):
+            BuildRecord.from_json(text)
+
+NO_KERNELS = {"cuda_kernels": False, "cuda_archs": []}
+
+
+@pytest.mark.parametrize(
+    "change, runtime_change, expected",
+    [
+        ({}, {}, []),
+        ({"torch": "2.12.0"}, {}, ["built for torch 2.12.0, running 2.13.0"]),
+        ({"torch_cuda": "12.4"}, {}, ["built for torch with CUDA 12.4, running torch with CUDA 12.8"]),
+        ({}, {"torch_cuda": None, "gpus": ()}, ["built for torch with CUDA 12.8, running torch with no CUDA"]),
+        ({"cuda_archs": ["8.0"]}, {}, ["built for CUDA architectures 8.0, not for GPU NVIDIA H200 (9.0)"]),
+        ({"cuda_archs": ["8.0+PTX"]}, {}, []),
+        (NO_KERNELS, {}, ["built without CUDA kernels, running with GPU NVIDIA H200 (9.0)"]),
+        (NO_KERNELS, {"gpus": ()}, []),
+        ({"sources": "def"}, {}, ["built from other sources than the package's csrc/ holds now"]),
+        ({"sources": "def"}, {"sources": None}, []),  # no sources shipped: nothing to compare
+    ],
+)
+def test_mismatches_say_what_differs(change: dict, runtime_change: dict, expected: list[str]) -> None:
+    record = dataclasses.replace(RECORD, **change)
+    assert mismatches(record, dataclasses.replace(RUNTIME, **runtime_change)) == expected
+
+
+def test_missing_record_is_a_mismatch() -> None:
+    assert mismatches(None, RUNTIME) == [
+        "it has no build record (_ops_build.json): it was built by an older dora-engine"
+    ]
+
+
+@pytest.fixture
+def fake_aot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A dummy ahead-of-time library (never loaded) where the package looks for one, and a fresh load state."""
+    library = tmp_path / "_ops.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"not a library")
+    monkeypatch.setattr(builder, "aot_library_path", lambda: str(library))
+    monkeypatch.setattr(builder, "_state", SimpleNamespace(ops=None, source=None, build=None, failure=None))
+
+    def load_library(path: str) -> None:
+        raise AssertionError(f"a mismatching library was loaded: {path}")
+
+    monkeypatch.setattr(torch.ops, "load_library", load_library)
+    return library
+
+
+def write_current_record(library: Path, **change) -> BuildRecord:
+    """The record of a CPU build matching this process, with ``change``."""
+    record = dataclasses.replace(OpBuilder(with_cuda=False).aot_record(builder.CSRC), **change)
+    builder.write_record(library, record)
+    return record
+
+
+def test_record_with_other_torch_falls_back_to_jit(fake_aot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_current_record(fake_aot, torch="2.12.0")
+    record, found = builder.check_aot(str(fake_aot))
+    assert record is not None and found == [f"built for torch 2.12.0, running {torch.__version__}"]
+    jit = OpBuilder(with_cuda=False).jit_record()
+    monkeypatch.setattr(OpBuilder, "jit_load", lambda self, verbose=False: "/cache/jit.so")
+    monkeypatch.setattr(OpBuilder, "jit_record", lambda self: jit)
+    with pytest.warns(RuntimeWarning, match=rf"built for torch 2\.12\.0, running {re.escape(torch.__version__)}"):
+        assert builder._load_library(verbose=False) == ("just-in-time build /cache/jit.so", jit)
+
+
+def test_mismatch_without_jit_says_how_to_fix(fake_aot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_current_record(fake_aot, torch="2.12.0")
+
+    def no_compiler(self, verbose: bool = False) -> str:
+        raise OpLoadError("just-in-time build of dora_engine_ops_cpu failed: no C++ compiler")
+
+    monkeypatch.setattr(OpBuilder, "jit_load", no_compiler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):  # the failure is remembered: one warning
+            with pytest.raises(OpLoadError) as err:
+                builder.load_ops()
+            message = str(err.value)
+            assert f"built for torch 2.12.0, running {torch.__version__}" in message
+            assert "DORA_BUILD_OPS=1 pip install --no-build-isolation ." in message and "no C++ compiler" in message
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+
+
+def test_library_without_record_is_not_loaded(fake_aot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(OpBuilder, "jit_load", lambda self, verbose=False: "/cache/jit.so")
+    with pytest.warns(RuntimeWarning, match="no build record .* older dora-engine"):
+        assert builder._load_library(verbose=False)[0] == "just-in-time build /cache/jit.so"
+    (fake_aot.parent / builder.RECORD_NAME).write_text("{garbled")
+    with pytest.warns(RuntimeWarning, match="build record .* is unreadable"):
+        builder._load_library(verbose=False)
+
+
+def test_matching_record_loads_the_aot_library(fake_aot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    record = write_current_record(fake_aot)
+    loaded = []
+    monkeypatch.setattr(torch.ops, "load_library", loaded.append)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert builder._load_library(verbose=False) == (f"ahead-of-time build {fake_aot}", record)
+    assert loaded == [str(fake_aot)]
+
+
+def test_report_shows_the_record(fake_aot: Path, capsys: pytest.CaptureFixture) -> None:
+    write_current_record(fake_aot, torch="2.12.0")
+    assert main(["report", "--no-build"]) == 0
+    out = capsys.readouterr().out
+    assert "built for torch ....." in out and " 2.12.0\n" in out and "CUDA kernels ....." in out
+    assert f"matches this environment ....... NO: built for torch 2.12.0, running {torch.__version__}" in out
+    assert "not loaded (--no-build)" in out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The just-in-time build's name
+# ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def csrc_copy(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(builder.CSRC, tmp_path / "csrc"))
+
+
+def jit_name(root: Path, ops: OpBuilder | None = None) -> str:
+    ops = ops or OpBuilder(with_cuda=False)
+    return ops.jit_name(ops.jit_record(root))
+
+
+def test_jit_name_is_stable(csrc_copy: Path) -> None:
+    name = jit_name(csrc_copy)
+    assert re.fullmatch(r"dora_engine_ops_cpu_[0-9a-f]{10}", name)
+    assert jit_name(csrc_copy) == name
+    (csrc_copy / "bindings.cpp").touch()  # the time stamp is not the content
+    assert jit_name(csrc_copy) == name
+
+
+@pytest.mark.parametrize("file", ["bindings.cpp", "cpu/dora_cpu.cpp", "include/dora_math.h", "cpu/vec_exp.h"])
+def test_jit_name_follows_every_file_the_build_reads(csrc_copy: Path, file: str) -> None:
+    before = jit_name(csrc_copy)
+    path = csrc_copy / file
+    original = path.read_bytes()
+    path.write_bytes(original + b" ")
+    assert jit_name(csrc_copy) != before
+    path.write_bytes(original)
+    assert jit_name(csrc_copy) == before
+
+
+def test_jit_name_follows_flags_torch_and_place(
+    csrc_copy: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = jit_name(csrc_copy)
+    other_place = Path(shutil.copytree(csrc_copy, tmp_path / "other" / "csrc"))
+    assert jit_name(other_place) != before  # two checkouts never share a build directory
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert jit_name(csrc_copy, OpBuilder(with_cuda=True)).startswith("dora_engine_ops_cuda_")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "0.0.0")
+        assert jit_name(csrc_copy) != before
+    with monkeypatch.context() as patch:
+        patch.setattr(OpBuilder, "cxx_flags", lambda self, native: ["-O2"])
+        assert jit_name(csrc_copy) != before
+    assert jit_name(csrc_copy) == before
+
+
+def test_aot_hash_ignores_the_place(csrc_copy: Path, tmp_path: Path) -> None:
+    other_place = Path(shutil.copytree(csrc_copy, tmp_path / "other" / "csrc"))
+    ops = OpBuilder(with_cuda=False)
+    assert ops.aot_record(csrc_copy) == ops.aot_record(other_place)
+    assert ops.aot_record(csrc_copy).sources == ops.jit_record(csrc_copy).sources

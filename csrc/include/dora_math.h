@@ -33,14 +33,31 @@ struct LossParams {
   double value[kMaxLossParams];
 };
 
+// Every dispatch on a loss or strategy code below names each code in its own `case`; its `default:` is
+// an error path. It is unreachable: csrc/bindings.cpp rejects codes outside [0, kNumLosses) and
+// [0, kNumStrategies) before any kernel runs. These functions also run on the device, where nothing can
+// throw, so a code that slips through (say, an enum value added without its cases) yields NaN for the
+// loss, the weights and the gradients: no reduction can hide it.
+template <typename T>
+DORA_HD T invalid_code_value() { return static_cast<T>(NAN); }
+
+// LossSpec.param_names of each loss; -1 (matches no parameter list) for a code that is not a loss.
 DORA_HD int loss_param_count(int code) {
   switch (code) {
     case kDpo: case kIpo: case kDpoPl: case kRrhf: return 1;
-    default: return 2;
+    case kRdpo: case kRobustDpo: case kExo: case kSimpo: case kLire: return 2;
+    default: return -1;
   }
 }
 
-DORA_HD bool loss_needs_reference(int code) { return code <= kExo || code == kDpoPl; }
+// LossSpec.needs_reference of each loss.
+DORA_HD bool loss_needs_reference(int code) {
+  switch (code) {
+    case kDpo: case kRdpo: case kIpo: case kRobustDpo: case kExo: case kDpoPl: return true;
+    case kSimpo: case kRrhf: case kLire: return false;
+    default: return false;
+  }
+}
 
 // ------------------------------------------------------------------------------------------------
 // Scalar helpers (float and double overloads, host and device)
@@ -144,7 +161,7 @@ DORA_HD T loss_pairwise(int code, const T* prm, const Prompt<T>& p, int c, int r
       dh = beta * (-(T(1) - eps) * sigmoid(-z) - eps * sigmoid(z)) / denom;
       break;
     }
-    default: {  // kExo: Σ_i p_i (log p_i − log t_i), p = softmax(β ρ_c, β ρ_r), t = (1 − ε, ε)
+    case kExo: {  // Σ_i p_i (log p_i − log t_i), p = softmax(β ρ_c, β ρ_r), t = (1 − ε, ε)
       const T eps = prm[1];
       const T u = beta * h;  // u_c − u_r
       const T lpc = log_sigmoid(u), lpr = log_sigmoid(-u), pc = sigmoid(u), pr = sigmoid(-u);
@@ -154,6 +171,9 @@ DORA_HD T loss_pairwise(int code, const T* prm, const Prompt<T>& p, int c, int r
       dh = beta * pc * pr * (u - (log_tc - log_tr));
       break;
     }
+    default:  // not a pairwise loss (unreachable, see invalid_code_value)
+      ell = dh = invalid_code_value<T>();
+      break;
   }
   grad[c] += dh;
   grad[r] -= dh;
@@ -266,11 +286,15 @@ DORA_HD T prompt_loss(int code, const T* prm, const Prompt<T>& p, T* grad) {
   for (int k = 0; k < p.K; ++k) grad[k] = T(0);
   const int best = order[0], worst = order[p.K - 1];
   switch (code) {
+    case kDpo: case kRdpo: case kIpo: case kRobustDpo: case kExo:
+      return loss_pairwise(code, prm, p, best, worst, grad);
     case kSimpo: return loss_simpo(prm, p, best, worst, grad);
     case kDpoPl: return loss_dpo_pl(prm, p, order, grad);
     case kRrhf: return loss_rrhf(prm, p, best, grad);
     case kLire: return loss_lire(prm, p, grad);
-    default: return loss_pairwise(code, prm, p, best, worst, grad);
+    default:  // not a loss (unreachable, see invalid_code_value)
+      for (int k = 0; k < p.K; ++k) grad[k] = invalid_code_value<T>();
+      return invalid_code_value<T>();
   }
 }
 
@@ -283,14 +307,32 @@ DORA_HD T prompt_loss(int code, const T* prm, const Prompt<T>& p, T* grad) {
 //   exponential (dro, dora, drdpo): L = ±(m + λ log1p(mean expm1((s − m)/λ))), m = max s,
 //   weights softmax(s/λ); drdpo takes the minus sign.
 
-DORA_HD bool strategy_is_exponential(int code) { return code >= kDro; }
+DORA_HD bool strategy_is_exponential(int code) {
+  switch (code) {
+    case kDro: case kDora: case kDrdpo: return true;
+    case kErm: case kReweight: return false;
+    default: return false;  // an invalid code then meets the NaN of strategy_value
+  }
+}
 
+// s_b, the value the strategy reduces over prompts.
 template <typename T>
 DORA_HD T strategy_value(int code, T ell, T h) {
   switch (code) {
+    case kErm: case kDro: return ell;
     case kReweight: case kDora: return h * ell;
     case kDrdpo: return -ell;
-    default: return ell;
+    default: return invalid_code_value<T>();  // unreachable, see invalid_code_value
+  }
+}
+
+// The weight w_b of a linear strategy (erm, reweight); exponential ones take softmax(s/λ).
+template <typename T>
+DORA_HD T linear_weight(int code, T h, T sum_h, int B) {
+  switch (code) {
+    case kErm: return T(1) / T(B);
+    case kReweight: return h / sum_h;
+    default: return invalid_code_value<T>();  // unreachable, see invalid_code_value
   }
 }
 
@@ -301,7 +343,8 @@ DORA_HD T strategy_dloss_dell(int code, T weight, T h, int B) {
     case kErm: return T(1) / T(B);
     case kReweight: return h / T(B);
     case kDora: return h * weight;
-    default: return weight;
+    case kDro: case kDrdpo: return weight;
+    default: return invalid_code_value<T>();  // unreachable, see invalid_code_value
   }
 }
 
@@ -333,7 +376,7 @@ DORA_HD void robust_reduce(int code, T lam, int B, const T* ell, const T* h, Blo
     const T hb = h_at(h, b);
     T w;
     if (exponential) w = exp_((strategy_value(code, ell[b], hb) - m) / lam) / exp_total;
-    else w = code == kReweight ? hb / sum_h : T(1) / T(B);
+    else w = linear_weight(code, hb, sum_h, B);
     weights[b] = w;
     if (dloss_dell) dloss_dell[b] = strategy_dloss_dell(code, w, hb, B);
   }

@@ -4,10 +4,16 @@
 with ``TORCH_LIBRARY`` (``torch.ops.dora_engine.*``), so loading it means loading the shared library:
 
 - ahead of time: ``DORA_BUILD_OPS=1 pip install --no-build-isolation .`` builds ``dora_engine._ops``
-  (``setup.py`` asks ``OpBuilder.extension()`` for it); it is used when present and loadable;
+  (``setup.py`` asks ``OpBuilder.extension()`` for it) and writes its build record
+  ``dora_engine/_ops_build.json`` next to it: the torch and CUDA versions, the CUDA architectures and a
+  hash of the sources and flags it was built from. It is used when the record matches the running torch,
+  its CUDA and the visible GPUs (``mismatches``); otherwise ``load_ops`` warns once, saying what differs,
+  and builds just in time;
 - just in time otherwise: ``torch.utils.cpp_extension.load`` compiles with ninja on first use and caches
   the library under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), shared by every
-  later process.
+  later process. The build is named ``dora_engine_ops_{cpu,cuda}_<hash>``, the hash covering every file
+  the build reads, the flags, torch and its CUDA: a changed source never reuses a stale binary, and two
+  checkouts or versions never rebuild over each other.
 
 CUDA kernels are compiled only when torch has CUDA and ``nvcc`` is found; the architectures come from
 ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0+PTX"``), else from the visible GPUs. Failures raise
@@ -16,9 +22,13 @@ CUDA kernels are compiled only when torch has CUDA and ``nvcc`` is found; the ar
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
+import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,10 +41,179 @@ _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "_csrc"
 CSRC = _REPO_CSRC if _REPO_CSRC.is_dir() else _PACKAGED_CSRC
 AOT_MODULE = "dora_engine._ops"
 OPS_NAMESPACE = "dora_engine"
+RECORD_NAME = "_ops_build.json"
+RECORD_FORMAT = 1
+HEADER_SUFFIXES = (".h", ".hpp", ".cuh")
+REBUILD_HINT = (
+    "rebuild it for this environment with `DORA_BUILD_OPS=1 pip install --no-build-isolation .` "
+    "(`-e .` for an editable install), or reinstall without DORA_BUILD_OPS to build the op just in time"
+)
 
 
 class OpLoadError(RuntimeError):
     """The extension could not be built or loaded; the message says why."""
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA architectures
+# --------------------------------------------------------------------------------------------------
+
+
+def arch_covers(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code built for ``arch`` (``"8.0"``, ``"9.0+PTX"``, ``"9.0a"``) runs on a GPU of ``capability``.
+
+    A binary runs on the GPUs of its major version from its minor version up, PTX on every later GPU (the
+    driver compiles it), an architecture-specific binary (``9.0a``) only on its own architecture.
+    """
+    ptx = arch.endswith("+PTX")
+    number = arch.removesuffix("+PTX")
+    specific = number.endswith("a")
+    try:
+        major, minor = (int(part) for part in number.rstrip("af").split("."))
+    except ValueError:
+        return False
+    if specific:
+        return (major, minor) == tuple(capability)
+    if ptx and (major, minor) <= tuple(capability):
+        return True
+    return major == capability[0] and minor <= capability[1]
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    """nvcc ``-gencode`` flags: a binary for each architecture, plus PTX for those marked ``+PTX``."""
+    flags = []
+    for arch in archs:
+        number = arch.removesuffix("+PTX").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+# --------------------------------------------------------------------------------------------------
+# Build records
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildRecord:
+    """What a build of the extension was made from and for; the ahead-of-time one is ``_ops_build.json``."""
+
+    torch: str  # torch.__version__
+    torch_cuda: str | None  # torch.version.cuda (None: a CPU-only torch)
+    cuda_kernels: bool
+    cuda_archs: list[str]  # e.g. ["8.0", "9.0+PTX"]; empty without CUDA kernels
+    sources: str  # sha256 of every file the build reads (OpBuilder.source_digest)
+    hash: str  # 10 hex digits of the sources, the flags, torch and its CUDA
+    flags: dict[str, list[str]]  # by compiler: "cxx", "nvcc"
+
+    def to_json(self) -> str:
+        return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> BuildRecord:
+        """The record in ``text``; ValueError when it is not one (of this format)."""
+        try:
+            data = json.loads(text)
+            version = data.pop("format")
+            record = cls(**data)
+        except (AttributeError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"not a build record ({type(err).__name__}: {err})") from None
+        if version != RECORD_FORMAT:
+            raise ValueError(f"record format {version!r}, this dora-engine reads format {RECORD_FORMAT}")
+        return record
+
+
+def record_path(library: str | Path) -> Path:
+    """Where the build record of the library at ``library`` lies: beside it."""
+    return Path(library).with_name(RECORD_NAME)
+
+
+def write_record(library: str | Path, record: BuildRecord) -> Path:
+    path = record_path(library)
+    path.write_text(record.to_json())
+    return path
+
+
+def read_record(library: str | Path) -> BuildRecord | None:
+    """The build record of ``library``; None when there is none; ValueError when it is unreadable."""
+    path = record_path(library)
+    if not path.is_file():
+        return None
+    return BuildRecord.from_json(path.read_text())
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What the running process offers a library: torch, its CUDA, the visible GPUs, the sources at hand."""
+
+    torch: str
+    torch_cuda: str | None
+    gpus: tuple[tuple[str, tuple[int, int]], ...] = ()  # (name, compute capability) of each visible GPU
+    sources: str | None = None  # source_digest of the sources shipped now; None when there are none
+
+    @classmethod
+    def current(cls, sources: str | None = None) -> Runtime:
+        gpus: tuple[tuple[str, tuple[int, int]], ...] = ()
+        if torch.cuda.is_available():
+            gpus = tuple(
+                (torch.cuda.get_device_name(i), tuple(torch.cuda.get_device_capability(i)))
+                for i in range(torch.cuda.device_count())
+            )
+        return cls(torch=torch.__version__, torch_cuda=torch.version.cuda, gpus=gpus, sources=sources)
+
+
+def _with_cuda(version: str | None) -> str:
+    return f"CUDA {version}" if version else "no CUDA"
+
+
+def mismatches(record: BuildRecord | None, runtime: Runtime) -> list[str]:
+    """What keeps a library built as ``record`` from serving ``runtime``, in words; empty when nothing does."""
+    if record is None:
+        return [f"it has no build record ({RECORD_NAME}): it was built by an older dora-engine"]
+    found = []
+    if record.torch != runtime.torch:
+        found.append(f"built for torch {record.torch}, running {runtime.torch}")
+    if record.torch_cuda != runtime.torch_cuda:
+        found.append(
+            f"built for torch with {_with_cuda(record.torch_cuda)}, running torch with {_with_cuda(runtime.torch_cuda)}"
+        )
+    uncovered = [
+        f"{name} ({major}.{minor})"
+        for name, (major, minor) in runtime.gpus
+        if not any(arch_covers(arch, (major, minor)) for arch in record.cuda_archs)
+    ]
+    if uncovered and not record.cuda_kernels:
+        found.append(f"built without CUDA kernels, running with GPU {', '.join(uncovered)}")
+    elif uncovered:
+        found.append(f"built for CUDA architectures {', '.join(record.cuda_archs)}, not for GPU {', '.join(uncovered)}")
+    if runtime.sources is not None and record.sources != runtime.sources:
+        found.append("built from other sources than the package's csrc/ holds now")
+    return found
+
+
+def check_aot(library: str) -> tuple[BuildRecord | None, list[str]]:
+    """The build record of the ahead-of-time ``library`` and how it mismatches this process (empty: it fits)."""
+    try:
+        record = read_record(library)
+    except ValueError as err:
+        return None, [f"its build record {record_path(library)} is unreadable ({err})"]
+    return record, mismatches(record, Runtime.current(sources=_shipped_sources(record)))
+
+
+def _shipped_sources(record: BuildRecord | None) -> str | None:
+    """The digest of the sources shipped with the package, for the build kind of ``record``."""
+    if record is None:
+        return None
+    try:
+        return OpBuilder(with_cuda=record.cuda_kernels).source_digest()
+    except OpLoadError:  # no sources shipped: nothing to compare
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# The builder
+# --------------------------------------------------------------------------------------------------
 
 
 class OpBuilder:
@@ -42,6 +221,8 @@ class OpBuilder:
 
     def __init__(self, with_cuda: bool | None = None) -> None:
         self.with_cuda = self.cuda_toolkit_available() if with_cuda is None else with_cuda
+
+    # The toolchain ----------------------------------------------------------------------------------
 
     @staticmethod
     def nvcc_path() -> str | None:
@@ -56,37 +237,6 @@ class OpBuilder:
     def cuda_toolkit_available(cls) -> bool:
         """True when torch was built with CUDA and nvcc is there to compile the kernels."""
         return torch.version.cuda is not None and cls.nvcc_path() is not None
-
-    @property
-    def name(self) -> str:
-        return "dora_engine_ops_cuda" if self.with_cuda else "dora_engine_ops_cpu"
-
-    def sources(self, root: Path = CSRC) -> list[str]:
-        files = [root / "bindings.cpp", root / "cpu" / "dora_cpu.cpp"]
-        if self.with_cuda:
-            files += [root / "cuda_ops.cpp", *sorted((root / "cuda").glob("*.cu"))]
-        missing = [str(f) for f in files if not f.exists()]
-        if missing:
-            raise OpLoadError(
-                f"extension sources not found ({', '.join(missing)}): reinstall dora-engine, or build the op "
-                "ahead of time with DORA_BUILD_OPS=1"
-            )
-        return [str(f) for f in files]
-
-    def include_dirs(self, root: Path = CSRC) -> list[str]:
-        return [str(root / "include"), str(root / "cpu"), str(root / "cuda")]
-
-    def cxx_flags(self, *, native: bool) -> list[str]:
-        """Host flags; ``native`` tunes for this CPU (the just-in-time build, never a shipped binary)."""
-        flags = ["-O3", "-fopenmp-simd"]
-        if native:
-            flags.append("-march=native")
-        if self.with_cuda:
-            flags.append("-DDORA_WITH_CUDA")
-        return flags
-
-    def nvcc_flags(self) -> list[str]:
-        return ["-O3", "-DDORA_WITH_CUDA", *self.cuda_arch_flags()]
 
     @staticmethod
     def cuda_archs() -> list[str]:
@@ -103,50 +253,132 @@ class OpBuilder:
 
     @classmethod
     def cuda_arch_flags(cls) -> list[str]:
-        flags = []
-        for arch in cls.cuda_archs():
-            number = arch.removesuffix("+PTX").replace(".", "")
-            flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
-            if arch.endswith("+PTX"):
-                flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+        return gencode_flags(cls.cuda_archs())
+
+    # What the build reads -------------------------------------------------------------------------
+
+    def sources(self, root: Path = CSRC) -> list[str]:
+        files = [root / "bindings.cpp", root / "cpu" / "dora_cpu.cpp"]
+        if self.with_cuda:
+            files += [root / "cuda_ops.cpp", *sorted((root / "cuda").glob("*.cu"))]
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise OpLoadError(
+                f"extension sources not found ({', '.join(missing)}): reinstall dora-engine, or build the op "
+                "ahead of time with DORA_BUILD_OPS=1"
+            )
+        return [str(f) for f in files]
+
+    def include_dirs(self, root: Path = CSRC) -> list[str]:
+        return [str(root / "include"), str(root / "cpu"), str(root / "cuda")]
+
+    def headers(self, root: Path = CSRC) -> list[str]:
+        """Every header in the include directories (the build may read any of them)."""
+        return sorted(
+            str(path) for d in self.include_dirs(root) for path in Path(d).glob("*") if path.suffix in HEADER_SUFFIXES
+        )
+
+    def source_digest(self, root: Path = CSRC) -> str:
+        """sha256 of the sources and headers: their paths below ``root`` and their bytes."""
+        digest = hashlib.sha256()
+        for file in sorted({*self.sources(root), *self.headers(root)}):
+            relative = Path(file).relative_to(root).as_posix()
+            content = Path(file).read_bytes()
+            digest.update(f"{relative}\0{len(content)}\0".encode())
+            digest.update(content)
+        return digest.hexdigest()
+
+    # Flags ----------------------------------------------------------------------------------------
+
+    def cxx_flags(self, *, native: bool) -> list[str]:
+        """Host flags; ``native`` tunes for this CPU (the just-in-time build, never a shipped binary)."""
+        flags = ["-O3", "-fopenmp-simd"]
+        if native:
+            flags.append("-march=native")
+        if self.with_cuda:
+            flags.append("-DDORA_WITH_CUDA")
         return flags
+
+    def nvcc_flags(self) -> list[str]:
+        return ["-O3", "-DDORA_WITH_CUDA", *self.cuda_arch_flags()]
+
+    def compile_args(self, *, native: bool) -> dict[str, list[str]]:
+        """The flags by compiler (``cxx``, and ``nvcc`` with CUDA), as setuptools' ``extra_compile_args``."""
+        args = {"cxx": self.cxx_flags(native=native)}
+        if self.with_cuda:
+            args["nvcc"] = self.nvcc_flags()
+        return args
+
+    # Records and names ----------------------------------------------------------------------------
+
+    def record(self, flags: dict[str, list[str]], root: Path = CSRC, *, place: str | None = None) -> BuildRecord:
+        """The record of a build with ``flags`` of the sources in ``root``; ``place`` (if any) enters the hash."""
+        sources = self.source_digest(root)
+        identity = {
+            "sources": sources, "flags": flags, "place": place, "cuda_kernels": self.with_cuda,
+            "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        }
+        build_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+        return BuildRecord(
+            torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_kernels=self.with_cuda,
+            cuda_archs=self.cuda_archs() if self.with_cuda else [], sources=sources, hash=build_hash, flags=flags,
+        )
+
+    def aot_record(self, root: Path = Path("csrc")) -> BuildRecord:
+        """The record of ``extension()``, which setup.py writes next to the library."""
+        return self.record(self.compile_args(native=False), root)
+
+    def jit_record(self, root: Path = CSRC) -> BuildRecord:
+        """The record of the just-in-time build of the sources in ``root``.
+
+        Its hash also covers where the sources are: the compile commands name them, so two checkouts
+        sharing a build directory would rebuild over each other.
+        """
+        return self.record(self.compile_args(native=True), root, place=str(root.resolve()))
+
+    @property
+    def name(self) -> str:
+        """The just-in-time build's name, e.g. ``dora_engine_ops_cpu_1a2b3c4d5e``."""
+        return self.jit_name(self.jit_record())
+
+    def jit_name(self, record: BuildRecord) -> str:
+        return f"dora_engine_ops_{'cuda' if self.with_cuda else 'cpu'}_{record.hash}"
+
+    # Building -------------------------------------------------------------------------------------
 
     def jit_load(self, verbose: bool = False) -> str:
         """Compile (or reuse the cached build) and load the library; returns its path."""
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        kwargs: dict[str, Any] = {
-            "name": self.name,
-            "sources": self.sources(),
-            "extra_include_paths": self.include_dirs(),
-            "extra_cflags": self.cxx_flags(native=True),
-            "is_python_module": False,
-            "verbose": verbose,
-        }
-        if self.with_cuda:
-            kwargs["extra_cuda_cflags"] = self.nvcc_flags()
+        record = self.jit_record()
+        name = self.jit_name(record)
         try:
-            load(**kwargs)
+            load(
+                name=name, sources=self.sources(), extra_include_paths=self.include_dirs(),
+                extra_cflags=record.flags["cxx"], extra_cuda_cflags=record.flags.get("nvcc"),
+                is_python_module=False, verbose=verbose,
+            )
         except Exception as err:
-            raise OpLoadError(f"just-in-time build of {self.name} failed: {err}") from err
-        from torch.utils.cpp_extension import _get_build_directory
-
-        return str(Path(_get_build_directory(self.name, verbose=False)) / f"{self.name}.so")
+            raise OpLoadError(f"just-in-time build of {name} failed: {err}") from err
+        return str(Path(_get_build_directory(name, verbose=False)) / f"{name}.so")
 
     def extension(self):
         """The setuptools extension of the ahead-of-time build (sources relative to the project root)."""
         from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
         root = Path("csrc")
-        args: dict[str, Any] = {
-            "sources": self.sources(root),
-            "include_dirs": [str(Path(d).resolve()) for d in self.include_dirs(root)],
-            "extra_compile_args": {"cxx": self.cxx_flags(native=False)},
-        }
-        if self.with_cuda:
-            args["extra_compile_args"]["nvcc"] = self.nvcc_flags()
-            return CUDAExtension(AOT_MODULE, **args)
-        return CppExtension(AOT_MODULE, **args)
+        make = CUDAExtension if self.with_cuda else CppExtension
+        return make(
+            AOT_MODULE,
+            sources=self.sources(root),
+            include_dirs=[str(Path(d).resolve()) for d in self.include_dirs(root)],
+            extra_compile_args=self.compile_args(native=False),
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
 
 
 def aot_library_path() -> str | None:
@@ -155,7 +387,41 @@ def aot_library_path() -> str | None:
     return spec.origin if spec is not None else None
 
 
-_state = SimpleNamespace(ops=None, source=None, failure=None)
+_state = SimpleNamespace(ops=None, source=None, build=None, failure=None)
+
+
+def _load_aot(library: str, reasons: list[str]) -> BuildRecord | None:
+    """Load the ahead-of-time ``library`` when its record fits; its record, or None (``reasons`` says why)."""
+    record, found = check_aot(library)
+    if found:
+        reasons.append(f"the ahead-of-time build {library} does not match this environment "
+                       f"({'; '.join(found)}): {REBUILD_HINT}")
+        warnings.warn(f"dora_engine: the ahead-of-time build {library} does not match this environment "
+                      f"({'; '.join(found)}); building the op just in time instead. To use an ahead-of-time "
+                      f"build, {REBUILD_HINT}.", RuntimeWarning, stacklevel=4)
+        return None
+    try:
+        torch.ops.load_library(library)
+    except Exception as err:
+        reasons.append(f"ahead-of-time build {library} does not load ({err})")
+        return None
+    return record
+
+
+def _load_library(verbose: bool) -> tuple[str, BuildRecord]:
+    """Load the ahead-of-time build when it fits this process, else the just-in-time one: (whence, record)."""
+    reasons: list[str] = []
+    aot = aot_library_path()
+    if aot is not None:
+        record = _load_aot(aot, reasons)
+        if record is not None:
+            return f"ahead-of-time build {aot}", record
+    builder = OpBuilder()
+    try:
+        path = builder.jit_load(verbose=verbose)
+        return f"just-in-time build {path}", builder.jit_record()
+    except Exception as err:
+        raise OpLoadError("; ".join([*reasons, str(err)])) from err
 
 
 def load_ops(verbose: bool = False) -> Any:
@@ -167,21 +433,11 @@ def load_ops(verbose: bool = False) -> Any:
         return _state.ops
     if _state.failure is not None:
         raise OpLoadError(_state.failure)
-    reasons = []
-    aot = aot_library_path()
-    if aot is not None:
-        try:
-            torch.ops.load_library(aot)
-            _state.source = f"ahead-of-time build {aot}"
-        except Exception as err:
-            reasons.append(f"ahead-of-time build {aot} does not load ({err})")
-    if _state.source is None:
-        try:
-            _state.source = f"just-in-time build {OpBuilder().jit_load(verbose=verbose)}"
-        except Exception as err:
-            reasons.append(str(err))
-            _state.failure = "; ".join(reasons)
-            raise OpLoadError(_state.failure) from err
+    try:
+        _state.source, _state.build = _load_library(verbose)
+    except OpLoadError as err:
+        _state.failure = str(err)
+        raise
     _state.ops = getattr(torch.ops, OPS_NAMESPACE)
     from dora_engine.ops import fake_kernels  # noqa: F401  (registers the meta kernels once the ops exist)
 
@@ -191,6 +447,11 @@ def load_ops(verbose: bool = False) -> Any:
 def loaded_from() -> str | None:
     """Where the loaded extension came from (None before ``load_ops`` succeeded)."""
     return _state.source
+
+
+def loaded_build() -> BuildRecord | None:
+    """The build record of the loaded extension (None before ``load_ops`` succeeded)."""
+    return _state.build
 
 
 def has_kernel(backend: str) -> bool:

@@ -1,9 +1,10 @@
 """``dora-engine report``: the environment and the state of the fused op (DESIGN.md section 6).
 
 Prints torch/CUDA/DeepSpeed/transformers versions, the CUDA compiler, and for the extension: whether an
-ahead-of-time build is installed, whether it loads (building just in time when needed), which kernels it
-registered (CPU, CUDA), and whether each is compatible, i.e. gives the reference's loss and gradient on
-a tiny batch. Exit code 0 when the op loads and every checked backend is compatible, else 1.
+ahead-of-time build is installed, what its build record says it was built for and whether that matches
+this environment, whether the op loads (building just in time when needed, and then what with), which
+kernels it registered (CPU, CUDA), and whether each is compatible, i.e. gives the reference's loss and
+gradient on a tiny batch. Exit code 0 when the op loads and every checked backend is compatible, else 1.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import importlib.metadata
 import re
 import subprocess
+import warnings
 from typing import Any
 
 WIDTH = 34
@@ -37,6 +39,29 @@ def _nvcc_version(path: str | None) -> str:
         return f"{path} (does not run: {err})"
     match = re.search(r"release ([\d.]+)", text)
     return f"{path} (CUDA {match.group(1) if match else 'unknown'})"
+
+
+def _build_lines(record: Any) -> None:
+    """What a build (a ``builder.BuildRecord``) was made for and from."""
+    _line("  built for torch", record.torch)
+    _line("  built for torch CUDA", record.torch_cuda or "none (CPU build)")
+    _line("  CUDA kernels", f"yes ({', '.join(record.cuda_archs)})" if record.cuda_kernels else "no")
+    _line("  build hash", f"{record.hash} (sources sha256 {record.sources[:12]}…)")
+    _line("  flags", "; ".join(f"{compiler}: {' '.join(flags)}" for compiler, flags in record.flags.items()))
+
+
+def _aot_lines(library: str | None) -> bool:
+    """The ahead-of-time build's lines; whether it fits this environment (False when there is none)."""
+    from dora_engine.ops import builder
+
+    _line("ahead-of-time build", library or "not installed (DORA_BUILD_OPS=1 pip install --no-build-isolation .)")
+    if library is None:
+        return False
+    record, found = builder.check_aot(library)
+    if record is not None:
+        _build_lines(record)
+    _line("  matches this environment", "yes" if not found else f"NO: {'; '.join(found)}")
+    return not found
 
 
 def self_check(device: str) -> float:
@@ -87,17 +112,20 @@ def run(args: argparse.Namespace) -> int:
 
     _line("ninja", "available" if is_ninja_available() else "not found (just-in-time builds need it)")
     _line("CUDA kernels buildable", "yes" if builder.OpBuilder.cuda_toolkit_available() else "no (torch CUDA + nvcc)")
-    aot = builder.aot_library_path()
-    _line("ahead-of-time build", aot or "not installed (DORA_BUILD_OPS=1 pip install --no-build-isolation .)")
-    if args.no_build and aot is None:
+    aot_fits = _aot_lines(builder.aot_library_path())
+    if args.no_build and not aot_fits:
         _line("op", "not loaded (--no-build)")
         return 0
     try:
-        builder.load_ops(verbose=args.verbose)
+        with warnings.catch_warnings():  # a mismatching ahead-of-time build is reported above
+            warnings.simplefilter("ignore", RuntimeWarning)
+            builder.load_ops(verbose=args.verbose)
     except builder.OpLoadError as err:
         _line("op loads", f"NO: {err}")
         return 1
     _line("op loads", f"yes, {builder.loaded_from()}")
+    if not aot_fits and builder.loaded_build() is not None:
+        _build_lines(builder.loaded_build())
     healthy = True
     for backend, device in (("CPU", "cpu"), ("CUDA", "cuda")):
         if not builder.has_kernel(backend):
