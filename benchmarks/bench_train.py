@@ -1,11 +1,13 @@
 """End-to-end training throughput: tokens/s and peak memory per optimizer step, by loss path.
 
 Each variant trains the same tiny Llama on the same batches (``dora-engine train``, one process,
-ZeRO-3, DoRA with dpo_pl) in a fresh process, so peak memory is per variant:
+ZeRO-3, DoRA with dpo_pl) in a fresh process, so peak memory is per variant. The trainer's own loss path
+runs (``dora_engine.training.model.PolicyLoss``), selected by config keys only:
 
 - ``logits/reference``: model logits → ``dora_loss`` with the pure-PyTorch reference op;
-- ``logits/fused``: model logits → ``dora_loss`` with the fused op;
-- ``fused_linear/fused``: hidden states → ``dora_loss_linear`` inside the loss head (no logits).
+- ``logits/fused``: model logits → ``dora_loss`` with the fused op, gradient written over the logits;
+- ``fused_linear/single_pass`` and ``fused_linear/recompute``: hidden states → ``dora_loss_linear`` inside
+  the loss head (no full logits), in each of its two modes.
 
 Reported per variant: median tokens/s and step time over the steps after ``--warmup``, and the peak
 memory (GPU: max allocated; CPU: the process's peak resident set). ``--results`` rewrites the section
@@ -31,7 +33,15 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = (("logits", "reference"), ("logits", "fused"), ("fused_linear", "fused"))
+#: name → config overrides of the variant.
+VARIANTS = {
+    "logits/reference": ["train.loss_path=logits", "train.backend=reference"],
+    "logits/fused": ["train.loss_path=logits", "train.backend=fused"],
+    "fused_linear/single_pass": ["train.loss_path=fused_linear", "train.backend=fused",
+                                 "train.fused_linear_mode=single_pass"],
+    "fused_linear/recompute": ["train.loss_path=fused_linear", "train.backend=fused",
+                               "train.fused_linear_mode=recompute"],
+}
 
 
 def build_model(directory: Path, vocab: int, hidden: int, layers: int) -> None:
@@ -67,14 +77,14 @@ def write_data(path: Path, prompts: int, k: int, seq: int, vocab: int) -> None:
                                      "h_tilde": rng.uniform(0.5, 1.5)}) + "\n")
 
 
-def run_variant(work: Path, config: Path, loss_path: str, backend: str) -> list[dict]:
-    out = work / f"{loss_path}-{backend}"
+def run_variant(work: Path, config: Path, name: str) -> list[dict]:
+    out = work / name.replace("/", "-")
     cmd = [sys.executable, "-m", "dora_engine.training", "--config", str(config), f"output_dir={out}",
-           f"train.loss_path={loss_path}", f"train.backend={backend}"]
+           *VARIANTS[name]]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{loss_path}/{backend} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -91,7 +101,7 @@ def summarise(records: list[dict], warmup: int) -> dict[str, float]:
 def results_section(args: argparse.Namespace, rows: dict[str, dict], device: str) -> str:
     command = (f"python benchmarks/bench_train.py --vocab {args.vocab} --hidden {args.hidden} --layers {args.layers} "
                f"--seq {args.seq} --k {args.k} --prompts {args.prompts} --steps {args.steps} --results")
-    base = rows["logits/reference"]
+    base = next(iter(rows.values()))
     lines = [
         f"## Training throughput, {device.upper()}", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads default; a shared VM: the same "
@@ -102,12 +112,11 @@ def results_section(args: argparse.Namespace, rows: dict[str, dict], device: str
         + ("max allocated." if device == "gpu" else "peak resident set of the training process, which also holds "
            "the libraries, weights and optimizer state (the same for every variant), so only the differences "
            "between rows come from the loss path."), "",
-        "| loss path | op backend | tokens/s | step s | speedup | peak MiB |",
-        "|---|---|---|---|---|---|",
+        "| variant | tokens/s | step s | speedup | peak MiB |",
+        "|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        path, backend = name.split("/")
-        lines.append(f"| {path} | {backend} | {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} | "
+        lines.append(f"| {name} | {r['tokens_per_s']:.0f} | {r['step_time_s']:.3f} | "
                      f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}× | {r['mem_peak_mib']:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -134,6 +143,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2, help="prompts per step")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="the first is the speedup's baseline")
     parser.add_argument("--results", action="store_true", help="write the figures into benchmarks/RESULTS.md")
     args = parser.parse_args()
 
@@ -156,10 +167,9 @@ def main() -> None:
         config_path = work / "config.yaml"
         config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
         rows = {}
-        for loss_path, backend in VARIANTS:
-            row = summarise(run_variant(work, config_path, loss_path, backend), args.warmup)
-            rows[f"{loss_path}/{backend}"] = row
-            print(f"{loss_path:>12} {backend:>9}: {json.dumps({k: round(v, 4) for k, v in row.items()})}", flush=True)
+        for name in args.variants:
+            rows[name] = row = summarise(run_variant(work, config_path, name), args.warmup)
+            print(f"{name:>26}: {json.dumps({k: round(v, 4) for k, v in row.items()})}", flush=True)
     section = results_section(args, rows, device)
     print(section)
     if args.results:
