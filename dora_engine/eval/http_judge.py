@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dora_engine.atomic import atomic_write
-from dora_engine.eval.judges import Comparison, Verdict
+from dora_engine.eval.comparison import Comparison, Verdict
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 

@@ -1,7 +1,8 @@
 """Pairwise judges for ``eval winrate``: does the policy's response beat the golden one?
 
 A judge maps comparisons (prompt, policy response, golden response) to verdicts from the policy's
-point of view: ``win``, ``lose``, ``tie`` or ``error`` (the judge gave no usable answer). Specs:
+point of view: ``win``, ``lose``, ``tie`` or ``error`` (the judge gave no usable answer; the types are in
+``dora_engine.eval.comparison``). Specs:
 
 - ``oracle``: the synthetic data's ``oracle_reward(prompt, response)`` (``dora_engine.data.synth``);
 - ``reward-model:PATH``: a sequence-classification model with a single logit as the reward;
@@ -13,27 +14,10 @@ Reward judges compare the two rewards: a difference within ``tie_tolerance`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Verdict = Literal["win", "lose", "tie", "error"]
-VERDICTS: tuple[Verdict, ...] = ("win", "lose", "tie", "error")
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One judgement to make: ``policy`` is the evaluated model's response, ``golden`` the target's."""
-
-    id: str
-    instruction: str
-    policy: str
-    golden: str
-
-
-class Judge(Protocol):
-    name: str
-
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]: ...
+from dora_engine.eval.comparison import Comparison, Judge, Verdict
+from dora_engine.eval.http_judge import ChatJudge
 
 
 class RewardScorer(Protocol):
@@ -143,8 +127,6 @@ def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judg
     ``dora_engine.eval.http_judge.ChatJudge`` (template, seed, cache_dir, max_retries, …).
     """
     if spec.startswith("openai:") and spec.split(":", 1)[1]:
-        from dora_engine.eval.http_judge import ChatJudge
-
         return ChatJudge(spec.split(":", 1)[1], **options)
     if spec == "oracle" or spec.startswith("reward-model:"):
         return RewardJudge(make_scorer(spec, **options), tie_tolerance=tie_tolerance)

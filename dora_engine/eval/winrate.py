@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 from dora_engine.data.schema import Record, RecordError
+from dora_engine.eval.comparison import VERDICTS, Comparison, Verdict
 from dora_engine.eval.generate import Generation
-from dora_engine.eval.judges import VERDICTS, Comparison, Verdict
 
 RATES = ("win_rate", "lose_rate", "tie_rate", "win_rate_ties_half")
 # Points each verdict earns towards each rate (win, lose, tie), in the order of RATES.
