@@ -25,6 +25,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dora_engine.device import resolve_device
+
 if TYPE_CHECKING:  # dora_engine.data imports this module
     from dora_engine.data.schema import Prompt
 
@@ -203,12 +205,6 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[Prompt], n: int, seeds: Sequence[int]) -> list[list[str]]:
         """``n`` completions per prompt; ``seeds[i]`` seeds prompt i."""
         ...
-
-
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class TransformersGenerator:

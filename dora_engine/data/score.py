@@ -24,7 +24,7 @@ from typing import Any
 
 from dora_engine.data.schema import Prompt, Record, Response, read_records
 from dora_engine.data.sharded import run_sharded
-from dora_engine.generation import resolve_device
+from dora_engine.device import resolve_device
 
 ORACLE = "synth:oracle"
 

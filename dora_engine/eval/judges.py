@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from dora_engine.device import resolve_device
 from dora_engine.eval.comparison import Comparison, Judge, Verdict
 from dora_engine.eval.http_judge import ChatJudge
 
@@ -48,11 +49,10 @@ class RewardModelScorer:
     def __init__(
         self, path: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None
     ) -> None:
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.name = f"reward-model:{path}"
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
         if self.model.config.num_labels != 1:
