@@ -99,7 +99,9 @@ class Example:
     label: int = -1
 
 
-def load_tokenizer(path: str):
+def load_classifier_tokenizer(path: str):
+    """The classifier's tokenizer, padding with its eos token when it has no pad token (an error when it has
+    neither; unlike ``training.model.load_tokenizer``, it never pads with unk)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -207,7 +209,7 @@ def train(
     backbone = resolve_backbone(settings.backbone)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
-    tokenizer = load_tokenizer(backbone)
+    tokenizer = load_classifier_tokenizer(backbone)
     model = PooledClassifier.from_backbone(backbone, num_labels, settings.pooling)
     model.to(device).train()
 
@@ -257,7 +259,7 @@ def predict(
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_classifier_tokenizer(str(model_dir))
     model = load_trained(model_dir).to(device).eval()
     num_labels = model.num_labels
     out = np.empty((len(examples), num_labels), dtype=np.float64)
