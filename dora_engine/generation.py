@@ -30,7 +30,7 @@ from dora_engine.device import resolve_device
 if TYPE_CHECKING:  # dora_engine.data imports this module
     from dora_engine.data.schema import Prompt
 
-BACKENDS = ("transformers", "vllm")
+GENERATION_BACKENDS = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -265,10 +265,10 @@ class VLLMGenerator:
 
 def make_generator(model: str, sampling: Sampling, *, backend: str = "transformers", batch_size: int = 8,
                    device: str | None = None, dtype: str | None = None, progress: bool = False) -> Generator:
-    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``BACKENDS``)."""
+    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``GENERATION_BACKENDS``)."""
     if backend == "transformers":
         return TransformersGenerator(model, sampling, batch_size=batch_size, device=device, dtype=dtype,
                                      progress=progress)
     if backend == "vllm":
         return VLLMGenerator(model, sampling, dtype=dtype, progress=progress)
-    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(GENERATION_BACKENDS)}")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dora_engine.atomic import atomic_write
+from dora_engine.generation import GENERATION_BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="generations JSONL: {id, instruction, output, generator} per line")
     p.add_argument("--alpaca-eval", metavar="PATH", help="also write AlpacaEval's model_outputs.json here")
     p.add_argument("--generator", help="the generator name in the outputs (default: the model folder's name)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
     p.add_argument("--top-p", type=float, default=0.9)
