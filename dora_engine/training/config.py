@@ -18,10 +18,11 @@ from typing import Any
 
 import yaml
 
+from dora_engine.errors import UserError
 from dora_engine.losses import get_loss, get_strategy, resolve_params
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key at fault."""
 
 
