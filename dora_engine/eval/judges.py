@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dora_engine.device import resolve_device
+from dora_engine.errors import UserValueError
 from dora_engine.eval.comparison import Comparison, Judge, Verdict
 from dora_engine.eval.http_judge import ChatJudge
 
@@ -56,7 +57,7 @@ class RewardModelScorer:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(
+            raise UserValueError(
                 f"reward model {path} has {self.model.config.num_labels} outputs; a reward model needs exactly 1"
             )
         if self.tokenizer.pad_token is None:
@@ -92,7 +93,7 @@ class RewardJudge:
 
     def __init__(self, scorer: RewardScorer, tie_tolerance: float = 0.0) -> None:
         if tie_tolerance < 0:
-            raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+            raise UserValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
         self.scorer = scorer
         self.name = scorer.name
         self.tie_tolerance = tie_tolerance
@@ -117,7 +118,7 @@ def make_scorer(spec: str, **options: Any) -> RewardScorer:
         return OracleScorer()
     if spec.startswith("reward-model:") and spec.split(":", 1)[1]:
         return RewardModelScorer(spec.split(":", 1)[1], **options)
-    raise ValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
+    raise UserValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
 
 
 def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judge:
@@ -130,4 +131,4 @@ def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judg
         return ChatJudge(spec.split(":", 1)[1], **options)
     if spec == "oracle" or spec.startswith("reward-model:"):
         return RewardJudge(make_scorer(spec, **options), tie_tolerance=tie_tolerance)
-    raise ValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")
+    raise UserValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")
