@@ -109,7 +109,7 @@ def run_winrate(args: argparse.Namespace) -> int:
 
 def _register_calibration(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("calibration", help="reward vs. classifier confidence of generated responses")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", type=_model_spec,
                    help="a model's generations JSONL (repeat: e.g. policy=… baseline=…); rows may carry "
                         "precomputed 'reward' and 'confidence'")
     p.add_argument("--reward", help="oracle | reward-model:PATH (default: each row's 'reward')")
@@ -123,14 +123,12 @@ def _register_calibration(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_calibration)
 
 
-def _parse_models(specs: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"eval calibration: --model expects NAME=PATH, got {spec!r}")
-        pairs.append((name, path))
-    return pairs
+def _model_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (name, path)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {spec!r}")
+    return name, path
 
 
 def run_calibration(args: argparse.Namespace) -> int:
@@ -142,7 +140,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     )
     from dora_engine.eval.judges import make_scorer
 
-    groups = [load_scored(path, name) for name, path in _parse_models(args.model)]
+    groups = [load_scored(path, name) for name, path in args.model]
     scorer = make_scorer(args.reward) if args.reward else None
     for g in groups:
         if scorer is not None:
