@@ -8,7 +8,8 @@ Errors. Bad input ends the command with one line, ``dora-engine COMMAND: error: 
 code 2 (DORA_ENGINE_DEBUG=1 adds the traceback). Bad input is
 
 - a ``dora_engine.errors.UserError``: a bad option value, data that breaks the schema, a training
-  config that cannot run, a missing optional package, a judge endpoint that refuses or is unreachable;
+  config that cannot run, a model that cannot be loaded, a missing optional package, a judge endpoint
+  that refuses or is unreachable;
 - an ``OSError`` about a path the user named: a ``FileNotFoundError``, ``FileExistsError``,
   ``IsADirectoryError``, ``NotADirectoryError`` or ``PermissionError`` whose file is one of the
   command's arguments, or a folder above one (a missing input file, an output folder that cannot be made).

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dora_engine.device import resolve_device
-from dora_engine.errors import UserImportError, UserValueError
+from dora_engine.errors import UserImportError, UserValueError, loading_user_model
 
 if TYPE_CHECKING:  # dora_engine.data imports this module
     from dora_engine.data.schema import Prompt
@@ -220,8 +220,9 @@ class TransformersGenerator:
             raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
         device = resolve_device(device)
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        with loading_user_model(model):
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
         self.sampling = sampling
         self.batch_size = batch_size
         self.progress = progress

@@ -71,6 +71,12 @@ def test_output_under_a_file_is_bad_input(dataset, tmp_path, capsys):
     assert str(blocker) in _one_error_line(capsys, "data corrupt")
 
 
+def test_a_model_that_cannot_be_loaded_is_named(dataset, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    assert cli.main(["data", "score", str(dataset), "--out", str(tmp_path / "o.jsonl"), "--model", str(missing)]) == 2
+    assert _one_error_line(capsys, "data score").startswith(f"cannot load {str(missing)!r}: ")
+
+
 def test_malformed_option_is_an_argparse_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", "calibration", "--model", "no-equals-sign", "--output-dir", str(tmp_path)])

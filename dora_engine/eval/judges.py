@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dora_engine.device import resolve_device
-from dora_engine.errors import UserValueError
+from dora_engine.errors import UserValueError, loading_user_model
 from dora_engine.eval.comparison import Comparison, Judge, Verdict
 from dora_engine.eval.http_judge import ChatJudge
 
@@ -54,8 +54,9 @@ class RewardModelScorer:
 
         self.name = f"reward-model:{path}"
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        with loading_user_model(path):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise UserValueError(
                 f"reward model {path} has {self.model.config.num_labels} outputs; a reward model needs exactly 1"
