@@ -26,13 +26,6 @@ from dora_engine.losses import get_loss, rank_best_worst
 from dora_engine.training.config import LoggingConfig
 from dora_engine.training.model import StepOutput
 
-# Statistics summed over ranks and micro-steps, then divided by their count.
-SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-          "logps/rejected", "h_tilde/mean", "robust/ess")
-# Statistics reduced with max.
-MAXED = ("robust/weight_max",)
-
-
 def align_stats(step: StepOutput, batch: dict[str, torch.Tensor], loss: str, params: dict[str, Any]) -> dict:
     """Sums over this rank's prompts of the per-prompt statistics, plus counts (see module doc)."""
     out = step.out
