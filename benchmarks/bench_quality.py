@@ -45,7 +45,8 @@ from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record
 from dora_engine.data.sharded import derived_seed
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
-from dora_engine.eval.judges import Comparison, OracleScorer, RewardJudge
+from dora_engine.eval.comparison import Comparison
+from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.winrate import golden_response, summarise
 from dora_engine.generation import Sampling, render_prompt, sample_texts
 from dora_engine.ops import dora_loss

@@ -2,7 +2,20 @@
 
 Each phase lives in its own module exposing ``register(subparsers)``, which adds its sub-command(s)
 with ``set_defaults(func=...)``; ``func(args)`` returns the exit code. Command modules import heavy
-libraries (transformers, deepspeed, datasets) inside their functions so that ``--help`` stays fast.
+libraries (transformers, deepspeed, matplotlib) inside their functions so that ``--help`` stays fast.
+
+Errors. Bad input ends the command with one line, ``dora-engine COMMAND: error: MESSAGE``, and exit
+code 2 (DORA_ENGINE_DEBUG=1 adds the traceback). Bad input is
+
+- a ``dora_engine.errors.UserError``: a bad option value, data that breaks the schema, a training
+  config that cannot run, a model that cannot be loaded, a missing optional package, a judge endpoint
+  that refuses or is unreachable;
+- an ``OSError`` about a path the user named: a ``FileNotFoundError``, ``FileExistsError``,
+  ``IsADirectoryError``, ``NotADirectoryError`` or ``PermissionError`` whose file is one of the
+  command's arguments, or a folder above one (a missing input file, an output folder that cannot be made).
+
+Anything else is a bug and keeps Python's behaviour: the traceback, exit code 1. Ctrl-C ends with
+"interrupted" and exit code 130.
 """
 
 from __future__ import annotations
@@ -11,8 +24,13 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from dora_engine import __version__
+from dora_engine.errors import UserError
+
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+"""The OSErrors that are bad input when their file is a path the user named (module docstring)."""
 
 COMMAND_MODULES = (
     "dora_engine.ops.report",
@@ -47,9 +65,41 @@ def _command_words(parser: argparse.ArgumentParser, argv: list[str]) -> list[str
     return words
 
 
+def _named_paths(args: argparse.Namespace) -> set[Path]:
+    """Every argument value as an absolute path (lists and tuples searched too)."""
+    paths: set[Path] = set()
+
+    def add(value: object) -> None:
+        if isinstance(value, str | os.PathLike):
+            paths.add(Path(os.path.abspath(os.fspath(value))))
+        elif isinstance(value, list | tuple):
+            for item in value:
+                add(item)
+
+    for value in vars(args).values():
+        add(value)
+    return paths
+
+
+def is_user_error(err: BaseException, args: argparse.Namespace) -> bool:
+    """Whether ``err`` is bad input rather than a bug (module docstring)."""
+    if isinstance(err, UserError):
+        return True
+    if not isinstance(err, PATH_ERRORS):
+        return False
+    named = _named_paths(args)
+    for filename in (err.filename, err.filename2):
+        if not isinstance(filename, str | bytes | os.PathLike):
+            continue
+        path = Path(os.path.abspath(os.fsdecode(filename)))
+        if any(path == n or path in n.parents for n in named):
+            return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run a command. Bad input (data, options, missing files or packages) ends with one line naming the
-    command and exit code 2; set DORA_ENGINE_DEBUG=1 for the traceback."""
+    """Run a command; bad input ends with one line naming the command and exit code 2, a bug with its
+    traceback (module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -58,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, ImportError, OSError) as err:  # RecordError is a ValueError
-        if os.environ.get("DORA_ENGINE_DEBUG") == "1":
+    except (UserError, OSError) as err:
+        if not is_user_error(err, args) or os.environ.get("DORA_ENGINE_DEBUG") == "1":
             raise
         print(f"dora-engine {' '.join(_command_words(parser, argv))}: error: {err}", file=sys.stderr)
         return 2

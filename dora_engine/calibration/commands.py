@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dora_engine.calibration.classifier import DEFAULT_BACKBONE, POOLINGS, ClassifierSettings
+from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ClassifierSettings
+from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
 

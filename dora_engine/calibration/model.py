@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dora_engine.calibration.classifier import POOLINGS
+POOLINGS = ("mean", "cls")
+"""Mean over the attended tokens, or the first token."""
 
 HEAD_CONFIG = "classifier_head.json"
 HEAD_WEIGHTS = "classifier_head.safetensors"

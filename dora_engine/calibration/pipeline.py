@@ -28,7 +28,8 @@ from dora_engine.calibration.classifier import ClassifierSettings, Example
 from dora_engine.calibration.metrics import classifier_metrics
 from dora_engine.calibration.schemes import ClassifierSpec, SourceRule, plan
 from dora_engine.calibration.weights import h_tilde
-from dora_engine.data.schema import Record
+from dora_engine.data.schema import Record, RecordError
+from dora_engine.errors import UserValueError
 
 DEFAULT_MIN_EXAMPLES = 8
 BETA_CHOICES = ("uniform", "source_fraction")
@@ -103,11 +104,11 @@ class Calibration:
 def check_records(records: list[Record]) -> list[str]:
     """The sources found in ``records`` (sorted); every prompt must have at least 2 responses."""
     if not records:
-        raise ValueError("calibration needs a non-empty dataset")
+        raise UserValueError("calibration needs a non-empty dataset")
     sources: set[str] = set()
     for index, record in enumerate(records):
         if record.num_responses < 2:
-            raise ValueError(
+            raise RecordError(
                 f"record {index} (id={record.id!r}) has {record.num_responses} response(s); "
                 "calibration needs at least 2 per prompt"
             )
@@ -144,7 +145,7 @@ def _check_enough(spec: ClassifierSpec, source_counts: Counter, min_examples: in
     for members in spec.classes:
         for source in members:
             if source_counts[source] < min_examples:
-                raise ValueError(
+                raise UserValueError(
                     f"source {source!r} has {source_counts[source]} response(s) in the training split of "
                     f"classifier {spec.name!r}; at least {min_examples} are needed to train it "
                     "(add data, lower --held-out or --min-examples, or drop the source)"
@@ -236,7 +237,7 @@ def fit(
     """
     settings = settings or ClassifierSettings()
     if min_examples < 1:
-        raise ValueError(f"min_examples must be >= 1, got {min_examples}")
+        raise UserValueError(f"min_examples must be >= 1, got {min_examples}")
     sources = check_records(records)
     specs, rules = plan(sources, target, scheme)
     train_records, held_records = split_by_prompt(records, settings.held_out, settings.seed)
@@ -262,7 +263,7 @@ def slot_betas(record: Record, beta: str) -> np.ndarray | None:
     if beta == "source_fraction":
         counts = Counter(r.source for r in record.responses)
         return np.array([counts[r.source] / record.num_responses for r in record.responses])
-    raise ValueError(f"unknown beta {beta!r}; valid: {list(BETA_CHOICES)}")
+    raise UserValueError(f"unknown beta {beta!r}; valid: {list(BETA_CHOICES)}")
 
 
 def score(
@@ -278,7 +279,7 @@ def score(
     Every response is scored once, by the classifier its source's rule names. The input is not modified.
     """
     if beta not in BETA_CHOICES:
-        raise ValueError(f"unknown beta {beta!r}; valid: {list(BETA_CHOICES)}")
+        raise UserValueError(f"unknown beta {beta!r}; valid: {list(BETA_CHOICES)}")
     check_records(records)
     settings = calibration.settings
     slots: dict[str, list[tuple[int, int]]] = {name: [] for name in calibration.classifiers}
@@ -286,7 +287,7 @@ def score(
         for k, response in enumerate(record.responses):
             rule = calibration.rules.get(response.source)
             if rule is None:
-                raise ValueError(
+                raise RecordError(
                     f"record {i} (id={record.id!r}) response {k} has source {response.source!r}, which the "
                     f"calibration has no classifier for; calibrated sources: {sorted(calibration.rules)}"
                 )

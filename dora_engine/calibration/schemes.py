@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dora_engine.errors import UserValueError
+
 SCHEMES = ("per_source", "pooled", "multiclass")
 
 
@@ -66,12 +68,12 @@ class SourceRule:
 def plan(sources: list[str], target: str, scheme: str) -> tuple[list[ClassifierSpec], dict[str, SourceRule]]:
     """The classifiers of ``scheme`` and the rule for every source (the target included)."""
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown calibration scheme {scheme!r}; valid: {list(SCHEMES)}")
+        raise UserValueError(f"unknown calibration scheme {scheme!r}; valid: {list(SCHEMES)}")
     if target not in sources:
-        raise ValueError(f"target source {target!r} not found in the data; sources found: {sorted(sources)}")
+        raise UserValueError(f"target source {target!r} not found in the data; sources found: {sorted(sources)}")
     others = tuple(sorted(s for s in sources if s != target))
     if not others:
-        raise ValueError(f"the data has only the target source {target!r}; calibration needs at least one other")
+        raise UserValueError(f"the data has only the target source {target!r}; calibration needs at least one other")
     pooled = ClassifierSpec(f"{target}-vs-rest" if len(others) > 1 else f"{target}-vs-{others[0]}", (others, (target,)))
     pooled_rule = SourceRule(pooled.name, 1, (0,))
     if scheme == "pooled" or len(others) == 1 and scheme == "per_source":

@@ -25,6 +25,7 @@ from typing import Any
 
 from dora_engine.data.schema import Record, Response, read_records
 from dora_engine.data.sharded import derived_seed, run_sharded
+from dora_engine.errors import UserValueError
 from dora_engine.generation import Generator, Sampling, make_generator
 
 
@@ -49,10 +50,10 @@ def _augment_shard(records: Sequence[Record], generator: Generator, n: int, sour
 def _checked(n: int, sampling: Sampling | None) -> Sampling:
     """The sampling settings (default: the paper's), refusing settings that cannot give n different responses."""
     if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+        raise UserValueError(f"n must be >= 1, got {n}")
     sampling = sampling or Sampling.augmentation()
     if sampling.greedy:
-        raise ValueError("augment samples its responses: temperature must be > 0, got 0 (greedy decoding)")
+        raise UserValueError("augment samples its responses: temperature must be > 0, got 0 (greedy decoding)")
     return sampling
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dora_engine.data.schema import Record, read_records, write_records
 from dora_engine.data.summary import summarize
+from dora_engine.generation import GENERATION_BACKENDS
 
 
 def _parse_mix(text: str) -> dict[str, float]:
@@ -128,7 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     augment.add_argument("--out", type=Path, required=True)
     augment.add_argument("--model", required=True, help="path or name of the causal LM")
     augment.add_argument("--n", type=int, default=2, help="responses to add per prompt")
-    augment.add_argument("--backend", choices=["transformers", "vllm"], default="transformers")
+    augment.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     augment.add_argument("--source", default=None, help="source label of the new responses (default: model name)")
     augment.add_argument("--temperature", type=float, default=0.8)
     augment.add_argument("--top-p", type=float, default=1.0)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dora_engine.data.schema import Prompt, Record, RecordError, Response, iter_jsonl
+from dora_engine.errors import UserValueError
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -219,9 +220,9 @@ def from_alpaca_eval(
         answers[instruction] = output
         position.setdefault(instruction, len(position))
     if target not in by_generator:
-        raise ValueError(f"target generator {target!r} not found; generators: {sorted(by_generator)}")
+        raise UserValueError(f"target generator {target!r} not found; generators: {sorted(by_generator)}")
     if len(by_generator) < 2:
-        raise ValueError(f"need outputs of at least 2 generators to join, got {sorted(by_generator)}")
+        raise UserValueError(f"need outputs of at least 2 generators to join, got {sorted(by_generator)}")
     generators = [target, *sorted(g for g in by_generator if g != target)]
     common = [ins for ins in position if all(ins in by_generator[g] for g in generators)]
     if len(common) < len(position):
@@ -287,13 +288,13 @@ def convert_files(
     ``target`` is required for ``alpaca`` (the target generator) and refused for the other formats.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid: {sorted(FORMATS)}")
+        raise UserValueError(f"unknown format {fmt!r}; valid: {sorted(FORMATS)}")
     if not paths:
-        raise ValueError("no input files given")
+        raise UserValueError("no input files given")
     if fmt == "alpaca" and target is None:
-        raise ValueError("format 'alpaca' needs target= (the generator whose outputs are the target source)")
+        raise UserValueError("format 'alpaca' needs target= (the generator whose outputs are the target source)")
     if fmt != "alpaca" and target is not None:
-        raise ValueError(f"target= applies to format 'alpaca' only, not {fmt!r}")
+        raise UserValueError(f"target= applies to format 'alpaca' only, not {fmt!r}")
     rows = [row for path in paths for row in read_rows(path)]
     if fmt == "alpaca":
         return from_alpaca_eval(rows, target, drop_empty=drop_empty)

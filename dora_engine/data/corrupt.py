@@ -15,6 +15,7 @@ import random
 from collections.abc import Iterable
 
 from dora_engine.data.schema import Record, RecordError, Response
+from dora_engine.errors import UserValueError
 
 
 def _record_rng(seed: int, record_id: str) -> random.Random:
@@ -52,5 +53,5 @@ def corrupt_record(record: Record, rate: float, seed: int, index: int | None = N
 def corrupt_records(records: Iterable[Record], rate: float, seed: int = 0) -> list[Record]:
     """Corrupt each record with probability ``rate`` in [0, 1] (see the module docstring)."""
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"rate must lie in [0, 1], got {rate}")
+        raise UserValueError(f"rate must lie in [0, 1], got {rate}")
     return [corrupt_record(rec, rate, seed, index=i) for i, rec in enumerate(records)]

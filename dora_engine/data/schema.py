@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from dora_engine.atomic import atomic_write
+from dora_engine.errors import UserError
 
 Prompt = str | list[dict[str, str]]
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A record that does not follow the schema; the message names the record and the field."""
 
 

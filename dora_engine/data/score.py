@@ -24,7 +24,8 @@ from typing import Any
 
 from dora_engine.data.schema import Prompt, Record, Response, read_records
 from dora_engine.data.sharded import run_sharded
-from dora_engine.generation import resolve_device
+from dora_engine.device import resolve_device
+from dora_engine.errors import UserValueError, loading_user_model
 
 ORACLE = "synth:oracle"
 
@@ -39,14 +40,15 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype)
+        with loading_user_model(model):
+            self.tokenizer = AutoTokenizer.from_pretrained(model)
+            self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype)
         outputs = self.model.config.num_labels
         if outputs != 1:
-            raise ValueError(
+            raise UserValueError(
                 f"reward model {model!r} has {outputs} outputs (config.num_labels); a reward model must output "
                 "exactly one logit"
             )

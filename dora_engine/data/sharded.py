@@ -23,6 +23,7 @@ from typing import Any
 
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, read_records, write_records
+from dora_engine.errors import UserValueError
 
 
 def default_work_dir(output: str | os.PathLike) -> Path:
@@ -53,7 +54,7 @@ def _prepare_work_dir(work_dir: Path, run: dict[str, Any], restart: bool) -> Non
         previous = json.loads(manifest.read_text(encoding="utf-8"))
         if previous != run:
             changed = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
-            raise ValueError(
+            raise UserValueError(
                 f"{work_dir} holds shards of a different run (differs in {changed}); "
                 "rerun with the same input and settings to resume, or restart to discard them"
             )
@@ -85,7 +86,7 @@ def run_sharded(
     from tqdm.auto import tqdm
 
     if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        raise UserValueError(f"shard_size must be >= 1, got {shard_size}")
     work = Path(work_dir) if work_dir is not None else default_work_dir(output)
     _prepare_work_dir(work, fingerprint(records, {**settings, "shard_size": shard_size}), restart)
     starts = range(0, len(records), shard_size)

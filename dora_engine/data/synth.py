@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING
 
 from dora_engine.data.corrupt import corrupt_records
 from dora_engine.data.schema import Prompt, Record, Response
+from dora_engine.errors import UserValueError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -233,9 +234,9 @@ def _check_mix(mix: Mapping[str, float] | None) -> dict[str, float]:
         return {s: 1.0 for s in SHIFTED_SOURCES}
     unknown = sorted(set(mix) - set(SHIFTED_SOURCES))
     if unknown:
-        raise ValueError(f"mix: unknown shifted source(s) {unknown}; valid: {list(SHIFTED_SOURCES)}")
+        raise UserValueError(f"mix: unknown shifted source(s) {unknown}; valid: {list(SHIFTED_SOURCES)}")
     if any(w < 0 for w in mix.values()) or sum(mix.values()) <= 0:
-        raise ValueError(f"mix: weights must be >= 0 with a positive sum, got {dict(mix)}")
+        raise UserValueError(f"mix: weights must be >= 0 with a positive sum, got {dict(mix)}")
     return {s: float(w) for s, w in mix.items() if w > 0}
 
 
@@ -250,13 +251,13 @@ def synth_records(
 ) -> list[Record]:
     """The synthetic mixture dataset (see the module docstring for every option)."""
     if num_prompts < 1:
-        raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+        raise UserValueError(f"num_prompts must be >= 1, got {num_prompts}")
     if k < 2:
-        raise ValueError(f"k must be >= 2, got {k}")
+        raise UserValueError(f"k must be >= 2, got {k}")
     if not 0 <= golden_per_prompt <= k:
-        raise ValueError(f"golden_per_prompt must lie in [0, k={k}], got {golden_per_prompt}")
+        raise UserValueError(f"golden_per_prompt must lie in [0, k={k}], got {golden_per_prompt}")
     if length_bias < 0:
-        raise ValueError(f"length_bias must be >= 0, got {length_bias}")
+        raise UserValueError(f"length_bias must be >= 0, got {length_bias}")
     weights = _check_mix(mix)
     rng = random.Random(seed)
     prompts = [(task, template) for task in TASKS for template in PROMPT_TEMPLATES]

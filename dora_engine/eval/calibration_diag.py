@@ -27,6 +27,7 @@ import numpy as np
 
 from dora_engine.atomic import atomic_path
 from dora_engine.data.schema import RecordError, iter_jsonl
+from dora_engine.errors import UserValueError
 
 NORMALISATIONS = ("minmax", "zscore", "none")
 
@@ -69,7 +70,7 @@ def ols_fit(x: Sequence[float], y: Sequence[float]) -> LinearFit:
 def normalise_rewards(rewards: Sequence[float], method: str = "minmax") -> np.ndarray:
     """Rewards normalised by ``method`` (minmax, zscore or none) over the whole given pool."""
     if method not in NORMALISATIONS:
-        raise ValueError(f"unknown normalisation {method!r}; valid: {', '.join(NORMALISATIONS)}")
+        raise UserValueError(f"unknown normalisation {method!r}; valid: {', '.join(NORMALISATIONS)}")
     r = np.asarray(rewards, dtype=np.float64)
     if method == "none":
         return r
@@ -162,5 +163,7 @@ def classifier_confidence(
     probs = predict(classifier_dir, examples, max_length=max_length, batch_size=batch_size, device=device,
                     description=f"confidence {group.model}")
     if probs.shape[1] != 2:
-        raise ValueError(f"classifier {classifier_dir} has {probs.shape[1]} classes; the diagnostic needs a binary one")
+        raise UserValueError(
+            f"classifier {classifier_dir} has {probs.shape[1]} classes; the diagnostic needs a binary one"
+        )
     return probs[:, 1].tolist()

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dora_engine.atomic import atomic_write
+from dora_engine.generation import GENERATION_BACKENDS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="generations JSONL: {id, instruction, output, generator} per line")
     p.add_argument("--alpaca-eval", metavar="PATH", help="also write AlpacaEval's model_outputs.json here")
     p.add_argument("--generator", help="the generator name in the outputs (default: the model folder's name)")
-    p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+    p.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -108,7 +109,7 @@ def run_winrate(args: argparse.Namespace) -> int:
 
 def _register_calibration(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("calibration", help="reward vs. classifier confidence of generated responses")
-    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH",
+    p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", type=_model_spec,
                    help="a model's generations JSONL (repeat: e.g. policy=… baseline=…); rows may carry "
                         "precomputed 'reward' and 'confidence'")
     p.add_argument("--reward", help="oracle | reward-model:PATH (default: each row's 'reward')")
@@ -122,14 +123,12 @@ def _register_calibration(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_calibration)
 
 
-def _parse_models(specs: list[str]) -> list[tuple[str, str]]:
-    pairs = []
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"eval calibration: --model expects NAME=PATH, got {spec!r}")
-        pairs.append((name, path))
-    return pairs
+def _model_spec(spec: str) -> tuple[str, str]:
+    """``NAME=PATH`` -> (name, path)."""
+    name, sep, path = spec.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {spec!r}")
+    return name, path
 
 
 def run_calibration(args: argparse.Namespace) -> int:
@@ -141,7 +140,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     )
     from dora_engine.eval.judges import make_scorer
 
-    groups = [load_scored(path, name) for name, path in _parse_models(args.model)]
+    groups = [load_scored(path, name) for name, path in args.model]
     scorer = make_scorer(args.reward) if args.reward else None
     for g in groups:
         if scorer is not None:

@@ -78,7 +78,10 @@ def read_generations(path: str | os.PathLike) -> list[Generation]:
     path = Path(path)
     if path.suffix == ".json":
         with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
+            try:
+                rows = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise RecordError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
         if not isinstance(rows, list):
             raise RecordError(f"{path}: expected a JSON list of {{instruction, output, generator}} objects")
         numbered = list(enumerate(rows))

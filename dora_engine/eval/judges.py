@@ -1,7 +1,8 @@
 """Pairwise judges for ``eval winrate``: does the policy's response beat the golden one?
 
 A judge maps comparisons (prompt, policy response, golden response) to verdicts from the policy's
-point of view: ``win``, ``lose``, ``tie`` or ``error`` (the judge gave no usable answer). Specs:
+point of view: ``win``, ``lose``, ``tie`` or ``error`` (the judge gave no usable answer; the types are in
+``dora_engine.eval.comparison``). Specs:
 
 - ``oracle``: the synthetic data's ``oracle_reward(prompt, response)`` (``dora_engine.data.synth``);
 - ``reward-model:PATH``: a sequence-classification model with a single logit as the reward;
@@ -13,27 +14,12 @@ Reward judges compare the two rewards: a difference within ``tie_tolerance`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-Verdict = Literal["win", "lose", "tie", "error"]
-VERDICTS: tuple[Verdict, ...] = ("win", "lose", "tie", "error")
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """One judgement to make: ``policy`` is the evaluated model's response, ``golden`` the target's."""
-
-    id: str
-    instruction: str
-    policy: str
-    golden: str
-
-
-class Judge(Protocol):
-    name: str
-
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]: ...
+from dora_engine.device import resolve_device
+from dora_engine.errors import UserValueError, loading_user_model
+from dora_engine.eval.comparison import Comparison, Judge, Verdict
+from dora_engine.eval.http_judge import ChatJudge
 
 
 class RewardScorer(Protocol):
@@ -64,15 +50,15 @@ class RewardModelScorer:
     def __init__(
         self, path: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None
     ) -> None:
-        import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.name = f"reward-model:{path}"
-        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.device = resolve_device(device)
+        with loading_user_model(path):
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
         if self.model.config.num_labels != 1:
-            raise ValueError(
+            raise UserValueError(
                 f"reward model {path} has {self.model.config.num_labels} outputs; a reward model needs exactly 1"
             )
         if self.tokenizer.pad_token is None:
@@ -108,7 +94,7 @@ class RewardJudge:
 
     def __init__(self, scorer: RewardScorer, tie_tolerance: float = 0.0) -> None:
         if tie_tolerance < 0:
-            raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+            raise UserValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
         self.scorer = scorer
         self.name = scorer.name
         self.tie_tolerance = tie_tolerance
@@ -133,7 +119,7 @@ def make_scorer(spec: str, **options: Any) -> RewardScorer:
         return OracleScorer()
     if spec.startswith("reward-model:") and spec.split(":", 1)[1]:
         return RewardModelScorer(spec.split(":", 1)[1], **options)
-    raise ValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
+    raise UserValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
 
 
 def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judge:
@@ -143,9 +129,7 @@ def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judg
     ``dora_engine.eval.http_judge.ChatJudge`` (template, seed, cache_dir, max_retries, …).
     """
     if spec.startswith("openai:") and spec.split(":", 1)[1]:
-        from dora_engine.eval.http_judge import ChatJudge
-
         return ChatJudge(spec.split(":", 1)[1], **options)
     if spec == "oracle" or spec.startswith("reward-model:"):
         return RewardJudge(make_scorer(spec, **options), tie_tolerance=tie_tolerance)
-    raise ValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")
+    raise UserValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from dora_engine.data.schema import Record, RecordError
+from dora_engine.errors import UserValueError
+from dora_engine.eval.comparison import VERDICTS, Comparison, Verdict
 from dora_engine.eval.generate import Generation
-from dora_engine.eval.judges import VERDICTS, Comparison, Verdict
 
 RATES = ("win_rate", "lose_rate", "tie_rate", "win_rate_ties_half")
 # Points each verdict earns towards each rate (win, lose, tie), in the order of RATES.
@@ -56,7 +57,7 @@ def summarise(
     if unknown:
         raise ValueError(f"unknown verdict(s) {unknown}; valid verdicts: {', '.join(VERDICTS)}")
     if n_boot < 1 or not 0 < confidence < 1:
-        raise ValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
+        raise UserValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
     codes = np.array([("win", "lose", "tie").index(v) for v in verdicts if v != "error"], dtype=np.int64)
     counts = np.bincount(codes, minlength=3)
     judged = int(codes.size)

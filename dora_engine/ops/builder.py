@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from dora_engine.errors import UserError
+
 # The source tree's csrc/ (editable installs), else the copy a plain install ships inside the package.
 _REPO_CSRC = Path(__file__).resolve().parents[2] / "csrc"
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "_csrc"
@@ -50,7 +52,7 @@ REBUILD_HINT = (
 )
 
 
-class OpLoadError(RuntimeError):
+class OpLoadError(UserError, RuntimeError):
     """The extension could not be built or loaded; the message says why."""
 
 

@@ -18,12 +18,13 @@ from typing import Any
 
 import yaml
 
+from dora_engine.errors import UserError
 from dora_engine.losses import get_loss, get_strategy, resolve_params
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
 from dora_engine.ops.lm_head import LOSS_PATHS
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration that cannot run; the message names the key at fault."""
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dora_engine.errors import UserError
 from dora_engine.training import ref_logps as ref_cache
 from dora_engine.training.checkpoint import CheckpointManager, config_differences, latest_tag
 from dora_engine.training.config import TrainingConfig
@@ -51,7 +52,7 @@ from dora_engine.training.plots import plot_metrics
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """A run that cannot continue (e.g. too many non-finite steps in a row); the message says why."""
 
 

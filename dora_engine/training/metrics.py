@@ -22,15 +22,9 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import atomic_write
-from dora_engine.losses import get_loss, rank_best_worst
+from dora_engine.losses import chosen_rejected, get_loss
 from dora_engine.training.config import LoggingConfig
 from dora_engine.training.model import StepOutput
-
-# Statistics summed over ranks and micro-steps, then divided by their count.
-SUMMED = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-          "logps/rejected", "h_tilde/mean", "robust/ess")
-# Statistics reduced with max.
-MAXED = ("robust/weight_max",)
 
 
 def align_stats(step: StepOutput, batch: dict[str, torch.Tensor], loss: str, params: dict[str, Any]) -> dict:
@@ -43,20 +37,20 @@ def align_stats(step: StepOutput, batch: dict[str, torch.Tensor], loss: str, par
         reward = beta * (S - batch["ref_logps"].to(S).view(-1, K))
     else:
         reward = beta * S / out.seq_lens.view(-1, K).clamp(min=1)
-    best, worst = rank_best_worst(batch["scores"])
-    pick = lambda x, i: x.gather(1, i[:, None]).squeeze(1)  # noqa: E731
-    chosen, rejected = pick(reward, best), pick(reward, worst)
+    chosen, rejected = chosen_rejected(reward, batch["scores"])
+    logps_chosen, logps_rejected = chosen_rejected(S, batch["scores"])
+    count = len(chosen)
     w = out.weights.float()
     sums = {
         "rewards/chosen": chosen.sum(),
         "rewards/rejected": rejected.sum(),
         "rewards/margins": (chosen - rejected).sum(),
         "rewards/accuracies": (chosen > rejected).float().sum(),
-        "logps/chosen": pick(S, best).sum(),
-        "logps/rejected": pick(S, worst).sum(),
-        "h_tilde/mean": batch["h_tilde"].sum() if "h_tilde" in batch else torch.tensor(float(len(best))),
+        "logps/chosen": logps_chosen.sum(),
+        "logps/rejected": logps_rejected.sum(),
+        "h_tilde/mean": batch["h_tilde"].sum() if "h_tilde" in batch else torch.tensor(float(count)),
     }
-    return {"sums": sums, "count": len(best), "w_sq": (w * w).sum(), "w_max": w.max()}
+    return {"sums": sums, "count": count, "w_sq": (w * w).sum(), "w_max": w.max()}
 
 
 class StepAccumulator:
