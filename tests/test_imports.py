@@ -2,7 +2,7 @@
 that pyproject.toml declares.
 
 For the cycles every import counts, at module level or inside a function: a function-level import that
-closes a cycle still ties the two modules together. ``dora_engine.ops`` is left out of the graph for now.
+closes a cycle still ties the two modules together.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import dora_engine
 PACKAGE_ROOT = Path(dora_engine.__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
 PACKAGE = "dora_engine"
-EXCLUDED = ("dora_engine.ops",)
 
 
 def _module_name(path: Path) -> str:
@@ -28,10 +27,6 @@ def _module_name(path: Path) -> str:
 
 def _modules() -> dict[str, Path]:
     return {_module_name(p): p for p in sorted(PACKAGE_ROOT.rglob("*.py"))}
-
-
-def _excluded(name: str) -> bool:
-    return any(name == e or name.startswith(e + ".") for e in EXCLUDED)
 
 
 def _imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
@@ -63,11 +58,7 @@ def _imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def import_graph() -> dict[str, set[str]]:
     modules = _modules()
-    return {
-        name: {t for t in _imported(name, path, modules) if not _excluded(t)}
-        for name, path in modules.items()
-        if not _excluded(name)
-    }
+    return {name: _imported(name, path, modules) for name, path in modules.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -97,7 +88,7 @@ def test_graph_sees_the_package() -> None:
     graph = import_graph()
     assert "dora_engine.cli" in graph and "dora_engine.eval.winrate" in graph
     assert "dora_engine.data.schema" in graph["dora_engine.eval.winrate"]
-    assert not any(_excluded(name) for name in graph)
+    assert "dora_engine.ops.robust" in graph["dora_engine.ops.fused"]
 
 
 def test_find_cycles_reports_each_cycle() -> None:
