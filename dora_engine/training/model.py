@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dora_engine.errors import UserImportError
 from dora_engine.ops import DoRAOutput
 from dora_engine.ops.lm_head import DoRAPolicy, RobustObjective
 from dora_engine.training.config import LoraConfig, TrainingConfig
@@ -129,7 +130,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
         from peft import LoraConfig as PeftLoraConfig
         from peft import get_peft_model
     except ImportError:
-        raise RuntimeError("config key 'lora.enabled' needs peft: pip install 'dora-engine[lora]'") from None
+        raise UserImportError("config key 'lora.enabled' needs peft: pip install 'dora-engine[lora]'") from None
     peft_cfg = PeftLoraConfig(
         r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
         task_type="CAUSAL_LM",
