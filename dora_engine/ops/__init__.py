@@ -95,11 +95,13 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
 def _loss_call(
     rows: int, device: torch.device, labels: torch.Tensor, impl: ModuleType, *,
     num_responses: int, scores: torch.Tensor, h_tilde: torch.Tensor | None, ref_logps: torch.Tensor | None,
-    loss: str, loss_params: dict[str, Any] | None, strategy: str, lam: float, ignore_index: int, validate: bool,
+    loss: str, loss_params: dict[str, Any] | None, strategy: str, lam: float, process_group: Any,
+    ignore_index: int, validate: bool,
 ) -> LossCall:
     call = check_loss_inputs(
         num_rows=rows, device=device, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
-        ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam, validate=validate,
+        ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
+        process_group=process_group, validate=validate,
     )
     check_response_limit(num_responses, impl.MAX_RESPONSES)
     if validate:
@@ -231,10 +233,10 @@ def dora_loss(
     call = _loss_call(
         logits.shape[0], logits.device, labels, impl, num_responses=num_responses, scores=scores,
         h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
-        ignore_index=ignore_index, validate=validate,
+        process_group=process_group, ignore_index=ignore_index, validate=validate,
     )
     S, L = impl.sequence_logprobs(logits, labels, ignore_index, inplace_backward)
-    return impl.robust_loss(S, L, call, scores, h_tilde, ref_logps, process_group)
+    return impl.robust_loss(S, L, call)
 
 
 def dora_loss_linear(
@@ -281,11 +283,9 @@ def dora_loss_linear(
     call = _loss_call(
         hidden.shape[0], hidden.device, labels, impl, num_responses=num_responses, scores=scores,
         h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
-        ignore_index=ignore_index, validate=validate,
+        process_group=process_group, ignore_index=ignore_index, validate=validate,
     )
     if mode == "single_pass":
-        return impl.single_pass_loss(
-            hidden, weight, bias, labels, ignore_index, budget, call, scores, h_tilde, ref_logps, process_group
-        )
+        return impl.single_pass_loss(hidden, weight, bias, labels, ignore_index, budget, call)
     S, L = impl.sequence_logprobs_linear(hidden, weight, bias, labels, ignore_index, budget)
-    return impl.robust_loss(S, L, call, scores, h_tilde, ref_logps, process_group)
+    return impl.robust_loss(S, L, call)

@@ -288,17 +288,8 @@ def sequence_logprobs_linear(
 
 
 def single_pass_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    chunk_bytes: int,
-    call: LossCall,
-    scores: torch.Tensor,
-    h_tilde: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    process_group: dist.ProcessGroup | None,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    chunk_bytes: int, call: LossCall,
 ) -> DoRAOutput:
     """``dora_loss_linear(mode="single_pass")``: chunks of whole prompts, 3 GEMMs each, gradients formed in
     forward and scaled by grad_output in backward."""
@@ -309,11 +300,11 @@ def single_pass_loss(
         labels=labels,
         ignore_index=ignore_index,
         call=call,
-        scores=scores.detach().to(acc),
+        scores=call.scores.detach().to(acc),
         h_tilde=torch.ones(call.num_prompts, dtype=acc, device=hidden.device)
-        if h_tilde is None else h_tilde.detach().to(acc),
-        ref_logps=None if ref_logps is None else ref_logps.detach().to(acc),
-        process_group=process_group,
+        if call.h_tilde is None else call.h_tilde.detach().to(acc),
+        ref_logps=None if call.ref_logps is None else call.ref_logps.detach().to(acc),
+        process_group=call.process_group,
         chunk_bytes=chunk_bytes,
         needs_grad=tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)),
     )

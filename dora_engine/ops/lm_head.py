@@ -9,9 +9,9 @@ inside the forward of a module DeepSpeed wraps (docs/design.md section 5):
   (``model`` a Hugging Face causal LM, optionally PEFT-wrapped). ``loss_path="logits"``: the model's logits
   → ``dora_loss`` (backward written over the logits); ``"fused_linear"``: the decoder body's hidden states
   → ``dora_loss_linear`` inside the loss head, never holding all logits.
-- ``DoRALossHead`` owns the lm_head weight (and bias). ``head(hidden)`` returns logits like the
-  ``nn.Linear`` it replaces (generation, evaluation); with labels it returns (S, L), and with scores too the
-  ``DoRAOutput``.
+- ``DoRALossHead`` owns the lm_head weight (and bias) and computes as its ``LossHeadSettings`` say.
+  ``head(hidden)`` returns logits like the ``nn.Linear`` it replaces (generation, evaluation); with labels
+  it returns (S, L), and with scores too the ``DoRAOutput``.
 - ``install_loss_head(model)`` swaps a Hugging Face causal LM's output embedding for a ``DoRALossHead``
   holding the very same ``Parameter`` objects. With tied input/output embeddings that parameter is also
   the input embedding's, so both modules own it and ZeRO-3 gathers it for either.
@@ -67,28 +67,32 @@ class RobustObjective:
     """λ > 0 of ``dro``, ``dora`` and ``drdpo``."""
 
 
+@dataclass(frozen=True)
+class LossHeadSettings:
+    """How a ``DoRALossHead`` computes its loss (arguments of ``dora_loss_linear``)."""
+
+    objective: RobustObjective = RobustObjective()
+    """The loss and robust strategy."""
+    mode: str = "single_pass"
+    """``single_pass`` (3 GEMMs) or ``recompute`` (4 GEMMs, least memory)."""
+    chunk_bytes: int | None = None
+    """Bytes of one chunk of logits; None: 256 MiB on CUDA, 64 MiB on CPU."""
+    backend: str = "auto"
+    """``auto``, ``fused`` or ``reference``."""
+    validate: bool = True
+    """Check input values on the host; False for data validated at load."""
+
+
 class DoRALossHead(nn.Module):
     """Output layer owning ``weight`` (V, H) and ``bias`` (V,) or None: logits, (S, L) or the DoRA loss."""
 
     def __init__(
-        self,
-        weight: nn.Parameter,
-        bias: nn.Parameter | None = None,
-        *,
-        objective: RobustObjective = RobustObjective(),
-        mode: str = "single_pass",
-        chunk_bytes: int | None = None,
-        backend: str = "auto",
-        validate: bool = True,
+        self, weight: nn.Parameter, bias: nn.Parameter | None = None, settings: LossHeadSettings = LossHeadSettings()
     ) -> None:
         super().__init__()
         self.weight = weight
         self.bias = bias
-        self.objective = objective
-        self.mode = mode
-        self.chunk_bytes = chunk_bytes
-        self.backend = backend
-        self.validate = validate
+        self.settings = settings
 
     @property
     def out_features(self) -> int:
@@ -113,17 +117,18 @@ class DoRALossHead(nn.Module):
             if scores is not None:
                 raise ValueError("scores given without labels")
             return F.linear(hidden, self.weight, self.bias)
+        st = self.settings
         if scores is None:
             return sequence_logprobs_linear(
-                hidden, self.weight, labels, bias=self.bias, chunk_bytes=self.chunk_bytes, backend=self.backend,
-                validate=self.validate,
+                hidden, self.weight, labels, bias=self.bias, chunk_bytes=st.chunk_bytes, backend=st.backend,
+                validate=st.validate,
             )
-        o = self.objective
+        o = st.objective
         return dora_loss_linear(
             hidden, self.weight, labels, bias=self.bias, num_responses=_num_responses(scores), scores=scores,
             h_tilde=h_tilde, ref_logps=ref_logps, loss=o.loss, loss_params=o.loss_params, strategy=o.strategy,
-            lam=o.lam, process_group=process_group, mode=self.mode, chunk_bytes=self.chunk_bytes,
-            backend=self.backend, validate=self.validate,
+            lam=o.lam, process_group=process_group, mode=st.mode, chunk_bytes=st.chunk_bytes, backend=st.backend,
+            validate=st.validate,
         )
 
 
@@ -133,10 +138,7 @@ def _num_responses(scores: torch.Tensor) -> int:
     return scores.shape[1]
 
 
-def install_loss_head(
-    model: nn.Module, *, objective: RobustObjective = RobustObjective(), mode: str = "single_pass",
-    chunk_bytes: int | None = None, backend: str = "auto", validate: bool = True,
-) -> DoRALossHead:
+def install_loss_head(model: nn.Module, settings: LossHeadSettings = LossHeadSettings()) -> DoRALossHead:
     """Replace ``model``'s output embedding by a ``DoRALossHead`` sharing its parameters; returns the head.
 
     Call it before ``deepspeed.initialize``. Tied embeddings stay tied: the head holds the same
@@ -147,10 +149,7 @@ def install_loss_head(
         return current
     if current is None or not isinstance(getattr(current, "weight", None), nn.Parameter):
         raise ValueError(f"{type(model).__name__} has no linear output embedding (lm_head) to replace")
-    head = DoRALossHead(
-        current.weight, getattr(current, "bias", None), objective=objective, mode=mode, chunk_bytes=chunk_bytes,
-        backend=backend, validate=validate,
-    )
+    head = DoRALossHead(current.weight, getattr(current, "bias", None), settings)
     model.set_output_embeddings(head)
     return head
 
@@ -187,10 +186,7 @@ class DoRAPolicy(nn.Module):
         self.backend = backend
         self.validate = validate
         if loss_path == "fused_linear":
-            install_loss_head(
-                causal_lm(model), objective=objective, mode=mode, chunk_bytes=chunk_bytes, backend=backend,
-                validate=validate,
-            )
+            install_loss_head(causal_lm(model), LossHeadSettings(objective, mode, chunk_bytes, backend, validate))
 
     @property
     def head(self) -> nn.Module:

@@ -8,7 +8,6 @@ backend never does; its job is to be obviously right, not fast.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from dora_engine.losses import PromptBatch
@@ -67,26 +66,19 @@ def sequence_logprobs_linear(
     return lp.sum(dim=1), (labels != ignore_index).sum(dim=1).to(lp.dtype)
 
 
-def robust_loss(
-    S: torch.Tensor,
-    L: torch.Tensor,
-    call: LossCall,
-    scores: torch.Tensor,
-    h_tilde: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    process_group: dist.ProcessGroup | None,
-) -> DoRAOutput:
+def robust_loss(S: torch.Tensor, L: torch.Tensor, call: LossCall) -> DoRAOutput:
     """Stages (2a)-(2b) of docs/design.md section 5 on per-sequence S, L (N,): ℓ_b, then the strategy."""
     B, K = call.num_prompts, call.num_responses
     dtype = S.dtype
     batch = PromptBatch(
         S=S.view(B, K),
         L=L.view(B, K).to(dtype),
-        scores=scores.to(dtype),
-        S_ref=None if ref_logps is None else ref_logps.to(dtype).view(B, K),
+        scores=call.scores.to(dtype),
+        S_ref=None if call.ref_logps is None else call.ref_logps.to(dtype).view(B, K),
     )
     ell = call.loss.fn(batch, **call.params)
-    h = torch.ones_like(ell) if h_tilde is None else h_tilde.to(dtype)
+    h = torch.ones_like(ell) if call.h_tilde is None else call.h_tilde.to(dtype)
+    process_group = call.process_group
     if process_group is None:
         loss, weights = call.strategy.fn(ell, h, call.lam)
     else:
@@ -98,17 +90,8 @@ def robust_loss(
 
 
 def single_pass_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    ignore_index: int,
-    chunk_bytes: int,
-    call: LossCall,
-    scores: torch.Tensor,
-    h_tilde: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    process_group: dist.ProcessGroup | None,
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    chunk_bytes: int, call: LossCall,
 ) -> DoRAOutput:
     """``dora_loss_linear(mode="single_pass")``: the fused backend's chunks of whole prompts, each chunk's
     logits kept for backward (nothing recomputed), then the per-batch stage."""
@@ -120,4 +103,4 @@ def single_pass_loss(
         for r0, r1 in rows
     ]
     S, L = (torch.cat(x) for x in zip(*parts, strict=True))
-    return robust_loss(S, L, call, scores, h_tilde, ref_logps, process_group)
+    return robust_loss(S, L, call)

@@ -59,15 +59,7 @@ class _RobustLoss(torch.autograd.Function):
         return grad_loss * gS, None, None, None, None, None, None, None, None, None
 
 
-def robust_loss(
-    S: torch.Tensor,
-    L: torch.Tensor,
-    call: LossCall,
-    scores: torch.Tensor,
-    h_tilde: torch.Tensor | None,
-    ref_logps: torch.Tensor | None,
-    process_group: dist.ProcessGroup | None,
-) -> DoRAOutput:
+def robust_loss(S: torch.Tensor, L: torch.Tensor, call: LossCall) -> DoRAOutput:
     """Stages (2a)-(2b) on per-sequence S, L (N,) through the stage kernels; differentiable in S."""
     dtype = S.dtype
 
@@ -75,7 +67,7 @@ def robust_loss(
         return None if x is None else x.detach().to(dtype).contiguous()
 
     loss, ell, weights = _RobustLoss.apply(
-        S, L.detach().to(dtype), prepared(ref_logps), prepared(scores), prepared(h_tilde), call.loss.code,
-        encode_params(call.loss.name, call.params), call.strategy.code, call.lam, process_group,
+        S, L.detach().to(dtype), prepared(call.ref_logps), prepared(call.scores), prepared(call.h_tilde),
+        call.loss.code, encode_params(call.loss.name, call.params), call.strategy.code, call.lam, call.process_group,
     )
     return DoRAOutput(loss, ell, S.detach(), L.detach(), weights)

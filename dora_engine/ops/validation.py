@@ -80,7 +80,8 @@ def _shape(x: Any) -> str:
 
 @dataclass(frozen=True)
 class LossCall:
-    """A validated call of ``dora_loss``: resolved loss, parameters, strategy and batch geometry."""
+    """A validated call of ``dora_loss``: resolved loss, parameters and strategy, batch geometry, and the
+    per-prompt inputs of the per-batch stage (what every backend's primitives receive)."""
 
     loss: LossSpec
     params: dict[str, Any]
@@ -88,6 +89,10 @@ class LossCall:
     lam: float
     num_prompts: int
     num_responses: int
+    scores: torch.Tensor
+    h_tilde: torch.Tensor | None
+    ref_logps: torch.Tensor | None
+    process_group: Any
 
 
 def check_loss_inputs(
@@ -102,6 +107,7 @@ def check_loss_inputs(
     loss_params: dict[str, Any] | None,
     strategy: str,
     lam: float,
+    process_group: Any,
     validate: bool,
 ) -> LossCall:
     """Validate everything about a ``dora_loss`` call except the logits/labels themselves."""
@@ -138,7 +144,7 @@ def check_loss_inputs(
         _check_tensor("ref_logps", ref_logps, (num_rows,), device)
     elif ref_logps is not None:
         _check_tensor("ref_logps", ref_logps, (num_rows,), device)
-    return LossCall(spec, params, strat, float(lam), B, num_responses)
+    return LossCall(spec, params, strat, float(lam), B, num_responses, scores, h_tilde, ref_logps, process_group)
 
 
 def _check_tensor(name: str, x: Any, shape: tuple[int, ...], device: torch.device) -> None:
