@@ -116,3 +116,18 @@ def test_logits_path_equals_fused_linear_path(backend):
         S_b, L_b = via_hidden(input_ids, mask, labels)
     torch.testing.assert_close(S_a, S_b)
     assert torch.equal(L_a, L_b)
+
+
+def test_auto_loss_path_takes_fused_linear_only_for_untransformed_logits():
+    from dora_engine.ops.lm_head import resolve_loss_path
+
+    model = tiny_llama(tied=False)
+    assert resolve_loss_path(model, "auto") == "fused_linear"
+    assert DoRAPolicy(copy.deepcopy(model), OBJECTIVE).loss_path == "fused_linear"
+    model.config.final_logit_softcapping = 30.0  # logits = 30·tanh(z/30): not the lm_head's output
+    assert resolve_loss_path(model, "auto") == "logits"
+    assert resolve_loss_path(model, "logits") == "logits"
+    with pytest.raises(ValueError, match="fused_linear' cannot run here: .*final_logit_softcapping = 30.0"):
+        DoRAPolicy(model, OBJECTIVE, loss_path="fused_linear")
+    with pytest.raises(ValueError, match="unknown loss_path 'hidden'"):
+        resolve_loss_path(model, "hidden")

@@ -88,7 +88,8 @@ def toy(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train")
     config = make_toy(root, n_records=8, overrides={"train.max_steps": STEPS})
     one = _run([sys.executable, CHECK, str(root / "out1"), str(config), f"output_dir={root / 'run1'}",
-                "train.micro_batch_prompts=4", f"data.eval=[{root / 'train.jsonl'}]", "train.eval_every=4"],
+                "train.micro_batch_prompts=4", f"data.eval=[{root / 'train.jsonl'}]", "train.eval_every=4",
+                "train.loss_path=logits"],
                root / "log1")
     assert one == 0, (root / "log1").read_text()[-4000:]
     run2 = root / "run2"

@@ -8,7 +8,8 @@ inside the forward of a module DeepSpeed wraps (docs/design.md section 5):
 - ``DoRAPolicy(model, objective, loss_path=...)`` is the root module to hand to ``deepspeed.initialize``
   (``model`` a Hugging Face causal LM, optionally PEFT-wrapped). ``loss_path="logits"``: the model's logits
   → ``dora_loss`` (backward written over the logits); ``"fused_linear"``: the decoder body's hidden states
-  → ``dora_loss_linear`` inside the loss head, never holding all logits.
+  → ``dora_loss_linear`` inside the loss head, never holding all logits; ``"auto"`` (default):
+  ``fused_linear`` unless the model's logits are not a plain linear layer's output (soft-capping, scaling).
 - ``DoRALossHead`` owns the lm_head weight (and bias) and computes as its ``LossHeadSettings`` say.
   ``head(hidden)`` returns logits like the ``nn.Linear`` it replaces (generation, evaluation); with labels
   it returns (S, L), and with scores too the ``DoRAOutput``.
@@ -49,7 +50,10 @@ from dora_engine.ops import (
     shift_labels,
 )
 
-LOSS_PATHS = ("logits", "fused_linear")
+LOSS_PATHS = ("auto", "logits", "fused_linear")
+#: Config attributes of Hugging Face models that transform the lm_head's output, which the fused-linear
+#: path (logits = hidden @ Wᵀ + b) would leave out; with the value that means "no transform".
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ def install_loss_head(model: nn.Module, settings: LossHeadSettings = LossHeadSet
     """
     current = model.get_output_embeddings()
     if isinstance(current, DoRALossHead):
+        current.settings = settings
         return current
     if current is None or not isinstance(getattr(current, "weight", None), nn.Parameter):
         raise ValueError(f"{type(model).__name__} has no linear output embedding (lm_head) to replace")
@@ -157,6 +162,36 @@ def install_loss_head(model: nn.Module, settings: LossHeadSettings = LossHeadSet
 def causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def fused_linear_unsupported(model: nn.Module) -> str | None:
+    """Why the fused-linear path cannot compute ``model``'s logits, or None when it can: it needs a linear
+    output embedding whose output is the logits, untransformed."""
+    lm = causal_lm(model)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if isinstance(head, DoRALossHead):
+        return None
+    if not isinstance(head, nn.Linear):
+        return f"{type(lm).__name__} has no linear output embedding (lm_head)"
+    config = getattr(lm, "config", None)
+    for name, identity in LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, identity)
+        if value is not None and value != identity:
+            return f"{type(lm).__name__} transforms its logits ({name} = {value})"
+    return None
+
+
+def resolve_loss_path(model: nn.Module, loss_path: str) -> str:
+    """``auto``: ``fused_linear`` where the model allows it (least memory, measured fastest in
+    benchmarks/RESULTS.md), else ``logits``. An explicit ``fused_linear`` the model cannot run is an error."""
+    if loss_path not in LOSS_PATHS:
+        raise ValueError(f"unknown loss_path {loss_path!r}; valid: {', '.join(LOSS_PATHS)}")
+    reason = fused_linear_unsupported(model) if loss_path != "logits" else None
+    if loss_path == "fused_linear" and reason:
+        raise ValueError(f"loss_path 'fused_linear' cannot run here: {reason}; use 'logits'")
+    if loss_path == "auto":
+        return "logits" if reason else "fused_linear"
+    return loss_path
 
 
 class DoRAPolicy(nn.Module):
@@ -171,21 +206,19 @@ class DoRAPolicy(nn.Module):
         model: nn.Module,
         objective: RobustObjective = RobustObjective(),
         *,
-        loss_path: str = "fused_linear",
+        loss_path: str = "auto",
         mode: str = "single_pass",
         chunk_bytes: int | None = None,
         backend: str = "auto",
         validate: bool = True,
     ) -> None:
         super().__init__()
-        if loss_path not in LOSS_PATHS:
-            raise ValueError(f"unknown loss_path {loss_path!r}; valid: {', '.join(LOSS_PATHS)}")
         self.model = model
         self.objective = objective
-        self.loss_path = loss_path
+        self.loss_path = resolve_loss_path(model, loss_path)
         self.backend = backend
         self.validate = validate
-        if loss_path == "fused_linear":
+        if self.loss_path == "fused_linear":
             install_loss_head(causal_lm(model), LossHeadSettings(objective, mode, chunk_bytes, backend, validate))
 
     @property

@@ -74,7 +74,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     backend: str = "auto"  # op backend: auto | fused | reference
-    loss_path: str = "logits"  # logits: model logits -> dora_loss; fused_linear: hidden states -> dora_loss_linear
+    loss_path: str = "auto"  # logits | fused_linear (hidden states -> dora_loss_linear) | auto: fused_linear if it can
     fused_linear_mode: str = "single_pass"  # single_pass (3 GEMMs) | recompute (4 GEMMs, least memory)
     chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: 256 MiB GPU, 64 MiB CPU)
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
