@@ -139,7 +139,7 @@ def sequence_logprobs(
         extension cannot be built or loaded.
     """
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
-    return _backend(backend).sequence_logprobs(logits, labels, ignore_index, inplace_backward)
+    return _backend(backend).row_pass(logits, labels, ignore_index, inplace_backward)
 
 
 def sequence_logprobs_linear(
@@ -172,7 +172,7 @@ def sequence_logprobs_linear(
     check_linear_inputs(hidden, weight, bias)
     check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
     budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
-    return _backend(backend).sequence_logprobs_linear(hidden, weight, bias, labels, ignore_index, budget)
+    return _backend(backend).linear_row_pass(hidden, weight, bias, labels, ignore_index, budget)
 
 
 def dora_loss(
@@ -235,7 +235,7 @@ def dora_loss(
         h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
         process_group=process_group, ignore_index=ignore_index, validate=validate,
     )
-    S, L = impl.sequence_logprobs(logits, labels, ignore_index, inplace_backward)
+    S, L = impl.row_pass(logits, labels, ignore_index, inplace_backward)
     return impl.robust_loss(S, L, call)
 
 
@@ -287,5 +287,5 @@ def dora_loss_linear(
     )
     if mode == "single_pass":
         return impl.single_pass_loss(hidden, weight, bias, labels, ignore_index, budget, call)
-    S, L = impl.sequence_logprobs_linear(hidden, weight, bias, labels, ignore_index, budget)
+    S, L = impl.linear_row_pass(hidden, weight, bias, labels, ignore_index, budget)
     return impl.robust_loss(S, L, call)

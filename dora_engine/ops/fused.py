@@ -20,11 +20,10 @@ from __future__ import annotations
 import torch
 
 from dora_engine.ops.builder import check_kernels_for, load_ops
-from dora_engine.ops.fused_linear import sequence_logprobs_linear, single_pass_loss
+from dora_engine.ops.fused_linear import linear_row_pass, single_pass_loss
 from dora_engine.ops.robust import robust_loss
 
-__all__ = ["MAX_RESPONSES", "robust_loss", "sequence_logprobs", "sequence_logprobs_linear",
-           "single_pass_loss"]
+__all__ = ["MAX_RESPONSES", "linear_row_pass", "robust_loss", "row_pass", "single_pass_loss"]
 
 #: Responses per prompt the C++ per-batch stage handles (``kMaxResponses`` in csrc/include/dora_math.h).
 MAX_RESPONSES = 64
@@ -54,7 +53,7 @@ class _SequenceLogprobs(torch.autograd.Function):
         return _kernels.seq_logprobs_bwd(logits, labels, lse, gS, ctx.ignore_index), None, None, None
 
 
-def sequence_logprobs(
+def row_pass(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S[n] = Σ_t lp[n, t], L[n] = #valid t (N,) in the accumulation dtype; S = L = 0 for rows without a

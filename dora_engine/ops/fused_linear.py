@@ -277,7 +277,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 
-def sequence_logprobs_linear(
+def linear_row_pass(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
     chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:

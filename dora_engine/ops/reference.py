@@ -29,7 +29,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
-def sequence_logprobs(
+def row_pass(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S[n] = Σ_t lp[n, t] and L[n] = #valid t, both in the accumulation dtype (fp32 or float64).
@@ -48,7 +48,7 @@ def _linear_token_logprobs(
     return token_logprobs(logits.unsqueeze(1), y.unsqueeze(1), ignore_index).squeeze(1)
 
 
-def sequence_logprobs_linear(
+def linear_row_pass(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
     chunk_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +99,7 @@ def single_pass_loss(
     per_chunk = prompts_per_chunk(chunk_bytes, K * T, V, hidden.element_size())
     rows = [(p0 * K, p1 * K) for p0, p1 in spans(call.num_prompts, per_chunk)]
     parts = [
-        sequence_logprobs(torch.nn.functional.linear(hidden[r0:r1], weight, bias), labels[r0:r1], ignore_index, False)
+        row_pass(torch.nn.functional.linear(hidden[r0:r1], weight, bias), labels[r0:r1], ignore_index, False)
         for r0, r1 in rows
     ]
     S, L = (torch.cat(x) for x in zip(*parts, strict=True))
