@@ -24,7 +24,9 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="records (JSONL, DESIGN.md section 3) whose prompts to answer")
     p.add_argument("--output", required=True, help="generations JSONL: {id, instruction, output, generator} per line")
     p.add_argument("--alpaca-eval", metavar="PATH", help="also write AlpacaEval's model_outputs.json here")
-    p.add_argument("--generator", help="the generator name in the outputs (default: the model folder's name)")
+    p.add_argument("--generator",
+                   help="the generator name in the outputs (default: the model folder's name; for a training "
+                        "run's export RUN/final, the run folder's name RUN; a hub id's last part)")
     p.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
