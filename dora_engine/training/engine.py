@@ -92,12 +92,17 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def load_data(cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool) -> TrainingData:
-    """Read, validate and tokenise ``files``; every data error names its record."""
+def load_data(
+    cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool, train: TrainingData | None = None
+) -> TrainingData:
+    """Read, validate and tokenise ``files``; every data error names its file and record. With ``train``
+    (the loaded data.train) the files are data.eval, whose records must have the same K."""
     return tokenise(
         load_records(files), Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
-        target_source=cfg.data.target_source, num_responses=cfg.data.num_responses,
+        target_source=cfg.data.target_source,
+        num_responses=train.num_responses if train is not None else cfg.data.num_responses,
         needs_h_tilde=cfg.needs_h_tilde, data_hash=file_hash(files), progress=progress,
+        k_from="data.train" if train is not None else None,
     )
 
 
@@ -128,7 +133,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_data = load_data(cfg, self.tokenizer, cfg.data.train, progress)
-        self.eval_data = load_data(cfg, self.tokenizer, cfg.data.eval, progress) if cfg.data.eval else None
+        self.eval_data = (load_data(cfg, self.tokenizer, cfg.data.eval, progress, self.train_data)
+                          if cfg.data.eval else None)
         vocab = model_vocab_size(cfg.model.path)
         check_token_range(self.train_data, vocab, "data.train")
         if self.eval_data is not None:
@@ -438,7 +444,7 @@ def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     splits = [load_data(cfg, tokenizer, cfg.data.train, progress)]
     if cfg.data.eval:
-        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress))
+        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress, splits[0]))
     dist_info = init_distributed()
     ds_config = build_deepspeed_config(cfg, dist_info.world)
     return [ensure_reference(cfg, data, ds_config, dist_info, pad_id, progress) for data in splits]
