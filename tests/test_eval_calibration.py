@@ -123,3 +123,38 @@ def test_cli_scores_with_a_classifier_and_the_oracle(tmp_path):
     report = json.loads((tmp_path / "out" / "calibration_report.json").read_text())
     assert report["reward"] == "oracle" and report["confidence"] == str(classifier)
     assert {name: fit["n"] for name, fit in report["fits"].items()} == {"policy": 6, "baseline": 6}
+
+
+def _generations(path, **extra):
+    rows = [{"id": f"r{i}", "instruction": f"p{i}", "output": f"y{i}", "generator": "final", **extra}
+            for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("rows", "options", "message"),
+    [
+        # the rows of `eval generate` carry neither value: each missing one is named with what to pass,
+        # before any model loads (the classifier named here does not exist)
+        ({}, ["--classifier", "no/such/classifier"],
+         "line 1 has no 'reward'; pass --reward oracle (data synth datasets) or --reward reward-model:PATH"),
+        ({"reward": 1.0}, [], "line 1 has no 'confidence'; pass --classifier with the folder `dora-engine calibrate`"),
+        ({}, ["--reward", "oracle", "--classifier", "{tmp}"],
+         "is neither a calibration folder (with calibration.json) nor a classifier folder (with config.json): "
+         "pass the folder `dora-engine calibrate` wrote"),
+    ],
+)
+def test_cli_errors_say_what_to_pass(tmp_path, capsys, rows, options, message):
+    from dora_engine.cli import main
+
+    gen = _generations(tmp_path / "gen.jsonl", **rows)
+    options = [o.replace("{tmp}", str(tmp_path)) for o in options]
+    assert main(["eval", "calibration", "--model", f"policy={gen}", *options,
+                 "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dora-engine eval calibration: error: ") and err.count("\n") == 1, err
+    assert message in err, err
+    if "line 1" in message:
+        assert f"{gen} (model 'policy'): line 1" in err
+    assert not (tmp_path / "out").exists()

@@ -119,3 +119,37 @@ def test_generation_leaves_the_tokenizer_padding_as_it_was(model_dir, tmp_path):
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     mask = reloaded(["a", "how do i make tea"], padding=True)["attention_mask"]
     assert mask[0][0] == 1 and mask[0][-1] == 0  # still padded on the right
+
+
+def test_default_names_tell_two_exported_runs_apart(model_dir, records, tmp_path, capsys):
+    """Every training run exports to RUN/final: the default generator (eval generate) and source (data
+    augment) is the run's name, so two runs' outputs stay apart; --help says so."""
+    import os
+
+    from dora_engine.cli import main
+    from dora_engine.data.schema import read_records
+
+    data = tmp_path / "data.jsonl"
+    write_records(data, records[:2])
+    for run in ("sft", "align"):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        os.symlink(model_dir, tmp_path / "runs" / run / "final")
+    names = {}
+    for run in ("sft", "align"):
+        model = str(tmp_path / "runs" / run / "final")
+        out = tmp_path / f"gen_{run}.jsonl"
+        assert main(["eval", "generate", "--model", model, "--data", str(data), "--output", str(out),
+                     "--max-new-tokens", "2", "--device", "cpu"]) == 0
+        augmented = tmp_path / f"aug_{run}.jsonl"
+        assert main(["data", "augment", str(data), "--out", str(augmented), "--model", model + "/", "--n", "1",
+                     "--max-new-tokens", "2", "--device", "cpu"]) == 0
+        generators = {g.generator for g in read_generations(out)}
+        sources = {rec.responses[-1].source for rec in read_records(augmented)}
+        assert generators == sources
+        names[run] = generators.pop()
+    assert names == {"sft": "sft", "align": "align"}
+    for argv, option in ((["eval", "generate"], "--generator"), (["data", "augment"], "--source")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "for a training run's export RUN/final, the run folder's name RUN" in text, (option, text)

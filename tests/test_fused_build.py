@@ -193,11 +193,14 @@ def test_matching_record_loads_the_aot_library(fake_aot: Path, monkeypatch: pyte
 
 def test_report_shows_the_record(fake_aot: Path, capsys: pytest.CaptureFixture) -> None:
     write_current_record(fake_aot, torch="2.12.0")
-    assert main(["report", "--no-build"]) == 0
+    assert main(["report", "--no-build"]) == 1  # the op was not loaded: 0 would claim it works
     out = capsys.readouterr().out
     assert "built for torch ....." in out and " 2.12.0\n" in out and "CUDA kernels ....." in out
     assert f"matches this environment ....... NO: built for torch 2.12.0, running {torch.__version__}" in out
     assert "not loaded (--no-build)" in out
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "the exit code is 1" in " ".join(capsys.readouterr().out.split())  # the help says what happens
 
 
 # ------------------------------------------------------------------------------------------------------

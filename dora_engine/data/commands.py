@@ -130,7 +130,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     augment.add_argument("--model", required=True, help="path or name of the causal LM")
     augment.add_argument("--n", type=int, default=2, help="responses to add per prompt")
     augment.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
-    augment.add_argument("--source", default=None, help="source label of the new responses (default: model name)")
+    augment.add_argument("--source", default=None,
+                         help="source label of the new responses (default: the model folder's name; for a "
+                              "training run's export RUN/final, the run folder's name RUN; a hub id's last part)")
     augment.add_argument("--temperature", type=float, default=0.8)
     augment.add_argument("--top-p", type=float, default=1.0)
     augment.add_argument("--top-k", type=int, default=0, help="0 switches top-k filtering off")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from dora_engine.data.schema import Prompt, Record, Response, read_records
-from dora_engine.data.sharded import run_sharded
+from dora_engine.data.sharded import ShardedRun
 from dora_engine.device import resolve_device
 from dora_engine.errors import UserValueError, loading_user_model
 
@@ -133,9 +133,9 @@ def score_file(
 ) -> list[Record]:
     """Score a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
     records = read_records(input)
-    scorer = make_scorer(model, batch_size, max_length, device)
     settings = {"step": "score", "model": str(model), "max_length": max_length, "keep_existing": keep_existing}
-    return run_sharded(
-        records, lambda shard, _: _score_shard(shard, scorer, keep_existing), output,
-        settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart, desc="score",
-    )
+    # The work directory is checked (and an earlier run's progress reported) before the model loads.
+    run = ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart,
+                     desc="score")
+    scorer = make_scorer(model, batch_size, max_length, device)
+    return run.run(lambda shard, _: _score_shard(shard, scorer, keep_existing))

@@ -8,7 +8,9 @@ resumed run give exactly the output of an uninterrupted one. When every shard is
 file is written atomically and the work directory removed.
 
 ``<work_dir>/run.json`` holds a fingerprint of the input records and of the step's settings; a work
-directory left by a different run is refused (pass ``restart=True`` to discard it).
+directory left by a different run is refused (pass ``restart=True``, ``--restart`` on the command line,
+to discard it). ``ShardedRun(...)`` makes that check and says how much an earlier run already did before
+the step loads its model; ``.run(process)`` then does the rest.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,22 +49,9 @@ def derived_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
 
 
-def _prepare_work_dir(work_dir: Path, run: dict[str, Any], restart: bool) -> None:
+def _read_manifest(work_dir: Path) -> dict[str, Any] | None:
     manifest = work_dir / "run.json"
-    if restart and work_dir.exists():
-        shutil.rmtree(work_dir)
-    if manifest.exists():
-        previous = json.loads(manifest.read_text(encoding="utf-8"))
-        if previous != run:
-            changed = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
-            raise UserValueError(
-                f"{work_dir} holds shards of a different run (differs in {changed}); "
-                "rerun with the same input and settings to resume, or restart to discard them"
-            )
-        return
-    work_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(manifest) as handle:
-        json.dump(run, handle, indent=1, sort_keys=True)
+    return json.loads(manifest.read_text(encoding="utf-8")) if manifest.exists() else None
 
 
 def _load_shard(path: Path, expected: Sequence[Record]) -> list[Record]:
@@ -69,6 +59,90 @@ def _load_shard(path: Path, expected: Sequence[Record]) -> list[Record]:
     if [r.id for r in done] != [r.id for r in expected]:
         raise RecordError(f"{path}: the shard's record ids do not match the input; delete the work directory")
     return done
+
+
+class ShardedRun:
+    """One resumable run over ``records`` (see the module docstring).
+
+    Creating it checks the work directory and reports on stderr how much an earlier, interrupted run of
+    the same input and settings already did; a work directory of a different run is refused unless
+    ``restart``. Nothing is written until ``run``.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        output: str | os.PathLike,
+        *,
+        settings: dict[str, Any],
+        shard_size: int = 256,
+        work_dir: str | os.PathLike | None = None,
+        restart: bool = False,
+        desc: str = "records",
+    ) -> None:
+        if shard_size < 1:
+            raise UserValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.records = list(records)
+        self.output = output
+        self.shard_size = shard_size
+        self.work = Path(work_dir) if work_dir is not None else default_work_dir(output)
+        self.restart = restart
+        self.desc = desc
+        self.fingerprint = fingerprint(self.records, {**settings, "shard_size": shard_size})
+        self.num_shards = -(-len(self.records) // shard_size)
+        previous = _read_manifest(self.work)
+        finished = len(self.finished_shards()) if previous is not None else 0
+        if restart:
+            if previous is not None:
+                print(f"{desc}: --restart: discarding {finished} finished shard(s) in {self.work}", file=sys.stderr)
+            return
+        if previous is not None and previous != self.fingerprint:
+            now = self.fingerprint
+            changed = sorted(k for k in set(previous) | set(now) if previous.get(k) != now.get(k))
+            raise UserValueError(
+                f"{self.work} holds {finished} finished shard(s) of a different run (differs in {changed}); "
+                "rerun with the same input and settings to resume, or pass --restart to discard them"
+            )
+        if finished:
+            prompts = sum(len(self.shard(i)) for i in self.finished_shards())
+            print(f"{desc}: resuming: {finished} of {self.num_shards} shards ({prompts} of {len(self.records)} "
+                  f"prompts) already done in {self.work}", file=sys.stderr)
+
+    def shard(self, index: int) -> list[Record]:
+        return self.records[index * self.shard_size:(index + 1) * self.shard_size]
+
+    def shard_path(self, index: int) -> Path:
+        return self.work / f"shard-{index:06d}.jsonl"
+
+    def finished_shards(self) -> list[int]:
+        return [i for i in range(self.num_shards) if self.shard_path(i).exists()]
+
+    def run(self, process: Callable[[list[Record], int], list[Record]]) -> list[Record]:
+        """Apply ``process`` to every unfinished shard; write the output and remove the work directory."""
+        from tqdm.auto import tqdm
+
+        if self.restart and self.work.exists():
+            shutil.rmtree(self.work)
+        if _read_manifest(self.work) is None:
+            self.work.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.work / "run.json") as handle:
+                json.dump(self.fingerprint, handle, indent=1, sort_keys=True)
+        results: list[Record] = []
+        with tqdm(total=len(self.records), desc=self.desc, unit="prompt") as bar:
+            for index in range(self.num_shards):
+                shard, path = self.shard(index), self.shard_path(index)
+                if path.exists():
+                    done = _load_shard(path, shard)
+                else:
+                    done = process(shard, index)
+                    if [r.id for r in done] != [r.id for r in shard]:
+                        raise RuntimeError(f"shard {index}: the step returned records out of order or incomplete")
+                    write_records(path, done)
+                results.extend(done)
+                bar.update(len(shard))
+        write_records(self.output, results)
+        shutil.rmtree(self.work)
+        return results
 
 
 def run_sharded(
@@ -83,27 +157,5 @@ def run_sharded(
     desc: str = "records",
 ) -> list[Record]:
     """Apply ``process`` shard by shard with resume (see the module docstring); returns all output records."""
-    from tqdm.auto import tqdm
-
-    if shard_size < 1:
-        raise UserValueError(f"shard_size must be >= 1, got {shard_size}")
-    work = Path(work_dir) if work_dir is not None else default_work_dir(output)
-    _prepare_work_dir(work, fingerprint(records, {**settings, "shard_size": shard_size}), restart)
-    starts = range(0, len(records), shard_size)
-    results: list[Record] = []
-    with tqdm(total=len(records), desc=desc, unit="prompt") as bar:
-        for index, start in enumerate(starts):
-            shard = list(records[start:start + shard_size])
-            path = work / f"shard-{index:06d}.jsonl"
-            if path.exists():
-                done = _load_shard(path, shard)
-            else:
-                done = process(shard, index)
-                if [r.id for r in done] != [r.id for r in shard]:
-                    raise RuntimeError(f"shard {index}: the step returned records out of order or incomplete")
-                write_records(path, done)
-            results.extend(done)
-            bar.update(len(shard))
-    write_records(output, results)
-    shutil.rmtree(work)
-    return results
+    return ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir,
+                      restart=restart, desc=desc).run(process)

@@ -22,12 +22,17 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dora_engine.atomic import atomic_path
 from dora_engine.data.schema import RecordError, iter_jsonl
 from dora_engine.errors import UserValueError
+
+if TYPE_CHECKING:
+    from dora_engine.calibration.schemes import SourceRule
 
 NORMALISATIONS = ("minmax", "zscore", "none")
 
@@ -152,18 +157,59 @@ def load_scored(path: str | os.PathLike, model: str) -> ScoredResponses:
     return group
 
 
+DEFAULT_MAX_LENGTH = 512
+
+
+@dataclass(frozen=True)
+class ConfidenceClassifier:
+    """Where c = P(golden | x, y) comes from: a classifier folder, its input length and, for a classifier
+    of a calibration, the rule that turns its class probabilities into c (``None``: binary, c = p[1])."""
+
+    path: str
+    max_length: int
+    rule: SourceRule | None = None
+    name: str | None = None
+
+
+def resolve_classifier(path: str | os.PathLike, max_length: int | None = None) -> ConfidenceClassifier:
+    """The classifier ``--classifier`` names: a calibration folder (``dora-engine calibrate``'s output, with
+    ``calibration.json``), whose classifier of the target source is used with the calibration's input
+    length; or one classifier folder (a binary classifier, class 1 = golden; a folder with ``config.json``
+    or a hub id). A local folder that is neither is refused, saying what to pass."""
+    from dora_engine.calibration.pipeline import CALIBRATION_FILE, load_calibration
+
+    folder = Path(path)
+    if (folder / CALIBRATION_FILE).is_file() or (folder.name == CALIBRATION_FILE and folder.is_file()):
+        calibration = load_calibration(folder)
+        rule = calibration.rules[calibration.target]
+        fitted = calibration.classifiers[rule.classifier]
+        return ConfidenceClassifier(fitted.path, max_length or calibration.settings.max_length, rule, rule.classifier)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise UserValueError(
+            f"--classifier {os.fspath(path)} is neither a calibration folder (with {CALIBRATION_FILE}) nor a "
+            "classifier folder (with config.json): pass the folder `dora-engine calibrate` wrote (its "
+            "--output-dir; by default <out name>-calibration beside --out), or one binary classifier folder"
+        )
+    return ConfidenceClassifier(os.fspath(path), max_length or DEFAULT_MAX_LENGTH)
+
+
 def classifier_confidence(
-    classifier_dir: str | os.PathLike, group: ScoredResponses, *, max_length: int = 512, batch_size: int = 16,
-    device: str = "auto",
+    classifier: str | os.PathLike | ConfidenceClassifier, group: ScoredResponses, *, max_length: int | None = None,
+    batch_size: int = 16, device: str = "auto",
 ) -> list[float]:
-    """P(golden | x, y) from a binary calibration classifier (class 1 = golden, as phase 1 trains it)."""
+    """P(golden | x, y) of every response of ``group`` from ``classifier`` (see ``resolve_classifier``)."""
     from dora_engine.calibration.classifier import Example, predict
 
+    if not isinstance(classifier, ConfidenceClassifier):
+        classifier = resolve_classifier(classifier, max_length)
     examples = [Example(p, r) for p, r in zip(group.instructions, group.outputs, strict=True)]
-    probs = predict(classifier_dir, examples, max_length=max_length, batch_size=batch_size, device=device,
-                    description=f"confidence {group.model}")
+    probs = predict(classifier.path, examples, max_length=classifier.max_length, batch_size=batch_size,
+                    device=device, description=f"confidence {group.model}")
+    if classifier.rule is not None:
+        return classifier.rule.probability(probs).tolist()
     if probs.shape[1] != 2:
         raise UserValueError(
-            f"classifier {classifier_dir} has {probs.shape[1]} classes; the diagnostic needs a binary one"
+            f"classifier {classifier.path} has {probs.shape[1]} classes; the diagnostic needs a binary one, "
+            "or pass the calibration folder it belongs to"
         )
     return probs[:, 1].tolist()

@@ -24,7 +24,9 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data", required=True, help="records (JSONL, DESIGN.md section 3) whose prompts to answer")
     p.add_argument("--output", required=True, help="generations JSONL: {id, instruction, output, generator} per line")
     p.add_argument("--alpaca-eval", metavar="PATH", help="also write AlpacaEval's model_outputs.json here")
-    p.add_argument("--generator", help="the generator name in the outputs (default: the model folder's name)")
+    p.add_argument("--generator",
+                   help="the generator name in the outputs (default: the model folder's name; for a training "
+                        "run's export RUN/final, the run folder's name RUN; a hub id's last part)")
     p.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
@@ -112,11 +114,16 @@ def _register_calibration(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--model", action="append", required=True, metavar="NAME=PATH", type=_model_spec,
                    help="a model's generations JSONL (repeat: e.g. policy=… baseline=…); rows may carry "
                         "precomputed 'reward' and 'confidence'")
-    p.add_argument("--reward", help="oracle | reward-model:PATH (default: each row's 'reward')")
-    p.add_argument("--classifier", help="binary calibration classifier folder (default: each row's 'confidence')")
+    p.add_argument("--reward", help="oracle (data synth datasets) | reward-model:PATH; needed unless every row "
+                                    "has a 'reward'")
+    p.add_argument("--classifier", metavar="DIR",
+                   help="the calibration folder `dora-engine calibrate` wrote (its classifier of the target "
+                        "source is used), or one binary classifier folder; needed unless every row has a "
+                        "'confidence'")
     p.add_argument("--normalise", choices=("minmax", "zscore", "none"), default="minmax",
                    help="reward normalisation over all models' responses pooled (default: minmax)")
-    p.add_argument("--max-length", type=int, default=512, help="classifier input length")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="classifier input length (default: the calibration's, else 512)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", required=True, help="writes calibration_report.json and reward_confidence.png")
@@ -132,28 +139,43 @@ def _model_spec(spec: str) -> tuple[str, str]:
 
 
 def run_calibration(args: argparse.Namespace) -> int:
+    from dora_engine.errors import UserValueError
     from dora_engine.eval.calibration_diag import (
         classifier_confidence,
         diagnose,
         load_scored,
         plot_diagnostic,
+        resolve_classifier,
     )
     from dora_engine.eval.judges import make_scorer
 
     groups = [load_scored(path, name) for name, path in args.model]
+    # What is missing is said before any model loads.
+    for (name, path), g in zip(args.model, groups, strict=True):
+        for field, option, what in (
+            ("reward", args.reward, "--reward oracle (data synth datasets) or --reward reward-model:PATH"),
+            ("confidence", args.classifier, "--classifier with the folder `dora-engine calibrate` wrote "
+                                            "(its --output-dir)"),
+        ):
+            missing = next((i for i, v in enumerate(getattr(g, field)) if v is None), None)
+            if option is None and missing is not None:
+                raise UserValueError(f"{path} (model {name!r}): line {missing + 1} has no {field!r}; pass {what}")
+    classifier = resolve_classifier(args.classifier, args.max_length) if args.classifier else None
     scorer = make_scorer(args.reward) if args.reward else None
     for g in groups:
         if scorer is not None:
             g.reward = list(scorer.score(g.instructions, g.outputs))
-        if args.classifier:
+        if classifier is not None:
             g.confidence = list(classifier_confidence(
-                args.classifier, g, max_length=args.max_length, batch_size=args.batch_size, device=args.device
+                classifier, g, batch_size=args.batch_size, device=args.device
             ))
     normalised, fits = diagnose(groups, args.normalise)
     out = Path(args.output_dir)
     plot_diagnostic(groups, normalised, fits, out / "reward_confidence.png", args.normalise)
     report = {"normalise": args.normalise, "reward": args.reward or "precomputed",
               "confidence": args.classifier or "precomputed", "fits": {k: v.to_dict() for k, v in fits.items()}}
+    if classifier is not None:
+        report["classifier"] = {"path": classifier.path, "name": classifier.name, "max_length": classifier.max_length}
     with atomic_write(out / "calibration_report.json") as handle:
         json.dump(report, handle, indent=1)
     for name, fit in fits.items():

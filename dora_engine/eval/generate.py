@@ -19,7 +19,7 @@ from typing import Any
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
 from dora_engine.data.sharded import derived_seed
-from dora_engine.generation import Sampling, make_generator
+from dora_engine.generation import Sampling, make_generator, model_name
 
 
 @dataclass(frozen=True)
@@ -48,11 +48,12 @@ def generate_records(
     dtype: str = "auto",
 ) -> list[Generation]:
     """One response per record from the model at ``model_path`` (a local folder or hub id), with
-    ``Sampling.evaluation()`` unless given; each record's draws are seeded by ``seed`` and its id."""
+    ``Sampling.evaluation()`` unless given; each record's draws are seeded by ``seed`` and its id. The
+    generator name defaults to ``generation.model_name(model_path)``."""
     engine = make_generator(model_path, sampling or Sampling.evaluation(), backend=backend, batch_size=batch_size,
                             device=device, dtype=dtype, progress=True)
     outputs = engine.generate([r.prompt for r in records], 1, [derived_seed(seed, r.id) for r in records])
-    name = generator or Path(model_path.rstrip("/")).name
+    name = generator or model_name(model_path)
     return [Generation(r.id, r.prompt_text(), texts[0], name) for r, texts in zip(records, outputs, strict=True)]
 
 

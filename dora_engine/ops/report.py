@@ -4,7 +4,8 @@ Prints torch/CUDA/DeepSpeed/transformers versions, the CUDA compiler, and for th
 ahead-of-time build is installed, what its build record says it was built for and whether that matches
 this environment, whether the op loads (building just in time when needed, and then what with), which
 kernels it registered (CPU, CUDA), and whether each is compatible, i.e. gives the reference's loss and
-gradient on a tiny batch. Exit code 0 when the op loads and every checked backend is compatible, else 1.
+gradient on a tiny batch. Exit code 0 when the op loads and every checked backend is compatible, else 1;
+with --no-build and no ahead-of-time build that fits, the op is not loaded, so the exit code is 1.
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ def run(args: argparse.Namespace) -> int:
     _line("CUDA kernels buildable", "yes" if builder.OpBuilder.cuda_toolkit_available() else "no (torch CUDA + nvcc)")
     aot_fits = _aot_lines(builder.aot_library_path())
     if args.no_build and not aot_fits:
-        _line("op", "not loaded (--no-build)")
-        return 0
+        _line("op", "not loaded (--no-build): not checked")
+        return 1
     try:
         with warnings.catch_warnings():  # a mismatching ahead-of-time build is reported above
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -151,6 +152,8 @@ def register(subparsers: Any) -> None:
         "report", help="versions, and whether the fused op is built, loadable and compatible",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    parser.add_argument("--no-build", action="store_true", help="do not build the op just in time to check it")
+    parser.add_argument("--no-build", action="store_true",
+                        help="do not build the op just in time: without an ahead-of-time build that fits this "
+                             "environment the op is not loaded nor checked, and the exit code is 1")
     parser.add_argument("--verbose", action="store_true", help="show the compiler output of a just-in-time build")
     parser.set_defaults(func=run)

@@ -117,9 +117,21 @@ def file_hash(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def load_records(paths: Sequence[str]) -> list[Record]:
+class LoadedRecords(list):
+    """Records read from files; ``origins[i]`` is record i's (file, index in that file), for error messages."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.origins: list[tuple[str, int]] = []
+
+    def where(self, index: int) -> str:
+        path, n = self.origins[index]
+        return f"{path}: {_where(n, self[index])}"
+
+
+def load_records(paths: Sequence[str]) -> LoadedRecords:
     """Records of several JSONL files; ids must be unique across the files."""
-    records: list[Record] = []
+    records = LoadedRecords()
     seen: dict[str, str] = {}
     for path in paths:
         try:
@@ -131,41 +143,53 @@ def load_records(paths: Sequence[str]) -> list[Record]:
                 raise RecordError(f"{path}: record {n} (id={rec.id!r}): duplicate id (also in {seen[rec.id]})")
             seen[rec.id] = path
         records.extend(part)
+        records.origins.extend((str(path), n) for n in range(len(part)))
     return records
 
 
-def check_align_records(records: Sequence[Record], num_responses: int | None, needs_h_tilde: bool) -> int:
-    """The checks an align run needs before its first step; returns K. Failures name the record."""
+def check_align_records(
+    records: Sequence[Record], num_responses: int | None, needs_h_tilde: bool, *, k_from: str | None = None
+) -> int:
+    """The checks an align run needs before its first step; returns K. Failures name the record (and its
+    file, for records of ``load_records``). ``k_from`` names where a given ``num_responses`` comes from
+    (e.g. data.train, for the records of data.eval)."""
     if not records:
         raise RecordError("the training data has no records")
     K = num_responses or records[0].num_responses
+
+    def where(i: int) -> str:
+        return records.where(i) if isinstance(records, LoadedRecords) else _where(i, records[i])
+
     for i, rec in enumerate(records):
         if rec.num_responses != K:
-            raise RecordError(
-                f"{_where(i, rec)}: has {rec.num_responses} responses but a batch needs a fixed K = {K} "
-                "(set data.num_responses, or split the data by K)"
-            )
+            if k_from is None:
+                need = f"a batch needs a fixed K = {K} (set data.num_responses, or split the data by K)"
+            else:
+                need = f"the records of {k_from} have K = {K}, and every batch needs the same K"
+            raise RecordError(f"{where(i)}: has {rec.num_responses} responses but {need}")
         if not rec.has_scores:
             k = next(k for k, r in enumerate(rec.responses) if r.score is None)
-            raise RecordError(f"{_where(i, rec)}: field 'responses[{k}].score' is missing; the losses rank by score")
+            raise RecordError(f"{where(i)}: field 'responses[{k}].score' is missing; the losses rank by score")
         if needs_h_tilde and rec.h_tilde is None:
             raise RecordError(
-                f"{_where(i, rec)}: field 'h_tilde' is missing; this strategy needs it "
-                "(run `dora-engine calibrate` first, or use robust.strategy erm/dro)"
+                f"{where(i)}: field 'h_tilde' is missing; this strategy needs it "
+                "(run `dora-engine calibrate` first, `dora-engine calibrate --apply` for a held-out file, "
+                "or use robust.strategy erm/dro)"
             )
     return K
 
 
 def tokenise(
     records: Sequence[Record], tokenizer: Tokenizer, *, stage: str, target_source: str, num_responses: int | None,
-    needs_h_tilde: bool, data_hash: str, progress: bool = False,
+    needs_h_tilde: bool, data_hash: str, progress: bool = False, k_from: str | None = None,
 ) -> TrainingData:
-    """Examples of ``stage``: whole prompts with their K responses (align) or target-source responses (sft)."""
+    """Examples of ``stage``: whole prompts with their K responses (align) or target-source responses (sft).
+    ``k_from``: see ``check_align_records``."""
     from tqdm.auto import tqdm
 
     examples: list[Example] = []
     if stage == "align":
-        K = check_align_records(records, num_responses, needs_h_tilde)
+        K = check_align_records(records, num_responses, needs_h_tilde, k_from=k_from)
     else:
         K = 1
     for i, rec in enumerate(tqdm(records, desc="tokenising", disable=not progress, leave=False)):

@@ -37,6 +37,7 @@ from dora_engine.training.data import (
     tokenise,
 )
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
+from dora_engine.training.library_warnings import silence_understood_warnings
 from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
 from dora_engine.training.model import (
     PolicyLoss,
@@ -82,6 +83,7 @@ def init_distributed() -> Dist:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    silence_understood_warnings()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -92,12 +94,17 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
-def load_data(cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool) -> TrainingData:
-    """Read, validate and tokenise ``files``; every data error names its record."""
+def load_data(
+    cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool, train: TrainingData | None = None
+) -> TrainingData:
+    """Read, validate and tokenise ``files``; every data error names its file and record. With ``train``
+    (the loaded data.train) the files are data.eval, whose records must have the same K."""
     return tokenise(
         load_records(files), Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
-        target_source=cfg.data.target_source, num_responses=cfg.data.num_responses,
+        target_source=cfg.data.target_source,
+        num_responses=train.num_responses if train is not None else cfg.data.num_responses,
         needs_h_tilde=cfg.needs_h_tilde, data_hash=file_hash(files), progress=progress,
+        k_from="data.train" if train is not None else None,
     )
 
 
@@ -115,6 +122,22 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+def offload_summary(engine: Any) -> str | None:
+    """What the built ZeRO-3 optimizer offloads and where, e.g. ``optimizer state to cpu, parameters to cpu``
+    (read from the optimizer DeepSpeed made, which is what runs, rather than from the config); None
+    when nothing is offloaded."""
+    optimizer = getattr(engine, "optimizer", None)
+    parts = []
+    for flag, what, config in (
+        ("offload_optimizer", "optimizer state", engine.zero_offload_optimizer()),
+        ("offload_param", "parameters", engine.zero_offload_param()),
+    ):
+        if getattr(optimizer, flag, False):
+            device = getattr(config, "device", "cpu")
+            parts.append(f"{what} to {getattr(device, 'value', device)}")
+    return ", ".join(parts) or None
+
+
 class Trainer:
     """Builds everything from a ``TrainingConfig`` and runs the loop; ``run()`` returns the exit code."""
 
@@ -128,7 +151,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.train_data = load_data(cfg, self.tokenizer, cfg.data.train, progress)
-        self.eval_data = load_data(cfg, self.tokenizer, cfg.data.eval, progress) if cfg.data.eval else None
+        self.eval_data = (load_data(cfg, self.tokenizer, cfg.data.eval, progress, self.train_data)
+                          if cfg.data.eval else None)
         vocab = model_vocab_size(cfg.model.path)
         check_token_range(self.train_data, vocab, "data.train")
         if self.eval_data is not None:
@@ -149,6 +173,9 @@ class Trainer:
         # 3. The policy engine.
         torch.manual_seed(cfg.train.seed)
         self.engine, self.lr_scheduler, self.hf_ds_config = self._build_engine()
+        offloaded = offload_summary(self.engine)
+        if offloaded:
+            self._say(f"ZeRO-3 offload active: {offloaded}")
         self.checkpoints = CheckpointManager(
             self.output_dir / "checkpoints", keep=cfg.checkpoint.keep, writer=self.dist.local_rank == 0
         )
@@ -321,8 +348,9 @@ class Trainer:
                     metrics.update(self.evaluate())
                 if writer is not None and (step % self.cfg.logging.every == 0 or step == self.total_steps):
                     writer.write(step, metrics)
+                # The postfix first: the update draws the bar, which then shows this step's loss.
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
                 client = self._client_state(step, skipped, in_a_row)
                 if in_a_row >= self.cfg.train.max_consecutive_skips:
                     tag = self.checkpoints.save(self.engine, step, client)
@@ -372,7 +400,8 @@ class Trainer:
             writer.close()
             plot = plot_metrics(writer.path, self.output_dir / "metrics.png")
             self._say(f"done: {step} steps, {skipped} skipped; metrics in {writer.path}"
-                      + (f", curves in {plot}" if plot else ""))
+                      + (f", curves in {plot}" if plot else "")
+                      + (f", TensorBoard logs in {writer.tensorboard_dir}" if writer.tensorboard_dir else ""))
 
     def _client_state(self, step: int, skipped: int, in_a_row: int) -> dict[str, Any]:
         return {"step": step, "consumed_prompts": step * self.sampler.prompts_per_step, "skipped_steps": skipped,
@@ -438,7 +467,7 @@ def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     splits = [load_data(cfg, tokenizer, cfg.data.train, progress)]
     if cfg.data.eval:
-        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress))
+        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress, splits[0]))
     dist_info = init_distributed()
     ds_config = build_deepspeed_config(cfg, dist_info.world)
     return [ensure_reference(cfg, data, ds_config, dist_info, pad_id, progress) for data in splits]

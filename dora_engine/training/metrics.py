@@ -115,6 +115,7 @@ class MetricsWriter:
         self._truncate_after(resume_step)
         self.handle = open(self.path, "a", encoding="utf-8")
         self.tb = self._tensorboard(output_dir / "tensorboard", cfg.tensorboard)
+        self.tensorboard_dir = output_dir / "tensorboard" if self.tb is not None else None
         self.wandb = None
         if cfg.wandb:
             try:
