@@ -1,5 +1,5 @@
 """DeepSpeed checkpoints: the data position in client state, a manifest of every file, safe loading,
-and the choice of checkpoint for ``--resume`` (docs/design.md section 7.4).
+and the choice of checkpoint for ``--resume`` (docs/design.md section 7.5).
 
 Each checkpoint is a DeepSpeed tag directory ``<output_dir>/checkpoints/step_<N>``. Once every rank has
 finished writing a tag, the ranks hash its files (each rank a share) and the writer records every file's

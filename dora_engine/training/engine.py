@@ -4,7 +4,7 @@ One optimizer step = ``train.grad_accum_steps`` micro-steps; each micro-step is 
 Algorithm 1: every rank forwards ``train.micro_batch_prompts`` whole prompts (K responses each) and
 ``dora_loss`` reduces the robust objective over the micro-step's prompts on all ranks. Order of work:
 config and data are checked first (bad input fails before anything heavy starts), then the process
-group, the checkpoint to resume from (verified, docs/design.md section 7.4), the reference log-probs
+group, the checkpoint to resume from (verified, docs/design.md section 7.5), the reference log-probs
 (computed once, cached), the policy engine, and the loop. SIGTERM or SIGINT stops the loop after the
 current optimizer step with a checkpoint (section 6); a second SIGINT stops at once.
 """
