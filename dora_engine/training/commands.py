@@ -122,19 +122,12 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
         cmd += ["--resume", args.resume]
     proc = subprocess.Popen(cmd + list(args.overrides), start_new_session=True)
     launcher = psutil.Process(proc.pid)
-    received: list[int] = []
+    received: list[int] = []  # filled by the handler; acted on by the loop (printing in a handler may re-enter)
     signalled: set[int] = set()
+    handled = 0
 
     def on_signal(signum: int, frame: Any) -> None:
         received.append(signum)
-        signalled.clear()  # forward again, also to ranks already told
-        if signum == signal.SIGINT and len(received) > 1:
-            print("dora-engine: interrupted again; stopping the ranks now, without a checkpoint", file=sys.stderr,
-                  flush=True)
-            _kill_tree(launcher)
-        else:
-            print(f"dora-engine: {signal.Signals(signum).name} received; the ranks finish the current step and save "
-                  "a checkpoint", file=sys.stderr, flush=True)
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -144,6 +137,16 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            for signum in received[handled:]:
+                handled += 1
+                signalled.clear()  # tell every rank again
+                if signum == signal.SIGINT and received[:handled].count(signal.SIGINT) > 1:
+                    print("dora-engine: interrupted again; stopping the ranks now, without a checkpoint",
+                          file=sys.stderr, flush=True)
+                    _kill_tree(launcher)
+                else:
+                    print(f"dora-engine: {signal.Signals(signum).name} received; the ranks finish the current step "
+                          "and save a checkpoint", file=sys.stderr, flush=True)
             if received:  # ranks that started after the signal are told too
                 for rank in _ranks(launcher):
                     if rank.pid not in signalled:
