@@ -277,7 +277,8 @@ class CheckpointManager:
         tag = tag_for(step)
         tag_dir = self.directory / tag
         if self.writer and tag_dir.exists():  # a skipped (damaged) checkpoint of the same step: start afresh
-            shutil.rmtree(tag_dir)
+            (tag_dir / META).unlink(missing_ok=True)  # first, so that the tag stops counting as complete
+            shutil.rmtree(tag_dir, ignore_errors=True)  # the writers of several nodes may race here
         _barrier()
         state = {**client_state, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
