@@ -1,10 +1,18 @@
-"""Atomic file writes: nothing a user wrote is ever left half-written (DESIGN.md section 7)."""
+"""Atomic file writes: nothing a user wrote is ever left half-written (DESIGN.md section 7).
+
+Every temporary name made here (and by the training export) has the form ``.<name>.<8 random
+characters>.tmp[<suffix>]`` beside its destination, so that ``remove_stale_temporaries`` can find the
+remains of a write that was killed before its rename, and nothing else.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -49,3 +57,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+TEMPORARY_NAME = re.compile(r"^\..+\.(?:[a-z0-9_]{8}|old-\d+)\.tmp(?:\.[^/]*)?$")
+"""Names of the temporaries of ``atomic_write``, ``atomic_path`` and the training export (module docstring)."""
+
+
+def remove_stale_temporaries(directory: str | os.PathLike, *, older_than_s: float = 0.0) -> list[Path]:
+    """Remove the temporaries of killed writes (``TEMPORARY_NAME``) directly inside ``directory``.
+
+    Only names of our own making are touched. ``older_than_s`` spares files modified more recently, for
+    a folder that another process may be writing to at the same time (a shared cache). Returns what was
+    removed; a missing folder removes nothing.
+    """
+    directory = Path(directory)
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    now = time.time()
+    for entry in entries:
+        if not TEMPORARY_NAME.match(entry.name):
+            continue
+        try:
+            if older_than_s and now - entry.lstat().st_mtime < older_than_s:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # removed meanwhile by another process
+            continue
+        removed.append(entry)
+    return removed

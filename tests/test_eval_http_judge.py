@@ -9,8 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from dora_engine.errors import UserValueError
 from dora_engine.eval.comparison import Comparison
-from dora_engine.eval.http_judge import ChatJudge, parse_answer
+from dora_engine.eval.http_judge import ChatJudge, JudgeEndpointError, parse_answer, redact
 from dora_engine.eval.judges import make_judge
 
 
@@ -148,3 +149,70 @@ def test_bad_configuration_is_reported():
         ChatJudge("m", base_url="https://api.openai.com/v1", api_key="")
     with pytest.raises(ValueError, match="unknown judge"):
         make_judge("gpt4")
+
+
+# ----------------------------------------------------------------------- errors: one line, no credentials
+
+
+class EchoServer:
+    """A proxy that answers every request with ``status`` and a body echoing the request's headers."""
+
+    def __init__(self, status: int):
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers["Content-Length"]))
+                echo = {"error": "denied", "authorization": self.headers["Authorization"],
+                        "headers": dict(self.headers)}
+                body = json.dumps(echo).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+KEY = "sk-live-0123456789abcdef"
+
+
+@pytest.mark.parametrize("status", [401, 503])
+def test_judge_http_errors_are_one_line_with_status_and_no_header_value(tmp_path, status):
+    server = EchoServer(status)
+    try:
+        judge = ChatJudge("m", base_url=server.url, api_key=KEY, cache_dir=tmp_path, max_retries=1, backoff_s=0.001)
+        with pytest.raises(JudgeEndpointError) as err:
+            judge.judge([Comparison("a", "prompt", "x", "y")])
+    finally:
+        server.close()
+    message = str(err.value)
+    assert "\n" not in message and f"HTTP {status}" in message and "denied" in message
+    assert KEY not in message and "Bearer" not in message.replace("Bearer [redacted]", "")
+    assert "[redacted]" in message
+
+
+def test_judge_connection_failures_are_one_line():
+    judge = ChatJudge("m", base_url="http://127.0.0.1:9/v1", api_key=KEY, max_retries=1, backoff_s=0.001)
+    with pytest.raises(JudgeEndpointError, match=r"gave up after 2 attempts \(.*refused") as err:
+        judge.judge([Comparison("a", "prompt", "x", "y")])
+    assert "\n" not in str(err.value) and KEY not in str(err.value)
+    with pytest.raises(UserValueError, match="must be an http:// or https:// URL"):
+        ChatJudge("m", base_url="127.0.0.1:9/v1")
+
+
+def test_redact_removes_credentials_and_keeps_the_rest():
+    echoed = ('Authorization: Bearer abc.def-123\nX-Api-Key: k1\n'
+              '{"message": "Incorrect API key provided: sk-proj-zzzzzzzz9"}')
+    text = redact(echoed, ["k1-not-there"])
+    assert "abc.def-123" not in text and "k1" not in text and "sk-proj" not in text
+    assert "Incorrect API key provided" in text and "\n" not in text
+    assert len(redact("x" * 1000)) == 200

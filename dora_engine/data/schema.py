@@ -23,6 +23,9 @@ from dora_engine.atomic import atomic_write
 from dora_engine.errors import UserError
 
 Prompt = str | list[dict[str, str]]
+H_TILDE_MAX = 1e6
+"""The largest h̃ a record may carry: calibration gives h̃ < K (DESIGN.md section 4.5), and h̃·ℓ must stay far
+from float32's overflow (3.4e38) for any loss value."""
 
 
 class RecordError(UserError, ValueError):
@@ -98,8 +101,11 @@ class Record:
             raise RecordError(f"{where}: field 'responses' must be a list of at least 2 responses, got {got}")
         parsed = [_response(r, f"{where}: field 'responses[{k}]") for k, r in enumerate(responses)]
         h = data.get("h_tilde")
-        if h is not None and not (_is_number(h) and math.isfinite(h) and h > 0):
-            raise RecordError(f"{where}: field 'h_tilde' must be a finite number > 0, got {h!r}")
+        if h is not None and not (_is_number(h) and math.isfinite(h) and 0 < h <= H_TILDE_MAX):
+            raise RecordError(
+                f"{where}: field 'h_tilde' must be a finite number > 0 and ≤ {H_TILDE_MAX:g}, got {h!r} (calibration "
+                "gives h̃ below the number of responses; larger values can overflow h̃·ℓ)"
+            )
         meta = data.get("meta", {})
         if meta is None:
             meta = {}
@@ -143,6 +149,15 @@ def _response(data: Any, where: str) -> Response:
     return Response(text, source, None if score is None else float(score))
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path: Path) -> bool:
+    """Whether ``path`` starts with the gzip magic bytes (whatever its name says)."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
 def _open_text(path: Path, mode: str):
     if path.suffix == ".gz":
         return gzip.open(path, mode + "t", encoding="utf-8")
@@ -150,10 +165,30 @@ def _open_text(path: Path, mode: str):
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """(line index, parsed object) for each non-blank line of a JSONL file (.gz allowed)."""
+    """(line index, parsed object) for each non-blank line of a JSONL file.
+
+    A gzip file is read as such whether or not its name ends in ``.gz``; a byte-order mark at the start
+    is skipped. A line that is not UTF-8 or not JSON is a ``RecordError`` naming the file and the line.
+    """
     path = Path(path)
-    with _open_text(path, "r") as handle:
-        for i, line in enumerate(handle):
+    compressed = _is_gzip(path)
+    if path.suffix == ".gz" and not compressed:
+        raise RecordError(f"{path}: the name ends in .gz but the file is not gzip-compressed")
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as handle:
+        lines = enumerate(handle)
+        while True:
+            try:
+                i, raw = next(lines)
+            except StopIteration:
+                return
+            except (OSError, EOFError) as err:  # a damaged or truncated gzip stream
+                raise RecordError(f"{path}: cannot be decompressed ({err})") from None
+            try:
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
+            except UnicodeDecodeError as err:
+                bad = raw[err.start : err.start + 1]
+                raise RecordError(f"{path}: line {i + 1} is not valid UTF-8 (byte {err.start + 1}: {bad!r})") from None
             if not line.strip():
                 continue
             try:

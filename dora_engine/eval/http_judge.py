@@ -8,7 +8,10 @@ AlpacaEval-style) and ``harmless`` (HH-RLHF-style dialogues).
 
 The endpoint is ``$OPENAI_BASE_URL/chat/completions`` (default https://api.openai.com/v1) with the key
 ``$OPENAI_API_KEY`` as a bearer token. Rate limits (429), server errors (5xx) and network failures are
-retried with exponential backoff; other HTTP errors stop the run. Every raw answer is cached on disk,
+retried with exponential backoff; other HTTP errors stop the run. A failure is one line with the status
+and at most 200 characters of the response body, redacted: the key and every header value this judge sent,
+bearer tokens, ``sk-`` keys and anything after a header-like ``Authorization:`` are replaced by
+``[redacted]``, so a proxy that echoes the request never shows its credentials. Every raw answer is cached on disk,
 one file per key sha256(model, template, prompt, first response, second response), written atomically,
 so a rerun, or a run resumed after a failure, repeats no request.
 """
@@ -16,6 +19,7 @@ so a rerun, or a run resumed after a failure, repeats no request.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
 import random
@@ -60,6 +64,34 @@ class JudgeEndpointError(UserError, RuntimeError):
     """The endpoint refused a request (e.g. a wrong key or model) or stayed unreachable through every retry."""
 
 
+_SECRET_PATTERNS = (
+    re.compile(r"(?i)\b(bearer|basic)\s+[^\s\"',;}]+"),  # an Authorization value
+    re.compile(r"(?i)((?:proxy-)?authorization|api[-_]?key|x-api-key|cookie)(\W{1,4})[^\"',;}\n]+"),
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),  # OpenAI-style keys
+)
+BODY_LIMIT = 200
+
+
+def redact(text: str, secrets: Sequence[str] = ()) -> str:
+    """``text`` on one line, at most ``BODY_LIMIT`` characters, with ``secrets`` and anything shaped like a
+    credential replaced by ``[redacted]`` (module docstring)."""
+    for secret in sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True):
+        text = text.replace(secret, "[redacted]")
+    text = _SECRET_PATTERNS[0].sub(lambda m: f"{m.group(1)} [redacted]", text)
+    text = _SECRET_PATTERNS[1].sub(lambda m: f"{m.group(1)}{m.group(2)}[redacted]", text)
+    text = _SECRET_PATTERNS[2].sub("[redacted]", text)
+    text = " ".join(text.split())
+    return text if len(text) <= BODY_LIMIT else text[: BODY_LIMIT - 1] + "…"
+
+
+def _reason(err: BaseException) -> str:
+    """A network failure in a few words, on one line."""
+    inner = getattr(err, "reason", None)
+    detail = inner if inner is not None else err
+    text = " ".join(str(detail).split())
+    return f"{type(detail).__name__}: {text}" if text else type(detail).__name__
+
+
 _ANSWER = re.compile(r"^[\s\"'(\[*]*([ABCabc])[\s\"')\].*]*$")
 _RETRYABLE_STATUS = {408, 409, 429}
 
@@ -96,6 +128,8 @@ class ChatJudge:
         self.template = template
         self.seed = seed
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise UserValueError(f"the judge endpoint must be an http:// or https:// URL, got {self.base_url!r}")
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not self.api_key and self.base_url == DEFAULT_BASE_URL:
             raise UserValueError(
@@ -164,6 +198,7 @@ class ChatJudge:
         request = urllib.request.Request(
             f"{self.base_url}/chat/completions", data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
         )
+        secrets = [v for v in headers.values() if v != "application/json"] + ([self.api_key] if self.api_key else [])
         for attempt in range(self.max_retries + 1):
             with self._lock:
                 self.requests_made += 1
@@ -172,12 +207,19 @@ class ChatJudge:
                     payload = json.loads(response.read().decode("utf-8"))
                 return _message_content(payload)
             except urllib.error.HTTPError as err:
-                if err.code < 500 and err.code not in _RETRYABLE_STATUS:
-                    detail = err.read().decode("utf-8", "replace")[:300]
-                    raise JudgeEndpointError(f"judge endpoint {self.base_url}: HTTP {err.code}: {detail}") from None
                 failure = f"HTTP {err.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError, json.JSONDecodeError) as err:
-                failure = f"{type(err).__name__}: {err}"
+                try:
+                    body = err.read().decode("utf-8", "replace")
+                except (OSError, http.client.HTTPException):
+                    body = ""
+                if body.strip():
+                    failure += f": {redact(body, secrets)}"
+                if err.code < 500 and err.code not in _RETRYABLE_STATUS:
+                    raise JudgeEndpointError(f"judge endpoint {self.base_url}: {failure}") from None
+            except (OSError, http.client.HTTPException, ValueError) as err:
+                # URLError, timeouts, refused or reset connections, TLS errors, truncated replies, a reply
+                # that is not JSON (ValueError covers JSONDecodeError and UnicodeDecodeError)
+                failure = redact(_reason(err), secrets)
             if attempt < self.max_retries:
                 time.sleep(self.backoff_s * 2**attempt)
         raise JudgeEndpointError(

@@ -1,27 +1,53 @@
-"""DeepSpeed checkpoints with the data position in client state, and ``--resume auto``.
+"""DeepSpeed checkpoints: the data position in client state, a manifest of every file, safe loading,
+and the choice of checkpoint for ``--resume`` (docs/design.md section 7.5).
 
-Each checkpoint is a DeepSpeed tag directory ``<output_dir>/checkpoints/step_<N>``. The pointer file
-``latest`` is written (atomically) only after every rank has finished writing the tag, so a run killed
-mid-save resumes from the previous complete checkpoint; nothing half-written is ever pointed at.
+Each checkpoint is a DeepSpeed tag directory ``<output_dir>/checkpoints/step_<N>``. Once every rank has
+finished writing a tag, the ranks hash its files (each rank a share) and the writer records every file's
+size and SHA-256 digest, with the step, world size and config, in ``dora_checkpoint.json``; then the
+pointer file ``latest_complete`` is written. A tag counts as complete once its ``dora_checkpoint.json``
+exists, so a run killed mid-save resumes from the previous complete checkpoint.
+
+Before anything is loaded, the ranks check the chosen tag against its manifest (every listed file
+present with its size and digest, no other file) and open each ``.pt`` file with torch's weights-only
+unpickler, which builds tensors and plain data and refuses any other object, allowing only the few
+DeepSpeed classes that its state holds (``SAFE_GLOBALS``). DeepSpeed itself reads its files with
+``torch.load(weights_only=False)``; ``load`` runs it with the weights-only unpickler forced
+(``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), so a checkpoint never runs code, even one whose manifest was
+forged along with its payload. The manifest guards integrity (truncated or altered files); the
+weights-only load guards against code. Every rank takes part in each check and all see the same verdict,
+so a bad file on one rank stops all of them before DeepSpeed's collective load starts.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
+import pickle
 import re
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dora_engine.atomic import atomic_write
+from dora_engine.atomic import TEMPORARY_NAME, atomic_write
+from dora_engine.errors import UserError
 
 POINTER = "latest_complete"
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
+BLOCK = 8 << 20
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be used (missing, damaged, or holding more than tensors and plain data);
+    the message names the checkpoint and the file."""
 
 
 def tag_for(step: int) -> str:
@@ -29,7 +55,7 @@ def tag_for(step: int) -> str:
 
 
 def latest_tag(directory: Path) -> str | None:
-    """The newest complete checkpoint tag, or None."""
+    """The tag the pointer names when that tag is complete, or None."""
     pointer = directory / POINTER
     if not pointer.is_file():
         return None
@@ -37,29 +63,239 @@ def latest_tag(directory: Path) -> str | None:
     return tag if (directory / tag / META).is_file() else None
 
 
+def complete_tags(directory: Path) -> list[str]:
+    """Tags with a ``dora_checkpoint.json``, newest first."""
+    if not directory.is_dir():
+        return []
+    tags = [p.name for p in directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name)]
+    return sorted((t for t in tags if (directory / t / META).is_file()), reverse=True)
+
+
+# ----------------------------------------------------------------------------------------- safe loading
+
+
+def safe_globals() -> list[Any]:
+    """The classes besides tensors and plain data that DeepSpeed's ZeRO-3 checkpoint state holds: the
+    stage enum and the loss scaler objects (plain attributes, rebuilt without calling any code)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler]
+
+
+@contextlib.contextmanager
+def tensors_only() -> Iterator[None]:
+    """Every ``torch.load`` in the block uses the weights-only unpickler, whatever its caller asks for,
+    with ``safe_globals()`` allowed."""
+    name = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
+    previous = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+def _unsafe_reason(err: BaseException) -> str | None:
+    """What the weights-only unpickler refused (e.g. ``GLOBAL builtins.open``), or None when ``err`` is
+    not such a refusal."""
+    if not isinstance(err, pickle.UnpicklingError) or "Weights only load failed" not in str(err):
+        return None
+    match = re.search(r"Unsupported global: (GLOBAL [\w.]+)", str(err))
+    if match:
+        return match.group(1)
+    match = re.search(r"WeightsUnpickler error: ([^\n]+)", str(err))
+    return match.group(1).strip() if match else "an object that is not a tensor or plain data"
+
+
+def _first_line(err: BaseException) -> str:
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def check_loadable(path: Path) -> tuple[str, str] | None:
+    """Open a checkpoint file as ``load`` will, with the weights-only unpickler; None when it loads, else
+    ``("unsafe" | "damaged", reason)``. Memory-mapped: the tensors' bytes are not read."""
+    try:
+        with tensors_only():
+            try:
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except Exception as err:  # noqa: BLE001 - any failure to read the file is a verdict on the file
+        reason = _unsafe_reason(err)
+        if reason is not None:
+            return "unsafe", f"holds {reason}, not only tensors and plain data"
+        return "damaged", f"cannot be read ({_first_line(err)})"
+    return None
+
+
+# ----------------------------------------------------------------------------------------- manifests
+
+
+def checkpoint_files(tag_dir: Path) -> list[str]:
+    """Relative paths of the files DeepSpeed wrote in a tag (everything but our manifest and temporaries)."""
+    return sorted(
+        p.relative_to(tag_dir).as_posix()
+        for p in tag_dir.rglob("*")
+        if p.is_file() and p.name != META and not TEMPORARY_NAME.match(p.name)
+    )
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(BLOCK), b""):
+            digest.update(block)
+            size += len(block)
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    """A tag's ``dora_checkpoint.json``; a ``CheckpointError`` naming it when it is not a JSON object."""
+    path = tag_dir / META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot be read ({_first_line(err)})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: not a JSON object")
+    return meta
+
+
+def written_world_size(tag_dir: Path, meta: dict[str, Any]) -> int:
+    """The number of ranks that wrote a checkpoint: from its manifest, or the ZeRO optimizer shards."""
+    if isinstance(meta.get("world_size"), int):
+        return meta["world_size"]
+    return len(list(tag_dir.glob("*optim_states.pt")))
+
+
+@dataclass(frozen=True)
+class Problem:
+    kind: str  # "damaged" (skipped by --resume auto) or "unsafe" (always an error)
+    message: str
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Where this process sits: files are shared among the ranks of a node by ``local_rank``."""
+
+    rank: int = 0
+    local_rank: int = 0
+    local_size: int = 1
+    world: int = 1
+
+    def share(self, items: list[str]) -> list[str]:
+        return [x for i, x in enumerate(items) if i % self.local_size == self.local_rank]
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1 or not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-class CheckpointManager:
-    """Saves, prunes and restores the DeepSpeed engine's state plus the trainer's client state."""
+def verify(tag_dir: Path, ranks: Ranks) -> list[Problem]:
+    """Check a complete tag before loading it (collective: every rank calls it, all get the same list).
 
-    def __init__(self, directory: Path, *, keep: int, writer: bool):
+    With a manifest: every listed file is present with its size and digest, and no other file is; then
+    every ``.pt`` file opens with the weights-only unpickler. Without one (a checkpoint of an older
+    version) only the second check runs.
+    """
+    problems: list[Problem] = []
+    try:
+        meta = read_meta(tag_dir)
+    except CheckpointError as err:
+        meta = None
+        problems.append(Problem("damaged", str(err)))
+    if meta is not None:
+        present = checkpoint_files(tag_dir)
+        expected = meta.get("files")
+        intact = present
+        if isinstance(expected, dict):
+            missing = sorted(set(expected) - set(present))
+            extra = sorted(set(present) - set(expected))
+            if ranks.rank == 0:
+                problems += [Problem("damaged", f"file {name} is missing") for name in missing]
+                problems += [Problem("unsafe", f"file {name} is not in the manifest; refusing to load it")
+                             for name in extra]
+            intact = []
+            for name in ranks.share(sorted(set(expected) & set(present))):
+                want, path = expected[name], tag_dir / name
+                size = path.stat().st_size
+                if size != want.get("bytes"):
+                    message = f"file {name} has {size} bytes, the manifest says {want.get('bytes')}"
+                    problems.append(Problem("damaged", message))
+                elif file_entry(path)["sha256"] != want.get("sha256"):
+                    problems.append(Problem("damaged", f"file {name} differs from the manifest (SHA-256)"))
+                else:
+                    intact.append(name)
+        else:
+            intact = ranks.share(present)
+        for name in intact:
+            if name.endswith(".pt"):
+                verdict = check_loadable(tag_dir / name)
+                if verdict is not None:
+                    problems.append(Problem(verdict[0], f"file {name} {verdict[1]}"))
+    merged = [p for part in _gather(problems, ranks.world) for p in part]
+    return sorted(set(merged), key=lambda p: (p.kind != "unsafe", p.message))
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's value of ``obj`` on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class CheckpointManager:
+    """Saves, prunes, verifies and restores the DeepSpeed engine's state plus the trainer's client state."""
+
+    def __init__(self, directory: Path, *, keep: int, ranks: Ranks):
         self.directory = directory
         self.keep = keep
-        self.writer = writer  # the local rank 0 of each node writes pointers and prunes
+        self.ranks = ranks
+        self.writer = ranks.local_rank == 0  # the local rank 0 of each node writes manifests and pointers, prunes
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         tag = tag_for(step)
+        tag_dir = self.directory / tag
+        if self.writer and tag_dir.exists():  # a skipped (damaged) checkpoint of the same step: start afresh
+            (tag_dir / META).unlink(missing_ok=True)  # first, so that the tag stops counting as complete
+            shutil.rmtree(tag_dir, ignore_errors=True)  # the writers of several nodes may race here
+        _barrier()
         state = {**client_state, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
         engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
         _barrier()
+        mine = {name: file_entry(tag_dir / name) for name in self.ranks.share(checkpoint_files(tag_dir))}
+        leader = self.ranks.rank - self.ranks.local_rank
+        files: dict[str, Any] = {}
+        for node, entries in _gather((leader, mine), self.ranks.world):
+            if node == leader:
+                files.update(entries)
         if self.writer:
-            with atomic_write(self.directory / tag / META) as handle:
-                json.dump({k: v for k, v in client_state.items() if k != "config"} | {"tag": tag}, handle, indent=1)
+            meta = dict(client_state) | {"tag": tag, "world_size": self.ranks.world}
+            meta["files"] = dict(sorted(files.items()))
+            with atomic_write(tag_dir / META) as handle:
+                json.dump(meta, handle, indent=1)
             with atomic_write(self.directory / POINTER) as handle:
                 handle.write(tag + "\n")
             self._prune(keep_tag=tag)
@@ -74,11 +310,58 @@ class CheckpointManager:
         for tag in stale:
             shutil.rmtree(self.directory / tag, ignore_errors=True)
 
+    def choose(self, wanted: str, say: Any) -> tuple[str, dict[str, Any]] | None:
+        """The checkpoint to resume from, verified (collective), and its manifest; None for a fresh start.
+
+        ``auto``: the newest complete tag that passes ``verify``; damaged ones are skipped with a message
+        (``say``) naming the file and why, a file that is not plain data is an error. A named tag must pass.
+        """
+        tags = broadcast(complete_tags(self.directory) if wanted == "auto" else [wanted])
+        if wanted != "auto" and not (self.directory / wanted / META).is_file():
+            available = ", ".join(broadcast(complete_tags(self.directory))) or "none"
+            raise CheckpointError(
+                f"checkpoint {self.directory / wanted} is not a complete checkpoint (complete ones: {available})"
+            )
+        skipped = []
+        for tag in tags:
+            problems = verify(self.directory / tag, self.ranks)
+            unsafe = [p for p in problems if p.kind == "unsafe"]
+            if unsafe:
+                raise CheckpointError(f"checkpoint {self.directory / tag}: {unsafe[0].message}; it was not loaded")
+            if problems:
+                if wanted != "auto":
+                    raise CheckpointError(f"checkpoint {self.directory / tag}: {problems[0].message}")
+                say(f"skipping checkpoint {self.directory / tag}: {problems[0].message}"
+                    + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+                skipped.append(tag)
+                continue
+            meta = read_meta(self.directory / tag)
+            if "files" not in meta:
+                say(f"checkpoint {self.directory / tag} has no manifest (an older version wrote it): "
+                    "its files are loaded unverified, as tensors and plain data only")
+            return tag, meta
+        if skipped:
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} (skipped {', '.join(skipped)}); "
+                "remove them to start from step 0, or use another output_dir"
+            )
+        return None
+
     def load(self, engine: Any, tag: str) -> dict[str, Any]:
-        """Restore module, optimizer, scheduler and RNG state; returns the client state."""
-        path, client = engine.load_checkpoint(str(self.directory), tag=tag)
+        """Restore module, optimizer, scheduler and RNG state; returns the client state. Every file is read
+        with the weights-only unpickler (module docstring)."""
+        try:
+            with tensors_only():
+                path, client = engine.load_checkpoint(str(self.directory), tag=tag)
+        except pickle.UnpicklingError as err:
+            reason = _unsafe_reason(err)
+            if reason is None:
+                raise
+            raise CheckpointError(
+                f"checkpoint {self.directory / tag} holds {reason}, not only tensors and plain data; it was not loaded"
+            ) from None
         if path is None or CLIENT_KEY not in (client or {}):
-            raise RuntimeError(f"could not load checkpoint {self.directory / tag}")
+            raise CheckpointError(f"could not load checkpoint {self.directory / tag}")
         state = client[CLIENT_KEY]
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and torch.cuda.is_available():

@@ -1,24 +1,37 @@
 """``dora-engine train`` and ``dora-engine ref-logps`` (DESIGN.md section 6).
 
 Both run in this process (a world of one) or, with ``--num-procs N``, re-launch themselves under the
-``deepspeed`` launcher: ``deepspeed --num_gpus N --module dora_engine.training ...``, which is what
-``deepspeed launch/train.py --config C.yaml`` does for multi-GPU and multi-node runs.
+``deepspeed`` launcher: ``deepspeed --num_gpus N --master_port P --module dora_engine.training ...``,
+which is what ``deepspeed launch/train.py --config C.yaml`` does for multi-GPU and multi-node runs.
+
+With ``--num-procs N`` this process stays in front: the rendezvous port is ``--master-port``, else
+``$MASTER_PORT``, else a free one, so that runs on one machine do not collide. The launcher and its ranks
+run in a session of their own, and a SIGTERM or SIGINT sent to this process (or its process group, as a
+scheduler or Ctrl-C does) is forwarded to the ranks as SIGTERM: they finish the current step, save a
+checkpoint and exit, and this process exits with their status (0 on a clean stop). A second SIGINT stops
+the ranks at once (exit code 130; the last complete checkpoint stays).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
+import time
+from typing import Any
+
+from dora_engine.errors import UserError, UserValueError
 
 TASKS = ("train", "ref-logps")
+LAUNCHER_MODULE = "deepspeed.launcher.launch"
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML training config (keys: launch/README.md)")
     parser.add_argument("--resume", default=None, metavar="auto|TAG",
-                        help="continue from the latest checkpoint (auto) or a given tag; same as checkpoint.resume")
+                        help="continue from the newest intact checkpoint (auto) or a tag; same as checkpoint.resume")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-6")
 
 
@@ -31,34 +44,149 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         add_run_arguments(parser)
         parser.add_argument("--num-procs", type=int, default=1,
                             help="processes on this machine (GPUs, or CPU ranks without one); >1 runs `deepspeed`")
+        parser.add_argument("--master-port", type=int, default=None, metavar="PORT",
+                            help="rendezvous port of a --num-procs run (default: $MASTER_PORT, else a free port)")
         parser.set_defaults(func=lambda args, task=task: dispatch(task, args))
 
 
 def dispatch(task: str, args: argparse.Namespace) -> int:
+    if args.num_procs < 1:
+        raise UserValueError(f"--num-procs must be ≥ 1, got {args.num_procs}")
     if args.num_procs > 1 and "RANK" not in os.environ:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_procs), "--module",
-               "dora_engine.training", "--task", task, "--config", args.config]
-        if args.resume:
-            cmd += ["--resume", args.resume]
-        return subprocess.call(cmd + list(args.overrides))
+        from dora_engine.training.config import load_config
+
+        load_config(args.config, list(args.overrides))  # a bad config is one line here, not one per rank
+        return launch_local(task, args)
     return run_task(task, args.config, list(args.overrides), args.resume)
 
 
-def run_task(task: str, config: str, overrides: list[str], resume: str | None) -> int:
-    """Load the config and run ``task`` in this process (one rank of a launch, or a world of one)."""
-    from dora_engine.data.schema import RecordError
-    from dora_engine.training.config import ConfigError, load_config
-    from dora_engine.training.engine import Trainer, TrainingError, precompute_reference
+def master_port(flag: int | None) -> int:
+    """The rendezvous port: ``--master-port``, else ``$MASTER_PORT``, else a port that is free now."""
+    if flag is not None:
+        value, source = flag, "--master-port"
+    elif os.environ.get("MASTER_PORT"):
+        value, source = os.environ["MASTER_PORT"], "MASTER_PORT"
+    else:
+        from dora_engine.training.engine import _free_port
+
+        return _free_port()
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 < port < 65536:
+        raise UserValueError(f"{source} must be a port number in 1..65535, got {value!r}")
+    return port
+
+
+def _ranks(launcher: Any) -> list[Any]:
+    """The rank processes under the ``deepspeed`` runner ``launcher`` (children of its per-node launchers)."""
+    import psutil
+
+    ranks = []
+    try:
+        for proc in launcher.children(recursive=True):
+            try:
+                if LAUNCHER_MODULE in " ".join(proc.cmdline()):
+                    ranks += proc.children()
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        pass
+    return ranks
+
+
+def _kill_tree(launcher: Any) -> None:
+    import psutil
 
     try:
-        cfg = load_config(config, overrides + ([f"checkpoint.resume={resume}"] if resume else []))
-        if task == "ref-logps":
-            precompute_reference(cfg)
-            return 0
-        return Trainer(cfg).run()
-    except (ConfigError, RecordError, TrainingError) as err:
+        procs = [*launcher.children(recursive=True), launcher]
+    except psutil.Error:
+        return
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def launch_local(task: str, args: argparse.Namespace) -> int:
+    """Run ``task`` on ``--num-procs`` ranks under the ``deepspeed`` launcher and stay in front (module
+    docstring): forward SIGTERM / SIGINT to the ranks, wait for them, exit with their status."""
+    import psutil
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_procs),
+           "--master_port", str(master_port(args.master_port)), "--module", "dora_engine.training",
+           "--task", task, "--config", args.config]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    proc = subprocess.Popen(cmd + list(args.overrides), start_new_session=True)
+    launcher = psutil.Process(proc.pid)
+    received: list[int] = []  # filled by the handler; acted on by the loop (printing in a handler may re-enter)
+    signalled: set[int] = set()
+    handled = 0
+
+    def on_signal(signum: int, frame: Any) -> None:
+        received.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            for signum in received[handled:]:
+                handled += 1
+                signalled.clear()  # tell every rank again
+                if signum == signal.SIGINT and received[:handled].count(signal.SIGINT) > 1:
+                    print("dora-engine: interrupted again; stopping the ranks now, without a checkpoint",
+                          file=sys.stderr, flush=True)
+                    _kill_tree(launcher)
+                else:
+                    print(f"dora-engine: {signal.Signals(signum).name} received; the ranks finish the current step "
+                          "and save a checkpoint", file=sys.stderr, flush=True)
+            if received:  # ranks that started after the signal are told too
+                for rank in _ranks(launcher):
+                    if rank.pid not in signalled:
+                        try:
+                            rank.send_signal(signal.SIGTERM)
+                        except psutil.Error:
+                            continue
+                        signalled.add(rank.pid)
+        if received.count(signal.SIGINT) > 1:
+            return 130
+        return code if code >= 0 else 128 - code
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:  # this process is leaving for another reason (an exception): take the ranks along
+            _kill_tree(launcher)
+            time.sleep(0.1)
+
+
+def run_task(task: str, config: str, overrides: list[str], resume: str | None) -> int:
+    """Load the config and run ``task`` in this process (one rank of a launch, or a world of one).
+
+    Bad input is one line ``dora-engine TASK: error: ...`` and exit code 2; a run that cannot continue
+    (``TrainingError``) exits with 1.
+    """
+    from dora_engine.training.config import load_config
+    from dora_engine.training.engine import Trainer, TrainingError, precompute_reference, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            cfg = load_config(config, overrides + ([f"checkpoint.resume={resume}"] if resume else []))
+            if task == "ref-logps":
+                precompute_reference(cfg)
+                return 0
+            return Trainer(cfg).run()
+    except UserError as err:
+        if os.environ.get("DORA_ENGINE_DEBUG") == "1":
+            raise
         print(f"dora-engine {task}: error: {err}", file=sys.stderr, flush=True)
-        return 2 if isinstance(err, ConfigError | RecordError) else 1
+        return 1 if isinstance(err, TrainingError) else 2
 
 
 def launch_main(argv: list[str] | None = None) -> int:

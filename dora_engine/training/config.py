@@ -45,6 +45,7 @@ class DataConfig:
     max_prompt_tokens: int = 256  # prompts keep their last tokens
     max_response_tokens: int = 256  # responses keep their first tokens
     ref_cache_dir: str | None = None  # default <output_dir>/ref_cache
+    allow_empty_responses: bool = False  # keep responses whose text is empty or blank (trained as EOS alone)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class LoraConfig:
 @dataclass
 class LoggingConfig:
     every: int = 1  # optimizer steps between metric records
-    tensorboard: str = "auto"  # auto (when installed) | on | off
+    tensorboard: str = "auto"  # auto (when installed) | on | off (YAML's bare on/off, read as booleans, are accepted)
     wandb: bool = False
     wandb_project: str = "dora-engine"
     run_name: str | None = None
@@ -139,6 +140,7 @@ class TrainingConfig:
 
 
 STAGES = ("sft", "align")
+ON_OFF_KEYS = ("logging.tensorboard",)  # string keys whose values include on/off
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -199,6 +201,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r} must be a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool) and key in ON_OFF_KEYS:
+            return "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if not isinstance(value, str):
             raise ConfigError(f"config key {key!r} must be a string, got {value!r}")
         return value
@@ -239,13 +243,91 @@ def _positive(key: str, value: float, allow_zero: bool = False) -> None:
         raise ConfigError(f"config key {key!r} must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _check_model_location(key: str, location: str | None) -> None:
-    """A local folder must exist; anything shaped like a hub id (``org/name``) is left to the loader."""
-    if not location or Path(location).expanduser().is_dir():
+MODEL_FILES = ("config.json",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model", "vocab.json",
+                   "vocab.txt")
+_TRUE = ("1", "on", "yes", "true")
+
+
+def _offline() -> bool:
+    """Hugging Face's offline mode (HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE) is set."""
+    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the Hugging Face hub endpoint cannot be reached (one TCP connection, ``timeout_s``), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return None
+    except OSError as err:
+        return f"{endpoint} cannot be reached ({err.strerror or type(err).__name__})"
+
+
+def _in_hub_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    for name in filenames:
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, name), str):
+                return True
+        except ValueError:  # not a valid repo id
+            return False
+    return False
+
+
+def _check_model_location(key: str, location: str | None, files: tuple[str, ...]) -> None:
+    """A local folder must exist and hold ``files`` (one of them); a hub id (``org/name``) must be in the
+    local Hugging Face cache, or the hub must be reachable and offline mode off, so that loading never
+    waits on a network that is not there."""
+    if not location:
         return
+    path = Path(location).expanduser()
+    if path.is_dir():
+        if not any((path / name).is_file() for name in files):
+            what = "is empty" if not any(path.iterdir()) else f"has none of {', '.join(files)}"
+            kind = "model" if files == MODEL_FILES else "tokenizer"
+            raise ConfigError(f"config key {key!r}: folder {location} {what}; it is not a Hugging Face {kind} folder")
+        return
+    if path.exists():
+        raise ConfigError(f"config key {key!r}: {location} is a file, not a model folder")
     local = location.startswith(("/", ".", "~")) or location.count("/") > 1 or os.sep != "/" and os.sep in location
     if local:
         raise ConfigError(f"config key {key!r}: folder not found: {location}")
+    if _in_hub_cache(location, files):
+        return
+    if _offline():
+        raise ConfigError(
+            f"config key {key!r}: {location!r} is neither a local folder nor in the Hugging Face cache, and "
+            "offline mode is on (HF_HUB_OFFLINE); download it first or give a folder"
+        )
+    unreachable = _hub_unreachable()
+    if unreachable:
+        raise ConfigError(
+            f"config key {key!r}: {location!r} is neither a local folder nor in the Hugging Face cache, and "
+            f"{unreachable}; download it first or give a folder"
+        )
+
+
+def _check_output_folder(key: str, location: str) -> None:
+    """``location`` is a folder, or can be made: its nearest existing parent is a writable folder."""
+    path = Path(location).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"config key {key!r}: {location} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"config key {key!r}: cannot make {location}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"config key {key!r}: cannot write in {existing} (permission denied)")
 
 
 def validate(cfg: TrainingConfig) -> TrainingConfig:
@@ -253,8 +335,10 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     _choice("stage", cfg.stage, STAGES)
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required (a Hugging Face model directory)")
-    for key in ("path", "tokenizer", "reference"):
-        _check_model_location(f"model.{key}", getattr(cfg.model, key))
+    _check_model_location("model.path", cfg.model.path, MODEL_FILES)
+    tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
+    _check_model_location(tokenizer_key, cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
+    _check_model_location("model.reference", cfg.model.reference, MODEL_FILES)
     _choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
@@ -311,6 +395,9 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         raise ConfigError(f"config key 'deepspeed': file not found: {cfg.deepspeed}")
     if not cfg.output_dir:
         raise ConfigError("config key 'output_dir' must not be empty")
+    _check_output_folder("output_dir", cfg.output_dir)
+    if cfg.data.ref_cache_dir:
+        _check_output_folder("data.ref_cache_dir", cfg.data.ref_cache_dir)
     return cfg
 
 

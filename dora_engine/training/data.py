@@ -179,12 +179,25 @@ def check_align_records(
     return K
 
 
+def check_nonempty(index: int, record: Record, responses: Sequence[int]) -> None:
+    """The responses ``responses`` of a record have text (DESIGN.md section 7.2: an empty response would
+    train as EOS alone; ``data.allow_empty_responses`` keeps them)."""
+    for k in responses:
+        if not record.responses[k].text.strip():
+            raise RecordError(
+                f"{_where(index, record)}: field 'responses[{k}].text' is empty; remove the response (or the record), "
+                "or set data.allow_empty_responses: true to train it as the EOS token alone"
+            )
+
+
 def tokenise(
     records: Sequence[Record], tokenizer: Tokenizer, *, stage: str, target_source: str, num_responses: int | None,
     needs_h_tilde: bool, data_hash: str, progress: bool = False, k_from: str | None = None,
+    allow_empty: bool = False,
 ) -> TrainingData:
     """Examples of ``stage``: whole prompts with their K responses (align) or target-source responses (sft).
-    ``k_from``: see ``check_align_records``."""
+    ``k_from``: see ``check_align_records``. A response with empty (or blank) text is an error unless
+    ``allow_empty``."""
     from tqdm.auto import tqdm
 
     examples: list[Example] = []
@@ -194,10 +207,14 @@ def tokenise(
         K = 1
     for i, rec in enumerate(tqdm(records, desc="tokenising", disable=not progress, leave=False)):
         if stage == "align":
+            if not allow_empty:
+                check_nonempty(i, rec, range(K))
             rows = tokenizer.rows(i, rec, range(K))
             examples.append(Example(i, rows, [r.score for r in rec.responses], rec.h_tilde))
         else:
             targets = [k for k, r in enumerate(rec.responses) if r.source == target_source]
+            if not allow_empty:
+                check_nonempty(i, rec, targets)
             examples.extend(Example(i, tokenizer.rows(i, rec, [k]), None, None) for k in targets)
     if not examples:
         sources = sorted({r.source for rec in records for r in rec.responses})

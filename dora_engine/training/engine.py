@@ -4,17 +4,23 @@ One optimizer step = ``train.grad_accum_steps`` micro-steps; each micro-step is 
 Algorithm 1: every rank forwards ``train.micro_batch_prompts`` whole prompts (K responses each) and
 ``dora_loss`` reduces the robust objective over the micro-step's prompts on all ranks. Order of work:
 config and data are checked first (bad input fails before anything heavy starts), then the process
-group, the reference log-probs (computed once, cached), the policy engine, and the loop.
+group, the checkpoint to resume from (verified, docs/design.md section 7.5), the reference log-probs
+(computed once, cached), the policy engine, and the loop. SIGTERM or SIGINT stops the loop after the
+current optimizer step with a checkpoint (section 6); a second SIGINT stops at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import socket
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +28,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dora_engine.atomic import remove_stale_temporaries
 from dora_engine.errors import UserError
 from dora_engine.training import ref_logps as ref_cache
-from dora_engine.training.checkpoint import CheckpointManager, config_differences, latest_tag
+from dora_engine.training.checkpoint import (
+    CheckpointManager,
+    Ranks,
+    config_differences,
+    written_world_size,
+)
 from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import (
     Sampler,
@@ -51,6 +63,9 @@ from dora_engine.training.plots import plot_metrics
 
 # Config keys a resumed run may change without breaking the identical continuation.
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+ZERO_GRAD_STEPS = 3  # applied steps in a row with a grad norm of exactly 0 before a warning
+SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in a folder other runs may share is stale after this long
 
 
 class TrainingError(UserError, RuntimeError):
@@ -67,6 +82,31 @@ class Dist:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+_early_stop: list[str] = []  # signals received before a Trainer's loop installed its own handler
+
+
+def _record_stop(signum: int, frame: Any) -> None:
+    if signum == signal.SIGINT and _early_stop:
+        raise KeyboardInterrupt
+    _early_stop.append(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Record SIGTERM / SIGINT during the setup of a run (data, reference pass, engine) instead of dying,
+    so that a run told to stop while starting stops cleanly before its first step (a second SIGINT
+    interrupts at once). ``Trainer.run`` takes over the handlers for the loop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _record_stop) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _free_port() -> int:
@@ -105,6 +145,7 @@ def load_data(
         num_responses=train.num_responses if train is not None else cfg.data.num_responses,
         needs_h_tilde=cfg.needs_h_tilde, data_hash=file_hash(files), progress=progress,
         k_from="data.train" if train is not None else None,
+        allow_empty=cfg.data.allow_empty_responses,
     )
 
 
@@ -147,6 +188,8 @@ class Trainer:
         self.progress = progress
         self.stop_signal: str | None = None
         self.precision = resolve_precision(cfg.train.precision)
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            self._remove_stale_temporaries()
         # 1. Everything that can be wrong with the input, before any process group or model.
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -164,6 +207,12 @@ class Trainer:
             cfg.train.seed,
         )
         self._check_sizes()
+        local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
+        self.checkpoints = CheckpointManager(
+            self.output_dir / "checkpoints", keep=cfg.checkpoint.keep,
+            ranks=Ranks(self.dist.rank, self.dist.local_rank, local_size, self.dist.world),
+        )
+        self.resume_tag = self._choose_checkpoint()
         self.ds_config = build_deepspeed_config(cfg, self.dist.world)
         self.ref_train = self.ref_eval = None
         if cfg.needs_reference:
@@ -176,15 +225,59 @@ class Trainer:
         offloaded = offload_summary(self.engine)
         if offloaded:
             self._say(f"ZeRO-3 offload active: {offloaded}")
-        self.checkpoints = CheckpointManager(
-            self.output_dir / "checkpoints", keep=cfg.checkpoint.keep, writer=self.dist.local_rank == 0
-        )
 
     # ---------------------------------------------------------------------------------------- setup
 
     @property
     def total_steps(self) -> int:
         return self.cfg.train.max_steps or self.cfg.train.epochs * self.sampler.steps_per_epoch
+
+    def _remove_stale_temporaries(self) -> None:
+        """Remove what killed writes of an earlier run left under our temporary names (``dora_engine.atomic``):
+        everything in the run's own folders, only old ones in a reference cache other runs may share."""
+        checkpoints = self.output_dir / "checkpoints"
+        folders = [(self.output_dir, 0.0), (checkpoints, 0.0)]
+        if checkpoints.is_dir():
+            folders += [(p, 0.0) for p in checkpoints.iterdir() if p.is_dir()]
+        if self.cfg.data.ref_cache_dir:
+            folders.append((Path(self.cfg.data.ref_cache_dir), SHARED_TEMPORARY_AGE_S))
+        else:
+            folders.append((self.output_dir / "ref_cache", 0.0))
+        removed = [p for folder, age in folders for p in remove_stale_temporaries(folder, older_than_s=age)]
+        if removed and os.environ.get("RANK", "0") == "0":
+            names = ", ".join(str(p) for p in removed[:3]) + (f" and {len(removed) - 3} more" if removed[3:] else "")
+            print(f"[dora-engine] removed {len(removed)} temporary file(s) of interrupted writes: {names}", flush=True)
+
+    def _choose_checkpoint(self) -> str | None:
+        """The verified checkpoint tag to resume from (None: a fresh start), checked against this run's
+        world size and config before anything heavy starts."""
+        wanted = self.cfg.checkpoint.resume
+        if wanted is None:
+            return None
+        chosen = self.checkpoints.choose(wanted, self._say)
+        if chosen is None:
+            self._say(f"no checkpoint in {self.checkpoints.directory}; starting from step 0")
+            return None
+        tag, meta = chosen
+        path = self.checkpoints.directory / tag
+        written = written_world_size(path, meta)
+        if written != self.dist.world:
+            raise TrainingError(
+                f"checkpoint {path} was written by {written} rank(s) and this run has {self.dist.world}; ZeRO-3 keeps "
+                f"one optimizer shard per rank, so resume it with {written} rank(s) (dora-engine train --num-procs "
+                f"{written}, or deepspeed --num_gpus {written})"
+            )
+        if isinstance(meta.get("config"), dict):
+            self._check_config(tag, meta["config"])
+        return tag
+
+    def _check_config(self, tag: str, saved: dict[str, Any]) -> None:
+        changed = [k for k in config_differences(saved, self.cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
+        if changed:
+            raise TrainingError(
+                f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
+                "resuming would not continue the same run"
+            )
 
     def _check_sizes(self) -> None:
         if self.sampler.steps_per_epoch == 0:
@@ -232,23 +325,11 @@ class Trainer:
     def _resume(self) -> dict[str, Any]:
         """Client state of the checkpoint to resume from, or a fresh start's."""
         fresh = {"step": 0, "consumed_prompts": 0, "skipped_steps": 0, "consecutive_skips": 0}
-        wanted = self.cfg.checkpoint.resume
-        if wanted is None:
-            return fresh
-        tag = latest_tag(self.checkpoints.directory) if wanted == "auto" else wanted
+        tag = self.resume_tag
         if tag is None:
-            self._say(f"no checkpoint in {self.checkpoints.directory}; starting from step 0")
             return fresh
         state = self.checkpoints.load(self.engine, tag)
-        changed = [
-            k for k in config_differences(state["config"], self.cfg.to_dict())
-            if not k.startswith(RESUMABLE_CHANGES)
-        ]
-        if changed:
-            raise TrainingError(
-                f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
-                "resuming would not continue the same run"
-            )
+        self._check_config(tag, state["config"])
         if state["consumed_prompts"] % self.sampler.prompts_per_step:
             raise TrainingError(
                 f"checkpoint {tag} consumed {state['consumed_prompts']} prompts, not a multiple of this run's "
@@ -264,8 +345,14 @@ class Trainer:
         if self.dist.main:
             print(f"[dora-engine] {message}", flush=True)
 
+    def _warn(self, message: str) -> None:
+        if self.dist.main:
+            print(f"[dora-engine] warning: {message}", file=sys.stderr, flush=True)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
-        self.stop_signal = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
@@ -328,10 +415,13 @@ class Trainer:
         state = self._resume()
         step, skipped, in_a_row = state["step"], state["skipped_steps"], state["consecutive_skips"]
         writer = MetricsWriter(self.output_dir, self.cfg.logging, self.cfg.to_dict(), step) if self.dist.main else None
-        previous = signal.signal(signal.SIGTERM, self._on_signal)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        if self.stop_signal is None and _early_stop:
+            self.stop_signal = _early_stop[0]
         show = self.progress and self.dist.main
         bar = tqdm(total=self.total_steps, initial=step, desc=self.cfg.stage, disable=not show)
-        last_saved = step if state["step"] else None
+        first_step = last_saved = step
+        zero_norms = 0
         client = self._client_state(step, skipped, in_a_row)
         try:
             while step < self.total_steps and self.stop_signal is None:
@@ -343,6 +433,10 @@ class Trainer:
                     skipped += 1
                     in_a_row += self._report_skip(step, metrics["loss"])
                 metrics["skipped_steps"] = skipped
+                zero_norms = zero_norms + 1 if applied and metrics["grad_norm"] == 0.0 else 0
+                if zero_norms == ZERO_GRAD_STEPS:
+                    self._warn(f"step {step}: the gradient norm has been exactly 0 for {zero_norms} steps in a row, so "
+                               "the weights no longer change (train.lr too high? a saturated loss?)")
                 every_eval = self.cfg.train.eval_every
                 if self.eval_data is not None and every_eval and step % every_eval == 0:
                     metrics.update(self.evaluate())
@@ -368,14 +462,18 @@ class Trainer:
                 if last_saved != step:
                     self.checkpoints.save(self.engine, step, client)
             if self.stop_signal is not None:
-                self._say(f"stopped on {self.stop_signal} after step {step}; checkpoint saved in "
-                          f"{self.checkpoints.directory}. Continue with --resume auto")
+                if step == first_step:
+                    self._say(f"stopped on {self.stop_signal} before step {step + 1}; nothing new to save")
+                else:
+                    self._say(f"stopped on {self.stop_signal} after step {step}; checkpoint saved in "
+                              f"{self.checkpoints.directory}. Continue with --resume auto")
                 return 0
             self._finish(step, skipped, writer)
             return 0
         finally:
             bar.close()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if writer is not None:
                 writer.close()
 

@@ -65,7 +65,7 @@ def write_export(
     from safetensors.torch import save_file
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
     try:
         model_config.save_pretrained(tmp)
         save_file(untie(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -73,7 +73,7 @@ def write_export(
         (tmp / "dora_training.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
         old = None
         if destination.exists():
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+            old = destination.with_name(f".{destination.name}.old-{os.getpid()}.tmp")
             os.replace(destination, old)
         os.replace(tmp, destination)
         if old is not None:
