@@ -32,11 +32,6 @@ using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, fl
 inline float exp_acc(float x) { return vec_exp(x); }
 inline double exp_acc(double x) { return std::exp(x); }
 
-struct StdExp {
-  template <typename T>
-  T operator()(T x) const { return std::exp(x); }
-};
-
 // The chunk as acc_t values: the logits themselves when no conversion is needed, else `buffer`.
 template <typename scalar_t, typename acc_t>
 const acc_t* widen(const scalar_t* src, int64_t n, acc_t* buffer) {
@@ -73,8 +68,8 @@ acc_t row_logsumexp(const scalar_t* row, int64_t V) {
   for (int64_t c = 0; c < V; c += kChunk) {
     const int64_t n = std::min(kChunk, V - c);
     const acc_t* x = widen(row + c, n, buffer);
-    state.raise_to(chunk_max(x, n), StdExp{});
-    state.s += chunk_sum_exp(x, n, state.shift());
+    state.raise_to(chunk_max(x, n), NaturalUnits{});
+    state.s += chunk_sum_exp(x, n, state.shift(NaturalUnits{}));
   }
   return state.m + std::log(state.s);
 }

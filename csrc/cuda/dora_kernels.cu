@@ -67,8 +67,8 @@ __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half(
 
 // The row passes' exponential and its units. fp32: values are prescaled by log2 e and E(u) = 2^u by
 // ex2.approx.ftz (results below 2^-126 flush to 0: far below the 2^-24 a sum of terms ≥ 1 resolves).
-// fp64: natural units, E = exp.
-__device__ __forceinline__ float exp_units(float u) {
+// fp64: natural units, E = exp (dora_math.h's NaturalUnits).
+__device__ __forceinline__ float exp2_ftz(float u) {
 #ifdef __CUDA_ARCH__
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(u));
@@ -77,24 +77,43 @@ __device__ __forceinline__ float exp_units(float u) {
   return exp2f(u);
 #endif
 }
-__device__ __forceinline__ double exp_units(double u) { return exp(u); }
-
-struct ExpUnits {
-  template <typename T>
-  __device__ __forceinline__ T operator()(T u) const { return exp_units(u); }
-};
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ float to_units(float x) { return x * kLog2e; }
-__device__ __forceinline__ double to_units(double x) { return x; }
-// x in units minus a shift already in units, with one rounding: fma(x, log2e, −shift) in fp32.
-__device__ __forceinline__ float units_minus(float x, float shift) { return fmaf(x, kLog2e, -shift); }
-__device__ __forceinline__ double units_minus(double x, double shift) { return x - shift; }
-// The natural log-sum-exp of a running pair in units.
-__device__ __forceinline__ float lse_of(float m, float s) { return (m + log2f(s)) * kLn2; }
+struct Base2Units {
+  __device__ __forceinline__ float scale(float x) const { return x * kLog2e; }
+  __device__ __forceinline__ float exp(float u) const { return exp2_ftz(u); }
+};
+
+template <typename acc_t>
+struct UnitsOf {
+  using type = Base2Units;
+};
+template <>
+struct UnitsOf<double> {
+  using type = NaturalUnits;
+};
+
+// E(scale(x) − shift) with one rounding: 2^fma(x, log2e, −shift) in fp32, e^(x − shift) in fp64.
+__device__ __forceinline__ float exp_from(float x, float shift) { return exp2_ftz(fmaf(x, kLog2e, -shift)); }
+__device__ __forceinline__ double exp_from(double x, double shift) { return exp(x - shift); }
+
+// What Base2Units::scale(x) rounded away: x·log2e − scale(x), exactly.
+__device__ __forceinline__ float scale_residual(float x) { return fmaf(x, kLog2e, -(x * kLog2e)); }
+
+// The natural log-sum-exp of a running pair. s counts the row's maximum as 2^(m·log2e − scale(m)), not 1,
+// so the residual comes off again: lse = m + (log2 s − residual)·ln 2, as exact as m + ln Σ e^(x − m).
+__device__ __forceinline__ float lse_of(float m, float s) {
+  const float r = scale_residual(m == negative_infinity<float>() ? 0.0f : m);
+  return m + (log2f(s) - r) * kLn2;
+}
 __device__ __forceinline__ double lse_of(double m, double s) { return m + log(s); }
+
+// −g·p with p = E(scale(x) − scale(lse)) is −g·e^(x − lse)·2^(−residual(lse)) in fp32: the factor that
+// undoes the residual, folded into g once per row (2^-r = 1 − r·ln 2 to within r², r < 2^-20).
+__device__ __forceinline__ float residual_factor(float lse) { return fmaf(-scale_residual(lse), kLn2, 1.0f); }
+__device__ __forceinline__ double residual_factor(double) { return 1.0; }
 
 template <typename scalar_t>
 struct alignas(16) Pack {
@@ -249,6 +268,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
                  typename Traits<scalar_t>::acc_t* __restrict__ partial_m,
                  typename Traits<scalar_t>::acc_t* __restrict__ partial_s) {
   using acc_t = typename Traits<scalar_t>::acc_t;
+  using Units = typename UnitsOf<acc_t>::type;
   constexpr int W = Pack<scalar_t>::kWidth;
   const RowTask task = row_task(s.splits);
   const int64_t label = labels[task.r];
@@ -267,14 +287,14 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
 #pragma unroll
       for (int j = 0; j < W; ++j) vmax = fmax_(vmax, widen(p[u].v[j]));
     }
-    state.raise_to(to_units(vmax), ExpUnits{});
-    const acc_t shift = state.shift();
+    state.raise_to(vmax, Units{});
+    const acc_t shift = state.shift(Units{});
     acc_t sums[kUnroll];  // widened again rather than kept: the packs take fewer registers
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       sums[u] = acc_t(0);
 #pragma unroll
-      for (int j = 0; j < W; ++j) sums[u] += exp_units(units_minus(widen(p[u].v[j]), shift));
+      for (int j = 0; j < W; ++j) sums[u] += exp_from(widen(p[u].v[j]), shift);
     }
 #pragma unroll
     for (int width = kUnroll / 2; width > 0; width /= 2) {
@@ -285,7 +305,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
   }
 
   for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    state.merge(shfl_xor(state.m, offset), shfl_xor(state.s, offset), ExpUnits{});
+    state.merge(shfl_xor(state.m, offset), shfl_xor(state.s, offset), Units{});
   }
   __shared__ acc_t shared_m[kRowThreads / kWarp], shared_s[kRowThreads / kWarp];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -296,7 +316,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
   __syncthreads();
   if (threadIdx.x == 0) {
     OnlineLse<acc_t> total{negative_infinity<acc_t>(), acc_t(0)};
-    for (int w = 0; w < kRowThreads / kWarp; ++w) total.merge(shared_m[w], shared_s[w], ExpUnits{});
+    for (int w = 0; w < kRowThreads / kWarp; ++w) total.merge(shared_m[w], shared_s[w], Units{});
     partial_m[blockIdx.x] = total.m;
     partial_s[blockIdx.x] = total.s;
   }
@@ -312,6 +332,7 @@ __global__ void __launch_bounds__(kRowThreads)
                 typename Traits<scalar_t>::acc_t* __restrict__ lse, typename Traits<scalar_t>::acc_t* __restrict__ S,
                 typename Traits<scalar_t>::acc_t* __restrict__ L) {
   using acc_t = typename Traits<scalar_t>::acc_t;
+  using Units = typename UnitsOf<acc_t>::type;
   __shared__ acc_t shared[kRowThreads / kWarp];
   const int64_t n = blockIdx.x;
   acc_t total = acc_t(0), count = acc_t(0);
@@ -330,7 +351,7 @@ __global__ void __launch_bounds__(kRowThreads)
     }
     OnlineLse<acc_t> state{negative_infinity<acc_t>(), acc_t(0)};
     for (int i = 0; i < s.splits; ++i) {
-      state.merge(partial_m[r * s.splits + i], partial_s[r * s.splits + i], ExpUnits{});
+      state.merge(partial_m[r * s.splits + i], partial_s[r * s.splits + i], Units{});
     }
     const acc_t row_lse = lse_of(state.m, state.s);
     lse[r] = row_lse;
@@ -371,6 +392,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
                   const int64_t* __restrict__ labels, const typename Traits<scalar_t>::acc_t* __restrict__ lse,
                   const typename Traits<scalar_t>::acc_t* __restrict__ gS, RowShape s) {
   using acc_t = typename Traits<scalar_t>::acc_t;
+  using Units = typename UnitsOf<acc_t>::type;
   constexpr int W = Pack<scalar_t>::kWidth;
   constexpr int64_t kStep = static_cast<int64_t>(kUnroll) * kRowThreads;
   const RowTask task = row_task(s.splits);
@@ -391,7 +413,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
   const bool in_vocabulary = label_in_vocabulary(label, s.V);
   const acc_t g = gS[task.r / s.T];
   const acc_t row_lse = in_vocabulary ? lse[task.r] : acc_t(NAN);  // NaN: a NaN row, see dora_math.h
-  const acc_t shift = to_units(row_lse), minus_g = -g;
+  const acc_t shift = Units{}.scale(row_lse), minus_g = -g * residual_factor(row_lse);
   const scalar_t fill = narrow<scalar_t>(acc_t(0));
   for (int64_t k = range.begin + threadIdx.x; k < range.end; k += kStep) {
     Pack<scalar_t> p[kUnroll];
@@ -401,7 +423,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       const int64_t ku = k + static_cast<int64_t>(u) * kRowThreads;
       acc_t dz[W];
 #pragma unroll
-      for (int j = 0; j < W; ++j) dz[j] = minus_g * exp_units(units_minus(widen(p[u].v[j]), shift));
+      for (int j = 0; j < W; ++j) dz[j] = minus_g * exp_from(widen(p[u].v[j]), shift);
       const int64_t first = ku * W - op.lead;
       if (in_vocabulary && label >= first && label < first + W) {  // the label's pack: one per row
 #pragma unroll

@@ -99,11 +99,21 @@ DORA_HD T sigmoid(T x) {
 DORA_HD float fmax_(float a, float b) { return fmaxf(a, b); }
 DORA_HD double fmax_(double a, double b) { return fmax(a, b); }
 
-// A running log-sum-exp over a row: m is the largest value seen, s = Σ E(u − m) over the values u seen,
-// where E is the caller's exponential in the caller's units (e^u; or 2^u on values prescaled by log2 e).
-// NaN never enters m (fmax skips it) but always enters s, so a NaN anywhere in a row makes its
-// log-sum-exp NaN whichever thread, chunk or block meets it first; while m = −∞ (nothing finite seen
-// yet) no ∞ − ∞ is formed. +∞ gives NaN too (∞ − ∞ inside E). Start from {−∞, 0}.
+// The units of a row pass's exponential: scale(x) maps a value to them and exp(u) is the exponential there.
+// Natural units: scale(x) = x, exp = e^u. (The CUDA fp32 kernels use x·log2 e and 2^u instead.)
+struct NaturalUnits {
+  template <typename T>
+  DORA_HD T scale(T x) const { return x; }
+  template <typename T>
+  DORA_HD T exp(T u) const { return exp_(u); }
+};
+
+// A running log-sum-exp over a row: m is the largest value seen (as given), s = Σ E(scale(u) − scale(m))
+// over the values u seen, in the units of the caller's `units` (see NaturalUnits). Rebasing s uses the same
+// scale(m) as the terms did, so s stays consistent whatever the rounding of scale. NaN never enters m
+// (fmax skips it) but always enters s, so a NaN anywhere in a row makes its log-sum-exp NaN whichever
+// thread, chunk or block meets it first; while m = −∞ (nothing finite seen yet) no ∞ − ∞ is formed. +∞
+// gives NaN too (∞ − ∞ inside E). Start from {−∞, 0}.
 template <typename T>
 struct OnlineLse {
   T m;
@@ -111,23 +121,26 @@ struct OnlineLse {
 
   // Moves the reference to max(m, vmax) before values whose maximum is vmax are added.
   DORA_HD_TEMPLATE_CALLS_DEVICE
-  template <typename Exp>
-  DORA_HD void raise_to(T vmax, Exp exp) {
+  template <typename Units>
+  DORA_HD void raise_to(T vmax, const Units& units) {
     const T next = fmax_(m, vmax);
-    s = next == m ? s : s * exp(m - next);  // from m = −∞: E(−∞) = 0, and a NaN s stays NaN
+    s = next == m ? s : s * units.exp(units.scale(m) - units.scale(next));  // from m = −∞: E(−∞) = 0
     m = next;
   }
 
-  // What to subtract from a value before E: m, or 0 while m = −∞ (every value seen is then −∞ or NaN,
-  // so E(value − 0) is 0 or NaN as it should be).
-  DORA_HD T shift() const { return m == negative_infinity<T>() ? T(0) : m; }
+  // What to subtract from scale(value) before E: scale(m), or 0 while m = −∞ (every value seen is then −∞
+  // or NaN, so E(scale(value) − 0) is 0 or NaN as it should be).
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD T shift(const Units& units) const { return m == negative_infinity<T>() ? T(0) : units.scale(m); }
 
   // Folds in another running pair (m2, s2) over other values of the same row.
   DORA_HD_TEMPLATE_CALLS_DEVICE
-  template <typename Exp>
-  DORA_HD void merge(T m2, T s2, Exp exp) {
+  template <typename Units>
+  DORA_HD void merge(T m2, T s2, const Units& units) {
     const T next = fmax_(m, m2);
-    s = (m == next ? s : s * exp(m - next)) + (m2 == next ? s2 : s2 * exp(m2 - next));
+    s = (m == next ? s : s * units.exp(units.scale(m) - units.scale(next))) +
+        (m2 == next ? s2 : s2 * units.exp(units.scale(m2) - units.scale(next)));
     m = next;
   }
 };
