@@ -6,6 +6,8 @@
 //   prompt_loss        stage (2a): ℓ (B,) and ∂ℓ_b/∂S_n (N,)
 //   robust_reduce      stage (2b): L, the strategy's weights (B,) and ∂L/∂ℓ (B,)
 //   batch_stage        (2a) + (2b) + gS[n] = ∂L/∂ℓ_b·∂ℓ_b/∂S_n in one call (one launch on the GPU)
+//   rescale_           x *= factor (a one-value tensor) unless factor == 1: the fused-linear accumulators'
+//                      rescale, decided on the device without a host synchronisation
 //
 // The row passes take logits with any row strides and a unit stride over the vocabulary (others are copied
 // once); the backward writes a new gradient with the logits' 16-byte alignment, or over the logits.
@@ -103,6 +105,14 @@ at::Tensor empty_gradient_like(const at::Tensor& logits) {
   return storage.narrow(0, shift, numel).view(logits.sizes());
 }
 
+void check_rescale_inputs(const at::Tensor& x, const at::Tensor& factor) {
+  TORCH_CHECK(is_accumulation_dtype(x.scalar_type()), "rescale_: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "rescale_: x must be contiguous");
+  TORCH_CHECK(factor.numel() == 1 && factor.scalar_type() == x.scalar_type(), "rescale_: factor must be one ",
+              x.scalar_type(), " value, got shape ", factor.sizes(), " and dtype ", factor.scalar_type());
+  check_same_device(factor, "factor", x);
+}
+
 void check_prompt_inputs(const at::Tensor& S, const at::Tensor& L, const std::optional<at::Tensor>& S_ref,
                          const at::Tensor& scores, int64_t loss_code, c10::ArrayRef<double> params) {
   TORCH_CHECK(loss_code >= 0 && loss_code < kNumLosses, "unknown loss code ", loss_code);
@@ -148,6 +158,7 @@ TORCH_LIBRARY(dora_engine, m) {
         "-> (Tensor loss, Tensor weights, Tensor dloss_dell)");
   m.def("batch_stage(Tensor S, Tensor L, Tensor? S_ref, Tensor scores, Tensor? h, int loss_code, float[] params, "
         "int strategy_code, float lam) -> (Tensor loss, Tensor ell, Tensor weights, Tensor gS)");
+  m.def("rescale_(Tensor(a!) x, Tensor factor) -> ()");
 }
 
 #define DORA_REGISTER_BACKEND(m, suffix)                                   \
@@ -156,7 +167,8 @@ TORCH_LIBRARY(dora_engine, m) {
   m.impl("seq_logprobs_bwd_", &dora::seq_logprobs_bwd_inplace_##suffix);  \
   m.impl("prompt_loss", &dora::prompt_loss_##suffix);                     \
   m.impl("robust_reduce", &dora::robust_reduce_##suffix);                 \
-  m.impl("batch_stage", &dora::batch_stage_##suffix);
+  m.impl("batch_stage", &dora::batch_stage_##suffix);                     \
+  m.impl("rescale_", &dora::rescale_##suffix);
 
 TORCH_LIBRARY_IMPL(dora_engine, CPU, m) { DORA_REGISTER_BACKEND(m, cpu) }
 

@@ -100,6 +100,14 @@ void seq_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& l
   backward_into(logits, logits, labels, lse, gS, ignore_index);
 }
 
+void rescale_cuda(const at::Tensor& x, const at::Tensor& factor) {
+  check_rescale_inputs(x, factor);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(cuda::rescale(x.scalar_type() == at::kDouble, x.data_ptr(), x.numel(), factor.data_ptr(),
+                             current_stream()),
+               "rescale_");
+}
+
 TensorPair prompt_loss_cuda(const at::Tensor& S_in, const at::Tensor& L_in, const std::optional<at::Tensor>& S_ref_in,
                             const at::Tensor& scores_in, int64_t loss_code, c10::ArrayRef<double> params) {
   check_prompt_inputs(S_in, L_in, S_ref_in, scores_in, loss_code, params);

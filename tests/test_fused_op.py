@@ -472,11 +472,12 @@ def _op_samples(device: str) -> list[tuple[str, tuple]]:
         ("seq_logprobs_fwd", (z[:, :-1], y[:, 1:], -100)),
         ("seq_logprobs_bwd", (z[:, :-1], y[:, 1:], lse[:, 1:], gS, -100)),
         ("seq_logprobs_bwd_", (z.clone()[:, :-1], y[:, 1:], lse[:, 1:], gS, -100)),
+        ("rescale_", (torch.randn(3, 4, device=device), torch.tensor(0.25, device=device))),
     ]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sample", range(11))
+@pytest.mark.parametrize("sample", range(12))
 def test_opcheck(device: str, sample: int) -> None:
     name, args = _op_samples(device)[sample]
     torch.library.opcheck(getattr(torch.ops.dora_engine, name).default, args)

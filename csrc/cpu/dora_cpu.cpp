@@ -221,6 +221,18 @@ void seq_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& la
   backward_into(logits, logits, labels, lse, gS, ignore_index);
 }
 
+void rescale_cpu(const at::Tensor& x, const at::Tensor& factor) {
+  check_rescale_inputs(x, factor);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rescale_cpu", [&] {
+    const scalar_t f = factor.data_ptr<scalar_t>()[0];
+    if (f == scalar_t(1)) return;
+    scalar_t* data = x.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) data[i] *= f;
+    });
+  });
+}
+
 TensorPair prompt_loss_cpu(const at::Tensor& S_in, const at::Tensor& L_in, const std::optional<at::Tensor>& S_ref_in,
                            const at::Tensor& scores_in, int64_t loss_code, c10::ArrayRef<double> params) {
   check_prompt_inputs(S_in, L_in, S_ref_in, scores_in, loss_code, params);

@@ -39,6 +39,10 @@ cudaError_t seq_logprobs_bwd(DType dtype, const void* logits, void* grad, int64_
                              int64_t grad_stride_t, const int64_t* labels, const void* lse, const void* gS,
                              RowShape shape, cudaStream_t stream);
 
+// x *= *factor over `count` acc values (float, or double as `fp64` says), skipped on the device when
+// *factor == 1, so a rescale that is usually not needed costs no pass over x and no host synchronisation.
+cudaError_t rescale(bool fp64, void* x, int64_t count, const void* factor, cudaStream_t stream);
+
 // The per-batch stage (csrc/include/dora_math.h) in one thread block. Tensors are acc (float or double)
 // as `fp64` says; S_ref and h may be null.
 struct StageArgs {

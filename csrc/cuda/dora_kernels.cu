@@ -438,6 +438,15 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
   }
 }
 
+// x *= *factor, unless *factor == 1 (then nothing is read or written).
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) rescale_kernel(T* __restrict__ x, int64_t count, const T* factor) {
+  const T f = *factor;
+  if (f == T(1)) return;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * kRowThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.x; i < count; i += step) x[i] *= f;
+}
+
 // The Block policy of dora_math.h for one CUDA thread block of kStageThreads.
 template <typename T>
 struct ThreadBlock {
@@ -592,6 +601,20 @@ cudaError_t seq_logprobs_bwd(DType dtype, const void* logits, void* grad, int64_
     default:
       return launch_backward<double>(logits, grad, grad_stride_n, grad_stride_t, labels, lse, gS, shape, stream);
   }
+}
+
+cudaError_t rescale(bool fp64, void* x, int64_t count, const void* factor, cudaStream_t stream) {
+  if (count <= 0) return cudaSuccess;
+  int64_t blocks = (count + kRowThreads - 1) / kRowThreads;
+  blocks = blocks < 4096 ? blocks : 4096;
+  if (fp64) {
+    rescale_kernel<double><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(
+        static_cast<double*>(x), count, static_cast<const double*>(factor));
+  } else {
+    rescale_kernel<float><<<static_cast<unsigned>(blocks), kRowThreads, 0, stream>>>(
+        static_cast<float*>(x), count, static_cast<const float*>(factor));
+  }
+  return cudaGetLastError();
 }
 
 cudaError_t prompt_loss(bool fp64, const StageArgs& a, const void* S, const void* L, const void* S_ref,

@@ -20,6 +20,7 @@ void check_prompt_inputs(const at::Tensor& S, const at::Tensor& L, const std::op
                          const at::Tensor& scores, int64_t loss_code, c10::ArrayRef<double> params);
 void check_reduce_inputs(const at::Tensor& ell, const std::optional<at::Tensor>& h, int64_t strategy_code,
                          double lam);
+void check_rescale_inputs(const at::Tensor& x, const at::Tensor& factor);
 
 // Row-pass layouts shared by both backends (csrc/bindings.cpp). The kernels take any row strides and need a
 // unit stride over the vocabulary: the logits themselves when they have one, else a contiguous copy.
@@ -46,7 +47,8 @@ at::Tensor empty_gradient_like(const at::Tensor& logits);
   TensorQuad batch_stage_##suffix(const at::Tensor& S, const at::Tensor& L,                                  \
                                   const std::optional<at::Tensor>& S_ref, const at::Tensor& scores,          \
                                   const std::optional<at::Tensor>& h, int64_t loss_code,                     \
-                                  c10::ArrayRef<double> params, int64_t strategy_code, double lam);
+                                  c10::ArrayRef<double> params, int64_t strategy_code, double lam);          \
+  void rescale_##suffix(const at::Tensor& x, const at::Tensor& factor);
 
 DORA_DECLARE_BACKEND(cpu)
 #ifdef DORA_WITH_CUDA
