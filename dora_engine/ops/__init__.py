@@ -86,7 +86,8 @@ def _backend(name: str) -> ModuleType:
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Hugging Face labels (N, T) (``labels[:, t]`` is token t) → the op's aligned labels: ``labels[:, t + 1]``
-    at position t, ``ignore_index`` at the last position. The logits stay whole (no sliced view to copy)."""
+    at position t, ``ignore_index`` at the last position. The logits stay whole (the fused kernels also read a
+    sliced view such as ``logits[:, :-1]`` in place, without a copy)."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels must be a 2-D tensor (N, T), got {getattr(labels, 'shape', type(labels).__name__)}")
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
