@@ -297,12 +297,13 @@ def test_single_pass_makes_no_host_synchronisation(strategy):
     hidden, weight, bias, labels, kw = make_problem(B=6, K=2, T=9, H=32, V=300, dtype=torch.bfloat16, seed=5)
     params = [t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias)]
     kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
+    labels = labels.cuda()
     args = {**kw, "loss": "dpo_pl", "strategy": strategy, "lam": 0.5, "chunk_bytes": 1, "validate": False}
-    want = run(reference_loss_linear, *params[:2], params[2], labels.cuda(), **args)
+    want = run(reference_loss_linear, *params[:2], params[2], labels, **args)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        got = run(dora_loss_linear, *params[:2], params[2], labels.cuda(), **args)
+        got = run(dora_loss_linear, *params[:2], params[2], labels, **args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert_same(*got, *want, rtol=2e-2, atol=2e-2)
