@@ -9,7 +9,10 @@ Implementations: ``reference`` (pure PyTorch), ``fused`` (gradient in a new buff
 peak above what the inputs already hold; on CUDA ``torch.cuda.max_memory_allocated``, on CPU the peak
 resident set (``ru_maxrss``) of a fresh process per point minus its resident set before the first run.
 On CUDA the forward and backward row passes are also timed alone and reported as achieved bandwidth
-(bytes moved / time) against the HBM bound. Points that run out of memory are skipped and reported.
+(bytes moved / time) and as a share of the HBM bound: the forward reads each scored token's logits once,
+the backward reads them once and writes every token's gradient once (an ignored token's zero row is only
+written). The bound is the device's nominal peak (H200 4.8 TB/s, H100 SXM 3.35 TB/s, …; ``--hbm-gbps``
+overrides it). Points that run out of memory are skipped and reported.
 
 Writes ``results.json``, ``results.md`` (markdown table) and ``results.png`` under ``--out``.
 """
@@ -38,8 +41,16 @@ from dora_engine.atomic import atomic_path, atomic_write  # noqa: E402
 IMPLS = ("reference", "fused", "fused_inplace")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 K = 2
-# Peak HBM bandwidth (GB/s) by device name, when the device properties do not give the memory clock.
-HBM_GBPS = {"H200": 4800.0, "H100": 3350.0, "A100-SXM4-80GB": 2039.0, "A100": 1555.0}
+# Nominal peak HBM bandwidth (GB/s) by device name, first match wins (so the more specific names first).
+HBM_GBPS = {
+    "H200": 4800.0,
+    "H100 PCIe": 2000.0,
+    "H100 NVL": 3900.0,
+    "H100": 3350.0,
+    "A100-SXM4-80GB": 2039.0,
+    "A100 80GB PCIe": 1935.0,
+    "A100": 1555.0,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,14 +146,19 @@ def run_cpu_point(point: dict, args: argparse.Namespace) -> dict:
     return {"time_ms": seconds * 1e3, "peak_extra_mb": max(peak - before, 0) / 2**20}
 
 
-def hbm_bound_gbps(args: argparse.Namespace) -> float | None:
+def hbm_bound(args: argparse.Namespace) -> tuple[float | None, str]:
+    """(GB/s, where the figure comes from): ``--hbm-gbps``, else the device's nominal peak by name, else the
+    memory clock and bus width the device reports."""
     if args.hbm_gbps:
-        return args.hbm_gbps
+        return args.hbm_gbps, "--hbm-gbps"
     props = torch.cuda.get_device_properties(0)
+    for name, gbps in HBM_GBPS.items():
+        if name in props.name:
+            return gbps, f"{name} nominal"
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:
-        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
-    return next((gbps for name, gbps in HBM_GBPS.items() if name in props.name), None)
+        return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9, "memory clock × bus width"  # double data rate
+    return None, "unknown"
 
 
 def row_pass_bandwidth(inputs: dict[str, Any], args: argparse.Namespace) -> dict:
@@ -156,13 +172,14 @@ def row_pass_bandwidth(inputs: dict[str, Any], args: argparse.Namespace) -> dict
     valid_rows, all_rows = int((y != -100).sum()), y.numel()
     fwd = timed(lambda: ops.seq_logprobs_fwd(z, y, -100), args.repeats, args.warmup, torch.cuda.synchronize)
     bwd = timed(lambda: ops.seq_logprobs_bwd(z, y, lse, gS, -100), args.repeats, args.warmup, torch.cuda.synchronize)
-    bound = hbm_bound_gbps(args)
+    bound, source = hbm_bound(args)
     result = {
         "fwd_ms": fwd * 1e3,
         "bwd_ms": bwd * 1e3,
         "fwd_gbps": valid_rows * row_bytes / fwd / 1e9,
         "bwd_gbps": (valid_rows + all_rows) * row_bytes / bwd / 1e9,
         "hbm_gbps": bound,
+        "hbm_source": source,
     }
     if bound:
         result.update(fwd_of_bound=result["fwd_gbps"] / bound, bwd_of_bound=result["bwd_gbps"] / bound)
@@ -235,6 +252,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"# Fused op benchmark ({meta['device']}: {meta['device_name']}, torch {meta['torch']})",
         "",
         "Forward+backward of `dora_loss` (dpo_pl, dora, K = 2); time = median ms, memory = peak MB above the inputs.",
+        *(["Row passes alone: fwd = one read of the scored tokens' logits, bwd = that read + one write of the whole",
+           f"gradient, in GB/s and % of the HBM bound ({_bound_text(rows)})."] if meta["device"] == "cuda" else []),
         "",
         "| dtype | V | T | N | reference ms | fused ms | in-place ms | speedup | reference MB | fused MB "
         "| in-place MB | memory ratio | fwd GB/s (% HBM) | bwd GB/s (% HBM) |",
@@ -259,6 +278,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"| {_cell(ip, 'peak_extra_mb', '.0f')} | {ratio} | {bandwidth[0]} | {bandwidth[1]} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _bound_text(rows: list[dict]) -> str:
+    for row in rows:
+        fused = row["impls"].get("fused") or {}
+        if fused.get("hbm_gbps"):
+            return f"{fused['hbm_gbps'] / 1000:.2f} TB/s, {fused['hbm_source']}"
+    return "no CUDA point"
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

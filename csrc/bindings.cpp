@@ -6,9 +6,17 @@
 //   prompt_loss        stage (2a): ℓ (B,) and ∂ℓ_b/∂S_n (N,)
 //   robust_reduce      stage (2b): L, the strategy's weights (B,) and ∂L/∂ℓ (B,)
 //   batch_stage        (2a) + (2b) + gS[n] = ∂L/∂ℓ_b·∂ℓ_b/∂S_n in one call (one launch on the GPU)
+//   rescale_           x *= factor (a one-value tensor) unless factor == 1: the fused-linear accumulators'
+//                      rescale, decided on the device without a host synchronisation
+//
+// The row passes take logits with any row strides and a unit stride over the vocabulary (others are copied
+// once); the backward writes a new gradient with the logits' 16-byte alignment, or over the logits.
 //
 // Loss and strategy codes and the parameter order come from dora_engine/losses.py.
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <cstdint>
 
 #include "dora_math.h"
 #include "dora_ops.h"
@@ -56,6 +64,55 @@ void check_rowpass_backward_inputs(const at::Tensor& logits, const at::Tensor& l
   check_same_device(gS, "gS", logits);
 }
 
+at::Tensor with_unit_vocabulary_stride(const at::Tensor& logits) {
+  return logits.size(2) <= 1 || logits.stride(2) == 1 ? logits : logits.contiguous();
+}
+
+bool rows_disjoint(const at::Tensor& logits) {
+  // Rows (n, t) of V values at n·stride_n + t·stride_t: disjoint when, taking the dimensions of more than
+  // one row by increasing stride, each stride clears everything the smaller one spans.
+  if (logits.size(2) > 1 && logits.stride(2) != 1) return false;
+  int64_t span = logits.size(2);  // values one row spans
+  int64_t sizes[2] = {logits.size(0), logits.size(1)}, strides[2] = {logits.stride(0), logits.stride(1)};
+  if (strides[0] < strides[1] || (strides[0] == strides[1] && sizes[0] > sizes[1])) {
+    std::swap(sizes[0], sizes[1]);
+    std::swap(strides[0], strides[1]);
+  }
+  for (int d = 1; d >= 0; --d) {  // the smaller stride first
+    if (sizes[d] <= 1) continue;
+    if (strides[d] < span) return false;
+    span = strides[d] * (sizes[d] - 1) + span;
+  }
+  return true;
+}
+
+void check_overwritable(const at::Tensor& logits) {
+  TORCH_CHECK(rows_disjoint(logits), "seq_logprobs_bwd_: logits must have a unit stride over the vocabulary and rows "
+              "that do not overlap to be overwritten in place, got strides ", logits.strides());
+}
+
+at::Tensor empty_gradient_like(const at::Tensor& logits) {
+  // A contiguous (N, T, V) tensor starting at the same address modulo 16 bytes as the logits, so that the
+  // row passes pair 16-byte loads with 16-byte stores wherever the rows line up (always for contiguous
+  // logits; for strided views when a row's size is a multiple of 16 bytes).
+  const int64_t numel = logits.numel(), size = logits.element_size();
+  const int64_t offset = static_cast<int64_t>(reinterpret_cast<uintptr_t>(logits.data_ptr()) % 16);
+  if (numel == 0 || offset == 0 || offset % size != 0) return at::empty(logits.sizes(), logits.options());
+  const int64_t pad = 16 / size;
+  at::Tensor storage = at::empty({numel + pad}, logits.options());
+  const int64_t base = static_cast<int64_t>(reinterpret_cast<uintptr_t>(storage.data_ptr()) % 16);
+  const int64_t shift = ((offset - base + 16) % 16) / size;
+  return storage.narrow(0, shift, numel).view(logits.sizes());
+}
+
+void check_rescale_inputs(const at::Tensor& x, const at::Tensor& factor) {
+  TORCH_CHECK(is_accumulation_dtype(x.scalar_type()), "rescale_: x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), "rescale_: x must be contiguous");
+  TORCH_CHECK(factor.numel() == 1 && factor.scalar_type() == x.scalar_type(), "rescale_: factor must be one ",
+              x.scalar_type(), " value, got shape ", factor.sizes(), " and dtype ", factor.scalar_type());
+  check_same_device(factor, "factor", x);
+}
+
 void check_prompt_inputs(const at::Tensor& S, const at::Tensor& L, const std::optional<at::Tensor>& S_ref,
                          const at::Tensor& scores, int64_t loss_code, c10::ArrayRef<double> params) {
   TORCH_CHECK(loss_code >= 0 && loss_code < kNumLosses, "unknown loss code ", loss_code);
@@ -101,6 +158,7 @@ TORCH_LIBRARY(dora_engine, m) {
         "-> (Tensor loss, Tensor weights, Tensor dloss_dell)");
   m.def("batch_stage(Tensor S, Tensor L, Tensor? S_ref, Tensor scores, Tensor? h, int loss_code, float[] params, "
         "int strategy_code, float lam) -> (Tensor loss, Tensor ell, Tensor weights, Tensor gS)");
+  m.def("rescale_(Tensor(a!) x, Tensor factor) -> ()");
 }
 
 #define DORA_REGISTER_BACKEND(m, suffix)                                   \
@@ -109,7 +167,8 @@ TORCH_LIBRARY(dora_engine, m) {
   m.impl("seq_logprobs_bwd_", &dora::seq_logprobs_bwd_inplace_##suffix);  \
   m.impl("prompt_loss", &dora::prompt_loss_##suffix);                     \
   m.impl("robust_reduce", &dora::robust_reduce_##suffix);                 \
-  m.impl("batch_stage", &dora::batch_stage_##suffix);
+  m.impl("batch_stage", &dora::batch_stage_##suffix);                     \
+  m.impl("rescale_", &dora::rescale_##suffix);
 
 TORCH_LIBRARY_IMPL(dora_engine, CPU, m) { DORA_REGISTER_BACKEND(m, cpu) }
 

@@ -37,7 +37,10 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& x) {
 cuda::RowShape row_shape(const at::Tensor& logits, int64_t ignore_index) {
   TORCH_CHECK(logits.size(0) * logits.size(1) <= std::numeric_limits<int32_t>::max(),
               "the CUDA row pass takes at most 2^31 - 1 token rows (N·T), got ", logits.size(0) * logits.size(1));
-  return {logits.size(0), logits.size(1), logits.size(2), ignore_index};
+  cuda::RowShape shape{logits.size(0), logits.size(1), logits.size(2), logits.stride(0), logits.stride(1),
+                       ignore_index, 1};
+  shape.splits = cuda::row_splits(dtype_of(logits), shape);
+  return shape;
 }
 
 cuda::StageArgs stage_args(int64_t loss_code, c10::ArrayRef<double> params, int64_t strategy_code, double lam,
@@ -56,8 +59,9 @@ void backward_into(const at::Tensor& logits, const at::Tensor& grad, const at::T
                    const at::Tensor& gS, int64_t ignore_index) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const at::Tensor y = labels.contiguous(), l = lse.contiguous(), g = gS.contiguous();
-  check_launch(cuda::seq_logprobs_bwd(dtype_of(logits), logits.data_ptr(), grad.data_ptr(), y.data_ptr<int64_t>(),
-                                      l.data_ptr(), g.data_ptr(), row_shape(logits, ignore_index), current_stream()),
+  check_launch(cuda::seq_logprobs_bwd(dtype_of(logits), logits.data_ptr(), grad.data_ptr(), grad.stride(0),
+                                      grad.stride(1), y.data_ptr<int64_t>(), l.data_ptr(), g.data_ptr(),
+                                      row_shape(logits, ignore_index), current_stream()),
                "seq_logprobs_bwd");
 }
 
@@ -66,15 +70,16 @@ void backward_into(const at::Tensor& logits, const at::Tensor& grad, const at::T
 TensorTriple seq_logprobs_fwd_cuda(const at::Tensor& logits_in, const at::Tensor& labels_in, int64_t ignore_index) {
   check_rowpass_inputs(logits_in, labels_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const at::Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous();
+  const at::Tensor logits = with_unit_vocabulary_stride(logits_in), labels = labels_in.contiguous();
   const int64_t N = logits.size(0), T = logits.size(1);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = logits.options().dtype(acc);
   at::Tensor S = at::empty({N}, options), L = at::empty({N}, options), lse = at::empty({N, T}, options);
-  at::Tensor lp = at::empty({N, T}, options);
-  check_launch(cuda::seq_logprobs_fwd(dtype_of(logits), logits.data_ptr(), labels.data_ptr<int64_t>(),
-                                      row_shape(logits, ignore_index), lse.data_ptr(), lp.data_ptr(), S.data_ptr(),
-                                      L.data_ptr(), current_stream()),
+  const cuda::RowShape shape = row_shape(logits, ignore_index);
+  at::Tensor partial = at::empty({2 * N * T * shape.splits}, options);  // (max, sum) per row and split
+  check_launch(cuda::seq_logprobs_fwd(dtype_of(logits), logits.data_ptr(), labels.data_ptr<int64_t>(), shape,
+                                      lse.data_ptr(), partial.data_ptr(), S.data_ptr(), L.data_ptr(),
+                                      current_stream()),
                "seq_logprobs_fwd");
   return {S, L, lse};
 }
@@ -82,8 +87,8 @@ TensorTriple seq_logprobs_fwd_cuda(const at::Tensor& logits_in, const at::Tensor
 at::Tensor seq_logprobs_bwd_cuda(const at::Tensor& logits_in, const at::Tensor& labels, const at::Tensor& lse,
                                  const at::Tensor& gS, int64_t ignore_index) {
   check_rowpass_backward_inputs(logits_in, labels, lse, gS);
-  const at::Tensor logits = logits_in.contiguous();
-  at::Tensor grad = at::empty_like(logits);
+  const at::Tensor logits = with_unit_vocabulary_stride(logits_in);
+  at::Tensor grad = empty_gradient_like(logits);
   backward_into(logits, grad, labels, lse, gS, ignore_index);
   return grad;
 }
@@ -91,8 +96,16 @@ at::Tensor seq_logprobs_bwd_cuda(const at::Tensor& logits_in, const at::Tensor& 
 void seq_logprobs_bwd_inplace_cuda(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                    const at::Tensor& gS, int64_t ignore_index) {
   check_rowpass_backward_inputs(logits, labels, lse, gS);
-  TORCH_CHECK(logits.is_contiguous(), "seq_logprobs_bwd_: logits must be contiguous to be overwritten in place");
+  check_overwritable(logits);
   backward_into(logits, logits, labels, lse, gS, ignore_index);
+}
+
+void rescale_cuda(const at::Tensor& x, const at::Tensor& factor) {
+  check_rescale_inputs(x, factor);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(cuda::rescale(x.scalar_type() == at::kDouble, x.data_ptr(), x.numel(), factor.data_ptr(),
+                             current_stream()),
+               "rescale_");
 }
 
 TensorPair prompt_loss_cuda(const at::Tensor& S_in, const at::Tensor& L_in, const std::optional<at::Tensor>& S_ref_in,

@@ -226,7 +226,7 @@ def test_cuda_matches_the_logits_path(mode, dtype):
 )
 def test_weight_gradient_accumulates_in_fp32_with_and_without_a_mixed_dtype_gemm(monkeypatch, mixed_gemm):
     """torch without ``addmm(out_dtype=)`` (and every CPU) takes the fallback: one bf16 product per chunk,
-    summed into the fp32 accumulator with the running rescale."""
+    summed into the fp32 accumulator; the running rescale is ``rescale_`` on the accumulator."""
     device = "cuda" if mixed_gemm else "cpu"
     if mixed_gemm and not fused_linear.ADDMM_OUT_DTYPE:
         pytest.skip("this torch has no addmm(out_dtype=)")
@@ -237,7 +237,73 @@ def test_weight_gradient_accumulates_in_fp32_with_and_without_a_mixed_dtype_gemm
     acc = torch.zeros(5, 3, device=device)
     want = torch.zeros(5, 3, dtype=torch.float64, device=device)
     for d, h, beta in zip(dz, x, (1.0, 0.5, 2.0), strict=True):
-        fused_linear._accumulate_weight_grad(acc, d, h, beta)
+        torch.ops.dora_engine.rescale_(acc, torch.tensor(beta, device=device))
+        fused_linear._accumulate_weight_grad(acc, d, h)
         want = beta * want + d.double().t() @ h.double()
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc.double(), want, rtol=2e-2, atol=2e-2)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                    reason="needs a CUDA device")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rescale_leaves_the_accumulator_alone_for_a_factor_of_one(device):
+    x = torch.randn(100, 7, device=device)
+    x[3, 4] = float("nan")
+    before = x.clone()
+    torch.ops.dora_engine.rescale_(x, torch.ones((), device=device))
+    assert torch.equal(x.isnan(), before.isnan()) and torch.equal(x.nan_to_num(), before.nan_to_num())
+    torch.ops.dora_engine.rescale_(x, torch.tensor(0.5, device=device))
+    torch.testing.assert_close(x, before * 0.5, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("floor", [1.0, 1e-3, None])
+def test_single_pass_renormalises_its_accumulators_when_the_unit_gets_small(monkeypatch, device, floor):
+    """Every chunk (floor 1), sometimes (1e-3) or with the default floor, where λ is so small that the weights of
+    earlier chunks underflow: the same gradients as the reference (without renormalising, dz / unit overflows)."""
+    if floor is not None:
+        monkeypatch.setattr(fused_linear, "_DEFAULT_UNIT_FLOOR", floor)
+    kernels, factors = fused_linear._kernels, []
+
+    class RecordingKernels:
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def rescale_(self, x, factor):
+            factors.append(factor.item())
+            kernels.rescale_(x, factor)
+
+    monkeypatch.setattr(fused_linear, "_kernels", RecordingKernels())
+    hidden, weight, bias, labels, kw = make_problem(B=6, K=2, T=5, H=8, V=20, dtype=torch.float32, seed=3)
+    with torch.no_grad():
+        hidden[4:] *= 3  # later prompts with larger losses: the unit falls by orders of magnitude
+    params = [t.detach().to(device).requires_grad_(True) for t in (hidden, weight, bias)]
+    kw = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    args = {**kw, "loss": "ipo", "strategy": "dora", "lam": 0.05}
+    want = run(reference_loss_linear, *params[:2], params[2], labels.to(device), **args)
+    got = run(dora_loss_linear, *params[:2], params[2], labels.to(device), chunk_bytes=1, **args)
+    assert_same(*got, *want, rtol=1e-4, atol=1e-5)
+    assert any(f < 1 for f in factors)  # the accumulators were renormalised
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", ["dora", "erm"])
+def test_single_pass_makes_no_host_synchronisation(strategy):
+    """The per-chunk rescale stays on the device: forward and backward run under sync debug mode "error"."""
+    hidden, weight, bias, labels, kw = make_problem(B=6, K=2, T=9, H=32, V=300, dtype=torch.bfloat16, seed=5)
+    params = [t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias)]
+    kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
+    labels = labels.cuda()
+    args = {**kw, "loss": "dpo_pl", "strategy": strategy, "lam": 0.5, "chunk_bytes": 1, "validate": False}
+    want = run(reference_loss_linear, *params[:2], params[2], labels, **args)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = run(dora_loss_linear, *params[:2], params[2], labels, **args)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert_same(*got, *want, rtol=2e-2, atol=2e-2)

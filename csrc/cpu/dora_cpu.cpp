@@ -1,17 +1,17 @@
-// CPU kernels of the DoRA op (DESIGN.md section 5): the forward and backward row passes over the
+// CPU kernels of the DoRA op (docs/design.md section 5): the forward and backward row passes over the
 // vocabulary, parallel over token rows with at::parallel_for, and the per-batch stage of
 // csrc/include/dora_math.h run by one thread (B and K are small).
 //
-// A row is read in chunks of kChunk values that stay in L1: the chunk maximum, then Σ exp(z − m)
-// against the running maximum m (rescaling the running sum when m grows), so the logits come from
-// memory once per pass. bf16/fp16 chunks are widened to fp32 first; float64 stays float64.
+// Token row (n, t) starts at z + n·stride_n + t·stride_t and is contiguous over the vocabulary, so views
+// such as logits[:, :-1] are read (and, in place, written) without a copy. A row is read in chunks of
+// kChunk values that stay in L1: the chunk maximum, then Σ exp(z − m) against the running maximum m
+// (dora_math.h's OnlineLse: NaN anywhere makes the row's log-sum-exp NaN), so the logits come from memory
+// once per pass. bf16/fp16 chunks are widened to fp32 first; float64 stays float64.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -43,6 +43,7 @@ const acc_t* widen(const scalar_t* src, int64_t n, acc_t* buffer) {
   }
 }
 
+// The largest value, NaN skipped (OnlineLse sends NaN to the sum instead).
 template <typename acc_t>
 acc_t chunk_max(const acc_t* x, int64_t n) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
@@ -59,65 +60,54 @@ acc_t chunk_sum_exp(const acc_t* x, int64_t n, acc_t shift) {
   return s;
 }
 
-// log Σ_v exp(row[v]) in one pass over the row (NaN propagates through the sum).
+// log Σ_v exp(row[v]) in one pass over the row; NaN (or +∞) anywhere gives NaN.
 template <typename scalar_t, typename acc_t>
 acc_t row_logsumexp(const scalar_t* row, int64_t V) {
   acc_t buffer[kChunk];
-  acc_t m = -std::numeric_limits<acc_t>::infinity();
-  acc_t s = 0;
+  OnlineLse<acc_t> state{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
   for (int64_t c = 0; c < V; c += kChunk) {
     const int64_t n = std::min(kChunk, V - c);
     const acc_t* x = widen(row + c, n, buffer);
-    const acc_t cm = chunk_max(x, n);
-    if (cm > m) {
-      s *= std::exp(m - cm);
-      m = cm;
-    }
-    if (m == -std::numeric_limits<acc_t>::infinity()) continue;  // every value so far is −∞
-    s += chunk_sum_exp(x, n, m);
+    state.raise_to(chunk_max(x, n), NaturalUnits{});
+    state.s += chunk_sum_exp(x, n, state.shift(NaturalUnits{}));
   }
-  return m + std::log(s);
+  return state.m + std::log(state.s);
 }
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(V, 1)); }
 
-// A label outside [0, V) that is not ignore_index: the first such (lowest) row index, or -1.
-struct BadLabel {
-  std::atomic<int64_t> row{std::numeric_limits<int64_t>::max()};
-  void record(int64_t r) {
-    int64_t seen = row.load();
-    while (r < seen && !row.compare_exchange_weak(seen, r)) {
-    }
-  }
-  void raise_if_any(const int64_t* labels, int64_t T, int64_t V, int64_t ignore_index) const {
-    const int64_t r = row.load();
-    TORCH_CHECK(r == std::numeric_limits<int64_t>::max(), "labels[", r / T, ", ", r % T, "] = ", labels[r],
-                " is outside [0, ", V, ") and is not ignore_index (", ignore_index, ")");
-  }
+// The rows of a row pass: (N, T, V) with row strides, unit stride over V.
+struct Rows {
+  int64_t N, T, V, stride_n, stride_t;
+  int64_t offset(int64_t r) const { return (r / T) * stride_n + (r % T) * stride_t; }
 };
 
+Rows rows_of(const at::Tensor& t) { return {t.size(0), t.size(1), t.size(2), t.stride(0), t.stride(1)}; }
+
 template <typename scalar_t>
-void forward_rows(const scalar_t* z, const int64_t* y, int64_t N, int64_t T, int64_t V, int64_t ignore_index,
+void forward_rows(const scalar_t* z, const Rows& rows, const int64_t* y, int64_t ignore_index,
                   acc_type<scalar_t>* lse, acc_type<scalar_t>* S, acc_type<scalar_t>* L) {
   using acc_t = acc_type<scalar_t>;
-  BadLabel bad;
+  const int64_t N = rows.N, T = rows.T, V = rows.V;
   // Token log-probs, summed per sequence afterwards in a fixed order (no atomics).
   std::vector<acc_t> lp(static_cast<size_t>(N * T));
   at::parallel_for(0, N * T, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = y[r];
-      if (label == ignore_index || label < 0 || label >= V) {
-        if (label != ignore_index) bad.record(r);
+      if (label == ignore_index) {
         lse[r] = 0;
         lp[r] = 0;
         continue;
       }
-      const scalar_t* row = z + r * V;
+      if (!label_in_vocabulary(label, V)) {  // unchecked input: a NaN row (dora_math.h)
+        lse[r] = lp[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        continue;
+      }
+      const scalar_t* row = z + rows.offset(r);
       lse[r] = row_logsumexp<scalar_t, acc_t>(row, V);
       lp[r] = static_cast<acc_t>(row[label]) - lse[r];
     }
   });
-  bad.raise_if_any(y, T, V, ignore_index);
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       acc_t total = 0, count = 0;
@@ -131,26 +121,29 @@ void forward_rows(const scalar_t* z, const int64_t* y, int64_t N, int64_t T, int
   });
 }
 
-// out[n, t, :] = gS[n]·(onehot(y) − softmax(z[n, t, :])); zero rows at ignored tokens. out may be z.
+// out[n, t, :] = gS[n]·(onehot(y) − softmax(z[n, t, :])); zero rows at ignored tokens, NaN rows at labels
+// outside [0, V). out may be z (same rows).
 template <typename scalar_t>
-void backward_rows(const scalar_t* z, scalar_t* out, const int64_t* y, const acc_type<scalar_t>* lse,
-                   const acc_type<scalar_t>* gS, int64_t N, int64_t T, int64_t V, int64_t ignore_index) {
+void backward_rows(const scalar_t* z, const Rows& in, scalar_t* out, const Rows& out_rows, const int64_t* y,
+                   const acc_type<scalar_t>* lse, const acc_type<scalar_t>* gS, int64_t ignore_index) {
   using acc_t = acc_type<scalar_t>;
-  BadLabel bad;
-  at::parallel_for(0, N * T, row_grain(V), [&](int64_t begin, int64_t end) {
+  const int64_t T = in.T, V = in.V;
+  at::parallel_for(0, in.N * T, row_grain(V), [&](int64_t begin, int64_t end) {
     acc_t buffer[kChunk];
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = y[r];
-      scalar_t* dst = out + r * V;
-      if (label == ignore_index || label < 0 || label >= V) {
-        if (label != ignore_index) bad.record(r);
+      scalar_t* dst = out + out_rows.offset(r);
+      if (label == ignore_index) {
         std::fill(dst, dst + V, scalar_t(0));
         continue;
       }
-      const scalar_t* row = z + r * V;
-      const acc_t g = gS[r / T], shift = lse[r];
-      // The target term g·(1 − p_y) in the accumulation dtype before the cast (bf16 would cancel).
-      const acc_t target = g * (acc_t(1) - std::exp(static_cast<acc_t>(row[label]) - shift));
+      const bool in_vocabulary = label_in_vocabulary(label, V);
+      const scalar_t* row = z + in.offset(r);
+      const acc_t g = gS[r / T];
+      const acc_t shift = in_vocabulary ? lse[r] : std::numeric_limits<acc_t>::quiet_NaN();
+      // The label's entry in the accumulation dtype before the cast (bf16 would cancel), read before the
+      // row is overwritten.
+      const acc_t target = in_vocabulary ? label_gradient(g, static_cast<acc_t>(row[label]), shift) : shift;
       for (int64_t c = 0; c < V; c += kChunk) {
         const int64_t n = std::min(kChunk, V - c);
         const acc_t* x = widen(row + c, n, buffer);
@@ -163,10 +156,9 @@ void backward_rows(const scalar_t* z, scalar_t* out, const int64_t* y, const acc
           for (int64_t i = 0; i < n; ++i) dst[c + i] = static_cast<scalar_t>(buffer[i]);
         }
       }
-      dst[label] = static_cast<scalar_t>(target);
+      if (in_vocabulary) dst[label] = static_cast<scalar_t>(target);
     }
   });
-  bad.raise_if_any(y, T, V, ignore_index);
 }
 
 template <typename T>
@@ -187,15 +179,15 @@ void params_as(c10::ArrayRef<double> params, T* out) {
 
 TensorTriple seq_logprobs_fwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels_in, int64_t ignore_index) {
   check_rowpass_inputs(logits_in, labels_in);
-  const at::Tensor logits = logits_in.contiguous(), labels = labels_in.contiguous();
-  const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
+  const at::Tensor logits = with_unit_vocabulary_stride(logits_in), labels = labels_in.contiguous();
+  const int64_t N = logits.size(0), T = logits.size(1);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor S = at::empty({N}, logits.options().dtype(acc));
   at::Tensor L = at::empty({N}, logits.options().dtype(acc));
   at::Tensor lse = at::empty({N, T}, logits.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "seq_logprobs_fwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    forward_rows<scalar_t>(logits.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(), N, T, V, ignore_index,
+    forward_rows<scalar_t>(logits.data_ptr<scalar_t>(), rows_of(logits), labels.data_ptr<int64_t>(), ignore_index,
                            lse.data_ptr<acc_t>(), S.data_ptr<acc_t>(), L.data_ptr<acc_t>());
   });
   return {S, L, lse};
@@ -205,11 +197,10 @@ namespace {
 void backward_into(const at::Tensor& logits, const at::Tensor& out, const at::Tensor& labels_in,
                    const at::Tensor& lse_in, const at::Tensor& gS_in, int64_t ignore_index) {
   const at::Tensor labels = labels_in.contiguous(), lse = lse_in.contiguous(), gS = gS_in.contiguous();
-  const int64_t N = logits.size(0), T = logits.size(1), V = logits.size(2);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "seq_logprobs_bwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
-    backward_rows<scalar_t>(logits.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), labels.data_ptr<int64_t>(),
-                            lse.data_ptr<acc_t>(), gS.data_ptr<acc_t>(), N, T, V, ignore_index);
+    backward_rows<scalar_t>(logits.data_ptr<scalar_t>(), rows_of(logits), out.data_ptr<scalar_t>(), rows_of(out),
+                            labels.data_ptr<int64_t>(), lse.data_ptr<acc_t>(), gS.data_ptr<acc_t>(), ignore_index);
   });
 }
 }  // namespace
@@ -217,8 +208,8 @@ void backward_into(const at::Tensor& logits, const at::Tensor& out, const at::Te
 at::Tensor seq_logprobs_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& labels, const at::Tensor& lse,
                                 const at::Tensor& gS, int64_t ignore_index) {
   check_rowpass_backward_inputs(logits_in, labels, lse, gS);
-  const at::Tensor logits = logits_in.contiguous();
-  at::Tensor out = at::empty_like(logits);
+  const at::Tensor logits = with_unit_vocabulary_stride(logits_in);
+  at::Tensor out = empty_gradient_like(logits);
   backward_into(logits, out, labels, lse, gS, ignore_index);
   return out;
 }
@@ -226,8 +217,20 @@ at::Tensor seq_logprobs_bwd_cpu(const at::Tensor& logits_in, const at::Tensor& l
 void seq_logprobs_bwd_inplace_cpu(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& lse,
                                   const at::Tensor& gS, int64_t ignore_index) {
   check_rowpass_backward_inputs(logits, labels, lse, gS);
-  TORCH_CHECK(logits.is_contiguous(), "seq_logprobs_bwd_: logits must be contiguous to be overwritten in place");
+  check_overwritable(logits);
   backward_into(logits, logits, labels, lse, gS, ignore_index);
+}
+
+void rescale_cpu(const at::Tensor& x, const at::Tensor& factor) {
+  check_rescale_inputs(x, factor);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rescale_cpu", [&] {
+    const scalar_t f = factor.data_ptr<scalar_t>()[0];
+    if (f == scalar_t(1)) return;
+    scalar_t* data = x.data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) data[i] *= f;
+    });
+  });
 }
 
 TensorPair prompt_loss_cpu(const at::Tensor& S_in, const at::Tensor& L_in, const std::optional<at::Tensor>& S_ref_in,

@@ -93,6 +93,68 @@ DORA_HD T sigmoid(T x) {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Row passes (section 5.3 (1) and (3)): the per-value rules shared by the CPU and CUDA row kernels
+// ------------------------------------------------------------------------------------------------
+
+DORA_HD float fmax_(float a, float b) { return fmaxf(a, b); }
+DORA_HD double fmax_(double a, double b) { return fmax(a, b); }
+
+// The units of a row pass's exponential: scale(x) maps a value to them and exp(u) is the exponential there.
+// Natural units: scale(x) = x, exp = e^u. (The CUDA fp32 kernels use x·log2 e and 2^u instead.)
+struct NaturalUnits {
+  template <typename T>
+  DORA_HD T scale(T x) const { return x; }
+  template <typename T>
+  DORA_HD T exp(T u) const { return exp_(u); }
+};
+
+// A running log-sum-exp over a row: m is the largest value seen (as given), s = Σ E(scale(u) − scale(m))
+// over the values u seen, in the units of the caller's `units` (see NaturalUnits). Rebasing s uses the same
+// scale(m) as the terms did, so s stays consistent whatever the rounding of scale. NaN never enters m
+// (fmax skips it) but always enters s, so a NaN anywhere in a row makes its log-sum-exp NaN whichever
+// thread, chunk or block meets it first; while m = −∞ (nothing finite seen yet) no ∞ − ∞ is formed. +∞
+// gives NaN too (∞ − ∞ inside E). Start from {−∞, 0}.
+template <typename T>
+struct OnlineLse {
+  T m;
+  T s;
+
+  // Moves the reference to max(m, vmax) before values whose maximum is vmax are added.
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD void raise_to(T vmax, const Units& units) {
+    const T next = fmax_(m, vmax);
+    s = next == m ? s : s * units.exp(units.scale(m) - units.scale(next));  // from m = −∞: E(−∞) = 0
+    m = next;
+  }
+
+  // What to subtract from scale(value) before E: scale(m), or 0 while m = −∞ (every value seen is then −∞
+  // or NaN, so E(scale(value) − 0) is 0 or NaN as it should be).
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD T shift(const Units& units) const { return m == negative_infinity<T>() ? T(0) : units.scale(m); }
+
+  // Folds in another running pair (m2, s2) over other values of the same row.
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD void merge(T m2, T s2, const Units& units) {
+    const T next = fmax_(m, m2);
+    s = (m == next ? s : s * units.exp(units.scale(m) - units.scale(next))) +
+        (m2 == next ? s2 : s2 * units.exp(units.scale(m2) - units.scale(next)));
+    m = next;
+  }
+};
+
+// The label's entry of the backward row pass, g·(1 − p_y) with p_y = exp(z_y − lse), formed as
+// −g·expm1(z_y − lse) so that it keeps its precision as p_y → 1.
+template <typename T>
+DORA_HD T label_gradient(T g, T z_y, T lse) { return -g * expm1_(z_y - lse); }
+
+// An unchecked label outside [0, V) that is not ignore_index (validate=False) gives its row a NaN
+// log-sum-exp, hence a NaN token log-prob and S, and a NaN gradient row; nothing outside the row is read.
+DORA_HD bool label_in_vocabulary(int64_t label, int64_t V) { return label >= 0 && label < V; }
+
+// ------------------------------------------------------------------------------------------------
 // Stage (2a): one prompt's loss ℓ_b and gradient ∂ℓ_b/∂S_k (section 4 table)
 // ------------------------------------------------------------------------------------------------
 

@@ -20,6 +20,17 @@ void check_prompt_inputs(const at::Tensor& S, const at::Tensor& L, const std::op
                          const at::Tensor& scores, int64_t loss_code, c10::ArrayRef<double> params);
 void check_reduce_inputs(const at::Tensor& ell, const std::optional<at::Tensor>& h, int64_t strategy_code,
                          double lam);
+void check_rescale_inputs(const at::Tensor& x, const at::Tensor& factor);
+
+// Row-pass layouts shared by both backends (csrc/bindings.cpp). The kernels take any row strides and need a
+// unit stride over the vocabulary: the logits themselves when they have one, else a contiguous copy.
+at::Tensor with_unit_vocabulary_stride(const at::Tensor& logits);
+// Whether the (N, T, V) rows of `logits` have a unit vocabulary stride and do not overlap in memory.
+bool rows_disjoint(const at::Tensor& logits);
+// Refuses logits that the backward cannot overwrite in place (rows_disjoint false), naming the strides.
+void check_overwritable(const at::Tensor& logits);
+// A new contiguous gradient for `logits` that starts at the same address modulo 16 bytes.
+at::Tensor empty_gradient_like(const at::Tensor& logits);
 
 #define DORA_DECLARE_BACKEND(suffix)                                                                        \
   TensorTriple seq_logprobs_fwd_##suffix(const at::Tensor& logits, const at::Tensor& labels,                 \
@@ -36,7 +47,8 @@ void check_reduce_inputs(const at::Tensor& ell, const std::optional<at::Tensor>&
   TensorQuad batch_stage_##suffix(const at::Tensor& S, const at::Tensor& L,                                  \
                                   const std::optional<at::Tensor>& S_ref, const at::Tensor& scores,          \
                                   const std::optional<at::Tensor>& h, int64_t loss_code,                     \
-                                  c10::ArrayRef<double> params, int64_t strategy_code, double lam);
+                                  c10::ArrayRef<double> params, int64_t strategy_code, double lam);          \
+  void rescale_##suffix(const at::Tensor& x, const at::Tensor& factor);
 
 DORA_DECLARE_BACKEND(cpu)
 #ifdef DORA_WITH_CUDA

@@ -86,7 +86,8 @@ def _backend(name: str) -> ModuleType:
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Hugging Face labels (N, T) (``labels[:, t]`` is token t) → the op's aligned labels: ``labels[:, t + 1]``
-    at position t, ``ignore_index`` at the last position. The logits stay whole (no sliced view to copy)."""
+    at position t, ``ignore_index`` at the last position. The logits stay whole (the fused kernels also read a
+    sliced view such as ``logits[:, :-1]`` in place, without a copy)."""
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels must be a 2-D tensor (N, T), got {getattr(labels, 'shape', type(labels).__name__)}")
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
@@ -127,9 +128,13 @@ def sequence_logprobs(
         ignore_index: label value of positions that are not scored.
         backend: ``"auto"``, ``"fused"`` or ``"reference"``.
         validate: check the label range on the host (one synchronisation); shapes, dtypes and devices are
-            always checked. With ``validate=False`` an out-of-range label is undefined behaviour.
+            always checked. With ``validate=False`` a label outside [0, V) other than ``ignore_index`` is not
+            an error: on every backend and device its row's S is NaN (L counts the token) and its gradient
+            row is NaN, nothing outside the logits is read, and the other rows are unaffected. NaN (or +inf)
+            anywhere in a token's logits likewise makes its row's S and that token's gradient row NaN.
         inplace_backward: allow the backward to overwrite ``logits`` with their gradient (the fused backend
-            then allocates no N·T·V buffer); do not read ``logits`` after backward.
+            then allocates no N·T·V buffer, also for a view such as ``logits[:, :-1]``); do not read
+            ``logits`` after backward.
 
     Returns:
         (S, L), each (N,) in fp32 (float64 for float64 logits); a row without a valid token gives S = L = 0.
@@ -216,9 +221,12 @@ def dora_loss(
         backend: ``"auto"``, ``"fused"`` or ``"reference"``.
         validate: check values on the host (label range, finite scores, h̃ finite and > 0, a valid token
             in every row); shapes, dtypes and devices are always checked. Trainers that validated their data
-            at load pass False, so a step makes no host synchronisation for checks.
+            at load pass False, so a step makes no host synchronisation for checks. With False, a label
+            outside [0, V) other than ``ignore_index`` gives its row a NaN S and a NaN gradient row on every
+            backend and device (no error), so the loss is NaN; NaN or +inf in the logits propagate the same
+            way (docs/design.md section 7.1).
         inplace_backward: allow the backward to overwrite ``logits`` with their gradient (fused: no extra
-            N·T·V buffer); do not read ``logits`` after backward.
+            N·T·V buffer, also for a view such as ``logits[:, :-1]``); do not read ``logits`` after backward.
 
     Returns:
         ``DoRAOutput``: ``loss`` (scalar, the only differentiable output), ``per_sample_loss`` ℓ (B,),

@@ -42,3 +42,8 @@ def _robust_reduce(ell, h, strategy_code, lam):
 def _batch_stage(S, L, S_ref, scores, h, loss_code, params, strategy_code, lam):
     B = scores.shape[0]
     return S.new_empty(()), S.new_empty(B), S.new_empty(B), torch.empty_like(S)
+
+
+@torch.library.register_fake("dora_engine::rescale_")
+def _rescale_inplace(x, factor):
+    return None

@@ -5,11 +5,13 @@ the extension (``builder.load_ops``) and raises ``OpLoadError`` when it cannot, 
 backend turns into one warning and the reference.
 
 Row pass: forward gives S, L and the per-token log-sum-exp; backward is dz = g[n]·(onehot(y) − softmax(z)).
-The logits are saved for backward, not copied, when they are contiguous (a non-contiguous view is copied
-once by the kernels). The backward allocates one N×T×V gradient, or none with ``inplace_backward``: the
-gradient then overwrites the logits, for callers that do not need them after the loss (the usual case:
-logits straight out of the lm_head). The per-batch stage is ``dora_engine.ops.robust``, the fused-linear
-chunk loops ``dora_engine.ops.fused_linear``.
+The kernels take any row strides with a unit stride over the vocabulary, so the logits, or a view such as
+``logits[:, :-1]``, are read in place and saved for backward as they are: nothing is copied (only a view
+whose vocabulary dimension is strided is copied, once, by the kernels). The backward allocates one N×T×V
+gradient, or none with ``inplace_backward``: the gradient then overwrites the logits (a view too, as long
+as its rows do not overlap), for callers that do not need them after the loss (the usual case: logits
+straight out of the lm_head). The per-batch stage is ``dora_engine.ops.robust``, the fused-linear chunk
+loops ``dora_engine.ops.fused_linear``.
 
 torch.compile: the ops have fake kernels (``fake_kernels``), so these functions trace without a graph
 break when the front door is called with ``validate=False``.
@@ -47,16 +49,33 @@ class _SequenceLogprobs(torch.autograd.Function):
     def backward(ctx, grad_S: torch.Tensor, _grad_L: torch.Tensor):
         logits, labels, lse = ctx.saved_tensors
         gS = grad_S.to(lse.dtype).contiguous()
-        if ctx.inplace_backward and logits.is_contiguous():
+        if ctx.inplace_backward and overwritable(logits):
             _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, ctx.ignore_index)
             return logits, None, None, None
         return _kernels.seq_logprobs_bwd(logits, labels, lse, gS, ctx.ignore_index), None, None, None
+
+
+def overwritable(logits: torch.Tensor) -> bool:
+    """Whether the backward row pass can write over ``logits`` (N, T, V): a unit stride over the vocabulary and
+    token rows that do not overlap in memory (the rule of ``rows_disjoint`` in csrc/bindings.cpp)."""
+    N, T, V = logits.shape
+    if V > 1 and logits.stride(2) != 1:
+        return False
+    span = V
+    for size, stride in sorted(((N, logits.stride(0)), (T, logits.stride(1))), key=lambda d: (d[1], -d[0])):
+        if size <= 1:
+            continue
+        if stride < span:
+            return False
+        span += stride * (size - 1)
+    return True
 
 
 def row_pass(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, inplace_backward: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """S[n] = Σ_t lp[n, t], L[n] = #valid t (N,) in the accumulation dtype; S = L = 0 for rows without a
-    valid token. ``inplace_backward``: the backward overwrites contiguous ``logits`` with their gradient."""
+    valid token. ``inplace_backward``: the backward overwrites ``logits`` with their gradient when they allow it
+    (``overwritable``), else allocates it."""
     check_kernels_for(logits)
     return _SequenceLogprobs.apply(logits, labels, ignore_index, inplace_backward)

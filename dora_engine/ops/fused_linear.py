@@ -13,11 +13,15 @@ gradient accumulators always hold the gradient of the robust objective over the 
 L_seen. A new chunk changes L_seen, and with it ∂L_seen/∂ℓ_i of every earlier prompt i by one common
 factor r (dro/dora/drdpo: exp((M_old − M_new)/λ)·Z_old/Z_new, the online-softmax rescale; erm/reweight:
 B_old/B_new), read off the stage kernel's gradients as r = g_new[i]/g_old[i] at the earlier prompt with
-the largest g_old (never 0). The weight accumulator takes r as the GEMM's beta; d hidden of each chunk
-is scaled once, in backward together with grad_output, by g_final/g_then. g_final comes from the
-reduction over all ranks' prompts when a process group is given (the per-prompt local gradients are
-exact, only the strategy's weights are global), × world size because DeepSpeed averages gradients.
-Forward forms every gradient; backward only scales them by grad_output.
+the largest g_old (never 0). r stays on the device (no host synchronisation per chunk): the weight and
+bias accumulators hold their gradient divided by a running unit u (u ← u·r per chunk), each chunk's dz is
+formed divided by u (through its gS, at no cost), and only when u would fall below a floor (dz/u must not
+overflow) are the accumulators multiplied by u and u reset to 1, by a kernel that does nothing when the
+factor is 1 (``rescale_``); the last u goes into the final scale. d hidden of each chunk is scaled once,
+in backward together with grad_output, by g_final/g_then. g_final comes from the reduction over all
+ranks' prompts when a process group is given (the per-prompt local gradients are exact, only the
+strategy's weights are global), × world size because DeepSpeed averages gradients. Forward forms every
+gradient; backward only scales them by grad_output.
 
 ``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the per-token log-sum-exp, chunked in
 tokens (down to one token); backward recomputes each chunk's logits.
@@ -89,14 +93,14 @@ def _robust_reduce(ell: torch.Tensor, h: torch.Tensor, p: _LossInputs, *, global
 # --------------------------------------------------------------------------------------------------
 
 
-def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, x: torch.Tensor, beta: float) -> None:
-    """acc ← beta·acc + dzᵀ @ x, with acc in the accumulation dtype (fp32 for bf16/fp16 operands)."""
+def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
+    """acc ← acc + dzᵀ @ x, with acc in the accumulation dtype (fp32 for bf16/fp16 operands)."""
     if dz.dtype == acc.dtype:
-        torch.addmm(acc, dz.t(), x, beta=beta, out=acc)
+        torch.addmm(acc, dz.t(), x, out=acc)
     elif acc.is_cuda and ADDMM_OUT_DTYPE:
-        torch.addmm(acc, dz.t(), x, beta=beta, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, dz.t(), x, out_dtype=acc.dtype, out=acc)
     else:  # no mixed-dtype GEMM (CPU, older torch): one low-precision product per chunk, summed in fp32
-        acc.mul_(beta).add_(dz.t() @ x)
+        acc.add_(dz.t() @ x)
 
 
 def _linear_into(
@@ -109,10 +113,17 @@ def _linear_into(
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
-def _common_ratio(new: torch.Tensor, old: torch.Tensor) -> float:
-    """new[i]/old[i] at the largest old[i]: the factor relating two proportional gradient vectors."""
-    i = old.argmax()
-    return float(new[i] / old[i])
+def _common_ratio(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """new[i]/old[i] at the largest old[i]: the factor relating two proportional gradient vectors, as a 0-dim
+    tensor on their device (no host synchronisation)."""
+    i = old.argmax().view(1)
+    return (new.index_select(0, i) / old.index_select(0, i)).squeeze(0)
+
+
+#: The single-pass accumulators hold gradient / u; dz is formed divided by u, so 1/u is kept below 1/floor.
+#: fp16 holds at most 65504: its accumulators are renormalised whenever u drops below 1.
+_UNIT_FLOOR = {torch.float16: 1.0}
+_DEFAULT_UNIT_FLOOR = 2.0**-64
 
 
 # --------------------------------------------------------------------------------------------------
@@ -137,8 +148,11 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     per_chunk = prompts_per_chunk(p.chunk_bytes, K * T, V, hidden.element_size())
     buffer = hidden.new_empty(min(B, per_chunk) * K * T, V)
-    chunk_refs = []  # per chunk: (its prompts, its prompt with the largest ∂L_seen/∂ℓ, that value then)
+    # Per chunk: its prompt with the largest ∂L_seen/∂ℓ and that value then, divided by the unit then.
+    tops, thens = [], []
     grad_seen = None
+    unit = torch.ones((), dtype=acc, device=hidden.device)  # the weight and bias accumulators hold grad / unit
+    floor = _UNIT_FLOOR.get(hidden.dtype, _DEFAULT_UNIT_FLOOR)
     for p0, p1 in spans(B, per_chunk):
         rows = slice(p0 * K, p1 * K)
         x = hidden[rows].reshape(-1, H)
@@ -149,28 +163,38 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         if not need_any:
             continue
         _, _, grad_now = _robust_reduce(ell[:p1], p.h_tilde[:p1], p, global_batch=False)
-        rescale = 1.0 if grad_seen is None else _common_ratio(grad_now[:p0], grad_seen)
-        top = p0 + grad_now[p0:p1].argmax()
-        chunk_refs.append((p1 - p0, top, grad_now[top]))
-        gS = grad_now[p0:p1].repeat_interleave(K) * dell_dS
-        _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, p.ignore_index)  # logits now hold dz
+        if grad_seen is not None:
+            # Every earlier prompt's ∂L_seen/∂ℓ is now r times what the accumulators were formed with.
+            unit = unit * _common_ratio(grad_now[:p0], grad_seen)
+            low = unit < floor
+            renormalise = torch.where(low, unit, torch.ones_like(unit))  # 1: rescale_ leaves them untouched
+            unit = torch.where(low, torch.ones_like(unit), unit)
+            for accumulator in (grad_weight, grad_bias):
+                if accumulator is not None:
+                    _kernels.rescale_(accumulator, renormalise)
+        top = grad_now[p0:p1].argmax().view(1) + p0
+        tops.append(top)
+        thens.append(grad_now.index_select(0, top) / unit)
+        gS = (grad_now[p0:p1] / unit).repeat_interleave(K) * dell_dS
+        _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, p.ignore_index)  # logits now hold dz / unit
         dz = logits.view(-1, V)
         if need_hidden:
             torch.mm(dz, weight, out=grad_hidden[rows].view(-1, H))
         if need_weight:
-            _accumulate_weight_grad(grad_weight, dz, x, rescale)
+            _accumulate_weight_grad(grad_weight, dz, x)
         if need_bias:
-            grad_bias.mul_(rescale).add_(dz.sum(dim=0, dtype=acc))
+            grad_bias.add_(dz.sum(dim=0, dtype=acc))
         grad_seen = grad_now
 
     loss, weights, grad_final = _robust_reduce(ell, p.h_tilde, p, global_batch=True)
     scales = _GradScales()
     if need_any:
-        scales.params = _common_ratio(grad_final, grad_seen)
-        sizes = torch.tensor([n for n, _, _ in chunk_refs], device=hidden.device)
+        scales.params = _common_ratio(grad_final, grad_seen) * unit
+        then = torch.cat(thens)
+        final = grad_final.index_select(0, torch.cat(tops))
         # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
-        per_chunk = torch.stack([torch.where(then > 0, grad_final[top] / then, 0.0) for _, top, then in chunk_refs])
-        scales.prompts = per_chunk.repeat_interleave(sizes)
+        chunk_scale = torch.where(then > 0, final / then, torch.zeros_like(then))
+        scales.prompts = chunk_scale.repeat_interleave(per_chunk)[:B]
     stats = DoRAOutput(loss, ell, S, L, weights)
     return stats, (grad_hidden, grad_weight, grad_bias), scales
 
@@ -179,7 +203,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 class _GradScales:
     """What turns single_pass's accumulated gradients into those of the final loss (applied in backward)."""
 
-    params: float = 0.0  # weight and bias
+    params: torch.Tensor | float = 0.0  # weight and bias (a 0-dim tensor on the inputs' device)
     prompts: torch.Tensor | None = None  # (B,) d hidden of each prompt's rows
 
 
@@ -259,7 +283,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
             if need_hidden:
                 torch.mm(dz, weight, out=grad_hidden[t0:t1])
             if need_weight:
-                _accumulate_weight_grad(grad_weight, dz, x[t0:t1], 1.0)
+                _accumulate_weight_grad(grad_weight, dz, x[t0:t1])
             if need_bias:
                 grad_bias.add_(dz.sum(dim=0, dtype=acc))
         return (

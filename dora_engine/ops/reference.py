@@ -21,11 +21,14 @@ MAX_RESPONSES = None
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """lp[n, t] = z[n, t, y] − logsumexp_v z[n, t, v] in the accumulation dtype; 0 at ignored tokens."""
+    """lp[n, t] = z[n, t, y] − logsumexp_v z[n, t, v] in the accumulation dtype; 0 at ignored tokens; NaN, with
+    a NaN gradient row, at an unchecked label outside [0, V) (docs/design.md section 7.1)."""
     z = logits.to(accumulation_dtype(logits.dtype))
     valid = labels != ignore_index
-    target = labels.masked_fill(~valid, 0)
+    outside = valid & ((labels < 0) | (labels >= z.shape[-1]))
+    target = labels.masked_fill(~valid | outside, 0)
     lp = z.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
+    lp = lp * torch.where(outside, float("nan"), 1.0).to(lp.dtype)  # a constant: NaN reaches only those rows
     return torch.where(valid, lp, torch.zeros_like(lp))
 
 
