@@ -48,7 +48,7 @@ from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_r
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.winrate import golden_response, summarise
-from dora_engine.generation import Sampling, render_prompt, sample_texts
+from dora_engine.generation import EVALUATION_SAMPLING, Sampling, render_prompt, sample_texts
 from dora_engine.ops import dora_loss
 
 IGNORE = -100
@@ -80,7 +80,7 @@ class BenchConfig:
     classifier_lr: float = 2e-3
     max_new_tokens: int = 48
     backend: str = "reference"
-    decoding: Sampling = field(default_factory=lambda: Sampling.evaluation(max_new_tokens=48))
+    decoding: Sampling = field(default_factory=lambda: replace(EVALUATION_SAMPLING, max_new_tokens=48))
 
 
 QUICK = {

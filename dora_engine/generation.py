@@ -2,8 +2,8 @@
 
 Prompts (``dora_engine.data.schema.Prompt``) go through the tokenizer's chat template when it has one
 (a string prompt as one user turn); otherwise the plain prompt text is the model input. ``Sampling``
-holds the settings, with the paper's two presets: ``Sampling.augmentation()`` for synthetic responses
-(temperature 0.8, repetition penalty 1.1) and ``Sampling.evaluation()`` for evaluated responses
+holds the settings, with the paper's two presets: ``AUGMENTATION_SAMPLING`` for synthetic responses
+(temperature 0.8, repetition penalty 1.1) and ``EVALUATION_SAMPLING`` for evaluated responses
 (temperature 0.8, top-k 50, top-p 0.9); temperature 0 means greedy decoding.
 
 Every prompt comes with its own seed, and a completion's random draws depend only on that seed and the
@@ -72,20 +72,16 @@ class Sampling:
         if self.max_new_tokens < 1:
             raise UserValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
-    @classmethod
-    def augmentation(cls, **changes: Any) -> Sampling:
-        """The paper's synthetic responses: temperature 0.8, repetition penalty 1.1, 256 new tokens."""
-        return cls(**{"temperature": 0.8, "repetition_penalty": 1.1, "max_new_tokens": 256, **changes})
-
-    @classmethod
-    def evaluation(cls, **changes: Any) -> Sampling:
-        """The paper's decoding of evaluated responses: temperature 0.8, top-k 50, top-p 0.9, 512 new tokens."""
-        return cls(**{"temperature": 0.8, "top_k": 50, "top_p": 0.9, "max_new_tokens": 512, **changes})
-
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+
+
+#: The paper's synthetic responses (data augment): temperature 0.8, repetition penalty 1.1, 256 new tokens.
+AUGMENTATION_SAMPLING = Sampling(temperature=0.8, repetition_penalty=1.1, max_new_tokens=256)
+#: The paper's decoding of evaluated responses (eval generate): temperature 0.8, top-k 50, top-p 0.9, 512 tokens.
+EVALUATION_SAMPLING = Sampling(temperature=0.8, top_k=50, top_p=0.9, max_new_tokens=512)
 
 def render_prompt(tokenizer: Any, prompt: Prompt) -> str:
     """The text fed to the model: the chat template with a generation prompt, else the plain prompt text."""

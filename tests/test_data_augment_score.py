@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 
@@ -11,7 +12,13 @@ from dora_engine.data.augment import augment_file, augment_records
 from dora_engine.data.schema import read_records, write_records
 from dora_engine.data.score import RewardModel, score_file, score_records
 from dora_engine.data.synth import build_synth_tokenizer, synth_records
-from dora_engine.generation import Sampling, TransformersGenerator, adds_special_tokens, render_prompt
+from dora_engine.generation import (
+    AUGMENTATION_SAMPLING,
+    Sampling,
+    TransformersGenerator,
+    adds_special_tokens,
+    render_prompt,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -49,7 +56,7 @@ def dataset(tmp_path):
     return path
 
 
-SHORT = Sampling.augmentation(max_new_tokens=6)
+SHORT = replace(AUGMENTATION_SAMPLING, max_new_tokens=6)
 
 
 def test_augment_adds_n_responses_with_the_model_source(models, dataset, tmp_path):
@@ -202,7 +209,7 @@ def test_vllm_requested_but_missing(models, dataset, tmp_path):
 def test_bad_sampling_and_n(models, dataset, tmp_path):
     with pytest.raises(ValueError, match="temperature must be > 0"):
         augment_file(dataset, tmp_path / "o.jsonl", models["tiny-lm"], device="cpu",
-                     sampling=Sampling.augmentation(temperature=0))
+                     sampling=replace(AUGMENTATION_SAMPLING, temperature=0))
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=1.5)
     with pytest.raises(ValueError, match="n must be"):
@@ -260,7 +267,7 @@ def test_augment_survives_sigkill_and_resumes_exactly(models, tmp_path):
     assert 1 <= finished < 8
     assert cli_main(["data", "augment", *argv]) == 0
     reference = augment_file(dataset, tmp_path / "ref.jsonl", models["tiny-lm"], device="cpu", n=2,
-                             sampling=Sampling.augmentation(max_new_tokens=16), batch_size=2, shard_size=2)
+                             sampling=replace(AUGMENTATION_SAMPLING, max_new_tokens=16), batch_size=2, shard_size=2)
     assert [r.to_dict() for r in read_records(tmp_path / "out.jsonl")] == [r.to_dict() for r in reference]
 
 

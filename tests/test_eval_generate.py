@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+from dataclasses import replace
 
 import pytest
 
 from dora_engine.data.schema import Record, Response, write_records
 from dora_engine.eval import commands
 from dora_engine.eval.generate import generate_records, read_generations
-from dora_engine.generation import Sampling, render_prompt
+from dora_engine.generation import EVALUATION_SAMPLING, Sampling, render_prompt
 
 PROMPTS = ["How do I bake bread?", "Give me tips to make tea.", "What is the best way to plant a tree?",
            "Can you explain how to clean a window?", "How do I cook rice?"]
@@ -64,7 +65,7 @@ def test_cli_writes_jsonl_and_alpaca_eval_outputs(model_dir, records, tmp_path):
 
 
 def test_left_padded_batches_match_one_prompt_at_a_time(model_dir, records):
-    greedy = Sampling.evaluation(temperature=0.0, max_new_tokens=8)
+    greedy = replace(EVALUATION_SAMPLING, temperature=0.0, max_new_tokens=8)
     batched = generate_records(records, str(model_dir), sampling=greedy, batch_size=5, device="cpu")
     single = generate_records(records, str(model_dir), sampling=greedy, batch_size=1, device="cpu")
     assert [g.output for g in batched] == [g.output for g in single]
@@ -74,7 +75,7 @@ def test_left_padded_batches_match_one_prompt_at_a_time(model_dir, records):
 def test_sampling_is_seeded_and_independent_of_the_batch_size(model_dir, records):
     def sample(seed, batch_size=8):
         return [g.output for g in generate_records(records, str(model_dir), device="cpu", seed=seed,
-                                                   sampling=Sampling.evaluation(max_new_tokens=8),
+                                                   sampling=replace(EVALUATION_SAMPLING, max_new_tokens=8),
                                                    batch_size=batch_size)]
 
     assert sample(1) == sample(1)
@@ -113,7 +114,7 @@ def test_generation_leaves_the_tokenizer_padding_as_it_was(model_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    sample_texts(model, tokenizer, PROMPTS[:2], Sampling.evaluation(max_new_tokens=2), [0, 1], progress=False)
+    sample_texts(model, tokenizer, PROMPTS[:2], replace(EVALUATION_SAMPLING, max_new_tokens=2), [0, 1], progress=False)
     assert tokenizer.padding_side == "right"
     tokenizer.save_pretrained(tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)

@@ -11,7 +11,7 @@ import pytest
 
 from dora_engine.errors import UserValueError
 from dora_engine.eval.comparison import Comparison
-from dora_engine.eval.http_judge import ChatJudge, JudgeEndpointError, parse_answer, redact
+from dora_engine.eval.http_judge import ChatJudge, ChatOptions, JudgeEndpointError, parse_answer, redact
 from dora_engine.eval.judges import make_judge
 
 
@@ -95,7 +95,9 @@ def test_parse_answer_accepts_single_letters_only():
 def test_verdicts_follow_the_judge_whatever_the_order(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "unused")
     with StubServer() as stub:
-        judge = ChatJudge("stub-model", base_url=stub.url, api_key="sk-test", cache_dir=tmp_path, seed=5, workers=3)
+        judge = ChatJudge(
+            "stub-model", ChatOptions(base_url=stub.url, api_key="sk-test", cache_dir=tmp_path, seed=5, workers=3)
+        )
         comparisons = _comparisons()
         assert judge.judge(comparisons) == EXPECTED
     swaps = {judge.swapped(c) for c in comparisons}
@@ -109,7 +111,7 @@ def test_environment_configures_the_endpoint_and_retries_after_server_errors(tmp
     with StubServer(fail_first=2) as stub:
         monkeypatch.setenv("OPENAI_BASE_URL", stub.url)
         monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-        judge = make_judge("openai:stub-model", cache_dir=tmp_path, backoff_s=0.001, workers=1)
+        judge = make_judge("openai:stub-model", chat=ChatOptions(cache_dir=tmp_path, backoff_s=0.001, workers=1))
         assert judge.judge(_comparisons()[:1]) == ["win"]
     assert judge.requests_made == 3 and len(stub.requests) == 3
     assert "Authorization" not in stub.headers[0]
@@ -117,12 +119,12 @@ def test_environment_configures_the_endpoint_and_retries_after_server_errors(tmp
 
 def test_gives_up_after_max_retries_and_stops_on_client_errors(tmp_path):
     with StubServer(fail_first=100) as stub:
-        judge = ChatJudge("m", base_url=stub.url, cache_dir=tmp_path, max_retries=2, backoff_s=0.001)
+        judge = ChatJudge("m", ChatOptions(base_url=stub.url, cache_dir=tmp_path, max_retries=2, backoff_s=0.001))
         with pytest.raises(RuntimeError, match="gave up after 3 attempts"):
             judge.judge(_comparisons()[:1])
         assert len(stub.requests) == 3
     with StubServer(fail_first=100, status=401) as stub:
-        judge = ChatJudge("m", base_url=stub.url, cache_dir=tmp_path, max_retries=5, backoff_s=0.001)
+        judge = ChatJudge("m", ChatOptions(base_url=stub.url, cache_dir=tmp_path, max_retries=5, backoff_s=0.001))
         with pytest.raises(RuntimeError, match="HTTP 401"):
             judge.judge(_comparisons()[:1])
         assert len(stub.requests) == 1
@@ -131,12 +133,13 @@ def test_gives_up_after_max_retries_and_stops_on_client_errors(tmp_path):
 def test_cache_makes_a_rerun_free(tmp_path):
     comparisons = _comparisons()
     with StubServer() as stub:
-        first = ChatJudge("m", base_url=stub.url, cache_dir=tmp_path / "cache", seed=1).judge(comparisons)
+        cached = ChatOptions(base_url=stub.url, cache_dir=tmp_path / "cache", seed=1)
+        first = ChatJudge("m", cached).judge(comparisons)
         assert len(stub.requests) == len(comparisons)
-        again = ChatJudge("m", base_url=stub.url, cache_dir=tmp_path / "cache", seed=1)
+        again = ChatJudge("m", ChatOptions(base_url=stub.url, cache_dir=tmp_path / "cache", seed=1))
         assert again.judge(comparisons) == first == EXPECTED
         assert again.requests_made == 0 and len(stub.requests) == len(comparisons)
-        other_model = ChatJudge("m2", base_url=stub.url, cache_dir=tmp_path / "cache", seed=1)
+        other_model = ChatJudge("m2", ChatOptions(base_url=stub.url, cache_dir=tmp_path / "cache", seed=1))
         other_model.judge(comparisons[:2])
         assert other_model.requests_made == 2
     assert not list((tmp_path / "cache").glob(".*.tmp"))
@@ -144,9 +147,9 @@ def test_cache_makes_a_rerun_free(tmp_path):
 
 def test_bad_configuration_is_reported():
     with pytest.raises(ValueError, match="unknown judge template"):
-        ChatJudge("m", base_url="http://127.0.0.1:9", template="witty")
+        ChatJudge("m", ChatOptions(base_url="http://127.0.0.1:9", template="witty"))
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
-        ChatJudge("m", base_url="https://api.openai.com/v1", api_key="")
+        ChatJudge("m", ChatOptions(base_url="https://api.openai.com/v1", api_key=""))
     with pytest.raises(ValueError, match="unknown judge"):
         make_judge("gpt4")
 
@@ -189,7 +192,8 @@ KEY = "sk-live-0123456789abcdef"
 def test_judge_http_errors_are_one_line_with_status_and_no_header_value(tmp_path, status):
     server = EchoServer(status)
     try:
-        judge = ChatJudge("m", base_url=server.url, api_key=KEY, cache_dir=tmp_path, max_retries=1, backoff_s=0.001)
+        options = ChatOptions(base_url=server.url, api_key=KEY, cache_dir=tmp_path, max_retries=1, backoff_s=0.001)
+        judge = ChatJudge("m", options)
         with pytest.raises(JudgeEndpointError) as err:
             judge.judge([Comparison("a", "prompt", "x", "y")])
     finally:
@@ -201,12 +205,12 @@ def test_judge_http_errors_are_one_line_with_status_and_no_header_value(tmp_path
 
 
 def test_judge_connection_failures_are_one_line():
-    judge = ChatJudge("m", base_url="http://127.0.0.1:9/v1", api_key=KEY, max_retries=1, backoff_s=0.001)
+    judge = ChatJudge("m", ChatOptions(base_url="http://127.0.0.1:9/v1", api_key=KEY, max_retries=1, backoff_s=0.001))
     with pytest.raises(JudgeEndpointError, match=r"gave up after 2 attempts \(.*refused") as err:
         judge.judge([Comparison("a", "prompt", "x", "y")])
     assert "\n" not in str(err.value) and KEY not in str(err.value)
     with pytest.raises(UserValueError, match="must be an http:// or https:// URL"):
-        ChatJudge("m", base_url="127.0.0.1:9/v1")
+        ChatJudge("m", ChatOptions(base_url="127.0.0.1:9/v1"))
 
 
 def test_redact_removes_credentials_and_keeps_the_rest():

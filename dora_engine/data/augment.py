@@ -1,7 +1,7 @@
 """``data augment``: add n sampled responses per prompt from a causal LM (issue 7).
 
 The paper adds synthetic responses from Mistral-7B-Instruct-v0.3 sampled with temperature 0.8 and
-repetition penalty 1.1 (``Sampling.augmentation()``, the default). Generation, prompt rendering and
+repetition penalty 1.1 (``AUGMENTATION_SAMPLING``, the default). Generation, prompt rendering and
 the backends (``transformers``, ``vllm``) are ``dora_engine.generation``'s. Each new response has
 ``source`` = the model's name unless given (``generation.model_name``: its folder's name, or ``RUN``
 for a training run's export ``RUN/final``) and no score;
@@ -26,7 +26,7 @@ from typing import Any
 from dora_engine.data.schema import Record, Response, read_records
 from dora_engine.data.sharded import ShardedRun, derived_seed
 from dora_engine.errors import UserValueError
-from dora_engine.generation import Generator, Sampling, make_generator, model_name
+from dora_engine.generation import AUGMENTATION_SAMPLING, Generator, Sampling, make_generator, model_name
 
 
 def source_name(model: str | os.PathLike) -> str:
@@ -52,7 +52,7 @@ def _checked(n: int, sampling: Sampling | None) -> Sampling:
     """The sampling settings (default: the paper's), refusing settings that cannot give n different responses."""
     if n < 1:
         raise UserValueError(f"n must be >= 1, got {n}")
-    sampling = sampling or Sampling.augmentation()
+    sampling = sampling or AUGMENTATION_SAMPLING
     if sampling.greedy:
         raise UserValueError("augment samples its responses: temperature must be > 0, got 0 (greedy decoding)")
     return sampling

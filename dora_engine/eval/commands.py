@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from dora_engine.atomic import atomic_write
+from dora_engine.eval.comparison import Judge
 from dora_engine.generation import GENERATION_BACKENDS
 
 
@@ -41,11 +42,13 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from dora_engine.data.schema import read_records
     from dora_engine.eval.generate import generate_records, write_generations, write_model_outputs
-    from dora_engine.generation import Sampling
+    from dora_engine.generation import EVALUATION_SAMPLING
 
-    sampling = Sampling.evaluation(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+    sampling = replace(EVALUATION_SAMPLING, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens)
     records = read_records(args.data)[: args.limit]
     generations = generate_records(
@@ -79,25 +82,26 @@ def _register_winrate(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_winrate)
 
 
-def _judge_options(args: argparse.Namespace) -> dict:
-    if args.judge.startswith("openai:"):
-        beside = Path(args.output).parent if args.output else Path(".")
-        cache = Path(args.cache_dir) if args.cache_dir else beside / "judge_cache"
-        return {"template": args.judge_template, "seed": args.seed, "cache_dir": cache,
-                "workers": args.workers, "max_retries": args.max_retries}
-    if args.judge.startswith("reward-model:"):
-        return {"batch_size": args.batch_size, "device": args.device, "tie_tolerance": args.tie_tolerance}
-    return {"tie_tolerance": args.tie_tolerance}
+def _judge(args: argparse.Namespace) -> Judge:
+    """The judge ``eval winrate`` names, with the options of its kind."""
+    from dora_engine.eval.http_judge import ChatOptions
+    from dora_engine.eval.judges import make_judge
+
+    beside = Path(args.output).parent if args.output else Path(".")
+    cache = Path(args.cache_dir) if args.cache_dir else beside / "judge_cache"
+    chat = ChatOptions(template=args.judge_template, seed=args.seed, cache_dir=cache, workers=args.workers,
+                       max_retries=args.max_retries)
+    return make_judge(args.judge, tie_tolerance=args.tie_tolerance, batch_size=args.batch_size, device=args.device,
+                      chat=chat)
 
 
 def run_winrate(args: argparse.Namespace) -> int:
     from dora_engine.data.schema import read_records
     from dora_engine.eval.generate import read_generations
-    from dora_engine.eval.judges import make_judge
     from dora_engine.eval.winrate import format_summary, pair_with_golden, summarise
 
     comparisons = pair_with_golden(read_generations(args.generations), read_records(args.data), args.target_source)
-    judge = make_judge(args.judge, **_judge_options(args))
+    judge = _judge(args)
     verdicts = judge.judge(comparisons)
     summary = summarise(verdicts, n_boot=args.n_boot, seed=args.seed)
     print(format_summary(summary, judge.name))
@@ -147,7 +151,7 @@ def run_calibration(args: argparse.Namespace) -> int:
         plot_diagnostic,
         resolve_classifier,
     )
-    from dora_engine.eval.judges import make_scorer
+    from dora_engine.eval.judges import make_reward_scorer
 
     groups = [load_scored(path, name) for name, path in args.model]
     # What is missing is said before any model loads.
@@ -161,7 +165,7 @@ def run_calibration(args: argparse.Namespace) -> int:
             if option is None and missing is not None:
                 raise UserValueError(f"{path} (model {name!r}): line {missing + 1} has no {field!r}; pass {what}")
     classifier = resolve_classifier(args.classifier, args.max_length) if args.classifier else None
-    scorer = make_scorer(args.reward) if args.reward else None
+    scorer = make_reward_scorer(args.reward) if args.reward else None
     for g in groups:
         if scorer is not None:
             g.reward = list(scorer.score(g.instructions, g.outputs))

@@ -1,6 +1,6 @@
 """Responses of a trained causal LM to held-out prompts (``dora-engine eval generate``).
 
-Decoding defaults are the paper's, ``Sampling.evaluation()``: temperature 0.8, top-k 50, top-p 0.9
+Decoding defaults are the paper's, ``EVALUATION_SAMPLING``: temperature 0.8, top-k 50, top-p 0.9
 (temperature 0 means greedy). Generation, prompt rendering and the backends (``transformers``,
 ``vllm``) are ``dora_engine.generation``'s. Results are written as JSONL, one line per prompt
 ``{"id", "instruction", "output", "generator"}``, and optionally as AlpacaEval's ``model_outputs.json`` (a JSON list of
@@ -19,7 +19,7 @@ from typing import Any
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
 from dora_engine.data.sharded import derived_seed
-from dora_engine.generation import Sampling, make_generator, model_name
+from dora_engine.generation import EVALUATION_SAMPLING, Sampling, make_generator, model_name
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,9 @@ def generate_records(
     dtype: str = "auto",
 ) -> list[Generation]:
     """One response per record from the model at ``model_path`` (a local folder or hub id), with
-    ``Sampling.evaluation()`` unless given; each record's draws are seeded by ``seed`` and its id. The
+    ``EVALUATION_SAMPLING`` unless given; each record's draws are seeded by ``seed`` and its id. The
     generator name defaults to ``generation.model_name(model_path)``."""
-    engine = make_generator(model_path, sampling or Sampling.evaluation(), backend=backend, batch_size=batch_size,
+    engine = make_generator(model_path, sampling or EVALUATION_SAMPLING, backend=backend, batch_size=batch_size,
                             device=device, dtype=dtype, progress=True)
     outputs = engine.generate([r.prompt for r in records], 1, [derived_seed(seed, r.id) for r in records])
     name = generator or model_name(model_path)

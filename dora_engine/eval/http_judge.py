@@ -30,6 +30,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from dora_engine.atomic import atomic_write
@@ -102,44 +103,56 @@ def parse_answer(text: str) -> str | None:
     return match.group(1).upper() if match else None
 
 
+@dataclass(frozen=True)
+class ChatOptions:
+    """How a ``ChatJudge`` asks its endpoint."""
+
+    template: str = "helpful"
+    """Prompt template: ``helpful`` (instruction following) or ``harmless`` (HH-RLHF dialogues)."""
+    seed: int = 0
+    """Seeds which response is shown first, per comparison id."""
+    cache_dir: str | os.PathLike | None = None
+    """Folder of the answer cache; None: no cache."""
+    base_url: str | None = None
+    """Endpoint; None: ``$OPENAI_BASE_URL``, else https://api.openai.com/v1."""
+    api_key: str | None = None
+    """Bearer key; None: ``$OPENAI_API_KEY``."""
+    max_retries: int = 5
+    """Retries of a rate-limited, failed or unreachable request."""
+    backoff_s: float = 1.0
+    """First retry delay in seconds, doubled on each retry."""
+    timeout_s: float = 60.0
+    """Timeout of one request in seconds."""
+    workers: int = 4
+    """Requests in flight at once."""
+
+
 class ChatJudge:
     """Pairwise verdicts from a chat model; ``requests_made`` counts the HTTP calls of this instance."""
 
-    def __init__(
-        self,
-        model: str,
-        *,
-        template: str = "helpful",
-        seed: int = 0,
-        cache_dir: str | os.PathLike | None = None,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        timeout_s: float = 60.0,
-        workers: int = 4,
-    ) -> None:
-        if template not in TEMPLATES:
-            raise UserValueError(f"unknown judge template {template!r}; valid templates: {', '.join(TEMPLATES)}")
-        if max_retries < 0 or backoff_s < 0 or timeout_s <= 0 or workers < 1:
+    def __init__(self, model: str, options: ChatOptions = ChatOptions()) -> None:
+        o = options
+        if o.template not in TEMPLATES:
+            raise UserValueError(f"unknown judge template {o.template!r}; valid templates: {', '.join(TEMPLATES)}")
+        if o.max_retries < 0 or o.backoff_s < 0 or o.timeout_s <= 0 or o.workers < 1:
             raise UserValueError("max_retries and backoff_s must be >= 0, timeout_s > 0 and workers >= 1")
         self.model = model
         self.name = f"openai:{model}"
-        self.template = template
-        self.seed = seed
-        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.template = o.template
+        self.seed = o.seed
+        self.base_url = (o.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         if not self.base_url.startswith(("http://", "https://")):
             raise UserValueError(f"the judge endpoint must be an http:// or https:// URL, got {self.base_url!r}")
-        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.api_key = o.api_key if o.api_key is not None else os.environ.get("OPENAI_API_KEY")
         if not self.api_key and self.base_url == DEFAULT_BASE_URL:
             raise UserValueError(
                 "the openai judge needs OPENAI_API_KEY (or OPENAI_BASE_URL for a keyless local server)"
             )
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.timeout_s = timeout_s
-        self.workers = workers
+        self.cache_dir = Path(o.cache_dir) if o.cache_dir is not None else None
+        self.max_retries = o.max_retries
+        self.backoff_s = o.backoff_s
+        self.timeout_s = o.timeout_s
+        self.workers = o.workers
         self.requests_made = 0
         self._lock = threading.Lock()
 

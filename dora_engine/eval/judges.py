@@ -14,12 +14,12 @@ Reward judges compare the two rewards: a difference within ``tie_tolerance`` is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 from dora_engine.device import resolve_device
 from dora_engine.errors import UserValueError, loading_user_model
 from dora_engine.eval.comparison import Comparison, Judge, Verdict
-from dora_engine.eval.http_judge import ChatJudge
+from dora_engine.eval.http_judge import ChatJudge, ChatOptions
 
 
 class RewardScorer(Protocol):
@@ -113,23 +113,25 @@ class RewardJudge:
         return "tie"
 
 
-def make_scorer(spec: str, **options: Any) -> RewardScorer:
-    """``oracle`` or ``reward-model:PATH`` (options: batch_size, max_length, device)."""
+def make_reward_scorer(
+    spec: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None
+) -> RewardScorer:
+    """``oracle`` or ``reward-model:PATH`` (the model read in batches of ``batch_size`` on ``device``)."""
     if spec == "oracle":
         return OracleScorer()
     if spec.startswith("reward-model:") and spec.split(":", 1)[1]:
-        return RewardModelScorer(spec.split(":", 1)[1], **options)
+        return RewardModelScorer(spec.split(":", 1)[1], batch_size=batch_size, max_length=max_length, device=device)
     raise UserValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
 
 
-def make_judge(spec: str, *, tie_tolerance: float = 0.0, **options: Any) -> Judge:
-    """A judge from its spec: ``oracle``, ``reward-model:PATH`` or ``openai:MODEL``.
-
-    ``options`` go to the reward-model scorer (batch_size, max_length, device) or to
-    ``dora_engine.eval.http_judge.ChatJudge`` (template, seed, cache_dir, max_retries, …).
-    """
+def make_judge(
+    spec: str, *, tie_tolerance: float = 0.0, batch_size: int = 8, device: str | None = None,
+    chat: ChatOptions | None = None,
+) -> Judge:
+    """A judge from its spec: ``oracle``, ``reward-model:PATH`` (rewards within ``tie_tolerance`` tie; the
+    model read in batches of ``batch_size`` on ``device``) or ``openai:MODEL`` (asked as ``chat`` says)."""
     if spec.startswith("openai:") and spec.split(":", 1)[1]:
-        return ChatJudge(spec.split(":", 1)[1], **options)
+        return ChatJudge(spec.split(":", 1)[1], chat or ChatOptions())
     if spec == "oracle" or spec.startswith("reward-model:"):
-        return RewardJudge(make_scorer(spec, **options), tie_tolerance=tie_tolerance)
+        return RewardJudge(make_reward_scorer(spec, batch_size=batch_size, device=device), tie_tolerance=tie_tolerance)
     raise UserValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")
