@@ -191,3 +191,13 @@ def test_configuration_errors_name_the_field(toy) -> None:
     with pytest.raises(ValueError, match="needs h̃ but the training dataset has no 'h_tilde' column"):
         make_trainer(no_h, dora_strategy="dora")
     make_trainer(no_h, dora_strategy="dro")  # h̃ is only needed by reweight and dora
+
+
+def test_config_parses_from_the_command_line(toy) -> None:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(DoRADPOConfig).parse_args_into_dataclasses(
+        ["--output_dir", str(toy["root"]), "--use_cpu", "--bf16", "false", "--dora_loss", "ipo",
+         "--dora_loss_params", '{"length_normalize": true}', "--beta", "0.3", "--dora_strategy", "erm"]
+    )
+    assert args.resolved_loss_params() == {"beta": 0.3, "length_normalize": True}

@@ -77,6 +77,8 @@ class DoRADPOConfig(DPOConfig):
             `"fused"` or `"reference"`.
     """
 
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["dora_loss_params"]  # JSON on the command line
+
     dora_loss: str = field(
         default="dpo",
         metadata={
@@ -84,7 +86,7 @@ class DoRADPOConfig(DPOConfig):
             "`dora_engine.losses.LOSSES` (they apply to K = 2 as well)."
         },
     )
-    dora_loss_params: dict[str, Any] | None = field(
+    dora_loss_params: dict[str, Any] | str | None = field(
         default=None,
         metadata={
             "help": "Overrides of the loss's default parameters, e.g. {'eps': 0.1} for 'robust_dpo' or "
