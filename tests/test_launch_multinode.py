@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +30,13 @@ def _env(**extra: str) -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", **extra}
 
 
+def _free_port() -> int:
+    """A TCP port the system reports free (another process could still take it before the launch does)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _metrics(run: Path) -> list[tuple[int, float, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["grad_norm"]) for r in records if "loss" in r]
@@ -44,7 +52,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                                      "loss.name": "simpo", "loss.params": {}})
     hostfile = root / "hostfile"
     hostfile.write_text("# two nodes of one slot, both this machine\nlocalhost slots=1\n127.0.0.1 slots=1\n")
-    port = 29900 + os.getpid() % 50 * 2
+    port = one_port = _free_port()
+    while one_port == port:
+        one_port = _free_port()
     launcher = f"{sys.executable} -m deepspeed.launcher.runner"
     commands = {
         f"node{rank}": (
@@ -54,7 +64,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
         for rank in (0, 1)
     }
     commands["one"] = (
-        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port + 1),
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(one_port),
          str(ROOT / "launch" / "train.py"), "--config", str(config), f"output_dir={root / 'one'}"],
         _env(),
     )
