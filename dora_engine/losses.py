@@ -84,9 +84,14 @@ def rdpo(batch: PromptBatch, *, beta: float, alpha: float) -> torch.Tensor:
     return -F.logsigmoid(beta * (rc - rr) + alpha * (lc - lr))
 
 
-def ipo(batch: PromptBatch, *, beta: float) -> torch.Tensor:
-    """ℓ = (ρ_c − ρ_r − 1/(2β))² (Azar et al., 2023)."""
-    rc, rr = chosen_rejected(batch.rho, batch.scores)
+def ipo(batch: PromptBatch, *, beta: float, length_normalize: bool = False) -> torch.Tensor:
+    """ℓ = (ρ_c − ρ_r − 1/(2β))² (Azar et al., 2023), with the paper's summed log-ratios.
+
+    ``length_normalize=True`` divides each log-ratio by its response's token count first,
+    ℓ = (ρ_c/L_c − ρ_r/L_r − 1/(2β))² with L clamped to ≥ 1: TRL's convention for IPO.
+    """
+    rho = batch.rho / batch.L.clamp(min=1) if length_normalize else batch.rho
+    rc, rr = chosen_rejected(rho, batch.scores)
     return (rc - rr - 1.0 / (2.0 * beta)) ** 2
 
 
@@ -202,12 +207,16 @@ def drdpo(ell: torch.Tensor, h: torch.Tensor, lam: float) -> tuple[torch.Tensor,
 # Registry
 # --------------------------------------------------------------------------------------------------
 
-ParamValue = float | str
+ParamValue = float | str | bool
 
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A preference loss: implementation, parameters (in kernel order) and defaults."""
+    """A preference loss: implementation, parameters (in kernel order) and defaults.
+
+    A parameter is a number, one of ``choices`` (a string; the kernels get its index) or, when its
+    default is a bool, a flag (``True``/``False``; the kernels get 1/0).
+    """
 
     name: str
     code: int  # the integer the fused kernels dispatch on
@@ -220,6 +229,10 @@ class LossSpec:
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(self.defaults)
+
+    def is_flag(self, name: str) -> bool:
+        """Whether parameter ``name`` is a flag (its default is a bool)."""
+        return isinstance(self.defaults.get(name), bool)
 
 
 @dataclass(frozen=True)
@@ -238,7 +251,8 @@ LOSSES: dict[str, LossSpec] = {
     for spec in (
         LossSpec("dpo", 0, dpo, {"beta": 0.1}, needs_reference=True, listwise=False),
         LossSpec("rdpo", 1, rdpo, {"beta": 0.1, "alpha": 0.01}, needs_reference=True, listwise=False),
-        LossSpec("ipo", 2, ipo, {"beta": 0.1}, needs_reference=True, listwise=False),
+        # length_normalize: TRL's IPO (log-ratios divided by the response's token count); off: the paper's sums.
+        LossSpec("ipo", 2, ipo, {"beta": 0.1, "length_normalize": False}, needs_reference=True, listwise=False),
         LossSpec("robust_dpo", 3, robust_dpo, {"beta": 0.1, "eps": 0.1}, needs_reference=True, listwise=False),
         # eps = σ(−10): the EXO reference's target logits (0, −10).
         LossSpec("exo", 4, exo, {"beta": 0.5, "eps": 1.0 / (1.0 + math.exp(10.0))},
@@ -311,6 +325,9 @@ def resolve_params(loss: str, params: Mapping[str, Any] | None = None) -> dict[s
                 raise ValueError(
                     f"loss_params[{key!r}] for loss {loss!r} must be one of {spec.choices[key]}, got {value!r}"
                 )
+        elif spec.is_flag(key):
+            if not isinstance(value, bool):
+                raise ValueError(f"loss_params[{key!r}] for loss {loss!r} must be true or false, got {value!r}")
         else:
             if isinstance(value, bool):
                 raise ValueError(f"loss_params[{key!r}] for loss {loss!r} must be a number, got {value!r}")
@@ -320,7 +337,7 @@ def resolve_params(loss: str, params: Mapping[str, Any] | None = None) -> dict[s
 
 
 def encode_params(loss: str, params: Mapping[str, ParamValue]) -> list[float]:
-    """Parameters as floats in ``param_names`` order, for the fused kernels (choices become indices)."""
+    """Parameters as floats in ``param_names`` order, for the fused kernels (choices become indices, flags 1/0)."""
     spec = get_loss(loss)
     return [
         float(spec.choices[k].index(params[k])) if k in spec.choices else float(params[k])

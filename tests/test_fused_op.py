@@ -150,11 +150,57 @@ def test_bf16_logits(device: str, loss: str) -> None:
 def test_lire_zscore_and_loss_params() -> None:
     batch = make_batch(3, 5, seed=3)
     batch["scores"][1] = 0.5  # all-equal scores: zero rewards
-    for loss, params in (("lire", {"reward_norm": "zscore", "temperature": 25.0}), ("rdpo", {"alpha": 0.3})):
+    for loss, params in (("lire", {"reward_norm": "zscore", "temperature": 25.0}), ("rdpo", {"alpha": 0.3}),
+                         ("ipo", {"length_normalize": True})):
         out, grad = loss_and_grad("fused", batch, loss=loss, loss_params=params, strategy="dro", lam=0.2)
         expected, grad_ref = oracle(batch, loss=loss, loss_params=params, strategy="dro", lam=0.2)
         assert_close(out.loss, expected.loss, 1e-5, loss)
         assert_close(grad, grad_ref, 1e-5, loss)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["reference", "fused"])
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_ipo_conventions_pinned(device: str, backend: str, length_normalize: bool) -> None:
+    """IPO with the paper's summed log-ratios (default) and with TRL's per-token ones, against values and
+    gradients written out here: ℓ = (x_c − x_r − 1/(2β))², x = ρ or ρ/L, d logits = gS·(onehot − softmax)."""
+    B, K, beta = 3, 3, 0.4
+    batch = make_batch(B, K, T=7, V=31, dtype=torch.float64, device=device, seed=17)
+    batch["labels"][4, 2:5] = -100  # responses of different lengths
+    params = {"beta": beta} | ({"length_normalize": True} if length_normalize else {})
+    out, grad = loss_and_grad(backend, batch, loss="ipo", loss_params=params, strategy="erm")
+
+    z, y = batch["logits"].cpu(), batch["labels"].cpu()
+    valid = y != -100
+    logp = torch.log_softmax(z, -1)
+    S = (logp.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1) * valid).sum(-1).tolist()
+    L = valid.sum(-1).tolist()
+    ref, scores = batch["ref_logps"].cpu().tolist(), batch["scores"].cpu().tolist()
+    gS = [0.0] * (B * K)
+    ell = []
+    for b in range(B):
+        order = sorted(range(K), key=lambda k: (-scores[b][k], k))
+        c, r = b * K + order[0], b * K + order[-1]
+        scale = {n: 1 / max(L[n], 1) if length_normalize else 1.0 for n in (c, r)}
+        d = (S[c] - ref[c]) * scale[c] - (S[r] - ref[r]) * scale[r] - 1 / (2 * beta)
+        ell.append(d * d)
+        gS[c] += 2 * d * scale[c] / B  # erm: ∂L/∂ℓ_b = 1/B
+        gS[r] -= 2 * d * scale[r] / B
+    onehot = torch.nn.functional.one_hot(y.clamp(min=0), z.shape[-1]).double()
+    want_grad = torch.tensor(gS, dtype=torch.float64)[:, None, None] * (onehot - logp.exp()) * valid[..., None]
+
+    assert out.per_sample_loss.tolist() == pytest.approx(ell, rel=1e-12)
+    assert out.loss.item() == pytest.approx(sum(ell) / B, rel=1e-12)
+    torch.testing.assert_close(grad.cpu(), want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_ipo_length_normalize_differs_from_the_sums() -> None:
+    batch = make_batch(2, 2, seed=4)
+    batch["labels"][1, 3:] = -100
+    paper = ops.dora_loss(**batch, loss="ipo", strategy="erm", backend="fused").loss
+    trl = ops.dora_loss(**batch, loss="ipo", loss_params={"length_normalize": True}, strategy="erm",
+                        backend="fused").loss
+    assert abs(paper.item() - trl.item()) > 1.0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -49,6 +49,8 @@ def expected_loss(name: str, S, L, R, sc, p) -> float:
     if name == "rdpo":
         return -log_sigmoid(p["beta"] * (rho[c] - rho[r]) + p["alpha"] * (L[c] - L[r]))
     if name == "ipo":
+        if p["length_normalize"]:  # TRL's convention: per-token log-ratios
+            return (rho[c] / max(L[c], 1) - rho[r] / max(L[r], 1) - 1 / (2 * p["beta"])) ** 2
         return (rho[c] - rho[r] - 1 / (2 * p["beta"])) ** 2
     if name == "robust_dpo":
         h = p["beta"] * (rho[c] - rho[r])
@@ -112,6 +114,7 @@ PARAM_SETS = {
     "lire": [{}, {"reward_norm": "zscore", "temperature": 0.7}],
     "robust_dpo": [{}, {"eps": 0.0}, {"eps": 0.3, "beta": 0.5}],
     "exo": [{}, {"eps": 0.2}],
+    "ipo": [{}, {"length_normalize": True, "beta": 0.4}],
 }
 
 
@@ -187,6 +190,18 @@ def test_gradcheck_every_loss_and_strategy(name: str, strategy: str) -> None:
 def test_param_encoding_follows_declared_order() -> None:
     assert encode_params("lire", resolve_params("lire", {"reward_norm": "zscore"})) == [2.0, 1.0]
     assert encode_params("rdpo", resolve_params("rdpo", {"alpha": 0.5})) == [0.1, 0.5]
+    assert encode_params("ipo", resolve_params("ipo")) == [0.1, 0.0]
+    assert encode_params("ipo", resolve_params("ipo", {"length_normalize": True})) == [0.1, 1.0]
+
+
+def test_flags_are_booleans_and_numbers_are_not() -> None:
+    assert resolve_params("ipo") == {"beta": 0.1, "length_normalize": False}
+    assert resolve_params("ipo", {"length_normalize": True})["length_normalize"] is True
+    for bad in (1, 1.0, "true", None):
+        with pytest.raises(ValueError, match="'length_normalize'] for loss 'ipo' must be true or false"):
+            resolve_params("ipo", {"length_normalize": bad})
+    with pytest.raises(ValueError, match=r"\['beta'\] for loss 'ipo' must be a number, got True"):
+        resolve_params("ipo", {"beta": True})
     assert [spec.code for spec in LOSSES.values()] == list(range(len(LOSSES)))
     assert [spec.code for spec in STRATEGIES.values()] == list(range(len(STRATEGIES)))
 

@@ -44,8 +44,8 @@ DORA_HD T invalid_code_value() { return static_cast<T>(NAN); }
 // LossSpec.param_names of each loss; -1 (matches no parameter list) for a code that is not a loss.
 DORA_HD int loss_param_count(int code) {
   switch (code) {
-    case kDpo: case kIpo: case kDpoPl: case kRrhf: return 1;
-    case kRdpo: case kRobustDpo: case kExo: case kSimpo: case kLire: return 2;
+    case kDpo: case kDpoPl: case kRrhf: return 1;
+    case kRdpo: case kIpo: case kRobustDpo: case kExo: case kSimpo: case kLire: return 2;
     default: return -1;
   }
 }
@@ -210,12 +210,6 @@ DORA_HD T loss_pairwise(int code, const T* prm, const Prompt<T>& p, int c, int r
       dh = beta * dz;
       break;
     }
-    case kIpo: {
-      const T d = h - T(1) / (T(2) * beta);
-      ell = d * d;
-      dh = T(2) * d;
-      break;
-    }
     case kRobustDpo: {
       // ((1−ε)(−log σ(z)) − ε(−log σ(−z))) / (1 − 2ε); d/dz = (−(1−ε)σ(−z) − ε σ(z)) / (1 − 2ε)
       const T eps = prm[1], z = beta * h, denom = T(1) - T(2) * eps;
@@ -240,6 +234,18 @@ DORA_HD T loss_pairwise(int code, const T* prm, const Prompt<T>& p, int c, int r
   grad[c] += dh;
   grad[r] -= dh;
   return ell;
+}
+
+// IPO: (ρ_c − ρ_r − 1/(2β))², or with length_normalize (prm[1] = 1, TRL's convention) each log-ratio
+// divided by its response's token count max(L, 1) first.
+template <typename T>
+DORA_HD T loss_ipo(const T* prm, const Prompt<T>& p, int c, int r, T* grad) {
+  const bool per_token = prm[1] > T(0.5);
+  const T sc = per_token ? T(1) / p.length(c) : T(1), sr = per_token ? T(1) / p.length(r) : T(1);
+  const T d = p.rho(c) * sc - p.rho(r) * sr - T(1) / (T(2) * prm[0]);
+  grad[c] += T(2) * d * sc;
+  grad[r] -= T(2) * d * sr;
+  return d * d;
 }
 
 template <typename T>
@@ -348,8 +354,9 @@ DORA_HD T prompt_loss(int code, const T* prm, const Prompt<T>& p, T* grad) {
   for (int k = 0; k < p.K; ++k) grad[k] = T(0);
   const int best = order[0], worst = order[p.K - 1];
   switch (code) {
-    case kDpo: case kRdpo: case kIpo: case kRobustDpo: case kExo:
+    case kDpo: case kRdpo: case kRobustDpo: case kExo:
       return loss_pairwise(code, prm, p, best, worst, grad);
+    case kIpo: return loss_ipo(prm, p, best, worst, grad);
     case kSimpo: return loss_simpo(prm, p, best, worst, grad);
     case kDpoPl: return loss_dpo_pl(prm, p, order, grad);
     case kRrhf: return loss_rrhf(prm, p, best, grad);

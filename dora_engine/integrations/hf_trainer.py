@@ -1,0 +1,280 @@
+"""The DoRA loss with ``transformers.Trainer`` or a plain PyTorch loop (docs/design.md section 9).
+
+- ``ListwiseCollator`` turns examples of B prompts × K responses into the op's batch: N = B·K right-padded
+  rows (row n = b·K + k, prompt then response then EOS), Hugging Face ``labels`` (-100 on prompt and
+  padding), ``scores`` (B, K), and ``h_tilde`` (B,) and cached ``ref_logps`` (N,) where the examples have them.
+- ``reference_logps(model, batch)`` gives the reference model's summed log-probs S (N,) of a batch: compute
+  them once, store them with the examples (``"ref_logps"``: K numbers) and the collator hands them back.
+- ``listwise_loss(model, batch, objective)`` is the ``DoRAOutput`` of ``dora_loss`` on a batch.
+- ``ListwiseTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is ``listwise_loss``::
+
+      trainer = ListwiseTrainer(model=model, args=TrainingArguments("out"),
+                                train_dataset=records, processing_class=tokenizer,
+                                objective=RobustObjective(loss="dpo_pl", strategy="dora", lam=1.0))
+      trainer.train()
+
+An example is either a record of the dataset schema (section 3: ``prompt`` as text or chat messages,
+``responses`` with ``text`` and ``score``, optional ``h_tilde``), tokenised by the collator's tokenizer
+(its chat template when it has one, as the engine does), or already tokenised: ``prompt_ids``,
+``response_ids`` (K token lists, EOS included), ``scores`` (K numbers). Either may carry ``ref_logps``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from dora_engine.integrations.common import data_parallel_group, preference_stats, weight_stats
+from dora_engine.losses import get_loss, get_strategy, resolve_params
+from dora_engine.ops import DoRAOutput, dora_loss, sequence_logprobs, shift_labels
+from dora_engine.ops.lm_head import RobustObjective
+
+__all__ = ["ListwiseCollator", "ListwiseTrainer", "RobustObjective", "listwise_loss", "reference_logps"]
+
+IGNORE_INDEX = -100
+DEFAULT_OBJECTIVE = RobustObjective()  # dpo_pl under dora, λ = 1
+# Example keys the collator reads: the columns a Trainer must not drop.
+EXAMPLE_KEYS = ("prompt", "responses", "prompt_ids", "response_ids", "scores", "h_tilde", "ref_logps")
+
+
+@dataclass
+class ListwiseCollator:
+    """Examples of K responses per prompt → the op's batch (see the module docstring).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; needed for examples given as text.
+        max_prompt_tokens: keep the last tokens of a longer prompt (None: all).
+        max_response_tokens: keep the first tokens of a longer response, EOS counted (None: all).
+        chat_template: use the tokenizer's chat template for the prompt; None: when the tokenizer has one.
+        pad_token_id: padding token; None: the tokenizer's pad token, else its EOS, else 0.
+    """
+
+    tokenizer: Any = None
+    max_prompt_tokens: int | None = None
+    max_response_tokens: int | None = None
+    chat_template: bool | None = None
+    pad_token_id: int | None = None
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("ListwiseCollator: no examples")
+        prompts, responses, scores = [], [], []
+        for i, example in enumerate(examples):
+            prompt, rows, row_scores = self._tokenise(i, example)
+            if responses and len(rows) != len(responses[0]):
+                raise ValueError(
+                    f"example {i} has {len(rows)} responses but example 0 has {len(responses[0])}: a batch needs "
+                    "one K"
+                )
+            prompts.append(prompt)
+            responses.append(rows)
+            scores.append(row_scores)
+        K = len(responses[0])
+        if K < 2:
+            raise ValueError(f"example 0 has {K} response; the losses need K >= 2")
+        sequences = [(p, r) for p, rows in zip(prompts, responses, strict=True) for r in rows]
+        width = max(len(p) + len(r) for p, r in sequences)
+        input_ids = torch.full((len(sequences), width), self._pad_id(), dtype=torch.int64)
+        labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.int64)
+        attention_mask = torch.zeros((len(sequences), width), dtype=torch.int64)
+        for n, (p, r) in enumerate(sequences):
+            input_ids[n, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.int64)
+            labels[n, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.int64)
+            attention_mask[n, : len(p) + len(r)] = 1
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "scores": torch.tensor(scores, dtype=torch.float32),
+        }
+        for key, shape in (("h_tilde", ()), ("ref_logps", (K,))):
+            values = [example.get(key) for example in examples]
+            present = [v is not None for v in values]
+            if all(present):
+                tensor = torch.tensor(values, dtype=torch.float64 if key == "ref_logps" else torch.float32)
+                if tuple(tensor.shape[1:]) != shape:
+                    raise ValueError(f"{key!r} must be {'a number' if not shape else f'{K} numbers'} per example")
+                batch[key] = tensor.reshape(-1)
+            elif any(present):
+                missing = present.index(False)
+                raise ValueError(f"example {missing} has no {key!r} but other examples of the batch do")
+        return batch
+
+    def _pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        for name in ("pad_token_id", "eos_token_id"):
+            value = getattr(self.tokenizer, name, None)
+            if value is not None:
+                return int(value)
+        return 0
+
+    def _tokenise(self, i: int, example: Mapping[str, Any]) -> tuple[list[int], list[list[int]], list[float]]:
+        if "prompt_ids" in example:
+            prompt = list(example["prompt_ids"])
+            rows = [list(r) for r in example["response_ids"]]
+            row_scores = example.get("scores")
+            if row_scores is None or len(row_scores) != len(rows):
+                raise ValueError(f"example {i}: 'scores' must give one number per response")
+        else:
+            if self.tokenizer is None:
+                raise ValueError(f"example {i} is text (no 'prompt_ids'): give ListwiseCollator a tokenizer")
+            if "prompt" not in example or "responses" not in example:
+                raise ValueError(f"example {i} needs 'prompt' and 'responses' (or 'prompt_ids' and 'response_ids')")
+            prompt = self._prompt_ids(example["prompt"])
+            rows = [self._response_ids(r["text"]) for r in example["responses"]]
+            row_scores = [r.get("score") for r in example["responses"]]
+            if any(s is None for s in row_scores):
+                k = row_scores.index(None)
+                raise ValueError(f"example {i}: field 'responses[{k}].score' is missing; the losses rank by score")
+        if self.max_prompt_tokens is not None:
+            prompt = prompt[-self.max_prompt_tokens :] if self.max_prompt_tokens else []
+        if self.max_response_tokens is not None:
+            rows = [r[: self.max_response_tokens] for r in rows]
+        for k, r in enumerate(rows):
+            if not r or (not prompt and len(r) < 2):
+                raise ValueError(f"example {i}: response {k} has no token to score")
+        return prompt, rows, [float(s) for s in row_scores]
+
+    def _uses_template(self) -> bool:
+        if self.chat_template is not None:
+            return self.chat_template
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def _prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        if self._uses_template():
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        if not isinstance(prompt, str):
+            raise ValueError("a chat prompt (a list of messages) needs a tokenizer with a chat template")
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def _response_ids(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+
+def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, backend: str = "auto") -> torch.Tensor:
+    """The summed log-probs S (N,) of each row's response tokens under ``model`` (no gradient): the
+    ``ref_logps`` of a batch of ``ListwiseCollator``, to compute once and store with the examples."""
+    S, _ = sequence_logprobs(_logits(model, batch), shift_labels(batch["labels"]), backend=backend)
+    return S
+
+
+def listwise_loss(
+    model: nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    objective: RobustObjective = DEFAULT_OBJECTIVE,
+    *,
+    ref_logps: torch.Tensor | None = None,
+    process_group: Any = None,
+    backend: str = "auto",
+) -> DoRAOutput:
+    """``dora_loss`` of ``model`` on a ``ListwiseCollator`` batch: the model's logits with the batch's labels
+    aligned by ``shift_labels``, its scores, h̃ (used by the strategies that need it) and reference log-probs
+    (``ref_logps``, else the batch's). ``process_group``: reduce over the prompts of every rank."""
+    scores = batch["scores"]
+    ref = ref_logps if ref_logps is not None else batch.get("ref_logps")
+    h = batch.get("h_tilde") if get_strategy(objective.strategy).needs_h_tilde else None
+    return dora_loss(
+        _logits(model, batch), shift_labels(batch["labels"]), num_responses=scores.shape[1], scores=scores,
+        h_tilde=h, ref_logps=ref, loss=objective.loss, loss_params=objective.loss_params,
+        strategy=objective.strategy, lam=objective.lam, process_group=process_group, backend=backend,
+    )
+
+
+class ListwiseTrainer(transformers.Trainer):
+    """``transformers.Trainer`` training with ``listwise_loss`` (see the module docstring).
+
+    Args (keyword, besides ``Trainer``'s):
+        objective: the loss, its parameters, the strategy and λ.
+        ref_model: the reference model, for losses that need one when the examples carry no ``ref_logps``
+            (moved to the training device; for DeepSpeed or FSDP runs cache ``ref_logps`` instead).
+        backend: the op's backend.
+
+    ``data_collator`` defaults to ``ListwiseCollator(processing_class)``. The logged loss is the batch
+    objective; ``rewards/*``, ``logps/*``, ``robust/ess``, ``robust/weight_max`` and ``h_tilde/mean`` are
+    logged beside it. With several processes the strategy reduces over every rank's prompts.
+    """
+
+    # The loss is a mean over prompts: gradient accumulation averages micro-steps (docs/design.md section 5.5)
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args: Any, objective: RobustObjective = DEFAULT_OBJECTIVE, ref_model: nn.Module | None = None,
+                 backend: str = "auto", **kwargs: Any) -> None:
+        if kwargs.get("data_collator") is None and len(args) < 3:
+            kwargs["data_collator"] = ListwiseCollator(kwargs.get("processing_class"))
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the same for transformers versions without loss_is_scaled_for_ga
+        self.objective = objective
+        self.loss_params = resolve_params(objective.loss, objective.loss_params)
+        get_strategy(objective.strategy)
+        self.backend = backend
+        self.ref_model = None
+        if ref_model is not None:
+            if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                raise ValueError("ListwiseTrainer: with DeepSpeed or FSDP, cache ref_logps in the data instead")
+            self.ref_model = ref_model.to(self.args.device).eval().requires_grad_(False)
+        self._stats: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            self._signature_columns = list(EXAMPLE_KEYS)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        ref = inputs.get("ref_logps")
+        if ref is None and get_loss(self.objective.loss).needs_reference:
+            if self.ref_model is None:
+                raise ValueError(
+                    f"loss {self.objective.loss!r} needs reference log-probs: give the examples 'ref_logps' "
+                    "(reference_logps) or the trainer a ref_model"
+                )
+            ref = reference_logps(self.ref_model, inputs, backend=self.backend)
+        out = listwise_loss(model, inputs, self.objective, ref_logps=ref, process_group=data_parallel_group(),
+                            backend=self.backend)
+        self._record(out, inputs, ref)
+        return (out.loss, out) if return_outputs else out.loss
+
+    @torch.no_grad()
+    def _record(self, out: DoRAOutput, inputs: dict[str, Any], ref: torch.Tensor | None) -> None:
+        stats = self._stats["train" if self.model.training else "eval"]
+        gather = self.accelerator.gather
+        for name, value in preference_stats(out, inputs["scores"], ref, self.objective.loss, self.loss_params).items():
+            stats.setdefault(name, []).append(gather(value).mean().item())
+        weights = out.weights if data_parallel_group() is None else gather(out.weights)
+        for name, value in weight_stats(weights).items():
+            stats.setdefault(name, []).append(value)
+        if "h_tilde" in inputs:
+            stats.setdefault("h_tilde/mean", []).append(gather(inputs["h_tilde"]).float().mean().item())
+
+    def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None) -> tuple[torch.Tensor, None, None]:
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for name, values in self._stats[mode].items():
+            if values:
+                logs[prefix + name] = sum(values) / len(values)
+        self._stats[mode] = {}
+        super().log(logs, *args, **kwargs)

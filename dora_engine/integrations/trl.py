@@ -1,0 +1,298 @@
+"""TRL's ``DPOTrainer`` with its loss computed by the DoRA op (docs/design.md section 9).
+
+``DoRADPOTrainer`` keeps everything of TRL's trainer (datasets and their preparation, the reference
+model or precomputed reference log-probs, PEFT, DeepSpeed/FSDP, evaluation, logging) and replaces the loss:
+each prompt's chosen and rejected completions become K = 2 rows of ``dora_engine.ops.dora_loss``, the
+chosen one scored above the rejected one, and the batch objective is any loss of
+``dora_engine.losses.LOSSES`` under any robust strategy, with h̃ read from a dataset column::
+
+    from dora_engine.integrations.trl import DoRADPOConfig, DoRADPOTrainer
+
+    args = DoRADPOConfig(output_dir="out", dora_loss="dpo", dora_strategy="dora", dora_lam=1.0, beta=0.1)
+    trainer = DoRADPOTrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()   # dataset: prompt / chosen / rejected (+ h_tilde) columns, TRL's formats
+
+``loss="dpo", strategy="erm"`` is TRL's ``loss_type="sigmoid"``; ``robust_dpo`` with ``eps`` is its
+``robust`` with ``label_smoothing``, ``exo`` its ``exo_pair``, and ``ipo`` with
+``{"length_normalize": True}`` its ``ipo``. With several processes the robust reduction spans the prompts
+of every rank (section 5.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from trl import DPOConfig, DPOTrainer
+
+from dora_engine.integrations.common import data_parallel_group, preference_stats, weight_stats
+from dora_engine.losses import get_loss, get_strategy, resolve_params
+from dora_engine.ops import OP_BACKENDS, DoRAOutput, dora_loss, shift_labels
+
+__all__ = ["DoRADPOConfig", "DoRADPOTrainer"]
+
+# TRL loss options that the DoRA loss replaces: a value other than this default is refused, so that no
+# setting is silently ignored.
+_REPLACED_OPTIONS = {
+    "loss_type": (["sigmoid"], "choose the loss with `dora_loss`"),
+    "loss_weights": (None, "one loss is computed, `dora_loss`"),
+    "label_smoothing": (0.0, "set ε with `dora_loss_params={'eps': ...}` (robust_dpo, exo)"),
+    "ld_alpha": (None, "the log-probs are the full sums of the completion tokens"),
+    "f_divergence_type": ("reverse_kl", "the losses use the log-ratio ρ = S − S_ref"),
+    "use_weighting": (False, "weigh prompts with a robust strategy (`dora_strategy`) and h̃"),
+}
+_NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "h_tilde"}
+
+
+@dataclass
+class DoRADPOConfig(DPOConfig):
+    r"""
+    Configuration class for the [`DoRADPOTrainer`]: TRL's [`~trl.DPOConfig`] with the loss of dora-engine.
+
+    The loss is a preference loss of `dora_engine.losses` on each prompt's chosen and rejected completions
+    (K = 2 responses, the chosen one ranked first), and the training objective is a robust strategy over the
+    prompts of the batch (docs/design.md section 4). TRL's own loss options (`loss_type`, `loss_weights`,
+    `label_smoothing`, `ld_alpha`, `f_divergence_type`, `use_weighting`) must keep their defaults.
+
+    Parameters:
+        dora_loss (`str`, *optional*, defaults to `"dpo"`):
+            Preference loss: `"dpo"`, `"rdpo"`, `"ipo"`, `"robust_dpo"`, `"exo"`, `"simpo"`, or a listwise loss
+            of `dora_engine.losses.LOSSES` (they apply to K = 2 as well).
+        dora_loss_params (`dict[str, Any]`, *optional*):
+            Overrides of the loss's default parameters, e.g. `{"eps": 0.1}` for `"robust_dpo"` or
+            `{"length_normalize": True}` for TRL's length-normalised `"ipo"`.
+        beta (`float`, *optional*):
+            β of a loss that has one. `None` keeps the loss's own default (0.1 for `"dpo"`, 2.0 for `"simpo"`).
+            Setting both `beta` and `dora_loss_params["beta"]` is an error.
+        dora_strategy (`str`, *optional*, defaults to `"dora"`):
+            Robust strategy over the prompts of a batch: `"erm"` (the mean), `"reweight"`, `"dro"`, `"dora"` or
+            `"drdpo"`. `"reweight"` and `"dora"` need the h̃ column.
+        dora_lam (`float`, *optional*, defaults to `1.0`):
+            λ > 0 of `"dro"`, `"dora"` and `"drdpo"`.
+        h_tilde_column (`str`, *optional*, defaults to `"h_tilde"`):
+            Dataset column with each prompt's calibration weight h̃ > 0 (`dora-engine calibrate` writes it).
+        dora_backend (`str`, *optional*, defaults to `"auto"`):
+            Backend of the op: `"auto"` (the fused C++/CUDA op, falling back to PyTorch when it cannot be built),
+            `"fused"` or `"reference"`.
+    """
+
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["dora_loss_params"]  # JSON on the command line
+
+    dora_loss: str = field(
+        default="dpo",
+        metadata={
+            "help": "Preference loss: 'dpo', 'rdpo', 'ipo', 'robust_dpo', 'exo', 'simpo', or a listwise loss of "
+            "`dora_engine.losses.LOSSES` (they apply to K = 2 as well)."
+        },
+    )
+    dora_loss_params: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Overrides of the loss's default parameters, e.g. {'eps': 0.1} for 'robust_dpo' or "
+            "{'length_normalize': True} for TRL's length-normalised 'ipo'."
+        },
+    )
+    beta: float | None = field(
+        default=None,
+        metadata={
+            "help": "β of a loss that has one. None keeps the loss's own default (0.1 for 'dpo', 2.0 for "
+            "'simpo'). Setting both `beta` and `dora_loss_params['beta']` is an error."
+        },
+    )
+    dora_strategy: str = field(
+        default="dora",
+        metadata={
+            "help": "Robust strategy over the prompts of a batch: 'erm' (the mean), 'reweight', 'dro', 'dora' or "
+            "'drdpo'. 'reweight' and 'dora' need the h̃ column."
+        },
+    )
+    dora_lam: float = field(default=1.0, metadata={"help": "λ > 0 of 'dro', 'dora' and 'drdpo'."})
+    h_tilde_column: str = field(
+        default="h_tilde",
+        metadata={"help": "Dataset column with each prompt's calibration weight h̃ > 0 (`dora-engine calibrate`)."},
+    )
+    dora_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "Backend of the op: 'auto' (the fused C++/CUDA op, falling back to PyTorch when it cannot be "
+            "built), 'fused' or 'reference'."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, (default, instead) in _REPLACED_OPTIONS.items():
+            if getattr(self, name) != default:
+                raise ValueError(
+                    f"DoRADPOConfig: `{name}` = {getattr(self, name)!r} is not used by the DoRA loss ({instead}); "
+                    f"leave it at {default!r}"
+                )
+        get_strategy(self.dora_strategy)
+        if isinstance(self.dora_lam, bool) or not isinstance(self.dora_lam, int | float) or not self.dora_lam > 0:
+            raise ValueError(f"DoRADPOConfig: `dora_lam` must be a number > 0, got {self.dora_lam!r}")
+        if self.dora_backend not in OP_BACKENDS:
+            raise ValueError(f"DoRADPOConfig: `dora_backend` must be one of {OP_BACKENDS}, got {self.dora_backend!r}")
+        self.resolved_loss_params()
+
+    def resolved_loss_params(self) -> dict[str, Any]:
+        """The loss's parameters: its defaults, then `beta`, then `dora_loss_params` (checked by the registry)."""
+        spec = get_loss(self.dora_loss)
+        params = dict(self.dora_loss_params or {})
+        if self.beta is not None:
+            if "beta" not in spec.defaults:
+                raise ValueError(f"DoRADPOConfig: `beta` is set but loss {self.dora_loss!r} has no β")
+            if "beta" in params:
+                raise ValueError("DoRADPOConfig: β is set twice, in `beta` and in `dora_loss_params`")
+            params["beta"] = self.beta
+        return resolve_params(self.dora_loss, params)
+
+
+@dataclass
+class _HTildeCollator:
+    """The trainer's collator, plus the (B,) tensor ``h_tilde`` from each example's h̃ column."""
+
+    collator: Any
+    column: str
+    required: bool
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        values = [example.get(self.column) for example in examples]
+        if all(v is not None for v in values):
+            batch["h_tilde"] = torch.tensor([float(v) for v in values], dtype=torch.float32)
+        elif self.required:
+            raise ValueError(
+                f"the strategy needs h̃ but an example has no {self.column!r} value "
+                "(run `dora-engine calibrate`, set `h_tilde_column`, or use dora_strategy 'erm' / 'dro')"
+            )
+        return batch
+
+
+class DoRADPOTrainer(DPOTrainer):
+    """TRL's ``DPOTrainer`` whose loss is ``dora_engine.ops.dora_loss`` (see the module docstring).
+
+    Takes the arguments of ``DPOTrainer``, with ``args`` a ``DoRADPOConfig``. Logs TRL's metrics
+    (``rewards/*``, ``logps/*``, ``logits/*``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``) plus
+    ``robust/ess``, ``robust/weight_max`` and ``h_tilde/mean``.
+    """
+
+    _tag_names = ["trl", "dpo", "dora-engine"]
+    _name = "DoRA-DPO"
+
+    def __init__(self, model: Any, ref_model: Any = None, args: DoRADPOConfig | None = None, *rest: Any,
+                 **kwargs: Any) -> None:
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = DoRADPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DoRA-DPO")
+        if not isinstance(args, DoRADPOConfig):
+            raise TypeError(f"DoRADPOTrainer needs args of type DoRADPOConfig, got {type(args).__name__}")
+        self.dora_params = args.resolved_loss_params()
+        super().__init__(model, ref_model, args, *rest, **kwargs)
+        if self._is_vision_dataset:
+            raise ValueError("DoRADPOTrainer supports text datasets only")
+        self.beta = float(self.dora_params.get("beta", 1.0))  # TRL's name for the reward scale
+        self._needs_reference = get_loss(args.dora_loss).needs_reference
+        self._uses_h_tilde = get_strategy(args.dora_strategy).needs_h_tilde
+        columns = getattr(self.train_dataset, "column_names", None)  # None for some streaming datasets
+        if self._uses_h_tilde and columns is not None and args.h_tilde_column not in columns:
+            raise ValueError(
+                f"dora_strategy {args.dora_strategy!r} needs h̃ but the training dataset has no "
+                f"{args.h_tilde_column!r} column (run `dora-engine calibrate`, set `h_tilde_column`, or use "
+                "dora_strategy 'erm' / 'dro')"
+            )
+        self.data_collator = _HTildeCollator(self.data_collator, args.h_tilde_column, self._uses_h_tilde)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.args.h_tilde_column not in self._signature_columns:
+            self._signature_columns.append(self.args.h_tilde_column)
+
+    def _reference_logps(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """Reference log-probs (B, 2) of the chosen and rejected completions: precomputed, or from the
+        reference model (or the PEFT model with its adapter disabled) through TRL's own method."""
+        if self.precompute_ref_logps:
+            chosen, rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            reference = self.ref_model if self.ref_model is not None else self.model
+            chosen, rejected = self.compute_ref_log_probs(reference, inputs)
+        return torch.stack([chosen, rejected], dim=1)
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """The DoRA loss on TRL's batch: rows [chosen_0 … chosen_{B−1}, rejected_0 …] are reordered to
+        row n = b·2 + k (k = 0 chosen, 1 rejected), the op's layout."""
+        mode = "train" if self.model.training else "eval"
+        args: DoRADPOConfig = self.args
+        rows = inputs["input_ids"].shape[0]
+        B = rows // 2
+        order = torch.arange(rows, device=inputs["input_ids"].device).view(2, B).t().reshape(-1)
+        model_kwargs = {k: v[order] for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"][order]
+        labels = model_kwargs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs)
+        logits = outputs.logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
+        aligned = shift_labels(labels)
+
+        ref_logps = self._reference_logps(inputs).reshape(-1).to(logits.device) if self._needs_reference else None
+        scores = torch.tensor([1.0, 0.0], device=logits.device).expand(B, 2)  # the chosen ranks first
+        h_tilde = inputs.get("h_tilde")
+        out = dora_loss(
+            logits, aligned, num_responses=2, scores=scores, h_tilde=h_tilde if self._uses_h_tilde else None,
+            ref_logps=ref_logps,
+            loss=args.dora_loss, loss_params=self.dora_params, strategy=args.dora_strategy, lam=args.dora_lam,
+            process_group=data_parallel_group(), backend=args.dora_backend,
+        )
+        loss = out.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        self._log_step(mode, inputs, out, logits, aligned, scores, ref_logps, h_tilde)
+
+        if return_outputs:
+            inverse = torch.argsort(order)
+            outputs["logits"] = outputs.logits[inverse]  # back to TRL's row order
+            return loss, outputs
+        return loss
+
+    @torch.no_grad()
+    def _log_step(
+        self, mode: str, inputs: dict[str, Any], out: DoRAOutput, logits: torch.Tensor, aligned: torch.Tensor,
+        scores: torch.Tensor, ref_logps: torch.Tensor | None, h_tilde: torch.Tensor | None,
+    ) -> None:
+        """TRL's metrics of the step (averaged over ranks), then the strategy's."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        for name, value in preference_stats(out, scores, ref_logps, self.args.dora_loss, self.dora_params).items():
+            metrics[name].append(gather(value).mean().item())
+
+        # Token statistics of the scored positions, one row at a time (no second N·T·V buffer)
+        totals = torch.zeros(6, dtype=torch.float64, device=logits.device)  # entropy, top-1, logit sums, counts
+        for n in range(logits.shape[0]):
+            scored = aligned[n] != -100
+            z = logits[n][scored].float()
+            logp = torch.log_softmax(z, dim=-1)
+            k = n % 2  # 0 chosen, 1 rejected
+            totals[0] += -(logp.exp() * logp).sum()
+            if k == 0:
+                totals[1] += (z.argmax(-1) == aligned[n][scored]).sum()
+            totals[2 + k] += z.mean(-1).sum()
+            totals[4 + k] += scored.sum()
+        totals = gather(totals[None]).sum(0)
+        tokens = totals[4] + totals[5]
+        metrics["entropy"].append((totals[0] / tokens).item() if tokens > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((totals[1] / totals[4]).item() if totals[4] > 0 else 0.0)
+        metrics["logits/chosen"].append((totals[2] / totals[4]).item() if totals[4] > 0 else 0.0)
+        metrics["logits/rejected"].append((totals[3] / totals[5]).item() if totals[5] > 0 else 0.0)
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+
+        # out.weights is this rank's share of the distribution over the global batch (it sums to 1 over ranks)
+        weights = out.weights if data_parallel_group() is None else self.accelerator.gather(out.weights)
+        for name, value in weight_stats(weights).items():
+            metrics[name].append(value)
+        if h_tilde is not None:
+            metrics["h_tilde/mean"].append(gather(h_tilde).float().mean().item())
