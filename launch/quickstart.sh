@@ -6,11 +6,14 @@
 # Environment: NPROC (ranks; default: the GPU count, else 2), PROMPTS (training prompts, default 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ! python3 -c "import dora_engine, deepspeed, transformers" 2>/dev/null || ! command -v dora-engine >/dev/null; then
+  bash launch/install.sh  # a fresh machine: torch (CPU or CUDA build), then the project
+fi
 
 WORK=${1:-runs/quickstart}
 PROMPTS=${PROMPTS:-256}
 if [[ -z "${NPROC:-}" ]]; then
-  NPROC=$(python -c "import torch; print(torch.cuda.device_count() or 2)")
+  NPROC=$(python3 -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
 DATA=$WORK/data
 START=$(date +%s)
@@ -21,8 +24,8 @@ dora-engine data synth --out "$DATA/train.jsonl" --num-prompts "$PROMPTS" --k 4 
 dora-engine data synth --out "$DATA/heldout.jsonl" --num-prompts 48 --k 2 --seed 1000
 
 step "2/7 tiny Llama (the policy) and tiny BERT (the calibration classifier) over the synthetic vocabulary"
-python launch/make_tiny_model.py --kind llama --tokenizer "$WORK/tokenizer" --out "$WORK/tiny-llama"
-python launch/make_tiny_model.py --kind bert --hidden 32 --layers 1 --heads 2 --tokenizer "$WORK/tokenizer" \
+python3 launch/make_tiny_model.py --kind llama --tokenizer "$WORK/tokenizer" --out "$WORK/tiny-llama"
+python3 launch/make_tiny_model.py --kind bert --hidden 32 --layers 1 --heads 2 --tokenizer "$WORK/tokenizer" \
   --out "$WORK/tiny-bert"
 
 step "3/7 calibration: golden-vs-source classifiers -> h_tilde"
