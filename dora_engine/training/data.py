@@ -106,6 +106,11 @@ class TrainingData:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def num_records(self) -> int:
+        """Records of the files (examples refer to them by ``record_index``; the reference cache has a row each)."""
+        return max(ex.record_index for ex in self.examples) + 1
+
 
 def file_hash(paths: Sequence[str]) -> str:
     """sha256 over the bytes of the data files, in order."""
@@ -231,6 +236,12 @@ def tokenise(
 
 def check_token_range(data: TrainingData, vocab_size: int, key: str) -> None:
     """Every token id is below the model's vocabulary size, so the op can run without checking labels."""
+    if hasattr(data, "max_token_ids"):  # memory-mapped data: one pass over a column of per-row maxima
+        import pyarrow.compute as pc
+
+        top = data.max_token_ids()
+        if len(top) == 0 or pc.max(top).as_py() < vocab_size:
+            return
     for ex in data.examples:
         for row in ex.rows:
             top = max(row.input_ids)
