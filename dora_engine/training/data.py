@@ -5,6 +5,10 @@ convention (``labels[t]`` is token t; prompt and padding positions are -100, so 
 scored); the model wrapper aligns them with the logits (``dora_engine.ops.shift_labels``, docs/design.md
 section 4). A batch of B prompts × K responses is
 flattened to N = B·K rows, row n = b·K + k.
+
+``tokenise`` makes the rows in memory (small data, tests); a training run gets the same rows from the
+memory-mapped cache of ``dora_engine.training.tokenised`` (docs/design.md section 3.2), which has the
+same ``TrainingData`` interface.
 """
 
 from __future__ import annotations
