@@ -215,3 +215,36 @@ def test_training_reads_datasets_sources_directly(toy, tmp_path):
     for kind, source in _hf_sources(tmp_path, records).items():
         data = _load([source], tok, tmp_path / kind, columns=COLUMNS)
         assert _plain(data) == expected, kind
+
+
+# ----------------------------------------------------------------------------------- streamed steps
+
+
+def test_sharded_steps_stream_their_input_and_resume(tmp_path, monkeypatch):
+    """A path input is read record by record (never loaded whole) and an interrupted run resumes."""
+    import dora_engine.data.sharded as sharded
+    from dora_engine.data.schema import Record
+
+    source = write_jsonl(tmp_path / "in.jsonl", make_records(10))
+    whole = sharded.read_records
+
+    def no_whole_input(path):
+        assert Path(path) != source, "the input was loaded whole"
+        return whole(path)
+
+    monkeypatch.setattr(sharded, "read_records", no_whole_input)
+    calls = []
+
+    def step(shard, index):
+        calls.append(index)
+        if index == 2 and len(calls) == 3:
+            raise KeyboardInterrupt
+        return [Record(r.id, r.prompt, r.responses, 2.0, r.meta) for r in shard]
+
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        sharded.run_sharded(str(source), step, out, settings={"step": "t"}, shard_size=3)
+    result = sharded.run_sharded(str(source), step, out, settings={"step": "t"}, shard_size=3)
+    assert calls == [0, 1, 2, 2, 3]  # the finished shards were not redone
+    assert len(result) == 10 and [r.id for r in result] == [f"toy-{i}" for i in range(10)]
+    assert all(r.h_tilde == 2.0 for r in read_records(out))
