@@ -35,6 +35,7 @@ META = "dora_tokens.json"
 BATCH = 1024  # records per Arrow batch and per map call
 PARALLEL_FROM = 20_000  # fewer records are tokenised in this process (starting workers costs more)
 WAIT_POLL_S = 0.5
+SHOW_MAP_BAR_FROM = 10_000  # records; smaller builds take a moment and print nothing
 
 def default_cache_dir() -> Path:
     """``$DORA_ENGINE_CACHE/tokenised``, else ``$XDG_CACHE_HOME/dora_engine/tokenised`` (``~/.cache`` by default)."""
@@ -97,7 +98,8 @@ def write_records_arrow(
     schema = _records_schema()
     seen: dict[str, int] = {}
     count = 0
-    bar = tqdm(desc="reading records", unit=" records", disable=not progress, leave=False)
+    # Shown after 2 s only: small data (and a bad record early on) leave the terminal as it was.
+    bar = tqdm(desc="reading records", unit=" records", disable=not progress, leave=False, delay=2.0)
     with pa.OSFile(str(destination), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         buffer: dict[str, list] = {name: [] for name in schema.names}
 
@@ -127,6 +129,7 @@ def write_records_arrow(
                         flush()
                         bar.update(BATCH)
             except RecordError as err:
+                bar.close()
                 message = str(err)
                 raise RecordError(message if message.startswith(str(path)) else f"{path}: {message}") from None
         bar.update(len(buffer["id"]))
@@ -343,7 +346,7 @@ def _build(path: Path, paths: list[str], tokenizer: Tokenizer, settings: dict[st
             settings = {**settings, "num_responses": len(records[0]["texts"])}
         procs = num_proc if num_proc is not None else (min(8, os.cpu_count() or 1) if count >= PARALLEL_FROM else 1)
         started = time.perf_counter()
-        with _progress_bars(progress):
+        with _progress_bars(progress and count >= SHOW_MAP_BAR_FROM):
             tokens = records.map(
                 tokenise_batch, batched=True, batch_size=BATCH, with_indices=True, remove_columns=records.column_names,
                 num_proc=procs if procs > 1 else None, desc=f"tokenising ({procs} process{'es' * (procs > 1)})",
