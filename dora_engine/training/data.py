@@ -243,9 +243,15 @@ def check_token_range(data: TrainingData, vocab_size: int, key: str) -> None:
     if hasattr(data, "max_token_ids"):  # memory-mapped data: one pass over a column of per-row maxima
         import pyarrow.compute as pc
 
-        top = data.max_token_ids()
-        if len(top) == 0 or pc.max(top).as_py() < vocab_size:
+        tops = data.max_token_ids()
+        if len(tops) == 0 or pc.max(tops).as_py() < vocab_size:
             return
+        row = pc.indices_nonzero(pc.greater_equal(tops, vocab_size))[0].as_py()
+        example = data.examples[row // len(data.examples[0].rows)]  # every example has the same number of rows
+        raise RecordError(
+            f"{key}: record {example.record_index}: token id {tops[row].as_py()} is outside the model's vocabulary "
+            f"({vocab_size} tokens); the tokenizer does not match model.path"
+        )
     for ex in data.examples:
         for row in ex.rows:
             top = max(row.input_ids)
