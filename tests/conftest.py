@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Tokenised data of the tests (and of the runs they launch) go to a folder of this session, not the user's cache.
+os.environ["DORA_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="dora-engine-cache-")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,7 +13,8 @@ the output of an uninterrupted one (``dora_engine.data.sharded``), and any shard
 output as ``augment_records``.
 
 API: ``augment_records(records, model, n=2, ...) -> list[Record]`` in memory;
-``augment_file(input, output, model, n=2, ...) -> list[Record]`` sharded and resumable.
+``augment_file(input, output, model, n=2, ...)`` sharded, resumable and streamed (the input is never held
+at once; the result reads the output file as it is iterated).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from dora_engine.data.schema import Record, Response, read_records
+from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import ShardedRun, derived_seed
 from dora_engine.errors import UserValueError
 from dora_engine.generation import AUGMENTATION_SAMPLING, Generator, Sampling, make_generator, model_name
@@ -75,10 +76,10 @@ def augment_file(
     sampling: Sampling | None = None, batch_size: int = 8, source: str | None = None, seed: int = 0,
     device: str | None = None, shard_size: int = 256, work_dir: str | os.PathLike | None = None,
     restart: bool = False,
-) -> list[Record]:
+) -> Sequence[Record]:
     """Augment a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
     sampling = _checked(n, sampling)
-    records = read_records(input)
+    records = input  # streamed by the sharded run
     source = source or source_name(model)
     generation = {"n": n, **asdict(sampling)}
     settings = {"step": "augment", "model": str(model), "source": source, "backend": backend, "seed": seed,

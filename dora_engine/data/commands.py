@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dora_engine.data.schema import Record, read_records, write_records
 from dora_engine.data.summary import summarize
+from dora_engine.errors import UserValueError
 from dora_engine.generation import GENERATION_BACKENDS
 
 
@@ -41,6 +42,32 @@ def _finish(out: Path, records: list[Record]) -> int:
     return _report(out, records)
 
 
+def _convert_hf(args: argparse.Namespace) -> int:
+    """Stream what ``datasets`` loads into the schema's JSONL (nothing is held in memory at once)."""
+    from dora_engine.data.hf import iter_hf_records, load_hf, parse_columns
+
+    if args.target is not None:
+        raise UserValueError("--target applies to --format alpaca only")
+    columns = parse_columns(args.columns)
+    dropped: list[str] = []
+
+    def records():
+        for source in args.inputs:
+            dataset = load_hf(str(source), split=args.split)
+            for rec in iter_hf_records(dataset, columns, name=str(source), id_prefix=Path(str(source)).stem or "row"):
+                if not args.keep_empty and any(not r.text for r in rec.responses):
+                    dropped.append(rec.id)
+                    continue
+                yield rec
+
+    count = write_records(args.out, records())
+    if dropped:
+        print(f"warning: dropped {len(dropped)} record(s) with an empty response (e.g. id={dropped[0]!r}); "
+              "--keep-empty keeps them", file=sys.stderr)
+    print(f"wrote {count} records to {args.out}")
+    return 0
+
+
 def _add_resume_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-size", type=int, default=256,
                         help="prompts per shard; finished shards survive an interruption and are not redone")
@@ -51,6 +78,11 @@ def _add_resume_options(parser: argparse.ArgumentParser) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from dora_engine.data.converters import convert_files
+
+    if args.format == "hf":
+        return _convert_hf(args)
+    if args.columns or args.split:
+        raise UserValueError("--columns and --split apply to --format hf only")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -114,10 +146,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = data.add_subparsers(dest="data_command", metavar="STEP", required=True)
 
     convert = commands.add_parser("convert", help="convert a public preference format to the dataset schema")
-    convert.add_argument("inputs", type=Path, nargs="+", help="input files: JSON list or JSONL, .gz allowed")
-    convert.add_argument("--format", required=True, choices=["trl", "hh", "alpaca", "authors"],
+    convert.add_argument("inputs", nargs="+",
+                         help="input files: JSON list or JSONL, .gz allowed; --format hf: what `datasets` loads "
+                              "(Parquet, Arrow, JSON(L), CSV, a save_to_disk folder, a hub id)")
+    convert.add_argument("--format", required=True, choices=["trl", "hh", "alpaca", "authors", "hf"],
                          help="trl: prompt/chosen/rejected; hh: raw HH-RLHF transcripts; alpaca: AlpacaEval "
-                              "model outputs of several generators; authors: query/responses/scores/probs")
+                              "model outputs of several generators; authors: query/responses/scores/probs; hf: "
+                              "rows already in the schema's fields, renamed by --columns")
+    convert.add_argument("--columns", nargs="*", default=None, metavar="FIELD=COLUMN",
+                         help="hf: which column holds a schema field (id, prompt, responses, h_tilde, meta, "
+                              "responses.text, responses.source, responses.score)")
+    convert.add_argument("--split", default=None, help="hf: the split to read (default: train, or the only one)")
     convert.add_argument("--out", type=Path, required=True, help="output JSONL (.gz allowed)")
     convert.add_argument("--target", default=None, help="alpaca: the generator whose outputs are the target")
     convert.add_argument("--keep-empty", action="store_true",

@@ -14,7 +14,7 @@ import gzip
 import json
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,16 +197,42 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 raise RecordError(f"{path}: line {i + 1} is not valid JSON ({err.msg})") from None
 
 
-def read_records(path: str | os.PathLike) -> list[Record]:
-    """Read and validate a JSONL dataset; ids must be unique."""
-    records, seen = [], set()
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+    """Validated records of a JSONL dataset, one at a time (only the ids are kept, to refuse duplicates)."""
+    seen = set()
     for n, (_, obj) in enumerate(iter_jsonl(path)):
         rec = Record.from_dict(obj, index=n)
         if rec.id in seen:
             raise RecordError(f"record {n} (id={rec.id!r}): duplicate id")
         seen.add(rec.id)
-        records.append(rec)
-    return records
+        yield rec
+
+
+def read_records(path: str | os.PathLike) -> list[Record]:
+    """Read and validate a JSONL dataset; ids must be unique."""
+    return list(iter_records(path))
+
+
+class RecordsFile(Sequence):
+    """The records of a JSONL file, read from disk each time they are iterated (never held at once)."""
+
+    def __init__(self, path: str | os.PathLike, count: int):
+        self.path = Path(path)
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Record]:
+        return iter_records(self.path)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return read_records(self.path)[index]
+        n = self.count
+        if not -n <= index < n:
+            raise IndexError(index)
+        return next(rec for i, rec in enumerate(self) if i == index % n)
 
 
 def write_records(path: str | os.PathLike, records: Iterable[Record]) -> int:

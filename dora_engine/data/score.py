@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dora_engine.data.schema import Prompt, Record, Response, read_records
+from dora_engine.data.schema import Prompt, Record, Response
 from dora_engine.data.sharded import ShardedRun
 from dora_engine.device import resolve_device
 from dora_engine.errors import UserValueError, loading_user_model
@@ -130,9 +130,9 @@ def score_file(
     input: str | os.PathLike, output: str | os.PathLike, model: str, *, batch_size: int = 16,
     max_length: int = 1024, keep_existing: bool = False, device: str | None = None, shard_size: int = 256,
     work_dir: str | os.PathLike | None = None, restart: bool = False,
-) -> list[Record]:
+) -> Sequence[Record]:
     """Score a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
-    records = read_records(input)
+    records = input  # streamed by the sharded run
     settings = {"step": "score", "model": str(model), "max_length": max_length, "keep_existing": keep_existing}
     # The work directory is checked (and an earlier run's progress reported) before the model loads.
     run = ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart,

@@ -20,12 +20,12 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from dora_engine.atomic import atomic_write
-from dora_engine.data.schema import Record, RecordError, read_records, write_records
+from dora_engine.data.schema import Record, RecordError, RecordsFile, iter_records, read_records, write_records
 from dora_engine.errors import UserValueError
 
 
@@ -34,13 +34,15 @@ def default_work_dir(output: str | os.PathLike) -> Path:
     return output.parent / f".{output.name}.shards"
 
 
-def fingerprint(records: Sequence[Record], settings: dict[str, Any]) -> dict[str, Any]:
-    """A JSON-able identity of one run: a hash of the input records plus the settings."""
+def fingerprint(records: Iterable[Record], settings: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-able identity of one run: a hash of the input records plus the settings (one pass, streamed)."""
     digest = hashlib.sha256()
+    count = 0
     for rec in records:
         digest.update(json.dumps(rec.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
         digest.update(b"\n")
-    return {"input_sha256": digest.hexdigest(), "num_records": len(records), **settings}
+        count += 1
+    return {"input_sha256": digest.hexdigest(), "num_records": count, **settings}
 
 
 def derived_seed(seed: int, *parts: object) -> int:
@@ -71,7 +73,7 @@ class ShardedRun:
 
     def __init__(
         self,
-        records: Sequence[Record],
+        records: Sequence[Record] | str | os.PathLike,
         output: str | os.PathLike,
         *,
         settings: dict[str, Any],
@@ -82,14 +84,17 @@ class ShardedRun:
     ) -> None:
         if shard_size < 1:
             raise UserValueError(f"shard_size must be >= 1, got {shard_size}")
-        self.records = list(records)
+        # A path is streamed: read once for the fingerprint and once while processing, never held at once.
+        self.input = Path(records) if isinstance(records, str | os.PathLike) else None
+        self.records = None if self.input is not None else list(records)
         self.output = output
         self.shard_size = shard_size
         self.work = Path(work_dir) if work_dir is not None else default_work_dir(output)
         self.restart = restart
         self.desc = desc
-        self.fingerprint = fingerprint(self.records, {**settings, "shard_size": shard_size})
-        self.num_shards = -(-len(self.records) // shard_size)
+        self.fingerprint = fingerprint(self._all(), {**settings, "shard_size": shard_size})
+        self.count = self.fingerprint["num_records"]
+        self.num_shards = -(-self.count // shard_size)
         previous = _read_manifest(self.work)
         finished = len(self.finished_shards()) if previous is not None else 0
         if restart:
@@ -104,12 +109,26 @@ class ShardedRun:
                 "rerun with the same input and settings to resume, or pass --restart to discard them"
             )
         if finished:
-            prompts = sum(len(self.shard(i)) for i in self.finished_shards())
-            print(f"{desc}: resuming: {finished} of {self.num_shards} shards ({prompts} of {len(self.records)} "
+            prompts = sum(self._shard_len(i) for i in self.finished_shards())
+            print(f"{desc}: resuming: {finished} of {self.num_shards} shards ({prompts} of {self.count} "
                   f"prompts) already done in {self.work}", file=sys.stderr)
 
-    def shard(self, index: int) -> list[Record]:
-        return self.records[index * self.shard_size:(index + 1) * self.shard_size]
+    def _all(self) -> Iterable[Record]:
+        return self.records if self.input is None else iter_records(self.input)
+
+    def _shard_len(self, index: int) -> int:
+        return min(self.shard_size, self.count - index * self.shard_size)
+
+    def shards(self) -> Iterator[list[Record]]:
+        """The input cut into consecutive shards, read as they are needed."""
+        shard: list[Record] = []
+        for rec in self._all():
+            shard.append(rec)
+            if len(shard) == self.shard_size:
+                yield shard
+                shard = []
+        if shard:
+            yield shard
 
     def shard_path(self, index: int) -> Path:
         return self.work / f"shard-{index:06d}.jsonl"
@@ -117,8 +136,9 @@ class ShardedRun:
     def finished_shards(self) -> list[int]:
         return [i for i in range(self.num_shards) if self.shard_path(i).exists()]
 
-    def run(self, process: Callable[[list[Record], int], list[Record]]) -> list[Record]:
-        """Apply ``process`` to every unfinished shard; write the output and remove the work directory."""
+    def run(self, process: Callable[[list[Record], int], list[Record]]) -> Sequence[Record]:
+        """Apply ``process`` to every unfinished shard; write the output and remove the work directory.
+        Returns the output records (read back from the output file as they are iterated)."""
         from tqdm.auto import tqdm
 
         if self.restart and self.work.exists():
@@ -127,22 +147,21 @@ class ShardedRun:
             self.work.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.work / "run.json") as handle:
                 json.dump(self.fingerprint, handle, indent=1, sort_keys=True)
-        results: list[Record] = []
-        with tqdm(total=len(self.records), desc=self.desc, unit="prompt") as bar:
-            for index in range(self.num_shards):
-                shard, path = self.shard(index), self.shard_path(index)
+        with tqdm(total=self.count, desc=self.desc, unit="prompt") as bar:
+            for index, shard in enumerate(self.shards()):
+                path = self.shard_path(index)
                 if path.exists():
-                    done = _load_shard(path, shard)
+                    _load_shard(path, shard)
                 else:
                     done = process(shard, index)
                     if [r.id for r in done] != [r.id for r in shard]:
                         raise RuntimeError(f"shard {index}: the step returned records out of order or incomplete")
                     write_records(path, done)
-                results.extend(done)
                 bar.update(len(shard))
-        write_records(self.output, results)
+        count = write_records(self.output, (rec for i in range(self.num_shards)
+                                            for rec in iter_records(self.shard_path(i))))
         shutil.rmtree(self.work)
-        return results
+        return RecordsFile(self.output, count)
 
 
 def run_sharded(
@@ -155,7 +174,7 @@ def run_sharded(
     work_dir: str | os.PathLike | None = None,
     restart: bool = False,
     desc: str = "records",
-) -> list[Record]:
+) -> Sequence[Record]:
     """Apply ``process`` shard by shard with resume (see the module docstring); returns all output records."""
     return ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir,
                       restart=restart, desc=desc).run(process)

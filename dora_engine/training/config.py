@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from dora_engine.errors import UserError
 from dora_engine.losses import get_loss, get_strategy, resolve_params
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
 from dora_engine.ops.lm_head import LOSS_PATHS
+
+DATA_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".arrow", ".csv")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a `datasets` hub id (org/name) for data.train
 
 
 class ConfigError(UserError, ValueError):
@@ -38,7 +42,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # JSONL files (section 3 schema)
+    train: list[str] = field(default_factory=list)  # JSONL files (section 3 schema), or what `datasets` loads
     eval: list[str] = field(default_factory=list)
     target_source: str = "chosen"  # the golden source: the responses SFT trains on
     num_responses: int | None = None  # K; None: the K of the first record (every record must match)
@@ -46,6 +50,10 @@ class DataConfig:
     max_response_tokens: int = 256  # responses keep their first tokens
     ref_cache_dir: str | None = None  # default <output_dir>/ref_cache
     allow_empty_responses: bool = False  # keep responses whose text is empty or blank (trained as EOS alone)
+    cache_dir: str | None = None  # tokenised data (memory-mapped Arrow); default $DORA_ENGINE_CACHE/tokenised or
+    # ~/.cache/dora_engine/tokenised
+    num_proc: int | None = None  # tokenising processes; None: 1 below 20k records, else min(8, CPUs)
+    columns: dict[str, str] = field(default_factory=dict)  # schema field -> column, for data `datasets` loads
 
 
 @dataclass
@@ -344,7 +352,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
     for i, path in enumerate(cfg.data.train + cfg.data.eval):
         kind, idx = ("train", i) if i < len(cfg.data.train) else ("eval", i - len(cfg.data.train))
-        if not Path(path).is_file():
+        if not Path(path).exists() and (Path(path).suffix in DATA_SUFFIXES or not HUB_ID.match(str(path))):
             raise ConfigError(f"config key 'data.{kind}[{idx}]': file not found: {path}")
     if cfg.data.num_responses is not None and cfg.data.num_responses < 2:
         raise ConfigError(f"config key 'data.num_responses' must be ≥ 2, got {cfg.data.num_responses}")
@@ -398,6 +406,16 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     _check_output_folder("output_dir", cfg.output_dir)
     if cfg.data.ref_cache_dir:
         _check_output_folder("data.ref_cache_dir", cfg.data.ref_cache_dir)
+    if cfg.data.cache_dir:
+        _check_output_folder("data.cache_dir", cfg.data.cache_dir)
+    if cfg.data.num_proc is not None:
+        _positive("data.num_proc", cfg.data.num_proc)
+    from dora_engine.data.hf import check_columns
+
+    try:
+        check_columns(cfg.data.columns, "config key 'data.columns'")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return cfg
 
 

@@ -5,6 +5,10 @@ convention (``labels[t]`` is token t; prompt and padding positions are -100, so 
 scored); the model wrapper aligns them with the logits (``dora_engine.ops.shift_labels``, docs/design.md
 section 4). A batch of B prompts × K responses is
 flattened to N = B·K rows, row n = b·K + k.
+
+``tokenise`` makes the rows in memory (small data, tests); a training run gets the same rows from the
+memory-mapped cache of ``dora_engine.training.tokenised`` (docs/design.md section 3.2), which has the
+same ``TrainingData`` interface.
 """
 
 from __future__ import annotations
@@ -105,6 +109,11 @@ class TrainingData:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    @property
+    def num_records(self) -> int:
+        """Records of the files (examples refer to them by ``record_index``; the reference cache has a row each)."""
+        return max(ex.record_index for ex in self.examples) + 1
 
 
 def file_hash(paths: Sequence[str]) -> str:
@@ -231,6 +240,18 @@ def tokenise(
 
 def check_token_range(data: TrainingData, vocab_size: int, key: str) -> None:
     """Every token id is below the model's vocabulary size, so the op can run without checking labels."""
+    if hasattr(data, "max_token_ids"):  # memory-mapped data: one pass over a column of per-row maxima
+        import pyarrow.compute as pc
+
+        tops = data.max_token_ids()
+        if len(tops) == 0 or pc.max(tops).as_py() < vocab_size:
+            return
+        row = pc.indices_nonzero(pc.greater_equal(tops, vocab_size))[0].as_py()
+        example = data.examples[row // len(data.examples[0].rows)]  # every example has the same number of rows
+        raise RecordError(
+            f"{key}: record {example.record_index}: token id {tops[row].as_py()} is outside the model's vocabulary "
+            f"({vocab_size} tokens); the tokenizer does not match model.path"
+        )
     for ex in data.examples:
         for row in ex.rows:
             top = max(row.input_ids)

@@ -44,9 +44,6 @@ from dora_engine.training.data import (
     TrainingData,
     check_token_range,
     collate,
-    file_hash,
-    load_records,
-    tokenise,
 )
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
 from dora_engine.training.library_warnings import silence_understood_warnings
@@ -62,7 +59,8 @@ from dora_engine.training.model import (
 from dora_engine.training.plots import plot_metrics
 
 # Config keys a resumed run may change without breaking the identical continuation.
-RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every")
+RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
+                     "data.cache_dir", "data.num_proc")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ZERO_GRAD_STEPS = 3  # applied steps in a row with a grad norm of exactly 0 before a warning
 SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in a folder other runs may share is stale after this long
@@ -137,16 +135,26 @@ def init_distributed() -> Dist:
 def load_data(
     cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool, train: TrainingData | None = None
 ) -> TrainingData:
-    """Read, validate and tokenise ``files``; every data error names its file and record. With ``train``
-    (the loaded data.train) the files are data.eval, whose records must have the same K."""
-    return tokenise(
-        load_records(files), Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
-        target_source=cfg.data.target_source,
+    """Read, validate and tokenise ``files`` into the memory-mapped cache (``data.cache_dir``), or map the
+    tokens an earlier run or another rank of this node made; every data error names its file and record.
+    With ``train`` (the loaded data.train) the files are data.eval, whose records must have the same K."""
+    from dora_engine.training.tokenised import load_tokenised
+
+    return load_tokenised(
+        files, Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage, target_source=cfg.data.target_source,
         num_responses=train.num_responses if train is not None else cfg.data.num_responses,
-        needs_h_tilde=cfg.needs_h_tilde, data_hash=file_hash(files), progress=progress,
-        k_from="data.train" if train is not None else None,
-        allow_empty=cfg.data.allow_empty_responses,
+        needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
+        k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
+        num_proc=cfg.data.num_proc, progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
     )
+
+
+def data_cache_dir(cfg: TrainingConfig) -> Path:
+    """Where tokenised data live: ``data.cache_dir``, else the user's cache (``default_cache_dir``), which
+    every later run shares whatever its output_dir."""
+    from dora_engine.training.tokenised import default_cache_dir
+
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
 
 
 def lr_lambda(schedule: str, warmup: int, total: int):
@@ -243,6 +251,8 @@ class Trainer:
             folders.append((Path(self.cfg.data.ref_cache_dir), SHARED_TEMPORARY_AGE_S))
         else:
             folders.append((self.output_dir / "ref_cache", 0.0))
+        # Tokenised data: other ranks of this run may be building there already, and other runs may share it.
+        folders.append((data_cache_dir(self.cfg), SHARED_TEMPORARY_AGE_S))
         removed = [p for folder, age in folders for p in remove_stale_temporaries(folder, older_than_s=age)]
         if removed and os.environ.get("RANK", "0") == "0":
             names = ", ".join(str(p) for p in removed[:3]) + (f" and {len(removed) - 3} more" if removed[3:] else "")

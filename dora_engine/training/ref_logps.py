@@ -57,7 +57,7 @@ def load_cached(path: Path, data: TrainingData) -> torch.Tensor | None:
         return None
     saved = torch.load(path, map_location="cpu", weights_only=True)
     ref = saved["ref_logps"]
-    num_records = max(ex.record_index for ex in data.examples) + 1
+    num_records = data.num_records
     return ref if tuple(ref.shape) == (num_records, data.num_responses) else None
 
 
@@ -85,7 +85,7 @@ def compute_reference(
     if world > 1:
         shards = [None] * world
         dist.all_gather_object(shards, values)
-    num_records = max(ex.record_index for ex in data.examples) + 1
+    num_records = data.num_records
     ref = torch.zeros(num_records, data.num_responses, dtype=torch.float32)
     for shard in shards:
         for i, row in shard.items():

@@ -1,0 +1,474 @@
+"""Tokenised training data as a memory-mapped Arrow dataset on disk, built once and shared (docs/design.md
+section 3.2).
+
+A build reads the data (the schema's JSONL, or what ``datasets`` loads: ``dora_engine.data.hf``) record
+by record into an Arrow file, tokenises it with ``datasets.Dataset.map`` (``num_proc`` processes) and
+saves the result with ``save_to_disk`` under ``<cache_dir>/tokens-<key>``. The key hashes the data
+files' bytes, the tokenizer, the chat template, the length limits and the stage's settings, so every
+rank and every later run with the same key maps the same files instead of tokenising again. The folder
+appears complete or not at all (built under a temporary name, then renamed). Under several ranks, local
+rank 0 of each node builds while the other local ranks wait for the folder (or for the build's error,
+which they raise too). The rows are the ones ``data.tokenise`` makes from the same records, in the same
+order, so the sampler, the collator, the reference cache and resume work the same on both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dora_engine.atomic import atomic_write
+from dora_engine.data.schema import Record, RecordError, iter_jsonl
+from dora_engine.training.data import Example, Row, Tokenizer, TrainingData, file_hash
+
+FORMAT = 1  # bump when the stored columns or their meaning change
+META = "dora_tokens.json"
+BATCH = 1024  # records per Arrow batch and per map call
+PARALLEL_FROM = 20_000  # fewer records are tokenised in this process (starting workers costs more)
+WAIT_POLL_S = 0.5
+SHOW_MAP_BAR_FROM = 10_000  # records; smaller builds take a moment and print nothing
+
+def default_cache_dir() -> Path:
+    """``$DORA_ENGINE_CACHE/tokenised``, else ``$XDG_CACHE_HOME/dora_engine/tokenised`` (``~/.cache`` by default)."""
+    root = os.environ.get("DORA_ENGINE_CACHE")
+    if not root:
+        root = str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dora_engine")
+    return Path(root) / "tokenised"
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the records
+# --------------------------------------------------------------------------------------------------
+
+
+def iter_source(path: str, columns: dict[str, str] | None, hf_cache: str | None) -> Iterator[Record]:
+    """Validated records of one data.train / data.eval entry, streamed."""
+    from dora_engine.data.hf import is_hf_source, iter_hf_records, load_hf
+
+    if is_hf_source(path):
+        yield from iter_hf_records(load_hf(path, cache_dir=hf_cache), columns, name=str(path),
+                                   id_prefix=Path(path).stem or "row")
+        return
+    for n, (_, obj) in enumerate(iter_jsonl(path)):
+        yield Record.from_dict(obj, index=n)
+
+
+def source_files(paths: Sequence[str], hf_cache: str | None) -> list[str]:
+    from dora_engine.data.hf import is_hf_source, load_hf
+    from dora_engine.data.hf import source_files as hf_files
+
+    out: list[str] = []
+    for path in paths:
+        if is_hf_source(path) and not Path(path).exists():
+            out.extend(hf_files(path, load_hf(path, cache_dir=hf_cache)))
+        elif is_hf_source(path):
+            out.extend(hf_files(path))
+        else:
+            out.append(str(path))
+    return out
+
+
+def _records_schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema([
+        ("file", pa.int32()), ("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
+        ("texts", pa.list_(pa.string())), ("sources", pa.list_(pa.string())), ("scores", pa.list_(pa.float64())),
+        ("h_tilde", pa.float64()),
+    ])
+
+
+def write_records_arrow(
+    paths: Sequence[str], destination: Path, *, columns: dict[str, str] | None, hf_cache: str | None, progress: bool
+) -> int:
+    """Stream the records of ``paths`` into one Arrow file (the format ``datasets`` maps); returns the count.
+    Ids must be unique across the files; errors name the file and the record."""
+    import pyarrow as pa
+    from tqdm.auto import tqdm
+
+    schema = _records_schema()
+    seen: dict[str, int] = {}
+    count = 0
+    # Shown after 2 s only: small data (and a bad record early on) leave the terminal as it was.
+    bar = tqdm(desc="reading records", unit=" records", disable=not progress, leave=False, delay=2.0)
+    with pa.OSFile(str(destination), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        buffer: dict[str, list] = {name: [] for name in schema.names}
+
+        def flush() -> None:
+            if buffer["id"]:
+                writer.write_batch(pa.record_batch([pa.array(buffer[n], type=schema.field(n).type)
+                                                    for n in schema.names], schema=schema))
+                for values in buffer.values():
+                    values.clear()
+
+        for f, path in enumerate(paths):
+            try:
+                for n, rec in enumerate(iter_source(path, columns, hf_cache)):
+                    if rec.id in seen:
+                        raise RecordError(f"record {n} (id={rec.id!r}): duplicate id (also in {paths[seen[rec.id]]})")
+                    seen[rec.id] = f
+                    buffer["file"].append(f)
+                    buffer["row"].append(n)
+                    buffer["id"].append(rec.id)
+                    buffer["prompt"].append(json.dumps(rec.prompt, ensure_ascii=False))
+                    buffer["texts"].append([r.text for r in rec.responses])
+                    buffer["sources"].append([r.source for r in rec.responses])
+                    buffer["scores"].append([r.score for r in rec.responses])
+                    buffer["h_tilde"].append(rec.h_tilde)
+                    count += 1
+                    if len(buffer["id"]) >= BATCH:
+                        flush()
+                        bar.update(BATCH)
+            except RecordError as err:
+                bar.close()
+                message = str(err)
+                raise RecordError(message if message.startswith(str(path)) else f"{path}: {message}") from None
+        bar.update(len(buffer["id"]))
+        flush()
+    bar.close()
+    return count
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenising (runs in datasets' map workers)
+# --------------------------------------------------------------------------------------------------
+
+
+def _record(batch: dict[str, list], j: int) -> Record:
+    from dora_engine.data.schema import Response
+
+    return Record(batch["id"][j], json.loads(batch["prompt"][j]), [
+        Response(t, s, sc) for t, s, sc in zip(batch["texts"][j], batch["sources"][j], batch["scores"][j], strict=True)
+    ], batch["h_tilde"][j])
+
+
+def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Tokenizer, settings: dict[str, Any],
+                   paths: list[str]) -> dict[str, list]:
+    """Rows of one batch of records. A record that fails gives one row whose ``error`` holds the message
+    (``kind`` 1: the align checks of ``check_align_records``, 2: the others), so the first error in
+    record order is reported whatever the number of workers."""
+    from dora_engine.training.data import check_nonempty
+
+    out: dict[str, list] = {k: [] for k in ("record_index", "prompt_ids", "response_ids", "scores", "h_tilde",
+                                            "max_ids", "kind", "error")}
+
+    def emit(i: int, prompt: list[int], responses: list[list[int]], scores, h, kind: int = 0, error: str = "") -> None:
+        out["record_index"].append(i)
+        out["prompt_ids"].append(prompt)
+        out["response_ids"].append(responses)
+        out["scores"].append(scores)
+        out["h_tilde"].append(h)
+        out["max_ids"].append([max(prompt + r) for r in responses])
+        out["kind"].append(kind)
+        out["error"].append(error)
+
+    stage, K = settings["stage"], settings["num_responses"]
+    for j, i in enumerate(indices):
+        rec = _record(batch, j)
+        where = f"{paths[batch['file'][j]]}: record {batch['row'][j]} (id={rec.id!r})"
+        if stage == "align":
+            error = _align_error(rec, where, K, settings)
+            if error:
+                emit(i, [], [], None, None, 1, error)
+                continue
+            targets = list(range(K))
+        else:
+            targets = [k for k, r in enumerate(rec.responses) if r.source == settings["target_source"]]
+        try:
+            if not settings["allow_empty"]:
+                check_nonempty(i, rec, targets)
+            rows = tokenizer.rows(i, rec, targets) if targets else []
+        except RecordError as err:
+            emit(i, [], [], None, None, 2, str(err))
+            continue
+        if not rows:
+            continue
+        prompt = rows[0].input_ids[: rows[0].prompt_len]
+        if stage == "align":
+            emit(i, prompt, [r.input_ids[r.prompt_len :] for r in rows], [r.score for r in rec.responses], rec.h_tilde)
+        else:
+            for r in rows:
+                emit(i, prompt, [r.input_ids[r.prompt_len :]], None, None)
+    return out
+
+
+def _align_error(rec: Record, where: str, K: int, settings: dict[str, Any]) -> str:
+    """The message of ``check_align_records`` for this record, or ''."""
+    if rec.num_responses != K:
+        if settings["k_from"] is None:
+            need = f"a batch needs a fixed K = {K} (set data.num_responses, or split the data by K)"
+        else:
+            need = f"the records of {settings['k_from']} have K = {K}, and every batch needs the same K"
+        return f"{where}: has {rec.num_responses} responses but {need}"
+    if not rec.has_scores:
+        k = next(k for k, r in enumerate(rec.responses) if r.score is None)
+        return f"{where}: field 'responses[{k}].score' is missing; the losses rank by score"
+    if settings["needs_h_tilde"] and rec.h_tilde is None:
+        return (f"{where}: field 'h_tilde' is missing; this strategy needs it (run `dora-engine calibrate` first, "
+                "`dora-engine calibrate --apply` for a held-out file, or use robust.strategy erm/dro)")
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------
+# The memory-mapped data
+# --------------------------------------------------------------------------------------------------
+
+
+class ArrowExamples(Sequence):
+    """``Example`` objects made on access from the memory-mapped table (nothing is held per example)."""
+
+    def __init__(self, table: Any):
+        self.table = table
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @staticmethod
+    def _example(row: dict[str, Any]) -> Example:
+        prompt = row["prompt_ids"]
+        rows = [Row(prompt + r, len(prompt)) for r in row["response_ids"]]
+        return Example(row["record_index"], rows, row["scores"], row["h_tilde"])
+
+    def __getitem__(self, i: int) -> Example:  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self._example(self.table.slice(i % n, 1).to_pylist()[0])
+
+    def __iter__(self) -> Iterator[Example]:
+        for batch in self.table.to_batches(max_chunksize=BATCH):
+            for row in batch.to_pylist():
+                yield self._example(row)
+
+
+@dataclass
+class ArrowTrainingData(TrainingData):
+    """``TrainingData`` over a tokenised folder; ``built`` says whether this process tokenised it."""
+
+    records: int = 0
+    path: Path | None = None
+    built: bool = False
+    dataset: Any = field(default=None, repr=False)
+
+    @property
+    def num_records(self) -> int:
+        return self.records
+
+    def max_token_ids(self) -> Any:
+        """The largest token id of each row, flattened in row order (a pyarrow array)."""
+        import pyarrow.compute as pc
+
+        return pc.list_flatten(self.examples.table.column("max_ids"))
+
+
+def _hash_arrays(digest: Any, array: Any) -> None:
+    """Feed a (nested) list array's lengths and values into ``digest``."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(array, pa.ChunkedArray):
+        for chunk in array.chunks:
+            _hash_arrays(digest, chunk)
+        return
+    while pa.types.is_list(array.type):
+        digest.update(pc.list_value_length(array).fill_null(0).to_numpy(zero_copy_only=False).astype("int64").tobytes())
+        array = array.flatten()
+    digest.update(array.to_numpy(zero_copy_only=False).astype("int64").tobytes())
+
+
+def token_hash(table: Any, stage: str, K: int) -> str:
+    digest = hashlib.sha256(f"arrow{FORMAT}|{stage}|{K}".encode())
+    for name in ("record_index", "prompt_ids", "response_ids"):
+        _hash_arrays(digest, table.column(name))
+    return digest.hexdigest()
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """What the rows depend on in the tokenizer: its vocabulary and rules, special tokens, chat template."""
+    tok = tokenizer.tok
+    digest = hashlib.sha256(type(tok).__name__.encode())
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        digest.update(backend.to_str().encode())
+    else:
+        digest.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    digest.update(json.dumps([tok.eos_token_id, tok.bos_token_id, str(getattr(tok, "chat_template", None)),
+                              tokenizer.use_template, tokenizer.max_prompt, tokenizer.max_response]).encode())
+    return digest.hexdigest()
+
+
+def _open(path: Path, built: bool) -> ArrowTrainingData:
+    import datasets
+
+    meta = json.loads((path / META).read_text(encoding="utf-8"))
+    dataset = datasets.load_from_disk(str(path / "data"))
+    table = dataset.data.table
+    return ArrowTrainingData(ArrowExamples(table), meta["num_responses"], meta["data_hash"], meta["token_hash"],
+                             records=meta["num_records"], path=path, built=built, dataset=dataset)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    from datasets.utils import logging as ds_logging
+
+    was = ds_logging.is_progress_bar_enabled()
+    (ds_logging.enable_progress_bar if enabled else ds_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (ds_logging.enable_progress_bar if was else ds_logging.disable_progress_bar)()
+
+
+def _build(path: Path, paths: list[str], tokenizer: Tokenizer, settings: dict[str, Any], data_hash: str, *,
+           columns: dict[str, str] | None, num_proc: int | None, progress: bool) -> None:
+    import datasets
+    import pyarrow.compute as pc
+
+    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        count = write_records_arrow(paths, work / "records.arrow", columns=columns,
+                                    hf_cache=str(path.parent / "hf"), progress=progress)
+        if count == 0:
+            raise RecordError("the training data has no records")
+        records = datasets.Dataset.from_file(str(work / "records.arrow"))
+        if settings["stage"] == "align" and settings["num_responses"] is None:
+            settings = {**settings, "num_responses": len(records[0]["texts"])}
+        procs = num_proc if num_proc is not None else (min(8, os.cpu_count() or 1) if count >= PARALLEL_FROM else 1)
+        started = time.perf_counter()
+        with _progress_bars(progress and count >= SHOW_MAP_BAR_FROM):
+            tokens = records.map(
+                tokenise_batch, batched=True, batch_size=BATCH, with_indices=True, remove_columns=records.column_names,
+                num_proc=procs if procs > 1 else None, desc=f"tokenising ({procs} process{'es' * (procs > 1)})",
+                fn_kwargs={"tokenizer": tokenizer, "settings": settings, "paths": [str(p) for p in paths]},
+                cache_file_name=str(work / "tokens.arrow"), new_fingerprint=path.name,
+                features=_token_features(),
+            )
+        table = tokens.data.table
+        kinds = table.column("kind")
+        if pc.max(kinds).as_py():
+            for kind in (1, 2):
+                hits = pc.indices_nonzero(pc.equal(kinds, kind))
+                if len(hits):
+                    raise RecordError(table.column("error")[hits[0].as_py()].as_py())
+        if table.num_rows == 0:
+            sources = sorted(set(pc.unique(pc.list_flatten(records.data.table.column("sources"))).to_pylist()))
+            raise RecordError(
+                f"no response has source {settings['target_source']!r} (data.target_source); sources in the data: "
+                f"{sources}"
+            )
+        tokens = tokens.remove_columns(["kind", "error"])
+        with _progress_bars(False):
+            tokens.save_to_disk(str(work / "data"))
+        meta = {"format": FORMAT, "num_records": count, "num_responses": settings["num_responses"] or 1,
+                "examples": tokens.num_rows, "data_hash": data_hash, "files": [str(p) for p in paths],
+                "token_hash": token_hash(tokens.data.table, settings["stage"], settings["num_responses"] or 1),
+                "settings": {k: v for k, v in settings.items()}, "tokenise_s": round(time.perf_counter() - started, 2),
+                "num_proc": procs}
+        del tokens, records, table
+        for name in os.listdir(work):
+            if name != "data":
+                target = work / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+        (work / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        try:
+            os.rename(work, path)
+        except OSError:  # another node or run finished the same key first: use theirs
+            if not (path / META).is_file():
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def _token_features() -> Any:
+    import datasets
+
+    ids = datasets.List(datasets.Value("int32"))
+    return datasets.Features({
+        "record_index": datasets.Value("int64"), "prompt_ids": ids, "response_ids": datasets.List(ids),
+        "scores": datasets.List(datasets.Value("float64")), "h_tilde": datasets.Value("float64"),
+        "max_ids": ids, "kind": datasets.Value("int8"), "error": datasets.Value("string"),
+    })
+
+
+def _process_start() -> float:
+    """This process's start as a Unix time (Linux ``/proc``); now, where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def _wait(path: Path, marker: Path, progress: bool) -> None:
+    """Wait for local rank 0 to finish ``path``; raise its error when it fails instead. The ranks of one
+    launch start together, so an error written since shortly before this process started is this build's
+    (an older one is an earlier run's, which local rank 0 removes when it starts)."""
+    since = _process_start() - 10.0
+    said = False
+    while not (path / META).is_file():
+        with contextlib.suppress(FileNotFoundError):
+            if marker.stat().st_mtime >= since:
+                raise RecordError(marker.read_text(encoding="utf-8"))
+        if progress and not said:
+            print(f"[dora-engine] waiting for local rank 0 to tokenise {path}", flush=True)
+            said = True
+        time.sleep(WAIT_POLL_S)
+
+
+def load_tokenised(
+    paths: Sequence[str], tokenizer: Tokenizer, *, stage: str, target_source: str, num_responses: int | None,
+    needs_h_tilde: bool, cache_dir: str | os.PathLike, allow_empty: bool = False, k_from: str | None = None,
+    columns: dict[str, str] | None = None, num_proc: int | None = None, progress: bool = False,
+    local_rank: int | None = None,
+) -> ArrowTrainingData:
+    """The tokenised data of ``paths`` from ``cache_dir``, built first when no run has built its key.
+    Errors name the file and the record as ``data.tokenise`` does."""
+    cache = Path(cache_dir)
+    made = [p for p in [cache, *cache.parents] if not p.exists()]  # removed again when the build fails alone
+    cache.mkdir(parents=True, exist_ok=True)
+    paths = [str(p) for p in paths]
+    data_hash = file_hash(source_files(paths, str(cache / "hf")))
+    settings = {"stage": stage, "target_source": target_source if stage == "sft" else None,
+                "num_responses": num_responses if stage == "align" else None, "needs_h_tilde": needs_h_tilde,
+                "allow_empty": allow_empty, "k_from": k_from}
+    key = hashlib.sha256(json.dumps({"format": FORMAT, "data": data_hash, "tokenizer": tokenizer_digest(tokenizer),
+                                     "settings": settings, "columns": columns or {}}, sort_keys=True).encode())
+    path = cache / f"tokens-{key.hexdigest()[:24]}"
+    if (path / META).is_file():
+        return _open(path, built=False)
+    marker = cache / f"{path.name}.error"
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_rank != 0:
+        _wait(path, marker, progress)
+        return _open(path, built=False)
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
+    waiting = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1) > 1
+    try:
+        _build(path, paths, tokenizer, settings, data_hash, columns=columns, num_proc=num_proc, progress=progress)
+    except BaseException as err:
+        if waiting:  # the other local ranks wait for the folder: tell them why it will not come
+            with atomic_write(marker) as handle:
+                handle.write(str(err) if isinstance(err, RecordError) else f"local rank 0 failed to tokenise: {err!r}")
+        else:  # a failed run leaves nothing behind (docs/design.md section 7.2)
+            for folder in made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+    return _open(path, built=True)
