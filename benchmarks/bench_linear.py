@@ -1,4 +1,4 @@
-"""Benchmark of the fused-linear DoRA loss (DESIGN.md section 5, "Fused-linear").
+"""Benchmark of the fused-linear DoRA loss (docs/design.md section 5, "Fused-linear").
 
 Forward + backward of the DoRA loss from hidden states (N = B·K, T, H) and an lm_head weight (V, H),
 one method per process so that each peak is its own: CUDA ``max_memory_allocated``, CPU ``ru_maxrss``.

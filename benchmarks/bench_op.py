@@ -1,7 +1,7 @@
 """Fused DoRA op vs the PyTorch reference: forward+backward time and peak memory over a grid.
 
     python benchmarks/bench_op.py --device cpu                       # default CPU grid, a few minutes
-    python benchmarks/bench_op.py --device cuda --out runs/bench_op  # the full grid of DESIGN.md section 5
+    python benchmarks/bench_op.py --device cuda --out runs/bench_op  # the full grid of docs/design.md section 5
 
 Workload: ``dora_loss`` (dpo_pl, dora, K = 2) on random logits (N, T, V), then d loss / d logits.
 Implementations: ``reference`` (pure PyTorch), ``fused`` (gradient in a new buffer), ``fused_inplace``

@@ -1,4 +1,4 @@
-// Registers the DoRA ops (DESIGN.md section 5) as torch.ops.dora_engine.* with CPU and CUDA kernels.
+// Registers the DoRA ops (docs/design.md section 5) as torch.ops.dora_engine.* with CPU and CUDA kernels.
 //
 //   seq_logprobs_fwd   row pass (1): S, L (N,) and the per-token log-sum-exp lse (N, T)
 //   seq_logprobs_bwd   row pass (3): dz = gS[n]·(onehot(y) − softmax(z)) into a new tensor

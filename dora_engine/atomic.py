@@ -1,4 +1,4 @@
-"""Atomic file writes: nothing a user wrote is ever left half-written (DESIGN.md section 7).
+"""Atomic file writes: nothing a user wrote is ever left half-written (docs/design.md section 7).
 
 Every temporary name made here (and by the training export) has the form ``.<name>.<8 random
 characters>.tmp[<suffix>]`` beside its destination, so that ``remove_stale_temporaries`` can find the

@@ -1,4 +1,4 @@
-"""The ``dora-engine`` command (DESIGN.md section 6).
+"""The ``dora-engine`` command (docs/design.md section 6).
 
 Each phase lives in its own module exposing ``register(subparsers)``, which adds its sub-command(s)
 with ``set_defaults(func=...)``; ``func(args)`` returns the exit code. Command modules import heavy

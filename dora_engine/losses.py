@@ -1,4 +1,4 @@
-"""Registry of preference losses and robust strategies: the pure-PyTorch ground truth (DESIGN.md section 4).
+"""Registry of preference losses and robust strategies: the pure-PyTorch ground truth (docs/design.md section 4).
 
 Every path of the project (reference op, fused C++/CUDA op, trainer, CLI, benchmarks) resolves loss
 and strategy names, parameters and defaults here. The fused kernels receive a loss/strategy *code* and
@@ -51,7 +51,7 @@ class PromptBatch(NamedTuple):
 
 
 def rank_best_worst(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (B,) of the best- and worst-ranked response of each prompt (DESIGN.md section 3)."""
+    """Indices (B,) of the best- and worst-ranked response of each prompt (docs/design.md section 3)."""
     order = torch.argsort(-scores, dim=1, stable=True)
     return order[:, 0], order[:, -1]
 
@@ -170,7 +170,7 @@ def lire(batch: PromptBatch, *, temperature: float, reward_norm: str) -> torch.T
 def robust_logmeanexp(s: torch.Tensor, lam: float) -> torch.Tensor:
     """λ·log mean exp(s/λ), computed as m + λ·log1p(mean(expm1((s − m)/λ))) with m = max s.
 
-    Accurate for every λ > 0: a plain log-sum-exp loses ~λ·2⁻²⁴ in fp32 (DESIGN.md section 4).
+    Accurate for every λ > 0: a plain log-sum-exp loses ~λ·2⁻²⁴ in fp32 (docs/design.md section 4).
     Its gradient is softmax(s/λ).
     """
     m = s.detach().max()

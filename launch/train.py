@@ -1,6 +1,6 @@
 """One rank of a dora-engine run: ``deepspeed [--hostfile H] launch/train.py --config C.yaml [key=value ...]``.
 
-Also ``--resume auto`` and ``--task ref-logps``. Identical to ``dora-engine train`` (DESIGN.md section 6).
+Also ``--resume auto`` and ``--task ref-logps``. Identical to ``dora-engine train`` (docs/design.md section 6).
 """
 
 import sys

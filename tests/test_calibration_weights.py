@@ -1,4 +1,4 @@
-"""h̃ (DESIGN.md section 4, "Calibration"): hand-computed values, bounds, saturation, bad input."""
+"""h̃ (docs/design.md section 4, "Calibration"): hand-computed values, bounds, saturation, bad input."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dora_engine.calibration import h_tilde
 
 
 def _by_hand(c: list[float], gamma: list[float], beta: list[float]) -> float:
-    """The DESIGN.md formula written out term by term, in plain Python floats."""
+    """The docs/design.md formula written out term by term, in plain Python floats."""
     n = len(c)
     total = 0.0
     for ck, gk, bk in zip(c, gamma, beta, strict=True):

@@ -1,4 +1,4 @@
-"""Converters: TRL, raw HH-RLHF, AlpacaEval multi-generator and the authors' format (DESIGN.md section 3)."""
+"""Converters: TRL, raw HH-RLHF, AlpacaEval multi-generator and the authors' format (docs/design.md section 3)."""
 
 from __future__ import annotations
 

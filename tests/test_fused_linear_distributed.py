@@ -1,4 +1,5 @@
-"""Fused-linear DoRA loss across ranks: two gloo processes, and two DeepSpeed ZeRO-3 ranks (DESIGN.md section 5)."""
+"""Fused-linear DoRA loss across ranks (docs/design.md section 5): two gloo processes, and two DeepSpeed
+ZeRO-3 ranks."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DESIGN.md section 4 invariants as property tests, and numerical stability at the extremes."""
+"""docs/design.md section 4 invariants as property tests, and numerical stability at the extremes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The loss/strategy registry against independent scalar re-computations of DESIGN.md section 4.
+"""The loss/strategy registry against independent scalar re-computations of docs/design.md section 4.
 
 The expected values are written out per prompt with Python floats and the ``math`` module, not by calling
 the vectorised implementation.
@@ -39,7 +39,7 @@ def logsumexp(xs: list[float]) -> float:
 
 
 def expected_loss(name: str, S, L, R, sc, p) -> float:
-    """ℓ of one prompt from the DESIGN.md formulas (lists of floats)."""
+    """ℓ of one prompt from the docs/design.md formulas (lists of floats)."""
     order = rank(sc)
     c, r = order[0], order[-1]
     rho = [S[k] - R[k] for k in range(len(S))] if R is not None else None

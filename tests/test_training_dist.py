@@ -223,7 +223,7 @@ def test_non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint(toy):
 
 def test_gradient_accumulation_averages_the_micro_steps(toy):
     """With erm the objective is a plain mean, so 2 micro-steps of 2 prompts must give the same
-    optimizer steps as 1 micro-step of 4 (DESIGN.md section 5: the step averages the micro-steps)."""
+    optimizer steps as 1 micro-step of 4 (docs/design.md section 5: the step averages the micro-steps)."""
     root, config = toy["root"], str(toy["config"])
     records = {}
     for name, micro, accum in (("one_micro", 4, 1), ("two_micro", 2, 2)):

@@ -1,4 +1,4 @@
-// Per-batch stage of the DoRA op (DESIGN.md sections 4-5): per-prompt losses ℓ_b with their
+// Per-batch stage of the DoRA op (docs/design.md sections 4-5): per-prompt losses ℓ_b with their
 // gradients ∂ℓ_b/∂S, and the robust reduction over prompts with its weights and ∂L/∂ℓ_b.
 //
 // Written once for the CPU and CUDA kernels: every function is `DORA_HD` (host and device under

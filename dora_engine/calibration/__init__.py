@@ -1,4 +1,4 @@
-"""Phase 1 of DoRA: calibration (DESIGN.md section 4, "Calibration"; the paper's Eq. 5-6).
+"""Phase 1 of DoRA: calibration (docs/design.md section 4, "Calibration"; the paper's Eq. 5-6).
 
 Library API (the ``dora-engine calibrate`` command is a thin layer over it):
 

@@ -1,4 +1,4 @@
-"""The phase-1 classifier network: a Hugging Face encoder, a pooling and a linear head (DESIGN.md section 4).
+"""The phase-1 classifier network: a Hugging Face encoder, a pooling and a linear head (docs/design.md section 4).
 
     logits = W · dropout(pool(h)) + b
 

@@ -1,6 +1,6 @@
 """Which classifiers a calibration trains, and how each response's c and γ come out of them.
 
-DESIGN.md section 4: c_k ≈ P(golden | x, y_k) from a classifier that separates the target (golden)
+docs/design.md section 4: c_k ≈ P(golden | x, y_k) from a classifier that separates the target (golden)
 source from others, and γ = #label-0 / #label-1 in that classifier's training set. Every classifier is
 described by its classes (each a set of sources) and every source by a ``SourceRule``: the class of the
 target, the classes it is compared with, and

@@ -1,4 +1,4 @@
-"""The per-prompt weight h̃ from classifier probabilities (DESIGN.md section 4, "Calibration"; Eq. 5-6).
+"""The per-prompt weight h̃ from classifier probabilities (docs/design.md section 4, "Calibration"; Eq. 5-6).
 
 For a prompt with n responses, response k has classifier probability c_k ≈ P(golden | x, y_k), the
 odds ratio γ_k of the classifier that scored it (γ_s = #label-0 / #label-1 in its training set) and

@@ -1,4 +1,4 @@
-"""The data side of dora-engine (DESIGN.md section 3; issue 7).
+"""The data side of dora-engine (docs/design.md section 3).
 
 Each pipeline step is a plain function, so the steps compose in Python as on the command line
 (``dora-engine data convert | augment | score | corrupt | synth``):

@@ -1,4 +1,4 @@
-"""``data augment``: add n sampled responses per prompt from a causal LM (issue 7).
+"""``data augment``: add n sampled responses per prompt from a causal LM.
 
 The paper adds synthetic responses from Mistral-7B-Instruct-v0.3 sampled with temperature 0.8 and
 repetition penalty 1.1 (``AUGMENTATION_SAMPLING``, the default). Generation, prompt rendering and

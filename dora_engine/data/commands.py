@@ -1,4 +1,4 @@
-"""``dora-engine data …``: the data pipeline on the command line (issue 7, DESIGN.md section 6).
+"""``dora-engine data …``: the data pipeline on the command line (docs/design.md section 6).
 
 Each sub-command is a thin wrapper over a library function of ``dora_engine.data`` so that the steps
 compose in Python as well.

@@ -1,4 +1,4 @@
-"""Converters from public preference formats to the dataset schema (DESIGN.md section 3).
+"""Converters from public preference formats to the dataset schema (docs/design.md section 3).
 
 Formats (``FORMATS``; each converter takes parsed rows and returns ``list[Record]``):
 
@@ -19,7 +19,7 @@ Formats (``FORMATS``; each converter takes parsed rows and returns ``list[Record
              fills them); ``meta.target`` names the target.
 ``authors``  ``from_authors``: the DoRA authors' released format, ``query``, ``responses`` (list of
              str), ``scores`` (list of float), ``probs`` (classifier probability per response) and
-             optionally ``sources``; ``h_tilde`` follows from ``probs`` by DESIGN.md section 4 with
+             optionally ``sources``; ``h_tilde`` follows from ``probs`` by docs/design.md section 4 with
              γ = 1 and β_k = 1/n, i.e. h̃ = mean_k n·c_k (``dora_engine.calibration.h_tilde``).
              Sources default to ``slot0``, ``slot1``, … .
 

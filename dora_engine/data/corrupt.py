@@ -1,4 +1,4 @@
-"""Label noise for robustness experiments (issue 7): permute the scores of a random subset of prompts.
+"""Label noise for robustness experiments: permute the scores of a random subset of prompts.
 
 Each record is corrupted independently with probability ``rate``. A corrupted record gets a uniformly
 random *non-identity* permutation of its scores: for K = 2 that is the swap of the pairwise labels, for

@@ -1,4 +1,4 @@
-"""Preference data that Hugging Face ``datasets`` loads, mapped onto the dataset schema (DESIGN.md section 3).
+"""Preference data that Hugging Face ``datasets`` loads, mapped onto the dataset schema (docs/design.md section 3).
 
 A source is a local file (``.parquet``, ``.arrow``, ``.csv``, ``.json`` / ``.jsonl``), a folder (one that
 ``Dataset.save_to_disk`` wrote, or a folder of data files) or a hub id (``org/name``, where the machine

@@ -1,4 +1,4 @@
-"""The preference-data schema (DESIGN.md section 3): one record per prompt with K ≥ 2 responses.
+"""The preference-data schema (docs/design.md section 3): one record per prompt with K ≥ 2 responses.
 
 ```json
 {"id": "hh-0001", "prompt": "…" | [{"role": "user", "content": "…"}, …],
@@ -24,7 +24,7 @@ from dora_engine.errors import UserError
 
 Prompt = str | list[dict[str, str]]
 H_TILDE_MAX = 1e6
-"""The largest h̃ a record may carry: calibration gives h̃ < K (DESIGN.md section 4.5), and h̃·ℓ must stay far
+"""The largest h̃ a record may carry: calibration gives h̃ < K (docs/design.md section 4.5), and h̃·ℓ must stay far
 from float32's overflow (3.4e38) for any loss value."""
 
 

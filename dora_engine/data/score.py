@@ -1,4 +1,4 @@
-"""``data score``: fill every response's ``score`` with a reward model (issue 7, DESIGN.md section 3).
+"""``data score``: fill every response's ``score`` with a reward model (docs/design.md section 3).
 
 The reward model is an ``AutoModelForSequenceClassification`` with exactly one output (its logit is
 the score; any other head size is refused). Its input is (prompt, response) through the tokenizer's

@@ -1,4 +1,4 @@
-"""The embedded default dataset: a controlled mixture shift with a known oracle (issue 7, DESIGN.md section 3).
+"""The embedded default dataset: a controlled mixture shift with a known oracle (docs/design.md section 3).
 
 Every prompt asks how to do one of a small set of everyday tasks ("How do I bake bread?"). Responses
 come from one *golden* source (the target Q0) and several *shifted* sources (Q1..Qm), modelled on the

@@ -1,4 +1,4 @@
-"""``dora-engine eval generate | winrate | calibration`` (DESIGN.md section 6)."""
+"""``dora-engine eval generate | winrate | calibration`` (docs/design.md section 6)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_generate(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("generate", help="responses of a trained model to held-out prompts")
     p.add_argument("--model", required=True, help="the model: a local folder or hub id")
-    p.add_argument("--data", required=True, help="records (JSONL, DESIGN.md section 3) whose prompts to answer")
+    p.add_argument("--data", required=True, help="records (JSONL, docs/design.md section 3) whose prompts to answer")
     p.add_argument("--output", required=True, help="generations JSONL: {id, instruction, output, generator} per line")
     p.add_argument("--alpaca-eval", metavar="PATH", help="also write AlpacaEval's model_outputs.json here")
     p.add_argument("--generator",

@@ -1,4 +1,4 @@
-"""Build and load the C++/CUDA extension of the DoRA op (DESIGN.md section 5, "Building").
+"""Build and load the C++/CUDA extension of the DoRA op (docs/design.md section 5, "Building").
 
 ``OpBuilder`` knows the sources under ``csrc/`` and the compiler flags. The extension registers its ops
 with ``TORCH_LIBRARY`` (``torch.ops.dora_engine.*``), so loading it means loading the shared library:

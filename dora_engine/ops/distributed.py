@@ -1,4 +1,4 @@
-"""Global robust reduction across data-parallel ranks (DESIGN.md section 5, "Data parallel").
+"""Global robust reduction across data-parallel ranks (docs/design.md section 5, "Data parallel").
 
 Ranks all-gather their per-prompt scalars, every rank evaluates the same global loss, and the backward
 returns to each rank the gradient of that loss for its own prompts multiplied by the world size, so

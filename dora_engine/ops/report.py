@@ -1,4 +1,4 @@
-"""``dora-engine report``: the environment and the state of the fused op (DESIGN.md section 6).
+"""``dora-engine report``: the environment and the state of the fused op (docs/design.md section 6).
 
 Prints torch/CUDA/DeepSpeed/transformers versions, the CUDA compiler, and for the extension: whether an
 ahead-of-time build is installed, what its build record says it was built for and whether that matches

@@ -18,7 +18,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs, float64 for float64 (DESIGN.md section 4)."""
+    """fp32 for fp32/bf16/fp16 inputs, float64 for float64 (docs/design.md section 4)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

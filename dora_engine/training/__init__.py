@@ -1,4 +1,4 @@
-"""Phase 2: the DeepSpeed ZeRO-3 training engine for SFT and DoRA alignment (DESIGN.md sections 5-7).
+"""Phase 2: the DeepSpeed ZeRO-3 training engine for SFT and DoRA alignment (docs/design.md sections 5-7).
 
 ``config`` (YAML schema), ``data`` (tokenisation, sampler, collator), ``model`` (the module DeepSpeed
 wraps), ``engine`` (the trainer), ``ref_logps`` (reference cache), ``checkpoint``, ``metrics``,

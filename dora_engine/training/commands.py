@@ -1,4 +1,4 @@
-"""``dora-engine train`` and ``dora-engine ref-logps`` (DESIGN.md section 6).
+"""``dora-engine train`` and ``dora-engine ref-logps`` (docs/design.md section 6).
 
 Both run in this process (a world of one) or, with ``--num-procs N``, re-launch themselves under the
 ``deepspeed`` launcher: ``deepspeed --num_gpus N --master_port P --module dora_engine.training ...``,

@@ -1,4 +1,4 @@
-"""Training configuration (DESIGN.md section 6): dataclasses, YAML loading and ``key=value`` overrides.
+"""Training configuration (docs/design.md section 6): dataclasses, YAML loading and ``key=value`` overrides.
 
 Top-level keys: ``stage``, ``model``, ``data``, ``loss``, ``robust``, ``train``, ``lora``, ``deepspeed``,
 ``logging``, ``checkpoint``, ``output_dir``. Every unknown key is an error that names it; loss names,

@@ -1,4 +1,4 @@
-"""Tokenised training data, the deterministic sampler and the collator (DESIGN.md sections 3-5).
+"""Tokenised training data, the deterministic sampler and the collator (docs/design.md sections 3-5).
 
 Each response becomes one row ``prompt tokens + response tokens (+ EOS)``. Labels follow the Hugging Face
 convention (``labels[t]`` is token t; prompt and padding positions are -100, so only response tokens are
@@ -189,7 +189,7 @@ def check_align_records(
 
 
 def check_nonempty(index: int, record: Record, responses: Sequence[int]) -> None:
-    """The responses ``responses`` of a record have text (DESIGN.md section 7.2: an empty response would
+    """The responses ``responses`` of a record have text (docs/design.md section 7.2: an empty response would
     train as EOS alone; ``data.allow_empty_responses`` keeps them)."""
     for k in responses:
         if not record.responses[k].text.strip():

@@ -1,4 +1,4 @@
-"""The DeepSpeed ZeRO-3 trainer for the ``sft`` and ``align`` stages (DESIGN.md sections 5-7).
+"""The DeepSpeed ZeRO-3 trainer for the ``sft`` and ``align`` stages (docs/design.md sections 5-7).
 
 One optimizer step = ``train.grad_accum_steps`` micro-steps; each micro-step is one batch 𝓑 of
 Algorithm 1: every rank forwards ``train.micro_batch_prompts`` whole prompts (K responses each) and

@@ -2,7 +2,7 @@
 
 Names follow TRL where TRL has them: ``loss``, ``rewards/chosen|rejected|margins|accuracies``,
 ``logps/chosen|rejected``; plus ``robust/weight_max``, ``robust/ess`` (1/Σw² of the strategy's
-distribution over the global batch, DESIGN.md section 4), ``h_tilde/mean``, ``lr``, ``grad_norm``,
+distribution over the global batch, docs/design.md section 4), ``h_tilde/mean``, ``lr``, ``grad_norm``,
 ``tokens_per_s``, ``step_time_s``, ``mem_peak`` (bytes) and ``skipped_steps``.
 
 Rewards: β·(S − S_ref) for losses with a reference, β·S/L (SimPO's length-normalised reward) for

@@ -1,7 +1,7 @@
 """The module DeepSpeed wraps: the causal LM plus the loss, computed inside ``forward``.
 
 Under ZeRO-3 a parameter is gathered only inside the forward of a module the engine wraps, so the
-loss (which reads the logits) must be computed there too (DESIGN.md section 5).
+loss (which reads the logits) must be computed there too (docs/design.md section 5).
 """
 
 from __future__ import annotations
