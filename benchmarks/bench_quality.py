@@ -8,8 +8,8 @@ Setup (all in-process, CPU by default):
   reward; a fraction of prompts (label noise 0% and 40%) gets its scores permuted
   (``dora_engine.data.corrupt``). Evaluation prompts are a fresh draw with their golden response.
 * h̃: phase 1 of DoRA through ``dora_engine.calibration.fit`` / ``score`` (per-source scheme) with a
-  tiny randomly initialised BERT classifier over the synth tokenizer, trained once per seed. Label
-  noise changes scores only, so the same h̃ serves both noise levels.
+  tiny randomly initialised BERT classifier over the synth tokenizer ensembled with TF-IDF, cross-fitted
+  on 2 folds, once per seed. Label noise changes scores only, so the same h̃ serves both noise levels.
 * Policy: a tiny randomly initialised Llama over the synth word-level tokenizer. SFT once per seed on
   every training response (the mixture); it is then the reference model (summed log-probs S_ref) and
   the starting point of every alignment run: ``dora_engine.ops.dora_loss`` with the registry's loss
@@ -149,7 +149,8 @@ def mixture(config: BenchConfig, seed: int, noise: float) -> list[Record]:
 
 
 def fit_h_tilde(records: list[Record], tokenizer, config: BenchConfig, seed: int, workdir: Path) -> list[float]:
-    """Phase 1 through the calibration API with a tiny random BERT over the synth tokenizer."""
+    """Phase 1 through the calibration API: a tiny random BERT over the synth tokenizer (fine-tuned) with TF-IDF,
+    cross-fitted on 2 folds (each fold's h̃ from classifiers that did not see its prompts)."""
     from transformers import BertConfig, BertModel
 
     from dora_engine.calibration.classifier import ClassifierSettings
@@ -165,10 +166,11 @@ def fit_h_tilde(records: list[Record], tokenizer, config: BenchConfig, seed: int
         bert.save_pretrained(backbone)
         build_synth_tokenizer(backbone)  # a fresh copy: no state left by earlier use
     settings = ClassifierSettings(
-        backbone=str(backbone), lr=config.classifier_lr, epochs=config.classifier_epochs, batch_size=32, seed=seed,
-        max_length=192, held_out=0.1, device="cpu",
+        backbone=f"{backbone}+tfidf", lr=config.classifier_lr, epochs=config.classifier_epochs, batch_size=32,
+        seed=seed, max_length=192, folds=2, encoder="finetune", device="cpu",
     )
-    calibration = fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings)
+    calibration = fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings,
+                      min_examples=4)  # the --quick run has 16 golden responses, some prompts repeated
     return [float(r.h_tilde) for r in score(records, calibration)]
 
 

@@ -1,4 +1,4 @@
-"""Calibration on real data: held-out quality of the phase-1 classifiers (DESIGN.md section 4).
+"""Calibration on real data: held-out quality of the phase-1 classifiers (docs/design.md section 4).
 
 - AlpacaEval: target gpt4_1106_preview against Mistral-7B-Instruct-v0.3, Meta-Llama-3-8B-Instruct and
   alpaca-7b, one binary classifier per source (the per_source scheme's classifier, trained on the two

@@ -1,4 +1,4 @@
-"""Phase 1 end to end (DESIGN.md section 4): tiny classifiers through the CLI, caching, interruption,
+"""Phase 1 end to end (docs/design.md section 4): tiny classifiers through the CLI, caching, interruption,
 schemes, the authors' format, and bad input."""
 
 from __future__ import annotations
@@ -16,7 +16,14 @@ import pytest
 from dora_engine.calibration import Calibration, ClassifierSettings, classifier, fit, score
 from dora_engine.calibration.metrics import expected_calibration_error
 from dora_engine.calibration.model import PooledClassifier, load_trained
-from dora_engine.calibration.pipeline import PROBS_META_KEY, slot_betas, split_by_prompt
+from dora_engine.calibration.pipeline import (
+    FOLD_META_KEY,
+    PROBS_META_KEY,
+    apply_combiner,
+    assign_folds,
+    prompt_key,
+    slot_betas,
+)
 from dora_engine.calibration.schemes import plan
 from dora_engine.cli import main
 from dora_engine.data.converters import from_authors
@@ -38,8 +45,8 @@ TRAIN_FLAGS = [
     "8",
     "--max-length",
     "32",
-    "--held-out",
-    "0.25",
+    "--folds",
+    "2",
     "--min-examples",
     "4",
     "--lr",
@@ -112,23 +119,31 @@ def test_cli_writes_h_tilde_classifiers_and_report(calibrated):
     records = read_records(calibrated["out"])
     report = json.loads((calibrated["run"] / "report.json").read_text())
     assert [c["name"] for c in report["classifiers"]] == ["gold-vs-llm_a", "gold-vs-llm_b", "gold-vs-rest"]
-    counts = {c["name"]: c["train_counts"] for c in report["classifiers"]}
-    assert counts == {"gold-vs-llm_a": [18, 18], "gold-vs-llm_b": [18, 18], "gold-vs-rest": [36, 18]}
+    counts = {c["name"]: c["class_counts"] for c in report["classifiers"]}
+    assert counts == {"gold-vs-llm_a": [24, 24], "gold-vs-llm_b": [24, 24], "gold-vs-rest": [48, 24]}
     for c in report["classifiers"]:
-        assert c["held_out_counts"] == [sum(c["held_out_counts"]) - 6, 6] and not c["reused"]
+        assert len(c["folds"]) == 2 and not c["reused"]
+        # each fold trains on the other fold's responses and is measured on its own
+        totals = np.sum([f["train_counts"] for f in c["folds"]], axis=0).tolist()
+        assert totals == np.sum([f["held_out_counts"] for f in c["folds"]], axis=0).tolist() == c["class_counts"]
         assert 0 <= c["accuracy"] <= 1 and 0 <= c["roc_auc"] <= 1 and 0 <= c["ece"] <= 1
+        assert 0 <= c["in_fold"]["roc_auc"] <= 1 and c["in_fold"]["count"] == sum(c["class_counts"])
     # γ = #label-0 / #label-1: 1 for each per-source classifier, 2 for the pooled one scoring gold.
     gamma = {"gold": 2.0, "llm_a": 1.0, "llm_b": 1.0}
-    assert {s: v["gamma"] for s, v in report["sources"].items()} == gamma
+    assert {s: v["gamma"] for s, v in report["sources"].items()} == pytest.approx(gamma, rel=1e-12)
     for rec in records:
         c = np.clip(rec.meta[PROBS_META_KEY], 1e-6, 1 - 1e-6)
         g = np.array([gamma[r.source] for r in rec.responses])
         expected = np.mean(g * c / (g * c / 3 + (1 - c) / 3))
         assert rec.h_tilde == pytest.approx(expected, rel=1e-9) and 0 < rec.h_tilde < 3
+        assert rec.meta[FOLD_META_KEY] in (0, 1)
+    assert report["scored_out_of_fold"] == 24 and report["scored_by_all_folds"] == 0
     assert set(report["h_tilde"]["quantiles"]) >= {"q00", "q50", "q100"}
-    assert (calibrated["run"] / "report.md").read_text().startswith("# Calibration report")
+    assert set(report["sources"]["llm_a"]["h_tilde_term"]["quantiles"]) >= {"q05", "q95"}
+    markdown = (calibrated["run"] / "report.md").read_text()
+    assert markdown.startswith("# Calibration report") and "in-fold ROC-AUC" in markdown
     assert (calibrated["run"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(list((calibrated["run"] / "classifiers").iterdir())) == 3
+    assert len(list((calibrated["run"] / "classifiers").iterdir())) == 3 * 2
 
 
 def test_rerun_reuses_saved_classifiers(calibrated, monkeypatch, tmp_path):
@@ -143,15 +158,21 @@ def test_rerun_reuses_saved_classifiers(calibrated, monkeypatch, tmp_path):
     assert [r.h_tilde for r in again] == pytest.approx([r.h_tilde for r in first], rel=1e-6)
     report = json.loads((calibrated["run"] / "report.json").read_text())
     assert all(c["reused"] for c in report["classifiers"])
-    # Other settings are other classifiers: this would have to train.
+    # An option the features encoder does not read keeps the classifiers; one it reads would have to train.
     args[args.index("--lr") + 1] = "5e-4"
+    assert main(args) == 0
+    args[args.index("--max-length") + 1] = "24"
     with pytest.raises(AssertionError, match="trained again"):
         main(args)
 
 
-def test_interrupted_scoring_leaves_no_partial_output(calibrated, monkeypatch):
-    out = calibrated["out"]
-    before = out.read_bytes()
+def test_interrupted_scoring_leaves_no_partial_output(calibrated, monkeypatch, tmp_path):
+    # New prompts: every fold's classifiers score them (the training data's c is read from the folds' saved
+    # out-of-fold predictions), so the run is interrupted in its second prediction.
+    data = tmp_path / "new.jsonl"
+    write_records(data, make_records(6, ("gold", "llm_a"), seed=21))
+    out = tmp_path / "out.jsonl"
+    out.write_text("earlier output\n")
     real_predict = classifier.predict
     calls = []
 
@@ -162,19 +183,20 @@ def test_interrupted_scoring_leaves_no_partial_output(calibrated, monkeypatch):
         return real_predict(*args, **kwargs)
 
     monkeypatch.setattr(classifier, "predict", interrupted)
-    assert main(calibrated["args"]) == 130
-    assert calls[-1].startswith("score") and out.read_bytes() == before
-    args = list(calibrated["args"])
-    fresh = calibrated["folder"] / "fresh" / "never.jsonl"
-    args[args.index("--out") + 1] = str(fresh)
+    argv = ["calibrate", str(data), "--apply", str(calibrated["run"]), "--out", str(out)]
+    assert main(argv) == 130
+    assert calls[-1].startswith("score") and out.read_text() == "earlier output\n"
+    fresh = tmp_path / "fresh" / "never.jsonl"
+    argv[-1] = str(fresh)
     calls.clear()
-    assert main(args) == 130
-    assert not fresh.exists() and not any(p.name.endswith(".tmp") for p in calibrated["folder"].rglob("*"))
+    assert main(argv) == 130
+    assert not fresh.exists() and not any(p.name.endswith(".tmp") for p in tmp_path.rglob("*"))
+    assert not any(p.name.endswith(".tmp") for p in calibrated["folder"].rglob("*"))
 
 
 def test_two_sources_schemes_agree(tiny_backbone, tmp_path):
     records = make_records(16, ("gold", "llm_a"), seed=1)
-    settings = ClassifierSettings(backbone=tiny_backbone, epochs=1, batch_size=8, max_length=32, held_out=0.25)
+    settings = ClassifierSettings(backbone=tiny_backbone, epochs=1, batch_size=8, max_length=32, folds=2)
     results = {}
     for scheme in ("per_source", "pooled", "multiclass"):
         calibration = fit(records, target="gold", output_dir=tmp_path, scheme=scheme, settings=settings, min_examples=4)
@@ -210,15 +232,17 @@ def test_pooled_classifier_round_trips_and_ignores_padding(tiny_backbone, tmp_pa
 
 def test_settings_pick_the_pooling(tiny_backbone, tmp_path):
     records = make_records(12, ("gold", "llm_a"), seed=3)
-    kwargs = {"backbone": tiny_backbone, "epochs": 1, "batch_size": 8, "max_length": 32, "held_out": 0.25}
+    kwargs = {"backbone": tiny_backbone, "encoder": "finetune", "epochs": 1, "batch_size": 8, "max_length": 32,
+              "folds": 2}
     folders = set()
     for pooling in ("mean", "cls"):
         calibration = fit(records, target="gold", output_dir=tmp_path, min_examples=4,
                           settings=ClassifierSettings(pooling=pooling, **kwargs))
         (fitted,) = calibration.classifiers.values()
-        assert not fitted.reused and load_trained(fitted.path).pooling == pooling
-        folders.add(fitted.path)
-    assert len(folders) == 2
+        paths = [path for fold in fitted.folds for path in fold.paths]
+        assert not fitted.reused and {load_trained(path).pooling for path in paths} == {pooling}
+        folders.update(paths)
+    assert len(folders) == 4
     with pytest.raises(ValueError, match="pooling"):
         ClassifierSettings(pooling="max")
 
@@ -230,8 +254,8 @@ def test_fit_and_score_on_gpu_with_mixed_precision(tiny_backbone, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     records = make_records(16, ("gold", "llm_a"), seed=2)
-    settings = ClassifierSettings(backbone=tiny_backbone, epochs=1, batch_size=8, max_length=32, held_out=0.25,
-                                  device="cuda")
+    settings = ClassifierSettings(backbone=tiny_backbone, encoder="finetune", epochs=1, batch_size=8, max_length=32,
+                                  folds=2, device="cuda")
     calibration = fit(records, target="gold", output_dir=tmp_path, settings=settings, min_examples=4)
     scored = score(records, calibration)
     assert all(0 < r.h_tilde < 2 for r in scored)
@@ -263,13 +287,16 @@ def test_multiclass_rule_is_the_density_ratio():
     assert rules["gold"].gamma(counts) == pytest.approx(40 / 20)
 
 
-def test_split_by_prompt_is_disjoint_and_seeded():
+def test_folds_group_prompts_and_are_seeded():
     records = make_records(40, ("gold", "llm_a"))
-    train, held = split_by_prompt(records, 0.25, seed=3)
-    assert len(held) == 10 and len(train) == 30
-    assert not {r.id for r in train} & {r.id for r in held}
-    assert [r.id for r in split_by_prompt(records, 0.25, seed=3)[1]] == [r.id for r in held]
-    assert split_by_prompt(records, 0.0, seed=3) == (records, [])
+    folds = assign_folds(records, 4, seed=3)
+    keys = {prompt_key(r) for r in records}
+    assert set(folds) == keys and len(keys) < 40  # the generated prompts repeat: one fold per prompt
+    sizes = np.bincount(list(folds.values()), minlength=4)
+    assert sizes.max() - sizes.min() <= 1
+    assert assign_folds(records, 4, seed=3) == folds and assign_folds(records, 4, seed=4) != folds
+    chat = Record("c", [{"role": "user", "content": "hi"}], [Response("a", "gold"), Response("b", "llm_a")])
+    assert prompt_key(chat) == prompt_key(Record("d", [{"content": "hi", "role": "user"}], []))
 
 
 def test_source_fraction_beta():
@@ -349,10 +376,10 @@ def test_bad_input_is_named(tmp_path):
     few = records + [Record("rare", "q", [Response("x", "gold"), Response("y", "rare_llm")])]
     with pytest.raises(
         ValueError,
-        match=r"source 'rare_llm' has [01] response\(s\) in the training split of "
-        r"classifier 'gold-vs-rare_llm'; at least 8 are needed",
+        match=r"source 'rare_llm' has [01] response\(s\) in the training folds of "
+        r"classifier 'gold-vs-rare_llm' for fold [01]; at least 8 are needed",
     ):
-        fit(few, target="gold", output_dir=tmp_path, settings=ClassifierSettings(held_out=0.1))
+        fit(few, target="gold", output_dir=tmp_path, settings=ClassifierSettings(folds=2))
     single = records + [Record("lonely", "q", [Response("x", "gold")])]
     with pytest.raises(
         ValueError, match=r"record 12 \(id='lonely'\) has 1 response\(s\); calibration needs at least 2"
@@ -362,8 +389,12 @@ def test_bad_input_is_named(tmp_path):
         fit(records, target="gold", output_dir=tmp_path, min_examples=0)
     with pytest.raises(ValueError, match=r"unknown calibration scheme 'mixture'"):
         fit(records, target="gold", output_dir=tmp_path, scheme="mixture")
-    with pytest.raises(ValueError, match=r"classifier setting 'held_out' must be in \[0, 1\), got 1.5"):
-        ClassifierSettings(held_out=1.5)
+    with pytest.raises(ValueError, match=r"classifier setting 'folds' must be >= 2 \(each prompt is scored"):
+        ClassifierSettings(folds=1)
+    with pytest.raises(ValueError, match=r"5 folds need at least 5 distinct prompts; the data has 2"):
+        fit(records[:2], target="gold", output_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"an ensemble joins distinct backbones with '\+'"):
+        ClassifierSettings(backbone="tfidf+tfidf")
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
 
 
@@ -400,7 +431,8 @@ def test_apply_reproduces_calibrate_without_training(calibrated, monkeypatch, tm
     shutil.copytree(calibrated["run"], moved)
     saved = json.loads((moved / "calibration.json").read_text())
     for c in saved["classifiers"].values():
-        c["path"] = str(Path("elsewhere", "classifiers", Path(c["path"]).name))
+        for fold in c["folds"]:
+            fold["paths"] = [str(Path("elsewhere", "classifiers", Path(p).name)) for p in fold["paths"]]
     (moved / "calibration.json").write_text(json.dumps(saved))
     new = make_records(6, ("llm_b", "gold"), seed=11)
     write_records(tmp_path / "new.jsonl", new)
@@ -490,8 +522,8 @@ def test_readme_calibration_examples_run_as_written(tiny_backbone, tmp_path, mon
 
 
 def test_eval_calibration_uses_the_calibration_classifier_of_the_target(calibrated, tmp_path):
-    """A calibration folder as --classifier: c is P(gold) of its target-vs-rest classifier, with the
-    calibration's input length."""
+    """A calibration folder as --classifier: c is P(gold) of its target-vs-rest classifiers (every fold's,
+    log-odds averaged, as for a new prompt), with the calibration's input length."""
     from dora_engine.data.synth import oracle_reward
     from dora_engine.eval.calibration_diag import ols_fit
 
@@ -502,10 +534,17 @@ def test_eval_calibration_uses_the_calibration_classifier_of_the_target(calibrat
                  str(calibrated["run"]), "--reward", "oracle", "--normalise", "none", "--device", "cpu",
                  "--output-dir", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "calibration_report.json").read_text())
+    assert report["classifier"] == {"path": str(calibrated["run"]), "name": "gold-vs-rest", "max_length": 32}
     fitted = Calibration.load(calibrated["run"] / "calibration.json").classifiers["gold-vs-rest"]
-    assert report["classifier"] == {"path": fitted.path, "name": "gold-vs-rest", "max_length": 32}
-    probs = classifier.predict(fitted.path, [classifier.Example(p, o) for p, o in pairs], max_length=32,
-                               batch_size=16, device="cpu")
-    expected = ols_fit(probs[:, 1], [oracle_reward(p, o) for p, o in pairs])
+    examples = [classifier.Example(p, o) for p, o in pairs]
+    logits = []
+    for fold in fitted.folds:
+        (path,) = fold.paths
+        p = apply_combiner(fold.combiner, [classifier.predict(path, examples, max_length=32, batch_size=16,
+                                                              device="cpu")])[:, 1]
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        logits.append(np.log(p) - np.log1p(-p))
+    confidence = 1 / (1 + np.exp(-np.mean(logits, axis=0)))  # the folds' log-odds averaged
+    expected = ols_fit(confidence, [oracle_reward(p, o) for p, o in pairs])
     assert report["fits"]["m"]["slope"] == pytest.approx(expected.slope, rel=1e-6)
     assert report["fits"]["m"]["intercept"] == pytest.approx(expected.intercept, rel=1e-6)

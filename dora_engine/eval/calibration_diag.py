@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -32,7 +32,7 @@ from dora_engine.data.schema import RecordError, iter_jsonl
 from dora_engine.errors import UserValueError
 
 if TYPE_CHECKING:
-    from dora_engine.calibration.schemes import SourceRule
+    from dora_engine.calibration.pipeline import Calibration
 
 NORMALISATIONS = ("minmax", "zscore", "none")
 
@@ -162,13 +162,14 @@ DEFAULT_MAX_LENGTH = 512
 
 @dataclass(frozen=True)
 class ConfidenceClassifier:
-    """Where c = P(golden | x, y) comes from: a classifier folder, its input length and, for a classifier
-    of a calibration, the rule that turns its class probabilities into c (``None``: binary, c = p[1])."""
+    """Where c = P(golden | x, y) comes from: a calibration folder (its target's classifier, every fold's
+    copy, their log-odds averaged: the c that ``calibrate --apply`` gives a new prompt) or one binary
+    classifier folder (c = p[1]), with the input length."""
 
     path: str
     max_length: int
-    rule: SourceRule | None = None
     name: str | None = None
+    calibration: Calibration | None = None
 
 
 def resolve_classifier(path: str | os.PathLike, max_length: int | None = None) -> ConfidenceClassifier:
@@ -181,9 +182,10 @@ def resolve_classifier(path: str | os.PathLike, max_length: int | None = None) -
     folder = Path(path)
     if (folder / CALIBRATION_FILE).is_file() or (folder.name == CALIBRATION_FILE and folder.is_file()):
         calibration = load_calibration(folder)
+        if max_length is not None:
+            calibration = replace(calibration, settings=replace(calibration.settings, max_length=max_length))
         rule = calibration.rules[calibration.target]
-        fitted = calibration.classifiers[rule.classifier]
-        return ConfidenceClassifier(fitted.path, max_length or calibration.settings.max_length, rule, rule.classifier)
+        return ConfidenceClassifier(os.fspath(path), calibration.settings.max_length, rule.classifier, calibration)
     if folder.exists() and not (folder / "config.json").is_file():
         raise UserValueError(
             f"--classifier {os.fspath(path)} is neither a calibration folder (with {CALIBRATION_FILE}) nor a "
@@ -199,14 +201,17 @@ def classifier_confidence(
 ) -> list[float]:
     """P(golden | x, y) of every response of ``group`` from ``classifier`` (see ``resolve_classifier``)."""
     from dora_engine.calibration.classifier import Example, predict
+    from dora_engine.calibration.pipeline import source_probability
 
     if not isinstance(classifier, ConfidenceClassifier):
         classifier = resolve_classifier(classifier, max_length)
     examples = [Example(p, r) for p, r in zip(group.instructions, group.outputs, strict=True)]
+    if classifier.calibration is not None:
+        target = classifier.calibration.target
+        return source_probability(classifier.calibration, target, examples, batch_size=batch_size,
+                                  device=device).tolist()
     probs = predict(classifier.path, examples, max_length=classifier.max_length, batch_size=batch_size,
                     device=device, description=f"confidence {group.model}")
-    if classifier.rule is not None:
-        return classifier.rule.probability(probs).tolist()
     if probs.shape[1] != 2:
         raise UserValueError(
             f"classifier {classifier.path} has {probs.shape[1]} classes; the diagnostic needs a binary one, "

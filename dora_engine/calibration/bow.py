@@ -1,0 +1,123 @@
+"""The bag-of-words classifier (``--backbone tfidf``): TF-IDF n-grams of the response + logistic regression.
+
+Features: two TF-IDF blocks of the response text, each with sublinear tf, idf and L2-normalised rows:
+word 1-2 grams and character 2-5 grams within word boundaries (``char_wb``), lower-cased, terms in at least
+2 training responses, at most ``MAX_FEATURES`` per block. The character block carries punctuation,
+markdown marks and word forms that the word block drops (on AlpacaEval pairs it raised the held-out ROC-AUC
+by 0.005-0.035: benchmarks/RESULTS.md). The prompt is not read: within a prompt it is the same for every
+response, across prompts it is topic, not source.
+
+The model is a multinomial (binary: plain) logistic regression with an L2 penalty ``C``. Its
+probabilities are calibrated by the calibration itself, on out-of-fold scores (``pipeline``).
+
+Everything is saved as plain data (``bow.json``: the vocabularies; ``bow.npz``: idf and weights), never
+as a pickle; ``predict`` recomputes TF-IDF from those exactly as scikit-learn's
+``TfidfVectorizer`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+META_FILE = "bow.json"
+ARRAYS_FILE = "bow.npz"
+FORMAT = "tfidf-word12-charwb25-lr-c16/2"
+"""What a saved bag-of-words classifier is; part of its identity (a change retrains)."""
+
+BLOCKS = {"word": (1, 2), "char_wb": (2, 5)}
+"""TF-IDF blocks: analyzer → n-gram range."""
+MIN_DF = 2
+MAX_FEATURES = 200_000
+C = 16.0
+
+
+def _counts(texts: Sequence[str], analyzer: str, vocabulary: dict[str, int]):
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    return CountVectorizer(analyzer=analyzer, ngram_range=BLOCKS[analyzer], vocabulary=vocabulary,
+                           dtype=np.float64).transform(texts)
+
+
+def _tfidf(counts, idf: np.ndarray):
+    """scikit-learn's TF-IDF of term counts: sublinear tf (1 + log), times idf, rows L2-normalised."""
+    from sklearn.preprocessing import normalize
+
+    counts = counts.tocsr(copy=True)
+    counts.data = 1.0 + np.log(counts.data)
+    return normalize(counts.multiply(idf[None, :]).tocsr(), norm="l2")
+
+
+def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], idfs: dict[str, np.ndarray]):
+    from scipy.sparse import hstack
+
+    return hstack([_tfidf(_counts(texts, analyzer, vocabularies[analyzer]), idfs[analyzer])
+                   for analyzer in BLOCKS]).tocsr()
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def linear_head(fitted, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """(coef (C, F), intercept (C,)) of a fitted scikit-learn logistic regression, as softmax logits
+    (a binary model's single row becomes the logits [0, z])."""
+    if fitted.classes_.tolist() != list(range(num_labels)):
+        raise ValueError(f"logistic regression: training labels {fitted.classes_.tolist()} are not "
+                         f"0..{num_labels - 1}")
+    if num_labels > 2:
+        return fitted.coef_, fitted.intercept_
+    return np.vstack([np.zeros_like(fitted.coef_[0]), fitted.coef_[0]]), np.array([0.0, fitted.intercept_[0]])
+
+
+def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, output_dir: str | os.PathLike) -> None:
+    """Fit TF-IDF + logistic regression on ``texts`` (responses) and save it to ``output_dir``."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    labels = np.asarray(labels, dtype=int)
+    texts = list(texts)
+    vocabularies, idfs = {}, {}
+    for analyzer, ngrams in BLOCKS.items():
+        vectorizer = TfidfVectorizer(analyzer=analyzer, ngram_range=ngrams, min_df=min(MIN_DF, len(texts)),
+                                     sublinear_tf=True, max_features=MAX_FEATURES, dtype=np.float64)
+        vectorizer.fit(texts)
+        vocabularies[analyzer] = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
+        idfs[analyzer] = vectorizer.idf_.astype(np.float64)
+    x = _features(texts, vocabularies, idfs)
+
+    fitted = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(x, labels)
+    coef, intercept = linear_head(fitted, num_labels)
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "num_labels": num_labels, "vocabularies": vocabularies}
+    (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+    with open(folder / ARRAYS_FILE, "wb") as handle:
+        np.savez_compressed(handle, **{f"idf_{k}": v for k, v in idfs.items()}, coef=coef, intercept=intercept)
+
+
+def is_saved(folder: str | os.PathLike) -> bool:
+    return Path(folder, META_FILE).is_file()
+
+
+def predict(folder: str | os.PathLike, texts: Sequence[str]) -> np.ndarray:
+    """Class probabilities (len(texts), num_labels) in float64."""
+    folder = Path(folder)
+    meta: dict[str, Any] = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{folder} holds a bag-of-words classifier of format {meta.get('format')!r}, "
+                         f"this version reads {FORMAT!r}: fit it again")
+    if not texts:
+        return np.empty((0, meta["num_labels"]))
+    with np.load(folder / ARRAYS_FILE) as saved:
+        a = {k: saved[k] for k in saved.files}
+    x = _features(list(texts), meta["vocabularies"], {k: a[f"idf_{k}"] for k in BLOCKS})
+    logits = np.asarray(x @ a["coef"].T) + a["intercept"]
+    return softmax(logits)
