@@ -1,15 +1,33 @@
-"""Test-suite policy: `gpu` tests skip without CUDA; `slow` tests run only with RUN_SLOW=1."""
+"""Test-suite policy: `gpu` tests skip without CUDA; `slow` tests run only with RUN_SLOW=1; what the launched
+runs leave in shared memory is removed at the end."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 # Tokenised data of the tests (and of the runs they launch) go to a folder of this session, not the user's cache.
 os.environ["DORA_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="dora-engine-cache-")
+
+SESSION_START = time.time()
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """DeepSpeed's CPU all-reduce keeps a buffer per rank in /dev/shm (~70 MB each) that a rank killed on
+    purpose (the fault tests) never unlinks: remove those that this session's runs created, all finished now,
+    so that repeated test runs do not fill the machine's memory."""
+    for buffer in SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if buffer.stat().st_mtime >= SESSION_START:
+                buffer.unlink()
+        except OSError:
+            pass
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
