@@ -21,10 +21,16 @@ SHARED_MEMORY = Path("/dev/shm")
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """DeepSpeed's CPU all-reduce keeps a buffer per rank in /dev/shm (~70 MB each) that a rank killed on
     purpose (the fault tests) never unlinks: remove those that this session's runs created, all finished now,
-    so that repeated test runs do not fill the machine's memory."""
+    so that repeated test runs do not fill the machine's memory. A buffer some live process maps stays."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.rsplit("/", 1)[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+        except OSError:
+            continue
     for buffer in SHARED_MEMORY.glob("deepspeed_allreduce_buffer_*"):
         try:
-            if buffer.stat().st_mtime >= SESSION_START:
+            if buffer.stat().st_mtime >= SESSION_START and buffer.name not in mapped:
                 buffer.unlink()
         except OSError:
             pass
