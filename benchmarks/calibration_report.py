@@ -1,17 +1,25 @@
-"""Calibration on real data: held-out quality of the phase-1 classifiers (docs/design.md section 4).
+"""Calibration on real data: cross-fitted quality of the phase-1 classifiers (docs/design.md section 4.5).
 
-- AlpacaEval: target gpt4_1106_preview against Mistral-7B-Instruct-v0.3, Meta-Llama-3-8B-Instruct and
-  alpaca-7b, one binary classifier per source (the per_source scheme's classifier, trained on the two
-  sources' responses; split by prompt): held-out ROC-AUC per source, next to a bag-of-words
-  logistic-regression baseline on the same split; the correlation between c(model response) and the
-  GPT-4-turbo judge's preference for the model response (judge files exist for alpaca-7b).
-- HH-RLHF harmless test: pairwise chosen (target) vs rejected, on a subset.
+Four pairs, one binary classifier each (the per_source scheme's classifier of that source):
+AlpacaEval target gpt4_1106_preview against Mistral-7B-Instruct-v0.3, Meta-Llama-3-8B-Instruct and
+alpaca-7b (805 prompts, one response per generator), and HH-RLHF harmless test chosen (target) against
+rejected (the first ``--hh-limit`` pairs). Every option is cross-fitted with the same folds (``--folds``,
+``--seed``): its out-of-fold (OOF) ROC-AUC is held-out quality over every prompt, its in-fold ROC-AUC the
+same classifiers on responses they trained on. Options (``OPTIONS``): the default (``ClassifierSettings()``:
+MiniLM features + TF-IDF), each of its members alone, the fine-tuned MiniLM and its ensemble with TF-IDF.
+For each ensemble the script also scores the plain equal-weight average of the members' log-odds (no
+combiner), to show what the cross-fitted combiner adds.
 
-Writes the section "Calibration on real data" of benchmarks/RESULTS.md (other sections are kept) and
-the raw figures as JSON in the work folder. Classifiers are cached in the work folder: a rerun with the
-same settings only scores.
+The judge agreement comes from the default option's calibration with ``--judge-file`` for the pairs that
+have GPT-4-turbo annotations (alpaca-7b). Wall times: the default option is fitted first, in a work folder
+of its own, and timed from start to end (fit, score, report); every other option's time is the sum of its
+classifiers' own training-and-prediction times. The targets are printed at the end.
 
-    python benchmarks/calibration_report.py [--max-length 128 --epochs 1 --hh-limit 600]
+Writes the section "Calibration on real data" of benchmarks/RESULTS.md (the text below the table, from
+"Notes", is kept) and the raw figures as JSON in the work folder. Classifiers are cached in the work folder:
+a rerun only scores.
+
+    python benchmarks/calibration_report.py [--options default tfidf minilm] [--only alpaca/alpaca-7b]
 """
 
 from __future__ import annotations
@@ -28,78 +36,85 @@ import numpy as np
 
 from dora_engine.atomic import atomic_write
 from dora_engine.calibration import ClassifierSettings, fit, score
-from dora_engine.calibration.pipeline import PROBS_META_KEY, split_by_prompt
-from dora_engine.data.converters import convert_files, read_rows
+from dora_engine.calibration import features as feature_cache
+from dora_engine.calibration.pipeline import PREDICTIONS, apply_combiner
+from dora_engine.calibration.report import write_report
+from dora_engine.data.converters import convert_files
 from dora_engine.data.schema import Record
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 RESULTS = REPO / "benchmarks" / "RESULTS.md"
 SECTION = "## Calibration on real data"
+NOTES = "### Notes"
 TARGET = "gpt4_1106_preview"
 OTHERS = ("Mistral-7B-Instruct-v0.3", "Meta-Llama-3-8B-Instruct", "alpaca-7b")
+FINETUNE = {"backbone": "minilm", "encoder": "finetune", "lr": 1e-4, "epochs": 1, "max_length": 256}
+OPTIONS = {
+    "default": {},
+    "tfidf": {"backbone": "tfidf"},
+    "minilm": {"backbone": "minilm"},
+    "minilm-ft": FINETUNE,
+    "minilm-ft+tfidf": {**FINETUNE, "backbone": "minilm+tfidf"},
+}
+TARGETS = {"Mistral-7B-Instruct-v0.3": 0.90, "Meta-Llama-3-8B-Instruct": 0.95}
 
 
-def bag_of_words_auc(train: list[Record], held: list[Record], target: str, other: str, seed: int) -> float:
-    """Held-out ROC-AUC of TF-IDF (1-2 grams) logistic regression on response text, target vs ``other``."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
+def pair_records(records: list[Record], target: str, other: str) -> list[Record]:
+    return [replace(r, responses=[x for x in r.responses if x.source in (target, other)]) for r in records]
+
+
+def averaged_auc(fitted) -> float | None:
+    """OOF ROC-AUC of an ensemble whose members' log-odds are averaged with equal weights and no calibration
+    (what the combiner replaces); ``None`` for a single backbone."""
     from sklearn.metrics import roc_auc_score
 
-    def pairs(records):
-        rows = [
-            (r.text, int(r.source == target)) for rec in records for r in rec.responses if r.source in (target, other)
-        ]
-        return [t for t, _ in rows], np.array([y for _, y in rows])
+    if len(fitted.folds[0].paths) < 2:
+        return None
+    scores, labels = [], []
+    for fold in fitted.folds:
+        members = []
+        for path in fold.paths:
+            with np.load(Path(path, PREDICTIONS)) as saved:
+                members.append(saved["held_probs"])
+                y = saved["held_labels"]
+        scores.append(apply_combiner(None, members)[:, 1])
+        labels.append(y)
+    return float(roc_auc_score(np.concatenate(labels), np.concatenate(scores)))
 
-    (x_train, y_train), (x_held, y_held) = pairs(train), pairs(held)
-    vectorizer = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    model = LogisticRegression(max_iter=2000, C=4.0, random_state=seed)
-    model.fit(vectorizer.fit_transform(x_train), y_train)
-    return float(roc_auc_score(y_held, model.predict_proba(vectorizer.transform(x_held))[:, 1]))
 
-
-def pair_result(records: list[Record], target: str, other: str, settings: ClassifierSettings, work: Path) -> dict:
-    """Fit target vs ``other`` on the prompts' two responses from these sources; held-out metrics + baseline."""
-    pair = [replace(r, responses=[x for x in r.responses if x.source in (target, other)]) for r in records]
-    start = time.time()
-    calibration = fit(pair, target=target, output_dir=work / other, settings=settings)
-    fit_s = time.time() - start
+def run_option(name: str, records: list[Record], target: str, other: str, settings: ClassifierSettings,
+               work: Path, judge: Path | None) -> dict:
+    """Fit (classifiers cached in ``work``, shared by the options), score and report (in ``work/name``)."""
+    start = time.perf_counter()
+    calibration = fit(records, target=target, output_dir=work, settings=settings)
+    scored = score(records, calibration)
+    report = write_report(calibration, scored, work / name, judge_file=judge)
+    wall = time.perf_counter() - start
     (fitted,) = calibration.classifiers.values()
-    train, held = split_by_prompt(pair, settings.held_out, settings.seed)
     out = {
+        "option": name,
+        "backbone": settings.backbone,
+        "encoder": settings.encoder,
         "classifier": fitted.spec.name,
-        "prompts": len(pair),
-        "fit_seconds": 0.0 if fitted.reused else fit_s,
-        "train_counts": fitted.train_counts,
-        "held_out_counts": fitted.held_out_counts,
-        "gamma": calibration.gamma(other),
-        "bow_auc": bag_of_words_auc(train, held, target, other, settings.seed),
-        **{k: fitted.metrics[k] for k in ("accuracy", "roc_auc", "ece")},
+        "prompts": len(records),
+        "class_counts": fitted.class_counts,
+        "oof": {k: fitted.metrics[k] for k in ("accuracy", "roc_auc", "ece")},
+        "in_fold": {k: fitted.in_fold[k] for k in ("accuracy", "roc_auc", "ece")},
+        "members": {b: m["roc_auc"] for b, m in fitted.member_metrics.items()},
+        "averaged_roc_auc": averaged_auc(fitted),
+        "classifier_seconds": sum(f.seconds for f in fitted.folds),
+        "wall_seconds": wall,
+        "reused": fitted.reused,
+        "mean_h_tilde": report["h_tilde"]["mean"],
     }
-    judge = DATA / "alpaca_eval" / f"judge-{other}-vs-{TARGET}.jsonl.gz"
-    if target == TARGET and judge.is_file():
-        out["judge"] = judge_correlation(score(held, calibration), judge, other)
+    if "judge" in report:
+        out["judge"] = report["judge"]["sources"]
     return out
 
 
-def judge_correlation(scored: list[Record], path: Path, generator: str) -> dict:
-    """Pearson/Spearman of c(generator's response) with the judge's preference for it (preference − 1)."""
-    from scipy.stats import pearsonr, spearmanr
-
-    preference = {row["instruction"]: float(row["preference"]) - 1.0 for row in read_rows(path)}
-    c, p = [], []
-    for rec in scored:
-        if rec.prompt in preference:
-            k = next(k for k, r in enumerate(rec.responses) if r.source == generator)
-            c.append(rec.meta[PROBS_META_KEY][k])
-            p.append(preference[rec.prompt])
-    return {
-        "n": len(c),
-        "pearson": float(pearsonr(c, p)[0]),
-        "spearman": float(spearmanr(c, p)[0]),
-        "mean_judge_preference": float(np.mean(p)),
-    }
+def _pair_name(pair: str) -> str:
+    return "HH chosen vs rejected" if pair.startswith("hh/") else f"{TARGET} vs {pair.split('/')[-1]}"
 
 
 def _fmt(x) -> str:
@@ -114,52 +129,75 @@ def _hardware() -> str:
     return f"{os.cpu_count()} CPU cores"
 
 
-def markdown(results: dict, settings: ClassifierSettings, command: str) -> str:
+def targets(results: dict) -> list[str]:
+    lines = []
+    for other, goal in TARGETS.items():
+        rows = results.get(f"alpaca/{other}", {})
+        if rows:
+            best = max(rows.values(), key=lambda r: r["oof"]["roc_auc"] or 0)
+            ok = (best["oof"]["roc_auc"] or 0) >= goal
+            lines.append(f"- best option on {other}: `{best['option']}` OOF ROC-AUC {_fmt(best['oof']['roc_auc'])} "
+                         f"(target >= {goal:.2f}: {'met' if ok else 'not met'})")
+    pairs = [rows for rows in results.values() if "default" in rows and "tfidf" in rows]
+    above = sum(rows["default"]["oof"]["roc_auc"] > rows["tfidf"]["oof"]["roc_auc"] for rows in pairs)
+    lines.append(f"- default above TF-IDF alone on {above} of {len(pairs)} pairs (target: at least 3 of 4)")
+    timed = [rows["default"]["wall_seconds"] for rows in results.values() if "default" in rows]
+    if timed:
+        total = sum(timed) / 60
+        lines.append(f"- default option, all {len(timed)} pairs: {total:.1f} min wall time "
+                     f"(target: under 30 min on 2 cores: {'met' if total < 30 else 'not met'})")
+    return lines
+
+
+def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
+    default = ClassifierSettings()
     lines = [
         SECTION,
         "",
         f"Command: `{command}`",
         "",
-        f"Backbone `{settings.backbone}` ({settings.pooling} pooling), max_length {settings.max_length}, "
-        f"{settings.epochs} epoch(s), "
-        f"batch {settings.batch_size}, lr {settings.lr}, held-out {settings.held_out:.0%} of prompts "
-        f"(split by prompt, seed {settings.seed}), {_hardware()}. One binary classifier per pair (the "
-        "per_source classifier of that source). Bag-of-words baseline: TF-IDF 1-2 grams + logistic regression "
-        "on the response text, same split.",
+        f"Machine: {_hardware()}. {args.folds}-fold cross-fitting by prompt (seed {args.seed}); one binary "
+        "classifier per pair. OOF: each response scored by the fold's classifier that did not train on its prompt "
+        "(the c that h̃ uses); in fold: the same classifiers on a sample of up to 256 responses each that they "
+        f"trained on. Default option: backbone `{default.backbone}` with `encoder={default.encoder}` (MiniLM "
+        f"layer features, {default.max_length} tokens, + TF-IDF word 1-2 and char 2-5 grams). "
+        "`minilm-ft`: the MiniLM fine-tuned (mean pooling, lr 1e-4, 1 epoch, 256 tokens). Every option's c goes "
+        "through its cross-fitted combiner (Platt scaling; for ensembles also the members' weights); equal "
+        "average: the members' raw log-odds averaged instead. Time: the default's "
+        "wall time (fit, score, report, from scratch); the others' classifier training-and-prediction time.",
         "",
-        "| data | target vs source | train (label 0 / 1) | held-out responses | accuracy | ROC-AUC | ECE "
-        "| BoW ROC-AUC | fit (min) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pair | option | OOF ROC-AUC | in-fold ROC-AUC | OOF ECE | in-fold ECE | OOF accuracy | members (OOF AUC) "
+        "| equal average | time (min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for data, row in results.items():
-        lines.append(
-            f"| {data.split('/')[0]} | {row['classifier']} | {row['train_counts'][0]} / {row['train_counts'][1]} | "
-            f"{sum(row['held_out_counts'])} | {_fmt(row['accuracy'])} | {_fmt(row['roc_auc'])} | "
-            f"{_fmt(row['ece'])} | {_fmt(row['bow_auc'])} | {row['fit_seconds'] / 60:.1f} |"
-        )
-    beaten = [row["classifier"] for row in results.values() if (row["roc_auc"] or 0) > row["bow_auc"]]
-    lines += [
-        "",
-        f"The transformer classifier beats the bag-of-words baseline on {len(beaten)} of {len(results)} pairs "
-        "in this setting (the paper's setting is 512 tokens, 3 epochs, lr 2e-5).",
-        "",
-    ]
-    for row in results.values():
-        if "judge" in row:
-            j = row["judge"]
+    for pair, rows in results.items():
+        for name in OPTIONS:
+            if name not in rows:
+                continue
+            r = rows[name]
+            members = ", ".join(f"{b} {_fmt(v)}" for b, v in r["members"].items()) or "–"
+            seconds = r["wall_seconds"] if name == "default" else r["classifier_seconds"]
             lines.append(
-                f"Judge agreement ({row['classifier']}, held-out prompts, n = {j['n']}): correlation of "
-                f"c(model response) with the GPT-4-turbo judge's preference for the model response (preference − 1, "
-                f"mean {j['mean_judge_preference']:.3f}): Pearson {j['pearson']:.3f}, Spearman {j['spearman']:.3f}."
+                f"| {_pair_name(pair)} | {name} | {_fmt(r['oof']['roc_auc'])} | {_fmt(r['in_fold']['roc_auc'])} | "
+                f"{_fmt(r['oof']['ece'])} | {_fmt(r['in_fold']['ece'])} | {_fmt(r['oof']['accuracy'])} | {members} | "
+                f"{_fmt(r['averaged_roc_auc'])} | {seconds / 60:.1f} |"
             )
+    lines += ["", "Targets:", "", *targets(results), ""]
+    for pair, rows in results.items():
+        judge = rows.get("default", {}).get("judge")
+        if judge:
+            parts = "; ".join(f"{s} ρ = {_fmt(v['spearman'])} (n = {v['n']}, mean preference "
+                              f"{v['mean_preference']:.3f})" for s, v in judge.items())
+            lines.append(f"Judge agreement ({_pair_name(pair)} pair, default option, OOF c against the "
+                         f"GPT-4-turbo judge's preference for each response, Spearman within each source): {parts}.")
     lines.append("")
     return "\n".join(lines)
 
 
 def write_section(text: str, results_path: Path) -> None:
-    """Replace (or append) this script's section of RESULTS.md, keeping every other section."""
+    """Replace this script's part of the section (up to its "Notes"), keeping the notes and other sections."""
     old = results_path.read_text(encoding="utf-8") if results_path.is_file() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^{re.escape(NOTES)}\n|^## |\Z)", re.S | re.M)
     text = text.rstrip("\n") + "\n"
     new = pattern.sub(lambda _: text + "\n", old) if pattern.search(old) else old.rstrip("\n") + "\n\n" + text
     with atomic_write(results_path) as handle:
@@ -169,56 +207,57 @@ def write_section(text: str, results_path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", default="/tmp/dora-calibration-report")
-    parser.add_argument("--backbone", default="minilm")
-    parser.add_argument("--pooling", default="mean")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=1e-4, help="above the paper's 2e-5: one short epoch on CPU")
-    parser.add_argument("--held-out", type=float, default=0.2)
-    parser.add_argument("--hh-limit", type=int, default=600, help="first N HH-RLHF pairs")
+    parser.add_argument("--options", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--folds", type=int, default=ClassifierSettings().folds)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hh-limit", type=int, default=600, help="first N HH-RLHF pairs")
     parser.add_argument("--device", default="auto")
-    parser.add_argument(
-        "--only", nargs="*", default=None, help="run only these jobs, e.g. alpaca/alpaca-7b hh/rejected"
-    )
+    parser.add_argument("--only", nargs="*", default=None, help="only these pairs, e.g. alpaca/alpaca-7b hh/rejected")
     parser.add_argument("--results", type=Path, default=RESULTS, help="the Markdown file whose section is rewritten")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave --results alone")
+    parser.add_argument("--report-only", action="store_true",
+                        help="fit nothing: write the section from the figures saved in the work folder")
     args = parser.parse_args()
     if not DATA.is_dir():
         raise SystemExit(f"real data not found at {DATA}")
-    settings = ClassifierSettings(
-        backbone=args.backbone,
-        pooling=args.pooling,
-        lr=args.lr,
-        max_length=args.max_length,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        held_out=args.held_out,
-        seed=args.seed,
-        device=args.device,
-    )
     work = Path(args.work_dir)
-    command = (
-        f"python benchmarks/calibration_report.py --pooling {args.pooling} --max-length {args.max_length} "
-        f"--epochs {args.epochs} "
-        f"--batch-size {args.batch_size} --lr {args.lr} --held-out {args.held_out} --hh-limit {args.hh_limit}"
-    )
+    command = (f"python benchmarks/calibration_report.py --folds {args.folds} --seed {args.seed} "
+               f"--hh-limit {args.hh_limit}")
     alpaca = convert_files(
         "alpaca", [DATA / "alpaca_eval" / f"outputs-{g}.jsonl.gz" for g in (TARGET, *OTHERS)], target=TARGET
     )
     hh = convert_files("hh", [DATA / "hh-rlhf-harmless-base-test.jsonl.gz"])[: args.hh_limit]
-    jobs = [(f"alpaca/{other}", alpaca, TARGET, other) for other in OTHERS] + [
-        ("hh/rejected", hh, "chosen", "rejected")
-    ]
+    saved = work / "calibration_report.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    if args.report_only:
+        text = markdown(results, args, command)
+        print(text)
+        if not args.no_write:
+            write_section(text, args.results)
+        return
+    jobs = [(f"alpaca/{other}", pair_records(alpaca, TARGET, other), TARGET, other) for other in OTHERS]
+    jobs.append(("hh/rejected", hh, "chosen", "rejected"))
     if args.only is not None:
         jobs = [job for job in jobs if job[0] in args.only]
-    results = {}
-    for name, records, target, other in jobs:
-        results[name] = pair_result(records, target, other, settings, work / name.split("/")[0])
-        with atomic_write(work / "calibration_report.json") as handle:
-            json.dump(results, handle, indent=1)
-        write_section(markdown(results, settings, command), args.results)
-        print(json.dumps(results[name], indent=1), flush=True)
+    for pair, records, target, other in jobs:
+        judge = DATA / "alpaca_eval" / f"judge-{other}-vs-{TARGET}.jsonl.gz"
+        rows = results.setdefault(pair, {})
+        for name in [o for o in OPTIONS if o in args.options]:
+            settings = ClassifierSettings(**{**OPTIONS[name], "folds": args.folds, "seed": args.seed,
+                                             "device": args.device})
+            feature_cache._CACHE.clear()  # each option pays for its own features
+            row = run_option(name, records, target, other, settings, work / pair,
+                             judge if name == "default" and judge.is_file() else None)
+            if row["reused"] and name in rows:  # timings of a rerun from the cache say nothing: keep the first
+                row["wall_seconds"] = rows[name]["wall_seconds"]
+            rows[name] = row
+            with atomic_write(saved) as handle:
+                json.dump(results, handle, indent=1)
+            print(json.dumps(row), flush=True)
+    text = markdown(results, args, command)
+    print(text)
+    if not args.no_write:
+        write_section(text, args.results)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ python3 launch/make_tiny_model.py --kind bert --hidden 32 --layers 1 --heads 2 -
 
 step "3/7 calibration: golden-vs-source classifiers -> h_tilde"
 dora-engine calibrate "$DATA/train.jsonl" --target golden --out "$DATA/train.calibrated.jsonl" \
-  --output-dir "$WORK/calibration" --backbone "$WORK/tiny-bert" --encoder finetune --folds 2 --epochs 3 --lr 2e-3 --batch-size 32 \
-  --max-length 192 --device cpu
+  --output-dir "$WORK/calibration" --backbone "$WORK/tiny-bert" --encoder finetune --folds 2 --epochs 3 \
+  --lr 2e-3 --batch-size 32 --max-length 192 --device cpu
 
 COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft")
 step "4/7 SFT on the golden responses ($NPROC ranks, ZeRO-3)"

@@ -1,4 +1,8 @@
-"""Training and scoring one sequence classifier on (prompt, response) pairs (docs/design.md section 4).
+"""Training and scoring one classifier on (prompt, response) pairs (docs/design.md section 4.5).
+
+``train`` and ``predict`` serve every kind of backbone: ``tfidf`` goes to ``bow`` (the response's n-grams),
+an encoder with ``encoder="features"`` to ``features`` (a logistic regression on its frozen states), an
+encoder with ``encoder="finetune"`` is fine-tuned here, as follows.
 
 The input is the tokenizer's sentence pair (prompt, response): "prompt + separator + response" with the
 backbone's own separator, at most ``max_length`` tokens. An over-long pair is cut longest-first (the

@@ -114,7 +114,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         f"# Calibration report: target `{report['target']}`, scheme `{report['scheme']}`, "
         f"backbone `{report['settings']['backbone']}`",
         "",
-        f"Cross-fitted: the {report['training_prompts']} training prompts are split into {k} folds and each "
+        f"Cross-fitted: the training data's {report['training_prompts']} distinct prompts are split into {k} "
+        "folds and each "
         f"fold's responses are scored by classifiers trained on the other {k - 1}. Out-of-fold (OOF) metrics are "
         "on those scores, the c that h̃ uses; in-fold metrics score the same classifiers on responses they "
         "trained on, which is what c would be without cross-fitting. AUC and ECE are for P(target).",
