@@ -44,7 +44,7 @@ def encode(backbone: str, examples: Sequence[Any], *, max_length: int, batch_siz
     from tqdm.auto import tqdm
     from transformers import AutoModel
 
-    from dora_engine.calibration.classifier import cut_pairs, load_classifier_tokenizer
+    from dora_engine.calibration.pairs import cut_pairs, load_classifier_tokenizer
     from dora_engine.device import resolve_device
     from dora_engine.errors import loading_user_model
 
@@ -81,7 +81,7 @@ def train(examples: Sequence[Any], num_labels: int, settings: Any, output_dir: s
     from sklearn.linear_model import LogisticRegression
 
     from dora_engine.calibration.bow import linear_head
-    from dora_engine.calibration.classifier import resolve_backbone
+    from dora_engine.calibration.pairs import resolve_backbone
 
     backbone = resolve_backbone(settings.backbone)
     labels = np.array([e.label for e in examples], dtype=int)
@@ -110,7 +110,7 @@ def predict(folder: str | os.PathLike, examples: Sequence[Any], *, batch_size: i
             description: str = "score") -> np.ndarray:
     """Class probabilities (len(examples), num_labels) in float64."""
     from dora_engine.calibration.bow import softmax
-    from dora_engine.calibration.classifier import resolve_backbone
+    from dora_engine.calibration.pairs import resolve_backbone
 
     folder = Path(folder)
     meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))

@@ -238,7 +238,7 @@ def from_alpaca_eval(
 
 def from_authors(rows: Iterable[Any], id_prefix: str = "dora", drop_empty: bool = True) -> list[Record]:
     """The DoRA authors' released rows with h̃ from ``probs`` (see the module docstring)."""
-    from dora_engine.calibration import h_tilde
+    from dora_engine.calibration.weights import h_tilde
 
     records = []
     for i, row in enumerate(rows):
