@@ -107,17 +107,24 @@ def is_saved(folder: str | os.PathLike) -> bool:
     return Path(folder, META_FILE).is_file()
 
 
+def load_saved(
+    folder: str | os.PathLike, kind: str, version: str, meta_file: str, arrays_file: str
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(metadata, arrays) of a saved linear classifier of ``kind``, refusing another format ``version``."""
+    folder = Path(folder)
+    meta: dict[str, Any] = json.loads((folder / meta_file).read_text(encoding="utf-8"))
+    if meta.get("format") != version:
+        raise ValueError(f"{folder} holds a {kind} classifier of format {meta.get('format')!r}, "
+                         f"this version reads {version!r}: fit it again")
+    with np.load(folder / arrays_file) as saved:
+        return meta, {k: saved[k] for k in saved.files}
+
+
 def predict(folder: str | os.PathLike, texts: Sequence[str]) -> np.ndarray:
     """Class probabilities (len(texts), num_labels) in float64."""
-    folder = Path(folder)
-    meta: dict[str, Any] = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder} holds a bag-of-words classifier of format {meta.get('format')!r}, "
-                         f"this version reads {FORMAT!r}: fit it again")
+    meta, a = load_saved(folder, "bag-of-words", FORMAT, META_FILE, ARRAYS_FILE)
     if not texts:
         return np.empty((0, meta["num_labels"]))
-    with np.load(folder / ARRAYS_FILE) as saved:
-        a = {k: saved[k] for k in saved.files}
     x = _features(list(texts), meta["vocabularies"], {k: a[f"idf_{k}"] for k in BLOCKS})
     logits = np.asarray(x @ a["coef"].T) + a["intercept"]
     return softmax(logits)

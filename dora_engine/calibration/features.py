@@ -109,18 +109,12 @@ def is_saved(folder: str | os.PathLike) -> bool:
 def predict(folder: str | os.PathLike, examples: Sequence[Any], *, batch_size: int, device: str,
             description: str = "score") -> np.ndarray:
     """Class probabilities (len(examples), num_labels) in float64."""
-    from dora_engine.calibration.bow import softmax
+    from dora_engine.calibration.bow import load_saved, softmax
     from dora_engine.calibration.pairs import resolve_backbone
 
-    folder = Path(folder)
-    meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{folder} holds a features classifier of format {meta.get('format')!r}, this version "
-                         f"reads {FORMAT!r}: fit it again")
+    meta, a = load_saved(folder, "features", FORMAT, META_FILE, ARRAYS_FILE)
     if not examples:
         return np.empty((0, meta["num_labels"]))
-    with np.load(folder / ARRAYS_FILE) as saved:
-        a = {k: saved[k] for k in saved.files}
     x = encode(resolve_backbone(meta["backbone"]), examples, max_length=meta["max_length"], batch_size=batch_size,
                device=device, description=description).astype(np.float64)
     logits = ((x - a["mean"]) / a["scale"]) @ a["coef"].T + a["intercept"]
