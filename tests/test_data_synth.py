@@ -16,6 +16,7 @@ from dora_engine.data.synth import (
     build_synth_tokenizer,
     find_task,
     oracle_reward,
+    prompt_pairs,
     synth_records,
     synth_vocabulary,
 )
@@ -103,6 +104,25 @@ def test_bad_options(kwargs, match):
 def test_prompts_cover_every_task_before_repeating():
     records = synth_records(len(TASKS) * 4, seed=5)
     assert len({rec.prompt for rec in records}) == len(records)
+
+
+def test_train_and_eval_splits_share_tasks_but_no_prompt_text():
+    train, held_out = prompt_pairs("train"), prompt_pairs("eval")
+    assert len(held_out) >= 200 and len(train) + len(held_out) == len(prompt_pairs("all"))
+    assert {task for task, _ in train} == {task for task, _ in held_out} == set(TASKS)
+    train_texts = {rec.prompt for rec in synth_records(2 * len(train), seed=1, split="train")}
+    eval_texts = {rec.prompt for rec in synth_records(len(held_out), seed=2, split="eval")}
+    assert len(eval_texts) == len(held_out) and not train_texts & eval_texts
+    with pytest.raises(ValueError, match="split"):
+        synth_records(4, split="test")
+
+
+def test_golden_fraction_leaves_the_other_prompts_without_golden():
+    records = synth_records(40, k=3, golden_fraction=0.25, seed=3)
+    with_golden = [sum(r.source == GOLDEN_SOURCE for r in rec.responses) for rec in records]
+    assert with_golden == [1] * 10 + [0] * 30
+    with pytest.raises(ValueError, match="golden_fraction"):
+        synth_records(4, golden_fraction=1.5)
 
 
 def test_tokenizer_covers_the_vocabulary_and_roundtrips(tmp_path):

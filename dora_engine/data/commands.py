@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dora_engine.data.schema import Record, read_records, write_records
 from dora_engine.data.summary import summarize
+from dora_engine.data.synth import SPLITS
 from dora_engine.errors import UserValueError
 from dora_engine.generation import GENERATION_BACKENDS
 
@@ -128,6 +129,8 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         label_noise=args.label_noise,
         length_bias=args.length_bias,
         seed=args.seed,
+        golden_fraction=args.golden_fraction,
+        split=args.split,
     )
     if args.tokenizer_dir is not None:
         build_synth_tokenizer(args.tokenizer_dir)
@@ -199,6 +202,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--num-prompts", type=int, default=200)
     synth.add_argument("--k", type=int, default=4, help="responses per prompt")
     synth.add_argument("--golden-per-prompt", type=int, default=1)
+    synth.add_argument("--golden-fraction", type=float, default=1.0,
+                       help="fraction of prompts that get the golden responses; the rest have shifted ones only")
+    synth.add_argument("--split", choices=SPLITS, default="all",
+                       help="prompt texts: train and eval are disjoint halves of all (for held-out evaluation)")
     synth.add_argument("--mix", type=_parse_mix, default=None,
                        help="weights of the shifted sources, e.g. verbose=1,off_topic=1,repetitive=1 (default)")
     synth.add_argument("--label-noise", type=float, default=0.0, help="fraction of records with permuted scores")

@@ -26,22 +26,25 @@ Public API (stable):
     ``repetition`` = 1 - distinct word bigrams / word bigrams; ``length_excess`` =
     max(0, #words - 40) / 40. An empty response gets 0 - 0 - 0 - 0 = 0. Golden responses score about
     1.7-2.0, every shifted source clearly less on average.
-``synth_records(num_prompts=200, k=4, golden_per_prompt=1, mix=None, label_noise=0.0, length_bias=0.0, seed=0)``
-    ``list[Record]``: ``num_prompts`` records of K responses, ``golden_per_prompt`` of them golden and
+``synth_records(num_prompts=200, k=4, golden_per_prompt=1, mix=None, label_noise=0.0, length_bias=0.0, seed=0,
+golden_fraction=1.0, split="all")``
+    ``list[Record]``: ``num_prompts`` records of K responses, ``golden_per_prompt`` of them golden (in the
+    first ``golden_fraction`` of the records; the rest have shifted responses only) and
     the other slots drawn independently from ``mix`` (shifted source -> weight; default uniform over
     ``SHIFTED_SOURCES``), the response order shuffled, scores = ``oracle_reward`` (plus
     ``length_bias · #words / 40`` when ``length_bias`` > 0: a misspecified reward model with the
     verbosity bias of real ones, while evaluation keeps the oracle), then a fraction ``label_noise``
     of records corrupted as by ``dora_engine.data.corrupt.corrupt_records``. ``meta`` holds the task
-    name. Prompts cycle through all 80 (task, template) pairs before any repeats. The same arguments
-    always give the same records.
+    name. Prompts cycle through the (task, template) pairs of ``split`` before any repeats: ``all`` has
+    the 32 × 14 = 448 pairs, ``train`` and ``eval`` each half of them, with no prompt text in common
+    (``prompt_pairs``). The same arguments always give the same records.
 ``synth_vocabulary() -> list[str]``
     Every word and punctuation token the generator can emit (sorted).
 ``build_synth_tokenizer(save_dir=None) -> transformers.PreTrainedTokenizerFast``
     A lowercasing word-level tokenizer over ``synth_vocabulary()`` with ``<pad>``, ``<unk>``, ``<s>``,
     ``</s>``; saved with ``save_pretrained`` when ``save_dir`` is given. Built offline.
 
-Constants: ``GOLDEN_SOURCE``, ``SHIFTED_SOURCES``, ``TASKS`` (task -> its five steps).
+Constants: ``GOLDEN_SOURCE``, ``SHIFTED_SOURCES``, ``TASKS`` (task -> its five steps), ``SPLITS``.
 """
 
 from __future__ import annotations
@@ -102,6 +105,29 @@ TASKS: dict[str, tuple[str, ...]] = {
                          "read simple books", "review with flash cards"),
     "organize a desk": ("clear everything off", "sort the items", "throw away trash", "use small boxes",
                         "keep only daily tools"),
+    "brew coffee": ("grind the beans", "heat the water", "pour over the grounds", "wait four minutes",
+                    "press the plunger"),
+    "iron a shirt": ("fill the iron with water", "set the right heat", "iron the collar", "press the sleeves",
+                     "hang the shirt"),
+    "pack a suitcase": ("make a list", "roll your clothes", "put shoes at the bottom", "fill the gaps",
+                        "close the zipper"),
+    "build a campfire": ("clear a safe spot", "gather dry wood", "stack small sticks", "light the kindling",
+                         "add bigger logs"),
+    "bake cookies": ("cream butter and sugar", "add the eggs", "stir in the flour", "scoop the dough",
+                     "bake for ten minutes"),
+    "ride a bike": ("adjust the seat", "hold the handlebars", "push off with one foot", "pedal steadily",
+                    "look ahead"),
+    "clean the kitchen": ("clear the counters", "wash the dishes", "wipe the stove", "sweep the floor",
+                          "take out the trash"),
+    "tie a tie": ("drape it around your neck", "cross the wide end over", "loop it up through the neck",
+                  "pull it down through the knot", "tighten the knot"),
+    "boil an egg": ("place the egg in a pot", "cover with cold water", "bring the water to a boil",
+                    "cook for nine minutes", "cool in ice water"),
+    "make pancakes": ("whisk the batter", "heat a pan", "pour a small circle", "flip when bubbles form",
+                      "serve with syrup"),
+    "wrap a gift": ("measure the paper", "cut the paper", "fold the edges", "tape the seams", "add a ribbon"),
+    "walk a dog": ("attach the leash", "bring some water", "keep a steady pace", "let the dog sniff",
+                   "clean up after it"),
 }
 
 PROMPT_TEMPLATES = (
@@ -109,7 +135,33 @@ PROMPT_TEMPLATES = (
     "What is the best way to {task}?",
     "Can you explain how to {task}?",
     "Give me tips to {task}.",
+    "How should I {task}?",
+    "What steps do I need to {task}?",
+    "I want to {task}. Where do I start?",
+    "Please tell me how to {task}.",
+    "Could you show me how to {task}?",
+    "What do I do to {task}?",
+    "Explain the steps to {task}.",
+    "I need help. How can I {task}?",
+    "Teach me to {task}.",
+    "What should I know to {task}?",
 )
+
+SPLITS = ("all", "train", "eval")
+
+
+def prompt_pairs(split: str = "all") -> list[tuple[str, str]]:
+    """The (task, template) pairs of ``split``: ``train`` and ``eval`` are the two halves of the grid in a
+    checkerboard (task i with template j is ``eval`` when i + j is odd), so every task and every template
+    occurs in both halves while no prompt text does; ``all`` is the whole grid."""
+    if split not in SPLITS:
+        raise UserValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
+    return [
+        (task, template)
+        for i, task in enumerate(TASKS)
+        for j, template in enumerate(PROMPT_TEMPLATES)
+        if split == "all" or ((i + j) % 2 == 1) == (split == "eval")
+    ]
 
 # {a}, {b}, {c}: three steps in order.
 ANSWER_TEMPLATES = (
@@ -248,8 +300,12 @@ def synth_records(
     label_noise: float = 0.0,
     length_bias: float = 0.0,
     seed: int = 0,
+    golden_fraction: float = 1.0,
+    split: str = "all",
 ) -> list[Record]:
     """The synthetic mixture dataset (see the module docstring for every option)."""
+    if not 0 <= golden_fraction <= 1:
+        raise UserValueError(f"golden_fraction must lie in [0, 1], got {golden_fraction}")
     if num_prompts < 1:
         raise UserValueError(f"num_prompts must be >= 1, got {num_prompts}")
     if k < 2:
@@ -260,7 +316,8 @@ def synth_records(
         raise UserValueError(f"length_bias must be >= 0, got {length_bias}")
     weights = _check_mix(mix)
     rng = random.Random(seed)
-    prompts = [(task, template) for task in TASKS for template in PROMPT_TEMPLATES]
+    prompts = prompt_pairs(split)
+    with_golden = round(num_prompts * golden_fraction)
     order: list[tuple[str, str]] = []
     records = []
     for i in range(num_prompts):
@@ -269,9 +326,8 @@ def synth_records(
             rng.shuffle(order)
         task, template = order.pop()
         prompt = template.format(task=task)
-        sources = [GOLDEN_SOURCE] * golden_per_prompt + rng.choices(
-            list(weights), weights=list(weights.values()), k=k - golden_per_prompt
-        )
+        golden = golden_per_prompt if i < with_golden else 0
+        sources = [GOLDEN_SOURCE] * golden + rng.choices(list(weights), weights=list(weights.values()), k=k - golden)
         rng.shuffle(sources)
         responses = []
         for source in sources:
