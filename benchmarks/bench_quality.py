@@ -1,39 +1,47 @@
-"""Quality benchmark: oracle win rate against the golden responses for ERM, DRO, reweighting and DoRA.
+"""Quality benchmark: does DoRA beat ERM, reweighting and DRO? Paired differences over seeds, through the engine.
 
-Setup (all in-process, CPU by default):
+Every run trains through the engine's own code, in one process without DeepSpeed (which only adds
+start-up time at this size): ``dora_engine.training.data`` tokenises and collates (Hugging Face labels),
+``dora_engine.training.model.PolicyLoss`` is the loss module (``dora_loss`` / ``dora_loss_linear`` with
+the loss registry), ``ReferenceLogps`` and ``ref_logps.compute_reference`` give the reference log-probs
+(once per seed and data set, reused by every run), the sampler and the learning-rate schedule are the
+trainer's; only the optimizer loop itself is the few lines of ``train`` below.
 
-* Data: ``data synth`` mixtures. Half of the training prompts have one golden response among K = 4
-  (the rest drawn from the shifted sources verbose / off_topic / repetitive); the other half have only
-  shifted responses, so their best-scored response is repetitive or verbose text. Scores are the oracle
-  reward; a fraction of prompts (label noise 0% and 40%) gets its scores permuted
-  (``dora_engine.data.corrupt``). Evaluation prompts are a fresh draw with their golden response.
-* h̃: phase 1 of DoRA through ``dora_engine.calibration.fit`` / ``score`` (per-source scheme) with a
-  tiny randomly initialised BERT classifier over the synth tokenizer ensembled with TF-IDF, cross-fitted
-  on 2 folds, once per seed. Label noise changes scores only, so the same h̃ serves both noise levels.
-* Policy: a tiny randomly initialised Llama over the synth word-level tokenizer. SFT once per seed on
-  every training response (the mixture); it is then the reference model (summed log-probs S_ref) and
-  the starting point of every alignment run: ``dora_engine.ops.dora_loss`` with the registry's loss
-  (dpo_pl, rrhf, lire; default parameters) and strategy (erm, dro, reweight, dora at λ = 1), plus the
-  λ curve of dora with dpo_pl.
-* Evaluation: one sampled response per evaluation prompt (the paper's decoding: temperature 0.8,
-  top-k 50, top-p 0.9), judged by the oracle against the golden response (``dora_engine.eval``);
-  the win rate counts ties as half. Mean ± standard deviation over seeds.
+Per seed:
 
-Outputs in ``--output-dir``: ``quality_results.json`` (every run), ``quality.md`` (the tables) and
-``quality.png`` (bars per loss and noise level, and the λ curve).
+* Data (``dora_engine.data.synth``, K = 4): ``train_prompts`` prompts from the *train* half of the prompt
+  texts; half of them have one golden response among shifted ones (verbose / off_topic / repetitive), the
+  other half shifted responses only, whose best-scored response is verbose or repetitive text.
+  Evaluation: ``eval_prompts`` prompts from the *eval* half, whose texts training never sees.
+* h̃: phase 1 through ``dora_engine.calibration.fit`` / ``score``, cross-fitted on 2 folds.
+* SFT of a tiny random Llama on every response of the mixture (the start of every run and the reference).
+* Settings: ``paper`` (scores = the oracle reward, label noise 0% and 40%: that fraction of prompts gets
+  its scores permuted), ``length-bias`` (scores from a reward model with a verbosity bias, oracle + 1 per 40
+  words; the evaluation keeps the oracle), ``all-golden`` (a control: every response golden, h̃ from the
+  seed's classifiers applied to it; DoRA must not hurt there).
+* Runs: every loss (dpo_pl, rrhf, lire; registry defaults) under every strategy (erm, reweight, dro,
+  dora at λ = 1), from the same SFT start with the same data order.
+* Evaluation: one sampled response per evaluation prompt (the paper's decoding: temperature 0.8, top-k 50,
+  top-p 0.9; the same sampling seeds for every run), the oracle reward of each (primary metric) and its win
+  points against the prompt's golden response (ties half; secondary).
 
-    python benchmarks/bench_quality.py                 # the full grid (under 45 minutes on CPU)
-    python benchmarks/bench_quality.py --quick         # a smoke run (under a minute)
+Report: per loss and setting, each strategy's mean over seeds, and the paired differences dora − erm,
+dora − reweight, dora − dro: per seed, and their mean with a percentile-bootstrap 95% interval over seeds
+(``dora_engine.eval.paired``). Hyper-parameters are ``BenchConfig``'s defaults, fixed before the reported
+seeds were run (chosen on seeds 100-102; benchmarks/RESULTS.md). ``--quick`` is the CI-sized smoke run; it
+adds a sanity run trained on reversed preferences, which must end below its SFT start.
+
+    python benchmarks/bench_quality.py --jobs 2         # the full grid (10 seeds)
+    python benchmarks/bench_quality.py --quick          # a smoke run (about a minute)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import multiprocessing
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -42,343 +50,398 @@ from pathlib import Path
 import torch
 
 from dora_engine.atomic import atomic_path, atomic_write
-from dora_engine.data.schema import Record
+from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import derived_seed
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
 from dora_engine.eval.comparison import Comparison
-from dora_engine.eval.judges import OracleScorer, RewardJudge
-from dora_engine.eval.winrate import golden_response, summarise
-from dora_engine.generation import EVALUATION_SAMPLING, Sampling, render_prompt, sample_texts
-from dora_engine.ops import dora_loss
+from dora_engine.eval.judges import OracleScorer
+from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
+from dora_engine.eval.winrate import golden_response
+from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
+from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
+from dora_engine.training.data import ALL_SOURCES, Sampler, Tokenizer, TrainingData, collate, tokenise
+from dora_engine.training.engine import lr_lambda
+from dora_engine.training.model import PolicyLoss, ReferenceLogps
+from dora_engine.training.ref_logps import compute_reference
 
-IGNORE = -100
+METRICS = ("reward", "win_rate")
+REVERSED = "reversed"  # the --quick sanity run's strategy label: erm on negated scores
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One data condition of the grid."""
+
+    name: str
+    label_noise: float = 0.0
+    length_bias: float = 0.0
+    all_golden: bool = False
+
+
+SETTINGS = (
+    Setting("paper, noise 0%"),
+    Setting("paper, noise 40%", label_noise=0.4),
+    Setting("length-bias", length_bias=1.0),
+    Setting("all-golden", all_golden=True),
+)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = tuple(range(10))
+    settings: tuple[str, ...] = tuple(s.name for s in SETTINGS)
     losses: tuple[str, ...] = ("dpo_pl", "rrhf", "lire")
-    strategies: tuple[str, ...] = ("erm", "dro", "reweight", "dora")
-    noises: tuple[float, ...] = (0.0, 0.4)
+    strategies: tuple[str, ...] = ("erm", "reweight", "dro", "dora")
     lam: float = 1.0
-    lam_curve: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    lam_curve_loss: str = "dpo_pl"
     train_prompts: int = 256
     golden_fraction: float = 0.5
-    eval_prompts: int = 80
+    eval_prompts: int = 224
     k: int = 4
     hidden: int = 64
     layers: int = 2
     heads: int = 4
-    sft_epochs: int = 10
+    max_prompt_tokens: int = 32
+    max_response_tokens: int = 64
+    sft_epochs: int = 8
     sft_lr: float = 3e-3
     sft_batch: int = 32
     align_epochs: int = 2
     align_lr: float = 1e-4
     align_batch_prompts: int = 8
-    classifier_epochs: int = 6
-    classifier_lr: float = 2e-3
+    calibration_backbone: str = "tfidf"
     max_new_tokens: int = 48
-    backend: str = "reference"
-    decoding: Sampling = field(default_factory=lambda: replace(EVALUATION_SAMPLING, max_new_tokens=48))
+    backend: str = "auto"
+    reversed_check: bool = False
 
 
 QUICK = {
-    "seeds": (0,), "losses": ("dpo_pl",), "strategies": ("erm", "dora"), "noises": (0.0,), "lam_curve": (1.0, 4.0),
-    "train_prompts": 32, "eval_prompts": 16, "sft_epochs": 2, "align_epochs": 1, "classifier_epochs": 1,
-    "max_new_tokens": 24,
+    "seeds": (0,), "settings": ("paper, noise 0%",), "losses": ("dpo_pl",), "strategies": ("erm", "dora"),
+    "train_prompts": 64, "eval_prompts": 32, "sft_epochs": 4, "align_epochs": 2, "align_lr": 5e-4,
+    "max_new_tokens": 24, "reversed_check": True,
 }
 
 
-# ---------------------------------------------------------------- data and model
+# ---------------------------------------------------------------- data and models
 
 
-def encode_response(tokenizer, prompt_text: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + response + eos, and labels that score only the response and eos."""
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [IGNORE] * len(prompt_ids) + response_ids
+def setting_by_name(name: str) -> Setting:
+    for setting in SETTINGS:
+        if setting.name == name:
+            return setting
+    raise ValueError(f"unknown setting {name!r}; valid: {[s.name for s in SETTINGS]}")
 
 
-def collate(tokenizer, rows: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-    """Right-padded causal-LM batch; ``labels`` are already shifted to align with ``logits[:, :-1]``."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), width), IGNORE)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(rows):
-        ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        labels[i, : len(row_labels)] = torch.tensor(row_labels)
-        mask[i, : len(row_ids)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels[:, 1:]}
+def training_records(config: BenchConfig, seed: int, setting: Setting) -> list[Record]:
+    """The seed's training prompts under ``setting`` (the paper settings and length-bias share their texts)."""
+    if setting.all_golden:
+        return synth_records(config.train_prompts, k=config.k, golden_per_prompt=config.k, seed=seed + 10_000,
+                             split="train")
+    return synth_records(config.train_prompts, k=config.k, golden_fraction=config.golden_fraction,
+                         label_noise=setting.label_noise, length_bias=setting.length_bias, seed=seed, split="train")
 
 
-def record_rows(tokenizer, record: Record) -> list[tuple[list[int], list[int]]]:
-    text = render_prompt(tokenizer, record.prompt)
-    return [encode_response(tokenizer, text, r.text) for r in record.responses]
+def reversed_preferences(records: list[Record]) -> list[Record]:
+    """The same records with negated scores: the worst response becomes the preferred one."""
+    return [replace(r, responses=[Response(x.text, x.source, -x.score) for x in r.responses]) for r in records]
 
 
-def shifted_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+def run_config(
+    config: BenchConfig, stage: str, seed: int, loss: str = "dpo_pl", strategy: str = "erm"
+) -> TrainingConfig:
+    """The engine configuration of one SFT or alignment run."""
+    sft = stage == "sft"
+    return TrainingConfig(
+        stage=stage,
+        model=ModelConfig(path="in-memory"),
+        data=DataConfig(target_source=ALL_SOURCES, max_prompt_tokens=config.max_prompt_tokens,
+                        max_response_tokens=config.max_response_tokens),
+        loss=LossConfig(name=loss),
+        robust=RobustConfig(strategy=strategy, lam=config.lam),
+        train=TrainConfig(
+            micro_batch_prompts=config.sft_batch if sft else config.align_batch_prompts,
+            lr=config.sft_lr if sft else config.align_lr, schedule="cosine", warmup_steps=2 if sft else 0,
+            epochs=config.sft_epochs if sft else config.align_epochs, seed=seed, backend=config.backend,
+        ),
+    )
+
+
+def tokenised(records: list[Record], tokenizer, cfg: TrainingConfig) -> TrainingData:
+    return tokenise(records, Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
+                    target_source=cfg.data.target_source, num_responses=None, needs_h_tilde=cfg.needs_h_tilde,
+                    data_hash="bench_quality")
 
 
 def tiny_llama(tokenizer, config: BenchConfig, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model_config = LlamaConfig(
+    return LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=config.hidden, intermediate_size=2 * config.hidden,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(model_config)
-
-
-def mixture(config: BenchConfig, seed: int, noise: float) -> list[Record]:
-    """Training prompts: a golden_fraction with one golden response, the rest with shifted responses only."""
-    with_golden = round(config.train_prompts * config.golden_fraction)
-    return [
-        *synth_records(with_golden, k=config.k, golden_per_prompt=1, label_noise=noise, seed=seed),
-        *synth_records(config.train_prompts - with_golden, k=config.k, golden_per_prompt=0, label_noise=noise,
-                       seed=seed + 10_000),
-    ]
+    ))
 
 
 # ---------------------------------------------------------------- phases
 
 
-def fit_h_tilde(records: list[Record], tokenizer, config: BenchConfig, seed: int, workdir: Path) -> list[float]:
-    """Phase 1 through the calibration API: a tiny random BERT over the synth tokenizer (fine-tuned) with TF-IDF,
-    cross-fitted on 2 folds (each fold's h̃ from classifiers that did not see its prompts)."""
-    from transformers import BertConfig, BertModel
-
+def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: Path):
+    """Phase 1 through the calibration API, cross-fitted on 2 folds; returns the fitted calibration."""
     from dora_engine.calibration.classifier import ClassifierSettings
-    from dora_engine.calibration.pipeline import fit, score
+    from dora_engine.calibration.pipeline import fit
 
-    backbone = workdir / "bert"
-    if not backbone.exists():
-        torch.manual_seed(seed)
-        bert = BertModel(BertConfig(
-            vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=64, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        ))
-        bert.save_pretrained(backbone)
-        build_synth_tokenizer(backbone)  # a fresh copy: no state left by earlier use
-    settings = ClassifierSettings(
-        backbone=f"{backbone}+tfidf", lr=config.classifier_lr, epochs=config.classifier_epochs, batch_size=32,
-        seed=seed, max_length=192, folds=2, encoder="finetune", device="cpu",
-    )
-    calibration = fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings,
-                      min_examples=4)  # the --quick run has 16 golden responses, some prompts repeated
-    return [float(r.h_tilde) for r in score(records, calibration)]
+    settings = ClassifierSettings(backbone=config.calibration_backbone, seed=seed, folds=2, device="cpu")
+    return fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings, min_examples=4)
 
 
-def train_sft(model, tokenizer, records: list[Record], config: BenchConfig, seed: int) -> None:
-    """Next-token cross-entropy on every response of the mixture."""
-    rows = [row for record in records for row in record_rows(tokenizer, record)]
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.sft_lr)
-    model.train()
-    for _ in range(config.sft_epochs):
-        order = torch.randperm(len(rows), generator=generator).tolist()
-        for start in range(0, len(order), config.sft_batch):
-            batch = collate(tokenizer, [rows[i] for i in order[start:start + config.sft_batch]])
-            logits = shifted_logits(model, batch)
-            loss = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE
-            )
-            loss.backward()
+def with_h_tilde(records: list[Record], calibration) -> list[Record]:
+    from dora_engine.calibration.pipeline import score
+
+    return score(records, calibration)
+
+
+def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: int,
+          ref: torch.Tensor | None = None) -> None:
+    """The optimizer loop of ``Trainer.train_step`` without DeepSpeed: the trainer's sampler, collator,
+    schedule and gradient clipping; a step with a non-finite loss is skipped."""
+    t = cfg.train
+    sampler = Sampler(len(data), t.micro_batch_prompts, 1, t.grad_accum_steps, t.seed)
+    total = t.max_steps or t.epochs * sampler.steps_per_epoch
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total))
+    module.train()
+    for step in range(total):
+        finite = True
+        for indices in sampler.step_indices(step, 0):
+            out = module(**collate(data, indices, pad_id=pad_id, ref_logps=ref))
+            finite = finite and bool(torch.isfinite(out.value))
+            (out.loss / t.grad_accum_steps).backward()
+        if finite:
+            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
 
 
-@torch.no_grad()
-def reference_logps(model, tokenizer, records: list[Record], config: BenchConfig) -> torch.Tensor:
-    """S_ref (B, K): summed log-probs of every training response under the SFT model."""
-    from dora_engine.ops import sequence_logprobs
+def reference(model, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> torch.Tensor:
+    """S_ref (records, K) of ``data`` under the SFT model, through the trainer's reference pass."""
+    return compute_reference(ReferenceLogps(model, cfg), data, batch_prompts=cfg.train.micro_batch_prompts,
+                             pad_id=pad_id, rank=0, world=1, progress=False, device=torch.device("cpu"))
 
+
+def evaluate(model, tokenizer, eval_records: list[Record], config: BenchConfig, seed: int) -> dict[str, list[float]]:
+    """Per evaluation prompt: the oracle reward of one sampled response and its win points against golden."""
+    decoding = replace(EVALUATION_SAMPLING, max_new_tokens=config.max_new_tokens)
     model.eval()
-    out = []
-    for start in range(0, len(records), config.align_batch_prompts):
-        chunk = records[start:start + config.align_batch_prompts]
-        batch = collate(tokenizer, [row for r in chunk for row in record_rows(tokenizer, r)])
-        S, _ = sequence_logprobs(shifted_logits(model, batch), batch["labels"], backend=config.backend)
-        out.append(S.view(len(chunk), config.k))
-    return torch.cat(out)
-
-
-def train_alignment(
-    model, tokenizer, records: list[Record], ref: torch.Tensor, h: torch.Tensor, *, loss: str, strategy: str,
-    lam: float, config: BenchConfig, seed: int,
-) -> None:
-    """Algorithm 1, phase 2: each step is one batch of prompts under the robust objective."""
-    scores = torch.tensor([[r.score for r in rec.responses] for rec in records], dtype=torch.float32)
-    encoded = [record_rows(tokenizer, r) for r in records]
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.align_lr)
-    model.train()
-    for _ in range(config.align_epochs):
-        order = torch.randperm(len(records), generator=generator)
-        for start in range(0, len(order), config.align_batch_prompts):
-            idx = order[start:start + config.align_batch_prompts]
-            batch = collate(tokenizer, [row for i in idx.tolist() for row in encoded[i]])
-            out = dora_loss(
-                shifted_logits(model, batch), batch["labels"], num_responses=config.k, scores=scores[idx],
-                h_tilde=h[idx], ref_logps=ref[idx].flatten(), loss=loss, strategy=strategy, lam=lam,
-                backend=config.backend,
-            )
-            out.loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-
-def oracle_win_rate(model, tokenizer, eval_records: list[Record], config: BenchConfig, seed: int) -> float:
-    """Win rate (ties half) of sampled responses against the golden ones, judged by the oracle."""
-    outputs = sample_texts(model, tokenizer, [r.prompt for r in eval_records], config.decoding,
+    outputs = sample_texts(model, tokenizer, [r.prompt for r in eval_records], decoding,
                            [derived_seed(seed, r.id) for r in eval_records], batch_size=len(eval_records),
                            progress=False)
     comparisons = [Comparison(r.id, r.prompt_text(), texts[0], golden_response(r, GOLDEN_SOURCE))
                    for r, texts in zip(eval_records, outputs, strict=True)]
-    return summarise(RewardJudge(OracleScorer()).judge(comparisons), n_boot=1).win_rate_ties_half
+    scores = score_against_golden("policy", comparisons, OracleScorer())
+    return {"reward": scores.rewards, "win_rate": scores.win_points}
 
 
-# ---------------------------------------------------------------- the grid
+# ---------------------------------------------------------------- one seed
 
 
 @dataclass
 class RunResult:
     seed: int
-    noise: float
+    setting: str
     loss: str
     strategy: str
-    lam: float
+    reward: float
     win_rate: float
+    seconds: float
+    per_prompt: dict[str, list[float]] = field(repr=False, default_factory=dict)
+
+
+@dataclass
+class SeedResult:
+    seed: int
+    sft: dict[str, float]
+    mean_h_tilde: dict[str, float]
+    runs: list[RunResult]
     seconds: float
 
 
-def run_grid(config: BenchConfig, progress) -> tuple[list[RunResult], dict[str, float], dict[str, dict[str, float]]]:
-    """Every run of the grid, the SFT win rate per seed, and the mean h̃ per seed and kind of prompt."""
+def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
+    """SFT, h̃ and every run of the grid for one seed."""
+    import tempfile
+
+    started = time.perf_counter()
     tokenizer = build_synth_tokenizer()
-    results: list[RunResult] = []
-    sft_rates: dict[str, float] = {}
-    h_means: dict[str, dict[str, float]] = {}
-    alignment_runs = [(loss, strategy, config.lam) for loss in config.losses for strategy in config.strategies]
-    alignment_runs += [(config.lam_curve_loss, "dora", lam) for lam in config.lam_curve
-                       if (config.lam_curve_loss, "dora", lam) not in alignment_runs]
-    for seed in config.seeds:
-        eval_records = synth_records(config.eval_prompts, k=2, golden_per_prompt=1, seed=seed + 20_000)
-        clean = mixture(config, seed, 0.0)
-        with tempfile.TemporaryDirectory(prefix="bench_quality_") as tmp:
-            h = torch.tensor(fit_h_tilde(clean, tokenizer, config, seed, Path(tmp)), dtype=torch.float32)
-        has_golden = torch.tensor([any(r.source == GOLDEN_SOURCE for r in rec.responses) for rec in clean])
-        h_means[str(seed)] = {"with_golden": h[has_golden].mean().item(), "shifted_only": h[~has_golden].mean().item()}
-        sft = tiny_llama(tokenizer, config, seed)
-        train_sft(sft, tokenizer, clean, config, seed)
-        ref = reference_logps(sft, tokenizer, clean, config)
-        sft_rates[str(seed)] = oracle_win_rate(sft, tokenizer, eval_records, config, seed)
-        sft_state = {k: v.clone() for k, v in sft.state_dict().items()}
-        for noise in config.noises:
-            records = mixture(config, seed, noise)  # same texts as ``clean``; only the scores differ
-            for loss, strategy, lam in alignment_runs:
-                start = time.perf_counter()
-                sft.load_state_dict(sft_state)
-                train_alignment(sft, tokenizer, records, ref, h, loss=loss, strategy=strategy, lam=lam,
-                                config=config, seed=seed)
-                rate = oracle_win_rate(sft, tokenizer, eval_records, config, seed)
-                results.append(RunResult(seed, noise, loss, strategy, lam, rate, time.perf_counter() - start))
-                progress(results[-1])
-    return results, sft_rates, h_means
+    pad_id = tokenizer.pad_token_id
+    settings = [setting_by_name(name) for name in config.settings]
+    eval_records = synth_records(config.eval_prompts, k=2, golden_per_prompt=1, seed=seed + 20_000, split="eval")
+    clean = training_records(config, seed, SETTINGS[0])
+    with tempfile.TemporaryDirectory(prefix=f"seed{seed}_", dir=workdir) as tmp:
+        calibration = fit_h_tilde(clean, config, seed, Path(tmp))
+        h_clean = [r.h_tilde for r in with_h_tilde(clean, calibration)]
+        golden_in = [any(x.source == GOLDEN_SOURCE for x in r.responses) for r in clean]
+        mean_h = {
+            "with_golden": statistics.fmean(h for h, g in zip(h_clean, golden_in, strict=True) if g),
+            "without_golden": statistics.fmean(h for h, g in zip(h_clean, golden_in, strict=True) if not g),
+        }
+        data_by_setting = {}
+        for setting in settings:
+            records = training_records(config, seed, setting)
+            h = h_clean if not setting.all_golden else [r.h_tilde for r in with_h_tilde(records, calibration)]
+            data_by_setting[setting.name] = [replace(r, h_tilde=v) for r, v in zip(records, h, strict=True)]
+        if "all-golden" in data_by_setting:
+            mean_h["all_golden"] = statistics.fmean(r.h_tilde for r in data_by_setting["all-golden"])
+
+    sft_cfg = run_config(config, "sft", seed)
+    model = tiny_llama(tokenizer, config, seed)
+    train(PolicyLoss(model, sft_cfg), tokenised(clean, tokenizer, sft_cfg), sft_cfg, pad_id)
+    sft_scores = evaluate(model, tokenizer, eval_records, config, seed)
+    sft_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    runs: list[RunResult] = []
+    refs: dict[bool, torch.Tensor] = {}  # S_ref per set of texts: the mixture's, the all-golden control's
+    plan = [(s, loss, strategy) for s in settings for loss in config.losses for strategy in config.strategies]
+    if config.reversed_check:
+        plan.append((settings[0], config.losses[0], REVERSED))
+    for setting, loss, strategy in plan:
+        run_started = time.perf_counter()
+        records = data_by_setting[setting.name]
+        if strategy == REVERSED:
+            records = reversed_preferences(records)
+        cfg = run_config(config, "align", seed, loss, "erm" if strategy == REVERSED else strategy)
+        data = tokenised(records, tokenizer, cfg)
+        model.load_state_dict(sft_state)
+        ref = None
+        if cfg.needs_reference:
+            if setting.all_golden not in refs:
+                refs[setting.all_golden] = reference(model, data, cfg, pad_id)
+            ref = refs[setting.all_golden]
+        train(PolicyLoss(model, cfg), data, cfg, pad_id, ref)
+        scores = evaluate(model, tokenizer, eval_records, config, seed)
+        runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
+                              statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))
+    sft = {m: statistics.fmean(sft_scores[m]) for m in METRICS}
+    return SeedResult(seed, sft, mean_h, runs, time.perf_counter() - started)
+
+
+def _worker(args: tuple[BenchConfig, int, str, int]) -> SeedResult:
+    config, seed, workdir, threads = args
+    torch.set_num_threads(threads)
+    return run_seed(config, seed, Path(workdir))
 
 
 # ---------------------------------------------------------------- reporting
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def _values(seeds: Sequence[SeedResult], metric: str, **match) -> dict[int, float]:
+    out = {}
+    for s in seeds:
+        for r in s.runs:
+            if all(getattr(r, k) == v for k, v in match.items()):
+                out[s.seed] = getattr(r, metric)
+    return out
 
 
-def _cell(values: Sequence[float]) -> str:
+def differences(
+    seeds: Sequence[SeedResult], metric: str, setting: str, loss: str, other: str
+) -> tuple[dict[int, float], Interval | None]:
+    """dora − ``other`` per seed and the mean with its bootstrap interval over seeds."""
+    dora = _values(seeds, metric, setting=setting, loss=loss, strategy="dora")
+    base = _values(seeds, metric, setting=setting, loss=loss, strategy=other)
+    common = sorted(set(dora) & set(base))
+    if not common:
+        return {}, None
+    per_seed = {s: dora[s] - base[s] for s in common}
+    return per_seed, paired_interval([base[s] for s in common], [dora[s] for s in common])
+
+
+def _mean_sd(values: Sequence[float], scale: float, digits: int) -> str:
     if not values:
         return "–"
-    mean, std = mean_std(values)
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * sd:.{digits}f}"
 
 
-def _select(results: Sequence[RunResult], **match) -> list[float]:
-    return [r.win_rate for r in results if all(getattr(r, k) == v for k, v in match.items())]
-
-
-def markdown_tables(
-    config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str, float],
-    h_means: dict[str, dict[str, float]] | None = None,
-) -> str:
-    """The main table (loss × noise rows, strategy columns at λ = config.lam) and the λ curve."""
-    lines = [
-        f"Oracle win rate (%) against the golden responses, ties count half; mean ± std over seeds "
-        f"{list(config.seeds)}; λ = {config.lam} for dro and dora. "
-        f"SFT starting point: {_cell(list(sft_rates.values()))}.",
-        *([] if not h_means else [
+def markdown_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> str:
+    others = [s for s in ("erm", "reweight", "dro") if s in config.strategies and "dora" in config.strategies]
+    lines = []
+    tables = (("reward", "Mean oracle reward of the generations (primary)", 1.0, 3),
+              ("win_rate", "Win rate against the golden responses, ties half (%)", 100.0, 1))
+    for metric, title, scale, digits in tables:
+        sft = [s.sft[metric] for s in seeds]
+        lines += [
+            f"### {title}",
             "",
-            "Mean h̃ over seeds: prompts with a golden response "
-            f"{statistics.fmean(h['with_golden'] for h in h_means.values()):.3f}, shifted-only prompts "
-            f"{statistics.fmean(h['shifted_only'] for h in h_means.values()):.3f}.",
-        ]),
-        "",
-        "| loss | label noise | " + " | ".join(config.strategies) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in config.strategies) + " |",
-    ]
-    for loss in config.losses:
-        for noise in config.noises:
-            cells = [_cell(_select(results, loss=loss, noise=noise, strategy=s, lam=config.lam))
-                     for s in config.strategies]
-            lines.append(f"| {loss} | {100 * noise:.0f}% | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        f"λ curve: dora with {config.lam_curve_loss} (erm for comparison).",
-        "",
-        "| label noise | " + " | ".join(f"λ = {lam:g}" for lam in config.lam_curve) + " | erm |",
-        "| --- | " + " | ".join("---" for _ in config.lam_curve) + " | --- |",
-    ]
-    for noise in config.noises:
-        cells = [_cell(_select(results, loss=config.lam_curve_loss, noise=noise, strategy="dora", lam=lam))
-                 for lam in config.lam_curve]
-        erm = _cell(_select(results, loss=config.lam_curve_loss, noise=noise, strategy="erm", lam=config.lam))
-        lines.append(f"| {100 * noise:.0f}% | " + " | ".join(cells) + f" | {erm} |")
+            f"Seeds {[s.seed for s in seeds]}; mean ± sd over seeds, and paired differences with a bootstrap 95% "
+            f"interval over seeds (**bold**: the interval excludes zero). SFT start: {_mean_sd(sft, scale, digits)}.",
+            "",
+            "| setting | loss | " + " | ".join(config.strategies) + " | " +
+            " | ".join(f"dora − {o}" for o in others) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in [*config.strategies, *others]) + " |",
+        ]
+        for setting in config.settings:
+            for loss in config.losses:
+                cells = [_mean_sd(list(_values(seeds, metric, setting=setting, loss=loss, strategy=s).values()),
+                                  scale, digits) for s in config.strategies]
+                for other in others:
+                    _, interval = differences(seeds, metric, setting, loss, other)
+                    if interval is None:
+                        cells.append("–")
+                    elif interval.n < 2:  # one seed: no interval to speak of
+                        cells.append(f"{scale * interval.mean:+.{digits}f}")
+                    else:
+                        text = interval.format(scale, digits)
+                        cells.append(f"**{text}**" if interval.excludes_zero() else text)
+                lines.append(f"| {setting} | {loss} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if others:
+        lines += ["### dora − erm per seed (mean oracle reward)", "",
+                  "| setting | loss | " + " | ".join(str(s.seed) for s in seeds) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in seeds) + " |"]
+        for setting in config.settings:
+            for loss in config.losses:
+                per_seed, _ = differences(seeds, "reward", setting, loss, "erm")
+                lines.append(f"| {setting} | {loss} | " + " | ".join(
+                    f"{per_seed[s.seed]:+.3f}" if s.seed in per_seed else "–" for s in seeds) + " |")
+        lines.append("")
+    h = [s.mean_h_tilde for s in seeds]
+    lines.append("Mean h̃ over seeds: training prompts with a golden response "
+                 f"{statistics.fmean(x['with_golden'] for x in h):.3f}, without one "
+                 f"{statistics.fmean(x['without_golden'] for x in h):.3f}"
+                 + (f", all-golden control {statistics.fmean(x['all_golden'] for x in h):.3f}"
+                    if all("all_golden" in x for x in h) else "") + ".")
     return "\n".join(lines) + "\n"
 
 
-def plot(config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str, float], path: Path) -> None:
+def plot(config: BenchConfig, seeds: Sequence[SeedResult], path: Path) -> None:
+    """Per setting, the paired difference dora − erm in mean reward per loss, with its interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    groups = [(loss, noise) for loss in config.losses for noise in config.noises]
-    width = 0.8 / len(config.strategies)
-    for j, strategy in enumerate(config.strategies):
-        stats = [mean_std(_select(results, loss=lo, noise=no, strategy=strategy, lam=config.lam) or [math.nan])
-                 for lo, no in groups]
-        xs = [i + (j - (len(config.strategies) - 1) / 2) * width for i in range(len(groups))]
-        bars.bar(xs, [100 * m for m, _ in stats], width, yerr=[100 * s for _, s in stats], label=strategy, capsize=2)
-    sft_mean, _ = mean_std(list(sft_rates.values()))
-    bars.axhline(100 * sft_mean, color="grey", linestyle="--", linewidth=1, label="SFT")
-    bars.set_xticks(range(len(groups)), [f"{lo}\nnoise {100 * no:.0f}%" for lo, no in groups])
-    bars.set_ylabel("oracle win rate vs golden (%)")
-    bars.set_ylim(bottom=0)
-    bars.legend(fontsize=8)
-    for noise in config.noises:
-        stats = [mean_std(_select(results, loss=config.lam_curve_loss, noise=noise, strategy="dora", lam=lam)
-                          or [math.nan]) for lam in config.lam_curve]
-        curve.errorbar(config.lam_curve, [100 * m for m, _ in stats], yerr=[100 * s for _, s in stats],
-                       marker="o", capsize=3, label=f"noise {100 * noise:.0f}%")
-    curve.set_xscale("log", base=2)
-    curve.set_xlabel("λ")
-    curve.set_ylabel("oracle win rate vs golden (%)")
-    curve.set_ylim(bottom=0)
-    curve.set_title(f"dora + {config.lam_curve_loss}")
-    curve.legend(fontsize=8)
+    others = [s for s in ("erm", "reweight", "dro") if s in config.strategies]
+    fig, axes = plt.subplots(1, len(config.settings), figsize=(4 * len(config.settings), 3.6), squeeze=False)
+    for ax, setting in zip(axes[0], config.settings, strict=True):
+        width = 0.8 / max(1, len(others))
+        for j, other in enumerate(others):
+            xs, means, errs = [], [], [[], []]
+            for i, loss in enumerate(config.losses):
+                _, interval = differences(seeds, "reward", setting, loss, other)
+                if interval is None:
+                    continue
+                xs.append(i + (j - (len(others) - 1) / 2) * width)
+                means.append(interval.mean)
+                errs[0].append(interval.mean - interval.lo)
+                errs[1].append(interval.hi - interval.mean)
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=f"dora − {other}")
+        ax.axhline(0, color="grey", linewidth=1)
+        ax.set_xticks(range(len(config.losses)), config.losses)
+        ax.set_title(setting)
+        ax.set_ylabel("Δ mean oracle reward")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -387,46 +450,62 @@ def plot(config: BenchConfig, results: Sequence[RunResult], sft_rates: dict[str,
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one seed, dpo_pl, erm vs dora, tiny data")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0 1 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: one seed, dpo_pl, erm vs dora, tiny data, and the reversed-preference check")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0-9)")
     parser.add_argument("--output-dir", default="benchmarks/results", help="where the JSON, markdown and PNG go")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: fastest for these tiny models on a shared CPU)")
+                        help="torch intra-op threads per process (default 1: fastest for these tiny models)")
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    config = BenchConfig(**QUICK) if args.quick else BenchConfig()
-    config = replace(config, decoding=replace(config.decoding, max_new_tokens=config.max_new_tokens))
-    if args.seeds:
-        config = replace(config, seeds=tuple(args.seeds))
-    torch.set_num_threads(args.threads)
+    import tempfile
+
     from tqdm.auto import tqdm
 
-    per_seed = len(config.noises) * (len(config.losses) * len(config.strategies)
-                                     + len(set(config.lam_curve) - {config.lam}))
+    args = parse_args(argv)
+    config = BenchConfig(**QUICK) if args.quick else BenchConfig()
+    if args.seeds:
+        config = replace(config, seeds=tuple(args.seeds))
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("--jobs and --threads must be >= 1")
     started = time.perf_counter()
-    with tqdm(total=per_seed * len(config.seeds), desc="quality runs", unit="run") as bar:
-        def progress(run: RunResult) -> None:
+    results: list[SeedResult] = []
+    with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir, \
+            tqdm(total=len(config.seeds), desc="seeds", unit="seed") as bar:
+        tasks = [(config, seed, workdir, args.threads) for seed in config.seeds]
+        if args.jobs == 1:
+            torch.set_num_threads(args.threads)
+            outcomes = (run_seed(config, seed, Path(workdir)) for seed in config.seeds)
+        else:
+            pool = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks)))
+            outcomes = pool.imap_unordered(_worker, tasks)
+        for result in outcomes:
+            results.append(result)
             bar.update(1)
-            name = f"{run.loss}/{run.strategy}/λ{run.lam:g}/noise{run.noise:g}"
-            bar.set_postfix(last=f"{name}: {100 * run.win_rate:.1f}%")
-
-        results, sft_rates, h_means = run_grid(config, progress)
+            bar.set_postfix(last=f"seed {result.seed}: {result.seconds:.0f} s")
+        if args.jobs > 1:
+            pool.close()
+            pool.join()
+    results.sort(key=lambda s: s.seed)
     elapsed = time.perf_counter() - started
     out = Path(args.output_dir)
-    table = markdown_tables(config, results, sft_rates, h_means)
+    table = markdown_tables(config, results)
     with atomic_write(out / "quality_results.json") as handle:
-        config_dict = {**asdict(config), "decoding": asdict(config.decoding)}
-        json.dump({"config": config_dict, "quick": args.quick, "seconds": elapsed, "sft_win_rate": sft_rates,
-                   "mean_h_tilde": h_means,
-                   "runs": [asdict(r) for r in results]}, handle, indent=1)
+        json.dump({"config": asdict(config), "quick": args.quick, "seconds": elapsed, "jobs": args.jobs,
+                   "seeds": [asdict(s) for s in results]}, handle, indent=1)
     with atomic_write(out / "quality.md") as handle:
         handle.write(table)
-    plot(config, results, sft_rates, out / "quality.png")
+    plot(config, results, out / "quality.png")
     print(table)
-    print(f"{len(results)} runs in {elapsed:.0f} s; wrote {out}/quality_results.json, quality.md, quality.png")
+    if config.reversed_check:
+        for s in results:
+            rev = _values([s], "reward", strategy=REVERSED)[s.seed]
+            print(f"seed {s.seed}: reversed-preference policy reward {rev:.3f}, SFT start {s.sft['reward']:.3f}")
+    runs = sum(len(s.runs) for s in results)
+    print(f"{runs} runs in {elapsed:.0f} s; wrote {out}/quality_results.json, quality.md, quality.png")
     return 0
 
 

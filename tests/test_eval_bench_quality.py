@@ -1,11 +1,11 @@
-"""benchmarks/bench_quality.py: the quick run end to end, and the table arithmetic on fixed results."""
+"""benchmarks/bench_quality.py: the quick run end to end (through the engine's data path and loss module),
+the reversed-preference check, and the paired-difference arithmetic on fixed results."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -34,49 +34,48 @@ def test_quick_run_end_to_end(bench, tmp_path):
     finally:
         torch.set_num_threads(threads)  # main() sets it for the whole process
     report = json.loads((tmp_path / "quality_results.json").read_text())
-    config, runs = report["config"], report["runs"]
-    assert report["quick"] is True and (config["train_prompts"], config["eval_prompts"]) == (32, 16)
-    assert [(r["seed"], r["noise"], r["loss"], r["strategy"], r["lam"]) for r in runs] == [
-        (0, 0.0, "dpo_pl", "erm", 1.0), (0, 0.0, "dpo_pl", "dora", 1.0), (0, 0.0, "dpo_pl", "dora", 4.0)
-    ]
-    assert list(report["sft_win_rate"]) == list(report["mean_h_tilde"]) == ["0"]
-    # ties count half and every one of the 16 evaluation prompts is judged: a multiple of 1/32 in [0, 1]
-    for rate in [r["win_rate"] for r in runs] + [report["sft_win_rate"]["0"]]:
-        assert 0.0 <= rate <= 1.0 and (rate * 2 * config["eval_prompts"]).is_integer(), rate
-    h = report["mean_h_tilde"]["0"]
-    assert set(h) == {"with_golden", "shifted_only"} and all(math.isfinite(v) and v > 0 for v in h.values())
-    # phase 1 tells the golden responses apart even in the quick run: prompts with one get the larger h̃
-    assert h["with_golden"] > h["shifted_only"], h
+    config, (seed,) = report["config"], report["seeds"]
+    assert report["quick"] is True and seed["seed"] == 0
+    runs = {r["strategy"]: r for r in seed["runs"]}
+    assert set(runs) == {"erm", "dora", bench.REVERSED}
+    for run in runs.values():
+        rewards, points = run["per_prompt"]["reward"], run["per_prompt"]["win_rate"]
+        assert len(rewards) == len(points) == config["eval_prompts"]
+        assert run["reward"] == pytest.approx(sum(rewards) / len(rewards))
+        assert set(points) <= {0.0, 0.5, 1.0}
+    # Training on reversed preferences (the worst response preferred) must move the policy below its SFT
+    # start: fails if labels, scores or the loss's sign were misaligned anywhere on the engine's path.
+    assert runs[bench.REVERSED]["reward"] < seed["sft"]["reward"] < runs["erm"]["reward"], (seed["sft"], runs)
+    h = seed["mean_h_tilde"]
+    assert all(math.isfinite(v) and v > 0 for v in h.values())
+    assert h["with_golden"] > h["without_golden"], h  # phase 1 tells golden responses apart even here
     table = (tmp_path / "quality.md").read_text()
-    assert "| dpo_pl | 0% |" in table and "λ = 4" in table
-    assert f"golden response {h['with_golden']:.3f}, shifted-only prompts {h['shifted_only']:.3f}" in table
+    assert "| paper, noise 0% | dpo_pl |" in table and "dora − erm" in table
     assert (tmp_path / "quality.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_tables_report_mean_and_std_over_seeds(bench):
-    config = replace(bench.BenchConfig(), losses=("rrhf",), strategies=("erm", "dora"), noises=(0.4,),
-                     lam_curve=(1.0, 2.0), lam_curve_loss="rrhf", seeds=(0, 1, 2))
-    rates = {("erm", 1.0): [0.10, 0.20, 0.30], ("dora", 1.0): [0.25, 0.25, 0.40], ("dora", 2.0): [0.5, 0.6, 0.7]}
-    results = [bench.RunResult(seed, 0.4, "rrhf", strategy, lam, rate, 1.0)
-               for (strategy, lam), values in rates.items() for seed, rate in enumerate(values)]
-    table = bench.markdown_tables(config, results, {"0": 0.05, "1": 0.15, "2": 0.1})
-
-    def cell(values):
-        return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
-
-    assert f"| rrhf | 40% | {cell(rates['erm', 1.0])} | {cell(rates['dora', 1.0])} |" in table
-    assert f"| 40% | {cell(rates['dora', 1.0])} | {cell(rates['dora', 2.0])} | {cell(rates['erm', 1.0])} |" in table
-    assert f"SFT starting point: {cell([0.05, 0.15, 0.1])}" in table
+def test_eval_prompts_are_unseen_in_training(bench):
+    config = bench.BenchConfig()
+    train = {r.prompt for s in bench.SETTINGS for r in bench.training_records(config, 0, s)}
+    held_out = {r.prompt for r in bench.synth_records(config.eval_prompts, k=2, seed=20_000, split="eval")}
+    assert len(held_out) >= 200 and not train & held_out
 
 
-def test_training_rows_score_only_the_response(bench):
-    from dora_engine.data.synth import build_synth_tokenizer
-
-    tokenizer = build_synth_tokenizer()
-    ids, labels = bench.encode_response(tokenizer, "How do I make tea?", "Boil fresh water.")
-    prompt_len = len(tokenizer("How do I make tea?", add_special_tokens=False)["input_ids"])
-    assert labels[:prompt_len] == [bench.IGNORE] * prompt_len
-    assert labels[prompt_len:] == ids[prompt_len:] and ids[-1] == tokenizer.eos_token_id
-    batch = bench.collate(tokenizer, [(ids, labels), (ids[:3], labels[:3])])
-    assert batch["labels"].shape[1] == batch["input_ids"].shape[1] - 1
-    assert batch["attention_mask"][1].sum() == 3
+def test_paired_differences_over_seeds(bench):
+    config = replace(bench.BenchConfig(), settings=("paper, noise 40%",), losses=("rrhf",),
+                     strategies=("erm", "dora"), seeds=(0, 1, 2))
+    rewards = {"erm": [0.50, 0.60, 0.70], "dora": [0.60, 0.65, 0.90]}
+    seeds = [
+        bench.SeedResult(seed, {"reward": 0.4, "win_rate": 0.1}, {"with_golden": 1.2, "without_golden": 0.7}, [
+            bench.RunResult(seed, "paper, noise 40%", "rrhf", strategy, values[seed], 0.2, 1.0)
+            for strategy, values in rewards.items()
+        ], 1.0)
+        for seed in range(3)
+    ]
+    per_seed, interval = bench.differences(seeds, "reward", "paper, noise 40%", "rrhf", "erm")
+    assert per_seed == pytest.approx({0: 0.10, 1: 0.05, 2: 0.20})
+    assert interval.mean == pytest.approx(0.35 / 3) and interval.n == 3
+    assert 0.05 <= interval.lo <= interval.mean <= interval.hi <= 0.20
+    table = bench.markdown_tables(config, seeds)
+    assert f"**{interval.format(1.0, 3)}**" in table  # all three differences > 0: the interval excludes zero
+    assert "| paper, noise 40% | rrhf | +0.100 | +0.050 | +0.200 |" in table

@@ -164,6 +164,9 @@ def test_sft_uses_target_source_responses_only(toy):
     data = tokenise(records, tok, stage="sft", target_source="synthetic1", num_responses=None, needs_h_tilde=False,
                     data_hash="x")
     assert len(data) == len(records) and data.num_responses == 1
+    every = tokenise(records, tok, stage="sft", target_source="*", num_responses=None, needs_h_tilde=False,
+                     data_hash="x")
+    assert len(every) == sum(rec.num_responses for rec in records)
     with pytest.raises(RecordError, match="no response has source 'gold'.*sources in the data"):
         tokenise(records, tok, stage="sft", target_source="gold", num_responses=None, needs_h_tilde=False,
                  data_hash="x")

@@ -26,3 +26,14 @@ def summarize(records: Sequence[Record]) -> str:
     if corrupted:
         lines.append(f"corrupted: {corrupted}/{len(records)}")
     return "\n".join(lines)
+
+
+def mean_h_tilde_by_target(records: Sequence[Record], target_source: str) -> dict[str, tuple[float, int]]:
+    """Mean h̃ (and count) of the records with a ``target_source`` response and of those without one; a
+    weight that tracks the target distribution is higher on the first. Records without h̃ are left out."""
+    groups: dict[str, list[float]] = {"with_target": [], "without_target": []}
+    for rec in records:
+        if rec.h_tilde is not None:
+            has = any(r.source == target_source for r in rec.responses)
+            groups["with_target" if has else "without_target"].append(rec.h_tilde)
+    return {k: (sum(v) / len(v) if v else float("nan"), len(v)) for k, v in groups.items()}

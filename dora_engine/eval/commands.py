@@ -1,4 +1,4 @@
-"""``dora-engine eval generate | winrate | calibration`` (docs/design.md section 6)."""
+"""``dora-engine eval generate | winrate | calibration | compare`` (docs/design.md section 6)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_generate(commands)
     _register_winrate(commands)
     _register_calibration(commands)
+    _register_compare(commands)
 
 
 def _register_generate(commands: argparse._SubParsersAction) -> None:
@@ -185,4 +186,54 @@ def run_calibration(args: argparse.Namespace) -> int:
     for name, fit in fits.items():
         print(f"{name}: slope {fit.slope:.4f}, intercept {fit.intercept:.4f}, r {fit.r:.3f} (n={fit.n})")
     print(f"wrote {out / 'reward_confidence.png'} and {out / 'calibration_report.json'}")
+    return 0
+
+
+def _register_compare(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("compare", help="two models on the same prompts: paired differences with bootstrap CIs")
+    p.add_argument("--baseline", required=True, metavar="NAME=PATH", type=_model_spec,
+                   help="the baseline's generations JSONL (e.g. sft=runs/x/eval/generations_sft.jsonl)")
+    p.add_argument("--candidate", required=True, metavar="NAME=PATH", type=_model_spec,
+                   help="the candidate's generations of the same prompts, in the same order")
+    p.add_argument("--data", required=True, help="records holding the golden responses (joined by id or prompt)")
+    p.add_argument("--target-source", default="golden", help="the golden source's name (default: golden)")
+    p.add_argument("--reward", default="oracle", help="oracle (data synth datasets) | reward-model:PATH")
+    p.add_argument("--h-tilde-data", metavar="PATH",
+                   help="calibrated training records: also report their mean h̃ with and without a golden response")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
+    p.add_argument("--output", help="report JSON (the table is also written beside it as .md)")
+    p.set_defaults(func=run_compare)
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from dora_engine.data.schema import read_records
+    from dora_engine.data.summary import mean_h_tilde_by_target
+    from dora_engine.eval.generate import read_generations
+    from dora_engine.eval.judges import make_reward_scorer
+    from dora_engine.eval.paired import check_same_prompts, format_report, paired_report, score_against_golden
+    from dora_engine.eval.winrate import pair_with_golden
+
+    (base_name, base_path), (cand_name, cand_path) = args.baseline, args.candidate
+    baseline, candidate = read_generations(base_path), read_generations(cand_path)
+    check_same_prompts(baseline, candidate)
+    records = read_records(args.data)
+    scorer = make_reward_scorer(args.reward)
+    scores = [score_against_golden(name, pair_with_golden(gens, records, args.target_source), scorer)
+              for name, gens in ((base_name, baseline), (cand_name, candidate))]
+    report = paired_report(*scores, n_boot=args.n_boot, seed=args.seed)
+    text = format_report(report, scorer.name)
+    result = report.to_dict()
+    if args.h_tilde_data:
+        means = mean_h_tilde_by_target(read_records(args.h_tilde_data), args.target_source)
+        result["mean_h_tilde"] = {k: {"mean": m, "records": n} for k, (m, n) in means.items()}
+        (with_m, with_n), (without_m, without_n) = means["with_target"], means["without_target"]
+        text += (f"\n\nmean h̃ of the training prompts ({args.h_tilde_data}): {with_m:.3f} with a "
+                 f"{args.target_source} response ({with_n} prompts), {without_m:.3f} without one ({without_n})")
+    print(text)
+    if args.output:
+        with atomic_write(args.output) as handle:
+            json.dump(result, handle, indent=1)
+        with atomic_write(Path(args.output).with_suffix(".md")) as handle:
+            handle.write(text + "\n")
     return 0

@@ -44,7 +44,7 @@ class ModelConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)  # JSONL files (section 3 schema), or what `datasets` loads
     eval: list[str] = field(default_factory=list)
-    target_source: str = "chosen"  # the golden source: the responses SFT trains on
+    target_source: str = "chosen"  # the golden source: the responses SFT trains on ("*": every response)
     num_responses: int | None = None  # K; None: the K of the first record (every record must match)
     max_prompt_tokens: int = 256  # prompts keep their last tokens
     max_response_tokens: int = 256  # responses keep their first tokens

@@ -188,6 +188,15 @@ def check_align_records(
     return K
 
 
+ALL_SOURCES = "*"
+"""``data.target_source`` value under which SFT trains on every response, whatever its source."""
+
+
+def sft_targets(record: Record, target_source: str) -> list[int]:
+    """The responses an SFT run trains on: those of ``target_source`` (every one for ``ALL_SOURCES``)."""
+    return [k for k, r in enumerate(record.responses) if target_source in (ALL_SOURCES, r.source)]
+
+
 def check_nonempty(index: int, record: Record, responses: Sequence[int]) -> None:
     """The responses ``responses`` of a record have text (docs/design.md section 7.2: an empty response would
     train as EOS alone; ``data.allow_empty_responses`` keeps them)."""
@@ -221,7 +230,7 @@ def tokenise(
             rows = tokenizer.rows(i, rec, range(K))
             examples.append(Example(i, rows, [r.score for r in rec.responses], rec.h_tilde))
         else:
-            targets = [k for k, r in enumerate(rec.responses) if r.source == target_source]
+            targets = sft_targets(rec, target_source)
             if not allow_empty:
                 check_nonempty(i, rec, targets)
             examples.extend(Example(i, tokenizer.rows(i, rec, [k]), None, None) for k in targets)

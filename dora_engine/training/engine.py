@@ -557,7 +557,7 @@ def ensure_reference(
     engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg), config=config)
     ref = ref_cache.compute_reference(
         engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=dist_info.rank,
-        world=dist_info.world, progress=progress and dist_info.main,
+        world=dist_info.world, progress=progress and dist_info.main, device=engine.device,
     )
     ref_cache.release(engine)
     del keep_alive, model

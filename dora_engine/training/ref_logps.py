@@ -62,9 +62,12 @@ def load_cached(path: Path, data: TrainingData) -> torch.Tensor | None:
 
 
 def compute_reference(
-    engine: Any, data: TrainingData, *, batch_prompts: int, pad_id: int, rank: int, world: int, progress: bool
+    engine: Any, data: TrainingData, *, batch_prompts: int, pad_id: int, rank: int, world: int, progress: bool,
+    device: torch.device,
 ) -> torch.Tensor:
-    """S_ref (num_records, K) on every rank. Each rank scores its shard; the shards are all-gathered."""
+    """S_ref (num_records, K) on every rank. Each rank scores its shard; the shards are all-gathered.
+    ``engine`` maps a batch on ``device`` to S: a DeepSpeed engine around ``ReferenceLogps`` or, in one
+    process, the ``ReferenceLogps`` module itself."""
     from tqdm.auto import tqdm
 
     mine = list(range(rank, len(data), world))
@@ -76,7 +79,7 @@ def compute_reference(
     for lo in tqdm(batches, desc="reference log-probs", disable=not progress, unit="batch"):
         indices = padded[lo : lo + batch_prompts]
         batch = collate(data, indices, pad_id=pad_id)
-        batch = {k: v.to(engine.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
+        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
         S = engine(**batch).float().cpu().view(len(indices), data.num_responses)
         for j, i in enumerate(indices):
             if lo + j < len(mine):

@@ -28,7 +28,7 @@ from typing import Any
 
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
-from dora_engine.training.data import Example, Row, Tokenizer, TrainingData, file_hash
+from dora_engine.training.data import Example, Row, Tokenizer, TrainingData, file_hash, sft_targets
 
 FORMAT = 1  # bump when the stored columns or their meaning change
 META = "dora_tokens.json"
@@ -182,7 +182,7 @@ def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Tok
                 continue
             targets = list(range(K))
         else:
-            targets = [k for k, r in enumerate(rec.responses) if r.source == settings["target_source"]]
+            targets = sft_targets(rec, settings["target_source"])
         try:
             if not settings["allow_empty"]:
                 check_nonempty(i, rec, targets)
