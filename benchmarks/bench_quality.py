@@ -102,14 +102,15 @@ class BenchConfig:
     heads: int = 4
     max_prompt_tokens: int = 32
     max_response_tokens: int = 64
-    sft_epochs: int = 8
-    sft_lr: float = 3e-3
+    sft_epochs: int = 20
+    sft_lr: float = 5e-3
     sft_batch: int = 32
     align_epochs: int = 2
     align_lr: float = 1e-4
     align_batch_prompts: int = 8
     calibration_backbone: str = "tfidf"
     max_new_tokens: int = 48
+    temperature: float = 0.8  # the paper's decoding (with top-k 50, top-p 0.9); 0: greedy
     backend: str = "auto"
     reversed_check: bool = False
 
@@ -233,7 +234,7 @@ def reference(model, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> to
 
 def evaluate(model, tokenizer, eval_records: list[Record], config: BenchConfig, seed: int) -> dict[str, list[float]]:
     """Per evaluation prompt: the oracle reward of one sampled response and its win points against golden."""
-    decoding = replace(EVALUATION_SAMPLING, max_new_tokens=config.max_new_tokens)
+    decoding = replace(EVALUATION_SAMPLING, max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     model.eval()
     outputs = sample_texts(model, tokenizer, [r.prompt for r in eval_records], decoding,
                            [derived_seed(seed, r.id) for r in eval_records], batch_size=len(eval_records),
@@ -266,6 +267,7 @@ class SeedResult:
     mean_h_tilde: dict[str, float]
     runs: list[RunResult]
     seconds: float
+    sft_per_prompt: dict[str, list[float]] = field(repr=False, default_factory=dict)
 
 
 def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
@@ -323,7 +325,7 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
         runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
                               statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))
     sft = {m: statistics.fmean(sft_scores[m]) for m in METRICS}
-    return SeedResult(seed, sft, mean_h, runs, time.perf_counter() - started)
+    return SeedResult(seed, sft, mean_h, runs, time.perf_counter() - started, sft_scores)
 
 
 def _worker(args: tuple[BenchConfig, int, str, int]) -> SeedResult:
@@ -453,8 +455,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: one seed, dpo_pl, erm vs dora, tiny data, and the reversed-preference check")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0-9)")
+    parser.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS], help="only these settings")
+    parser.add_argument("--losses", nargs="+", help="only these losses (default dpo_pl rrhf lire)")
+    parser.add_argument("--strategies", nargs="+", help="only these strategies (default erm reweight dro dora)")
     parser.add_argument("--output-dir", default="benchmarks/results", help="where the JSON, markdown and PNG go")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a BenchConfig field (numbers only), e.g. --set align_lr=5e-4; for tuning on "
+                             "other seeds than the reported ones")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads per process (default 1: fastest for these tiny models)")
     return parser.parse_args(argv)
@@ -467,8 +475,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parse_args(argv)
     config = BenchConfig(**QUICK) if args.quick else BenchConfig()
-    if args.seeds:
-        config = replace(config, seeds=tuple(args.seeds))
+    for name in ("seeds", "settings", "losses", "strategies"):
+        if getattr(args, name):
+            config = replace(config, **{name: tuple(getattr(args, name))})
+    for assignment in args.set:
+        name, _, value = assignment.partition("=")
+        current = getattr(config, name, None)
+        if not isinstance(current, int | float) or isinstance(current, bool):
+            raise SystemExit(f"--set {assignment}: {name!r} is not a numeric BenchConfig field")
+        config = replace(config, **{name: type(current)(float(value))})
     if args.jobs < 1 or args.threads < 1:
         raise SystemExit("--jobs and --threads must be >= 1")
     started = time.perf_counter()

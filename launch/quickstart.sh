@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole DoRA pipeline on the embedded synthetic mixture-shift data, with a tiny Llama:
-#   data synth -> calibrate (h̃) -> SFT -> reference log-probs -> DoRA alignment -> win rates (oracle judge)
-# CPU only: 2 ranks on DeepSpeed's CPU accelerator (gloo), under 15 minutes on 2 cores.
-# With GPUs: one rank per GPU. Usage: bash launch/quickstart.sh [WORK_DIR]   (default runs/quickstart)
-# Environment: NPROC (ranks; default: the GPU count, else 2), PROMPTS (training prompts, default 256).
+#   data synth -> calibrate (h̃) -> SFT -> reference log-probs -> DoRA alignment -> generations -> SFT vs aligned
+# It ends with one table: the SFT model against the aligned one on held-out prompts whose text training never
+# saw (mean oracle reward and win rate against the golden responses, paired bootstrap 95% intervals).
+# CPU: 2 ranks on DeepSpeed's CPU accelerator (gloo), under 15 minutes on 2 cores. With GPUs: one rank per GPU.
+# A fresh machine needs only Python: the project is installed first when it is not importable.
+# Usage: bash launch/quickstart.sh [WORK_DIR]   (default runs/quickstart)
+# Environment: NPROC (ranks; default: the GPU count, else 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import dora_engine, deepspeed, transformers" 2>/dev/null || ! command -v dora-engine >/dev/null; then
@@ -11,7 +14,6 @@ if ! python3 -c "import dora_engine, deepspeed, transformers" 2>/dev/null || ! c
 fi
 
 WORK=${1:-runs/quickstart}
-PROMPTS=${PROMPTS:-256}
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(python3 -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
@@ -19,44 +21,47 @@ DATA=$WORK/data
 START=$(date +%s)
 step() { printf '\n=== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
-step "1/7 synthetic mixture-shift data: $PROMPTS prompts x 4 responses (1 golden + 3 shifted sources)"
-dora-engine data synth --out "$DATA/train.jsonl" --num-prompts "$PROMPTS" --k 4 --seed 0 --tokenizer-dir "$WORK/tokenizer"
-dora-engine data synth --out "$DATA/heldout.jsonl" --num-prompts 48 --k 2 --seed 1000
+step "1/8 synthetic data: 256 training prompts x 4 responses (half with a golden one), 224 held-out prompts"
+# Training prompts come from one half of the prompt texts, held-out ones from the other half (--split).
+dora-engine data synth --out "$DATA/train.jsonl" --num-prompts 256 --k 4 --golden-fraction 0.5 --split train \
+  --seed 0 --tokenizer-dir "$WORK/tokenizer"
+dora-engine data synth --out "$DATA/heldout.jsonl" --num-prompts 224 --k 2 --split eval --seed 1000
 
-step "2/7 tiny Llama (the policy) and tiny BERT (the calibration classifier) over the synthetic vocabulary"
+step "2/8 a tiny random Llama over the synthetic vocabulary (the policy)"
 python3 launch/make_tiny_model.py --kind llama --tokenizer "$WORK/tokenizer" --out "$WORK/tiny-llama"
-python3 launch/make_tiny_model.py --kind bert --hidden 32 --layers 1 --heads 2 --tokenizer "$WORK/tokenizer" \
-  --out "$WORK/tiny-bert"
 
-step "3/7 calibration: golden-vs-source classifiers -> h_tilde"
+step "3/8 calibration: golden-vs-source classifiers, cross-fitted -> h_tilde"
 dora-engine calibrate "$DATA/train.jsonl" --target golden --out "$DATA/train.calibrated.jsonl" \
-  --output-dir "$WORK/calibration" --backbone "$WORK/tiny-bert" --encoder finetune --folds 2 --epochs 3 \
-  --lr 2e-3 --batch-size 32 --max-length 192 --device cpu
+  --output-dir "$WORK/calibration" --backbone tfidf --folds 5 --device cpu
 
 COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft")
-step "4/7 SFT on the golden responses ($NPROC ranks, ZeRO-3)"
+step "4/8 SFT on every response of the mixture ($NPROC ranks, ZeRO-3)"
 dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_sft.yaml "${COMMON[@]}"
 
 ALIGN=(model.path="$WORK/sft/final" data.train="[$DATA/train.calibrated.jsonl]" output_dir="$WORK/align")
-step "5/7 reference log-probs of the SFT model (cached)"
+step "5/8 reference log-probs of the SFT model (cached)"
 dora-engine ref-logps --num-procs "$NPROC" --config launch/configs/quickstart_align.yaml "${ALIGN[@]}"
 
-step "6/7 DoRA alignment: dpo_pl under robust.strategy dora ($NPROC ranks, ZeRO-3)"
+step "6/8 DoRA alignment from the SFT model ($NPROC ranks, ZeRO-3)"
 dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_align.yaml "${ALIGN[@]}"
 
-step "7/7 evaluation: greedy generations judged by the oracle reward against the golden responses"
+step "7/8 greedy generations of both models on the held-out prompts"
 for model in sft align; do
   dora-engine eval generate --model "$WORK/$model/final" --data "$DATA/heldout.jsonl" \
-    --output "$WORK/eval/generations_$model.jsonl" --generator "$model" --temperature 0 --max-new-tokens 48 --batch-size 48
-  dora-engine eval winrate --generations "$WORK/eval/generations_$model.jsonl" --data "$DATA/heldout.jsonl" \
-    --target-source golden --judge oracle --output "$WORK/eval/winrate_$model.json"
+    --output "$WORK/eval/generations_$model.jsonl" --generator "$model" --temperature 0 --max-new-tokens 48 \
+    --batch-size 56
 done
+
+step "8/8 SFT vs aligned, judged by the oracle reward"
+dora-engine eval compare --baseline "sft=$WORK/eval/generations_sft.jsonl" \
+  --candidate "aligned=$WORK/eval/generations_align.jsonl" --data "$DATA/heldout.jsonl" --reward oracle \
+  --h-tilde-data "$DATA/train.calibrated.jsonl" --output "$WORK/eval/comparison.json"
 
 step "done in $(( $(date +%s) - START )) s"
 cat <<SUMMARY
-  training metrics   $WORK/sft/metrics.jsonl, $WORK/align/metrics.jsonl (TensorBoard in */tensorboard when installed)
-  training curves    $WORK/sft/metrics.png, $WORK/align/metrics.png
-  calibration report $WORK/calibration/
+  comparison         $WORK/eval/comparison.md, $WORK/eval/comparison.json
+  training curves    $WORK/sft/metrics.png, $WORK/align/metrics.png (metrics.jsonl beside them)
+  calibration report $WORK/calibration/report.md (per-source ROC-AUC, h̃ histograms, reliability diagram)
   exported models    $WORK/sft/final, $WORK/align/final   (AutoModelForCausalLM.from_pretrained)
-  win rates          $WORK/eval/winrate_sft.json, $WORK/eval/winrate_align.json
+  generations        $WORK/eval/generations_sft.jsonl, $WORK/eval/generations_align.jsonl
 SUMMARY
