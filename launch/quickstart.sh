@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole DoRA pipeline on the embedded synthetic mixture-shift data, with a tiny Llama:
-#   data synth -> calibrate (h̃) -> SFT -> reference log-probs -> DoRA alignment -> generations -> SFT vs aligned
+#   data synth -> calibrate (h̃) -> SFT -> DoRA alignment -> generations -> SFT vs aligned
 # It ends with one table: the SFT model against the aligned one on held-out prompts whose text training never
 # saw (mean oracle reward and win rate against the golden responses, paired bootstrap 95% intervals).
 # CPU: 2 ranks on DeepSpeed's CPU accelerator (gloo), under 15 minutes on 2 cores. With GPUs: one rank per GPU.
@@ -21,38 +21,37 @@ DATA=$WORK/data
 START=$(date +%s)
 step() { printf '\n=== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
-step "1/8 synthetic data: 256 training prompts x 4 responses (half with a golden one), 224 held-out prompts"
+step "1/7 synthetic data: 256 training prompts x 4 responses (half with a golden one), 224 held-out prompts"
 # Training prompts come from one half of the prompt texts, held-out ones from the other half (--split).
 dora-engine data synth --out "$DATA/train.jsonl" --num-prompts 256 --k 4 --golden-fraction 0.5 --split train \
   --seed 0 --tokenizer-dir "$WORK/tokenizer"
 dora-engine data synth --out "$DATA/heldout.jsonl" --num-prompts 224 --k 2 --split eval --seed 1000
 
-step "2/8 a tiny random Llama over the synthetic vocabulary (the policy)"
+step "2/7 a tiny random Llama over the synthetic vocabulary (the policy)"
 python3 launch/make_tiny_model.py --kind llama --tokenizer "$WORK/tokenizer" --out "$WORK/tiny-llama"
 
-step "3/8 calibration: golden-vs-source classifiers, cross-fitted -> h_tilde"
+step "3/7 calibration: golden-vs-source classifiers, cross-fitted -> h_tilde"
 dora-engine calibrate "$DATA/train.jsonl" --target golden --out "$DATA/train.calibrated.jsonl" \
-  --output-dir "$WORK/calibration" --backbone tfidf --folds 5 --device cpu
+  --output-dir "$WORK/calibration" --backbone tfidf-pair --folds 5 --device cpu
 
 COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft")
-step "4/8 SFT on every response of the mixture ($NPROC ranks, ZeRO-3)"
+step "4/7 SFT on every response of the mixture ($NPROC ranks, ZeRO-3)"
 dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_sft.yaml "${COMMON[@]}"
 
+# rrhf needs no reference model; with a loss that does (dpo_pl, ...), `train` computes and caches the
+# reference log-probs first (`dora-engine ref-logps` does only that).
 ALIGN=(model.path="$WORK/sft/final" data.train="[$DATA/train.calibrated.jsonl]" output_dir="$WORK/align")
-step "5/8 reference log-probs of the SFT model (cached)"
-dora-engine ref-logps --num-procs "$NPROC" --config launch/configs/quickstart_align.yaml "${ALIGN[@]}"
-
-step "6/8 DoRA alignment from the SFT model ($NPROC ranks, ZeRO-3)"
+step "5/7 DoRA alignment (rrhf) from the SFT model ($NPROC ranks, ZeRO-3)"
 dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_align.yaml "${ALIGN[@]}"
 
-step "7/8 greedy generations of both models on the held-out prompts"
+step "6/7 greedy generations of both models on the held-out prompts"
 for model in sft align; do
   dora-engine eval generate --model "$WORK/$model/final" --data "$DATA/heldout.jsonl" \
     --output "$WORK/eval/generations_$model.jsonl" --generator "$model" --temperature 0 --max-new-tokens 48 \
     --batch-size 56
 done
 
-step "8/8 SFT vs aligned, judged by the oracle reward"
+step "7/7 SFT vs aligned, judged by the oracle reward"
 dora-engine eval compare --baseline "sft=$WORK/eval/generations_sft.jsonl" \
   --candidate "aligned=$WORK/eval/generations_align.jsonl" --data "$DATA/heldout.jsonl" --reward oracle \
   --h-tilde-data "$DATA/train.calibrated.jsonl" --output "$WORK/eval/comparison.json"
