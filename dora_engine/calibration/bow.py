@@ -1,18 +1,23 @@
-"""The bag-of-words classifier (``--backbone tfidf``): TF-IDF n-grams of the response + logistic regression.
+"""The bag-of-words classifiers: TF-IDF n-grams of the response (``--backbone tfidf``), and with prompt × response
+word pairs (``--backbone tfidf-pair``), + logistic regression (docs/design.md section 4.5).
 
 Features: two TF-IDF blocks of the response text, each with sublinear tf, idf and L2-normalised rows:
 word 1-2 grams and character 2-5 grams within word boundaries (``char_wb``), lower-cased, terms in at least
 2 training responses, at most ``MAX_FEATURES`` per block. The character block carries punctuation,
 markdown marks and word forms that the word block drops (on AlpacaEval pairs it raised the held-out ROC-AUC
-by 0.005-0.035: benchmarks/RESULTS.md). The prompt is not read: within a prompt it is the same for every
-response, across prompts it is topic, not source.
+by 0.005-0.035: benchmarks/RESULTS.md). ``tfidf`` does not read the prompt: within a prompt it is the same
+for every response, across prompts it is topic, not source. ``tfidf-pair`` (prompt-aware) appends the
+``wordpairs`` features, which relate the response's words to the prompt's (an answer to another question):
+
+    x = [tfidf_word(y), tfidf_char_wb(y)]                                      (tfidf)
+    x = [tfidf_word(y), tfidf_char_wb(y), 2 · pairs(x, y), overlap(x, y)]      (tfidf-pair)
 
 The model is a multinomial (binary: plain) logistic regression with an L2 penalty ``C``. Its
 probabilities are calibrated by the calibration itself, on out-of-fold scores (``pipeline``).
 
-Everything is saved as plain data (``bow.json``: the vocabularies; ``bow.npz``: idf and weights), never
-as a pickle; ``predict`` recomputes TF-IDF from those exactly as scikit-learn's
-``TfidfVectorizer`` does.
+Everything is saved as plain data (``bow.json``: the vocabularies; ``bow.npz``: idf, the hashed-pair
+columns seen in training and the weights), never as a pickle; ``predict`` recomputes TF-IDF from those
+exactly as scikit-learn's ``TfidfVectorizer`` does.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ META_FILE = "bow.json"
 ARRAYS_FILE = "bow.npz"
 FORMAT = "tfidf-word12-charwb25-lr-c16/2"
 """What a saved bag-of-words classifier is; part of its identity (a change retrains)."""
+PAIR_FORMAT = "tfidf-word12-charwb25+wordpairs-w2-p32-r64+overlap-lr-c16/1"
+"""The same for the prompt-aware classifier (``tfidf-pair``)."""
 
 BLOCKS = {"word": (1, 2), "char_wb": (2, 5)}
 """TF-IDF blocks: analyzer → n-gram range."""
@@ -53,11 +60,18 @@ def _tfidf(counts, idf: np.ndarray):
     return normalize(counts.multiply(idf[None, :]).tocsr(), norm="l2")
 
 
-def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], idfs: dict[str, np.ndarray]):
+def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], idfs: dict[str, np.ndarray],
+              prompts: Sequence[str] | None = None, columns: np.ndarray | None = None, pairs=None):
+    """The response's TF-IDF blocks; with ``prompts`` and the hashed-pair ``columns``, then the
+    ``wordpairs`` features (``pairs``: their hashed pairs when already computed)."""
     from scipy.sparse import hstack
 
-    return hstack([_tfidf(_counts(texts, analyzer, vocabularies[analyzer]), idfs[analyzer])
-                   for analyzer in BLOCKS]).tocsr()
+    blocks = [_tfidf(_counts(texts, analyzer, vocabularies[analyzer]), idfs[analyzer]) for analyzer in BLOCKS]
+    if prompts is not None:
+        from dora_engine.calibration import wordpairs
+
+        blocks.append(wordpairs.features(prompts, texts, columns, pairs))
+    return hstack(blocks).tocsr()
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -77,8 +91,10 @@ def linear_head(fitted, num_labels: int) -> tuple[np.ndarray, np.ndarray]:
     return np.vstack([np.zeros_like(fitted.coef_[0]), fitted.coef_[0]]), np.array([0.0, fitted.intercept_[0]])
 
 
-def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, output_dir: str | os.PathLike) -> None:
-    """Fit TF-IDF + logistic regression on ``texts`` (responses) and save it to ``output_dir``."""
+def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, output_dir: str | os.PathLike,
+          prompts: Sequence[str] | None = None) -> None:
+    """Fit TF-IDF + logistic regression on ``texts`` (responses) and save it to ``output_dir``; with
+    ``prompts`` (one per response), the prompt-aware classifier (the word-pair features too)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
@@ -91,16 +107,27 @@ def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, 
         vectorizer.fit(texts)
         vocabularies[analyzer] = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
         idfs[analyzer] = vectorizer.idf_.astype(np.float64)
-    x = _features(texts, vocabularies, idfs)
+    extra: dict[str, np.ndarray] = {}
+    if prompts is None:
+        x = _features(texts, vocabularies, idfs)
+    else:
+        from dora_engine.calibration import wordpairs
+
+        prompts = list(prompts)
+        pairs = wordpairs.hashed_pairs(prompts, texts)
+        extra["pair_columns"] = wordpairs.seen_columns(pairs)
+        x = _features(texts, vocabularies, idfs, prompts, extra["pair_columns"], pairs)
 
     fitted = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(x, labels)
     coef, intercept = linear_head(fitted, num_labels)
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT, "num_labels": num_labels, "vocabularies": vocabularies}
+    meta = {"format": FORMAT if prompts is None else PAIR_FORMAT, "num_labels": num_labels,
+            "vocabularies": vocabularies}
     (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     with open(folder / ARRAYS_FILE, "wb") as handle:
-        np.savez_compressed(handle, **{f"idf_{k}": v for k, v in idfs.items()}, coef=coef, intercept=intercept)
+        np.savez_compressed(handle, **{f"idf_{k}": v for k, v in idfs.items()}, **extra, coef=coef,
+                            intercept=intercept)
 
 
 def is_saved(folder: str | os.PathLike) -> bool:
@@ -108,23 +135,33 @@ def is_saved(folder: str | os.PathLike) -> bool:
 
 
 def load_saved(
-    folder: str | os.PathLike, kind: str, version: str, meta_file: str, arrays_file: str
+    folder: str | os.PathLike, kind: str, version: str | tuple[str, ...], meta_file: str, arrays_file: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(metadata, arrays) of a saved linear classifier of ``kind``, refusing another format ``version``."""
+    """(metadata, arrays) of a saved linear classifier of ``kind``, refusing a format other than ``version``
+    (or one of the ``version`` tuple)."""
     folder = Path(folder)
     meta: dict[str, Any] = json.loads((folder / meta_file).read_text(encoding="utf-8"))
-    if meta.get("format") != version:
+    versions = (version,) if isinstance(version, str) else version
+    if meta.get("format") not in versions:
+        readable = " or ".join(repr(v) for v in versions)
         raise ValueError(f"{folder} holds a {kind} classifier of format {meta.get('format')!r}, "
-                         f"this version reads {version!r}: fit it again")
+                         f"this version reads {readable}: fit it again")
     with np.load(folder / arrays_file) as saved:
         return meta, {k: saved[k] for k in saved.files}
 
 
-def predict(folder: str | os.PathLike, texts: Sequence[str]) -> np.ndarray:
-    """Class probabilities (len(texts), num_labels) in float64."""
-    meta, a = load_saved(folder, "bag-of-words", FORMAT, META_FILE, ARRAYS_FILE)
+def predict(folder: str | os.PathLike, texts: Sequence[str], prompts: Sequence[str] | None = None) -> np.ndarray:
+    """Class probabilities (len(texts), num_labels) in float64; a prompt-aware classifier needs the
+    ``prompts`` (one per text), the other ignores them."""
+    meta, a = load_saved(folder, "bag-of-words", (FORMAT, PAIR_FORMAT), META_FILE, ARRAYS_FILE)
     if not texts:
         return np.empty((0, meta["num_labels"]))
-    x = _features(list(texts), meta["vocabularies"], {k: a[f"idf_{k}"] for k in BLOCKS})
+    idfs = {k: a[f"idf_{k}"] for k in BLOCKS}
+    if meta["format"] == PAIR_FORMAT:
+        if prompts is None:
+            raise ValueError(f"{folder} holds a prompt-aware bag-of-words classifier: pass the prompts")
+        x = _features(list(texts), meta["vocabularies"], idfs, list(prompts), a["pair_columns"])
+    else:
+        x = _features(list(texts), meta["vocabularies"], idfs)
     logits = np.asarray(x @ a["coef"].T) + a["intercept"]
     return softmax(logits)

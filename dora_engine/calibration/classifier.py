@@ -1,7 +1,8 @@
 """Training and scoring one classifier on (prompt, response) pairs (docs/design.md section 4.5).
 
 ``train`` and ``predict`` serve every kind of backbone: ``tfidf`` goes to ``bow`` (the response's n-grams),
-an encoder with ``encoder="features"`` to ``features`` (a logistic regression on its frozen states), an
+``tfidf-pair`` too (the response's n-grams and its words paired with the prompt's, ``wordpairs``), an
+encoder with ``encoder="features"`` to ``features`` (a logistic regression on its frozen states), an
 encoder with ``encoder="finetune"`` is fine-tuned here, as follows.
 
 The input is the tokenizer's sentence pair (prompt, response): "prompt + separator + response" with the
@@ -41,6 +42,9 @@ from dora_engine.errors import UserValueError
 
 TFIDF = "tfidf"
 """The bag-of-words backbone: TF-IDF n-grams of the response + calibrated logistic regression (``bow``)."""
+TFIDF_PAIR = "tfidf-pair"
+"""The prompt-aware bag of words: ``tfidf`` + prompt × response word-pair features (``bow``, ``wordpairs``)."""
+BAG_OF_WORDS = (TFIDF, TFIDF_PAIR)
 
 ENSEMBLE_SEPARATOR = "+"
 """``"minilm+tfidf"``: one classifier per member backbone, their log-probabilities averaged."""
@@ -65,9 +69,10 @@ class ClassifierSettings:
 
     The defaults are the ones measured best for the default backbone on a CPU (benchmarks/RESULTS.md,
     "Calibration on real data"); ``PAPER_SETTINGS`` are the paper's, for a BERT-base backbone on a GPU.
-    ``backbone`` is ``"minilm"``, ``"tfidf"``, a local folder or hub id of an encoder, or several of them
-    joined by ``+`` (an ensemble). ``pooling``, ``lr``, ``epochs``, ``batch_size`` and ``max_length`` shape
-    the encoder members only. ``folds`` is the number of cross-fitting folds (docs/design.md section 4.5).
+    ``backbone`` is ``"minilm"``, ``"tfidf"``, ``"tfidf-pair"``, a local folder or hub id of an encoder, or
+    several of them joined by ``+`` (an ensemble). ``pooling``, ``lr``, ``epochs``, ``batch_size`` and
+    ``max_length`` shape the encoder members only. ``folds`` is the number of cross-fitting folds
+    (docs/design.md section 4.5).
     """
 
     backbone: str = DEFAULT_BACKBONE
@@ -107,7 +112,7 @@ class ClassifierSettings:
 
     @property
     def is_bag_of_words(self) -> bool:
-        return self.backbone == TFIDF
+        return self.backbone in BAG_OF_WORDS
 
     def training_identity(self) -> dict[str, Any]:
         """What changes a single-backbone classifier trained on given examples (not the device, nor the
@@ -117,7 +122,8 @@ class ClassifierSettings:
         if self.is_bag_of_words:
             from dora_engine.calibration import bow
 
-            return {"backbone": TFIDF, "format": bow.FORMAT, "seed": self.seed}
+            return {"backbone": self.backbone, "format": bow.FORMAT if self.backbone == TFIDF else bow.PAIR_FORMAT,
+                    "seed": self.seed}
         if self.encoder == "features":
             from dora_engine.calibration import features
 
@@ -177,7 +183,7 @@ def train(
     description: str = "train",
 ) -> None:
     """Fine-tune the backbone with a fresh ``num_labels``-class head and save it with its tokenizer (for the
-    ``tfidf`` backbone: fit and save the bag-of-words classifier, ``bow.train``).
+    ``tfidf`` and ``tfidf-pair`` backbones: fit and save the bag-of-words classifier, ``bow.train``).
 
     The classifier (``PooledClassifier.save``) and tokenizer are written to ``output_dir`` (callers pass a
     temporary folder and rename it when everything else about the classifier is written too).
@@ -186,7 +192,8 @@ def train(
         from dora_engine.calibration import bow
 
         labels = np.array([e.label for e in examples], dtype=int)
-        bow.train([e.response for e in examples], labels, num_labels, settings.seed, output_dir)
+        prompts = [e.prompt for e in examples] if settings.backbone == TFIDF_PAIR else None
+        bow.train([e.response for e in examples], labels, num_labels, settings.seed, output_dir, prompts)
         return
     if settings.encoder == "features":
         from dora_engine.calibration import features
@@ -244,12 +251,12 @@ def predict(
     """Class probabilities (len(examples), num_labels) in float64, in the order of ``examples``.
 
     Examples are batched by length (less padding); the softmax is taken in fp32. A bag-of-words
-    classifier (``bow``) reads the responses only and ignores the other options.
+    classifier (``bow``) reads the responses (``tfidf-pair``: and the prompts) and ignores the other options.
     """
     from dora_engine.calibration import bow, features
 
     if bow.is_saved(model_dir):
-        return bow.predict(model_dir, [e.response for e in examples])
+        return bow.predict(model_dir, [e.response for e in examples], [e.prompt for e in examples])
     if features.is_saved(model_dir):
         return features.predict(model_dir, examples, batch_size=batch_size, device=device, description=description)
     from tqdm.auto import tqdm

