@@ -13,7 +13,8 @@ Per seed:
   texts; half of them have one golden response among shifted ones (verbose / off_topic / repetitive), the
   other half shifted responses only, whose best-scored response is verbose or repetitive text.
   Evaluation: ``eval_prompts`` prompts from the *eval* half, whose texts training never sees.
-* h̃: phase 1 through ``dora_engine.calibration.fit`` / ``score``, cross-fitted on 2 folds.
+* h̃: phase 1 through ``dora_engine.calibration.fit`` / ``score`` with the prompt-aware ``tfidf-pair``
+  backbone, cross-fitted on 5 folds (the quickstart's calibration).
 * SFT of a tiny random Llama on every response of the mixture (the start of every run and the reference).
 * Settings: ``paper`` (scores = the oracle reward, label noise 0% and 40%: that fraction of prompts gets
   its scores permuted), ``length-bias`` (scores from a reward model with a verbosity bias, oracle + 1 per 40
@@ -103,12 +104,13 @@ class BenchConfig:
     max_prompt_tokens: int = 32
     max_response_tokens: int = 64
     sft_epochs: int = 20
-    sft_lr: float = 5e-3
-    sft_batch: int = 32
+    sft_lr: float = 1e-2
+    sft_batch: int = 64
     align_epochs: int = 2
     align_lr: float = 1e-4
     align_batch_prompts: int = 8
-    calibration_backbone: str = "tfidf"
+    calibration_backbone: str = "tfidf-pair"  # reads the prompt: an off-topic answer is told apart
+    calibration_folds: int = 5
     max_new_tokens: int = 48
     temperature: float = 0.8  # the paper's decoding (with top-k 50, top-p 0.9); 0: greedy
     backend: str = "auto"
@@ -118,7 +120,7 @@ class BenchConfig:
 QUICK = {
     "seeds": (0,), "settings": ("paper, noise 0%",), "losses": ("dpo_pl",), "strategies": ("erm", "dora"),
     "train_prompts": 64, "eval_prompts": 32, "sft_epochs": 4, "align_epochs": 2, "align_lr": 5e-4,
-    "max_new_tokens": 24, "reversed_check": True,
+    "max_new_tokens": 24, "reversed_check": True, "calibration_folds": 2,
 }
 
 
@@ -188,11 +190,12 @@ def tiny_llama(tokenizer, config: BenchConfig, seed: int):
 
 
 def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: Path):
-    """Phase 1 through the calibration API, cross-fitted on 2 folds; returns the fitted calibration."""
+    """Phase 1 through the calibration API, cross-fitted; returns the fitted calibration."""
     from dora_engine.calibration.classifier import ClassifierSettings
     from dora_engine.calibration.pipeline import fit
 
-    settings = ClassifierSettings(backbone=config.calibration_backbone, seed=seed, folds=2, device="cpu")
+    settings = ClassifierSettings(backbone=config.calibration_backbone, seed=seed, folds=config.calibration_folds,
+                                  device="cpu")
     return fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings, min_examples=4)
 
 

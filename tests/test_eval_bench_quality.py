@@ -75,7 +75,7 @@ def test_paired_differences_over_seeds(bench):
     per_seed, interval = bench.differences(seeds, "reward", "paper, noise 40%", "rrhf", "erm")
     assert per_seed == pytest.approx({0: 0.10, 1: 0.05, 2: 0.20})
     assert interval.mean == pytest.approx(0.35 / 3) and interval.n == 3
-    assert 0.05 <= interval.lo <= interval.mean <= interval.hi <= 0.20
+    assert 0.05 - 1e-9 <= interval.lo <= interval.mean <= interval.hi <= 0.20 + 1e-9
     table = bench.markdown_tables(config, seeds)
     assert f"**{interval.format(1.0, 3)}**" in table  # all three differences > 0: the interval excludes zero
     assert "| paper, noise 40% | rrhf | +0.100 | +0.050 | +0.200 |" in table
