@@ -289,3 +289,24 @@ def test_eval_data_errors_name_the_eval_file_at_load(toy, tmp_path, capsys, corr
     err = capsys.readouterr().err
     assert f"dora-engine train: error: {bad}: {message}" in err, err
     assert not out.exists() and not cache.exists()
+
+
+@pytest.mark.parametrize("name", ["quickstart_sft.yaml", "quickstart_align.yaml"])
+def test_quickstart_configs_load(tmp_path, name):
+    """The configs launch/quickstart.sh runs are valid as written (it overrides only the paths)."""
+    from dora_engine.data.schema import write_records
+    from dora_engine.data.synth import synth_records
+    from dora_engine.training.config import load_config
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    write_records(tmp_path / "train.jsonl", synth_records(4))
+    config = Path(__file__).resolve().parents[1] / "launch" / "configs" / name
+    cfg = load_config(config, [f"model.path={tmp_path / 'model'}", f"data.train=[{tmp_path / 'train.jsonl'}]",
+                               f"output_dir={tmp_path / 'run'}"])
+    assert cfg.stage in ("sft", "align")
+    if cfg.stage == "sft":
+        assert cfg.data.target_source == "*"
+    else:
+        assert (cfg.loss.name, cfg.robust.strategy) == ("rrhf", "dora") and cfg.needs_h_tilde
