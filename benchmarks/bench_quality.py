@@ -29,10 +29,10 @@ Per seed:
 Report: per loss and setting, each strategy's mean over seeds, and the paired differences dora − erm,
 dora − reweight, dora − dro: per seed, and their mean with a percentile-bootstrap 95% interval over seeds
 (``dora_engine.eval.paired``). Hyper-parameters are ``BenchConfig``'s defaults, fixed before the reported
-seeds were run (chosen on seeds 100-102; benchmarks/RESULTS.md). ``--quick`` is the CI-sized smoke run; it
-adds a sanity run trained on reversed preferences, which must end below its SFT start.
+seeds 10-19 were run (chosen on seeds 100-106; benchmarks/RESULTS.md). ``--quick`` is the CI-sized smoke
+run; it adds a sanity run trained on reversed preferences, which must end below its SFT start.
 
-    python benchmarks/bench_quality.py --jobs 2         # the full grid (10 seeds)
+    python benchmarks/bench_quality.py --jobs 2         # the full grid (seeds 10-19)
     python benchmarks/bench_quality.py --quick          # a smoke run (about a minute)
 """
 
@@ -43,6 +43,7 @@ import json
 import multiprocessing
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -55,7 +56,7 @@ from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import derived_seed
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
 from dora_engine.eval.comparison import Comparison
-from dora_engine.eval.judges import OracleScorer
+from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
 from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
@@ -89,7 +90,7 @@ SETTINGS = (
 
 @dataclass(frozen=True)
 class BenchConfig:
-    seeds: tuple[int, ...] = tuple(range(10))
+    seeds: tuple[int, ...] = tuple(range(10, 20))  # 0-9: seed 0's training data is the quickstart's
     settings: tuple[str, ...] = tuple(s.name for s in SETTINGS)
     losses: tuple[str, ...] = ("dpo_pl", "rrhf", "lire")
     strategies: tuple[str, ...] = ("erm", "reweight", "dro", "dora")
@@ -141,6 +142,11 @@ def training_records(config: BenchConfig, seed: int, setting: Setting) -> list[R
                              split="train")
     return synth_records(config.train_prompts, k=config.k, golden_fraction=config.golden_fraction,
                          label_noise=setting.label_noise, length_bias=setting.length_bias, seed=seed, split="train")
+
+
+def eval_records(config: BenchConfig, seed: int) -> list[Record]:
+    """The seed's evaluation prompts, from the *eval* half of the prompt texts, each with its golden response."""
+    return synth_records(config.eval_prompts, k=2, golden_per_prompt=1, seed=seed + 20_000, split="eval")
 
 
 def reversed_preferences(records: list[Record]) -> list[Record]:
@@ -199,12 +205,6 @@ def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: 
     return fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings, min_examples=4)
 
 
-def with_h_tilde(records: list[Record], calibration) -> list[Record]:
-    from dora_engine.calibration.pipeline import score
-
-    return score(records, calibration)
-
-
 def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: int,
           ref: torch.Tensor | None = None) -> None:
     """The optimizer loop of ``Trainer.train_step`` without DeepSpeed: the trainer's sampler, collator,
@@ -235,16 +235,16 @@ def reference(model, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> to
                              pad_id=pad_id, rank=0, world=1, progress=False, device=torch.device("cpu"))
 
 
-def evaluate(model, tokenizer, eval_records: list[Record], config: BenchConfig, seed: int) -> dict[str, list[float]]:
+def evaluate(model, tokenizer, records: list[Record], config: BenchConfig, seed: int) -> dict[str, list[float]]:
     """Per evaluation prompt: the oracle reward of one sampled response and its win points against golden."""
     decoding = replace(EVALUATION_SAMPLING, max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     model.eval()
-    outputs = sample_texts(model, tokenizer, [r.prompt for r in eval_records], decoding,
-                           [derived_seed(seed, r.id) for r in eval_records], batch_size=len(eval_records),
+    outputs = sample_texts(model, tokenizer, [r.prompt for r in records], decoding,
+                           [derived_seed(seed, r.id) for r in records], batch_size=len(records),
                            progress=False)
     comparisons = [Comparison(r.id, r.prompt_text(), texts[0], golden_response(r, GOLDEN_SOURCE))
-                   for r, texts in zip(eval_records, outputs, strict=True)]
-    scores = score_against_golden("policy", comparisons, OracleScorer())
+                   for r, texts in zip(records, outputs, strict=True)]
+    scores = score_against_golden("policy", comparisons, RewardJudge(OracleScorer()))
     return {"reward": scores.rewards, "win_rate": scores.win_points}
 
 
@@ -275,17 +275,17 @@ class SeedResult:
 
 def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
     """SFT, h̃ and every run of the grid for one seed."""
-    import tempfile
+    from dora_engine.calibration.pipeline import score
 
     started = time.perf_counter()
     tokenizer = build_synth_tokenizer()
     pad_id = tokenizer.pad_token_id
     settings = [setting_by_name(name) for name in config.settings]
-    eval_records = synth_records(config.eval_prompts, k=2, golden_per_prompt=1, seed=seed + 20_000, split="eval")
+    held_out = eval_records(config, seed)
     clean = training_records(config, seed, SETTINGS[0])
     with tempfile.TemporaryDirectory(prefix=f"seed{seed}_", dir=workdir) as tmp:
         calibration = fit_h_tilde(clean, config, seed, Path(tmp))
-        h_clean = [r.h_tilde for r in with_h_tilde(clean, calibration)]
+        h_clean = [r.h_tilde for r in score(clean, calibration)]
         golden_in = [any(x.source == GOLDEN_SOURCE for x in r.responses) for r in clean]
         mean_h = {
             "with_golden": statistics.fmean(h for h, g in zip(h_clean, golden_in, strict=True) if g),
@@ -294,7 +294,7 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
         data_by_setting = {}
         for setting in settings:
             records = training_records(config, seed, setting)
-            h = h_clean if not setting.all_golden else [r.h_tilde for r in with_h_tilde(records, calibration)]
+            h = h_clean if not setting.all_golden else [r.h_tilde for r in score(records, calibration)]
             data_by_setting[setting.name] = [replace(r, h_tilde=v) for r, v in zip(records, h, strict=True)]
         if "all-golden" in data_by_setting:
             mean_h["all_golden"] = statistics.fmean(r.h_tilde for r in data_by_setting["all-golden"])
@@ -302,7 +302,7 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
     sft_cfg = run_config(config, "sft", seed)
     model = tiny_llama(tokenizer, config, seed)
     train(PolicyLoss(model, sft_cfg), tokenised(clean, tokenizer, sft_cfg), sft_cfg, pad_id)
-    sft_scores = evaluate(model, tokenizer, eval_records, config, seed)
+    sft_scores = evaluate(model, tokenizer, held_out, config, seed)
     sft_state = {k: v.clone() for k, v in model.state_dict().items()}
 
     runs: list[RunResult] = []
@@ -324,7 +324,7 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
                 refs[setting.all_golden] = reference(model, data, cfg, pad_id)
             ref = refs[setting.all_golden]
         train(PolicyLoss(model, cfg), data, cfg, pad_id, ref)
-        scores = evaluate(model, tokenizer, eval_records, config, seed)
+        scores = evaluate(model, tokenizer, held_out, config, seed)
         runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
                               statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))
     sft = {m: statistics.fmean(sft_scores[m]) for m in METRICS}
@@ -340,13 +340,12 @@ def _worker(args: tuple[BenchConfig, int, str, int]) -> SeedResult:
 # ---------------------------------------------------------------- reporting
 
 
-def _values(seeds: Sequence[SeedResult], metric: str, **match) -> dict[int, float]:
-    out = {}
-    for s in seeds:
-        for r in s.runs:
-            if all(getattr(r, k) == v for k, v in match.items()):
-                out[s.seed] = getattr(r, metric)
-    return out
+def _values(
+    seeds: Sequence[SeedResult], metric: str, strategy: str, setting: str | None = None, loss: str | None = None
+) -> dict[int, float]:
+    """Seed -> ``metric`` of the run with this strategy (and setting and loss, when given)."""
+    return {s.seed: getattr(r, metric) for s in seeds for r in s.runs
+            if r.strategy == strategy and setting in (None, r.setting) and loss in (None, r.loss)}
 
 
 def differences(
@@ -427,7 +426,7 @@ def plot(config: BenchConfig, seeds: Sequence[SeedResult], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    others = [s for s in ("erm", "reweight", "dro") if s in config.strategies]
+    others = [s for s in ("erm", "reweight", "dro") if s in config.strategies and "dora" in config.strategies]
     fig, axes = plt.subplots(1, len(config.settings), figsize=(4 * len(config.settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], config.settings, strict=True):
         width = 0.8 / max(1, len(others))
@@ -457,7 +456,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: one seed, dpo_pl, erm vs dora, tiny data, and the reversed-preference check")
-    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 0-9)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="override the seeds (default 10-19)")
     parser.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS], help="only these settings")
     parser.add_argument("--losses", nargs="+", help="only these losses (default dpo_pl rrhf lire)")
     parser.add_argument("--strategies", nargs="+", help="only these strategies (default erm reweight dro dora)")
@@ -471,12 +470,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import tempfile
+def configure(args: argparse.Namespace) -> BenchConfig:
+    """The run's ``BenchConfig``: the defaults (or ``QUICK``) with the command line's choices, all checked
+    before any work starts."""
+    from dora_engine.losses import get_loss, get_strategy
 
-    from tqdm.auto import tqdm
-
-    args = parse_args(argv)
     config = BenchConfig(**QUICK) if args.quick else BenchConfig()
     for name in ("seeds", "settings", "losses", "strategies"):
         if getattr(args, name):
@@ -486,27 +484,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         current = getattr(config, name, None)
         if not isinstance(current, int | float) or isinstance(current, bool):
             raise SystemExit(f"--set {assignment}: {name!r} is not a numeric BenchConfig field")
-        config = replace(config, **{name: type(current)(float(value))})
+        number = float(value)
+        if isinstance(current, int) and not number.is_integer():
+            raise SystemExit(f"--set {assignment}: {name!r} takes a whole number")
+        config = replace(config, **{name: type(current)(number)})
+    try:
+        for loss in config.losses:
+            get_loss(loss)
+        for strategy in config.strategies:
+            get_strategy(strategy)
+    except ValueError as err:
+        raise SystemExit(f"bench_quality: {err}") from None
     if args.jobs < 1 or args.threads < 1:
         raise SystemExit("--jobs and --threads must be >= 1")
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tqdm.auto import tqdm
+
+    args = parse_args(argv)
+    config = configure(args)
     started = time.perf_counter()
     results: list[SeedResult] = []
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir, \
             tqdm(total=len(config.seeds), desc="seeds", unit="seed") as bar:
         tasks = [(config, seed, workdir, args.threads) for seed in config.seeds]
+        def collect(outcomes) -> None:
+            for result in outcomes:
+                results.append(result)
+                bar.update(1)
+                bar.set_postfix(last=f"seed {result.seed}: {result.seconds:.0f} s")
+
         if args.jobs == 1:
             torch.set_num_threads(args.threads)
-            outcomes = (run_seed(config, seed, Path(workdir)) for seed in config.seeds)
+            collect(run_seed(config, seed, Path(workdir)) for seed in config.seeds)
         else:
-            pool = multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks)))
-            outcomes = pool.imap_unordered(_worker, tasks)
-        for result in outcomes:
-            results.append(result)
-            bar.update(1)
-            bar.set_postfix(last=f"seed {result.seed}: {result.seconds:.0f} s")
-        if args.jobs > 1:
-            pool.close()
-            pool.join()
+            with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
+                collect(pool.imap_unordered(_worker, tasks))
     results.sort(key=lambda s: s.seed)
     elapsed = time.perf_counter() - started
     out = Path(args.output_dir)

@@ -200,7 +200,8 @@ def _register_compare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--reward", default="oracle", help="oracle (data synth datasets) | reward-model:PATH")
     p.add_argument("--h-tilde-data", metavar="PATH",
                    help="calibrated training records: also report their mean h̃ with and without a golden response")
-    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--tie-tolerance", type=float, default=0.0, help="|Δr| at most this is a tie")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the prompts (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
     p.add_argument("--output", help="report JSON (the table is also written beside it as .md)")
     p.set_defaults(func=run_compare)
@@ -209,24 +210,27 @@ def _register_compare(commands: argparse._SubParsersAction) -> None:
 def run_compare(args: argparse.Namespace) -> int:
     from dora_engine.data.schema import read_records
     from dora_engine.data.summary import mean_h_tilde_by_target
+    from dora_engine.errors import UserValueError
     from dora_engine.eval.generate import read_generations
-    from dora_engine.eval.judges import make_reward_scorer
+    from dora_engine.eval.judges import RewardJudge, make_reward_scorer
     from dora_engine.eval.paired import check_same_prompts, format_report, paired_report, score_against_golden
     from dora_engine.eval.winrate import pair_with_golden
 
+    if args.output and Path(args.output).suffix == ".md":
+        raise UserValueError(f"--output {args.output}: give the JSON path; the table goes beside it as .md")
     (base_name, base_path), (cand_name, cand_path) = args.baseline, args.candidate
     baseline, candidate = read_generations(base_path), read_generations(cand_path)
-    check_same_prompts(baseline, candidate)
+    check_same_prompts(baseline, candidate, (base_path, cand_path))
     records = read_records(args.data)
-    scorer = make_reward_scorer(args.reward)
-    scores = [score_against_golden(name, pair_with_golden(gens, records, args.target_source), scorer)
+    judge = RewardJudge(make_reward_scorer(args.reward), tie_tolerance=args.tie_tolerance)
+    scores = [score_against_golden(name, pair_with_golden(gens, records, args.target_source), judge)
               for name, gens in ((base_name, baseline), (cand_name, candidate))]
     report = paired_report(*scores, n_boot=args.n_boot, seed=args.seed)
-    text = format_report(report, scorer.name)
+    text = format_report(report, judge.name)
     result = report.to_dict()
     if args.h_tilde_data:
         means = mean_h_tilde_by_target(read_records(args.h_tilde_data), args.target_source)
-        result["mean_h_tilde"] = {k: {"mean": m, "records": n} for k, (m, n) in means.items()}
+        result["mean_h_tilde"] = {k: {"mean": m if n else None, "records": n} for k, (m, n) in means.items()}
         (with_m, with_n), (without_m, without_n) = means["with_target"], means["without_target"]
         text += (f"\n\nmean h̃ of the training prompts ({args.h_tilde_data}): {with_m:.3f} with a "
                  f"{args.target_source} response ({with_n} prompts), {without_m:.3f} without one ({without_n})")

@@ -99,13 +99,19 @@ class RewardJudge:
         self.name = scorer.name
         self.tie_tolerance = tie_tolerance
 
-    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+    def rewards(self, comparisons: Sequence[Comparison]) -> tuple[list[float], list[float]]:
+        """The rewards of the policy responses and of the golden ones."""
         prompts = [c.instruction for c in comparisons]
         policy = self.scorer.score(prompts, [c.policy for c in comparisons])
         golden = self.scorer.score(prompts, [c.golden for c in comparisons])
-        return [self._verdict(p - g) for p, g in zip(policy, golden, strict=True)]
+        return [float(r) for r in policy], [float(r) for r in golden]
 
-    def _verdict(self, margin: float) -> Verdict:
+    def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+        policy, golden = self.rewards(comparisons)
+        return [self.verdict(p - g) for p, g in zip(policy, golden, strict=True)]
+
+    def verdict(self, margin: float) -> Verdict:
+        """The verdict of a reward difference r(policy) − r(golden)."""
         if margin > self.tie_tolerance:
             return "win"
         if margin < -self.tie_tolerance:

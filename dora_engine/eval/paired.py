@@ -24,7 +24,8 @@ import numpy as np
 from dora_engine.errors import UserValueError
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.generate import Generation
-from dora_engine.eval.judges import RewardScorer
+from dora_engine.eval.judges import RewardJudge
+from dora_engine.eval.winrate import TIES_HALF_POINTS
 
 
 @dataclass(frozen=True)
@@ -80,22 +81,25 @@ class ModelScores:
     win_points: list[float]
 
 
-def score_against_golden(name: str, comparisons: Sequence[Comparison], scorer: RewardScorer) -> ModelScores:
-    """Reward of each policy response and its win points against the golden one (ties half)."""
-    prompts = [c.instruction for c in comparisons]
-    rewards = scorer.score(prompts, [c.policy for c in comparisons])
-    golden = scorer.score(prompts, [c.golden for c in comparisons])
-    points = [1.0 if r > g else 0.5 if r == g else 0.0 for r, g in zip(rewards, golden, strict=True)]
-    return ModelScores(name, [float(r) for r in rewards], points)
+def score_against_golden(name: str, comparisons: Sequence[Comparison], judge: RewardJudge) -> ModelScores:
+    """Reward of each policy response and its win points against the golden one (the judge's verdict,
+    ties half)."""
+    rewards, golden = judge.rewards(comparisons)
+    points = [TIES_HALF_POINTS[judge.verdict(r - g)] for r, g in zip(rewards, golden, strict=True)]
+    return ModelScores(name, rewards, points)
 
 
-def check_same_prompts(baseline: Sequence[Generation], candidate: Sequence[Generation]) -> None:
+def check_same_prompts(
+    baseline: Sequence[Generation], candidate: Sequence[Generation], names: tuple[str, str] = ("baseline", "candidate")
+) -> None:
     """Paired comparison needs the same prompts in the same order; the first mismatch is named."""
     if len(baseline) != len(candidate):
-        raise UserValueError(f"the two generation files answer {len(baseline)} and {len(candidate)} prompts")
+        raise UserValueError(f"{names[0]} answers {len(baseline)} prompts and {names[1]} {len(candidate)}; "
+                             "a paired comparison needs the same prompts")
     for i, (b, c) in enumerate(zip(baseline, candidate, strict=True)):
         if b.id != c.id or b.instruction != c.instruction:
-            raise UserValueError(f"row {i}: the generations answer different prompts (ids {b.id!r} and {c.id!r})")
+            raise UserValueError(f"row {i}: {names[0]} and {names[1]} answer different prompts "
+                                 f"(ids {b.id!r} and {c.id!r})")
 
 
 @dataclass(frozen=True)

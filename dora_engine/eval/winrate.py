@@ -25,6 +25,8 @@ from dora_engine.eval.generate import Generation
 RATES = ("win_rate", "lose_rate", "tie_rate", "win_rate_ties_half")
 # Points each verdict earns towards each rate (win, lose, tie), in the order of RATES.
 _POINTS = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.5]])
+TIES_HALF_POINTS: dict[str, float] = dict(zip(("win", "lose", "tie"), _POINTS[3].tolist(), strict=True))
+"""Points of each verdict towards ``win_rate_ties_half``."""
 
 
 @dataclass(frozen=True)
