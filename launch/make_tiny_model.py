@@ -1,4 +1,4 @@
-"""Write a tiny randomly initialised model with a given tokenizer: the quickstart's models.
+"""Write a tiny randomly initialised model with a given tokenizer (the quickstart's policy, or an encoder).
 
 ``python launch/make_tiny_model.py --kind llama|bert --tokenizer DIR --out DIR [--hidden 64 --layers 2 ...]``
 ``llama``: the causal LM to align (loads with ``AutoModelForCausalLM``); ``bert``: an encoder backbone

@@ -6,7 +6,7 @@
 # CPU: 2 ranks on DeepSpeed's CPU accelerator (gloo), under 15 minutes on 2 cores. With GPUs: one rank per GPU.
 # A fresh machine needs only Python: the project is installed first when it is not importable.
 # Usage: bash launch/quickstart.sh [WORK_DIR]   (default runs/quickstart)
-# Environment: NPROC (ranks; default: the GPU count, else 2).
+# Environment: NPROC (ranks; default: the GPU count, else 2; 1, 2, 4 or 8: the global batch stays the same).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python3 -c "import dora_engine, deepspeed, transformers" 2>/dev/null || ! command -v dora-engine >/dev/null; then
@@ -17,6 +17,15 @@ WORK=${1:-runs/quickstart}
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(python3 -c "import torch; print(torch.cuda.device_count() or 2)")
 fi
+# The settings were chosen for global batches of 64 SFT rows and 8 alignment prompts per optimizer step
+# (benchmarks/RESULTS.md, "Quickstart"); every rank takes an equal share, so the rank count divides 8.
+for n in 8 4 2 1; do
+  if (( n <= NPROC )); then
+    (( n < NPROC )) && echo "quickstart: using $n of $NPROC ranks (the rank count must divide 8)"
+    NPROC=$n
+    break
+  fi
+done
 DATA=$WORK/data
 START=$(date +%s)
 step() { printf '\n=== [%4ss] %s\n' "$(( $(date +%s) - START ))" "$*"; }
@@ -34,13 +43,15 @@ step "3/7 calibration: golden-vs-source classifiers, cross-fitted -> h_tilde"
 dora-engine calibrate "$DATA/train.jsonl" --target golden --out "$DATA/train.calibrated.jsonl" \
   --output-dir "$WORK/calibration" --backbone tfidf-pair --folds 5 --device cpu
 
-COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft")
+COMMON=(model.path="$WORK/tiny-llama" data.train="[$DATA/train.jsonl]" output_dir="$WORK/sft"
+        train.micro_batch_prompts=$(( 64 / NPROC )))
 step "4/7 SFT on every response of the mixture ($NPROC ranks, ZeRO-3)"
 dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_sft.yaml "${COMMON[@]}"
 
 # rrhf needs no reference model; with a loss that does (dpo_pl, ...), `train` computes and caches the
 # reference log-probs first (`dora-engine ref-logps` does only that).
-ALIGN=(model.path="$WORK/sft/final" data.train="[$DATA/train.calibrated.jsonl]" output_dir="$WORK/align")
+ALIGN=(model.path="$WORK/sft/final" data.train="[$DATA/train.calibrated.jsonl]" output_dir="$WORK/align"
+       train.micro_batch_prompts=$(( 8 / NPROC )))
 step "5/7 DoRA alignment (rrhf) from the SFT model ($NPROC ranks, ZeRO-3)"
 dora-engine train --num-procs "$NPROC" --config launch/configs/quickstart_align.yaml "${ALIGN[@]}"
 

@@ -37,6 +37,16 @@ def test_tfidf_pair_tells_off_topic_apart_out_of_fold_where_tfidf_cannot(tmp_pat
     assert auc["tfidf-pair"] >= 0.9, auc
 
 
+def test_quickstart_calibration_separates_golden_from_every_source(tmp_path):
+    """launch/quickstart.sh's step 3 on another draw of its data: every classifier >= 0.9 out of fold."""
+    records = synth_records(256, k=4, golden_fraction=0.5, split="train", seed=7)
+    calibration = fit(records, target="golden", output_dir=tmp_path,
+                      settings=ClassifierSettings(backbone="tfidf-pair", folds=5))
+    auc = {name: c.metrics["roc_auc"] for name, c in calibration.classifiers.items()}
+    assert set(auc) == {"golden-vs-off_topic", "golden-vs-repetitive", "golden-vs-verbose", "golden-vs-rest"}
+    assert min(auc.values()) >= 0.9, auc
+
+
 def test_word_pairs_by_hand():
     prompts, responses = ["How do I bake bread?"], ["First knead the dough. Then bake it."]
     assert wordpairs.content_words(prompts[0]) == ["bake", "bread"]
