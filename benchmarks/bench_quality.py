@@ -470,6 +470,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def compact(value: object) -> object:
+    """``value`` with every float rounded to 5 decimals (the per-prompt values make the file large)."""
+    if isinstance(value, float):
+        return round(value, 5)
+    if isinstance(value, dict):
+        return {k: compact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [compact(v) for v in value]
+    return value
+
+
 def configure(args: argparse.Namespace) -> BenchConfig:
     """The run's ``BenchConfig``: the defaults (or ``QUICK``) with the command line's choices, all checked
     before any work starts."""
@@ -527,8 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.output_dir)
     table = markdown_tables(config, results)
     with atomic_write(out / "quality_results.json") as handle:
-        json.dump({"config": asdict(config), "quick": args.quick, "seconds": elapsed, "jobs": args.jobs,
-                   "seeds": [asdict(s) for s in results]}, handle, indent=1)
+        json.dump(compact({"config": asdict(config), "quick": args.quick, "seconds": elapsed, "jobs": args.jobs,
+                           "seeds": [asdict(s) for s in results]}), handle, separators=(",", ":"))
     with atomic_write(out / "quality.md") as handle:
         handle.write(table)
     plot(config, results, out / "quality.png")
