@@ -173,15 +173,24 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
     (``TrainingError``) exits with 1.
     """
     from dora_engine.training.config import load_config
-    from dora_engine.training.engine import Trainer, TrainingError, precompute_reference, stop_on_signals
+    from dora_engine.training.engine import (
+        Trainer,
+        TrainingError,
+        close_distributed,
+        precompute_reference,
+        stop_on_signals,
+    )
 
     try:
         with stop_on_signals():
             cfg = load_config(config, overrides + ([f"checkpoint.resume={resume}"] if resume else []))
             if task == "ref-logps":
                 precompute_reference(cfg)
-                return 0
-            return Trainer(cfg).run()
+                code = 0
+            else:
+                code = Trainer(cfg).run()
+        close_distributed()
+        return code
     except UserError as err:
         if os.environ.get("DORA_ENGINE_DEBUG") == "1":
             raise

@@ -132,6 +132,15 @@ def init_distributed() -> Dist:
     return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
 
 
+def close_distributed() -> None:
+    """Leave the process group at the end of a finished task. A group left to the interpreter's exit
+    handlers can abort a rank that has already done its work ("terminate called without an active
+    exception" from gloo's threads), which fails the whole launch."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def load_data(
     cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool, train: TrainingData | None = None
 ) -> TrainingData:
