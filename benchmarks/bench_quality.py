@@ -33,7 +33,7 @@ seeds 10-19 were run (chosen on seeds 100-106; benchmarks/RESULTS.md). ``--quick
 run; it adds a sanity run trained on reversed preferences, which must end below its SFT start.
 
     python benchmarks/bench_quality.py --jobs 2         # the full grid (seeds 10-19)
-    python benchmarks/bench_quality.py --quick          # a smoke run (about a minute)
+    python benchmarks/bench_quality.py --quick          # a smoke run (under a minute)
 """
 
 from __future__ import annotations
