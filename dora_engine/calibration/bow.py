@@ -135,13 +135,11 @@ def is_saved(folder: str | os.PathLike) -> bool:
 
 
 def load_saved(
-    folder: str | os.PathLike, kind: str, version: str | tuple[str, ...], meta_file: str, arrays_file: str
+    folder: str | os.PathLike, kind: str, versions: tuple[str, ...], meta_file: str, arrays_file: str
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(metadata, arrays) of a saved linear classifier of ``kind``, refusing a format other than ``version``
-    (or one of the ``version`` tuple)."""
+    """(metadata, arrays) of a saved linear classifier of ``kind``, refusing a format not in ``versions``."""
     folder = Path(folder)
     meta: dict[str, Any] = json.loads((folder / meta_file).read_text(encoding="utf-8"))
-    versions = (version,) if isinstance(version, str) else version
     if meta.get("format") not in versions:
         readable = " or ".join(repr(v) for v in versions)
         raise ValueError(f"{folder} holds a {kind} classifier of format {meta.get('format')!r}, "

@@ -112,7 +112,7 @@ def predict(folder: str | os.PathLike, examples: Sequence[Any], *, batch_size: i
     from dora_engine.calibration.bow import load_saved, softmax
     from dora_engine.calibration.pairs import resolve_backbone
 
-    meta, a = load_saved(folder, "features", FORMAT, META_FILE, ARRAYS_FILE)
+    meta, a = load_saved(folder, "features", (FORMAT,), META_FILE, ARRAYS_FILE)
     if not examples:
         return np.empty((0, meta["num_labels"]))
     x = encode(resolve_backbone(meta["backbone"]), examples, max_length=meta["max_length"], batch_size=batch_size,
