@@ -48,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -65,6 +66,11 @@ from dora_engine.training.data import ALL_SOURCES, Sampler, Tokenizer, TrainingD
 from dora_engine.training.engine import lr_lambda
 from dora_engine.training.model import PolicyLoss, ReferenceLogps
 from dora_engine.training.ref_logps import compute_reference
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from dora_engine.calibration.pipeline import Calibration
 
 METRICS = ("reward", "win_rate")
 REVERSED = "reversed"  # the --quick sanity run's strategy label: erm on negated scores
@@ -174,13 +180,13 @@ def run_config(
     )
 
 
-def tokenised(records: list[Record], tokenizer, cfg: TrainingConfig) -> TrainingData:
+def tokenised(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: TrainingConfig) -> TrainingData:
     return tokenise(records, Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
                     target_source=cfg.data.target_source, num_responses=None, needs_h_tilde=cfg.needs_h_tilde,
                     data_hash="bench_quality")
 
 
-def tiny_llama(tokenizer, config: BenchConfig, seed: int):
+def tiny_llama(tokenizer: PreTrainedTokenizerBase, config: BenchConfig, seed: int) -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -195,7 +201,7 @@ def tiny_llama(tokenizer, config: BenchConfig, seed: int):
 # ---------------------------------------------------------------- phases
 
 
-def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: Path):
+def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: Path) -> Calibration:
     """Phase 1 through the calibration API, cross-fitted; returns the fitted calibration."""
     from dora_engine.calibration.classifier import ClassifierSettings
     from dora_engine.calibration.pipeline import fit
@@ -229,13 +235,15 @@ def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: i
         schedule.step()
 
 
-def reference(model, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> torch.Tensor:
+def reference(model: PreTrainedModel, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> torch.Tensor:
     """S_ref (records, K) of ``data`` under the SFT model, through the trainer's reference pass."""
     return compute_reference(ReferenceLogps(model, cfg), data, batch_prompts=cfg.train.micro_batch_prompts,
                              pad_id=pad_id, rank=0, world=1, progress=False, device=torch.device("cpu"))
 
 
-def evaluate(model, tokenizer, records: list[Record], config: BenchConfig, seed: int) -> dict[str, list[float]]:
+def evaluate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: list[Record], config: BenchConfig, seed: int
+) -> dict[str, list[float]]:
     """Per evaluation prompt: the oracle reward of one sampled response and its win points against golden."""
     decoding = replace(EVALUATION_SAMPLING, max_new_tokens=config.max_new_tokens, temperature=config.temperature)
     model.eval()
