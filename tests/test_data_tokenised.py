@@ -243,8 +243,8 @@ def test_sharded_steps_stream_their_input_and_resume(tmp_path, monkeypatch):
 
     out = tmp_path / "out.jsonl"
     with pytest.raises(KeyboardInterrupt):
-        sharded.run_sharded(str(source), step, out, settings={"step": "t"}, shard_size=3)
-    result = sharded.run_sharded(str(source), step, out, settings={"step": "t"}, shard_size=3)
+        sharded.ShardedRun(str(source), out, settings={"step": "t"}, shard_size=3).run(step)
+    result = sharded.ShardedRun(str(source), out, settings={"step": "t"}, shard_size=3).run(step)
     assert calls == [0, 1, 2, 2, 3]  # the finished shards were not redone
     assert len(result) == 10 and [r.id for r in result] == [f"toy-{i}" for i in range(10)]
     assert all(r.h_tilde == 2.0 for r in read_records(out))

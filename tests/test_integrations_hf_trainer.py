@@ -26,10 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 K = 3
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")

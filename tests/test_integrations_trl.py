@@ -26,10 +26,7 @@ from dora_engine.training.data import Example, Row, TrainingData, collate  # noq
 B = 4  # prompts in the fixed batch
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+pytestmark = pytest.mark.usefixtures("offline_hub")
 
 
 @pytest.fixture(scope="module")

@@ -163,18 +163,3 @@ class ShardedRun:
         shutil.rmtree(self.work)
         return RecordsFile(self.output, count)
 
-
-def run_sharded(
-    records: Sequence[Record],
-    process: Callable[[list[Record], int], list[Record]],
-    output: str | os.PathLike,
-    *,
-    settings: dict[str, Any],
-    shard_size: int = 256,
-    work_dir: str | os.PathLike | None = None,
-    restart: bool = False,
-    desc: str = "records",
-) -> Sequence[Record]:
-    """Apply ``process`` shard by shard with resume (see the module docstring); returns all output records."""
-    return ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir,
-                      restart=restart, desc=desc).run(process)
