@@ -55,6 +55,7 @@ import torch
 from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import derived_seed
+from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.judges import OracleScorer, RewardJudge
@@ -293,12 +294,10 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
     clean = training_records(config, seed, SETTINGS[0])
     with tempfile.TemporaryDirectory(prefix=f"seed{seed}_", dir=workdir) as tmp:
         calibration = fit_h_tilde(clean, config, seed, Path(tmp))
-        h_clean = [r.h_tilde for r in score(clean, calibration)]
-        golden_in = [any(x.source == GOLDEN_SOURCE for x in r.responses) for r in clean]
-        mean_h = {
-            "with_golden": statistics.fmean(h for h, g in zip(h_clean, golden_in, strict=True) if g),
-            "without_golden": statistics.fmean(h for h, g in zip(h_clean, golden_in, strict=True) if not g),
-        }
+        scored = score(clean, calibration)
+        h_clean = [r.h_tilde for r in scored]
+        by_target = mean_h_tilde_by_target(scored, GOLDEN_SOURCE)
+        mean_h = {"with_golden": by_target["with_target"][0], "without_golden": by_target["without_target"][0]}
         data_by_setting = {}
         for setting in settings:
             records = training_records(config, seed, setting)
