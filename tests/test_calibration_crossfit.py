@@ -182,8 +182,9 @@ def test_bag_of_words_features_are_scikit_learns(tmp_path):
     meta = json.loads((tmp_path / bow.META_FILE).read_text())
     with np.load(tmp_path / bow.ARRAYS_FILE) as saved:
         idfs = {k: saved[f"idf_{k}"] for k in bow.BLOCKS}
+        weights = {k: saved[f"weight_{k}"] for k in bow.BLOCKS}
     new = ["a cat and the dog", "sat sat sat"]
-    ours = bow._features(new, meta["vocabularies"], idfs).toarray()
+    ours = bow._features(new, meta["vocabularies"], idfs).toarray()  # unweighted: scikit-learn's TF-IDF
     for start, (analyzer, ngrams) in zip((0, len(idfs["word"])), bow.BLOCKS.items(), strict=True):
         reference = TfidfVectorizer(analyzer=analyzer, ngram_range=ngrams, min_df=2, sublinear_tf=True).fit(texts)
         block = ours[:, start : start + len(idfs[analyzer])]
@@ -191,6 +192,26 @@ def test_bag_of_words_features_are_scikit_learns(tmp_path):
         np.testing.assert_allclose(block[:, order], reference.transform(new).toarray(), rtol=1e-12, atol=1e-15)
     probs = bow.predict(tmp_path, new)
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1)
+    weighted = bow._features(new, meta["vocabularies"], idfs, weights=weights).toarray()
+    for start, analyzer in zip((0, len(idfs["word"])), bow.BLOCKS, strict=True):
+        columns = slice(start, start + len(idfs[analyzer]))
+        expected = ours[:, columns] * weights[analyzer]
+        expected /= np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-300)
+        np.testing.assert_allclose(weighted[:, columns], expected, rtol=1e-12, atol=1e-15)
+
+
+def test_ratio_weights_are_absolute_log_count_ratios():
+    from scipy.sparse import csr_matrix
+
+    block = csr_matrix(np.array([[1.0, 0.0, 2.0], [3.0, 1.0, 0.0], [0.0, 1.0, 2.0]]))
+    labels = np.array([0, 0, 1])
+    p, q = np.array([5.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])  # class 0's, class 1's sums + 1
+    expected = np.abs(np.log(p / p.sum()) - np.log(q / q.sum()))
+    np.testing.assert_allclose(bow.ratio_weights(block, labels, 2), expected, rtol=1e-12)
+    # three classes: each column's largest one-against-the-rest ratio (here class 0's, then class 1's)
+    block = csr_matrix(np.array([[1.0, 2.0], [0.0, 2.0], [0.0, 2.0]]))
+    weights = bow.ratio_weights(block, np.array([0, 1, 2]), 3)
+    np.testing.assert_allclose(weights, [np.log((2 / 5) / (1 / 6)), np.log((5 / 6) / (3 / 5))], rtol=1e-12)
 
 
 def test_combiner_recovers_a_known_scale_and_weighs_members():

@@ -2,22 +2,26 @@
 word pairs (``--backbone tfidf-pair``), + logistic regression (docs/design.md section 4.5).
 
 Features: two TF-IDF blocks of the response text, each with sublinear tf, idf and L2-normalised rows:
-word 1-2 grams and character 2-5 grams within word boundaries (``char_wb``), lower-cased, terms in at least
+word 1-2 grams and character 2-5 grams (``char``, across word boundaries), lower-cased, terms in at least
 2 training responses, at most ``MAX_FEATURES`` per block. The character block carries punctuation,
-markdown marks and word forms that the word block drops (on AlpacaEval pairs it raised the held-out ROC-AUC
-by 0.005-0.035: benchmarks/RESULTS.md). ``tfidf`` does not read the prompt: within a prompt it is the same
-for every response, across prompts it is topic, not source. ``tfidf-pair`` (prompt-aware) appends the
-``wordpairs`` features, which relate the response's words to the prompt's (an answer to another question):
+markdown marks, spacing and word forms that the word block drops. Each block's columns are then scaled by
+their class-ratio weight and its rows L2-normalised again (``ratio_weights``: a term frequent in one class
+and rare in the others counts more, one common to all counts less; the weights come from the training
+responses and are saved with the model). The character n-grams across word boundaries and the weights
+were chosen on AlpacaEval pairs: benchmarks/RESULTS.md.
+``tfidf`` does not read the prompt: within a prompt it is the same for every response, across prompts it is
+topic, not source. ``tfidf-pair`` (prompt-aware) appends the ``wordpairs`` features, which relate the response's
+words to the prompt's (an answer to another question):
 
-    x = [tfidf_word(y), tfidf_char_wb(y)]                                      (tfidf)
-    x = [tfidf_word(y), tfidf_char_wb(y), 2 · pairs(x, y), overlap(x, y)]      (tfidf-pair)
+    x = [w_word ⊙ tfidf_word(y), w_char ⊙ tfidf_char(y)]  (each block re-normalised)      (tfidf)
+    x = [the same blocks, 2 · pairs(x, y), overlap(x, y)]                                   (tfidf-pair)
 
 The model is a multinomial (binary: plain) logistic regression with an L2 penalty ``C``. Its
 probabilities are calibrated by the calibration itself, on out-of-fold scores (``pipeline``).
 
-Everything is saved as plain data (``bow.json``: the vocabularies; ``bow.npz``: idf, the hashed-pair
-columns seen in training and the weights), never as a pickle; ``predict`` recomputes TF-IDF from those
-exactly as scikit-learn's ``TfidfVectorizer`` does.
+Everything is saved as plain data (``bow.json``: the vocabularies; ``bow.npz``: idf, the class-ratio weights,
+the hashed-pair columns seen in training and the model's weights), never as a pickle; ``predict`` recomputes
+TF-IDF from those exactly as scikit-learn's ``TfidfVectorizer`` does.
 """
 
 from __future__ import annotations
@@ -32,12 +36,12 @@ import numpy as np
 
 META_FILE = "bow.json"
 ARRAYS_FILE = "bow.npz"
-FORMAT = "tfidf-word12-charwb25-lr-c16/2"
+FORMAT = "tfidf-word12-char25-ratio-lr-c16/3"
 """What a saved bag-of-words classifier is; part of its identity (a change retrains)."""
-PAIR_FORMAT = "tfidf-word12-charwb25+wordpairs-w2-p32-r64+overlap-lr-c16/1"
+PAIR_FORMAT = "tfidf-word12-char25-ratio+wordpairs-w2-p32-r64+overlap-lr-c16/2"
 """The same for the prompt-aware classifier (``tfidf-pair``)."""
 
-BLOCKS = {"word": (1, 2), "char_wb": (2, 5)}
+BLOCKS = {"word": (1, 2), "char": (2, 5)}
 """TF-IDF blocks: analyzer → n-gram range."""
 MIN_DF = 2
 MAX_FEATURES = 200_000
@@ -60,13 +64,37 @@ def _tfidf(counts, idf: np.ndarray):
     return normalize(counts.multiply(idf[None, :]).tocsr(), norm="l2")
 
 
+def ratio_weights(block, labels: np.ndarray, num_labels: int) -> np.ndarray:
+    """Class-ratio weight of each column of a TF-IDF block (rows: training responses): for each class c,
+    p_c = (Σ of the block over c's rows + 1) and q_c = (the same over the other rows + 1), each normalised to
+    sum 1; the weight is max_c |log(p_c / q_c)| (two classes: the absolute log-count ratio)."""
+    labels = np.asarray(labels)
+    totals = np.vstack([np.asarray(block[labels == c].sum(axis=0)).ravel() for c in range(num_labels)])
+    weight = np.zeros(block.shape[1])
+    for c in range(num_labels):
+        p = totals[c] + 1.0
+        q = totals.sum(axis=0) - totals[c] + 1.0
+        weight = np.maximum(weight, np.abs(np.log(p / p.sum()) - np.log(q / q.sum())))
+    return weight
+
+
+def _weighted(block, weight: np.ndarray):
+    from sklearn.preprocessing import normalize
+
+    return normalize(block.multiply(weight[None, :]).tocsr(), norm="l2")
+
+
 def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], idfs: dict[str, np.ndarray],
-              prompts: Sequence[str] | None = None, columns: np.ndarray | None = None, pairs=None):
-    """The response's TF-IDF blocks; with ``prompts`` and the hashed-pair ``columns``, then the
-    ``wordpairs`` features (``pairs``: their hashed pairs when already computed)."""
+              prompts: Sequence[str] | None = None, columns: np.ndarray | None = None, pairs=None,
+              weights: dict[str, np.ndarray] | None = None):
+    """The response's TF-IDF blocks, each scaled by its ``weights`` (``ratio_weights``) and re-normalised
+    when given; with ``prompts`` and the hashed-pair ``columns``, then the ``wordpairs`` features (``pairs``:
+    their hashed pairs when already computed)."""
     from scipy.sparse import hstack
 
     blocks = [_tfidf(_counts(texts, analyzer, vocabularies[analyzer]), idfs[analyzer]) for analyzer in BLOCKS]
+    if weights is not None:
+        blocks = [_weighted(block, weights[analyzer]) for block, analyzer in zip(blocks, BLOCKS, strict=True)]
     if prompts is not None:
         from dora_engine.calibration import wordpairs
 
@@ -107,16 +135,22 @@ def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, 
         vectorizer.fit(texts)
         vocabularies[analyzer] = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
         idfs[analyzer] = vectorizer.idf_.astype(np.float64)
-    extra: dict[str, np.ndarray] = {}
+    plain = _features(texts, vocabularies, idfs)
+    weights, start = {}, 0
+    for analyzer in BLOCKS:
+        width = len(idfs[analyzer])
+        weights[analyzer] = ratio_weights(plain[:, start : start + width], labels, num_labels)
+        start += width
+    extra: dict[str, np.ndarray] = {f"weight_{k}": v for k, v in weights.items()}
     if prompts is None:
-        x = _features(texts, vocabularies, idfs)
+        x = _features(texts, vocabularies, idfs, weights=weights)
     else:
         from dora_engine.calibration import wordpairs
 
         prompts = list(prompts)
         pairs = wordpairs.hashed_pairs(prompts, texts)
         extra["pair_columns"] = wordpairs.seen_columns(pairs)
-        x = _features(texts, vocabularies, idfs, prompts, extra["pair_columns"], pairs)
+        x = _features(texts, vocabularies, idfs, prompts, extra["pair_columns"], pairs, weights)
 
     fitted = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(x, labels)
     coef, intercept = linear_head(fitted, num_labels)
@@ -155,11 +189,12 @@ def predict(folder: str | os.PathLike, texts: Sequence[str], prompts: Sequence[s
     if not texts:
         return np.empty((0, meta["num_labels"]))
     idfs = {k: a[f"idf_{k}"] for k in BLOCKS}
+    weights = {k: a[f"weight_{k}"] for k in BLOCKS}
     if meta["format"] == PAIR_FORMAT:
         if prompts is None:
             raise ValueError(f"{folder} holds a prompt-aware bag-of-words classifier: pass the prompts")
-        x = _features(list(texts), meta["vocabularies"], idfs, list(prompts), a["pair_columns"])
+        x = _features(list(texts), meta["vocabularies"], idfs, list(prompts), a["pair_columns"], weights=weights)
     else:
-        x = _features(list(texts), meta["vocabularies"], idfs)
+        x = _features(list(texts), meta["vocabularies"], idfs, weights=weights)
     logits = np.asarray(x @ a["coef"].T) + a["intercept"]
     return softmax(logits)
