@@ -177,27 +177,51 @@ def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
 def test_bag_of_words_features_are_scikit_learns(tmp_path):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    texts = ["the cat sat", "the dog sat down", "a cat, a dog!", "dogs and cats sat", "the end"]
+    from dora_engine.calibration.textshape import edge_text, shape_counts
+
+    texts = ["The cat sat.", "the dog sat down", "a cat, a dog!", "dogs and cats sat", "the end"]
     bow.train(texts, np.array([0, 1, 0, 1, 1]), 2, seed=0, output_dir=tmp_path)
     meta = json.loads((tmp_path / bow.META_FILE).read_text())
     with np.load(tmp_path / bow.ARRAYS_FILE) as saved:
-        idfs = {k: saved[f"idf_{k}"] for k in bow.BLOCKS}
-        weights = {k: saved[f"weight_{k}"] for k in bow.BLOCKS}
+        a = {k: saved[k] for k in saved.files}
     new = ["a cat and the dog", "sat sat sat"]
-    ours = bow._features(new, meta["vocabularies"], idfs).toarray()  # unweighted: scikit-learn's TF-IDF
-    for start, (analyzer, ngrams) in zip((0, len(idfs["word"])), bow.BLOCKS.items(), strict=True):
-        reference = TfidfVectorizer(analyzer=analyzer, ngram_range=ngrams, min_df=2, sublinear_tf=True).fit(texts)
-        block = ours[:, start : start + len(idfs[analyzer])]
-        order = [meta["vocabularies"][analyzer][t] for t in reference.get_feature_names_out()]
-        np.testing.assert_allclose(block[:, order], reference.transform(new).toarray(), rtol=1e-12, atol=1e-15)
+    idfs = {name: a[f"idf_{name}"] for name in bow.BLOCKS}
+    plain = bow.tfidf_blocks(new, meta["vocabularies"], idfs)
+    references = {"word": TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+                  "char": TfidfVectorizer(analyzer="char", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
+                  "edges": TfidfVectorizer(token_pattern=r"\S+", lowercase=False, min_df=2, sublinear_tf=True)}
+    features = bow._features(new, meta["vocabularies"], a).toarray()
+    start = 0
+    for (name, block), ours in zip(bow.BLOCKS.items(), plain, strict=True):
+        reference = references[name].fit(block.texts(texts))
+        order = [meta["vocabularies"][name][t] for t in reference.get_feature_names_out()]
+        np.testing.assert_allclose(ours.toarray()[:, order], reference.transform(block.texts(new)).toarray(),
+                                   rtol=1e-12, atol=1e-15)
+        expected = ours.toarray() * a[f"weight_{name}"]
+        expected *= block.weight / np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-300)
+        np.testing.assert_allclose(features[:, start : start + ours.shape[1]], expected, rtol=1e-12, atol=1e-15)
+        start += ours.shape[1]
+    assert references["edges"].vocabulary_ and edge_text("The cat sat.") == "Bthe Bcat Bsat B. Ethe Ecat Esat E."
+    counts = shape_counts(texts)
+    np.testing.assert_allclose(a["shape_mean"], counts.mean(axis=0))
+    np.testing.assert_allclose(features[:, start:], bow.SHAPE_WEIGHT * (shape_counts(new) - a["shape_mean"])
+                               / np.where(counts.std(axis=0) > 0, counts.std(axis=0), 1.0), rtol=1e-12)
     probs = bow.predict(tmp_path, new)
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1)
-    weighted = bow._features(new, meta["vocabularies"], idfs, weights=weights).toarray()
-    for start, analyzer in zip((0, len(idfs["word"])), bow.BLOCKS, strict=True):
-        columns = slice(start, start + len(idfs[analyzer]))
-        expected = ours[:, columns] * weights[analyzer]
-        expected /= np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-300)
-        np.testing.assert_allclose(weighted[:, columns], expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(probs[:, 1] - probs[:, 0], np.tanh((features @ (a["coef"][1] - a["coef"][0])
+                                                                   + a["intercept"][1] - a["intercept"][0]) / 2))
+
+
+def test_shape_counts_count_lengths_and_markdown():
+    from dora_engine.calibration.textshape import SHAPE_COUNTS, shape_counts
+
+    text = "# Title\n\n- one\n* two **bold**\n1. three\n```\ncode\n```\nEnd. Done now."
+    counts = dict(zip(SHAPE_COUNTS, np.expm1(shape_counts([text])[0]), strict=True))
+    assert counts["characters"] == pytest.approx(len(text)) and counts["lines"] == pytest.approx(9)
+    assert counts["bullet lines"] == pytest.approx(2) and counts["numbered lines"] == pytest.approx(1)
+    assert counts["heading lines"] == pytest.approx(1) and counts["bold marks"] == pytest.approx(2)
+    assert counts["code fences"] == pytest.approx(2) and counts["blank-line breaks"] == pytest.approx(1)
+    assert shape_counts([]).shape == (0, len(SHAPE_COUNTS))
 
 
 def test_ratio_weights_are_absolute_log_count_ratios():

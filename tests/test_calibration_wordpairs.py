@@ -71,9 +71,8 @@ def test_saved_tfidf_pair_classifier_is_the_fitted_one(tmp_path):
     meta = json.loads((tmp_path / bow.META_FILE).read_text())
     assert meta["format"] == bow.PAIR_FORMAT
     with np.load(tmp_path / bow.ARRAYS_FILE) as saved:
-        idfs, columns = {k: saved[f"idf_{k}"] for k in bow.BLOCKS}, saved["pair_columns"]
-        weights = {k: saved[f"weight_{k}"] for k in bow.BLOCKS}
-    x = bow._features(texts, meta["vocabularies"], idfs, prompts, columns, weights=weights)
+        a = {k: saved[k] for k in saved.files}
+    x = bow._features(texts, meta["vocabularies"], a, prompts)
     reference = LogisticRegression(C=bow.C, max_iter=5000, random_state=0).fit(x[:60], labels[:60])
     np.testing.assert_allclose(bow.predict(tmp_path, texts[60:], prompts[60:]),
                                reference.predict_proba(x[60:]), rtol=1e-9, atol=1e-12)
