@@ -160,11 +160,13 @@ def markdown(results: dict, args: argparse.Namespace, command: str) -> str:
         "classifier per pair. OOF: each response scored by the fold's classifier that did not train on its prompt "
         "(the c that h̃ uses); in fold: the same classifiers on a sample of up to 256 responses each that they "
         f"trained on. Default option: backbone `{default.backbone}` with `encoder={default.encoder}` (MiniLM "
-        f"layer features, {default.max_length} tokens, + TF-IDF word 1-2 and char 2-5 grams). "
-        "`minilm-ft`: the MiniLM fine-tuned (mean pooling, lr 1e-4, 1 epoch, 256 tokens). Every option's c goes "
+        f"layer features, {default.max_length} tokens, + `tfidf`: TF-IDF word 1-2 and char 2-5 grams, opening and "
+        "closing words, length and markdown counts; docs/design.md section 4.5). `minilm-ft`: the MiniLM "
+        "fine-tuned (mean pooling, lr 1e-4, 1 epoch, 256 tokens). Every option's c goes "
         "through its cross-fitted combiner (Platt scaling; for ensembles also the members' weights); equal "
         "average: the members' raw log-odds averaged instead. Time: the default's "
-        "wall time (fit, score, report, from scratch); the others' classifier training-and-prediction time.",
+        "wall time (fit, score, report, from scratch); the others' classifier training-and-prediction time (the "
+        "default's members are the `tfidf` and `minilm` options' classifiers, trained once).",
         "",
         "| pair | option | OOF ROC-AUC | in-fold ROC-AUC | OOF ECE | in-fold ECE | OOF accuracy | members (OOF AUC) "
         "| equal average | time (min) |",

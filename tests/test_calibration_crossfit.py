@@ -177,51 +177,71 @@ def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
 def test_bag_of_words_features_are_scikit_learns(tmp_path):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    from dora_engine.calibration.textshape import edge_text, shape_counts
+    from dora_engine.calibration.textshape import shape_counts
 
-    texts = ["The cat sat.", "the dog sat down", "a cat, a dog!", "dogs and cats sat", "the end"]
-    bow.train(texts, np.array([0, 1, 0, 1, 1]), 2, seed=0, output_dir=tmp_path)
+    texts = ["Sure, here it is: the cat sat.", "The dog sat down.", "Sure, here: a cat, a dog!",
+             "the dog sat down and cats sat", "The end.\n\nDone."]
+    labels = np.array([0, 1, 0, 1, 1])
+    bow.train(texts, labels, 2, seed=0, output_dir=tmp_path)
     meta = json.loads((tmp_path / bow.META_FILE).read_text())
     with np.load(tmp_path / bow.ARRAYS_FILE) as saved:
-        a = {k: saved[k] for k in saved.files}
-    new = ["a cat and the dog", "sat sat sat"]
-    idfs = {name: a[f"idf_{name}"] for name in bow.BLOCKS}
+        arrays = {k: saved[k] for k in saved.files}
+    new = ["Sure, a cat and the dog sat down", "sat sat sat"]
+    idfs = {name: arrays[f"idf_{name}"] for name in bow.BLOCKS}
+    trained = bow.tfidf_blocks(texts, meta["vocabularies"], idfs)
     plain = bow.tfidf_blocks(new, meta["vocabularies"], idfs)
-    references = {"word": TfidfVectorizer(analyzer="word", ngram_range=(1, 2), min_df=2, sublinear_tf=True),
-                  "char": TfidfVectorizer(analyzer="char", ngram_range=(2, 5), min_df=2, sublinear_tf=True),
-                  "edges": TfidfVectorizer(token_pattern=r"\S+", lowercase=False, min_df=2, sublinear_tf=True)}
-    features = bow._features(new, meta["vocabularies"], a).toarray()
+    features = bow._features(new, meta["vocabularies"], arrays).toarray()
     start = 0
-    for (name, block), ours in zip(bow.BLOCKS.items(), plain, strict=True):
-        reference = references[name].fit(block.texts(texts))
-        order = [meta["vocabularies"][name][t] for t in reference.get_feature_names_out()]
+    for (name, block), ours, train_block in zip(bow.BLOCKS.items(), plain, trained, strict=True):
+        options = {"token_pattern": r"\S+", "lowercase": False} if block.edges else {}
+        reference = TfidfVectorizer(analyzer=block.analyzer, ngram_range=block.ngrams, min_df=2, sublinear_tf=True,
+                                    **options).fit(block.texts(texts))
+        terms = reference.get_feature_names_out()
+        assert any(" " in t for t in terms) or name == "char"  # bigrams are exercised
+        order = [meta["vocabularies"][name][t] for t in terms]
         np.testing.assert_allclose(ours.toarray()[:, order], reference.transform(block.texts(new)).toarray(),
                                    rtol=1e-12, atol=1e-15)
-        expected = ours.toarray() * a[f"weight_{name}"]
+        np.testing.assert_allclose(arrays[f"weight_{name}"], bow.ratio_weights(train_block, labels, 2), rtol=1e-12)
+        expected = ours.toarray() * arrays[f"weight_{name}"]
         expected *= block.weight / np.maximum(np.linalg.norm(expected, axis=1, keepdims=True), 1e-300)
         np.testing.assert_allclose(features[:, start : start + ours.shape[1]], expected, rtol=1e-12, atol=1e-15)
         start += ours.shape[1]
-    assert references["edges"].vocabulary_ and edge_text("The cat sat.") == "Bthe Bcat Bsat B. Ethe Ecat Esat E."
     counts = shape_counts(texts)
-    np.testing.assert_allclose(a["shape_mean"], counts.mean(axis=0))
-    np.testing.assert_allclose(features[:, start:], bow.SHAPE_WEIGHT * (shape_counts(new) - a["shape_mean"])
-                               / np.where(counts.std(axis=0) > 0, counts.std(axis=0), 1.0), rtol=1e-12)
+    np.testing.assert_allclose(arrays["shape_mean"], counts.mean(axis=0))
+    scale = np.where(counts.std(axis=0) > 1e-8, counts.std(axis=0), 1.0)  # "lines" is 1 in every text but one
+    np.testing.assert_allclose(features[:, start:], bow.SHAPE_WEIGHT * (shape_counts(new) - counts.mean(axis=0))
+                               / scale, rtol=1e-12, atol=1e-15)
     probs = bow.predict(tmp_path, new)
     assert probs.shape == (2, 2) and np.allclose(probs.sum(axis=1), 1)
-    np.testing.assert_allclose(probs[:, 1] - probs[:, 0], np.tanh((features @ (a["coef"][1] - a["coef"][0])
-                                                                   + a["intercept"][1] - a["intercept"][0]) / 2))
+    z = features @ (arrays["coef"][1] - arrays["coef"][0]) + arrays["intercept"][1] - arrays["intercept"][0]
+    np.testing.assert_allclose(probs[:, 1] - probs[:, 0], np.tanh(z / 2), rtol=1e-12)
+
+
+def test_bag_of_words_on_tiny_data_leaves_out_empty_blocks_and_constant_counts(tmp_path):
+    texts = [f"q{i}a q{i}b q{i}c q{i}d" for i in range(7)]  # no word in two texts; the same counts in all
+    bow.train(texts, np.array([0, 1, 0, 1, 0, 1, 0]), 2, seed=0, output_dir=tmp_path)
+    meta = json.loads((tmp_path / bow.META_FILE).read_text())
+    assert all(meta["vocabularies"][name] == {} for name in ("word", "edges"))
+    with np.load(tmp_path / bow.ARRAYS_FILE) as saved:
+        assert np.all(saved["shape_scale"] == 1.0)
+    probs = bow.predict(tmp_path, ["iota kappa", "a much longer response than either of the two seen before."])
+    assert np.all((probs > 0.01) & (probs < 0.99))  # a new length is not blown up by a zero spread
 
 
 def test_shape_counts_count_lengths_and_markdown():
-    from dora_engine.calibration.textshape import SHAPE_COUNTS, shape_counts
+    from dora_engine.calibration.textshape import SHAPE_COUNTS, edge_text, shape_counts
 
     text = "# Title\n\n- one\n* two **bold**\n1. three\n```\ncode\n```\nEnd. Done now."
     counts = dict(zip(SHAPE_COUNTS, np.expm1(shape_counts([text])[0]), strict=True))
     assert counts["characters"] == pytest.approx(len(text)) and counts["lines"] == pytest.approx(9)
+    assert counts["words"] == pytest.approx(15) and counts["words per sentence"] == pytest.approx(5)  # 15 / 3
     assert counts["bullet lines"] == pytest.approx(2) and counts["numbered lines"] == pytest.approx(1)
     assert counts["heading lines"] == pytest.approx(1) and counts["bold marks"] == pytest.approx(2)
     assert counts["code fences"] == pytest.approx(2) and counts["blank-line breaks"] == pytest.approx(1)
     assert shape_counts([]).shape == (0, len(SHAPE_COUNTS))
+    assert edge_text("The cat sat.") == "Bthe Bcat Bsat B. Ethe Ecat Esat E."
+    long = " ".join(f"w{i}" for i in range(40))
+    assert edge_text(long).split() == [f"Bw{i}" for i in range(16)] + [f"Ew{i}" for i in range(24, 40)]
 
 
 def test_ratio_weights_are_absolute_log_count_ratios():
@@ -232,10 +252,15 @@ def test_ratio_weights_are_absolute_log_count_ratios():
     p, q = np.array([5.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0])  # class 0's, class 1's sums + 1
     expected = np.abs(np.log(p / p.sum()) - np.log(q / q.sum()))
     np.testing.assert_allclose(bow.ratio_weights(block, labels, 2), expected, rtol=1e-12)
-    # three classes: each column's largest one-against-the-rest ratio (here class 0's, then class 1's)
-    block = csr_matrix(np.array([[1.0, 2.0], [0.0, 2.0], [0.0, 2.0]]))
-    weights = bow.ratio_weights(block, np.array([0, 1, 2]), 3)
-    np.testing.assert_allclose(weights, [np.log((2 / 5) / (1 / 6)), np.log((5 / 6) / (3 / 5))], rtol=1e-12)
+    # three classes, one row each: each column's largest one-against-the-rest ratio, from class 0, 1, 2 in turn
+    rows = np.array([[2.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 1.0]])
+    ratios = []
+    for c in range(3):
+        p, q = rows[c] + 1.0, rows.sum(axis=0) - rows[c] + 1.0
+        ratios.append(np.abs(np.log(p / p.sum()) - np.log(q / q.sum())))
+    assert np.argmax(ratios, axis=0).tolist() == [0, 1, 2]
+    np.testing.assert_allclose(bow.ratio_weights(csr_matrix(rows), np.array([0, 1, 2]), 3), np.max(ratios, axis=0),
+                               rtol=1e-12)
 
 
 def test_combiner_recovers_a_known_scale_and_weighs_members():

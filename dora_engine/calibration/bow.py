@@ -4,21 +4,22 @@ word pairs (``--backbone tfidf-pair``), + logistic regression (docs/design.md se
 Features: three TF-IDF blocks of the response, each with sublinear tf, idf and L2-normalised rows: word 1-2
 grams and character 2-5 grams (``char``, across word boundaries) of the lower-cased text, and word 1-2 grams
 of its opening and closing tokens (``edges``: ``textshape.edge_text``); terms in at least 2 training
-responses, at most ``MAX_FEATURES`` per block. The character block carries punctuation, markdown marks,
-spacing and word forms that the word block drops. Each block's columns are then scaled by their
+responses, at most ``MAX_FEATURES`` per block (none at all: the block is left out). The character block
+carries punctuation, markdown marks, where spaces fall (runs of white space count as one) and word forms
+that the word block drops. Each block's columns are then scaled by their
 class-ratio weight and its rows L2-normalised again (``ratio_weights``: a term frequent in one class and rare
 in the others counts more, one common to all counts less; the weights come from the training responses and
 are saved with the model). Last come the ``textshape.shape_counts`` (length and markdown), standardised
 with the training responses' mean and standard deviation. Every choice here (the blocks, the weights
 ``Block.weight`` and ``SHAPE_WEIGHT`` against the shared L2 penalty, ``C``) was made on AlpacaEval pairs:
 benchmarks/RESULTS.md.
-``tfidf`` does not read the prompt: within a prompt it is the same for every response, across prompts it is
-topic, not source. ``tfidf-pair`` (prompt-aware) appends the ``wordpairs`` features, which relate the response's
+``tfidf`` does not read the prompt: it sees how a response is written, not whether it answers the question.
+``tfidf-pair`` (prompt-aware) appends the ``wordpairs`` features, which relate the response's
 words to the prompt's (an answer to another question):
 
-    x = [w_word ⊙ tfidf_word(y), w_char ⊙ tfidf_char(y), 0.5 · w_edges ⊙ tfidf_edges(y),
-         0.1 · standardised shape_counts(y)]           (each w ⊙ tfidf block re-normalised)      (tfidf)
-    x = [the same, 2 · pairs(x, y), overlap(x, y)]                                              (tfidf-pair)
+    x = [n(w_word ⊙ tfidf_word(y)), n(w_char ⊙ tfidf_char(y)), 0.5 · n(w_edges ⊙ tfidf_edges(y)),
+         0.1 · (shape_counts(y) − mean) / sd]                              (n: row L2-normalised)   (tfidf)
+    x = [the same, 2 · pairs(x, y), overlap(x, y)]                                                 (tfidf-pair)
 
 The model is a multinomial (binary: plain) logistic regression with an L2 penalty ``C``. Its
 probabilities are calibrated by the calibration itself, on out-of-fold scores (``pipeline``).
@@ -35,11 +36,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dora_engine.calibration.textshape import edge_text, shape_counts
+
+if TYPE_CHECKING:
+    from scipy.sparse import csr_matrix
 
 META_FILE = "bow.json"
 ARRAYS_FILE = "bow.npz"
@@ -51,8 +55,9 @@ PAIR_FORMAT = "tfidf-word12-char25-edges12-ratio+shape+wordpairs-w2-p32-r64+over
 
 @dataclass(frozen=True)
 class Block:
-    """One TF-IDF block: scikit-learn's ``analyzer`` and ``ngrams`` over the response (``edges``: over its
-    ``edge_text``), ``weight`` times its class-ratio-weighted rows in the features."""
+    """One TF-IDF block: scikit-learn's ``analyzer`` with ``ngrams`` over the response, or over its
+    ``edge_text`` (``edges``: already tokenised, lower-cased and tagged, so split on spaces only); its
+    re-normalised, class-ratio-weighted rows count ``weight`` times in the features."""
 
     analyzer: str
     ngrams: tuple[int, int]
@@ -61,11 +66,11 @@ class Block:
 
     def options(self) -> dict[str, Any]:
         """Keyword arguments of scikit-learn's vectorizers for this block."""
-        if self.edges:  # edge_text is already tokenised, lower-cased and tagged
-            return {"analyzer": "word", "ngram_range": self.ngrams, "token_pattern": r"\S+", "lowercase": False}
-        return {"analyzer": self.analyzer, "ngram_range": self.ngrams}
+        split_on_spaces = {"token_pattern": r"\S+", "lowercase": False} if self.edges else {}
+        return {"analyzer": self.analyzer, "ngram_range": self.ngrams, **split_on_spaces}
 
     def texts(self, responses: Sequence[str]) -> list[str]:
+        """What the block's vectorizer reads for each response."""
         return [edge_text(t) for t in responses] if self.edges else list(responses)
 
 
@@ -75,9 +80,11 @@ SHAPE_WEIGHT = 0.1
 MIN_DF = 2
 MAX_FEATURES = 200_000
 C = 16.0
+_NO_TERMS = ("no terms remain", "empty vocabulary")
+"""scikit-learn's messages for a block without a term in ``MIN_DF`` training responses (tiny data)."""
 
 
-def _tfidf(counts, idf: np.ndarray):
+def _tfidf(counts: csr_matrix, idf: np.ndarray) -> csr_matrix:
     """scikit-learn's TF-IDF of term counts: sublinear tf (1 + log), times idf, rows L2-normalised."""
     from sklearn.preprocessing import normalize
 
@@ -86,21 +93,30 @@ def _tfidf(counts, idf: np.ndarray):
     return normalize(counts.multiply(idf[None, :]).tocsr(), norm="l2")
 
 
-def tfidf_blocks(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], idfs: dict[str, np.ndarray]) -> list:
-    """The plain TF-IDF of each block of ``BLOCKS`` (sparse, rows: ``texts``), as scikit-learn computes it."""
+def tfidf_blocks(texts: Sequence[str], vocabularies: dict[str, dict[str, int]],
+                 idfs: dict[str, np.ndarray]) -> list[csr_matrix]:
+    """The plain TF-IDF of each block of ``BLOCKS`` (rows: ``texts``), as scikit-learn computes it; a block
+    without terms has no columns."""
+    from scipy.sparse import csr_matrix
     from sklearn.feature_extraction.text import CountVectorizer
 
-    return [_tfidf(CountVectorizer(**block.options(), vocabulary=vocabularies[name], dtype=np.float64)
-                   .transform(block.texts(texts)), idfs[name]) for name, block in BLOCKS.items()]
+    blocks = []
+    for name, block in BLOCKS.items():
+        if not vocabularies[name]:
+            blocks.append(csr_matrix((len(texts), 0)))
+            continue
+        vectorizer = CountVectorizer(**block.options(), vocabulary=vocabularies[name], dtype=np.float64)
+        blocks.append(_tfidf(vectorizer.transform(block.texts(texts)), idfs[name]))
+    return blocks
 
 
-def ratio_weights(block, labels: np.ndarray, num_labels: int) -> np.ndarray:
+def ratio_weights(tfidf: csr_matrix, labels: np.ndarray, num_labels: int) -> np.ndarray:
     """Class-ratio weight of each column of a TF-IDF block (rows: training responses): for each class c,
-    p_c = (Σ of the block over c's rows + 1) and q_c = (the same over the other rows + 1), each normalised to
-    sum 1; the weight is max_c |log(p_c / q_c)| (two classes: the absolute log-count ratio)."""
+    p_c = (Σ of the column over c's rows + 1) and q_c = (the same over the other rows + 1), each normalised to
+    sum 1 over the columns; the weight is max_c |log(p_c / q_c)| (two classes: the absolute log-count ratio)."""
     labels = np.asarray(labels)
-    totals = np.vstack([np.asarray(block[labels == c].sum(axis=0)).ravel() for c in range(num_labels)])
-    weight = np.zeros(block.shape[1])
+    totals = np.vstack([np.asarray(tfidf[labels == c].sum(axis=0)).ravel() for c in range(num_labels)])
+    weight = np.zeros(tfidf.shape[1])
     for c in range(num_labels):
         p = totals[c] + 1.0
         q = totals.sum(axis=0) - totals[c] + 1.0
@@ -108,23 +124,28 @@ def ratio_weights(block, labels: np.ndarray, num_labels: int) -> np.ndarray:
     return weight
 
 
-def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], a: dict[str, np.ndarray],
-              prompts: Sequence[str] | None = None, pairs=None):
-    """The classifier's features of ``texts`` from the saved arrays ``a`` (``idf_*``, ``weight_*``,
+def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], arrays: dict[str, np.ndarray],
+              prompts: Sequence[str] | None = None, *, plain: list[csr_matrix] | None = None,
+              counts: np.ndarray | None = None, pairs: csr_matrix | None = None) -> csr_matrix:
+    """The classifier's features of ``texts`` from its saved ``arrays`` (``idf_*``, ``weight_*``,
     ``shape_mean``, ``shape_scale``; ``pair_columns`` with ``prompts``): the weighted TF-IDF blocks, the
-    standardised shape counts and, with ``prompts``, the ``wordpairs`` features (``pairs``: their hashed pairs
-    when already computed)."""
+    standardised shape counts and, with ``prompts``, the ``wordpairs`` features. ``plain`` (the
+    ``tfidf_blocks``), ``counts`` (the ``shape_counts``) and ``pairs`` (the hashed word pairs): when already
+    computed."""
     from scipy.sparse import csr_matrix, hstack
     from sklearn.preprocessing import normalize
 
-    plain = tfidf_blocks(texts, vocabularies, {name: a[f"idf_{name}"] for name in BLOCKS})
-    blocks = [block.weight * normalize(x.multiply(a[f"weight_{name}"][None, :]).tocsr(), norm="l2")
-              for (name, block), x in zip(BLOCKS.items(), plain, strict=True)]
-    blocks.append(csr_matrix(SHAPE_WEIGHT * (shape_counts(texts) - a["shape_mean"]) / a["shape_scale"]))
+    if plain is None:
+        plain = tfidf_blocks(texts, vocabularies, {name: arrays[f"idf_{name}"] for name in BLOCKS})
+    if counts is None:
+        counts = shape_counts(texts)
+    blocks = [block.weight * normalize(x.multiply(arrays[f"weight_{name}"][None, :]).tocsr(), norm="l2")
+              for (name, block), x in zip(BLOCKS.items(), plain, strict=True) if x.shape[1]]
+    blocks.append(csr_matrix(SHAPE_WEIGHT * (counts - arrays["shape_mean"]) / arrays["shape_scale"]))
     if prompts is not None:
         from dora_engine.calibration import wordpairs
 
-        blocks.append(wordpairs.features(prompts, texts, a["pair_columns"], pairs))
+        blocks.append(wordpairs.features(prompts, texts, arrays["pair_columns"], pairs))
     return hstack(blocks).tocsr()
 
 
@@ -149,32 +170,40 @@ def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, 
           prompts: Sequence[str] | None = None) -> None:
     """Fit TF-IDF + logistic regression on ``texts`` (responses) and save it to ``output_dir``; with
     ``prompts`` (one per response), the prompt-aware classifier (the word-pair features too)."""
+    from scipy.sparse import csr_matrix
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
     labels = np.asarray(labels, dtype=int)
     texts = list(texts)
-    vocabularies, a = {}, {}
+    vocabularies: dict[str, dict[str, int]] = {}
+    arrays: dict[str, np.ndarray] = {}
+    plain = []
     for name, block in BLOCKS.items():
         vectorizer = TfidfVectorizer(**block.options(), min_df=min(MIN_DF, len(texts)), sublinear_tf=True,
                                      max_features=MAX_FEATURES, dtype=np.float64)
-        vectorizer.fit(block.texts(texts))
-        vocabularies[name] = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
-        a[f"idf_{name}"] = vectorizer.idf_.astype(np.float64)
-    plain = tfidf_blocks(texts, vocabularies, {name: a[f"idf_{name}"] for name in BLOCKS})
-    for name, x in zip(BLOCKS, plain, strict=True):
-        a[f"weight_{name}"] = ratio_weights(x, labels, num_labels)
+        try:
+            plain.append(vectorizer.fit_transform(block.texts(texts)).tocsr())
+        except ValueError as error:
+            if not any(message in str(error) for message in _NO_TERMS):
+                raise
+            plain.append(csr_matrix((len(texts), 0)))
+            vocabularies[name], arrays[f"idf_{name}"] = {}, np.empty(0)
+        else:
+            vocabularies[name] = {term: int(i) for term, i in vectorizer.vocabulary_.items()}
+            arrays[f"idf_{name}"] = vectorizer.idf_.astype(np.float64)
+        arrays[f"weight_{name}"] = ratio_weights(plain[-1], labels, num_labels)
     counts = shape_counts(texts)
-    a["shape_mean"], a["shape_scale"] = counts.mean(axis=0), counts.std(axis=0)
-    a["shape_scale"][a["shape_scale"] == 0] = 1.0
+    arrays["shape_mean"], arrays["shape_scale"] = counts.mean(axis=0), counts.std(axis=0)
+    arrays["shape_scale"][arrays["shape_scale"] < 1e-8] = 1.0  # a count the same in every response
     pairs = None
     if prompts is not None:
         from dora_engine.calibration import wordpairs
 
         prompts = list(prompts)
         pairs = wordpairs.hashed_pairs(prompts, texts)
-        a["pair_columns"] = wordpairs.seen_columns(pairs)
-    x = _features(texts, vocabularies, a, prompts, pairs)
+        arrays["pair_columns"] = wordpairs.seen_columns(pairs)
+    x = _features(texts, vocabularies, arrays, prompts, plain=plain, counts=counts, pairs=pairs)
 
     fitted = LogisticRegression(C=C, max_iter=5000, random_state=seed).fit(x, labels)
     coef, intercept = linear_head(fitted, num_labels)
@@ -184,7 +213,7 @@ def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, 
             "vocabularies": vocabularies}
     (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     with open(folder / ARRAYS_FILE, "wb") as handle:
-        np.savez_compressed(handle, **a, coef=coef, intercept=intercept)
+        np.savez_compressed(handle, **arrays, coef=coef, intercept=intercept)
 
 
 def is_saved(folder: str | os.PathLike) -> bool:
@@ -208,11 +237,12 @@ def load_saved(
 def predict(folder: str | os.PathLike, texts: Sequence[str], prompts: Sequence[str] | None = None) -> np.ndarray:
     """Class probabilities (len(texts), num_labels) in float64; a prompt-aware classifier needs the
     ``prompts`` (one per text), the other ignores them."""
-    meta, a = load_saved(folder, "bag-of-words", (FORMAT, PAIR_FORMAT), META_FILE, ARRAYS_FILE)
+    meta, arrays = load_saved(folder, "bag-of-words", (FORMAT, PAIR_FORMAT), META_FILE, ARRAYS_FILE)
     if not texts:
         return np.empty((0, meta["num_labels"]))
     if meta["format"] == PAIR_FORMAT and prompts is None:
         raise ValueError(f"{folder} holds a prompt-aware bag-of-words classifier: pass the prompts")
-    x = _features(list(texts), meta["vocabularies"], a, list(prompts) if meta["format"] == PAIR_FORMAT else None)
-    logits = np.asarray(x @ a["coef"].T) + a["intercept"]
+    x = _features(list(texts), meta["vocabularies"], arrays,
+                  list(prompts) if meta["format"] == PAIR_FORMAT else None)
+    logits = np.asarray(x @ arrays["coef"].T) + arrays["intercept"]
     return softmax(logits)

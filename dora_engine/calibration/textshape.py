@@ -5,8 +5,15 @@ in how long and how formatted their answers are, more than in the words in betwe
 
 * ``edge_text``: the response's first and last ``EDGE_TOKENS`` tokens (lower-cased words and single
   punctuation marks), tagged ``B`` (beginning) or ``E`` (end), as one string for a word n-gram block:
-  "Sure, here it is." → "Bsure B, Bhere Bit Bis B. Esure E, Ehere Eit Eis E."
-* ``shape_counts``: ``SHAPE_COUNTS`` numbers per response, each log(1 + count).
+  "Sure, here it is." → "Bsure B, Bhere Bit Bis B. Esure E, Ehere Eit Eis E." (A response shorter than
+  ``EDGE_TOKENS`` appears whole in both halves; the bigram across the join, here "B. Esure", is a
+  feature too.)
+* ``shape_counts``: ``SHAPE_COUNTS`` numbers per response, each log(1 + value). The values: characters,
+  words (split on white space), lines, lines whose first non-blank character is ``-``, ``*`` or ``•``
+  (markdown bullets, and also lines opening with bold text), lines opening with digits and ``.`` or ``)``,
+  lines whose first non-blank character is ``#``, occurrences of ``**`` and of three backticks, blank-line
+  breaks (two line breaks in a row), and the mean number of words per sentence (text between ``.``, ``!``
+  or ``?`` followed by white space).
 """
 
 from __future__ import annotations
