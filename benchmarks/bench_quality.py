@@ -64,7 +64,7 @@ from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
 from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
 from dora_engine.training.data import ALL_SOURCES, Sampler, Tokenizer, TrainingData, collate, tokenise
-from dora_engine.training.engine import lr_lambda
+from dora_engine.training.engine import build_optimizer, build_schedule, total_steps
 from dora_engine.training.model import PolicyLoss, ReferenceLogps
 from dora_engine.training.ref_logps import compute_reference
 
@@ -214,14 +214,15 @@ def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: 
 
 def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: int,
           ref: torch.Tensor | None = None) -> None:
-    """The optimizer loop of ``Trainer.train_step`` without DeepSpeed: the trainer's sampler, collator,
-    schedule and gradient clipping; a step with a non-finite loss is skipped."""
+    """The optimizer loop of ``Trainer.train_step`` without DeepSpeed: the trainer's sampler, collator, step
+    count, optimizer, schedule and gradient clipping (off at 0, as DeepSpeed's); a step with a non-finite loss
+    is skipped."""
     t = cfg.train
     sampler = Sampler(len(data), t.micro_batch_prompts, 1, t.grad_accum_steps, t.seed)
-    total = t.max_steps or t.epochs * sampler.steps_per_epoch
+    total = total_steps(t, sampler)
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t.schedule, t.warmup_steps, total))
+    optimizer = build_optimizer(params, t)
+    schedule = build_schedule(optimizer, t, total)
     module.train()
     for step in range(total):
         finite = True
@@ -230,7 +231,8 @@ def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: i
             finite = finite and bool(torch.isfinite(out.value))
             (out.loss / t.grad_accum_steps).backward()
         if finite:
-            torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+            if t.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()

@@ -37,7 +37,7 @@ from dora_engine.training.checkpoint import (
     config_differences,
     written_world_size,
 )
-from dora_engine.training.config import TrainingConfig
+from dora_engine.training.config import TrainConfig, TrainingConfig
 from dora_engine.training.data import (
     Sampler,
     Tokenizer,
@@ -180,6 +180,23 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+def total_steps(train: TrainConfig, sampler: Sampler) -> int:
+    """Optimizer steps of a run: ``train.max_steps``, else its epochs' worth of the sampler's steps."""
+    return train.max_steps or train.epochs * sampler.steps_per_epoch
+
+
+def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
+    """The optimizer a run uses when the DeepSpeed config names none: AdamW at the peak lr."""
+    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def build_schedule(
+    optimizer: torch.optim.Optimizer, train: TrainConfig, total: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule of a run of ``total`` optimizer steps (``lr_lambda``)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.schedule, train.warmup_steps, total))
+
+
 def offload_summary(engine: Any) -> str | None:
     """What the built ZeRO-3 optimizer offloads and where, e.g. ``optimizer state to cpu, parameters to cpu``
     (read from the optimizer DeepSpeed made, which is what runs, rather than from the config); None
@@ -247,7 +264,7 @@ class Trainer:
 
     @property
     def total_steps(self) -> int:
-        return self.cfg.train.max_steps or self.cfg.train.epochs * self.sampler.steps_per_epoch
+        return total_steps(self.cfg.train, self.sampler)
 
     def _remove_stale_temporaries(self) -> None:
         """Remove what killed writes of an earlier run left under our temporary names (``dora_engine.atomic``):
@@ -327,13 +344,10 @@ class Trainer:
             model = add_lora(model, cfg.lora)
         module = PolicyLoss(model, cfg)
         params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = None
-        if "optimizer" not in self.ds_config:
-            optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-        schedule = lr_lambda(cfg.train.schedule, cfg.train.warmup_steps, self.total_steps)
+        optimizer = None if "optimizer" in self.ds_config else build_optimizer(params, cfg.train)
 
         def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+            return build_schedule(opt, cfg.train, self.total_steps)
 
         engine, _, _, lr_scheduler = deepspeed.initialize(
             model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
