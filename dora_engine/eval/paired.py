@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from dora_engine.errors import UserValueError
+from dora_engine.eval.bootstrap import bootstrap_quantiles
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.generate import Generation
 from dora_engine.eval.judges import RewardJudge
@@ -49,16 +50,11 @@ class Interval:
 
 def bootstrap_mean(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> Interval:
     """The mean of ``values`` with its percentile-bootstrap interval (see the module docstring)."""
-    if n_boot < 1 or not 0 < confidence < 1:
-        raise UserValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
     data = np.asarray(values, dtype=np.float64)
     if data.size == 0:
         raise UserValueError("no values to average")
-    rng = np.random.default_rng(seed)
-    means = data[rng.integers(0, data.size, size=(n_boot, data.size))].mean(axis=1)
-    alpha = (1 - confidence) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return Interval(float(data.mean()), float(lo), float(hi), int(data.size))
+    lo, hi = bootstrap_quantiles(data[:, None], n_boot=n_boot, seed=seed, confidence=confidence)
+    return Interval(float(data.mean()), float(lo[0]), float(hi[0]), int(data.size))
 
 
 def paired_interval(

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from dora_engine.data.schema import Record, RecordError
-from dora_engine.errors import UserValueError
+from dora_engine.eval.bootstrap import bootstrap_quantiles
 from dora_engine.eval.comparison import VERDICTS, Comparison, Verdict
 from dora_engine.eval.generate import Generation
 
@@ -58,8 +58,6 @@ def summarise(
     unknown = sorted({v for v in verdicts} - set(VERDICTS))
     if unknown:
         raise ValueError(f"unknown verdict(s) {unknown}; valid verdicts: {', '.join(VERDICTS)}")
-    if n_boot < 1 or not 0 < confidence < 1:
-        raise UserValueError(f"need n_boot >= 1 and 0 < confidence < 1, got {n_boot} and {confidence}")
     codes = np.array([("win", "lose", "tie").index(v) for v in verdicts if v != "error"], dtype=np.int64)
     counts = np.bincount(codes, minlength=3)
     judged = int(codes.size)
@@ -69,12 +67,7 @@ def summarise(
         ci = {k: (nan, nan) for k in RATES}
     else:
         point = dict(zip(RATES, (_POINTS @ counts / judged).tolist(), strict=True))
-        rng = np.random.default_rng(seed)
-        resampled = codes[rng.integers(0, judged, size=(n_boot, judged))]
-        boot_counts = np.stack([(resampled == c).sum(axis=1) for c in range(3)], axis=1)  # (n_boot, 3)
-        boot_rates = boot_counts @ _POINTS.T / judged  # (n_boot, len(RATES))
-        alpha = (1 - confidence) / 2
-        lo, hi = np.quantile(boot_rates, [alpha, 1 - alpha], axis=0)
+        lo, hi = bootstrap_quantiles(_POINTS.T[codes], n_boot=n_boot, seed=seed, confidence=confidence)
         ci = {k: (float(lo[i]), float(hi[i])) for i, k in enumerate(RATES)}
     return WinRateSummary(
         judged=judged, wins=int(counts[0]), losses=int(counts[1]), ties=int(counts[2]),
