@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dora_engine.eval.paired import bootstrap_mean
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 
 
@@ -78,7 +80,8 @@ def test_paired_differences_over_seeds(bench):
     per_seed, interval = bench.differences(seeds, "reward", "paper, noise 40%", "rrhf", "erm")
     assert per_seed == pytest.approx({0: 0.10, 1: 0.05, 2: 0.20})
     assert interval.mean == pytest.approx(0.35 / 3) and interval.n == 3
-    assert 0.05 - 1e-9 <= interval.lo <= interval.mean <= interval.hi <= 0.20 + 1e-9
+    expected = bootstrap_mean([0.10, 0.05, 0.20])  # the bootstrap of dora − erm over the seeds, in seed order
+    assert (interval.lo, interval.hi) == pytest.approx((expected.lo, expected.hi)) and interval.lo > 0
     table = bench.markdown_tables(config, seeds)
     assert f"**{interval.format(1.0, 3)}**" in table  # all three differences > 0: the interval excludes zero
     assert "| paper, noise 40% | rrhf | +0.100 | +0.050 | +0.200 |" in table
