@@ -40,17 +40,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dora_engine.calibration.textshape import edge_text, shape_counts
+from dora_engine.calibration import wordpairs
+from dora_engine.calibration.textshape import EDGE_TOKENS, SHAPE_COUNTS, edge_text, shape_counts
 
 if TYPE_CHECKING:
     from scipy.sparse import csr_matrix
 
 META_FILE = "bow.json"
 ARRAYS_FILE = "bow.npz"
-FORMAT = "tfidf-word12-char25-edges12-ratio+shape-lr-c16/4"
-"""What a saved bag-of-words classifier is; part of its identity (a change retrains)."""
-PAIR_FORMAT = "tfidf-word12-char25-edges12-ratio+shape+wordpairs-w2-p32-r64+overlap-lr-c16/3"
-"""The same for the prompt-aware classifier (``tfidf-pair``)."""
 
 
 @dataclass(frozen=True)
@@ -82,6 +79,24 @@ MAX_FEATURES = 200_000
 C = 16.0
 _NO_TERMS = ("no terms remain", "empty vocabulary")
 """scikit-learn's messages for a block without a term in ``MIN_DF`` training responses (tiny data)."""
+
+
+def _describe() -> str:
+    blocks = "-".join(f"{name}{b.ngrams[0]}{b.ngrams[1]}x{b.weight:g}" for name, b in BLOCKS.items())
+    return (f"tfidf-{blocks}-edgetokens{EDGE_TOKENS}-df{MIN_DF}-max{MAX_FEATURES}-ratio"
+            f"+shape{len(SHAPE_COUNTS)}x{SHAPE_WEIGHT:g}-lr-c{C:g}")
+
+
+FORMAT = f"{_describe()}/5"
+"""What a saved bag-of-words classifier is: its settings, and a version bumped when the code changes what
+they mean; part of its identity (a change retrains)."""
+PAIR_FORMAT = f"{_describe()}+{wordpairs.DESCRIPTION}/4"
+"""The same for the prompt-aware classifier (``tfidf-pair``)."""
+
+
+def saved_format(prompt_aware: bool) -> str:
+    """The format of a classifier trained with (``tfidf-pair``) or without the prompts (``tfidf``)."""
+    return PAIR_FORMAT if prompt_aware else FORMAT
 
 
 def _tfidf(counts: csr_matrix, idf: np.ndarray) -> csr_matrix:
@@ -143,8 +158,6 @@ def _features(texts: Sequence[str], vocabularies: dict[str, dict[str, int]], arr
               for (name, block), x in zip(BLOCKS.items(), plain, strict=True) if x.shape[1]]
     blocks.append(csr_matrix(SHAPE_WEIGHT * (counts - arrays["shape_mean"]) / arrays["shape_scale"]))
     if prompts is not None:
-        from dora_engine.calibration import wordpairs
-
         blocks.append(wordpairs.features(prompts, texts, arrays["pair_columns"], pairs))
     return hstack(blocks).tocsr()
 
@@ -198,8 +211,6 @@ def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, 
     arrays["shape_scale"][arrays["shape_scale"] < 1e-8] = 1.0  # a count the same in every response
     pairs = None
     if prompts is not None:
-        from dora_engine.calibration import wordpairs
-
         prompts = list(prompts)
         pairs = wordpairs.hashed_pairs(prompts, texts)
         arrays["pair_columns"] = wordpairs.seen_columns(pairs)
@@ -209,7 +220,7 @@ def train(texts: Sequence[str], labels: np.ndarray, num_labels: int, seed: int, 
     coef, intercept = linear_head(fitted, num_labels)
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {"format": FORMAT if prompts is None else PAIR_FORMAT, "num_labels": num_labels,
+    meta = {"format": saved_format(prompts is not None), "num_labels": num_labels,
             "vocabularies": vocabularies}
     (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
     with open(folder / ARRAYS_FILE, "wb") as handle:

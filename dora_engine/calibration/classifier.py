@@ -122,7 +122,7 @@ class ClassifierSettings:
         if self.is_bag_of_words:
             from dora_engine.calibration import bow
 
-            return {"backbone": self.backbone, "format": bow.FORMAT if self.backbone == TFIDF else bow.PAIR_FORMAT,
+            return {"backbone": self.backbone, "format": bow.saved_format(self.backbone == TFIDF_PAIR),
                     "seed": self.seed}
         if self.encoder == "features":
             from dora_engine.calibration import features

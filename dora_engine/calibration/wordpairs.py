@@ -36,6 +36,10 @@ MAX_PROMPT_WORDS = 32
 MAX_RESPONSE_WORDS = 64
 PAIR_WEIGHT = 2.0
 
+DESCRIPTION = (f"wordpairs-w{PAIR_WEIGHT:g}-p{MAX_PROMPT_WORDS}-r{MAX_RESPONSE_WORDS}-h{HASH_FEATURES}"
+               "+overlap")
+"""These features' settings, part of the prompt-aware classifier's saved format (``bow.PAIR_FORMAT``)."""
+
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
