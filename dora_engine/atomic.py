@@ -18,14 +18,22 @@ from pathlib import Path
 from typing import IO
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it before Python 3.13; done once, at import, not per write
+    os.umask(umask)
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _new_file_mode(path: Path) -> int:
     """The permissions ``path`` gets: those it has when it exists, else what ``open`` would give a new file
-    (0o666 less the umask); ``mkstemp``'s own 0o600 would hide a user's file from their group."""
+    (0o666 less the process's umask at import); ``mkstemp``'s own 0o600 would hide a user's file from their
+    group."""
     with contextlib.suppress(FileNotFoundError):
         return path.stat().st_mode & 0o7777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_UMASK
 
 
 @contextlib.contextmanager

@@ -279,21 +279,21 @@ def test_checkpoint_without_manifest_is_still_loaded_as_plain_data_only(tmp_path
     assert not (tmp_path / "ran").exists()
 
 
-def test_atomic_writes_give_new_files_the_umask_mode_and_keep_an_existing_mode(tmp_path):
+def test_atomic_writes_give_new_files_the_umask_mode_and_keep_an_existing_mode(tmp_path, monkeypatch):
     import stat
 
-    umask = os.umask(0o022)
-    try:
-        with atomic_write(tmp_path / "new.txt") as handle:
-            handle.write("x")
-        with atomic_path(tmp_path / "new.png") as tmp:
-            tmp.write_bytes(b"x")
-        (tmp_path / "kept.txt").write_text("old")
-        (tmp_path / "kept.txt").chmod(0o640)
-        with atomic_write(tmp_path / "kept.txt") as handle:
-            handle.write("new")
-    finally:
-        os.umask(umask)
+    from dora_engine import atomic
+
+    assert atomic._UMASK == atomic._read_umask()  # read without changing it
+    monkeypatch.setattr(atomic, "_UMASK", 0o027)  # the process's umask when dora_engine.atomic was imported
+    with atomic_write(tmp_path / "new.txt") as handle:
+        handle.write("x")
+    with atomic_path(tmp_path / "new.png") as tmp:
+        tmp.write_bytes(b"x")
+    (tmp_path / "kept.txt").write_text("old")
+    (tmp_path / "kept.txt").chmod(0o604)
+    with atomic_write(tmp_path / "kept.txt") as handle:
+        handle.write("new")
     mode = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("new.txt", "new.png", "kept.txt")}
-    assert mode == {"new.txt": 0o644, "new.png": 0o644, "kept.txt": 0o640}
+    assert mode == {"new.txt": 0o640, "new.png": 0o640, "kept.txt": 0o604}
     assert (tmp_path / "kept.txt").read_text() == "new"
