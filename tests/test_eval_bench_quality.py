@@ -85,3 +85,39 @@ def test_paired_differences_over_seeds(bench):
     table = bench.markdown_tables(config, seeds)
     assert f"**{interval.format(1.0, 3)}**" in table  # all three differences > 0: the interval excludes zero
     assert "| paper, noise 40% | rrhf | +0.100 | +0.050 | +0.200 |" in table
+
+
+def test_bench_trains_with_the_quickstart_settings(bench, tmp_path):
+    """The benchmark's defaults are the quickstart's (launch/quickstart.sh and its two configs), so the
+    figures in benchmarks/RESULTS.md speak for what the quickstart runs."""
+    from dora_engine.data.schema import write_records
+    from dora_engine.data.synth import synth_records
+    from dora_engine.training.config import load_config
+
+    repo = BENCH.parents[1]
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    write_records(tmp_path / "train.jsonl", synth_records(4))
+    config = bench.BenchConfig()
+    script = (repo / "launch" / "quickstart.sh").read_text()
+    for stage, global_batch in (("sft", 64), ("align", 8)):
+        shipped = load_config(repo / "launch" / "configs" / f"quickstart_{stage}.yaml", [
+            f"model.path={tmp_path / 'model'}", f"data.train=[{tmp_path / 'train.jsonl'}]",
+            f"output_dir={tmp_path / stage}", f"train.micro_batch_prompts={global_batch}"])  # 1 rank
+        loss, strategy = ("rrhf", "dora") if stage == "align" else ("dpo_pl", "erm")
+        ours = bench.run_config(config, stage, 0, loss, strategy)
+        for section, fields in (("train", ("micro_batch_prompts", "lr", "schedule", "warmup_steps", "epochs",
+                                           "grad_accum_steps", "max_grad_norm", "weight_decay")),
+                                ("data", ("max_prompt_tokens", "max_response_tokens"))):
+            for name in fields:
+                assert getattr(getattr(ours, section), name) == getattr(getattr(shipped, section), name), name
+        assert f"{global_batch} / NPROC" in script
+        if stage == "sft":
+            assert ours.data.target_source == shipped.data.target_source == "*"
+        else:
+            assert (shipped.loss.name, shipped.robust.strategy, shipped.robust.lam) == ("rrhf", "dora", config.lam)
+            assert loss in config.losses
+    assert f"--backbone {config.calibration_backbone} --folds {config.calibration_folds}" in script
+    assert f"--num-prompts {config.train_prompts} --k {config.k} --golden-fraction {config.golden_fraction}" in script
+    assert f"--num-prompts {config.eval_prompts}" in script and f"--max-new-tokens {config.max_new_tokens}" in script
