@@ -146,8 +146,8 @@ def sequence_logprobs_linear(
         hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device.
             All three are differentiable; the backward recomputes each chunk's logits.
         labels: (N, T) int64 aligned with the logits, in [0, V) or ``ignore_index``.
-        chunk_bytes: bytes of one chunk's logits (default 256 MiB on CUDA, 64 MiB on CPU); a chunk holds at
-            least one token's V logits.
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device);
+            a chunk holds at least one token's V logits.
         ignore_index, backend, validate: as in ``sequence_logprobs``.
 
     Returns:
@@ -267,7 +267,7 @@ def dora_loss_linear(
             holds at least one prompt's K·T·V logits; backward once only) or ``"recompute"`` (4 GEMMs, token
             chunks, least memory). The reference backend follows the same chunking (``recompute`` by
             activation checkpointing); both modes give the same values.
-        chunk_bytes: bytes of one chunk's logits (default 256 MiB on CUDA, 64 MiB on CPU).
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device).
 
     Returns / Raises: as ``dora_loss``.
     """

@@ -262,7 +262,7 @@ class OpBuilder:
     def sources(self, root: Path = CSRC) -> list[str]:
         files = [root / "bindings.cpp", root / "cpu" / "dora_cpu.cpp"]
         if self.with_cuda:
-            files += [root / "cuda_ops.cpp", *sorted((root / "cuda").glob("*.cu"))]
+            files += [root / "cuda" / "cuda_ops.cpp", *sorted((root / "cuda").glob("*.cu"))]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise OpLoadError(

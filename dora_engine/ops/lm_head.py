@@ -67,7 +67,7 @@ class LossHeadSettings:
     mode: str = "single_pass"
     """``single_pass`` (3 GEMMs) or ``recompute`` (4 GEMMs, least memory)."""
     chunk_bytes: int | None = None
-    """Bytes of one chunk of logits; None: 256 MiB on CUDA, 64 MiB on CPU."""
+    """Bytes of one chunk of logits; None: the device's ``ops.chunking.DEFAULT_CHUNK_BYTES``."""
     backend: str = "auto"
     """``auto``, ``fused`` or ``reference``."""
     validate: bool = True

@@ -85,7 +85,7 @@ class TrainConfig:
     backend: str = "auto"  # op backend: auto | fused | reference
     loss_path: str = "auto"  # logits | fused_linear (hidden states -> dora_loss_linear) | auto: fused_linear if it can
     fused_linear_mode: str = "single_pass"  # single_pass (3 GEMMs) | recompute (4 GEMMs, least memory)
-    chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: 256 MiB GPU, 64 MiB CPU)
+    chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: DEFAULT_CHUNK_BYTES)
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
 
