@@ -8,6 +8,12 @@
 //   batch_stage        (2a) + (2b) + gS[n] = ∂L/∂ℓ_b·∂ℓ_b/∂S_n in one call (one launch on the GPU)
 //   rescale_           x *= factor (a one-value tensor) unless factor == 1: the fused-linear accumulators'
 //                      rescale, decided on the device without a host synchronisation
+//   contract           what Python must agree with, read from the header: the response limit, each loss
+//                      code's name, parameter count and need of a reference, each strategy code's name
+//   rows_disjoint      whether seq_logprobs_bwd_ may overwrite these logits (the in-place rule)
+//
+// dora_engine/ops/contract.py calls the last two when the extension loads and refuses it (OpLoadError)
+// when they disagree with the registry of dora_engine/losses.py.
 //
 // The row passes take logits with any row strides and a unit stride over the vocabulary (others are copied
 // once); the backward writes a new gradient with the logits' 16-byte alignment, or over the logits.
@@ -17,6 +23,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
+#include <tuple>
 
 #include "dora_math.h"
 #include "dora_ops.h"
@@ -146,6 +154,46 @@ void check_reduce_inputs(const at::Tensor& ell, const std::optional<at::Tensor>&
   if (h.has_value()) check_vector(*h, "h", ell.size(0), ell);
 }
 
+// The registry name of each code (LossSpec.name, StrategySpec.name), tied to the enumerators of dora_math.h.
+const char* loss_name(int code) {
+  switch (code) {
+    case kDpo: return "dpo";
+    case kRdpo: return "rdpo";
+    case kIpo: return "ipo";
+    case kRobustDpo: return "robust_dpo";
+    case kExo: return "exo";
+    case kSimpo: return "simpo";
+    case kDpoPl: return "dpo_pl";
+    case kRrhf: return "rrhf";
+    case kLire: return "lire";
+    default: return "";
+  }
+}
+
+const char* strategy_name(int code) {
+  switch (code) {
+    case kErm: return "erm";
+    case kReweight: return "reweight";
+    case kDro: return "dro";
+    case kDora: return "dora";
+    case kDrdpo: return "drdpo";
+    default: return "";
+  }
+}
+
+std::tuple<int64_t, c10::List<std::string>, c10::List<int64_t>, c10::List<bool>, c10::List<std::string>> contract() {
+  c10::List<std::string> losses, strategies;
+  c10::List<int64_t> param_counts;
+  c10::List<bool> needs_reference;
+  for (int code = 0; code < kNumLosses; ++code) {
+    losses.push_back(loss_name(code));
+    param_counts.push_back(loss_param_count(code));
+    needs_reference.push_back(loss_needs_reference(code));
+  }
+  for (int code = 0; code < kNumStrategies; ++code) strategies.push_back(strategy_name(code));
+  return {kMaxResponses, losses, param_counts, needs_reference, strategies};
+}
+
 }  // namespace dora
 
 TORCH_LIBRARY(dora_engine, m) {
@@ -159,6 +207,10 @@ TORCH_LIBRARY(dora_engine, m) {
   m.def("batch_stage(Tensor S, Tensor L, Tensor? S_ref, Tensor scores, Tensor? h, int loss_code, float[] params, "
         "int strategy_code, float lam) -> (Tensor loss, Tensor ell, Tensor weights, Tensor gS)");
   m.def("rescale_(Tensor(a!) x, Tensor factor) -> ()");
+  // No device kernels: these read only the header's constants and a tensor's sizes and strides.
+  m.def("contract() -> (int max_responses, str[] losses, int[] loss_param_counts, bool[] loss_needs_reference, "
+        "str[] strategies)", &dora::contract);
+  m.def("rows_disjoint(Tensor logits) -> bool", &dora::rows_disjoint);
 }
 
 #define DORA_REGISTER_BACKEND(m, suffix)                                   \

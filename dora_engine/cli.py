@@ -33,7 +33,7 @@ PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirect
 """The OSErrors that are bad input when their file is a path the user named (module docstring)."""
 
 COMMAND_MODULES = (
-    "dora_engine.ops.report",
+    "dora_engine.ops.commands",
     "dora_engine.data.commands",
     "dora_engine.calibration.commands",
     "dora_engine.training.commands",

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # dora_engine.data imports this module
 
 GENERATION_BACKENDS = ("transformers", "vllm")
 
-EXPORT_FOLDER = "final"
+EXPORT_FOLDER = "final"  # <output_dir>/final: the Hugging Face export of a training run (training/engine.py)
 """The folder a training run exports its model to (``<output_dir>/final``): the same for every run."""
 
 

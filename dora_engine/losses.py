@@ -4,6 +4,9 @@ Every path of the project (reference op, fused C++/CUDA op, trainer, CLI, benchm
 and strategy names, parameters and defaults here. The fused kernels receive a loss/strategy *code* and
 the parameters flattened in ``LossSpec.param_names`` order (``encode_params``).
 
+The training objective travels as one value, ``RobustObjective`` (loss, its parameters, strategy, λ);
+``RobustObjective.resolve()`` validates it once and gives the ``ResolvedObjective`` every consumer reads.
+
 Shapes: B prompts × K responses. ``S`` summed log-probs, ``L`` valid-token counts, ``S_ref`` reference
 summed log-probs, ``scores`` per-response scores (higher is better), all (B, K). Every function
 computes in the dtype of its inputs; callers upcast bf16/fp16 to fp32 first (float64 stays float64).
@@ -14,10 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from dora_engine.errors import UserValueError
 
 # --------------------------------------------------------------------------------------------------
 # Batch view shared by all losses
@@ -361,3 +367,104 @@ def robust_objective(
             raise ValueError(f"strategy {strategy!r} needs h_tilde (run calibration first)")
         h_tilde = torch.ones_like(ell)
     return spec.fn(ell, h_tilde.to(ell.dtype), float(lam))
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective as one value
+# --------------------------------------------------------------------------------------------------
+
+
+class ObjectiveError(UserValueError):
+    """An objective that cannot run; ``field`` is the ``RobustObjective`` field at fault (``loss``,
+    ``loss_params``, ``strategy`` or ``lam``), so that a caller can name its own key for it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class RobustObjective:
+    """The training objective: a loss of ``LOSSES`` under a strategy of ``STRATEGIES`` (docs/design.md
+    section 4). A plain description; ``resolve()`` validates it."""
+
+    loss: str = "dpo_pl"
+    """Preference loss name (``LOSSES``)."""
+    loss_params: Mapping[str, Any] = field(default_factory=dict)
+    """Overrides of the loss's default parameters."""
+    strategy: str = "dora"
+    """``erm``, ``reweight``, ``dro``, ``dora`` or ``drdpo``."""
+    lam: float = 1.0
+    """λ > 0, the temperature of ``dro``, ``dora`` and ``drdpo`` (the kernels check it for every strategy)."""
+
+    def resolve(self) -> ResolvedObjective:
+        """The validated objective: loss and strategy known, parameters complete and typed, λ finite and > 0.
+        Raises ``ObjectiveError`` naming the field at fault."""
+        try:
+            loss = get_loss(self.loss)
+        except ValueError as err:
+            raise ObjectiveError("loss", str(err)) from None
+        try:
+            params = resolve_params(self.loss, self.loss_params)
+        except ValueError as err:
+            raise ObjectiveError("loss_params", str(err)) from None
+        try:
+            strategy = get_strategy(self.strategy)
+        except ValueError as err:
+            raise ObjectiveError("strategy", str(err)) from None
+        lam = self.lam
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam <= 0:
+            raise ObjectiveError("lam", f"lam must be a finite number > 0, got {lam!r}")
+        return ResolvedObjective(loss, MappingProxyType(params), strategy, float(lam))
+
+
+@dataclass(frozen=True)
+class ResolvedObjective:
+    """A validated ``RobustObjective``: the specs, the loss's complete parameters and λ."""
+
+    loss: LossSpec
+    params: Mapping[str, ParamValue]
+    strategy: StrategySpec
+    lam: float
+
+    def resolve(self) -> ResolvedObjective:
+        """Itself: already validated."""
+        return self
+
+    @property
+    def encoded_params(self) -> list[float]:
+        """The parameters as the fused kernels take them (``encode_params``)."""
+        return encode_params(self.loss.name, self.params)
+
+    def per_sample_loss(self, batch: PromptBatch) -> torch.Tensor:
+        """ℓ_b (B,) of the loss."""
+        return self.loss.fn(batch, **self.params)
+
+    def reduce(self, ell: torch.Tensor, h_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, weights) of the strategy over ``ell`` with calibration weights ``h_tilde`` (B,)."""
+        return self.strategy.fn(ell, h_tilde, self.lam)
+
+
+def objective_of(
+    objective: RobustObjective | ResolvedObjective | None,
+    *,
+    loss: str | None = None,
+    loss_params: Mapping[str, Any] | None = None,
+    strategy: str | None = None,
+    lam: float | None = None,
+) -> ResolvedObjective:
+    """The resolved objective of a call that takes ``objective=`` or, as a convenience, the flat
+    ``loss`` / ``loss_params`` / ``strategy`` / ``lam`` (which build one; unset ones keep
+    ``RobustObjective``'s defaults). Giving both is an error."""
+    flat = {
+        name: value
+        for name, value in (("loss", loss), ("loss_params", loss_params), ("strategy", strategy), ("lam", lam))
+        if value is not None
+    }
+    if objective is None:
+        return RobustObjective(**flat).resolve()
+    if flat:
+        raise ValueError(f"give either objective or {', '.join(flat)}, not both")
+    if not isinstance(objective, RobustObjective | ResolvedObjective):
+        raise TypeError(f"objective must be a RobustObjective, got {type(objective).__name__}")
+    return objective.resolve()

@@ -137,3 +137,101 @@ def test_op_rejects_codes_out_of_range(ops) -> None:
         ops.prompt_loss(S, L, S_ref, scores, len(LOSSES), [0.1])
     with pytest.raises(RuntimeError, match="unknown strategy code -1"):
         ops.robust_reduce(torch.ones(2, dtype=torch.float64), None, -1, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# The contract the extension reports at load (dora_engine/ops/contract.py)
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_the_extension_reports_the_registry_and_the_header(ops, header: str) -> None:
+    from dora_engine.ops.contract import contract_problems, read_contract
+
+    contract = read_contract(ops)
+    assert contract.losses == tuple(sorted(LOSSES, key=lambda name: LOSSES[name].code))
+    assert contract.loss_param_counts == tuple(len(LOSSES[name].param_names) for name in contract.losses)
+    assert contract.loss_needs_reference == tuple(LOSSES[name].needs_reference for name in contract.losses)
+    assert contract.strategies == tuple(sorted(STRATEGIES, key=lambda name: STRATEGIES[name].code))
+    assert contract.max_responses == int(re.search(r"kMaxResponses\s*=\s*(\d+)", header).group(1))
+    assert contract_problems(ops) == []
+
+
+class DriftedKernels:
+    """The loaded extension with its reported contract edited, as a header that drifted would report it."""
+
+    def __init__(self, ops, rows_disjoint=None, **changes) -> None:
+        self.ops, self.changes = ops, changes
+        self.rows_disjoint = rows_disjoint or ops.rows_disjoint
+
+    def contract(self):
+        fields = dict(zip(("max_responses", "losses", "counts", "reference", "strategies"), self.ops.contract(),
+                          strict=True))
+        fields.update(self.changes)
+        return tuple(fields.values())
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"losses": ["rdpo", "dpo", "ipo", "robust_dpo", "exo", "simpo", "dpo_pl", "rrhf", "lire"]}, "loss codes"),
+        ({"counts": [1, 2, 1, 2, 2, 2, 1, 1, 2]}, "loss 'ipo': the extension reads 1 parameters, the registry has 2"),
+        ({"reference": [True] * 9}, "loss 'simpo': the extension says needs_reference = True"),
+        ({"strategies": ["erm", "dro", "reweight", "dora", "drdpo"]}, "strategy codes"),
+        ({"rows_disjoint": lambda logits: True}, "in-place rule for sizes (2, 3, 5), strides (5, 3, 1)"),
+    ],
+)
+def test_a_drifted_contract_is_named(ops, change: dict, message: str) -> None:
+    from dora_engine.ops.contract import contract_problems
+
+    problems = contract_problems(DriftedKernels(ops, **change))
+    assert any(message in problem for problem in problems), problems
+
+
+def test_load_refuses_an_extension_that_breaks_the_contract(ops, monkeypatch) -> None:
+    from dora_engine.ops import builder, contract
+
+    monkeypatch.setattr(builder, "_state", builder.SimpleNamespace(ops=None, source=None, build=None, failure=None))
+    monkeypatch.setattr(builder, "_load_library", lambda verbose: ("test build", None))
+    monkeypatch.setattr(contract, "read_contract", lambda kernels: contract.OpContract(64, ("dpo",), (1,), (True,),
+                                                                                          ("erm",)))
+    with pytest.raises(builder.OpLoadError, match="disagrees with dora_engine/losses.py: loss codes"):
+        builder.load_ops()
+    with pytest.raises(builder.OpLoadError, match="loss codes"):  # remembered
+        builder.load_ops()
+
+
+# ------------------------------------------------------------------------------------------------------
+# docs/design.md section 4's tables against the registry
+# ------------------------------------------------------------------------------------------------------
+
+DESIGN = HEADER.parents[2] / "docs" / "design.md"
+
+
+def doc_table(text: str, first_header: str) -> list[list[str]]:
+    """The body rows (cells, stripped) of the Markdown table whose header row starts with ``first_header``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(rf"\|\s*{re.escape(first_header)}\s*\|", line))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows
+
+
+def quoted(cell: str) -> list[str]:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def test_design_tables_follow_the_registry() -> None:
+    text = DESIGN.read_text(encoding="utf-8")
+    losses = doc_table(text, "loss | ℓ_b")
+    assert [quoted(row[0])[0] for row in losses] == list(LOSSES)
+    for row in losses:
+        name = quoted(row[0])[0]
+        assert ("no reference" in row[1]) == (not LOSSES[name].needs_reference), name
+    params = {}
+    for row in doc_table(text, "loss | `loss_params` (kernel order)"):
+        params.update(dict.fromkeys(quoted(row[0]), tuple(quoted(row[1]))))
+    assert params == {name: spec.param_names for name, spec in LOSSES.items()}
+    assert [quoted(row[0])[0] for row in doc_table(text, "strategy | L")] == list(STRATEGIES)

@@ -7,8 +7,9 @@ import copy
 import pytest
 import torch
 
+from dora_engine.losses import RobustObjective
 from dora_engine.ops import dora_loss, sequence_logprobs
-from dora_engine.ops.lm_head import DoRALossHead, DoRAPolicy, RobustObjective, install_loss_head
+from dora_engine.ops.lm_head import DoRALossHead, DoRAPolicy, install_loss_head
 
 transformers = pytest.importorskip("transformers")
 OBJECTIVE = RobustObjective(loss="dpo_pl", strategy="dora", lam=0.5)

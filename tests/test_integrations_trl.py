@@ -20,7 +20,8 @@ from datasets import Dataset  # noqa: E402  (after the skip: datasets comes with
 from training_toy import WORDS, build_tokenizer  # noqa: E402
 
 from dora_engine.integrations.trl import DoRADPOConfig, DoRADPOTrainer  # noqa: E402
-from dora_engine.ops.lm_head import DoRAPolicy, RobustObjective  # noqa: E402
+from dora_engine.losses import RobustObjective  # noqa: E402
+from dora_engine.ops.lm_head import DoRAPolicy  # noqa: E402
 from dora_engine.training.data import Example, Row, TrainingData, collate  # noqa: E402
 
 B = 4  # prompts in the fixed batch
@@ -133,7 +134,7 @@ def test_trains_two_steps_with_trls_logging(toy) -> None:
 def test_loss_on_a_fixed_batch_equals_the_engines(toy, loss: str, params: dict, strategy: str) -> None:
     trainer = make_trainer(toy, dora_loss=loss, dora_loss_params=params, dora_strategy=strategy, dora_lam=0.7)
     ours, grads = loss_and_grads(trainer, fixed_batch(trainer))
-    objective = RobustObjective(loss, trainer.dora_params, strategy, 0.7)
+    objective = RobustObjective(loss, dict(trainer.dora_objective.params), strategy, 0.7)
     engine, engine_grads = engine_loss_and_grads(trainer, trainer.model, objective)
     assert ours == pytest.approx(engine, rel=1e-12, abs=1e-12)
     assert max_diff(grads, engine_grads) < 1e-11
@@ -197,4 +198,4 @@ def test_config_parses_from_the_command_line(toy) -> None:
         ["--output_dir", str(toy["root"]), "--use_cpu", "--bf16", "false", "--dora_loss", "ipo",
          "--dora_loss_params", '{"length_normalize": true}', "--beta", "0.3", "--dora_strategy", "erm"]
     )
-    assert args.resolved_loss_params() == {"beta": 0.3, "length_normalize": True}
+    assert args.objective().params == {"beta": 0.3, "length_normalize": True}

@@ -15,9 +15,12 @@ import torch
 from dora_engine.losses import (
     LOSSES,
     STRATEGIES,
+    ObjectiveError,
     PromptBatch,
+    RobustObjective,
     encode_params,
     get_loss,
+    objective_of,
     per_sample_loss,
     resolve_params,
     robust_objective,
@@ -228,3 +231,48 @@ def test_registry_errors_name_the_field(call, message: str) -> None:
     with pytest.raises(ValueError) as err:
         call()
     assert message in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# The objective as one value
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("objective", "field", "message"),
+    [
+        (RobustObjective(loss="dpoo"), "loss", "unknown loss 'dpoo'"),
+        (RobustObjective(loss="dpo", loss_params={"gamma": 1.0}), "loss_params", "unknown loss_params ['gamma']"),
+        (RobustObjective(loss="exo", loss_params={"eps": 1.0}), "loss_params", "must be in (0, 1.0), got 1.0"),
+        (RobustObjective(strategy="minimax"), "strategy", "unknown strategy 'minimax'"),
+        (RobustObjective(lam=0.0), "lam", "lam must be a finite number > 0, got 0.0"),
+        (RobustObjective(lam=True), "lam", "lam must be a finite number > 0"),
+        (RobustObjective(lam=float("inf")), "lam", "lam must be a finite number > 0"),
+    ],
+)
+def test_resolve_names_the_field_at_fault(objective: RobustObjective, field: str, message: str) -> None:
+    with pytest.raises(ObjectiveError) as err:
+        objective.resolve()
+    assert err.value.field == field and message in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_resolve_completes_and_types_the_parameters() -> None:
+    resolved = RobustObjective("lire", {"temperature": 3}, "dro", 2).resolve()
+    assert (resolved.loss, resolved.strategy, resolved.lam) == (LOSSES["lire"], STRATEGIES["dro"], 2.0)
+    assert dict(resolved.params) == {"temperature": 3.0, "reward_norm": "softmax"}
+    assert isinstance(resolved.params["temperature"], float)
+    assert resolved.encoded_params == [3.0, 0.0]
+    assert resolved.resolve() is resolved
+    with pytest.raises(TypeError):
+        resolved.params["temperature"] = 1.0  # read-only: validated once
+
+
+def test_flat_arguments_build_the_objective_and_cannot_be_mixed_with_it() -> None:
+    assert objective_of(None) == RobustObjective().resolve()
+    assert objective_of(None, loss="simpo", strategy="erm") == RobustObjective("simpo", strategy="erm").resolve()
+    assert objective_of(RobustObjective("dpo", lam=0.5)) == RobustObjective("dpo", {}, "dora", 0.5).resolve()
+    with pytest.raises(ValueError, match="either objective or loss, lam, not both"):
+        objective_of(RobustObjective(), loss="dpo", lam=0.5)
+    with pytest.raises(TypeError, match="objective must be a RobustObjective, got dict"):
+        objective_of({"loss": "dpo"})

@@ -134,3 +134,13 @@ def test_shift_labels_equals_slicing_the_logits(backend: str):
     torch.testing.assert_close(whole.loss, sliced.loss)
     with pytest.raises(ValueError, match="labels must be a 2-D tensor"):
         ops.shift_labels(hf_labels[0])
+
+
+def test_the_objective_and_the_flat_arguments_give_one_loss():
+    objective = ops.RobustObjective(loss="dpo", loss_params={"beta": 0.3}, strategy="dro", lam=0.5)
+    by_value = ops.dora_loss(**batch(), objective=objective, backend="reference")
+    flat = ops.dora_loss(**batch(), loss="dpo", loss_params={"beta": 0.3}, strategy="dro", lam=0.5, backend="reference")
+    resolved = ops.dora_loss(**batch(), objective=objective.resolve(), backend="reference")
+    assert by_value.loss.item() == flat.loss.item() == resolved.loss.item()
+    with pytest.raises(ValueError, match="either objective or strategy, not both"):
+        ops.dora_loss(**batch(), objective=objective, strategy="erm", backend="reference")

@@ -61,7 +61,7 @@ def test_defaults_overrides_and_registry_defaults(toy):
         ({"loss": {"name": "dpoo"}}, "'loss.name': unknown loss 'dpoo'"),
         ({"loss": {"name": "dpo", "params": {"gamma": 1.0}}}, "'loss.params': unknown loss_params ['gamma']"),
         ({"loss": {"name": "dpo", "params": {"beta": -1}}}, "'loss.params'"),
-        ({"robust": {"strategy": "dora", "lam": 0}}, "'robust.lam' must be > 0"),
+        ({"robust": {"strategy": "dora", "lam": 0}}, "'robust.lam': lam must be a finite number > 0"),
         ({"robust": {"strategy": "minimax"}}, "'robust.strategy': unknown strategy"),
         ({"data": {"train": ["missing.jsonl"]}}, "'data.train[0]': file not found"),
         ({"lora": {"enabled": True, "dropout": 1.5}}, "'lora.dropout'"),

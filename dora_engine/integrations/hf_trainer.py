@@ -30,9 +30,8 @@ import transformers
 from torch import nn
 
 from dora_engine.integrations.common import data_parallel_group, preference_stats, weight_stats
-from dora_engine.losses import get_loss, get_strategy, resolve_params
+from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import DoRAOutput, dora_loss, sequence_logprobs, shift_labels
-from dora_engine.ops.lm_head import RobustObjective
 
 __all__ = ["ListwiseCollator", "ListwiseTrainer", "RobustObjective", "listwise_loss", "reference_logps"]
 
@@ -179,7 +178,7 @@ def reference_logps(model: nn.Module, batch: Mapping[str, torch.Tensor], *, back
 def listwise_loss(
     model: nn.Module,
     batch: Mapping[str, torch.Tensor],
-    objective: RobustObjective = DEFAULT_OBJECTIVE,
+    objective: RobustObjective | ResolvedObjective = DEFAULT_OBJECTIVE,
     *,
     ref_logps: torch.Tensor | None = None,
     process_group: Any = None,
@@ -188,13 +187,13 @@ def listwise_loss(
     """``dora_loss`` of ``model`` on a ``ListwiseCollator`` batch: the model's logits with the batch's labels
     aligned by ``shift_labels``, its scores, h̃ (used by the strategies that need it) and reference log-probs
     (``ref_logps``, else the batch's). ``process_group``: reduce over the prompts of every rank."""
+    objective = objective.resolve()
     scores = batch["scores"]
     ref = ref_logps if ref_logps is not None else batch.get("ref_logps")
-    h = batch.get("h_tilde") if get_strategy(objective.strategy).needs_h_tilde else None
+    h = batch.get("h_tilde") if objective.strategy.needs_h_tilde else None
     return dora_loss(
         _logits(model, batch), shift_labels(batch["labels"]), num_responses=scores.shape[1], scores=scores,
-        h_tilde=h, ref_logps=ref, loss=objective.loss, loss_params=objective.loss_params,
-        strategy=objective.strategy, lam=objective.lam, process_group=process_group, backend=backend,
+        h_tilde=h, ref_logps=ref, objective=objective, process_group=process_group, backend=backend,
     )
 
 
@@ -215,15 +214,13 @@ class ListwiseTrainer(transformers.Trainer):
     # The loss is a mean over prompts: gradient accumulation averages micro-steps (docs/design.md section 5.5)
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args: Any, objective: RobustObjective = DEFAULT_OBJECTIVE, ref_model: nn.Module | None = None,
-                 backend: str = "auto", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, objective: RobustObjective | ResolvedObjective = DEFAULT_OBJECTIVE,
+                 ref_model: nn.Module | None = None, backend: str = "auto", **kwargs: Any) -> None:
         if kwargs.get("data_collator") is None and len(args) < 3:
             kwargs["data_collator"] = ListwiseCollator(kwargs.get("processing_class"))
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the same for transformers versions without loss_is_scaled_for_ga
-        self.objective = objective
-        self.loss_params = resolve_params(objective.loss, objective.loss_params)
-        get_strategy(objective.strategy)
+        self.objective = objective.resolve()
         self.backend = backend
         self.ref_model = None
         if ref_model is not None:
@@ -239,10 +236,10 @@ class ListwiseTrainer(transformers.Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         ref = inputs.get("ref_logps")
-        if ref is None and get_loss(self.objective.loss).needs_reference:
+        if ref is None and self.objective.loss.needs_reference:
             if self.ref_model is None:
                 raise ValueError(
-                    f"loss {self.objective.loss!r} needs reference log-probs: give the examples 'ref_logps' "
+                    f"loss {self.objective.loss.name!r} needs reference log-probs: give the examples 'ref_logps' "
                     "(reference_logps) or the trainer a ref_model"
                 )
             ref = reference_logps(self.ref_model, inputs, backend=self.backend)
@@ -255,7 +252,8 @@ class ListwiseTrainer(transformers.Trainer):
     def _record(self, out: DoRAOutput, inputs: dict[str, Any], ref: torch.Tensor | None) -> None:
         stats = self._stats["train" if self.model.training else "eval"]
         gather = self.accelerator.gather
-        for name, value in preference_stats(out, inputs["scores"], ref, self.objective.loss, self.loss_params).items():
+        objective = self.objective
+        for name, value in preference_stats(out, inputs["scores"], ref, objective.loss.name, objective.params).items():
             stats.setdefault(name, []).append(gather(value).mean().item())
         weights = out.weights if data_parallel_group() is None else gather(out.weights)
         for name, value in weight_stats(weights).items():

@@ -27,7 +27,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from dora_engine.integrations.common import data_parallel_group, preference_stats, weight_stats
-from dora_engine.losses import get_loss, get_strategy, resolve_params
+from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss
 from dora_engine.ops import OP_BACKENDS, DoRAOutput, dora_loss, shift_labels
 
 __all__ = ["DoRADPOConfig", "DoRADPOTrainer"]
@@ -42,6 +42,9 @@ _REPLACED_OPTIONS = {
     "f_divergence_type": ("reverse_kl", "the losses use the log-ratio ρ = S − S_ref"),
     "use_weighting": (False, "weigh prompts with a robust strategy (`dora_strategy`) and h̃"),
 }
+#: The config field of each ``RobustObjective`` field.
+_OBJECTIVE_FIELDS = {"loss": "dora_loss", "loss_params": "dora_loss_params", "strategy": "dora_strategy",
+                     "lam": "dora_lam"}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "h_tilde"}
 
 
@@ -128,24 +131,28 @@ class DoRADPOConfig(DPOConfig):
                     f"DoRADPOConfig: `{name}` = {getattr(self, name)!r} is not used by the DoRA loss ({instead}); "
                     f"leave it at {default!r}"
                 )
-        get_strategy(self.dora_strategy)
-        if isinstance(self.dora_lam, bool) or not isinstance(self.dora_lam, int | float) or not self.dora_lam > 0:
-            raise ValueError(f"DoRADPOConfig: `dora_lam` must be a number > 0, got {self.dora_lam!r}")
         if self.dora_backend not in OP_BACKENDS:
             raise ValueError(f"DoRADPOConfig: `dora_backend` must be one of {OP_BACKENDS}, got {self.dora_backend!r}")
-        self.resolved_loss_params()
+        self.objective()
 
-    def resolved_loss_params(self) -> dict[str, Any]:
-        """The loss's parameters: its defaults, then `beta`, then `dora_loss_params` (checked by the registry)."""
-        spec = get_loss(self.dora_loss)
+    def objective(self) -> ResolvedObjective:
+        """The objective of `dora_loss`, its parameters (the loss's defaults, then `beta`, then
+        `dora_loss_params`), `dora_strategy` and `dora_lam`, resolved by the registry."""
         params = dict(self.dora_loss_params or {})
         if self.beta is not None:
-            if "beta" not in spec.defaults:
+            try:
+                has_beta = "beta" in get_loss(self.dora_loss).defaults
+            except ValueError as err:
+                raise ValueError(f"DoRADPOConfig: `dora_loss`: {err}") from None
+            if not has_beta:
                 raise ValueError(f"DoRADPOConfig: `beta` is set but loss {self.dora_loss!r} has no β")
             if "beta" in params:
                 raise ValueError("DoRADPOConfig: β is set twice, in `beta` and in `dora_loss_params`")
             params["beta"] = self.beta
-        return resolve_params(self.dora_loss, params)
+        try:
+            return RobustObjective(self.dora_loss, params, self.dora_strategy, self.dora_lam).resolve()
+        except ObjectiveError as err:
+            raise ValueError(f"DoRADPOConfig: `{_OBJECTIVE_FIELDS[err.field]}`: {err}") from None
 
 
 @dataclass
@@ -187,13 +194,13 @@ class DoRADPOTrainer(DPOTrainer):
             args = DoRADPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DoRA-DPO")
         if not isinstance(args, DoRADPOConfig):
             raise TypeError(f"DoRADPOTrainer needs args of type DoRADPOConfig, got {type(args).__name__}")
-        self.dora_params = args.resolved_loss_params()
+        self.dora_objective = args.objective()
         super().__init__(model, ref_model, args, *rest, **kwargs)
         if self._is_vision_dataset:
             raise ValueError("DoRADPOTrainer supports text datasets only")
-        self.beta = float(self.dora_params.get("beta", 1.0))  # TRL's name for the reward scale
-        self._needs_reference = get_loss(args.dora_loss).needs_reference
-        self._uses_h_tilde = get_strategy(args.dora_strategy).needs_h_tilde
+        self.beta = float(self.dora_objective.params.get("beta", 1.0))  # TRL's name for the reward scale
+        self._needs_reference = self.dora_objective.loss.needs_reference
+        self._uses_h_tilde = self.dora_objective.strategy.needs_h_tilde
         columns = getattr(self.train_dataset, "column_names", None)  # None for some streaming datasets
         if self._uses_h_tilde and columns is not None and args.h_tilde_column not in columns:
             raise ValueError(
@@ -241,9 +248,8 @@ class DoRADPOTrainer(DPOTrainer):
         h_tilde = inputs.get("h_tilde")
         out = dora_loss(
             logits, aligned, num_responses=2, scores=scores, h_tilde=h_tilde if self._uses_h_tilde else None,
-            ref_logps=ref_logps,
-            loss=args.dora_loss, loss_params=self.dora_params, strategy=args.dora_strategy, lam=args.dora_lam,
-            process_group=data_parallel_group(), backend=args.dora_backend,
+            ref_logps=ref_logps, objective=self.dora_objective, process_group=data_parallel_group(),
+            backend=args.dora_backend,
         )
         loss = out.loss
         if self.aux_loss_enabled:
@@ -265,7 +271,8 @@ class DoRADPOTrainer(DPOTrainer):
         """TRL's metrics of the step (averaged over ranks), then the strategy's."""
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
-        for name, value in preference_stats(out, scores, ref_logps, self.args.dora_loss, self.dora_params).items():
+        params = self.dora_objective.params
+        for name, value in preference_stats(out, scores, ref_logps, self.args.dora_loss, params).items():
             metrics[name].append(gather(value).mean().item())
 
         # Token statistics of the scored positions, one row at a time (no second N·T·V buffer)

@@ -23,26 +23,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dora_engine.losses import ResolvedObjective, RobustObjective, objective_of
 from dora_engine.ops import reference
 from dora_engine.ops.builder import OpLoadError
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.output import DoRAOutput
 from dora_engine.ops.validation import (
-    LossCall,
     check_choice,
     check_chunk_bytes,
     check_labels,
     check_linear_inputs,
     check_logits_labels,
     check_loss_inputs,
-    check_response_limit,
-    check_valid_tokens,
 )
 
 __all__ = [
     "FUSED_LINEAR_MODES",
     "OP_BACKENDS",
     "DoRAOutput",
+    "RobustObjective",
     "dora_loss",
     "dora_loss_linear",
     "sequence_logprobs",
@@ -91,23 +90,6 @@ def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"labels must be a 2-D tensor (N, T), got {getattr(labels, 'shape', type(labels).__name__)}")
     return torch.nn.functional.pad(labels[:, 1:], (0, 1), value=ignore_index)
-
-
-def _loss_call(
-    rows: int, device: torch.device, labels: torch.Tensor, impl: ModuleType, *,
-    num_responses: int, scores: torch.Tensor, h_tilde: torch.Tensor | None, ref_logps: torch.Tensor | None,
-    loss: str, loss_params: dict[str, Any] | None, strategy: str, lam: float, process_group: Any,
-    ignore_index: int, validate: bool,
-) -> LossCall:
-    call = check_loss_inputs(
-        num_rows=rows, device=device, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
-        ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
-        process_group=process_group, validate=validate,
-    )
-    check_response_limit(num_responses, impl.MAX_RESPONSES)
-    if validate:
-        check_valid_tokens(labels, ignore_index, num_responses)
-    return call
 
 
 def sequence_logprobs(
@@ -164,8 +146,8 @@ def sequence_logprobs_linear(
         hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device.
             All three are differentiable; the backward recomputes each chunk's logits.
         labels: (N, T) int64 aligned with the logits, in [0, V) or ``ignore_index``.
-        chunk_bytes: bytes of one chunk's logits (default 256 MiB on CUDA, 64 MiB on CPU); a chunk holds at
-            least one token's V logits.
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device);
+            a chunk holds at least one token's V logits.
         ignore_index, backend, validate: as in ``sequence_logprobs``.
 
     Returns:
@@ -188,10 +170,11 @@ def dora_loss(
     scores: torch.Tensor,
     h_tilde: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    loss: str = "dpo_pl",
+    objective: RobustObjective | ResolvedObjective | None = None,
+    loss: str | None = None,
     loss_params: dict[str, Any] | None = None,
-    strategy: str = "dora",
-    lam: float = 1.0,
+    strategy: str | None = None,
+    lam: float | None = None,
     process_group: dist.ProcessGroup | None = None,
     ignore_index: int = -100,
     backend: str = "auto",
@@ -213,8 +196,12 @@ def dora_loss(
         scores: (B, K) float, higher is better; they rank the responses (not differentiated).
         h_tilde: (B,) float > 0, the calibration weights; required by ``reweight`` and ``dora``.
         ref_logps: (N,) float, the reference model's S; required by dpo, rdpo, ipo, robust_dpo, exo, dpo_pl.
-        loss, loss_params: a loss of ``dora_engine.losses.LOSSES`` and overrides of its defaults.
-        strategy: ``erm``, ``reweight``, ``dro``, ``dora`` or ``drdpo``; ``lam``: λ > 0 of the last three.
+        objective: the loss, its parameters, the strategy and λ (``dora_engine.losses.RobustObjective``,
+            validated by its ``resolve()``; a ``ResolvedObjective`` is used as it is). None: the one that
+            the flat arguments below build.
+        loss, loss_params, strategy, lam: convenience (kept for one release): the fields of the
+            ``RobustObjective`` to build when ``objective`` is None, unset ones at its defaults (``dpo_pl``
+            under ``dora``, λ = 1). Giving them with ``objective`` is an error.
         process_group: reduce the strategy over the prompts of every rank of this group (data parallel);
             the gradient is then that of the global loss under DeepSpeed's gradient averaging.
         ignore_index: label value of positions that are not scored.
@@ -236,12 +223,12 @@ def dora_loss(
         ValueError / TypeError naming the argument (and row or prompt) at fault; ``OpLoadError`` for
         ``backend="fused"`` when the extension cannot be built or loaded.
     """
+    resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam)
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
     impl = _backend(backend)
-    call = _loss_call(
-        logits.shape[0], logits.device, labels, impl, num_responses=num_responses, scores=scores,
-        h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
-        process_group=process_group, ignore_index=ignore_index, validate=validate,
+    call = check_loss_inputs(
+        resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
+        ref_logps=ref_logps, process_group=process_group, response_limit=impl.MAX_RESPONSES, validate=validate,
     )
     S, L = impl.row_pass(logits, labels, ignore_index, inplace_backward)
     return impl.robust_loss(S, L, call)
@@ -257,10 +244,11 @@ def dora_loss_linear(
     scores: torch.Tensor,
     h_tilde: torch.Tensor | None = None,
     ref_logps: torch.Tensor | None = None,
-    loss: str = "dpo_pl",
+    objective: RobustObjective | ResolvedObjective | None = None,
+    loss: str | None = None,
     loss_params: dict[str, Any] | None = None,
-    strategy: str = "dora",
-    lam: float = 1.0,
+    strategy: str | None = None,
+    lam: float | None = None,
     process_group: dist.ProcessGroup | None = None,
     ignore_index: int = -100,
     mode: str = "single_pass",
@@ -273,25 +261,25 @@ def dora_loss_linear(
     Args:
         hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device. All
             three are differentiable through ``loss``.
-        labels, num_responses, scores, h_tilde, ref_logps, loss, loss_params, strategy, lam, process_group,
-        ignore_index, backend, validate: as in ``dora_loss``.
+        labels, num_responses, scores, h_tilde, ref_logps, objective (or loss, loss_params, strategy, lam),
+        process_group, ignore_index, backend, validate: as in ``dora_loss``.
         mode: ``"single_pass"`` (3 GEMMs per chunk, nothing recomputed; chunks of whole prompts, so a chunk
             holds at least one prompt's K·T·V logits; backward once only) or ``"recompute"`` (4 GEMMs, token
             chunks, least memory). The reference backend follows the same chunking (``recompute`` by
             activation checkpointing); both modes give the same values.
-        chunk_bytes: bytes of one chunk's logits (default 256 MiB on CUDA, 64 MiB on CPU).
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device).
 
     Returns / Raises: as ``dora_loss``.
     """
+    resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam)
     check_choice("mode", mode, FUSED_LINEAR_MODES)
     check_linear_inputs(hidden, weight, bias)
     check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
     budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
     impl = _backend(backend)
-    call = _loss_call(
-        hidden.shape[0], hidden.device, labels, impl, num_responses=num_responses, scores=scores,
-        h_tilde=h_tilde, ref_logps=ref_logps, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
-        process_group=process_group, ignore_index=ignore_index, validate=validate,
+    call = check_loss_inputs(
+        resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
+        ref_logps=ref_logps, process_group=process_group, response_limit=impl.MAX_RESPONSES, validate=validate,
     )
     if mode == "single_pass":
         return impl.single_pass_loss(hidden, weight, bias, labels, ignore_index, budget, call)

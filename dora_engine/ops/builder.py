@@ -262,7 +262,7 @@ class OpBuilder:
     def sources(self, root: Path = CSRC) -> list[str]:
         files = [root / "bindings.cpp", root / "cpu" / "dora_cpu.cpp"]
         if self.with_cuda:
-            files += [root / "cuda_ops.cpp", *sorted((root / "cuda").glob("*.cu"))]
+            files += [root / "cuda" / "cuda_ops.cpp", *sorted((root / "cuda").glob("*.cu"))]
         missing = [str(f) for f in files if not f.exists()]
         if missing:
             raise OpLoadError(
@@ -429,14 +429,21 @@ def _load_library(verbose: bool) -> tuple[str, BuildRecord]:
 def load_ops(verbose: bool = False) -> Any:
     """``torch.ops.dora_engine`` with the kernels loaded: the ahead-of-time build, else the JIT build.
 
-    Loaded once per process; a failure is remembered and raised again as ``OpLoadError``.
+    Loaded once per process; a failure is remembered and raised again as ``OpLoadError``, as is an
+    extension whose contract (codes, parameter counts, in-place rule) disagrees with the registry
+    (``ops/contract.py``).
     """
     if _state.ops is not None:
         return _state.ops
     if _state.failure is not None:
         raise OpLoadError(_state.failure)
+    from dora_engine.ops.contract import contract_problems
+
     try:
         _state.source, _state.build = _load_library(verbose)
+        problems = contract_problems(getattr(torch.ops, OPS_NAMESPACE))
+        if problems:
+            raise OpLoadError(f"the {_state.source} disagrees with dora_engine/losses.py: {'; '.join(problems)}")
     except OpLoadError as err:
         _state.failure = str(err)
         raise

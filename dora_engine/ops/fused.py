@@ -22,15 +22,17 @@ from __future__ import annotations
 import torch
 
 from dora_engine.ops.builder import check_kernels_for, load_ops
+from dora_engine.ops.contract import overwritable, read_contract
 from dora_engine.ops.fused_linear import linear_row_pass, single_pass_loss
 from dora_engine.ops.robust import robust_loss
 
 __all__ = ["MAX_RESPONSES", "linear_row_pass", "robust_loss", "row_pass", "single_pass_loss"]
 
-#: Responses per prompt the C++ per-batch stage handles (``kMaxResponses`` in csrc/include/dora_math.h).
-MAX_RESPONSES = 64
-
 _kernels = load_ops()
+
+#: Responses per prompt the C++ per-batch stage handles, as the extension reports it (``kMaxResponses`` in
+#: csrc/include/dora_math.h).
+MAX_RESPONSES = read_contract(_kernels).max_responses
 
 
 class _SequenceLogprobs(torch.autograd.Function):
@@ -53,22 +55,6 @@ class _SequenceLogprobs(torch.autograd.Function):
             _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, ctx.ignore_index)
             return logits, None, None, None
         return _kernels.seq_logprobs_bwd(logits, labels, lse, gS, ctx.ignore_index), None, None, None
-
-
-def overwritable(logits: torch.Tensor) -> bool:
-    """Whether the backward row pass can write over ``logits`` (N, T, V): a unit stride over the vocabulary and
-    token rows that do not overlap in memory (the rule of ``rows_disjoint`` in csrc/bindings.cpp)."""
-    N, T, V = logits.shape
-    if V > 1 and logits.stride(2) != 1:
-        return False
-    span = V
-    for size, stride in sorted(((N, logits.stride(0)), (T, logits.stride(1))), key=lambda d: (d[1], -d[0])):
-        if size <= 1:
-            continue
-        if stride < span:
-            return False
-        span += stride * (size - 1)
-    return True
 
 
 def row_pass(

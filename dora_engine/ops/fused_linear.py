@@ -32,12 +32,10 @@ straight into the fp32 accumulator) and are cast to the parameter's dtype once a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
-import torch.distributed as dist
 
-from dora_engine.losses import encode_params
 from dora_engine.ops.builder import check_kernels_for, load_ops
 from dora_engine.ops.chunking import prompts_per_chunk, spans, tokens_per_chunk
 from dora_engine.ops.output import DoRAOutput
@@ -57,35 +55,30 @@ ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
 
 @dataclass(frozen=True)
 class _LossInputs:
-    """A validated ``dora_loss_linear`` call, minus the tensors that receive gradients."""
+    """A validated ``dora_loss_linear`` call (its per-prompt tensors detached, in the accumulation dtype, h̃
+    filled with ones where absent), minus the tensors that receive gradients."""
 
     labels: torch.Tensor
     ignore_index: int
     call: LossCall
-    scores: torch.Tensor
-    h_tilde: torch.Tensor
-    ref_logps: torch.Tensor | None
-    process_group: dist.ProcessGroup | None
     chunk_bytes: int
     needs_grad: tuple[bool, bool, bool]  # hidden, weight, bias
-
-    @property
-    def params(self) -> list[float]:
-        return encode_params(self.call.loss.name, self.call.params)
 
 
 def _prompt_loss(S: torch.Tensor, L: torch.Tensor, p: _LossInputs, prompts: slice) -> tuple:
     """ℓ_b (B_c,) and ∂ℓ_b/∂S_n (N_c,) of the prompts in ``prompts`` (stage 2a)."""
-    K = p.call.num_responses
+    call = p.call
+    K = call.num_responses
     rows = slice(prompts.start * K, prompts.stop * K)
-    ref = None if p.ref_logps is None else p.ref_logps[rows]
-    return _kernels.prompt_loss(S[rows], L[rows], ref, p.scores[prompts], p.call.loss.code, p.params)
+    ref = None if call.ref_logps is None else call.ref_logps[rows]
+    o = call.objective
+    return _kernels.prompt_loss(S[rows], L[rows], ref, call.scores[prompts], o.loss.code, o.encoded_params)
 
 
 def _robust_reduce(ell: torch.Tensor, h: torch.Tensor, p: _LossInputs, *, global_batch: bool) -> tuple:
     """(L, weights, ∂L/∂ℓ) of the strategy (stage 2b); over all ranks' prompts with ``global_batch``."""
-    group = p.process_group if global_batch else None
-    return robust_reduce(ell, h, p.call.strategy.code, p.call.lam, group)
+    group = p.call.process_group if global_batch else None
+    return robust_reduce(ell, h, p.call.objective.strategy.code, p.call.objective.lam, group)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +155,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         ell[p0:p1], dell_dS = _prompt_loss(S, L, p, slice(p0, p1))
         if not need_any:
             continue
-        _, _, grad_now = _robust_reduce(ell[:p1], p.h_tilde[:p1], p, global_batch=False)
+        _, _, grad_now = _robust_reduce(ell[:p1], p.call.h_tilde[:p1], p, global_batch=False)
         if grad_seen is not None:
             # Every earlier prompt's ∂L_seen/∂ℓ is now r times what the accumulators were formed with.
             unit = unit * _common_ratio(grad_now[:p0], grad_seen)
@@ -186,7 +179,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             grad_bias.add_(dz.sum(dim=0, dtype=acc))
         grad_seen = grad_now
 
-    loss, weights, grad_final = _robust_reduce(ell, p.h_tilde, p, global_batch=True)
+    loss, weights, grad_final = _robust_reduce(ell, p.call.h_tilde, p, global_batch=True)
     scales = _GradScales()
     if need_any:
         scales.params = _common_ratio(grad_final, grad_seen) * unit
@@ -320,15 +313,17 @@ def single_pass_loss(
     check_kernels_for(hidden)
     acc = accumulation_dtype(hidden.dtype)
     grad_on = torch.is_grad_enabled()
-    inputs = _LossInputs(
-        labels=labels,
-        ignore_index=ignore_index,
-        call=call,
+    prepared = replace(
+        call,
         scores=call.scores.detach().to(acc),
         h_tilde=torch.ones(call.num_prompts, dtype=acc, device=hidden.device)
         if call.h_tilde is None else call.h_tilde.detach().to(acc),
         ref_logps=None if call.ref_logps is None else call.ref_logps.detach().to(acc),
-        process_group=call.process_group,
+    )
+    inputs = _LossInputs(
+        labels=labels,
+        ignore_index=ignore_index,
+        call=prepared,
         chunk_bytes=chunk_bytes,
         needs_grad=tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)),
     )

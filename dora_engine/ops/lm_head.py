@@ -5,7 +5,8 @@ again during that module's backward: DeepSpeed's hooks gather it there. Reading
 ``engine.module.lm_head.weight`` from a training loop gives an empty placeholder, so the loss runs
 inside the forward of a module DeepSpeed wraps (docs/design.md section 5):
 
-- ``DoRAPolicy(model, objective, loss_path=...)`` is the root module to hand to ``deepspeed.initialize``
+- ``DoRAPolicy(model, objective, loss_path=...)`` (``objective`` a ``dora_engine.losses.RobustObjective``,
+  resolved once here) is the root module to hand to ``deepspeed.initialize``
   (``model`` a Hugging Face causal LM, optionally PEFT-wrapped). ``loss_path="logits"``: the model's logits
   → ``dora_loss`` (backward written over the logits); ``"fused_linear"``: the decoder body's hidden states
   → ``dora_loss_linear`` inside the loss head, never holding all logits; ``"auto"`` (default):
@@ -33,14 +34,14 @@ the reference log-prob cache, under ``torch.no_grad()``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import (
     DoRAOutput,
     dora_loss,
@@ -51,36 +52,22 @@ from dora_engine.ops import (
 )
 
 LOSS_PATHS = ("auto", "logits", "fused_linear")
+DEFAULT_OBJECTIVE = RobustObjective()  # dpo_pl under dora, λ = 1
 #: Config attributes of Hugging Face models that transform the lm_head's output, which the fused-linear
 #: path (logits = hidden @ Wᵀ + b) would leave out; with the value that means "no transform".
 LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
 
 
 @dataclass(frozen=True)
-class RobustObjective:
-    """The training objective: a loss of ``dora_engine.losses`` under a robust strategy (docs/design.md
-    section 4)."""
-
-    loss: str = "dpo_pl"
-    """Preference loss name (``dora_engine.losses.LOSSES``)."""
-    loss_params: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the loss's default parameters."""
-    strategy: str = "dora"
-    """``erm``, ``reweight``, ``dro``, ``dora`` or ``drdpo``."""
-    lam: float = 1.0
-    """λ > 0 of ``dro``, ``dora`` and ``drdpo``."""
-
-
-@dataclass(frozen=True)
 class LossHeadSettings:
     """How a ``DoRALossHead`` computes its loss (arguments of ``dora_loss_linear``)."""
 
-    objective: RobustObjective = RobustObjective()
+    objective: RobustObjective | ResolvedObjective = DEFAULT_OBJECTIVE
     """The loss and robust strategy."""
     mode: str = "single_pass"
     """``single_pass`` (3 GEMMs) or ``recompute`` (4 GEMMs, least memory)."""
     chunk_bytes: int | None = None
-    """Bytes of one chunk of logits; None: 256 MiB on CUDA, 64 MiB on CPU."""
+    """Bytes of one chunk of logits; None: the device's ``ops.chunking.DEFAULT_CHUNK_BYTES``."""
     backend: str = "auto"
     """``auto``, ``fused`` or ``reference``."""
     validate: bool = True
@@ -127,12 +114,10 @@ class DoRALossHead(nn.Module):
                 hidden, self.weight, labels, bias=self.bias, chunk_bytes=st.chunk_bytes, backend=st.backend,
                 validate=st.validate,
             )
-        o = st.objective
         return dora_loss_linear(
             hidden, self.weight, labels, bias=self.bias, num_responses=_num_responses(scores), scores=scores,
-            h_tilde=h_tilde, ref_logps=ref_logps, loss=o.loss, loss_params=o.loss_params, strategy=o.strategy,
-            lam=o.lam, process_group=process_group, mode=st.mode, chunk_bytes=st.chunk_bytes, backend=st.backend,
-            validate=st.validate,
+            h_tilde=h_tilde, ref_logps=ref_logps, objective=st.objective, process_group=process_group, mode=st.mode,
+            chunk_bytes=st.chunk_bytes, backend=st.backend, validate=st.validate,
         )
 
 
@@ -204,7 +189,7 @@ class DoRAPolicy(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        objective: RobustObjective = RobustObjective(),
+        objective: RobustObjective | ResolvedObjective = DEFAULT_OBJECTIVE,
         *,
         loss_path: str = "auto",
         mode: str = "single_pass",
@@ -214,12 +199,12 @@ class DoRAPolicy(nn.Module):
     ) -> None:
         super().__init__()
         self.model = model
-        self.objective = objective
+        self.objective = objective.resolve()
         self.loss_path = resolve_loss_path(model, loss_path)
         self.backend = backend
         self.validate = validate
         if self.loss_path == "fused_linear":
-            install_loss_head(causal_lm(model), LossHeadSettings(objective, mode, chunk_bytes, backend, validate))
+            install_loss_head(causal_lm(model), LossHeadSettings(self.objective, mode, chunk_bytes, backend, validate))
 
     @property
     def head(self) -> nn.Module:
@@ -250,9 +235,8 @@ class DoRAPolicy(nn.Module):
             return sequence_logprobs(
                 logits, aligned, backend=self.backend, validate=self.validate, inplace_backward=inplace
             )
-        o = self.objective
         return dora_loss(
             logits, aligned, num_responses=_num_responses(scores), scores=scores, h_tilde=h_tilde,
-            ref_logps=ref_logps, loss=o.loss, loss_params=o.loss_params, strategy=o.strategy, lam=o.lam,
-            process_group=process_group, backend=self.backend, validate=self.validate, inplace_backward=inplace,
+            ref_logps=ref_logps, objective=self.objective, process_group=process_group, backend=self.backend,
+            validate=self.validate, inplace_backward=inplace,
         )

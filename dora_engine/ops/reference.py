@@ -79,14 +79,14 @@ def robust_loss(S: torch.Tensor, L: torch.Tensor, call: LossCall) -> DoRAOutput:
         scores=call.scores.to(dtype),
         S_ref=None if call.ref_logps is None else call.ref_logps.to(dtype).view(B, K),
     )
-    ell = call.loss.fn(batch, **call.params)
+    ell = call.objective.per_sample_loss(batch)
     h = torch.ones_like(ell) if call.h_tilde is None else call.h_tilde.to(dtype)
     process_group = call.process_group
     if process_group is None:
-        loss, weights = call.strategy.fn(ell, h, call.lam)
+        loss, weights = call.objective.reduce(ell, h)
     else:
-        loss, global_weights = call.strategy.fn(
-            gather_for_global_loss(ell, process_group), gather_for_global_loss(h, process_group), call.lam
+        loss, global_weights = call.objective.reduce(
+            gather_for_global_loss(ell, process_group), gather_for_global_loss(h, process_group)
         )
         weights = local_slice(global_weights, ell, process_group)
     return DoRAOutput(loss, ell.detach(), S.detach(), L.detach(), weights.detach())

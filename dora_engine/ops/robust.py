@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from dora_engine.losses import encode_params
 from dora_engine.ops.builder import load_ops
 from dora_engine.ops.distributed import gather_uneven
 from dora_engine.ops.output import DoRAOutput
@@ -66,8 +65,9 @@ def robust_loss(S: torch.Tensor, L: torch.Tensor, call: LossCall) -> DoRAOutput:
     def prepared(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x.detach().to(dtype).contiguous()
 
+    o = call.objective
     loss, ell, weights = _RobustLoss.apply(
         S, L.detach().to(dtype), prepared(call.ref_logps), prepared(call.scores), prepared(call.h_tilde),
-        call.loss.code, encode_params(call.loss.name, call.params), call.strategy.code, call.lam, call.process_group,
+        o.loss.code, o.encoded_params, o.strategy.code, o.lam, call.process_group,
     )
     return DoRAOutput(loss, ell, S.detach(), L.detach(), weights)

@@ -6,13 +6,12 @@ devices are always checked; ``validate=False`` skips only the checks that read t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from dora_engine.losses import LossSpec, StrategySpec, get_loss, get_strategy, resolve_params
+from dora_engine.losses import ResolvedObjective
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -80,13 +79,10 @@ def _shape(x: Any) -> str:
 
 @dataclass(frozen=True)
 class LossCall:
-    """A validated call of ``dora_loss``: resolved loss, parameters and strategy, batch geometry, and the
-    per-prompt inputs of the per-batch stage (what every backend's primitives receive)."""
+    """A validated call of ``dora_loss``: the resolved objective, batch geometry, and the per-prompt inputs
+    of the per-batch stage (what every backend's primitives receive)."""
 
-    loss: LossSpec
-    params: dict[str, Any]
-    strategy: StrategySpec
-    lam: float
+    objective: ResolvedObjective
     num_prompts: int
     num_responses: int
     scores: torch.Tensor
@@ -96,26 +92,22 @@ class LossCall:
 
 
 def check_loss_inputs(
+    objective: ResolvedObjective,
+    labels: torch.Tensor,
     *,
-    num_rows: int,
-    device: torch.device,
+    ignore_index: int,
     num_responses: int,
     scores: torch.Tensor,
     h_tilde: torch.Tensor | None,
     ref_logps: torch.Tensor | None,
-    loss: str,
-    loss_params: dict[str, Any] | None,
-    strategy: str,
-    lam: float,
     process_group: Any,
+    response_limit: int | None,
     validate: bool,
 ) -> LossCall:
-    """Validate everything about a ``dora_loss`` call except the logits/labels themselves."""
-    spec = get_loss(loss)
-    params = resolve_params(loss, loss_params)
-    strat = get_strategy(strategy)
-    if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam <= 0:
-        raise ValueError(f"lam must be a finite number > 0, got {lam!r}")
+    """Validate everything about a ``dora_loss`` call but the logits/labels themselves (already checked:
+    ``labels`` gives the rows and the device) and the objective (resolved by ``RobustObjective.resolve``).
+    ``response_limit``: the most responses per prompt the backend handles (None: no limit)."""
+    num_rows, device = labels.shape[0], labels.device
     if isinstance(num_responses, bool) or not isinstance(num_responses, int) or num_responses < 2:
         raise ValueError(f"num_responses (K) must be an integer >= 2, got {num_responses!r}")
     if num_rows % num_responses:
@@ -129,8 +121,10 @@ def check_loss_inputs(
     if validate and not bool(torch.isfinite(scores).all()):
         raise ValueError("scores contain NaN or inf")
     if h_tilde is None:
-        if strat.needs_h_tilde:
-            raise ValueError(f"strategy {strategy!r} needs h_tilde (B,), got None: run calibration first")
+        if objective.strategy.needs_h_tilde:
+            raise ValueError(
+                f"strategy {objective.strategy.name!r} needs h_tilde (B,), got None: run calibration first"
+            )
     else:
         _check_tensor("h_tilde", h_tilde, (B,), device)
         if validate:
@@ -138,13 +132,16 @@ def check_loss_inputs(
             if bool(bad.any()):
                 b = int(bad.nonzero()[0, 0])
                 raise ValueError(f"h_tilde must be finite and > 0; h_tilde[{b}] = {float(h_tilde[b])}")
-    if spec.needs_reference:
-        if ref_logps is None:
-            raise ValueError(f"loss {loss!r} needs a reference model: pass ref_logps (N,) = ({num_rows},)")
+    if objective.loss.needs_reference and ref_logps is None:
+        raise ValueError(
+            f"loss {objective.loss.name!r} needs a reference model: pass ref_logps (N,) = ({num_rows},)"
+        )
+    if ref_logps is not None:
         _check_tensor("ref_logps", ref_logps, (num_rows,), device)
-    elif ref_logps is not None:
-        _check_tensor("ref_logps", ref_logps, (num_rows,), device)
-    return LossCall(spec, params, strat, float(lam), B, num_responses, scores, h_tilde, ref_logps, process_group)
+    check_response_limit(num_responses, response_limit)
+    if validate:
+        check_valid_tokens(labels, ignore_index, num_responses)
+    return LossCall(objective, B, num_responses, scores, h_tilde, ref_logps, process_group)
 
 
 def _check_tensor(name: str, x: Any, shape: tuple[int, ...], device: torch.device) -> None:

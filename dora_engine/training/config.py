@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from dora_engine.errors import UserError
-from dora_engine.losses import get_loss, get_strategy, resolve_params
+from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss, get_strategy
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
 from dora_engine.ops.lm_head import LOSS_PATHS
 
@@ -85,7 +85,7 @@ class TrainConfig:
     backend: str = "auto"  # op backend: auto | fused | reference
     loss_path: str = "auto"  # logits | fused_linear (hidden states -> dora_loss_linear) | auto: fused_linear if it can
     fused_linear_mode: str = "single_pass"  # single_pass (3 GEMMs) | recompute (4 GEMMs, least memory)
-    chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: 256 MiB GPU, 64 MiB CPU)
+    chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: DEFAULT_CHUNK_BYTES)
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
 
@@ -131,9 +131,14 @@ class TrainingConfig:
     output_dir: str = "runs/dora"
 
     @property
+    def objective(self) -> ResolvedObjective:
+        """The training objective of ``loss`` and ``robust``, resolved (``validate`` has checked it)."""
+        return RobustObjective(self.loss.name, self.loss.params, self.robust.strategy, self.robust.lam).resolve()
+
+    @property
     def loss_params(self) -> dict[str, Any]:
         """The loss's parameters with the registry's defaults filled in."""
-        return resolve_params(self.loss.name, self.loss.params)
+        return dict(self.objective.params)
 
     @property
     def needs_reference(self) -> bool:
@@ -148,6 +153,8 @@ class TrainingConfig:
 
 
 STAGES = ("sft", "align")
+#: The config key of each ``RobustObjective`` field.
+OBJECTIVE_KEYS = {"loss": "loss.name", "loss_params": "loss.params", "strategy": "robust.strategy", "lam": "robust.lam"}
 ON_OFF_KEYS = ("logging.tensorboard",)  # string keys whose values include on/off
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -359,18 +366,9 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
     _positive("data.max_response_tokens", cfg.data.max_response_tokens)
     try:
-        get_loss(cfg.loss.name)
-    except ValueError as err:
-        raise ConfigError(f"config key 'loss.name': {err}") from None
-    try:
-        resolve_params(cfg.loss.name, cfg.loss.params)
-    except ValueError as err:
-        raise ConfigError(f"config key 'loss.params': {err}") from None
-    try:
-        get_strategy(cfg.robust.strategy)
-    except ValueError as err:
-        raise ConfigError(f"config key 'robust.strategy': {err}") from None
-    _positive("robust.lam", cfg.robust.lam)
+        RobustObjective(cfg.loss.name, cfg.loss.params, cfg.robust.strategy, cfg.robust.lam).resolve()
+    except ObjectiveError as err:
+        raise ConfigError(f"config key {OBJECTIVE_KEYS[err.field]!r}: {err}") from None
     t = cfg.train
     _positive("train.micro_batch_prompts", t.micro_batch_prompts)
     _positive("train.grad_accum_steps", t.grad_accum_steps)

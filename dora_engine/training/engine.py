@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from dora_engine.atomic import remove_stale_temporaries
 from dora_engine.errors import UserError
+from dora_engine.generation import EXPORT_FOLDER
 from dora_engine.training import ref_logps as ref_cache
 from dora_engine.training.checkpoint import (
     CheckpointManager,
@@ -542,7 +543,7 @@ class Trainer:
         """Gather the ZeRO-3 weights and write ``<output_dir>/final`` (every rank must call this)."""
         from dora_engine.training.export import gathered_state_dict, merge_lora, write_export
 
-        destination = self.output_dir / "final"
+        destination = self.output_dir / EXPORT_FOLDER
         state = gathered_state_dict(self.engine)
         if state is not None:
             if self.cfg.lora.enabled:

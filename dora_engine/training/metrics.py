@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import atomic_write
+from dora_engine.errors import UserImportError
 from dora_engine.losses import chosen_rejected, get_loss
 from dora_engine.training.config import LoggingConfig
 from dora_engine.training.model import StepOutput
@@ -121,7 +122,9 @@ class MetricsWriter:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("config key 'logging.wandb' needs wandb: pip install 'dora-engine[track]'") from None
+                raise UserImportError(
+                    "config key 'logging.wandb' needs wandb: pip install 'dora-engine[track]'"
+                ) from None
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=run_config, resume="allow")
 
     def _truncate_after(self, step: int) -> None:
@@ -147,7 +150,7 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             if mode == "on":
-                raise RuntimeError(
+                raise UserImportError(
                     "config key 'logging.tensorboard: on' needs tensorboard: pip install 'dora-engine[track]'"
                 ) from None
             return None

@@ -14,7 +14,7 @@ from torch import nn
 
 from dora_engine.errors import UserImportError
 from dora_engine.ops import DoRAOutput
-from dora_engine.ops.lm_head import DoRAPolicy, RobustObjective
+from dora_engine.ops.lm_head import DoRAPolicy
 from dora_engine.training.config import LoraConfig, TrainingConfig
 
 
@@ -52,8 +52,7 @@ class PolicyLoss(DoRAPolicy):
     """forward(batch) -> StepOutput; ``stage`` selects SFT (NLL) or alignment (the robust DoRA loss)."""
 
     def __init__(self, model: nn.Module, cfg: TrainingConfig):
-        objective = RobustObjective(cfg.loss.name, dict(cfg.loss.params), cfg.robust.strategy, cfg.robust.lam)
-        super().__init__(model, objective, **policy_options(cfg))
+        super().__init__(model, cfg.objective, **policy_options(cfg))
         self.stage = cfg.stage
         self.uses_h_tilde = cfg.needs_h_tilde
 
