@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("80", "90")
 TYPES = {"f": "fp32", "d": "fp64", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for 'sm_(?P<arch>\d+)'")
+PROPERTIES = re.compile(r"Function properties for (?P<name>\S+)")
 FRAME = re.compile(
     r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads"
 )
@@ -65,15 +66,24 @@ def ptxas_log(source: Path) -> str:
 
 
 def parse(log: str) -> dict[tuple[str, str], dict[str, int]]:
+    """(kernel, arch) → regs, stack, stores, loads, smem of each entry function in a ``-Xptxas -v`` log.
+
+    An entry's block names its own "Function properties" and then lists those of the non-inlined device
+    functions it calls; only the properties named after the entry are its figures (a callee's later
+    0-byte frame must not overwrite the entry's spills)."""
     table: dict[tuple[str, str], dict[str, int]] = {}
-    current = None
+    current = None  # (kernel, arch) of the entry being read
+    entry_name = properties_of = ""
     for line in log.splitlines():
         if m := ENTRY.search(line):
-            current = (kernel_name(m.group("name")), m.group("arch"))
+            entry_name = m.group("name")
+            current = (kernel_name(entry_name), m.group("arch"))
             table[current] = {"smem": 0}
-        elif current and (m := FRAME.search(line)):
+        elif m := PROPERTIES.search(line):
+            properties_of = m.group("name")
+        elif current and properties_of == entry_name and (m := FRAME.search(line)):
             table[current].update({k: int(v) for k, v in m.groupdict().items()})
-        elif current and (m := USED.search(line)):
+        elif current and properties_of == entry_name and (m := USED.search(line)):
             table[current]["regs"] = int(m.group("regs"))
             if s := SMEM.search(line):
                 table[current]["smem"] = int(s.group("smem"))

@@ -60,18 +60,18 @@ acc_t chunk_sum_exp(const acc_t* x, int64_t n, acc_t shift) {
   return s;
 }
 
-// log Σ_v exp(row[v]) in one pass over the row; NaN (or +∞) anywhere gives NaN.
+// The running (max, Σ exp) pair of a whole row in one pass; NaN (or +∞) anywhere makes its sum NaN.
 template <typename scalar_t, typename acc_t>
-acc_t row_logsumexp(const scalar_t* row, int64_t V) {
+OnlineLse<acc_t> row_lse_state(const scalar_t* row, int64_t V) {
   acc_t buffer[kChunk];
   OnlineLse<acc_t> state{-std::numeric_limits<acc_t>::infinity(), acc_t(0)};
   for (int64_t c = 0; c < V; c += kChunk) {
     const int64_t n = std::min(kChunk, V - c);
     const acc_t* x = widen(row + c, n, buffer);
     state.raise_to(chunk_max(x, n), NaturalUnits{});
-    state.s += chunk_sum_exp(x, n, state.shift(NaturalUnits{}));
+    state.s += chunk_sum_exp(x, n, state.shift(NaturalUnits{}).hi);
   }
-  return state.m + std::log(state.s);
+  return state;
 }
 
 int64_t row_grain(int64_t V) { return std::max<int64_t>(1, kRowGrainElements / std::max<int64_t>(V, 1)); }
@@ -104,8 +104,9 @@ void forward_rows(const scalar_t* z, const Rows& rows, const int64_t* y, int64_t
         continue;
       }
       const scalar_t* row = z + rows.offset(r);
-      lse[r] = row_logsumexp<scalar_t, acc_t>(row, V);
-      lp[r] = static_cast<acc_t>(row[label]) - lse[r];
+      const OnlineLse<acc_t> state = row_lse_state<scalar_t, acc_t>(row, V);
+      lse[r] = state.logsumexp(NaturalUnits{});
+      lp[r] = state.log_prob(static_cast<acc_t>(row[label]), NaturalUnits{});
     }
   });
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {

@@ -5,8 +5,8 @@
 // packs aligned in memory (4 fp32, 8 bf16/fp16 or 2 fp64 values); the first and last pack may hang over
 // the row's ends and are then read value by value. Each thread loads kUnroll packs into registers before
 // using any of them (kUnroll·16 bytes in flight), folds their maximum into an online (max, Σ exp) pair
-// once, then adds one exponential per value. In fp32 the exponential is 2^u on values prescaled by
-// log2 e, u = x·log2e − m·log2e in one FMA, by the flush-to-zero ex2 instruction.
+// once, then adds one exponential per value. In fp32 the exponential is 2^u by the flush-to-zero ex2
+// instruction, u = (x − m)·log2 e as one FMA and one add (dora_math.h's Shift).
 //
 // When N·T rows are too few to fill the GPU, `splits` blocks share a row, each over a contiguous range
 // of its packs. The forward writes one partial (max, sum) pair per block; a second kernel merges a row's
@@ -65,9 +65,9 @@ __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) { return
 template <>
 __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half(x); }
 
-// The row passes' exponential and its units. fp32: values are prescaled by log2 e and E(u) = 2^u by
-// ex2.approx.ftz (results below 2^-126 flush to 0: far below the 2^-24 a sum of terms ≥ 1 resolves).
-// fp64: natural units, E = exp (dora_math.h's NaturalUnits).
+// The row passes' exponential and its units. fp32: base 2, 2^u by ex2.approx.ftz (results below 2^-126
+// flush to 0: far below the 2^-24 a sum of terms ≥ 1 resolves). fp64: natural units, exp (dora_math.h's
+// NaturalUnits).
 __device__ __forceinline__ float exp2_ftz(float u) {
 #ifdef __CUDA_ARCH__
   float y;
@@ -81,9 +81,17 @@ __device__ __forceinline__ float exp2_ftz(float u) {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
+// Base-2 units: the exponent of x against m is fma(x, log2e, −hi) − lo = (x − m)·log2 e, one FMA and one
+// add per value (Shift in dora_math.h: hi + lo is m·log2 e without its rounding).
 struct Base2Units {
-  __device__ __forceinline__ float scale(float x) const { return x * kLog2e; }
-  __device__ __forceinline__ float exp(float u) const { return exp2_ftz(u); }
+  __device__ __forceinline__ Shift<float> shift_of(float m) const {
+    const float hi = m * kLog2e;
+    return {hi, fmaf(m, kLog2e, -hi)};
+  }
+  __device__ __forceinline__ float exp_from(float x, Shift<float> shift) const {
+    return exp2_ftz(fmaf(x, kLog2e, -shift.hi) - shift.lo);
+  }
+  __device__ __forceinline__ float log(float s) const { return log2f(s) * kLn2; }
 };
 
 template <typename acc_t>
@@ -94,26 +102,6 @@ template <>
 struct UnitsOf<double> {
   using type = NaturalUnits;
 };
-
-// E(scale(x) − shift) with one rounding: 2^fma(x, log2e, −shift) in fp32, e^(x − shift) in fp64.
-__device__ __forceinline__ float exp_from(float x, float shift) { return exp2_ftz(fmaf(x, kLog2e, -shift)); }
-__device__ __forceinline__ double exp_from(double x, double shift) { return exp(x - shift); }
-
-// What Base2Units::scale(x) rounded away: x·log2e − scale(x), exactly.
-__device__ __forceinline__ float scale_residual(float x) { return fmaf(x, kLog2e, -(x * kLog2e)); }
-
-// The natural log-sum-exp of a running pair. s counts the row's maximum as 2^(m·log2e − scale(m)), not 1,
-// so the residual comes off again: lse = m + (log2 s − residual)·ln 2, as exact as m + ln Σ e^(x − m).
-__device__ __forceinline__ float lse_of(float m, float s) {
-  const float r = scale_residual(m == negative_infinity<float>() ? 0.0f : m);
-  return m + (log2f(s) - r) * kLn2;
-}
-__device__ __forceinline__ double lse_of(double m, double s) { return m + log(s); }
-
-// −g·p with p = E(scale(x) − scale(lse)) is −g·e^(x − lse)·2^(−residual(lse)) in fp32: the factor that
-// undoes the residual, folded into g once per row (2^-r = 1 − r·ln 2 to within r², r < 2^-20).
-__device__ __forceinline__ float residual_factor(float lse) { return fmaf(-scale_residual(lse), kLn2, 1.0f); }
-__device__ __forceinline__ double residual_factor(double) { return 1.0; }
 
 template <typename scalar_t>
 struct alignas(16) Pack {
@@ -261,9 +249,19 @@ __device__ __forceinline__ Pointer row_at(Pointer base, int64_t r, int64_t T, in
   return base + (r / T) * stride_n + (r % T) * stride_t;
 }
 
+// Forward blocks resident per multiprocessor at least. The bf16 and fp64 forward spill on sm_90 within the
+// 64 registers of kRowMinBlocks (ptxas: 68+76 and 176+176 bytes of spill stores+loads); with 3 blocks
+// (≤ 80 registers) they do not, and 768 threads × kUnroll·16 bytes in flight still cover memory latency.
+template <typename scalar_t>
+constexpr int kForwardMinBlocks = kRowMinBlocks;
+template <>
+constexpr int kForwardMinBlocks<__nv_bfloat16> = 3;
+template <>
+constexpr int kForwardMinBlocks<double> = 3;
+
 // (1) Forward: the partial (max, Σ exp) in units of block (r, split) over its packs of row r.
 template <typename scalar_t>
-__global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
+__global__ void __launch_bounds__(kRowThreads, kForwardMinBlocks<scalar_t>)
     forward_rows(const scalar_t* __restrict__ z, const int64_t* __restrict__ labels, RowShape s,
                  typename Traits<scalar_t>::acc_t* __restrict__ partial_m,
                  typename Traits<scalar_t>::acc_t* __restrict__ partial_s) {
@@ -288,13 +286,13 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       for (int j = 0; j < W; ++j) vmax = fmax_(vmax, widen(p[u].v[j]));
     }
     state.raise_to(vmax, Units{});
-    const acc_t shift = state.shift(Units{});
+    const Shift<acc_t> shift = state.shift(Units{});
     acc_t sums[kUnroll];  // widened again rather than kept: the packs take fewer registers
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       sums[u] = acc_t(0);
 #pragma unroll
-      for (int j = 0; j < W; ++j) sums[u] += exp_from(widen(p[u].v[j]), shift);
+      for (int j = 0; j < W; ++j) sums[u] += Units{}.exp_from(widen(p[u].v[j]), shift);
     }
 #pragma unroll
     for (int width = kUnroll / 2; width > 0; width /= 2) {
@@ -353,9 +351,8 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int i = 0; i < s.splits; ++i) {
       state.merge(partial_m[r * s.splits + i], partial_s[r * s.splits + i], Units{});
     }
-    const acc_t row_lse = lse_of(state.m, state.s);
-    lse[r] = row_lse;
-    total += widen(row_at(z, r, s.T, s.stride_n, s.stride_t)[label]) - row_lse;
+    lse[r] = state.logsumexp(Units{});
+    total += state.log_prob(widen(row_at(z, r, s.T, s.stride_n, s.stride_t)[label]), Units{});
   }
   total = block_all_reduce<kRowThreads>(total, acc_t(0), shared, SumOp{});
   count = block_all_reduce<kRowThreads>(count, acc_t(0), shared, SumOp{});
@@ -413,7 +410,8 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
   const bool in_vocabulary = label_in_vocabulary(label, s.V);
   const acc_t g = gS[task.r / s.T];
   const acc_t row_lse = in_vocabulary ? lse[task.r] : acc_t(NAN);  // NaN: a NaN row, see dora_math.h
-  const acc_t shift = Units{}.scale(row_lse), minus_g = -g * residual_factor(row_lse);
+  const Shift<acc_t> shift = Units{}.shift_of(row_lse);
+  const acc_t minus_g = -g;
   const scalar_t fill = narrow<scalar_t>(acc_t(0));
   for (int64_t k = range.begin + threadIdx.x; k < range.end; k += kStep) {
     Pack<scalar_t> p[kUnroll];
@@ -423,7 +421,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       const int64_t ku = k + static_cast<int64_t>(u) * kRowThreads;
       acc_t dz[W];
 #pragma unroll
-      for (int j = 0; j < W; ++j) dz[j] = minus_g * exp_from(widen(p[u].v[j]), shift);
+      for (int j = 0; j < W; ++j) dz[j] = minus_g * Units{}.exp_from(widen(p[u].v[j]), shift);
       const int64_t first = ku * W - op.lead;
       if (in_vocabulary && label >= first && label < first + W) {  // the label's pack: one per row
 #pragma unroll

@@ -99,21 +99,34 @@ DORA_HD T sigmoid(T x) {
 DORA_HD float fmax_(float a, float b) { return fmaxf(a, b); }
 DORA_HD double fmax_(double a, double b) { return fmax(a, b); }
 
-// The units of a row pass's exponential: scale(x) maps a value to them and exp(u) is the exponential there.
-// Natural units: scale(x) = x, exp = e^u. (The CUDA fp32 kernels use x·log2 e and 2^u instead.)
-struct NaturalUnits {
-  template <typename T>
-  DORA_HD T scale(T x) const { return x; }
-  template <typename T>
-  DORA_HD T exp(T u) const { return exp_(u); }
+// A reference value m in the units of a row pass's exponential, as an unevaluated sum hi + lo: the
+// exponent of a value x against it is x·k − hi − lo, k the units' scale. In natural units (k = 1) lo = 0;
+// in base 2 (the CUDA fp32 kernels, k = log2 e) hi is m·k rounded and lo what that rounding took away,
+// so that the exponent is the difference (x − m)·k however large m is: the rounded m·k alone is off by
+// up to half its ulp (512 at |m| = 1e10), a factor up to 2^512 in every term.
+template <typename T>
+struct Shift {
+  T hi, lo;
 };
 
-// A running log-sum-exp over a row: m is the largest value seen (as given), s = Σ E(scale(u) − scale(m))
-// over the values u seen, in the units of the caller's `units` (see NaturalUnits). Rebasing s uses the same
-// scale(m) as the terms did, so s stays consistent whatever the rounding of scale. NaN never enters m
-// (fmax skips it) but always enters s, so a NaN anywhere in a row makes its log-sum-exp NaN whichever
-// thread, chunk or block meets it first; while m = −∞ (nothing finite seen yet) no ∞ − ∞ is formed. +∞
-// gives NaN too (∞ − ∞ inside E). Start from {−∞, 0}.
+// The units of a row pass's exponential: shift_of(m) is a reference in them, exp_from(x, shift) the
+// exponential of x against it, log(s) the natural log of a sum of such exponentials.
+// Natural units: e^(x − m). (The CUDA fp32 kernels use 2^((x − m)·log2 e) instead.)
+struct NaturalUnits {
+  template <typename T>
+  DORA_HD Shift<T> shift_of(T m) const { return {m, T(0)}; }
+  template <typename T>
+  DORA_HD T exp_from(T x, Shift<T> shift) const { return exp_(x - shift.hi); }
+  template <typename T>
+  DORA_HD T log(T s) const { return log_(s); }
+};
+
+// A running log-sum-exp over a row: m is the largest value seen (as given), s = Σ exp_from(u, shift_of(m))
+// over the values u seen, in the caller's `units` (see NaturalUnits): the exponential of the row's maximum
+// counts 1, so s never overflows, whatever the magnitude of the values. NaN never enters m (fmax skips it)
+// but always enters s, so a NaN anywhere in a row makes its log-sum-exp NaN whichever thread, chunk or
+// block meets it first; while m = −∞ (nothing finite seen yet) no ∞ − ∞ is formed. +∞ gives NaN too
+// (∞ − ∞ inside the exponential). Start from {−∞, 0}.
 template <typename T>
 struct OnlineLse {
   T m;
@@ -124,25 +137,38 @@ struct OnlineLse {
   template <typename Units>
   DORA_HD void raise_to(T vmax, const Units& units) {
     const T next = fmax_(m, vmax);
-    s = next == m ? s : s * units.exp(units.scale(m) - units.scale(next));  // from m = −∞: E(−∞) = 0
+    s = next == m ? s : s * units.exp_from(m, units.shift_of(next));  // from m = −∞: exp(−∞) = 0
     m = next;
   }
 
-  // What to subtract from scale(value) before E: scale(m), or 0 while m = −∞ (every value seen is then −∞
-  // or NaN, so E(scale(value) − 0) is 0 or NaN as it should be).
+  // The reference to take exponentials against: shift_of(m), or of 0 while m = −∞ (every value seen is
+  // then −∞ or NaN, so the exponential of a value against 0 is 0 or NaN as it should be).
   DORA_HD_TEMPLATE_CALLS_DEVICE
   template <typename Units>
-  DORA_HD T shift(const Units& units) const { return m == negative_infinity<T>() ? T(0) : units.scale(m); }
+  DORA_HD Shift<T> shift(const Units& units) const {
+    return units.shift_of(m == negative_infinity<T>() ? T(0) : m);
+  }
 
   // Folds in another running pair (m2, s2) over other values of the same row.
   DORA_HD_TEMPLATE_CALLS_DEVICE
   template <typename Units>
   DORA_HD void merge(T m2, T s2, const Units& units) {
     const T next = fmax_(m, m2);
-    s = (m == next ? s : s * units.exp(units.scale(m) - units.scale(next))) +
-        (m2 == next ? s2 : s2 * units.exp(units.scale(m2) - units.scale(next)));
+    const Shift<T> to = units.shift_of(next);
+    s = (m == next ? s : s * units.exp_from(m, to)) + (m2 == next ? s2 : s2 * units.exp_from(m2, to));
     m = next;
   }
+
+  // log Σ e^u over the values seen, m + log s, rounded once more: the per-token lse the backward reads.
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD T logsumexp(const Units& units) const { return m + units.log(s); }
+
+  // The log-probability of the value z among the row's values, (z − m) − log s: differences first, so that
+  // it keeps its digits at any magnitude of the row (z − lse would lose up to half an ulp of lse).
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD T log_prob(T z, const Units& units) const { return (z - m) - units.log(s); }
 };
 
 // The label's entry of the backward row pass, g·(1 − p_y) with p_y = exp(z_y − lse), formed as
