@@ -20,7 +20,8 @@ from dora_engine.integrations.hf_trainer import (
     reference_logps,
 )
 from dora_engine.ops.lm_head import DoRAPolicy
-from dora_engine.training.data import Example, Row, TrainingData, collate
+from dora_engine.rows import Row
+from dora_engine.training.data import Example, TrainingData, collate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 K = 3
@@ -79,11 +80,13 @@ def test_collator_rows_labels_and_extras(toy) -> None:
     ("examples", "message"),
     [
         ([{"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1, 0]},
-          {"prompt_ids": [1], "response_ids": [[2], [3], [4]], "scores": [1, 0, 0]}], "example 1 has 3 responses"),
+          {"prompt_ids": [1], "response_ids": [[2], [3], [4]], "scores": [1, 0, 0]}],
+         "example 1: has 3 responses but the records of this batch have K = 2"),
         ([{"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1]}], "'scores' must give one number"),
         ([{"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1, 0], "h_tilde": 1.0},
           {"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1, 0]}], "example 1 has no 'h_tilde'"),
-        ([{"prompt_ids": [1], "response_ids": [[2], []], "scores": [1, 0]}], "response 1 has no token to score"),
+        ([{"prompt_ids": [1], "response_ids": [[2], []], "scores": [1, 0]}],
+         "example 0: field 'response_ids[1]' has no token to score"),
         ([{"prompt": "w1", "responses": [{"text": "w2"}, {"text": "w3"}]}], "give ListwiseCollator a tokenizer"),
     ],
 )

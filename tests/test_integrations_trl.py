@@ -21,7 +21,8 @@ from training_toy import WORDS, build_tokenizer  # noqa: E402
 
 from dora_engine.integrations.trl import DoRADPOConfig, DoRADPOTrainer  # noqa: E402
 from dora_engine.ops.lm_head import DoRAPolicy, RobustObjective  # noqa: E402
-from dora_engine.training.data import Example, Row, TrainingData, collate  # noqa: E402
+from dora_engine.rows import Row  # noqa: E402
+from dora_engine.training.data import Example, TrainingData, collate  # noqa: E402
 
 B = 4  # prompts in the fixed batch
 
