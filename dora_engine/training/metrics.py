@@ -71,10 +71,11 @@ class StepAccumulator:
             self.inv_ess = self.inv_ess + stats["w_sq"].double()
             self.weight_max = torch.maximum(self.weight_max, stats["w_max"].double())
 
-    def reduce(self, stop_flag: bool) -> tuple[dict[str, float], bool]:
-        """Global metrics of the step and whether any rank asked to stop."""
+    def reduced(self, stop_flag: bool) -> torch.Tensor:
+        """The step's statistics over the data-parallel group, one float64 vector on the device: the sums of
+        ``sorted(self.sums)``, the prompt count, Σw² and the tokens summed over ranks, max w and the stop flag
+        maxed over ranks, then the loss sum (already global: every rank holds the same values)."""
         keys = sorted(self.sums)
-        # The loss is already global (every rank holds the same value); the rest is summed over ranks.
         count = torch.full((), float(self.count), dtype=torch.float64, device=self.device)
         vec = torch.stack([self.sums[k] for k in keys] + [count, self.inv_ess, self.tokens])
         flags = torch.stack([self.weight_max, torch.full_like(self.weight_max, float(stop_flag))])
@@ -82,12 +83,15 @@ class StepAccumulator:
         if group is not None:
             dist.all_reduce(vec, group=group)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-        *sums, count_all, inv_ess, tokens, weight_max, stop, loss_sum = torch.cat(
-            [vec, flags, self.loss_sum.view(1)]
-        ).tolist()
+        return torch.cat([vec, flags, self.loss_sum.view(1)])
+
+    def reduce(self, stop_flag: bool) -> tuple[dict[str, float], bool]:
+        """Global metrics of the step (``reduced``, read to the host at once) and whether any rank asked to stop."""
+        keys = sorted(self.sums)
+        *sums, count, inv_ess, tokens, weight_max, stop, loss_sum = self.reduced(stop_flag).tolist()
         metrics = {"loss": loss_sum / max(self.micro_steps, 1)}
         for k, total in zip(keys, sums, strict=True):
-            metrics[k] = total / max(count_all, 1)
+            metrics[k] = total / max(count, 1)
         if keys:
             # Each micro-step's weights sum to 1 over its global batch: ESS = 1 / (Σw² averaged over micro-steps).
             inv_ess_mean = inv_ess / self.micro_steps
