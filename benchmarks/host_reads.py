@@ -1,8 +1,8 @@
 """Host reads of tensor values per optimizer step of ``Trainer.train_step``, by the line that makes them.
 
 A host read (``item``, ``tolist``, ``bool``/``float``/``int``/``index``, ``numpy`` of a tensor) waits for the
-device on a GPU, so the trainer should make as few as possible per optimizer step (docs/design.md section 6,
-"Metrics"). Counted on the CPU with a ``TorchFunctionMode``, which sees every such call (on a CPU tensor it
+device on a GPU, so the trainer should make as few as possible per optimizer step (docs/design.md section 5.5).
+Counted on the CPU with a ``TorchFunctionMode``, which sees every such call (on a CPU tensor it
 is no synchronisation; the count says where one would be on a GPU). The run is the training toy of the test
 suite (align, dpo under dora, two micro-steps per optimizer step, one process).
 

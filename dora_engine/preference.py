@@ -1,6 +1,6 @@
 """Preference statistics of a step and the data-parallel group they (and the loss) reduce over
-(docs/design.md section 6, "Metrics"); the engine's ``metrics.jsonl`` and the trainer integrations' logs
-compute them here.
+(docs/design.md section 5.5; launch/README.md "What a run writes"): the engine's ``metrics.jsonl`` and the
+trainer integrations' logs compute them here.
 
 Names follow TRL: ``rewards/chosen|rejected|margins|accuracies`` and ``logps/chosen|rejected``, chosen and
 rejected being the best and worst response of a prompt by score. The implicit reward is β·(S − S_ref) for a
