@@ -57,12 +57,12 @@ def child(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from dora_engine.training.config import DataConfig, ModelConfig
-    from dora_engine.training.data import Sampler, Tokenizer, check_token_range, collate
+    from dora_engine.training.data import Sampler, check_token_range, collate, row_tokenizer
     from dora_engine.training.tokenised import load_tokenised
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     imports = _status()
-    tokenizer = Tokenizer(tok, ModelConfig(path=args.tokenizer), DataConfig(max_prompt_tokens=256,
+    tokenizer = row_tokenizer(tok, ModelConfig(path=args.tokenizer), DataConfig(max_prompt_tokens=256,
                                                                             max_response_tokens=256))
     loading = time.perf_counter()
     data = load_tokenised([args.data], tokenizer, stage="align", target_source="golden", num_responses=None,

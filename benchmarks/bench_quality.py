@@ -63,7 +63,7 @@ from dora_engine.eval.paired import Interval, paired_interval, score_against_gol
 from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
 from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
-from dora_engine.training.data import ALL_SOURCES, Sampler, Tokenizer, TrainingData, collate, tokenise
+from dora_engine.training.data import ALL_SOURCES, Sampler, TrainingData, collate, row_tokenizer, tokenise
 from dora_engine.training.engine import build_optimizer, build_schedule, total_steps
 from dora_engine.training.model import PolicyLoss, ReferenceLogps
 from dora_engine.training.ref_logps import compute_reference
@@ -182,7 +182,7 @@ def run_config(
 
 
 def tokenised(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: TrainingConfig) -> TrainingData:
-    return tokenise(records, Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
+    return tokenise(records, row_tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
                     target_source=cfg.data.target_source, num_responses=None, needs_h_tilde=cfg.needs_h_tilde,
                     data_hash="bench_quality")
 

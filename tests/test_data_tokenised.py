@@ -13,7 +13,7 @@ from training_toy import WORDS, build_tokenizer, make_records, make_toy, write_j
 
 from dora_engine.data.schema import RecordError, read_records
 from dora_engine.training.config import load_config
-from dora_engine.training.data import Sampler, Tokenizer, check_token_range, collate, load_records, tokenise
+from dora_engine.training.data import Sampler, check_token_range, collate, load_records, row_tokenizer, tokenise
 from dora_engine.training.tokenised import load_tokenised
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -28,7 +28,7 @@ def _tokenizer(toy: Path, **data):
     from transformers import AutoTokenizer
 
     cfg = load_config(toy, [f"data.{k}={v}" for k, v in data.items()])
-    return Tokenizer(AutoTokenizer.from_pretrained(cfg.model.path), cfg.model, cfg.data), cfg
+    return row_tokenizer(AutoTokenizer.from_pretrained(cfg.model.path), cfg.model, cfg.data), cfg
 
 
 def _load(files, tok, cache, **kw):
@@ -83,7 +83,7 @@ def test_cache_hit_and_miss(toy, tmp_path):
     changed = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
                                       eos_token="</s>")
     assert len(vocab) == len(changed)
-    retok = _load([data], Tokenizer(changed, cfg.model, cfg.data), cache)
+    retok = _load([data], row_tokenizer(changed, cfg.model, cfg.data), cache)
     assert retok.built and retok.path not in (first.path, other.path)
 
     raw = data.read_bytes()
@@ -141,7 +141,7 @@ def _rank_loads(rank: int, config: str, cache: str, bad: str) -> tuple[bool, str
 
     os.environ.update(LOCAL_RANK=str(rank), LOCAL_SIZE="2")
     cfg = load_config(config)
-    tok = Tokenizer(AutoTokenizer.from_pretrained(cfg.model.path), cfg.model, cfg.data)
+    tok = row_tokenizer(AutoTokenizer.from_pretrained(cfg.model.path), cfg.model, cfg.data)
     kw = dict(stage="align", target_source="chosen", num_responses=None, needs_h_tilde=True, cache_dir=cache)
     data = load_tokenised(cfg.data.train, tok, **kw)
     try:  # local rank 0 fails to build: the waiting rank gets its error instead of waiting for ever

@@ -12,6 +12,7 @@ import pytest
 import torch
 from training_toy import build_model, build_tokenizer, make_records
 
+from dora_engine.data.schema import Record
 from dora_engine.integrations.hf_trainer import (
     ListwiseCollator,
     ListwiseTrainer,
@@ -20,7 +21,8 @@ from dora_engine.integrations.hf_trainer import (
     reference_logps,
 )
 from dora_engine.ops.lm_head import DoRAPolicy
-from dora_engine.training.data import Example, Row, TrainingData, collate
+from dora_engine.rows import Row, RowTokenizer
+from dora_engine.training.data import Example, TrainingData, collate, tokenise
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 K = 3
@@ -79,11 +81,13 @@ def test_collator_rows_labels_and_extras(toy) -> None:
     ("examples", "message"),
     [
         ([{"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1, 0]},
-          {"prompt_ids": [1], "response_ids": [[2], [3], [4]], "scores": [1, 0, 0]}], "example 1 has 3 responses"),
+          {"prompt_ids": [1], "response_ids": [[2], [3], [4]], "scores": [1, 0, 0]}],
+         "example 1: has 3 responses but the records of this batch have K = 2"),
         ([{"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1]}], "'scores' must give one number"),
         ([{"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1, 0], "h_tilde": 1.0},
           {"prompt_ids": [1], "response_ids": [[2], [3]], "scores": [1, 0]}], "example 1 has no 'h_tilde'"),
-        ([{"prompt_ids": [1], "response_ids": [[2], []], "scores": [1, 0]}], "response 1 has no token to score"),
+        ([{"prompt_ids": [1], "response_ids": [[2], []], "scores": [1, 0]}],
+         "example 0: field 'response_ids[1]' has no token to score"),
         ([{"prompt": "w1", "responses": [{"text": "w2"}, {"text": "w3"}]}], "give ListwiseCollator a tokenizer"),
     ],
 )
@@ -204,3 +208,17 @@ def test_readme_loop_example_runs(toy, capsys) -> None:
     out = namespace["out"]
     assert math.isfinite(out.loss.item()) and out.weights.sum().item() == pytest.approx(1.0)
     assert namespace["batch"]["input_ids"].shape[0] == 6
+
+
+def test_text_records_make_the_engines_rows(toy) -> None:
+    """Records of the dataset schema tokenised by the engine (``tokenise`` + ``collate``) and by the
+    ListwiseCollator give the same batch bit for bit: one RowTokenizer and one padding for both."""
+    records = toy["records"][:4]
+    tokenizer = RowTokenizer(toy["tok"], max_prompt_tokens=2, max_response_tokens=3)
+    data = tokenise([Record.from_dict(r) for r in records], tokenizer, stage="align", target_source="*",
+                    num_responses=None, needs_h_tilde=False, data_hash="")
+    engine = collate(data, list(range(4)), pad_id=toy["tok"].pad_token_id)
+    listwise = ListwiseCollator(toy["tok"], max_prompt_tokens=2, max_response_tokens=3)(records)
+    assert engine.keys() == listwise.keys()
+    for key, value in engine.items():
+        assert value.dtype == listwise[key].dtype and torch.equal(value, listwise[key]), key

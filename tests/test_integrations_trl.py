@@ -22,7 +22,8 @@ from training_toy import WORDS, build_tokenizer  # noqa: E402
 from dora_engine.integrations.trl import DoRADPOConfig, DoRADPOTrainer  # noqa: E402
 from dora_engine.losses import RobustObjective  # noqa: E402
 from dora_engine.ops.lm_head import DoRAPolicy  # noqa: E402
-from dora_engine.training.data import Example, Row, TrainingData, collate  # noqa: E402
+from dora_engine.rows import Row  # noqa: E402
+from dora_engine.training.data import Example, TrainingData, collate  # noqa: E402
 
 B = 4  # prompts in the fixed batch
 
@@ -199,3 +200,29 @@ def test_config_parses_from_the_command_line(toy) -> None:
          "--dora_loss_params", '{"length_normalize": true}', "--beta", "0.3", "--dora_strategy", "erm"]
     )
     assert args.objective().params == {"beta": 0.3, "length_normalize": True}
+
+
+def test_the_engine_the_listwise_collator_and_the_trl_adapter_make_the_same_rows(toy) -> None:
+    """One row layout (dora_engine.rows) for all three on TRL's tokenised records: the engine's collate, the
+    ListwiseCollator on the same ids, and the rows the TRL adapter feeds the op from TRL's own batch are
+    equal bit for bit (input_ids, attention_mask, labels)."""
+    from dora_engine.integrations.hf_trainer import ListwiseCollator
+
+    trainer = make_trainer(toy)
+    records = [trainer.train_dataset[i] for i in range(B)]
+    assert len({len(r["chosen_ids"]) for r in records} | {len(r["rejected_ids"]) for r in records}) > 1
+    pad = toy["tok"].pad_token_id
+    examples = [Example(i, [Row(r["prompt_ids"] + r[k], len(r["prompt_ids"])) for k in ("chosen_ids", "rejected_ids")],
+                        [1.0, 0.0], None) for i, r in enumerate(records)]
+    engine = collate(TrainingData(examples, 2, "", ""), list(range(B)), pad_id=pad)
+    listwise = ListwiseCollator(pad_token_id=pad)([
+        {"prompt_ids": r["prompt_ids"], "response_ids": [r["chosen_ids"], r["rejected_ids"]], "scores": [1.0, 0.0]}
+        for r in records
+    ])
+    model_inputs, labels, _ = trainer.op_rows(trainer.data_collator(records))
+    adapter = {"input_ids": model_inputs["input_ids"], "attention_mask": model_inputs["attention_mask"],
+               "labels": labels}
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert engine[key].dtype == listwise[key].dtype == adapter[key].dtype == torch.int64, key
+        assert torch.equal(engine[key], listwise[key]) and torch.equal(engine[key], adapter[key]), key
+    assert torch.equal(engine["scores"], listwise["scores"])

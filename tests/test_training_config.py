@@ -15,8 +15,9 @@ from training_toy import build_tokenizer, make_records, make_toy, write_jsonl
 
 from dora_engine.data.schema import RecordError
 from dora_engine.losses import LOSSES
+from dora_engine.rows import IGNORE_INDEX, RowTokenizer
 from dora_engine.training.config import ConfigError, load_config
-from dora_engine.training.data import IGNORE_INDEX, Sampler, Tokenizer, collate, load_records, tokenise
+from dora_engine.training.data import Sampler, collate, load_records, record_rows, row_tokenizer, tokenise
 from dora_engine.training.dsconfig import DEFAULT_DEEPSPEED, build_deepspeed_config
 from dora_engine.training.engine import lr_lambda
 
@@ -119,9 +120,9 @@ def test_example_configs_load(toy, monkeypatch):
 # --------------------------------------------------------------------------------------------- data
 
 
-def _tokeniser(toy: Path, **data_overrides) -> Tokenizer:
+def _tokeniser(toy: Path, **data_overrides) -> RowTokenizer:
     cfg = load_config(toy, [f"data.{k}={v}" for k, v in data_overrides.items()])
-    return Tokenizer(build_tokenizer(toy.parent / "tok"), cfg.model, cfg.data), cfg
+    return row_tokenizer(build_tokenizer(toy.parent / "tok"), cfg.model, cfg.data), cfg
 
 
 def test_rows_label_only_the_response_tokens(toy):
@@ -153,7 +154,7 @@ def test_rows_label_only_the_response_tokens(toy):
 def test_truncation_keeps_prompt_end_and_response_start(toy):
     tok, cfg = _tokeniser(toy, max_prompt_tokens=2, max_response_tokens=2)
     rec = load_records(cfg.data.train)[0]
-    (row,) = tok.rows(0, rec, [0])
+    (row,) = record_rows(tok, 0, rec, [0])
     raw = build_tokenizer(toy.parent / "tok")
     assert row.input_ids == raw(rec.prompt_text())["input_ids"][-2:] + raw(rec.responses[0].text)["input_ids"][:2]
 

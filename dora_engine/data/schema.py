@@ -62,10 +62,8 @@ class Record:
         return all(r.score is not None for r in self.responses)
 
     def prompt_text(self) -> str:
-        """The prompt as plain text (chat prompts joined as 'role: content' lines)."""
-        if isinstance(self.prompt, str):
-            return self.prompt
-        return "\n".join(f"{m['role']}: {m['content']}" for m in self.prompt)
+        """The prompt as plain text (``prompt_as_text``)."""
+        return prompt_as_text(self.prompt)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -112,6 +110,13 @@ class Record:
         if not isinstance(meta, dict):
             raise RecordError(f"{where}: field 'meta' must be an object, got {type(meta).__name__}")
         return cls(str(rid), prompt, parsed, None if h is None else float(h), dict(meta))
+
+
+def prompt_as_text(prompt: Prompt) -> str:
+    """A prompt as plain text: chat prompts joined as 'role: content' lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
 def _is_number(x: Any) -> bool:

@@ -1,8 +1,9 @@
 """The DoRA loss with ``transformers.Trainer`` or a plain PyTorch loop (docs/design.md section 9).
 
-- ``ListwiseCollator`` turns examples of B prompts × K responses into the op's batch: N = B·K right-padded
-  rows (row n = b·K + k, prompt then response then EOS), Hugging Face ``labels`` (-100 on prompt and
-  padding), ``scores`` (B, K), and ``h_tilde`` (B,) and cached ``ref_logps`` (N,) where the examples have them.
+- ``ListwiseCollator`` turns examples of B prompts × K responses into the op's batch: the rows of
+  ``dora_engine.rows`` (N = B·K right-padded rows, row n = b·K + k, prompt then response then EOS, Hugging
+  Face ``labels``), ``scores`` (B, K), and ``h_tilde`` (B,) and cached ``ref_logps`` (N,) where the examples
+  have them; text examples are tokenised by ``RowTokenizer``, as the engine's are.
 - ``reference_logps(model, batch)`` gives the reference model's summed log-probs S (N,) of a batch: compute
   them once, store them with the examples (``"ref_logps"``: K numbers) and the collator hands them back.
 - ``listwise_loss(model, batch, objective)`` is the ``DoRAOutput`` of ``dora_loss`` on a batch.
@@ -29,13 +30,14 @@ import torch
 import transformers
 from torch import nn
 
-from dora_engine.integrations.common import data_parallel_group, preference_stats, weight_stats
+from dora_engine.data.schema import RecordError
 from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import DoRAOutput, dora_loss, sequence_logprobs, shift_labels
+from dora_engine.preference import data_parallel_group, preference_stats, weight_stats
+from dora_engine.rows import Row, RowTokenizer, alignment_problem, keep_first, keep_last, pad_rows, scorable_rows
 
 __all__ = ["ListwiseCollator", "ListwiseTrainer", "RobustObjective", "listwise_loss", "reference_logps"]
 
-IGNORE_INDEX = -100
 DEFAULT_OBJECTIVE = RobustObjective()  # dpo_pl under dora, λ = 1
 # Example keys the collator reads: the columns a Trainer must not drop.
 EXAMPLE_KEYS = ("prompt", "responses", "prompt_ids", "response_ids", "scores", "h_tilde", "ref_logps")
@@ -62,35 +64,21 @@ class ListwiseCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("ListwiseCollator: no examples")
-        prompts, responses, scores = [], [], []
+        rows, scores = [], []
         for i, example in enumerate(examples):
-            prompt, rows, row_scores = self._tokenise(i, example)
-            if responses and len(rows) != len(responses[0]):
-                raise ValueError(
-                    f"example {i} has {len(rows)} responses but example 0 has {len(responses[0])}: a batch needs "
-                    "one K"
-                )
-            prompts.append(prompt)
-            responses.append(rows)
-            scores.append(row_scores)
-        K = len(responses[0])
+            example_rows, example_scores = self._rows(i, example)
+            K = len(scores[0]) if scores else len(example_scores)
+            problem = alignment_problem(f"example {i}", example_scores, None, K=K, k_from="this batch",
+                                        needs_h_tilde=False)
+            if problem:
+                raise RecordError(problem)
+            rows.extend(example_rows)
+            scores.append(example_scores)
+        K = len(scores[0])
         if K < 2:
             raise ValueError(f"example 0 has {K} response; the losses need K >= 2")
-        sequences = [(p, r) for p, rows in zip(prompts, responses, strict=True) for r in rows]
-        width = max(len(p) + len(r) for p, r in sequences)
-        input_ids = torch.full((len(sequences), width), self._pad_id(), dtype=torch.int64)
-        labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.int64)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.int64)
-        for n, (p, r) in enumerate(sequences):
-            input_ids[n, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.int64)
-            labels[n, len(p) : len(p) + len(r)] = torch.tensor(r, dtype=torch.int64)
-            attention_mask[n, : len(p) + len(r)] = 1
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": labels,
-            "scores": torch.tensor(scores, dtype=torch.float32),
-        }
+        batch = pad_rows(rows, self._pad_id())
+        batch["scores"] = torch.tensor(scores, dtype=torch.float32)
         for key, shape in (("h_tilde", ()), ("ref_logps", (K,))):
             values = [example.get(key) for example in examples]
             present = [v is not None for v in values]
@@ -113,54 +101,28 @@ class ListwiseCollator:
                 return int(value)
         return 0
 
-    def _tokenise(self, i: int, example: Mapping[str, Any]) -> tuple[list[int], list[list[int]], list[float]]:
+    def _rows(self, i: int, example: Mapping[str, Any]) -> tuple[list[Row], list[float | None]]:
+        """The rows of example ``i`` and its scores (None where a response has none)."""
+        where = f"example {i}"
         if "prompt_ids" in example:
-            prompt = list(example["prompt_ids"])
-            rows = [list(r) for r in example["response_ids"]]
-            row_scores = example.get("scores")
-            if row_scores is None or len(row_scores) != len(rows):
-                raise ValueError(f"example {i}: 'scores' must give one number per response")
-        else:
-            if self.tokenizer is None:
-                raise ValueError(f"example {i} is text (no 'prompt_ids'): give ListwiseCollator a tokenizer")
-            if "prompt" not in example or "responses" not in example:
-                raise ValueError(f"example {i} needs 'prompt' and 'responses' (or 'prompt_ids' and 'response_ids')")
-            prompt = self._prompt_ids(example["prompt"])
-            rows = [self._response_ids(r["text"]) for r in example["responses"]]
-            row_scores = [r.get("score") for r in example["responses"]]
-            if any(s is None for s in row_scores):
-                k = row_scores.index(None)
-                raise ValueError(f"example {i}: field 'responses[{k}].score' is missing; the losses rank by score")
-        if self.max_prompt_tokens is not None:
-            prompt = prompt[-self.max_prompt_tokens :] if self.max_prompt_tokens else []
-        if self.max_response_tokens is not None:
-            rows = [r[: self.max_response_tokens] for r in rows]
-        for k, r in enumerate(rows):
-            if not r or (not prompt and len(r) < 2):
-                raise ValueError(f"example {i}: response {k} has no token to score")
-        return prompt, rows, [float(s) for s in row_scores]
-
-    def _uses_template(self) -> bool:
-        if self.chat_template is not None:
-            return self.chat_template
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def _prompt_ids(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        if self._uses_template():
-            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
-        if not isinstance(prompt, str):
-            raise ValueError("a chat prompt (a list of messages) needs a tokenizer with a chat template")
-        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-
-    def _response_ids(self, text: str) -> list[int]:
-        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
+            responses = list(example["response_ids"])
+            scores = example.get("scores")
+            if scores is None or len(scores) != len(responses):
+                raise ValueError(f"{where}: 'scores' must give one number per response")
+            prompt = keep_last(list(example["prompt_ids"]), self.max_prompt_tokens)
+            ids = [keep_first(list(r), self.max_response_tokens) for r in responses]
+            rows = scorable_rows(where, prompt, ids, [f"response_ids[{k}]" for k in range(len(ids))])
+            return rows, [float(s) for s in scores]
+        if self.tokenizer is None:
+            raise ValueError(f"{where} is text (no 'prompt_ids'): give ListwiseCollator a tokenizer")
+        if "prompt" not in example or "responses" not in example:
+            raise ValueError(f"{where} needs 'prompt' and 'responses' (or 'prompt_ids' and 'response_ids')")
+        tokenizer = RowTokenizer(self.tokenizer, chat_template=self.chat_template,
+                                 max_prompt_tokens=self.max_prompt_tokens, max_response_tokens=self.max_response_tokens)
+        responses = example["responses"]
+        rows = tokenizer.rows(where, example["prompt"], [r["text"] for r in responses], range(len(responses)))
+        scores = [r.get("score") for r in responses]
+        return rows, [None if s is None else float(s) for s in scores]
 
 
 def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from dora_engine.integrations.common import data_parallel_group, preference_stats, weight_stats
 from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss
 from dora_engine.ops import OP_BACKENDS, DoRAOutput, dora_loss, shift_labels
+from dora_engine.preference import data_parallel_group, preference_stats, weight_stats
+from dora_engine.rows import IGNORE_INDEX, completion_labels, response_major_order
 
 __all__ = ["DoRADPOConfig", "DoRADPOTrainer"]
 
@@ -225,20 +226,24 @@ class DoRADPOTrainer(DPOTrainer):
             chosen, rejected = self.compute_ref_log_probs(reference, inputs)
         return torch.stack([chosen, rejected], dim=1)
 
-    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-        """The DoRA loss on TRL's batch: rows [chosen_0 … chosen_{B−1}, rejected_0 …] are reordered to
-        row n = b·2 + k (k = 0 chosen, 1 rejected), the op's layout."""
-        mode = "train" if self.model.training else "eval"
-        args: DoRADPOConfig = self.args
-        rows = inputs["input_ids"].shape[0]
-        B = rows // 2
-        order = torch.arange(rows, device=inputs["input_ids"].device).view(2, B).t().reshape(-1)
+    def op_rows(self, inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        """TRL's batch in the op's row layout (``dora_engine.rows``): its rows [chosen_0 … chosen_{B−1},
+        rejected_0 …] reordered to row n = b·2 + k (k = 0 chosen, 1 rejected). Returns the model's inputs, the
+        Hugging Face labels (the completion tokens) and the permutation applied."""
+        order = response_major_order(inputs["input_ids"].shape[0], 2, inputs["input_ids"].device)
         model_kwargs = {k: v[order] for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
+        labels = completion_labels(model_kwargs["input_ids"], inputs["completion_mask"][order])
+        return model_kwargs, labels, order
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+        """The DoRA loss on TRL's batch, in the op's row layout (``op_rows``)."""
+        mode = "train" if self.model.training else "eval"
+        args: DoRADPOConfig = self.args
+        B = inputs["input_ids"].shape[0] // 2
+        model_kwargs, labels, order = self.op_rows(inputs)
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
-        completion_mask = inputs["completion_mask"][order]
-        labels = model_kwargs["input_ids"].masked_fill(completion_mask == 0, -100)
         outputs = model(**model_kwargs)
         logits = outputs.logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
         aligned = shift_labels(labels)
@@ -278,7 +283,7 @@ class DoRADPOTrainer(DPOTrainer):
         # Token statistics of the scored positions, one row at a time (no second N·T·V buffer)
         totals = torch.zeros(6, dtype=torch.float64, device=logits.device)  # entropy, top-1, logit sums, counts
         for n in range(logits.shape[0]):
-            scored = aligned[n] != -100
+            scored = aligned[n] != IGNORE_INDEX
             z = logits[n][scored].float()
             logp = torch.log_softmax(z, dim=-1)
             k = n % 2  # 0 chosen, 1 rejected

@@ -1,10 +1,7 @@
 """Tokenised training data, the deterministic sampler and the collator (docs/design.md sections 3-5).
 
-Each response becomes one row ``prompt tokens + response tokens (+ EOS)``. Labels follow the Hugging Face
-convention (``labels[t]`` is token t; prompt and padding positions are -100, so only response tokens are
-scored); the model wrapper aligns them with the logits (``dora_engine.ops.shift_labels``, docs/design.md
-section 4). A batch of B prompts × K responses is
-flattened to N = B·K rows, row n = b·K + k.
+Each response becomes one row of the layout of ``dora_engine.rows`` (prompt tokens + response tokens + EOS,
+Hugging Face labels); a batch of B prompts × K responses is N = B·K rows, row n = b·K + k.
 
 ``tokenise`` makes the rows in memory (small data, tests); a training run gets the same rows from the
 memory-mapped cache of ``dora_engine.training.tokenised`` (docs/design.md section 3.2), which has the
@@ -21,21 +18,8 @@ from typing import Any
 import torch
 
 from dora_engine.data.schema import Record, RecordError, read_records
+from dora_engine.rows import Row, RowTokenizer, alignment_problem, pad_rows
 from dora_engine.training.config import DataConfig, ModelConfig
-
-IGNORE_INDEX = -100
-
-
-@dataclass
-class Row:
-    """One tokenised (prompt, response) sequence."""
-
-    input_ids: list[int]
-    prompt_len: int
-
-    def labels(self) -> list[int]:
-        """Hugging Face labels: input_ids[t] where token t belongs to the response, else IGNORE_INDEX."""
-        return [IGNORE_INDEX] * self.prompt_len + self.input_ids[self.prompt_len :]
 
 
 @dataclass
@@ -52,50 +36,17 @@ def _where(index: int, record: Record) -> str:
     return f"record {index} (id={record.id!r})"
 
 
-class Tokenizer:
-    """Turns records into rows with the model's tokenizer and, where it has one, its chat template."""
+def row_tokenizer(tokenizer: Any, model_cfg: ModelConfig, data_cfg: DataConfig) -> RowTokenizer:
+    """The run's ``RowTokenizer``: the chat template under ``model.chat_template: auto`` when the tokenizer has
+    one, and the ``data.max_prompt_tokens`` / ``data.max_response_tokens`` limits."""
+    use_template = model_cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
+    return RowTokenizer(tokenizer, chat_template=use_template, max_prompt_tokens=data_cfg.max_prompt_tokens,
+                        max_response_tokens=data_cfg.max_response_tokens)
 
-    def __init__(self, tokenizer: Any, model_cfg: ModelConfig, data_cfg: DataConfig):
-        self.tok = tokenizer
-        self.use_template = model_cfg.chat_template == "auto" and bool(getattr(tokenizer, "chat_template", None))
-        self.max_prompt = data_cfg.max_prompt_tokens
-        self.max_response = data_cfg.max_response_tokens
 
-    def prompt_ids(self, record: Record) -> list[int]:
-        if self.use_template:
-            messages = record.prompt if isinstance(record.prompt, list) else [
-                {"role": "user", "content": record.prompt}
-            ]
-            ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "keys"):  # some tokenizers return a BatchEncoding
-                ids = ids["input_ids"]
-        else:
-            ids = self.tok(record.prompt_text(), add_special_tokens=True)["input_ids"]
-        return list(ids)[-self.max_prompt :]
-
-    def response_ids(self, text: str) -> list[int]:
-        ids = list(self.tok(text, add_special_tokens=False)["input_ids"])
-        if self.tok.eos_token_id is not None:
-            ids.append(self.tok.eos_token_id)
-        return ids[: self.max_response]
-
-    def rows(self, index: int, record: Record, responses: Sequence[int]) -> list[Row]:
-        prompt = self.prompt_ids(record)
-        rows = []
-        for k in responses:
-            response = self.response_ids(record.responses[k].text)
-            if not response:
-                raise RecordError(
-                    f"{_where(index, record)}: field 'responses[{k}].text' has no tokens (and the tokenizer has "
-                    "no EOS token to score)"
-                )
-            if not prompt and len(response) < 2:
-                raise RecordError(
-                    f"{_where(index, record)}: field 'responses[{k}].text': with an empty prompt the first token is "
-                    "never predicted, so a one-token response has nothing to score"
-                )
-            rows.append(Row(prompt + response, len(prompt)))
-        return rows
+def record_rows(tokenizer: RowTokenizer, index: int, record: Record, responses: Sequence[int]) -> list[Row]:
+    """The rows of ``record``'s responses ``responses``; errors name the record."""
+    return tokenizer.rows(_where(index, record), record.prompt, [r.text for r in record.responses], responses)
 
 
 @dataclass
@@ -170,21 +121,10 @@ def check_align_records(
         return records.where(i) if isinstance(records, LoadedRecords) else _where(i, records[i])
 
     for i, rec in enumerate(records):
-        if rec.num_responses != K:
-            if k_from is None:
-                need = f"a batch needs a fixed K = {K} (set data.num_responses, or split the data by K)"
-            else:
-                need = f"the records of {k_from} have K = {K}, and every batch needs the same K"
-            raise RecordError(f"{where(i)}: has {rec.num_responses} responses but {need}")
-        if not rec.has_scores:
-            k = next(k for k, r in enumerate(rec.responses) if r.score is None)
-            raise RecordError(f"{where(i)}: field 'responses[{k}].score' is missing; the losses rank by score")
-        if needs_h_tilde and rec.h_tilde is None:
-            raise RecordError(
-                f"{where(i)}: field 'h_tilde' is missing; this strategy needs it "
-                "(run `dora-engine calibrate` first, `dora-engine calibrate --apply` for a held-out file, "
-                "or use robust.strategy erm/dro)"
-            )
+        problem = alignment_problem(where(i), [r.score for r in rec.responses], rec.h_tilde, K=K, k_from=k_from,
+                                    needs_h_tilde=needs_h_tilde)
+        if problem:
+            raise RecordError(problem)
     return K
 
 
@@ -209,7 +149,7 @@ def check_nonempty(index: int, record: Record, responses: Sequence[int]) -> None
 
 
 def tokenise(
-    records: Sequence[Record], tokenizer: Tokenizer, *, stage: str, target_source: str, num_responses: int | None,
+    records: Sequence[Record], tokenizer: RowTokenizer, *, stage: str, target_source: str, num_responses: int | None,
     needs_h_tilde: bool, data_hash: str, progress: bool = False, k_from: str | None = None,
     allow_empty: bool = False,
 ) -> TrainingData:
@@ -227,13 +167,13 @@ def tokenise(
         if stage == "align":
             if not allow_empty:
                 check_nonempty(i, rec, range(K))
-            rows = tokenizer.rows(i, rec, range(K))
+            rows = record_rows(tokenizer, i, rec, range(K))
             examples.append(Example(i, rows, [r.score for r in rec.responses], rec.h_tilde))
         else:
             targets = sft_targets(rec, target_source)
             if not allow_empty:
                 check_nonempty(i, rec, targets)
-            examples.extend(Example(i, tokenizer.rows(i, rec, [k]), None, None) for k in targets)
+            examples.extend(Example(i, record_rows(tokenizer, i, rec, [k]), None, None) for k in targets)
     if not examples:
         sources = sorted({r.source for rec in records for r in rec.responses})
         raise RecordError(
@@ -326,17 +266,7 @@ def collate(
 ) -> dict[str, torch.Tensor]:
     """A micro-batch of ``indices``: right-padded input_ids/attention_mask/labels (N = B·K, T), plus
     scores (B, K), h_tilde (B,), ref_logps (N,) where the data has them."""
-    rows = [row for i in indices for row in data.examples[i].rows]
-    width = max(len(r.input_ids) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.int64)
-    mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for n, row in enumerate(rows):
-        length = len(row.input_ids)
-        input_ids[n, :length] = torch.tensor(row.input_ids)
-        labels[n, :length] = torch.tensor(row.labels())
-        mask[n, :length] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    batch = pad_rows([row for i in indices for row in data.examples[i].rows], pad_id)
     examples = [data.examples[i] for i in indices]
     if examples[0].scores is not None:
         batch["scores"] = torch.tensor([ex.scores for ex in examples], dtype=torch.float32)

@@ -41,10 +41,10 @@ from dora_engine.training.checkpoint import (
 from dora_engine.training.config import TrainConfig, TrainingConfig
 from dora_engine.training.data import (
     Sampler,
-    Tokenizer,
     TrainingData,
     check_token_range,
     collate,
+    row_tokenizer,
 )
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
 from dora_engine.training.library_warnings import silence_understood_warnings
@@ -151,7 +151,7 @@ def load_data(
     from dora_engine.training.tokenised import load_tokenised
 
     return load_tokenised(
-        files, Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage, target_source=cfg.data.target_source,
+        files, row_tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage, target_source=cfg.data.target_source,
         num_responses=train.num_responses if train is not None else cfg.data.num_responses,
         needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
         k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
@@ -395,21 +395,20 @@ class Trainer:
         """One optimizer step; returns the global metrics and whether DeepSpeed applied the update."""
         started = time.perf_counter()
         lr = self.lr_scheduler.get_last_lr()[0]
-        acc = StepAccumulator()
+        acc = StepAccumulator(self.engine.device)
         self.engine.train()
         for indices in self.sampler.step_indices(step, self.dist.rank):
             batch = self._device_batch(collate(self.train_data, indices, pad_id=self.pad_id, ref_logps=self.ref_train))
             out: StepOutput = self.engine(**batch)
-            loss = out.loss
-            if not torch.isfinite(out.value):
-                # The value is global, so every rank takes this branch: NaN gradients make DeepSpeed's
-                # overflow check discard the whole accumulated step on all ranks.
-                loss = loss * float("nan")
-            self.engine.backward(loss)
+            # The value is global, so every rank scales alike: a non-finite value gives NaN gradients, and
+            # DeepSpeed's overflow check discards the whole accumulated step on all ranks. A factor of 1 or
+            # NaN rather than a branch, so that the host does not wait for the device.
+            keep = torch.where(torch.isfinite(out.value), 1.0, math.nan).to(out.loss.dtype)
+            self.engine.backward(out.loss * keep)
             self.engine.step()
-            acc.add(out, int(batch["attention_mask"].sum()), self._stats(out, batch))
-        applied = bool(self.engine.was_step_applied()) and all(math.isfinite(x) for x in acc.losses)
+            acc.add(out, batch["attention_mask"].sum(), self._stats(out, batch))
         metrics, stop = acc.reduce(self.stop_signal is not None)
+        applied = bool(self.engine.was_step_applied()) and math.isfinite(metrics["loss"])
         if stop and self.stop_signal is None:
             self.stop_signal = "SIGTERM (another rank)"
         elapsed = time.perf_counter() - started
@@ -432,13 +431,13 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Metrics of data.eval, prefixed ``eval/``; the remainder of a batch of micro × world is dropped."""
         data, micro, world = self.eval_data, self.cfg.train.micro_batch_prompts, self.dist.world
-        acc = StepAccumulator()
+        acc = StepAccumulator(self.engine.device)
         self.engine.eval()
         for lo in range(0, len(data) - micro * world + 1, micro * world):
             indices = list(range(lo + self.dist.rank * micro, lo + (self.dist.rank + 1) * micro))
             batch = self._device_batch(collate(data, indices, pad_id=self.pad_id, ref_logps=self.ref_eval))
             out = self.engine(**batch)
-            acc.add(out, int(batch["attention_mask"].sum()), self._stats(out, batch))
+            acc.add(out, batch["attention_mask"].sum(), self._stats(out, batch))
         metrics, _ = acc.reduce(False)
         metrics.pop("tokens")
         return {f"eval/{k}": v for k, v in metrics.items()}

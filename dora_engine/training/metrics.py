@@ -3,10 +3,8 @@
 Names follow TRL where TRL has them: ``loss``, ``rewards/chosen|rejected|margins|accuracies``,
 ``logps/chosen|rejected``; plus ``robust/weight_max``, ``robust/ess`` (1/Σw² of the strategy's
 distribution over the global batch, docs/design.md section 4), ``h_tilde/mean``, ``lr``, ``grad_norm``,
-``tokens_per_s``, ``step_time_s``, ``mem_peak`` (bytes) and ``skipped_steps``.
-
-Rewards: β·(S − S_ref) for losses with a reference, β·S/L (SimPO's length-normalised reward) for
-those without; chosen/rejected are the best/worst response by score.
+``tokens_per_s``, ``step_time_s``, ``mem_peak`` (bytes) and ``skipped_steps``. The preference statistics
+(rewards, log-probs, weights) are those of ``dora_engine.preference``.
 """
 
 from __future__ import annotations
@@ -23,80 +21,85 @@ import torch.distributed as dist
 
 from dora_engine.atomic import atomic_write
 from dora_engine.errors import UserImportError
-from dora_engine.losses import chosen_rejected, get_loss
+from dora_engine.preference import data_parallel_group, preference_stats, weight_moments
 from dora_engine.training.config import LoggingConfig
 from dora_engine.training.model import StepOutput
 
 
 def align_stats(step: StepOutput, batch: dict[str, torch.Tensor], loss: str, params: dict[str, Any]) -> dict:
-    """Sums over this rank's prompts of the per-prompt statistics, plus counts (see module doc)."""
-    out = step.out
-    K = batch["scores"].shape[1]
-    S = out.seq_logps.view(-1, K)
-    beta = float(params.get("beta", 1.0))
-    if get_loss(loss).needs_reference:
-        reward = beta * (S - batch["ref_logps"].to(S).view(-1, K))
-    else:
-        reward = beta * S / out.seq_lens.view(-1, K).clamp(min=1)
-    chosen, rejected = chosen_rejected(reward, batch["scores"])
-    logps_chosen, logps_rejected = chosen_rejected(S, batch["scores"])
-    count = len(chosen)
-    w = out.weights.float()
-    sums = {
-        "rewards/chosen": chosen.sum(),
-        "rewards/rejected": rejected.sum(),
-        "rewards/margins": (chosen - rejected).sum(),
-        "rewards/accuracies": (chosen > rejected).float().sum(),
-        "logps/chosen": logps_chosen.sum(),
-        "logps/rejected": logps_rejected.sum(),
-        "h_tilde/mean": batch["h_tilde"].sum() if "h_tilde" in batch else torch.tensor(float(count)),
-    }
-    return {"sums": sums, "count": count, "w_sq": (w * w).sum(), "w_max": w.max()}
+    """Sums over this rank's prompts of the per-prompt statistics (``preference_stats``), the number of
+    prompts (``count``, an int), Σw² and max w of the strategy's weights (``w_sq``, ``w_max``); the
+    tensors stay on the device."""
+    per_prompt = preference_stats(step.out, batch["scores"], batch.get("ref_logps"), loss, params)
+    sums = {name: value.sum() for name, value in per_prompt.items()}
+    count = batch["scores"].shape[0]
+    h_tilde = batch.get("h_tilde")
+    sums["h_tilde/mean"] = h_tilde.sum() if h_tilde is not None else torch.full((), float(count),
+                                                                                device=batch["scores"].device)
+    w_sq, w_max = weight_moments(step.out.weights)
+    return {"sums": sums, "count": count, "w_sq": w_sq, "w_max": w_max}
 
 
 class StepAccumulator:
-    """Collects the micro-steps of one optimizer step and reduces them over ranks in one all-reduce."""
+    """Collects the micro-steps of one optimizer step and reduces them over the data-parallel group.
 
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.sums: dict[str, float] = {}
+    The statistics stay float64 tensors on ``device`` (the model's: the group's backend may serve no
+    other device type, as NCCL serves only CUDA) while the micro-steps run; ``reduce`` all-reduces them and
+    reads them to the host in one transfer, the step's only synchronisation for its metrics."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss_sum = self._zero()
+        self.tokens = self._zero()
+        self.inv_ess = self._zero()
+        self.weight_max = self._zero()
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self.inv_ess = 0.0
-        self.weight_max = 0.0
-        self.tokens = 0
         self.micro_steps = 0
 
-    def add(self, step: StepOutput, tokens: int, stats: dict | None) -> None:
-        self.losses.append(float(step.value))
-        self.tokens += tokens
+    def _zero(self) -> torch.Tensor:
+        return torch.zeros((), dtype=torch.float64, device=self.device)
+
+    def add(self, step: StepOutput, tokens: torch.Tensor, stats: dict | None) -> None:
+        """One micro-step: its global loss value, this rank's token count and ``align_stats`` (None for sft)."""
+        self.loss_sum = self.loss_sum + step.value.detach().double()
+        self.tokens = self.tokens + tokens.double()
         self.micro_steps += 1
         if stats is not None:
             for k, v in stats["sums"].items():
-                self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                self.sums[k] = self.sums.get(k, self._zero()) + v.double()
             self.count += stats["count"]
-            self.inv_ess += float(stats["w_sq"])
-            self.weight_max = max(self.weight_max, float(stats["w_max"]))
+            self.inv_ess = self.inv_ess + stats["w_sq"].double()
+            self.weight_max = torch.maximum(self.weight_max, stats["w_max"].double())
+
+    def reduced(self, stop_flag: bool) -> torch.Tensor:
+        """The step's statistics over the data-parallel group, one float64 vector on the device: the sums of
+        ``sorted(self.sums)``, the prompt count, Σw² and the tokens summed over ranks, max w and the stop flag
+        maxed over ranks, then the loss sum (already global: every rank holds the same values)."""
+        keys = sorted(self.sums)
+        count = torch.full((), float(self.count), dtype=torch.float64, device=self.device)
+        vec = torch.stack([self.sums[k] for k in keys] + [count, self.inv_ess, self.tokens])
+        flags = torch.stack([self.weight_max, torch.full_like(self.weight_max, float(stop_flag))])
+        group = data_parallel_group()
+        if group is not None:
+            dist.all_reduce(vec, group=group)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+        return torch.cat([vec, flags, self.loss_sum.view(1)])
 
     def reduce(self, stop_flag: bool) -> tuple[dict[str, float], bool]:
-        """Global metrics of the step and whether any rank asked to stop."""
+        """Global metrics of the step (``reduced``, read to the host at once) and whether any rank asked to stop."""
         keys = sorted(self.sums)
-        # The loss is already global (every rank holds the same value); the rest is summed over ranks.
-        vec = torch.tensor([self.sums[k] for k in keys] + [self.count, self.inv_ess, self.tokens], dtype=torch.float64)
-        flags = torch.tensor([self.weight_max, float(stop_flag)], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(vec)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        metrics = {"loss": sum(self.losses) / max(len(self.losses), 1)}
-        count = vec[len(keys)].item()
-        for i, k in enumerate(keys):
-            metrics[k] = vec[i].item() / max(count, 1)
+        *sums, count, inv_ess, tokens, weight_max, stop, loss_sum = self.reduced(stop_flag).tolist()
+        metrics = {"loss": loss_sum / max(self.micro_steps, 1)}
+        for k, total in zip(keys, sums, strict=True):
+            metrics[k] = total / max(count, 1)
         if keys:
             # Each micro-step's weights sum to 1 over its global batch: ESS = 1 / (Σw² averaged over micro-steps).
-            inv_ess_mean = vec[len(keys) + 1].item() / self.micro_steps
+            inv_ess_mean = inv_ess / self.micro_steps
             metrics["robust/ess"] = 1.0 / inv_ess_mean if inv_ess_mean > 0 else math.nan
-            metrics["robust/weight_max"] = flags[0].item()
-        metrics["tokens"] = vec[-1].item()
-        return metrics, bool(flags[1].item() > 0)
+            metrics["robust/weight_max"] = weight_max
+        metrics["tokens"] = tokens
+        return metrics, stop > 0
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -15,6 +15,7 @@ from torch import nn
 from dora_engine.errors import UserImportError
 from dora_engine.ops import DoRAOutput
 from dora_engine.ops.lm_head import DoRAPolicy
+from dora_engine.preference import data_parallel_group
 from dora_engine.training.config import LoraConfig, TrainingConfig
 
 
@@ -31,11 +32,6 @@ class StepOutput(NamedTuple):
     seq_logps: torch.Tensor
     seq_lens: torch.Tensor
     out: DoRAOutput | None
-
-
-def process_group() -> Any:
-    """The data-parallel group when several ranks train, else None (one process: no communication)."""
-    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
 def policy_options(cfg: TrainingConfig) -> dict[str, Any]:
@@ -65,7 +61,7 @@ class PolicyLoss(DoRAPolicy):
         h_tilde: torch.Tensor | None = None,
         ref_logps: torch.Tensor | None = None,
     ) -> StepOutput:
-        group = process_group()
+        group = data_parallel_group()
         if self.stage == "sft":
             return self._sft(*super().forward(input_ids, attention_mask, labels), group)
         h = h_tilde if self.uses_h_tilde else None

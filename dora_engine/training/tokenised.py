@@ -28,7 +28,15 @@ from typing import Any
 
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
-from dora_engine.training.data import Example, Row, Tokenizer, TrainingData, file_hash, sft_targets
+from dora_engine.rows import Row, RowTokenizer, alignment_problem
+from dora_engine.training.data import (
+    Example,
+    TrainingData,
+    check_nonempty,
+    file_hash,
+    record_rows,
+    sft_targets,
+)
 
 FORMAT = 1  # bump when the stored columns or their meaning change
 META = "dora_tokens.json"
@@ -151,13 +159,11 @@ def _record(batch: dict[str, list], j: int) -> Record:
     ], batch["h_tilde"][j])
 
 
-def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Tokenizer, settings: dict[str, Any],
+def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: RowTokenizer, settings: dict[str, Any],
                    paths: list[str]) -> dict[str, list]:
     """Rows of one batch of records. A record that fails gives one row whose ``error`` holds the message
     (``kind`` 1: the align checks of ``check_align_records``, 2: the others), so the first error in
     record order is reported whatever the number of workers."""
-    from dora_engine.training.data import check_nonempty
-
     out: dict[str, list] = {k: [] for k in ("record_index", "prompt_ids", "response_ids", "scores", "h_tilde",
                                             "max_ids", "kind", "error")}
 
@@ -176,7 +182,8 @@ def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Tok
         rec = _record(batch, j)
         where = f"{paths[batch['file'][j]]}: record {batch['row'][j]} (id={rec.id!r})"
         if stage == "align":
-            error = _align_error(rec, where, K, settings)
+            error = alignment_problem(where, [r.score for r in rec.responses], rec.h_tilde, K=K,
+                                      k_from=settings["k_from"], needs_h_tilde=settings["needs_h_tilde"])
             if error:
                 emit(i, [], [], None, None, 1, error)
                 continue
@@ -186,7 +193,7 @@ def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Tok
         try:
             if not settings["allow_empty"]:
                 check_nonempty(i, rec, targets)
-            rows = tokenizer.rows(i, rec, targets) if targets else []
+            rows = record_rows(tokenizer, i, rec, targets) if targets else []
         except RecordError as err:
             emit(i, [], [], None, None, 2, str(err))
             continue
@@ -199,23 +206,6 @@ def tokenise_batch(batch: dict[str, list], indices: list[int], *, tokenizer: Tok
             for r in rows:
                 emit(i, prompt, [r.input_ids[r.prompt_len :]], None, None)
     return out
-
-
-def _align_error(rec: Record, where: str, K: int, settings: dict[str, Any]) -> str:
-    """The message of ``check_align_records`` for this record, or ''."""
-    if rec.num_responses != K:
-        if settings["k_from"] is None:
-            need = f"a batch needs a fixed K = {K} (set data.num_responses, or split the data by K)"
-        else:
-            need = f"the records of {settings['k_from']} have K = {K}, and every batch needs the same K"
-        return f"{where}: has {rec.num_responses} responses but {need}"
-    if not rec.has_scores:
-        k = next(k for k, r in enumerate(rec.responses) if r.score is None)
-        return f"{where}: field 'responses[{k}].score' is missing; the losses rank by score"
-    if settings["needs_h_tilde"] and rec.h_tilde is None:
-        return (f"{where}: field 'h_tilde' is missing; this strategy needs it (run `dora-engine calibrate` first, "
-                "`dora-engine calibrate --apply` for a held-out file, or use robust.strategy erm/dro)")
-    return ""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,7 +284,7 @@ def token_hash(table: Any, stage: str, K: int) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_digest(tokenizer: Tokenizer) -> str:
+def tokenizer_digest(tokenizer: RowTokenizer) -> str:
     """What the rows depend on in the tokenizer: its vocabulary and rules, special tokens, chat template."""
     tok = tokenizer.tok
     digest = hashlib.sha256(type(tok).__name__.encode())
@@ -330,7 +320,7 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
         (ds_logging.enable_progress_bar if was else ds_logging.disable_progress_bar)()
 
 
-def _build(path: Path, paths: list[str], tokenizer: Tokenizer, settings: dict[str, Any], data_hash: str, *,
+def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict[str, Any], data_hash: str, *,
            columns: dict[str, str] | None, num_proc: int | None, progress: bool) -> None:
     import datasets
     import pyarrow.compute as pc
@@ -431,7 +421,7 @@ def _wait(path: Path, marker: Path, progress: bool) -> None:
 
 
 def load_tokenised(
-    paths: Sequence[str], tokenizer: Tokenizer, *, stage: str, target_source: str, num_responses: int | None,
+    paths: Sequence[str], tokenizer: RowTokenizer, *, stage: str, target_source: str, num_responses: int | None,
     needs_h_tilde: bool, cache_dir: str | os.PathLike, allow_empty: bool = False, k_from: str | None = None,
     columns: dict[str, str] | None = None, num_proc: int | None = None, progress: bool = False,
     local_rank: int | None = None,
