@@ -18,11 +18,13 @@ What runs, each as its own ``python -m dora_engine.cli train`` process (the prod
    pure-PyTorch loss) and ``loss_path: logits``, for ``--steps`` + 1 steps. It runs beside the device runs.
 
 Each variant's per-step ``loss``, ``logps/chosen`` and ``logps/rejected`` (metrics.jsonl), and the resumed
-step's, must match the oracle's within ``|a - b| <= atol + rtol·|b|``: rtol = atol = 0.05 for bf16 (bf16
-keeps 8 significant bits, 0.4% per rounding; a sequence's log-prob sums ~50 token terms from two bf16 layers
-and three optimizer steps amplify the difference, so a few per cent is what a correct bf16 run shows, while
-a wrong kernel, label shift or reduction moves these figures by tens of per cent or more), 1e-3 / 1e-4 for
-fp32 (different summation orders only). The oracle is fp32, not bf16 on the CPU: a CPU bf16 run rounds in
+step's, must match the oracle's within ``|a - b| <= atol + rtol·|b|``: rtol 0.03, atol 0.05 for bf16 (bf16
+keeps 8 significant bits, 0.4% per rounding; a sequence's log-prob (about -150 here) sums ~50 token terms
+computed through two bf16 layers, and three optimizer steps from bf16 gradients add to the difference, so
+a correct run lands within about 1-2%; one optimizer step moves the log-probs by 10-15, and a wrong kernel,
+label shift, reduction or a lost update moves them by that much or more), 1e-3 / 1e-4 for fp32 (summation
+orders only; a CPU run here agrees to 1e-6). The bf16 tolerance is an estimate until a GPU run measures it:
+the summary keeps every figure. The oracle is fp32, not bf16 on the CPU: a CPU bf16 run rounds in
 other places than the GPU one (its matmuls accumulate differently), so it would be no closer to the GPU's
 figures, only a second approximation; fp32 is the figure both approximate. The reference backend keeps the
 oracle independent of the op under test and needs no second build of the op for the CPU.
@@ -50,7 +52,7 @@ VARIANTS = {  # name: (train.loss_path, train.backend)
     "logits-fused": ("logits", "fused"),
 }
 COMPARED = ("loss", "logps/chosen", "logps/rejected")
-TOLERANCE = {"bf16": (0.05, 0.05), "fp32": (1e-3, 1e-4)}  # precision: (rtol, atol)
+TOLERANCE = {"bf16": (0.03, 0.05), "fp32": (1e-3, 1e-4)}  # precision: (rtol, atol)
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": ""}
 
 
