@@ -15,11 +15,18 @@ batch (up to floating-point differences between padded batches).
 
 Backends: ``transformers`` (batched ``generate`` with left padding, CPU or GPU; the tokenizer's padding
 is restored afterwards, so that ``save_pretrained`` does not write the left padding) and ``vllm`` (the
-``generate`` extra; a clear ``ImportError`` when it cannot be imported).
+``generate`` extra; a clear ``ImportError`` when it cannot be imported). vLLM always reads a checkpoint
+in its Hugging Face form: HF tokenizer (whose chat template renders the prompts), ``config.json`` and the
+safetensors shards that ``model.safetensors.index.json`` lists, also where a Mistral repository ships
+its own format beside them (``consolidated.safetensors``, ``params.json``, ``tekken.json``), which
+vLLM's ``auto`` modes would pick and whose tokenizer has no HF chat template. ``VLLMOptions`` holds its
+engine settings (tensor parallelism, memory share, context length); ``add_backend_arguments`` gives the
+commands one definition of the ``--backend`` and vLLM flags.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -244,10 +251,64 @@ class TransformersGenerator:
                             batch_size=self.batch_size, progress=self.progress)
 
 
+@dataclass(frozen=True)
+class VLLMOptions:
+    """vLLM engine settings: ``tensor_parallel_size`` GPUs per model, the share of each GPU's memory the
+    engine may take (weights + KV cache), and the context length (prompt + completion; ``None``: the
+    model's own, which may not fit the KV cache of a long-context model on one GPU)."""
+
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1:
+            raise UserValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise UserValueError(f"gpu_memory_utilization must lie in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise UserValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--backend`` and the vLLM engine flags (``VLLMOptions``), read back by ``vllm_options``."""
+    parser.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
+    group = parser.add_argument_group("vllm backend")
+    group.add_argument("--tensor-parallel-size", type=int, default=None, metavar="N",
+                       help=f"GPUs per model (default: {VLLMOptions.tensor_parallel_size})")
+    group.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="F",
+                       help=f"share of each GPU's memory vLLM may use (default: {VLLMOptions.gpu_memory_utilization})")
+    group.add_argument("--max-model-len", type=int, default=None, metavar="TOKENS",
+                       help="context length, prompt + completion (default: the model's)")
+
+
+def vllm_options(args: argparse.Namespace) -> VLLMOptions | None:
+    """The ``VLLMOptions`` of parsed ``add_backend_arguments`` flags (``None`` for the transformers backend,
+    which refuses them)."""
+    given = {name: getattr(args, name) for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len")
+             if getattr(args, name) is not None}
+    if args.backend != "vllm":
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserValueError(f"{flags} apply to --backend vllm only")
+        return None
+    return VLLMOptions(**given)
+
+
+def vllm_load_format(model: str) -> str:
+    """vLLM's weight format for ``model``: the safetensors shards (only those the HF index lists, never a
+    Mistral ``consolidated.safetensors``), except a local folder without safetensors files (``auto``: its
+    ``.bin`` files)."""
+    if os.path.isdir(model) and not any(Path(model).glob("*.safetensors")):
+        return "auto"
+    return "safetensors"
+
+
 class VLLMGenerator:
     """Sampling with vLLM (``pip install 'dora-engine[generate]'``); each request seeded with its prompt's seed."""
 
-    def __init__(self, model: str, sampling: Sampling, *, dtype: str | None = None, progress: bool = False) -> None:
+    def __init__(self, model: str, sampling: Sampling, *, dtype: str | None = None,
+                 options: VLLMOptions | None = None, progress: bool = False) -> None:
         try:
             import vllm
         except ImportError as err:
@@ -255,8 +316,13 @@ class VLLMGenerator:
                 f"backend 'vllm' was requested but vllm cannot be imported ({err}); install it with "
                 "`pip install 'dora-engine[generate]'` or use backend 'transformers'"
             ) from None
+        options = options or VLLMOptions()
         self._vllm = vllm
-        self.llm = vllm.LLM(model=model, dtype=dtype or "auto")
+        self.llm = vllm.LLM(
+            model=model, dtype=dtype or "auto", tokenizer_mode="hf", config_format="hf",
+            load_format=vllm_load_format(model), tensor_parallel_size=options.tensor_parallel_size,
+            gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
+        )
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = sampling
         self.progress = progress
@@ -278,11 +344,15 @@ class VLLMGenerator:
 
 
 def make_generator(model: str, sampling: Sampling, *, backend: str = "transformers", batch_size: int = 8,
-                   device: str | None = None, dtype: str | None = None, progress: bool = False) -> Generator:
-    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``GENERATION_BACKENDS``)."""
+                   device: str | None = None, dtype: str | None = None, vllm: VLLMOptions | None = None,
+                   progress: bool = False) -> Generator:
+    """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``GENERATION_BACKENDS``);
+    ``vllm`` holds the vLLM engine's settings (vllm backend only)."""
     if backend == "transformers":
+        if vllm is not None:
+            raise UserValueError("vLLM options apply to backend 'vllm' only")
         return TransformersGenerator(model, sampling, batch_size=batch_size, device=device, dtype=dtype,
                                      progress=progress)
     if backend == "vllm":
-        return VLLMGenerator(model, sampling, dtype=dtype, progress=progress)
+        return VLLMGenerator(model, sampling, dtype=dtype, options=vllm, progress=progress)
     raise UserValueError(f"unknown backend {backend!r}; valid backends: {', '.join(GENERATION_BACKENDS)}")

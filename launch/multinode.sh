@@ -9,8 +9,10 @@
 #
 # Environment: MASTER_ADDR (the rendezvous host, default the first host of HOSTFILE; every node must reach
 # it), MASTER_PORT (default 29500, the same on every node), NODE_RANK (selects the no-ssh mode),
-# DEEPSPEED (the launcher command, default `deepspeed`), NCCL_SOCKET_IFNAME / NCCL_IB_HCA (the network
-# interfaces between nodes, site specific), NCCL_DEBUG, OMP_NUM_THREADS.
+# DEEPSPEED (the launcher command, default `deepspeed`; GPUs other than 0..slots-1 of each node are chosen
+# there, e.g. DEEPSPEED="deepspeed --include node1:2,3", since the launcher ignores CUDA_VISIBLE_DEVICES),
+# NCCL_SOCKET_IFNAME / NCCL_IB_HCA (the network interfaces between nodes, site specific), NCCL_DEBUG,
+# OMP_NUM_THREADS.
 # Data, model and output_dir paths must be visible on every node (shared filesystem), or the checkpoint
 # folders must be per node and complete on each.
 set -euo pipefail

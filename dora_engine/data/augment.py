@@ -27,7 +27,14 @@ from typing import Any
 from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import ShardedRun, derived_seed
 from dora_engine.errors import UserValueError
-from dora_engine.generation import AUGMENTATION_SAMPLING, Generator, Sampling, make_generator, model_name
+from dora_engine.generation import (
+    AUGMENTATION_SAMPLING,
+    Generator,
+    Sampling,
+    VLLMOptions,
+    make_generator,
+    model_name,
+)
 
 
 def source_name(model: str | os.PathLike) -> str:
@@ -62,11 +69,11 @@ def _checked(n: int, sampling: Sampling | None) -> Sampling:
 def augment_records(
     records: Sequence[Record], model: str, n: int = 2, *, backend: str = "transformers",
     sampling: Sampling | None = None, batch_size: int = 8, source: str | None = None, seed: int = 0,
-    device: str | None = None,
+    device: str | None = None, vllm: VLLMOptions | None = None,
 ) -> list[Record]:
     """Every record with ``n`` more responses sampled from ``model`` (in memory, one shard)."""
     sampling = _checked(n, sampling)
-    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device)
+    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device, vllm=vllm)
     source = source or source_name(model)
     return _augment_shard(records, generator, n, source, seed, {"n": n, **asdict(sampling)})
 
@@ -74,7 +81,8 @@ def augment_records(
 def augment_file(
     input: str | os.PathLike, output: str | os.PathLike, model: str, n: int = 2, *, backend: str = "transformers",
     sampling: Sampling | None = None, batch_size: int = 8, source: str | None = None, seed: int = 0,
-    device: str | None = None, shard_size: int = 256, work_dir: str | os.PathLike | None = None,
+    device: str | None = None, vllm: VLLMOptions | None = None, shard_size: int = 256,
+    work_dir: str | os.PathLike | None = None,
     restart: bool = False,
 ) -> Sequence[Record]:
     """Augment a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
@@ -87,5 +95,5 @@ def augment_file(
     # The work directory is checked (and an earlier run's progress reported) before the model loads.
     run = ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart,
                      desc="augment")
-    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device)
+    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device, vllm=vllm)
     return run.run(lambda shard, _: _augment_shard(shard, generator, n, source, seed, generation))

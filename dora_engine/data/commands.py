@@ -15,7 +15,7 @@ from dora_engine.data.schema import Record, read_records, write_records
 from dora_engine.data.summary import summarize
 from dora_engine.data.synth import SPLITS
 from dora_engine.errors import UserValueError
-from dora_engine.generation import GENERATION_BACKENDS
+from dora_engine.generation import add_backend_arguments
 
 
 def _parse_mix(text: str) -> dict[str, float]:
@@ -95,13 +95,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _cmd_augment(args: argparse.Namespace) -> int:
     from dora_engine.data.augment import augment_file
-    from dora_engine.generation import Sampling
+    from dora_engine.generation import Sampling, vllm_options
 
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
     records = augment_file(
         args.input, args.out, args.model, args.n, backend=args.backend, sampling=sampling,
-        batch_size=args.batch_size, source=args.source, seed=args.seed, device=args.device,
+        batch_size=args.batch_size, source=args.source, seed=args.seed, device=args.device, vllm=vllm_options(args),
         shard_size=args.shard_size, restart=args.restart,
     )
     return _report(args.out, records)
@@ -171,7 +171,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     augment.add_argument("--out", type=Path, required=True)
     augment.add_argument("--model", required=True, help="path or name of the causal LM")
     augment.add_argument("--n", type=int, default=2, help="responses to add per prompt")
-    augment.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     augment.add_argument("--source", default=None,
                          help="source label of the new responses (default: the model folder's name; for a "
                               "training run's export RUN/final, the run folder's name RUN; a hub id's last part)")
@@ -182,6 +181,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     augment.add_argument("--max-new-tokens", type=int, default=256)
     augment.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (transformers)")
     augment.add_argument("--seed", type=int, default=0)
+    add_backend_arguments(augment)
     _add_resume_options(augment)
     augment.set_defaults(func=_cmd_augment)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dora_engine.atomic import atomic_write
 from dora_engine.eval.comparison import Judge
-from dora_engine.generation import GENERATION_BACKENDS
+from dora_engine.generation import add_backend_arguments
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +29,6 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--generator",
                    help="the generator name in the outputs (default: the model folder's name; for a training "
                         "run's export RUN/final, the run folder's name RUN; a hub id's last part)")
-    p.add_argument("--backend", choices=GENERATION_BACKENDS, default="transformers")
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding (default: 0.8)")
     p.add_argument("--top-k", type=int, default=50, help="0 disables top-k (default: 50)")
     p.add_argument("--top-p", type=float, default=0.9)
@@ -39,6 +38,7 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="answer only the first N prompts")
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    add_backend_arguments(p)
     p.set_defaults(func=run_generate)
 
 
@@ -47,14 +47,14 @@ def run_generate(args: argparse.Namespace) -> int:
 
     from dora_engine.data.schema import read_records
     from dora_engine.eval.generate import generate_records, write_generations, write_model_outputs
-    from dora_engine.generation import EVALUATION_SAMPLING
+    from dora_engine.generation import EVALUATION_SAMPLING, vllm_options
 
     sampling = replace(EVALUATION_SAMPLING, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens)
     records = read_records(args.data)[: args.limit]
     generations = generate_records(
         records, args.model, generator=args.generator, backend=args.backend, sampling=sampling, seed=args.seed,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, vllm=vllm_options(args),
     )
     write_generations(args.output, generations)
     if args.alpaca_eval:

@@ -19,7 +19,7 @@ from typing import Any
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
 from dora_engine.data.sharded import derived_seed
-from dora_engine.generation import EVALUATION_SAMPLING, Sampling, make_generator, model_name
+from dora_engine.generation import EVALUATION_SAMPLING, Sampling, VLLMOptions, make_generator, model_name
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,13 @@ def generate_records(
     batch_size: int = 8,
     device: str | None = None,
     dtype: str = "auto",
+    vllm: VLLMOptions | None = None,
 ) -> list[Generation]:
     """One response per record from the model at ``model_path`` (a local folder or hub id), with
     ``EVALUATION_SAMPLING`` unless given; each record's draws are seeded by ``seed`` and its id. The
     generator name defaults to ``generation.model_name(model_path)``."""
     engine = make_generator(model_path, sampling or EVALUATION_SAMPLING, backend=backend, batch_size=batch_size,
-                            device=device, dtype=dtype, progress=True)
+                            device=device, dtype=dtype, vllm=vllm, progress=True)
     outputs = engine.generate([r.prompt for r in records], 1, [derived_seed(seed, r.id) for r in records])
     name = generator or model_name(model_path)
     return [Generation(r.id, r.prompt_text(), texts[0], name) for r, texts in zip(records, outputs, strict=True)]

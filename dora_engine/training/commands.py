@@ -3,6 +3,9 @@
 Both run in this process (a world of one) or, with ``--num-procs N``, re-launch themselves under the
 ``deepspeed`` launcher: ``deepspeed --num_gpus N --master_port P --module dora_engine.training ...``,
 which is what ``deepspeed launch/train.py --config C.yaml`` does for multi-GPU and multi-node runs.
+When ``CUDA_VISIBLE_DEVICES`` lists GPUs, the ranks run on the first N of them (``--include
+localhost:<ids>`` instead of ``--num_gpus N``: the launcher drops ``CUDA_VISIBLE_DEVICES`` and would
+otherwise take GPUs 0..N-1 of the machine).
 
 With ``--num-procs N`` this process stays in front: the rendezvous port is ``--master-port``, else
 ``$MASTER_PORT``, else a free one, so that runs on one machine do not collide. The launcher and its ranks
@@ -20,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from dora_engine.errors import UserError, UserValueError
@@ -110,17 +114,43 @@ def _kill_tree(launcher: Any) -> None:
             pass
 
 
+def device_arguments(num_procs: int, environ: Mapping[str, str]) -> list[str]:
+    """The ``deepspeed`` runner's device selection for ``num_procs`` ranks on this machine.
+
+    ``CUDA_VISIBLE_DEVICES`` set to GPU indices: ``--include localhost:<the first num_procs of them>``
+    (the runner removes the variable from the ranks' environment and, given ``--num_gpus``, would use
+    GPUs ``0..num_procs-1`` of the machine instead). Unset or empty (CPU ranks, or every GPU):
+    ``--num_gpus num_procs``.
+    """
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    if not visible:
+        return ["--num_gpus", str(num_procs)]
+    ids = [item.strip() for item in visible.split(",")]
+    if not all(item.isdigit() for item in ids):
+        raise UserValueError(f"CUDA_VISIBLE_DEVICES={visible!r}: the deepspeed launcher selects GPUs by index; "
+                             "list GPU indices (e.g. 2,3), not UUIDs or MIG names")
+    if num_procs > len(ids):
+        raise UserValueError(f"--num-procs {num_procs} exceeds the {len(ids)} GPU(s) in "
+                             f"CUDA_VISIBLE_DEVICES={visible!r}")
+    return ["--include", "localhost:" + ",".join(ids[:num_procs])]
+
+
+def launcher_command(task: str, args: argparse.Namespace, environ: Mapping[str, str]) -> list[str]:
+    """The ``deepspeed`` runner command that starts ``task`` on ``args.num_procs`` ranks of this machine."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", *device_arguments(args.num_procs, environ),
+           "--master_port", str(master_port(args.master_port)), "--module", "dora_engine.training",
+           "--task", task, "--config", args.config]
+    if args.resume:
+        cmd += ["--resume", args.resume]
+    return cmd + list(args.overrides)
+
+
 def launch_local(task: str, args: argparse.Namespace) -> int:
     """Run ``task`` on ``--num-procs`` ranks under the ``deepspeed`` launcher and stay in front (module
     docstring): forward SIGTERM / SIGINT to the ranks, wait for them, exit with their status."""
     import psutil
 
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_procs),
-           "--master_port", str(master_port(args.master_port)), "--module", "dora_engine.training",
-           "--task", task, "--config", args.config]
-    if args.resume:
-        cmd += ["--resume", args.resume]
-    proc = subprocess.Popen(cmd + list(args.overrides), start_new_session=True)
+    proc = subprocess.Popen(launcher_command(task, args, os.environ), start_new_session=True)
     launcher = psutil.Process(proc.pid)
     received: list[int] = []  # filled by the handler; acted on by the loop (printing in a handler may re-enter)
     signalled: set[int] = set()
