@@ -144,7 +144,7 @@ def sequence_logprobs(
 
     Raises:
         ValueError / TypeError naming the argument at fault; ``OpLoadError`` for ``backend="fused"`` when the
-        extension cannot be built or loaded.
+        extension cannot be built or loaded, or has no kernels for the device of ``logits``.
     """
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
     return _backend(backend, logits).row_pass(logits, labels, ignore_index, inplace_backward)
@@ -237,7 +237,8 @@ def dora_loss(
 
     Raises:
         ValueError / TypeError naming the argument (and row or prompt) at fault; ``OpLoadError`` for
-        ``backend="fused"`` when the extension cannot be built or loaded.
+        ``backend="fused"`` when the extension cannot be built or loaded, or has no kernels for the device of
+        ``logits``.
     """
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
     impl = _backend(backend, logits)
