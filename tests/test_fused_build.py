@@ -127,7 +127,8 @@ def fake_aot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     library = tmp_path / "_ops.cpython-311-x86_64-linux-gnu.so"
     library.write_bytes(b"not a library")
     monkeypatch.setattr(builder, "aot_library_path", lambda: str(library))
-    monkeypatch.setattr(builder, "_state", SimpleNamespace(ops=None, source=None, build=None, failure=None))
+    monkeypatch.setattr(builder, "_state", SimpleNamespace(ops=None, source=None, build=None, failure=None,
+                                                           device_types=frozenset()))
 
     def load_library(path: str) -> None:
         raise AssertionError(f"a mismatching library was loaded: {path}")
@@ -347,9 +348,13 @@ def test_a_lock_left_by_a_killed_build_is_removed(tmp_path: Path, capfd: pytest.
     assert f"removed {tmp_path / builder.TORCH_LOCK}, left by a build that was killed" in err
 
 
-def test_a_live_build_is_waited_for_and_its_lock_kept(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_a_live_build_is_waited_for_and_its_lock_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
     import fcntl
     import threading
+
+    monkeypatch.setattr(builder, "QUIET_WAIT_S", 0.0)
 
     with open(tmp_path / builder.BUILD_LOCK, "a+") as other:  # another process's build, in progress
         fcntl.flock(other, fcntl.LOCK_EX)
@@ -373,6 +378,26 @@ def test_a_live_build_is_waited_for_and_its_lock_kept(tmp_path: Path, capfd: pyt
     err = capfd.readouterr().err
     assert "waiting for gpu-node-3 4242 (host, pid), which is building the fused op here" in err
     assert "removed" not in err
+
+
+def test_a_short_wait_is_silent(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Ranks starting together take the lock in turn even when the build is cached: no message for that."""
+    import fcntl
+    import threading
+
+    with open(tmp_path / builder.BUILD_LOCK, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        def load() -> None:
+            with builder.build_lock(tmp_path):
+                pass
+
+        waiter = threading.Thread(target=load)
+        waiter.start()
+        waiter.join(0.3)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        waiter.join(10)
+    assert not waiter.is_alive()
+    assert capfd.readouterr().err == ""
 
 
 def test_without_flock_a_leftover_lock_is_reported_not_removed(

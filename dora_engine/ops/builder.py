@@ -35,6 +35,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -451,7 +452,8 @@ def build_lock(build_dir: Path) -> Iterator[None]:
 
     Every just-in-time load takes it around torch's build, so while it is held no other process of this
     package builds here: a torch ``lock`` file found then was left by a killed build, and is removed
-    (torch would wait for it forever). A process that finds the lock held says whose it is and waits.
+    (torch would wait for it forever). A process that finds the lock held waits, and says whose it is once
+    it has waited ``QUIET_WAIT_S``.
     Where the file system has no ``flock`` (some network mounts), torch's lock alone serialises builds and
     a leftover one is reported, not removed.
     """
@@ -474,14 +476,25 @@ def build_lock(build_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+#: Seconds a process waits for the build lock before it says whom it waits for (ranks starting together
+#: take it in turn for a moment even when the build is cached).
+QUIET_WAIT_S = 3.0
+
+
 def _acquire(handle: Any, path: Path) -> None:
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        _say(f"waiting for {owner} (host, pid), which is building the fused op here ({path})")
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    waited_until = time.monotonic() + QUIET_WAIT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= waited_until:
+                break
+            time.sleep(0.1)
+    handle.seek(0)
+    owner = handle.read().strip() or "another process"
+    _say(f"waiting for {owner} (host, pid), which is building the fused op here ({path})")
+    fcntl.flock(handle, fcntl.LOCK_EX)
 
 
 def _remove_stale_torch_lock(build_dir: Path) -> None:
