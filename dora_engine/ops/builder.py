@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -481,7 +481,7 @@ def build_lock(build_dir: Path) -> Iterator[None]:
 QUIET_WAIT_S = 3.0
 
 
-def _acquire(handle: Any, path: Path) -> None:
+def _acquire(handle: IO[str], path: Path) -> None:
     waited_until = time.monotonic() + QUIET_WAIT_S
     while True:
         try:
