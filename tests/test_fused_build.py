@@ -127,7 +127,8 @@ def fake_aot(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     library = tmp_path / "_ops.cpython-311-x86_64-linux-gnu.so"
     library.write_bytes(b"not a library")
     monkeypatch.setattr(builder, "aot_library_path", lambda: str(library))
-    monkeypatch.setattr(builder, "_state", SimpleNamespace(ops=None, source=None, build=None, failure=None))
+    monkeypatch.setattr(builder, "_state", SimpleNamespace(ops=None, source=None, build=None, failure=None,
+                                                           device_types=frozenset()))
 
     def load_library(path: str) -> None:
         raise AssertionError(f"a mismatching library was loaded: {path}")
@@ -259,3 +260,183 @@ def test_aot_hash_ignores_the_place(csrc_copy: Path, tmp_path: Path) -> None:
     ops = OpBuilder(with_cuda=False)
     assert ops.aot_record(csrc_copy) == ops.aot_record(other_place)
     assert ops.aot_record(csrc_copy).sources == ops.jit_record(csrc_copy).sources
+
+
+def test_jit_name_follows_the_cpu_instruction_set(csrc_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-march=native is the same text on every CPU: a cache on a shared home must not serve an older CPU."""
+    monkeypatch.setattr(builder, "cpu_features", lambda: "avx avx2 fma sse4_2")
+    older = jit_name(csrc_copy)
+    aot = OpBuilder(with_cuda=False).aot_record(csrc_copy)
+    monkeypatch.setattr(builder, "cpu_features", lambda: "avx avx2 avx512bw avx512f fma sse4_2")
+    assert jit_name(csrc_copy) != older
+    assert OpBuilder(with_cuda=False).aot_record(csrc_copy) == aot  # a shipped build is portable: no key
+
+
+def test_cpu_features_of_x86_and_arm(tmp_path: Path) -> None:
+    x86 = tmp_path / "x86"
+    x86.write_text("processor\t: 0\nflags\t\t: sse2 avx2 fma\nbugs\t\t: spectre_v1\n\nprocessor\t: 1\nflags\t: x\n")
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd sve\nCPU part\t: 0xd40\n")
+    assert builder.cpu_features(x86) == "avx2 fma sse2"
+    assert builder.cpu_features(arm) == "asimd fp sve"
+    assert builder.cpu_features(tmp_path / "absent")  # no /proc: the machine's names, still a key
+
+
+# ------------------------------------------------------------------------------------------------------
+# CUDA architectures of the just-in-time build
+# ------------------------------------------------------------------------------------------------------
+
+
+def visible_gpus(monkeypatch: pytest.MonkeyPatch, *capabilities: tuple[int, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=0: capabilities[index])
+
+
+@pytest.mark.parametrize(
+    "listed, jit_archs",
+    [
+        ("8.0;9.0", ["8.0", "9.0", "10.0"]),  # a B200 that the list misses gets its own code; 8.0 runs on 8.6
+        ("8.0;9.0+PTX", ["8.0", "9.0+PTX"]),  # PTX runs on later GPUs
+        ("", ["8.6", "10.0"]),  # no list: the visible GPUs
+        ("7.0;8.6", ["7.0", "8.6", "10.0"]),
+    ],
+)
+def test_jit_build_covers_every_visible_gpu(
+    monkeypatch: pytest.MonkeyPatch, csrc_copy: Path, listed: str, jit_archs: list[str]
+) -> None:
+    visible_gpus(monkeypatch, (10, 0), (8, 6))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", listed)
+    ops = OpBuilder(with_cuda=True)
+    jit = ops.jit_record(csrc_copy)
+    assert jit.cuda_archs == jit_archs
+    assert jit.flags["nvcc"][2:] == builder.gencode_flags(jit_archs)
+    gpus = (("NVIDIA B200", (10, 0)), ("NVIDIA A10", (8, 6)))
+    assert mismatches(jit, Runtime(torch=jit.torch, torch_cuda=jit.torch_cuda, gpus=gpus)) == []
+    if listed:  # the ahead-of-time build is for the list: the load-time check covers it (mismatches)
+        assert ops.aot_record(csrc_copy).cuda_archs == listed.split(";")
+
+
+# ------------------------------------------------------------------------------------------------------
+# The just-in-time build's lock and its message
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """A build killed midway leaves torch's lock file, on which torch would wait forever; the build lock
+    (flock) died with its holder, which shows the file is stale."""
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", (
+            "import fcntl, os, sys, time\n"
+            f"f = open({str(tmp_path / builder.BUILD_LOCK)!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+            "f.write(f'node {os.getpid()}\\n'); f.flush()\n"
+            f"open({str(tmp_path / builder.TORCH_LOCK)!r}, 'w').close()\n"
+            "print('building', flush=True); time.sleep(60)\n"
+        )],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline() == "building\n"
+    holder.kill()
+    holder.wait()
+    assert (tmp_path / builder.TORCH_LOCK).exists()
+    with builder.build_lock(tmp_path):
+        assert not (tmp_path / builder.TORCH_LOCK).exists()
+    err = capfd.readouterr().err
+    assert f"removed {tmp_path / builder.TORCH_LOCK}, left by a build that was killed" in err
+
+
+def test_a_live_build_is_waited_for_and_its_lock_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import fcntl
+    import threading
+
+    monkeypatch.setattr(builder, "QUIET_WAIT_S", 0.0)
+
+    with open(tmp_path / builder.BUILD_LOCK, "a+") as other:  # another process's build, in progress
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("gpu-node-3 4242\n")
+        other.flush()
+        (tmp_path / builder.TORCH_LOCK).touch()
+        entered = threading.Event()
+
+        def load() -> None:
+            with builder.build_lock(tmp_path):
+                entered.set()
+
+        waiter = threading.Thread(target=load)
+        waiter.start()
+        assert not entered.wait(0.5)  # it waits for the other build
+        assert (tmp_path / builder.TORCH_LOCK).exists()  # whose torch lock is live: untouched
+        (tmp_path / builder.TORCH_LOCK).unlink()  # the other build ends the way torch's does
+        fcntl.flock(other, fcntl.LOCK_UN)
+        waiter.join(10)
+    assert entered.is_set()
+    err = capfd.readouterr().err
+    assert "waiting for gpu-node-3 4242 (host, pid), which is building the fused op here" in err
+    assert "removed" not in err
+
+
+def test_a_short_wait_is_silent(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    """Ranks starting together take the lock in turn even when the build is cached: no message for that."""
+    import fcntl
+    import threading
+
+    with open(tmp_path / builder.BUILD_LOCK, "a+") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        def load() -> None:
+            with builder.build_lock(tmp_path):
+                pass
+
+        waiter = threading.Thread(target=load)
+        waiter.start()
+        waiter.join(0.3)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        waiter.join(10)
+    assert not waiter.is_alive()
+    assert capfd.readouterr().err == ""
+
+
+def test_without_flock_a_leftover_lock_is_reported_not_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> None:
+    import errno
+    import fcntl
+
+    def no_locks(handle, operation) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    (tmp_path / builder.TORCH_LOCK).touch()
+    with builder.build_lock(tmp_path):
+        pass
+    assert (tmp_path / builder.TORCH_LOCK).exists()
+    err = capfd.readouterr().err
+    assert "cannot be checked: no lock on this file system" in err and f"rm {tmp_path / builder.TORCH_LOCK}" in err
+
+
+def test_jit_load_says_when_it_builds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capfd: pytest.CaptureFixture) -> None:
+    from torch.utils import cpp_extension
+
+    ops = OpBuilder(with_cuda=False)
+    name = ops.name
+    built = []
+
+    def load(name: str, **options) -> None:
+        assert (tmp_path / builder.BUILD_LOCK).exists() and not (tmp_path / builder.TORCH_LOCK).exists()
+        built.append(name)
+        (tmp_path / f"{name}.so").touch()
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", load)
+    (tmp_path / builder.TORCH_LOCK).touch()  # a killed earlier build's
+    assert ops.jit_load() == str(tmp_path / f"{name}.so")
+    err = capfd.readouterr().err
+    assert f"building the fused op (CPU kernels) just in time in {tmp_path}; this takes minutes once" in err
+    assert ops.jit_load() == str(tmp_path / f"{name}.so")
+    assert capfd.readouterr().err == ""  # built: reused silently (torch's load still checks it is current)
+    assert built == [name, name]

@@ -225,12 +225,12 @@ def test_cuda_matches_the_logits_path(mode, dtype):
                                                                             reason="needs a CUDA device")])],
 )
 def test_weight_gradient_accumulates_in_fp32_with_and_without_a_mixed_dtype_gemm(monkeypatch, mixed_gemm):
-    """torch without ``addmm(out_dtype=)`` (and every CPU) takes the fallback: one bf16 product per chunk,
-    summed into the fp32 accumulator; the running rescale is ``rescale_`` on the accumulator."""
+    """Where ``addmm(out_dtype=)`` does not work (every CPU, older torch) the fallback: one bf16 product per
+    chunk, summed into the fp32 accumulator; the running rescale is ``rescale_`` on the accumulator."""
     device = "cuda" if mixed_gemm else "cpu"
-    if mixed_gemm and not fused_linear.ADDMM_OUT_DTYPE:
-        pytest.skip("this torch has no addmm(out_dtype=)")
-    monkeypatch.setattr(fused_linear, "ADDMM_OUT_DTYPE", mixed_gemm)
+    if mixed_gemm and not fused_linear.mixed_addmm_works(torch.device(device), torch.bfloat16):
+        pytest.skip("addmm(out_dtype=) does not work for bf16 on this torch's CUDA")
+    monkeypatch.setitem(fused_linear._MIXED_ADDMM, (device, torch.bfloat16), mixed_gemm)
     g = torch.Generator().manual_seed(0)
     dz = [torch.randn(7, 5, generator=g).bfloat16().to(device) for _ in range(3)]
     x = [torch.randn(7, 3, generator=g).bfloat16().to(device) for _ in range(3)]

@@ -7,7 +7,8 @@ and, for the ``*_linear`` functions, the chunk loop over the lm_head GEMM. Backe
 - ``"fused"``: the C++/CUDA extension (CPU or CUDA kernels by the tensors' device);
 - ``"reference"``: pure PyTorch differentiated by autograd, the oracle;
 - ``"auto"``: fused, falling back to the reference with one warning only when the extension cannot be
-  built or loaded (``OpLoadError``); any other error propagates.
+  built or loaded or has no kernels for the inputs' device, e.g. a build without CUDA kernels given CUDA
+  tensors (``OpLoadError``); any other error propagates.
 
 Labels are aligned with the logits: ``labels[n, t]`` is the token that ``logits[n, t]`` predicts, and
 ``ignore_index`` marks positions that are not scored. Hugging Face labels (``labels[n, t]`` is token t)
@@ -25,7 +26,7 @@ import torch.distributed as dist
 
 from dora_engine.losses import ResolvedObjective, RobustObjective, objective_of
 from dora_engine.ops import reference
-from dora_engine.ops.builder import OpLoadError
+from dora_engine.ops.builder import OpLoadError, check_kernels_for
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.output import DoRAOutput
 from dora_engine.ops.validation import (
@@ -61,14 +62,16 @@ def _load_fused() -> ModuleType:
     return fused
 
 
-def _backend(name: str) -> ModuleType:
-    """The module of backend ``name`` (see the module docstring)."""
+def _backend(name: str, inputs: torch.Tensor) -> ModuleType:
+    """The module of backend ``name`` for tensors on the device of ``inputs`` (see the module docstring)."""
     global _fallback_warned
     check_choice("backend", name, OP_BACKENDS)
     if name == "reference":
         return reference
     try:
-        return _load_fused()
+        fused = _load_fused()
+        check_kernels_for(inputs)
+        return fused
     except OpLoadError as err:
         if name == "fused":
             raise
@@ -123,10 +126,10 @@ def sequence_logprobs(
 
     Raises:
         ValueError / TypeError naming the argument at fault; ``OpLoadError`` for ``backend="fused"`` when the
-        extension cannot be built or loaded.
+        extension cannot be built or loaded, or has no kernels for the device of ``logits``.
     """
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
-    return _backend(backend).row_pass(logits, labels, ignore_index, inplace_backward)
+    return _backend(backend, logits).row_pass(logits, labels, ignore_index, inplace_backward)
 
 
 def sequence_logprobs_linear(
@@ -159,7 +162,7 @@ def sequence_logprobs_linear(
     check_linear_inputs(hidden, weight, bias)
     check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
     budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
-    return _backend(backend).linear_row_pass(hidden, weight, bias, labels, ignore_index, budget)
+    return _backend(backend, hidden).linear_row_pass(hidden, weight, bias, labels, ignore_index, budget)
 
 
 def dora_loss(
@@ -221,11 +224,12 @@ def dora_loss(
 
     Raises:
         ValueError / TypeError naming the argument (and row or prompt) at fault; ``OpLoadError`` for
-        ``backend="fused"`` when the extension cannot be built or loaded.
+        ``backend="fused"`` when the extension cannot be built or loaded, or has no kernels for the device of
+        ``logits``.
     """
     resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam)
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
-    impl = _backend(backend)
+    impl = _backend(backend, logits)
     call = check_loss_inputs(
         resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
         ref_logps=ref_logps, process_group=process_group, response_limit=impl.MAX_RESPONSES, validate=validate,
@@ -276,7 +280,7 @@ def dora_loss_linear(
     check_linear_inputs(hidden, weight, bias)
     check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
     budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
-    impl = _backend(backend)
+    impl = _backend(backend, hidden)
     call = check_loss_inputs(
         resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
         ref_logps=ref_logps, process_group=process_group, response_limit=impl.MAX_RESPONSES, validate=validate,

@@ -12,26 +12,37 @@ with ``TORCH_LIBRARY`` (``torch.ops.dora_engine.*``), so loading it means loadin
 - just in time otherwise: ``torch.utils.cpp_extension.load`` compiles with ninja on first use and caches
   the library under ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), shared by every
   later process. The build is named ``dora_engine_ops_{cpu,cuda}_<hash>``, the hash covering every file
-  the build reads, the flags, torch and its CUDA: a changed source never reuses a stale binary, and two
-  checkouts or versions never rebuild over each other.
+  the build reads, the flags, torch and its CUDA, and the CPU's instruction set (the build uses
+  ``-march=native``): a changed source never reuses a stale binary, two checkouts or versions never
+  rebuild over each other, and a cache on a shared home never serves a CPU that lacks the instructions
+  it was compiled for. A build prints one line to stderr before it starts (it takes minutes). Builds of
+  one name are serialised by an advisory lock (``flock``) that dies with its holder, so torch's own
+  ``lock`` file left by a killed build is recognised as stale and removed, not waited on forever.
 
 CUDA kernels are compiled only when torch has CUDA and ``nvcc`` is found; the architectures come from
-``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0+PTX"``), else from the visible GPUs. Failures raise
-``OpLoadError`` saying why.
+``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0+PTX"``), else from the visible GPUs; the just-in-time build adds
+every visible GPU that the list does not cover. Failures raise ``OpLoadError`` saying why, and so does a
+call on a device the loaded extension has no kernels for (``check_kernels_for``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import importlib.util
 import json
 import os
+import platform
 import shutil
+import sys
+import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -241,21 +252,29 @@ class OpBuilder:
         return torch.version.cuda is not None and cls.nvcc_path() is not None
 
     @staticmethod
-    def cuda_archs() -> list[str]:
-        """Architectures like ``["8.0", "9.0+PTX"]``: TORCH_CUDA_ARCH_LIST, else the visible GPUs."""
+    def cuda_archs(*, native: bool = False) -> list[str]:
+        """Architectures like ``["8.0", "9.0+PTX"]``: TORCH_CUDA_ARCH_LIST, else the visible GPUs.
+
+        ``native`` (the just-in-time build, for this machine): also every visible GPU that the list does not
+        cover, so the build never lacks code for a GPU it will run on ("no kernel image" at the first call);
+        an nvcc too old for that GPU then fails the build with ``OpLoadError``.
+        """
         listed = os.environ.get("TORCH_CUDA_ARCH_LIST", "").replace(",", ";").replace(" ", ";")
         archs = [a for a in listed.split(";") if a]
-        if not archs and torch.cuda.is_available():
-            capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-            archs = [f"{major}.{minor}" for major, minor in sorted(capabilities)]
+        if (native or not archs) and torch.cuda.is_available():
+            capabilities = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+            archs += [
+                f"{major}.{minor}" for major, minor in capabilities
+                if not any(arch_covers(arch, (major, minor)) for arch in archs)
+            ]
         if not archs:
             raise OpLoadError("no CUDA architecture to build for: set TORCH_CUDA_ARCH_LIST (e.g. '8.0;9.0') or "
                               "make a GPU visible")
         return archs
 
     @classmethod
-    def cuda_arch_flags(cls) -> list[str]:
-        return gencode_flags(cls.cuda_archs())
+    def cuda_arch_flags(cls, *, native: bool = False) -> list[str]:
+        return gencode_flags(cls.cuda_archs(native=native))
 
     # What the build reads -------------------------------------------------------------------------
 
@@ -293,7 +312,7 @@ class OpBuilder:
     # Flags ----------------------------------------------------------------------------------------
 
     def cxx_flags(self, *, native: bool) -> list[str]:
-        """Host flags; ``native`` tunes for this CPU (the just-in-time build, never a shipped binary)."""
+        """Host flags; ``native`` tunes for this machine (the just-in-time build, never a shipped binary)."""
         flags = ["-O3", "-fopenmp-simd"]
         if native:
             flags.append("-march=native")
@@ -301,42 +320,47 @@ class OpBuilder:
             flags.append("-DDORA_WITH_CUDA")
         return flags
 
-    def nvcc_flags(self) -> list[str]:
-        return ["-O3", "-DDORA_WITH_CUDA", *self.cuda_arch_flags()]
+    def nvcc_flags(self, *, native: bool) -> list[str]:
+        return ["-O3", "-DDORA_WITH_CUDA", *self.cuda_arch_flags(native=native)]
 
     def compile_args(self, *, native: bool) -> dict[str, list[str]]:
-        """The flags by compiler (``cxx``, and ``nvcc`` with CUDA), as setuptools' ``extra_compile_args``."""
+        """The flags by compiler (``cxx``, and ``nvcc`` with CUDA), as setuptools' ``extra_compile_args``;
+        ``native``: for this machine (its CPU, its GPUs)."""
         args = {"cxx": self.cxx_flags(native=native)}
         if self.with_cuda:
-            args["nvcc"] = self.nvcc_flags()
+            args["nvcc"] = self.nvcc_flags(native=native)
         return args
 
     # Records and names ----------------------------------------------------------------------------
 
-    def record(self, flags: dict[str, list[str]], root: Path = CSRC, *, place: str | None = None) -> BuildRecord:
-        """The record of a build with ``flags`` of the sources in ``root``; ``place`` (if any) enters the hash."""
+    def record(self, root: Path = CSRC, *, native: bool) -> BuildRecord:
+        """The record of a build of the sources in ``root``; ``native``: the just-in-time build, for this machine.
+
+        The native build's hash also covers where the sources are (the compile commands name them, so two
+        checkouts sharing a build directory would rebuild over each other) and the CPU's instruction set
+        (``-march=native`` is the same text on every CPU, the code it gives is not).
+        """
         sources = self.source_digest(root)
+        flags = self.compile_args(native=native)
         identity = {
-            "sources": sources, "flags": flags, "place": place, "cuda_kernels": self.with_cuda,
+            "sources": sources, "flags": flags, "cuda_kernels": self.with_cuda,
             "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "place": str(root.resolve()) if native else None, "isa": cpu_isa_key() if native else None,
         }
         build_hash = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
         return BuildRecord(
             torch=torch.__version__, torch_cuda=torch.version.cuda, cuda_kernels=self.with_cuda,
-            cuda_archs=self.cuda_archs() if self.with_cuda else [], sources=sources, hash=build_hash, flags=flags,
+            cuda_archs=self.cuda_archs(native=native) if self.with_cuda else [], sources=sources, hash=build_hash,
+            flags=flags,
         )
 
     def aot_record(self, root: Path = Path("csrc")) -> BuildRecord:
         """The record of ``extension()``, which setup.py writes next to the library."""
-        return self.record(self.compile_args(native=False), root)
+        return self.record(root, native=False)
 
     def jit_record(self, root: Path = CSRC) -> BuildRecord:
-        """The record of the just-in-time build of the sources in ``root``.
-
-        Its hash also covers where the sources are: the compile commands name them, so two checkouts
-        sharing a build directory would rebuild over each other.
-        """
-        return self.record(self.compile_args(native=True), root, place=str(root.resolve()))
+        """The record of the just-in-time build of the sources in ``root``."""
+        return self.record(root, native=True)
 
     @property
     def name(self) -> str:
@@ -349,20 +373,30 @@ class OpBuilder:
     # Building -------------------------------------------------------------------------------------
 
     def jit_load(self, verbose: bool = False) -> str:
-        """Compile (or reuse the cached build) and load the library; returns its path."""
+        """Compile (or reuse the cached build) and load the library; returns its path.
+
+        Holds the build directory's ``build_lock`` meanwhile, and says on stderr when it compiles.
+        """
         from torch.utils.cpp_extension import _get_build_directory, load
 
         record = self.jit_record()
         name = self.jit_name(record)
+        build_dir = Path(_get_build_directory(name, verbose=False))
+        library = build_dir / f"{name}.so"
         try:
-            load(
-                name=name, sources=self.sources(), extra_include_paths=self.include_dirs(),
-                extra_cflags=record.flags["cxx"], extra_cuda_cflags=record.flags.get("nvcc"),
-                is_python_module=False, verbose=verbose,
-            )
+            with build_lock(build_dir):
+                if not library.exists():
+                    kernels = f"CUDA kernels for {', '.join(record.cuda_archs)}" if self.with_cuda else "CPU kernels"
+                    _say(f"building the fused op ({kernels}) just in time in {build_dir}; this takes minutes "
+                         "once, later runs reuse it")
+                load(
+                    name=name, sources=self.sources(), extra_include_paths=self.include_dirs(),
+                    extra_cflags=record.flags["cxx"], extra_cuda_cflags=record.flags.get("nvcc"),
+                    is_python_module=False, verbose=verbose,
+                )
         except Exception as err:
             raise OpLoadError(f"just-in-time build of {name} failed: {err}") from err
-        return str(Path(_get_build_directory(name, verbose=False)) / f"{name}.so")
+        return str(library)
 
     def extension(self):
         """The setuptools extension of the ahead-of-time build (sources relative to the project root)."""
@@ -379,6 +413,105 @@ class OpBuilder:
 
 
 # --------------------------------------------------------------------------------------------------
+# The just-in-time cache: instruction-set key and build lock
+# --------------------------------------------------------------------------------------------------
+
+
+def _say(message: str) -> None:
+    print(f"dora_engine: {message}", file=sys.stderr, flush=True)
+
+
+def cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's instruction-set features: the ``flags`` (x86) or ``Features`` (Arm) line of ``cpuinfo``,
+    else the machine and processor names (no /proc)."""
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return " ".join(sorted(value.split()))
+    return f"{platform.machine()} {platform.processor()}"
+
+
+def cpu_isa_key() -> str:
+    """8 hex digits of ``cpu_features``: the instruction set ``-march=native`` compiles for."""
+    return hashlib.sha256(cpu_features().encode()).hexdigest()[:8]
+
+
+#: The lock file torch's ``cpp_extension`` creates in a build directory while it builds (and never removes
+#: when the build is killed), and ours beside it.
+TORCH_LOCK = "lock"
+BUILD_LOCK = "dora_build.lock"
+
+
+@contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold the build directory's advisory lock (``flock``, released by the kernel when its holder dies).
+
+    Every just-in-time load takes it around torch's build, so while it is held no other process of this
+    package builds here: a torch ``lock`` file found then was left by a killed build, and is removed
+    (torch would wait for it forever). A process that finds the lock held waits, and says whose it is once
+    it has waited ``QUIET_WAIT_S``.
+    Where the file system has no ``flock`` (some network mounts), torch's lock alone serialises builds and
+    a leftover one is reported, not removed.
+    """
+    path = build_dir / BUILD_LOCK
+    with open(path, "a+") as handle:
+        try:
+            _acquire(handle, path)
+        except OSError as err:
+            _report_torch_lock(build_dir, f"no lock on this file system ({err})")
+            yield
+            return
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"{platform.node()} {os.getpid()}\n")
+            handle.flush()
+            _remove_stale_torch_lock(build_dir)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+#: Seconds a process waits for the build lock before it says whom it waits for (ranks starting together
+#: take it in turn for a moment even when the build is cached).
+QUIET_WAIT_S = 3.0
+
+
+def _acquire(handle: IO[str], path: Path) -> None:
+    waited_until = time.monotonic() + QUIET_WAIT_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= waited_until:
+                break
+            time.sleep(0.1)
+    handle.seek(0)
+    owner = handle.read().strip() or "another process"
+    _say(f"waiting for {owner} (host, pid), which is building the fused op here ({path})")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+
+
+def _remove_stale_torch_lock(build_dir: Path) -> None:
+    stale = build_dir / TORCH_LOCK
+    if stale.exists():
+        stale.unlink(missing_ok=True)
+        _say(f"removed {stale}, left by a build that was killed; building again")
+
+
+def _report_torch_lock(build_dir: Path, why: str) -> None:
+    leftover = build_dir / TORCH_LOCK
+    if leftover.exists():
+        _say(f"{leftover} exists and cannot be checked: {why}. If no process is building the op, a killed "
+             f"build left it and the build waits forever: remove it (rm {leftover})")
+
+
+# --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
 
@@ -389,7 +522,7 @@ def aot_library_path() -> str | None:
     return spec.origin if spec is not None else None
 
 
-_state = SimpleNamespace(ops=None, source=None, build=None, failure=None)
+_state = SimpleNamespace(ops=None, source=None, build=None, failure=None, device_types=frozenset())
 
 
 def _load_aot(library: str, reasons: list[str]) -> BuildRecord | None:
@@ -448,6 +581,7 @@ def load_ops(verbose: bool = False) -> Any:
         _state.failure = str(err)
         raise
     _state.ops = getattr(torch.ops, OPS_NAMESPACE)
+    _state.device_types = kernel_device_types()
     from dora_engine.ops import fake_kernels  # noqa: F401  (registers the meta kernels once the ops exist)
 
     return _state.ops
@@ -468,10 +602,30 @@ def has_kernel(backend: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"{OPS_NAMESPACE}::seq_logprobs_fwd", backend)
 
 
+#: Device types the extension can have kernels for, by their dispatch key.
+KERNEL_DEVICES = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+def kernel_device_types() -> frozenset[str]:
+    """Device types the loaded extension has kernels for ("meta" always: the fake kernels)."""
+    return frozenset({"meta"} | {device for device, key in KERNEL_DEVICES.items() if has_kernel(key)})
+
+
 def check_kernels_for(t: torch.Tensor) -> None:
-    """The loaded extension has kernels for the device of ``t`` (CUDA kernels are optional in a build)."""
-    if t.is_cuda and not has_kernel("CUDA"):
-        raise RuntimeError(
-            "the dora_engine extension was built without CUDA kernels (torch without CUDA or nvcc not found "
-            "at build time); run `dora-engine report`"
-        )
+    """The loaded extension has kernels for the device of ``t``; else ``OpLoadError`` saying what is missing
+    and how to get it (CUDA kernels are optional in a build). Reads a set made at load time, so it traces
+    under torch.compile."""
+    device = t.device.type
+    if device in _state.device_types:
+        return
+    if device != "cuda":
+        served = sorted(_state.device_types & KERNEL_DEVICES.keys())
+        raise OpLoadError(f"the dora_engine extension has no kernels for {device} tensors (only for "
+                          f"{', '.join(served) or 'no device'}); use backend='reference'")
+    raise OpLoadError(
+        f"the dora_engine extension ({_state.source}) has no CUDA kernels: when it was built, "
+        f"{'torch had no CUDA' if torch.version.cuda is None else 'nvcc was not found'}. Install the CUDA "
+        f"toolkit of torch's CUDA ({torch.version.cuda}) so that nvcc is on PATH or in CUDA_HOME and start again "
+        "(the just-in-time build then compiles them), or use backend='reference'; `dora-engine report` shows "
+        "the toolchain"
+    )

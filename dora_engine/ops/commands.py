@@ -4,8 +4,10 @@ Prints torch/CUDA/DeepSpeed/transformers versions, the CUDA compiler, and for th
 ahead-of-time build is installed, what its build record says it was built for and whether that matches
 this environment, whether the op loads (building just in time when needed, and then what with), which
 kernels it registered (CPU, CUDA), and whether each is compatible, i.e. gives the reference's loss and
-gradient on a tiny batch. Exit code 0 when the op loads and every checked backend is compatible, else 1;
-with --no-build and no ahead-of-time build that fits, the op is not loaded, so the exit code is 1.
+gradient on a tiny batch. Exit code 0 when the op loads, every checked backend is compatible and a visible
+GPU has CUDA kernels, else 1 (a build without CUDA kernels on a GPU machine would run every CUDA call on
+the reference); with --no-build and no ahead-of-time build that fits, the op is not loaded, so the exit
+code is 1.
 """
 
 from __future__ import annotations
@@ -130,7 +132,12 @@ def run(args: argparse.Namespace) -> int:
     healthy = True
     for backend, device in (("CPU", "cpu"), ("CUDA", "cuda")):
         if not builder.has_kernel(backend):
-            _line(f"{backend} kernels", "not built")
+            if device == "cuda" and torch.cuda.is_available():
+                _line(f"{backend} kernels", "NOT built, yet a GPU is visible: install the CUDA toolkit of torch's "
+                      f"CUDA ({torch.version.cuda}) so that nvcc is found, then run this report again")
+                healthy = False
+            else:
+                _line(f"{backend} kernels", "not built")
             continue
         if device == "cuda" and not torch.cuda.is_available():
             _line(f"{backend} kernels", "built; no GPU visible to check them")

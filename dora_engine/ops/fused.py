@@ -1,8 +1,9 @@
 """Fused backend of the op: autograd functions over the C++/CUDA kernels (docs/design.md section 5).
 
 Primitives only; ``dora_engine.ops`` validates the inputs and composes them. Importing this module loads
-the extension (``builder.load_ops``) and raises ``OpLoadError`` when it cannot, which the ``"auto"``
-backend turns into one warning and the reference.
+the extension (``builder.load_ops``) and raises ``OpLoadError`` when it cannot; so does a primitive given
+tensors on a device the extension has no kernels for (``builder.check_kernels_for``, which the front door
+calls before choosing this backend). The ``"auto"`` backend turns either into one warning and the reference.
 
 Row pass: forward gives S, L and the per-token log-sum-exp; backward is dz = g[n]·(onehot(y) − softmax(z)).
 The kernels take any row strides with a unit stride over the vocabulary, so the logits, or a view such as

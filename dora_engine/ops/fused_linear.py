@@ -26,8 +26,9 @@ gradient; backward only scales them by grad_output.
 ``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the per-token log-sum-exp, chunked in
 tokens (down to one token); backward recomputes each chunk's logits.
 
-Weight/bias gradients accumulate in fp32 (float64 for float64 inputs; on CUDA a bf16/fp16 GEMM writes
-straight into the fp32 accumulator) and are cast to the parameter's dtype once at the end.
+Weight/bias gradients accumulate in fp32 (float64 for float64 inputs; where torch's mixed-dtype addmm works,
+probed once per device type and dtype by ``mixed_addmm_works``, a bf16/fp16 GEMM writes straight into the fp32
+accumulator) and are cast to the parameter's dtype once at the end.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from dora_engine.ops.validation import LossCall, accumulation_dtype
 
 _kernels = load_ops()
 
-#: Whether this torch has ``addmm(..., out_dtype=...)`` (a bf16/fp16 GEMM accumulating into fp32 output).
-ADDMM_OUT_DTYPE = "dtype_out" in torch.ops.aten.addmm.overloads()
+#: Whether ``addmm(..., out_dtype=fp32, out=acc)`` works, by (device type, operand dtype): ``mixed_addmm_works``.
+_MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -86,13 +87,33 @@ def _robust_reduce(ell: torch.Tensor, h: torch.Tensor, p: _LossInputs, *, global
 # --------------------------------------------------------------------------------------------------
 
 
+def mixed_addmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(acc, a, b, out_dtype=float32, out=acc)`` with ``a``, ``b`` of ``dtype`` and an fp32
+    ``acc`` gives the right numbers on ``device``'s type; probed once per (device type, dtype) on 2×2 operands.
+
+    The overload exists from torch 2.8, but which kernels serve it varies: no CPU kernel, and torch 2.8/2.9's
+    CUDA kernel requires ``acc`` in the operands' dtype. So its existence is not enough; a failing probe
+    means the caller takes the other path.
+    """
+    key = (device.type, dtype)
+    if key not in _MIXED_ADDMM:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], device=device).to(dtype)
+        acc = torch.ones(2, 2, device=device)
+        try:
+            torch.addmm(acc, a.t(), a, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM[key] = torch.equal(acc.cpu(), torch.tensor([[11.0, 15.0], [15.0, 21.0]]))
+        except (RuntimeError, NotImplementedError, TypeError):  # no such overload, or no kernel for these types
+            _MIXED_ADDMM[key] = False
+    return _MIXED_ADDMM[key]
+
+
 def _accumulate_weight_grad(acc: torch.Tensor, dz: torch.Tensor, x: torch.Tensor) -> None:
     """acc ← acc + dzᵀ @ x, with acc in the accumulation dtype (fp32 for bf16/fp16 operands)."""
     if dz.dtype == acc.dtype:
         torch.addmm(acc, dz.t(), x, out=acc)
-    elif acc.is_cuda and ADDMM_OUT_DTYPE:
+    elif mixed_addmm_works(acc.device, dz.dtype):
         torch.addmm(acc, dz.t(), x, out_dtype=acc.dtype, out=acc)
-    else:  # no mixed-dtype GEMM (CPU, older torch): one low-precision product per chunk, summed in fp32
+    else:  # no mixed-dtype GEMM here (CPU, older torch): one low-precision product per chunk, summed in fp32
         acc.add_(dz.t() @ x)
 
 

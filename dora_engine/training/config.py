@@ -79,7 +79,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     seed: int = 42
-    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on a GPU with native bf16, else fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False
     max_grad_norm: float = 1.0
     backend: str = "auto"  # op backend: auto | fused | reference

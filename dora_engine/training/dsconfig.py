@@ -39,10 +39,18 @@ OWNED_KEYS = {
 
 
 def resolve_precision(precision: str) -> str:
-    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere (CPU)."""
+    """``auto`` is bf16 on a GPU that computes in bf16 natively (compute capability 8.0 on) and fp32
+    elsewhere: on CPU, and on GPUs that only emulate bf16 (T4, V100), slower than fp32 there."""
     if precision != "auto":
         return precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.cuda.is_available() and _bf16_native() else "fp32"
+
+
+def _bf16_native() -> bool:
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch before the argument: bf16 is native from compute capability 8.0 (and on ROCm)
+        return torch.version.hip is not None or torch.cuda.get_device_capability()[0] >= 8
 
 
 def torch_dtype(precision: str) -> torch.dtype:
