@@ -64,8 +64,8 @@ from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
 from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
 from dora_engine.training.data import ALL_SOURCES, Sampler, Tokenizer, TrainingData, collate, tokenise
-from dora_engine.training.engine import build_optimizer, build_schedule, total_steps
 from dora_engine.training.model import PolicyLoss, ReferenceLogps
+from dora_engine.training.optim import build_optimizer, build_schedule, total_steps
 from dora_engine.training.ref_logps import compute_reference
 
 if TYPE_CHECKING:

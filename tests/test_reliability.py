@@ -23,9 +23,10 @@ from dora_engine import cli
 from dora_engine.atomic import TEMPORARY_NAME, atomic_path, atomic_write, remove_stale_temporaries
 from dora_engine.data.schema import RecordError, read_records
 from dora_engine.errors import UserValueError
-from dora_engine.training.checkpoint import META, Ranks, check_loadable, tensors_only, verify
+from dora_engine.training.checkpoint import META, check_loadable, tensors_only, verify
 from dora_engine.training.commands import master_port
 from dora_engine.training.config import ConfigError, load_config
+from dora_engine.training.process_group import Ranks
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_bad_records_are_named_before_anything_runs(toy, tmp_path, capsys, edit,
     if expected is None:  # accepted: the data load passes (checked without training)
         from training_toy import build_tokenizer
 
-        from dora_engine.training.engine import load_data
+        from dora_engine.training.loading import load_data
 
         cfg = load_config(toy, overrides)
         assert len(load_data(cfg, build_tokenizer(tmp_path / "tok"), cfg.data.train, False)) == 6

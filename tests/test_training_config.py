@@ -18,7 +18,7 @@ from dora_engine.losses import LOSSES
 from dora_engine.training.config import ConfigError, load_config
 from dora_engine.training.data import IGNORE_INDEX, Sampler, Tokenizer, collate, load_records, tokenise
 from dora_engine.training.dsconfig import DEFAULT_DEEPSPEED, build_deepspeed_config
-from dora_engine.training.engine import lr_lambda
+from dora_engine.training.optim import lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from dora_engine.atomic import TEMPORARY_NAME, atomic_write
 from dora_engine.errors import UserError
+from dora_engine.training.process_group import Ranks
 
 POINTER = "latest_complete"
 META = "dora_checkpoint.json"
@@ -181,19 +182,6 @@ def written_world_size(tag_dir: Path, meta: dict[str, Any]) -> int:
 class Problem:
     kind: str  # "damaged" (skipped by --resume auto) or "unsafe" (always an error)
     message: str
-
-
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process sits: files are shared among the ranks of a node by ``local_rank``."""
-
-    rank: int = 0
-    local_rank: int = 0
-    local_size: int = 1
-    world: int = 1
-
-    def share(self, items: list[str]) -> list[str]:
-        return [x for i, x in enumerate(items) if i % self.local_size == self.local_rank]
 
 
 def _gather(obj: Any, world: int) -> list[Any]:

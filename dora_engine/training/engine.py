@@ -11,17 +11,10 @@ current optimizer step with a checkpoint (section 6); a second SIGINT stops at o
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,172 +22,25 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import remove_stale_temporaries
-from dora_engine.errors import UserError
-from dora_engine.training import ref_logps as ref_cache
-from dora_engine.training.checkpoint import (
-    CheckpointManager,
-    Ranks,
-    config_differences,
-    written_world_size,
-)
-from dora_engine.training.config import TrainConfig, TrainingConfig
-from dora_engine.training.data import (
-    Sampler,
-    Tokenizer,
-    TrainingData,
-    check_token_range,
-    collate,
-)
+from dora_engine.errors import TrainingError
+from dora_engine.training.checkpoint import CheckpointManager, config_differences, written_world_size
+from dora_engine.training.config import TrainingConfig
+from dora_engine.training.data import Sampler, check_token_range, collate
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
-from dora_engine.training.library_warnings import silence_understood_warnings
+from dora_engine.training.loading import data_cache_dir, load_data
 from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
-from dora_engine.training.model import (
-    PolicyLoss,
-    ReferenceLogps,
-    StepOutput,
-    load_causal_lm,
-    load_tokenizer,
-    model_vocab_size,
-)
+from dora_engine.training.model import PolicyLoss, StepOutput, load_causal_lm, load_tokenizer, model_vocab_size
+from dora_engine.training.optim import build_optimizer, build_schedule, total_steps
 from dora_engine.training.plots import plot_metrics
+from dora_engine.training.process_group import init_distributed
+from dora_engine.training.ref_logps import ensure_reference
+from dora_engine.training.signals import StopSignals
 
 # Config keys a resumed run may change without breaking the identical continuation.
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
                      "data.cache_dir", "data.num_proc")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ZERO_GRAD_STEPS = 3  # applied steps in a row with a grad norm of exactly 0 before a warning
 SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in a folder other runs may share is stale after this long
-
-
-class TrainingError(UserError, RuntimeError):
-    """A run that cannot continue (e.g. too many non-finite steps in a row); the message says why."""
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-_early_stop: list[str] = []  # signals received before a Trainer's loop installed its own handler
-
-
-def _record_stop(signum: int, frame: Any) -> None:
-    if signum == signal.SIGINT and _early_stop:
-        raise KeyboardInterrupt
-    _early_stop.append(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Record SIGTERM / SIGINT during the setup of a run (data, reference pass, engine) instead of dying,
-    so that a run told to stop while starting stops cleanly before its first step (a second SIGINT
-    interrupts at once). ``Trainer.run`` takes over the handlers for the loop."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _record_stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> Dist:
-    """Join the process group the ``deepspeed`` launcher describes, or make a one-process group."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python` / `dora-engine train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    silence_understood_warnings()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before the process group, so NCCL binds each rank to its own GPU
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-def close_distributed() -> None:
-    """Leave the process group at the end of a finished task. A group left to the interpreter's exit
-    handlers can abort a rank that has already done its work ("terminate called without an active
-    exception" from gloo's threads), which fails the whole launch."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def load_data(
-    cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool, train: TrainingData | None = None
-) -> TrainingData:
-    """Read, validate and tokenise ``files`` into the memory-mapped cache (``data.cache_dir``), or map the
-    tokens an earlier run or another rank of this node made; every data error names its file and record.
-    With ``train`` (the loaded data.train) the files are data.eval, whose records must have the same K."""
-    from dora_engine.training.tokenised import load_tokenised
-
-    return load_tokenised(
-        files, Tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage, target_source=cfg.data.target_source,
-        num_responses=train.num_responses if train is not None else cfg.data.num_responses,
-        needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
-        k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
-        num_proc=cfg.data.num_proc, progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
-    )
-
-
-def data_cache_dir(cfg: TrainingConfig) -> Path:
-    """Where tokenised data live: ``data.cache_dir``, else the user's cache (``default_cache_dir``), which
-    every later run shares whatever its output_dir."""
-    from dora_engine.training.tokenised import default_cache_dir
-
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    """Multiplier of the peak lr at optimizer step s: linear warmup, then constant/linear/cosine to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def total_steps(train: TrainConfig, sampler: Sampler) -> int:
-    """Optimizer steps of a run: ``train.max_steps``, else its epochs' worth of the sampler's steps."""
-    return train.max_steps or train.epochs * sampler.steps_per_epoch
-
-
-def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
-    """The optimizer a run uses when the DeepSpeed config names none: AdamW at the peak lr."""
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-
-
-def build_schedule(
-    optimizer: torch.optim.Optimizer, train: TrainConfig, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule of a run of ``total`` optimizer steps (``lr_lambda``)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.schedule, train.warmup_steps, total))
 
 
 def offload_summary(engine: Any) -> str | None:
@@ -216,11 +62,11 @@ def offload_summary(engine: Any) -> str | None:
 class Trainer:
     """Builds everything from a ``TrainingConfig`` and runs the loop; ``run()`` returns the exit code."""
 
-    def __init__(self, cfg: TrainingConfig, *, progress: bool = True):
+    def __init__(self, cfg: TrainingConfig, *, progress: bool = True, stop: StopSignals | None = None):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.progress = progress
-        self.stop_signal: str | None = None
+        self.stop = stop if stop is not None else StopSignals()
         self.precision = resolve_precision(cfg.train.precision)
         if os.environ.get("LOCAL_RANK", "0") == "0":
             self._remove_stale_temporaries()
@@ -241,11 +87,7 @@ class Trainer:
             cfg.train.seed,
         )
         self._check_sizes()
-        local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-        self.checkpoints = CheckpointManager(
-            self.output_dir / "checkpoints", keep=cfg.checkpoint.keep,
-            ranks=Ranks(self.dist.rank, self.dist.local_rank, local_size, self.dist.world),
-        )
+        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.checkpoint.keep, ranks=self.dist)
         self.resume_tag = self._choose_checkpoint()
         self.ds_config = build_deepspeed_config(cfg, self.dist.world)
         self.ref_train = self.ref_eval = None
@@ -261,6 +103,15 @@ class Trainer:
             self._say(f"ZeRO-3 offload active: {offloaded}")
 
     # ---------------------------------------------------------------------------------------- setup
+
+    @property
+    def stop_signal(self) -> str | None:
+        """Why the run stops after the current step (a signal's name), None while it goes on."""
+        return self.stop.received
+
+    @stop_signal.setter
+    def stop_signal(self, reason: str) -> None:
+        self.stop.received = reason
 
     @property
     def total_steps(self) -> int:
@@ -382,11 +233,6 @@ class Trainer:
         if self.dist.main:
             print(f"[dora-engine] warning: {message}", file=sys.stderr, flush=True)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.stop_signal is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.stop_signal = self.stop_signal or signal.Signals(signum).name
-
     def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
 
@@ -443,14 +289,16 @@ class Trainer:
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def run(self) -> int:
+        """Train to the end, or until a stop signal (module docstring); returns the exit code."""
+        with self.stop.installed():
+            return self._loop()
+
+    def _loop(self) -> int:
         from tqdm.auto import tqdm
 
         state = self._resume()
         step, skipped, in_a_row = state["step"], state["skipped_steps"], state["consecutive_skips"]
         writer = MetricsWriter(self.output_dir, self.cfg.logging, self.cfg.to_dict(), step) if self.dist.main else None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        if self.stop_signal is None and _early_stop:
-            self.stop_signal = _early_stop[0]
         show = self.progress and self.dist.main
         bar = tqdm(total=self.total_steps, initial=step, desc=self.cfg.stage, disable=not show)
         first_step = last_saved = step
@@ -505,8 +353,6 @@ class Trainer:
             return 0
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if writer is not None:
                 writer.close()
 
@@ -552,53 +398,3 @@ class Trainer:
             self._say(f"exported the trained model to {destination}")
         dist.barrier()
         return destination
-
-
-def ensure_reference(
-    cfg: TrainingConfig, data: TrainingData, ds_config: dict, dist_info: Dist, pad_id: int, progress: bool
-) -> torch.Tensor:
-    """S_ref (num_records, K) for ``data``: from the cache when its key matches, else one sharded pass."""
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    reference = cfg.model.reference or cfg.model.path
-    precision = resolve_precision(cfg.train.precision)
-    key = ref_cache.cache_key(data, ref_cache.model_hash(reference), precision)
-    directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
-    path = ref_cache.cache_file(directory, key)
-    cached = ref_cache.load_cached(path, data)
-    if cached is not None:
-        if dist_info.main:
-            print(f"[dora-engine] reference log-probs: reusing {path}", flush=True)
-        return cached
-    if dist_info.main:
-        print(f"[dora-engine] reference log-probs: computing {path} with {reference}", flush=True)
-    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
-    keep_alive = HfDeepSpeedConfig(config)  # partitioned loading, as for the policy
-    model = load_causal_lm(reference, torch_dtype(precision))
-    model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg), config=config)
-    ref = ref_cache.compute_reference(
-        engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=dist_info.rank,
-        world=dist_info.world, progress=progress and dist_info.main, device=engine.device,
-    )
-    ref_cache.release(engine)
-    del keep_alive, model
-    if dist_info.local_rank == 0:
-        ref_cache.save_cache(path, ref, key)
-    dist.barrier()
-    return ref
-
-
-def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[torch.Tensor]:
-    """``dora-engine ref-logps``: fill the reference cache of the train (and eval) data of ``cfg``."""
-    if not cfg.needs_reference:
-        raise TrainingError(f"loss {cfg.loss.name!r} in stage {cfg.stage!r} uses no reference log-probs")
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    splits = [load_data(cfg, tokenizer, cfg.data.train, progress)]
-    if cfg.data.eval:
-        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress, splits[0]))
-    dist_info = init_distributed()
-    ds_config = build_deepspeed_config(cfg, dist_info.world)
-    return [ensure_reference(cfg, data, ds_config, dist_info, pad_id, progress) for data in splits]

@@ -19,7 +19,13 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import atomic_path
+from dora_engine.errors import TrainingError
+from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import TrainingData, collate
+from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
+from dora_engine.training.loading import load_data
+from dora_engine.training.model import ReferenceLogps, load_causal_lm, load_tokenizer
+from dora_engine.training.process_group import Ranks, init_distributed
 
 SMALL_FILE = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
 
@@ -110,3 +116,53 @@ def release(engine: Any) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def ensure_reference(
+    cfg: TrainingConfig, data: TrainingData, ds_config: dict, dist_info: Ranks, pad_id: int, progress: bool
+) -> torch.Tensor:
+    """S_ref (num_records, K) for ``data``: from the cache when its key matches, else one sharded pass."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    reference = cfg.model.reference or cfg.model.path
+    precision = resolve_precision(cfg.train.precision)
+    key = cache_key(data, model_hash(reference), precision)
+    directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
+    path = cache_file(directory, key)
+    cached = load_cached(path, data)
+    if cached is not None:
+        if dist_info.main:
+            print(f"[dora-engine] reference log-probs: reusing {path}", flush=True)
+        return cached
+    if dist_info.main:
+        print(f"[dora-engine] reference log-probs: computing {path} with {reference}", flush=True)
+    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    keep_alive = HfDeepSpeedConfig(config)  # partitioned loading, as for the policy
+    model = load_causal_lm(reference, torch_dtype(precision))
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg), config=config)
+    ref = compute_reference(
+        engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=dist_info.rank,
+        world=dist_info.world, progress=progress and dist_info.main, device=engine.device,
+    )
+    release(engine)
+    del keep_alive, model
+    if dist_info.local_rank == 0:
+        save_cache(path, ref, key)
+    dist.barrier()
+    return ref
+
+
+def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[torch.Tensor]:
+    """``dora-engine ref-logps``: fill the reference cache of the train (and eval) data of ``cfg``."""
+    if not cfg.needs_reference:
+        raise TrainingError(f"loss {cfg.loss.name!r} in stage {cfg.stage!r} uses no reference log-probs")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    splits = [load_data(cfg, tokenizer, cfg.data.train, progress)]
+    if cfg.data.eval:
+        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress, splits[0]))
+    dist_info = init_distributed()
+    ds_config = build_deepspeed_config(cfg, dist_info.world)
+    return [ensure_reference(cfg, data, ds_config, dist_info, pad_id, progress) for data in splits]
