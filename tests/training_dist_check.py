@@ -31,7 +31,7 @@ def main() -> int:
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out_dir, config, overrides = Path(argv[0]), argv[1], argv[2:]
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(load_config(config, overrides), progress=False)
+    trainer = Trainer.from_config(load_config(config, overrides), progress=False)
     engine, module = trainer.engine, trainer.engine.module
     grads: dict[str, torch.Tensor] = {}
     checksums: list[float] = []

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import TEMPORARY_NAME, atomic_write
-from dora_engine.errors import UserError
+from dora_engine.errors import TrainingError, UserError
 from dora_engine.training.process_group import Ranks
 
 POINTER = "latest_complete"
@@ -44,6 +44,9 @@ META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
 BLOCK = 8 << 20
+# Config keys a resumed run may change without breaking the identical continuation.
+RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
+                     "data.cache_dir", "data.num_proc")
 
 
 class CheckpointError(UserError, ValueError):
@@ -368,3 +371,14 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         elif a != b:
             out.append(name)
     return out
+
+
+def check_resumable(tag: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A ``TrainingError`` when the config a checkpoint was written with differs from this run's in a key
+    that affects the optimisation (any key but ``RESUMABLE_CHANGES``)."""
+    changed = [k for k in config_differences(saved, current) if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise TrainingError(
+            f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
+            "resuming would not continue the same run"
+        )

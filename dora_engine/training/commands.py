@@ -186,7 +186,7 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
                 precompute_reference(cfg)
                 code = 0
             else:
-                code = Trainer(cfg, stop=stop).run()
+                code = Trainer.from_config(cfg, stop=stop).run()
         close_distributed()
         return code
     except UserError as err:

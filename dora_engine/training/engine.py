@@ -21,88 +21,81 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dora_engine.atomic import remove_stale_temporaries
 from dora_engine.errors import TrainingError
-from dora_engine.training.checkpoint import CheckpointManager, config_differences, written_world_size
+from dora_engine.training import startup
+from dora_engine.training.checkpoint import CheckpointManager, check_resumable
 from dora_engine.training.config import TrainingConfig
-from dora_engine.training.data import Sampler, check_token_range, collate
-from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
-from dora_engine.training.loading import data_cache_dir, load_data
+from dora_engine.training.data import Sampler, collate
+from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision
+from dora_engine.training.loading import RunData, load_run_data
 from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
-from dora_engine.training.model import PolicyLoss, StepOutput, load_causal_lm, load_tokenizer, model_vocab_size
-from dora_engine.training.optim import build_optimizer, build_schedule, total_steps
+from dora_engine.training.model import StepOutput
+from dora_engine.training.optim import total_steps
 from dora_engine.training.plots import plot_metrics
-from dora_engine.training.process_group import init_distributed
+from dora_engine.training.process_group import Ranks, init_distributed
 from dora_engine.training.ref_logps import ensure_reference
 from dora_engine.training.signals import StopSignals
 
-# Config keys a resumed run may change without breaking the identical continuation.
-RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
-                     "data.cache_dir", "data.num_proc")
 ZERO_GRAD_STEPS = 3  # applied steps in a row with a grad norm of exactly 0 before a warning
-SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in a folder other runs may share is stale after this long
-
-
-def offload_summary(engine: Any) -> str | None:
-    """What the built ZeRO-3 optimizer offloads and where, e.g. ``optimizer state to cpu, parameters to cpu``
-    (read from the optimizer DeepSpeed made, which is what runs, rather than from the config); None
-    when nothing is offloaded."""
-    optimizer = getattr(engine, "optimizer", None)
-    parts = []
-    for flag, what, config in (
-        ("offload_optimizer", "optimizer state", engine.zero_offload_optimizer()),
-        ("offload_param", "parameters", engine.zero_offload_param()),
-    ):
-        if getattr(optimizer, flag, False):
-            device = getattr(config, "device", "cpu")
-            parts.append(f"{what} to {getattr(device, 'value', device)}")
-    return ", ".join(parts) or None
 
 
 class Trainer:
-    """Builds everything from a ``TrainingConfig`` and runs the loop; ``run()`` returns the exit code."""
+    """The training loop of a run; ``Trainer.from_config(cfg)`` loads and builds its pieces, ``run()`` trains
+    and returns the exit code.
 
-    def __init__(self, cfg: TrainingConfig, *, progress: bool = True, stop: StopSignals | None = None):
+    ``engine`` is the policy under DeepSpeed (or an object with the same methods: ``__call__``,
+    ``backward``, ``step``, ``was_step_applied``, ``get_global_grad_norm``, ``train``, ``eval``, ``device``,
+    ``module``, ``save_checkpoint`` / ``load_checkpoint``), ``lr_scheduler`` its schedule, ``sampler`` the
+    data order over ``ranks``, ``checkpoints`` where checkpoints go, ``resume_tag`` the verified checkpoint
+    to start from (None: step 0), ``ref_train`` / ``ref_eval`` the reference log-probs of the data.
+    ``keep_alive`` holds what must live as long as the engine (the ``HfDeepSpeedConfig``).
+    """
+
+    def __init__(
+        self, cfg: TrainingConfig, *, data: RunData, ranks: Ranks, sampler: Sampler, checkpoints: CheckpointManager,
+        engine: Any, lr_scheduler: Any, ref_train: torch.Tensor | None = None, ref_eval: torch.Tensor | None = None,
+        resume_tag: str | None = None, progress: bool = True, stop: StopSignals | None = None, keep_alive: Any = None,
+    ):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.progress = progress
         self.stop = stop if stop is not None else StopSignals()
         self.precision = resolve_precision(cfg.train.precision)
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            self._remove_stale_temporaries()
-        # 1. Everything that can be wrong with the input, before any process group or model.
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.train_data = load_data(cfg, self.tokenizer, cfg.data.train, progress)
-        self.eval_data = (load_data(cfg, self.tokenizer, cfg.data.eval, progress, self.train_data)
-                          if cfg.data.eval else None)
-        vocab = model_vocab_size(cfg.model.path)
-        check_token_range(self.train_data, vocab, "data.train")
-        if self.eval_data is not None:
-            check_token_range(self.eval_data, vocab, "data.eval")
-        # 2. Processes, sampler, reference log-probs.
-        self.dist = init_distributed()
-        self.sampler = Sampler(
-            len(self.train_data), cfg.train.micro_batch_prompts, self.dist.world, cfg.train.grad_accum_steps,
-            cfg.train.seed,
-        )
-        self._check_sizes()
-        self.checkpoints = CheckpointManager(self.output_dir / "checkpoints", keep=cfg.checkpoint.keep, ranks=self.dist)
-        self.resume_tag = self._choose_checkpoint()
-        self.ds_config = build_deepspeed_config(cfg, self.dist.world)
-        self.ref_train = self.ref_eval = None
-        if cfg.needs_reference:
-            self.ref_train = ensure_reference(cfg, self.train_data, self.ds_config, self.dist, self.pad_id, progress)
-            if self.eval_data is not None:
-                self.ref_eval = ensure_reference(cfg, self.eval_data, self.ds_config, self.dist, self.pad_id, progress)
-        # 3. The policy engine.
-        torch.manual_seed(cfg.train.seed)
-        self.engine, self.lr_scheduler, self.hf_ds_config = self._build_engine()
-        offloaded = offload_summary(self.engine)
-        if offloaded:
-            self._say(f"ZeRO-3 offload active: {offloaded}")
+        self.tokenizer, self.pad_id = data.tokenizer, data.pad_id
+        self.train_data, self.eval_data = data.train, data.eval
+        self.dist, self.sampler, self.checkpoints, self.resume_tag = ranks, sampler, checkpoints, resume_tag
+        self.engine, self.lr_scheduler, self.keep_alive = engine, lr_scheduler, keep_alive
+        self.ref_train, self.ref_eval = ref_train, ref_eval
 
-    # ---------------------------------------------------------------------------------------- setup
+    @classmethod
+    def from_config(cls, cfg: TrainingConfig, *, progress: bool = True, stop: StopSignals | None = None) -> Trainer:
+        """Load and build everything a run of ``cfg`` needs, in the order of the module docstring."""
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            startup.remove_run_temporaries(cfg)
+        data = load_run_data(cfg, progress)  # 1. everything that can be wrong with the input
+        ranks = init_distributed()  # 2. processes, sampler, checkpoint to resume from, reference log-probs
+        sampler = Sampler(
+            len(data.train), cfg.train.micro_batch_prompts, ranks.world, cfg.train.grad_accum_steps, cfg.train.seed
+        )
+        startup.check_sizes(cfg, data, sampler, ranks.world)
+        checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep=cfg.checkpoint.keep, ranks=ranks)
+        resume_tag = startup.choose_checkpoint(cfg, checkpoints, ranks)
+        ds_config = build_deepspeed_config(cfg, ranks.world)
+        refs = [None, None]
+        if cfg.needs_reference:
+            refs = [ensure_reference(cfg, split, ds_config, ranks, data.pad_id, progress) if split is not None else None
+                    for split in (data.train, data.eval)]
+        torch.manual_seed(cfg.train.seed)  # 3. the policy engine
+        precision = resolve_precision(cfg.train.precision)
+        engine, lr_scheduler, keep_alive = startup.build_policy_engine(
+            cfg, ds_config, precision, total_steps(cfg.train, sampler)
+        )
+        offloaded = startup.offload_summary(engine)
+        if offloaded:
+            startup.say(ranks, f"ZeRO-3 offload active: {offloaded}")
+        return cls(cfg, data=data, ranks=ranks, sampler=sampler, checkpoints=checkpoints, engine=engine,
+                   lr_scheduler=lr_scheduler, ref_train=refs[0], ref_eval=refs[1], resume_tag=resume_tag,
+                   progress=progress, stop=stop, keep_alive=keep_alive)
 
     @property
     def stop_signal(self) -> str | None:
@@ -117,95 +110,6 @@ class Trainer:
     def total_steps(self) -> int:
         return total_steps(self.cfg.train, self.sampler)
 
-    def _remove_stale_temporaries(self) -> None:
-        """Remove what killed writes of an earlier run left under our temporary names (``dora_engine.atomic``):
-        everything in the run's own folders, only old ones in a reference cache other runs may share."""
-        checkpoints = self.output_dir / "checkpoints"
-        folders = [(self.output_dir, 0.0), (checkpoints, 0.0)]
-        if checkpoints.is_dir():
-            folders += [(p, 0.0) for p in checkpoints.iterdir() if p.is_dir()]
-        if self.cfg.data.ref_cache_dir:
-            folders.append((Path(self.cfg.data.ref_cache_dir), SHARED_TEMPORARY_AGE_S))
-        else:
-            folders.append((self.output_dir / "ref_cache", 0.0))
-        # Tokenised data: other ranks of this run may be building there already, and other runs may share it.
-        folders.append((data_cache_dir(self.cfg), SHARED_TEMPORARY_AGE_S))
-        removed = [p for folder, age in folders for p in remove_stale_temporaries(folder, older_than_s=age)]
-        if removed and os.environ.get("RANK", "0") == "0":
-            names = ", ".join(str(p) for p in removed[:3]) + (f" and {len(removed) - 3} more" if removed[3:] else "")
-            print(f"[dora-engine] removed {len(removed)} temporary file(s) of interrupted writes: {names}", flush=True)
-
-    def _choose_checkpoint(self) -> str | None:
-        """The verified checkpoint tag to resume from (None: a fresh start), checked against this run's
-        world size and config before anything heavy starts."""
-        wanted = self.cfg.checkpoint.resume
-        if wanted is None:
-            return None
-        chosen = self.checkpoints.choose(wanted, self._say)
-        if chosen is None:
-            self._say(f"no checkpoint in {self.checkpoints.directory}; starting from step 0")
-            return None
-        tag, meta = chosen
-        path = self.checkpoints.directory / tag
-        written = written_world_size(path, meta)
-        if written != self.dist.world:
-            raise TrainingError(
-                f"checkpoint {path} was written by {written} rank(s) and this run has {self.dist.world}; ZeRO-3 keeps "
-                f"one optimizer shard per rank, so resume it with {written} rank(s) (dora-engine train --num-procs "
-                f"{written}, or deepspeed --num_gpus {written})"
-            )
-        if isinstance(meta.get("config"), dict):
-            self._check_config(tag, meta["config"])
-        return tag
-
-    def _check_config(self, tag: str, saved: dict[str, Any]) -> None:
-        changed = [k for k in config_differences(saved, self.cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise TrainingError(
-                f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
-                "resuming would not continue the same run"
-            )
-
-    def _check_sizes(self) -> None:
-        if self.sampler.steps_per_epoch == 0:
-            raise TrainingError(
-                f"data.train has {len(self.train_data)} examples, fewer than one optimizer step uses "
-                f"(train.micro_batch_prompts × world size × train.grad_accum_steps = {self.sampler.prompts_per_step})"
-            )
-        per_eval = self.cfg.train.micro_batch_prompts * self.dist.world
-        if self.eval_data is not None and len(self.eval_data) < per_eval:
-            raise TrainingError(
-                f"data.eval has {len(self.eval_data)} examples, fewer than one evaluation batch "
-                f"(train.micro_batch_prompts × world size = {per_eval})"
-            )
-
-    def _build_engine(self) -> tuple[Any, Any, Any]:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        cfg = self.cfg
-        # While this object lives, from_pretrained partitions the weights across ranks as it loads them.
-        hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        model = load_causal_lm(
-            cfg.model.path, torch_dtype(self.precision), gradient_checkpointing=cfg.train.gradient_checkpointing
-        )
-        if cfg.lora.enabled:
-            from dora_engine.training.model import add_lora
-
-            model = add_lora(model, cfg.lora)
-        module = PolicyLoss(model, cfg)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = None if "optimizer" in self.ds_config else build_optimizer(params, cfg.train)
-
-        def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return build_schedule(opt, cfg.train, self.total_steps)
-
-        engine, _, _, lr_scheduler = deepspeed.initialize(
-            model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
-            config=self.ds_config,
-        )
-        return engine, lr_scheduler, hf_ds_config
-
     def _resume(self) -> dict[str, Any]:
         """Client state of the checkpoint to resume from, or a fresh start's."""
         fresh = {"step": 0, "consumed_prompts": 0, "skipped_steps": 0, "consecutive_skips": 0}
@@ -213,7 +117,7 @@ class Trainer:
         if tag is None:
             return fresh
         state = self.checkpoints.load(self.engine, tag)
-        self._check_config(tag, state["config"])
+        check_resumable(tag, state["config"], self.cfg.to_dict())
         if state["consumed_prompts"] % self.sampler.prompts_per_step:
             raise TrainingError(
                 f"checkpoint {tag} consumed {state['consumed_prompts']} prompts, not a multiple of this run's "
@@ -222,8 +126,6 @@ class Trainer:
         state["step"] = state["consumed_prompts"] // self.sampler.prompts_per_step
         self._say(f"resumed from {self.checkpoints.directory / tag} at step {state['step']}")
         return state
-
-    # ---------------------------------------------------------------------------------------- loop
 
     def _say(self, message: str) -> None:
         if self.dist.main:

@@ -1,13 +1,15 @@
-"""Loading a run's data: tokenised into (or mapped from) the shared cache of docs/design.md section 3.2."""
+"""Loading a run's tokenizer and data: tokenised into (or mapped from) the shared cache of docs/design.md
+section 3.2, checked against the model's vocabulary."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dora_engine.training.config import TrainingConfig
-from dora_engine.training.data import Tokenizer, TrainingData
+from dora_engine.training.data import Tokenizer, TrainingData, check_token_range
 
 
 def load_data(
@@ -33,3 +35,32 @@ def data_cache_dir(cfg: TrainingConfig) -> Path:
     from dora_engine.training.tokenised import default_cache_dir
 
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The tokenizer and the tokenised data of a run (data.eval: None when the config names none)."""
+
+    tokenizer: Any
+    train: TrainingData
+    eval: TrainingData | None
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+
+def load_run_data(cfg: TrainingConfig, progress: bool) -> RunData:
+    """The tokenizer, data.train and data.eval of ``cfg``, every token id checked against the model's
+    vocabulary (docs/design.md section 7.2): everything that can be wrong with the input, before any
+    process group or model."""
+    from dora_engine.training.model import load_tokenizer, model_vocab_size
+
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    train = load_data(cfg, tokenizer, cfg.data.train, progress)
+    evaluation = load_data(cfg, tokenizer, cfg.data.eval, progress, train) if cfg.data.eval else None
+    vocab = model_vocab_size(cfg.model.path)
+    check_token_range(train, vocab, "data.train")
+    if evaluation is not None:
+        check_token_range(evaluation, vocab, "data.eval")
+    return RunData(tokenizer, train, evaluation)
