@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,8 @@ class Trainer:
         if os.environ.get("LOCAL_RANK", "0") == "0":
             startup.remove_run_temporaries(cfg)
         data = load_run_data(cfg, progress)  # 1. everything that can be wrong with the input
-        ranks = init_distributed()  # 2. processes, sampler, checkpoint to resume from, reference log-probs
+        # 2. Processes, sampler, checkpoint to resume from, reference log-probs.
+        ranks = init_distributed(timedelta(minutes=cfg.train.dist_timeout_minutes))
         sampler = Sampler(
             len(data.train), cfg.train.micro_batch_prompts, ranks.world, cfg.train.grad_accum_steps, cfg.train.seed
         )

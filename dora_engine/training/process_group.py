@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> Ranks:
-    """Join the process group the ``deepspeed`` launcher describes, or make a one-process group."""
+def init_distributed(timeout: timedelta) -> Ranks:
+    """Join the process group the ``deepspeed`` launcher describes, or make a one-process group.
+
+    ``timeout`` (``train.dist_timeout_minutes``) is how long a collective waits for the other ranks before
+    the run fails: rank 0 alone writes the export while the others wait at a barrier, and the ranks hash
+    a checkpoint's files before they meet again, which for a large model takes longer than DeepSpeed's
+    default of 10 minutes."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python` / `dora-engine train`: a world of one
@@ -60,7 +66,7 @@ def init_distributed() -> Ranks:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # before the process group, so NCCL binds each rank to its own GPU
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
     local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return Ranks(dist.get_rank(), local_rank, local_size, dist.get_world_size(), device)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -191,7 +192,7 @@ def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[
     if not cfg.needs_reference:
         raise TrainingError(f"loss {cfg.loss.name!r} in stage {cfg.stage!r} uses no reference log-probs")
     data = load_run_data(cfg, progress)
-    ranks = init_distributed()
+    ranks = init_distributed(timedelta(minutes=cfg.train.dist_timeout_minutes))
     ds_config = build_deepspeed_config(cfg, ranks.world)
     splits = [split for split in (data.train, data.eval) if split is not None]
     return [ensure_reference(cfg, split, ds_config, ranks, data.pad_id, progress) for split in splits]
