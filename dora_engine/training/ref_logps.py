@@ -25,7 +25,7 @@ from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import TrainingData, collate
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
 from dora_engine.training.loading import load_run_data
-from dora_engine.training.model import ReferenceLogps, load_causal_lm
+from dora_engine.training.model import LossPath, ReferenceLogps, load_causal_lm
 from dora_engine.training.process_group import Ranks, init_distributed
 
 SMALL_FILE = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
@@ -132,7 +132,7 @@ def reference_pass(
     keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - while it lives, the weights load partitioned
     model = load_causal_lm(cfg.model.reference or cfg.model.path, torch_dtype(resolve_precision(cfg.train.precision)))
     model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg), config=config)
+    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, LossPath.of(cfg.train)), config=config)
     try:
         return compute_reference(
             engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=ranks.rank,

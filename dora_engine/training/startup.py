@@ -18,7 +18,7 @@ from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import Sampler
 from dora_engine.training.dsconfig import torch_dtype
 from dora_engine.training.loading import RunData, data_cache_dir
-from dora_engine.training.model import PolicyLoss, load_causal_lm
+from dora_engine.training.model import LossPath, PolicyLoss, load_causal_lm, objective_of
 from dora_engine.training.optim import build_optimizer, build_schedule
 from dora_engine.training.process_group import Ranks
 
@@ -107,7 +107,7 @@ def build_policy_engine(
         from dora_engine.training.model import add_lora
 
         model = add_lora(model, cfg.lora)
-    module = PolicyLoss(model, cfg)
+    module = PolicyLoss(model, objective_of(cfg), stage=cfg.stage, path=LossPath.of(cfg.train))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = None if "optimizer" in ds_config else build_optimizer(params, cfg.train)
 
