@@ -64,8 +64,8 @@ from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
 from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
 from dora_engine.training.data import ALL_SOURCES, Sampler, TrainingData, collate, row_tokenizer, tokenise
-from dora_engine.training.engine import build_optimizer, build_schedule, total_steps
-from dora_engine.training.model import PolicyLoss, ReferenceLogps
+from dora_engine.training.model import LossPath, PolicyLoss, ReferenceLogps
+from dora_engine.training.optim import build_optimizer, build_schedule, total_steps
 from dora_engine.training.ref_logps import compute_reference
 
 if TYPE_CHECKING:
@@ -238,10 +238,16 @@ def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: i
         schedule.step()
 
 
+def policy_loss(model: PreTrainedModel, cfg: TrainingConfig) -> PolicyLoss:
+    """The trainer's loss module around ``model`` for the run ``cfg``."""
+    return PolicyLoss(model, cfg.objective, stage=cfg.stage, path=LossPath.of(cfg.train))
+
+
 def reference(model: PreTrainedModel, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> torch.Tensor:
     """S_ref (records, K) of ``data`` under the SFT model, through the trainer's reference pass."""
-    return compute_reference(ReferenceLogps(model, cfg), data, batch_prompts=cfg.train.micro_batch_prompts,
-                             pad_id=pad_id, rank=0, world=1, progress=False, device=torch.device("cpu"))
+    module = ReferenceLogps(model, LossPath.of(cfg.train))
+    return compute_reference(module, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=0,
+                             world=1, progress=False, device=torch.device("cpu"))
 
 
 def evaluate(
@@ -310,7 +316,7 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
 
     sft_cfg = run_config(config, "sft", seed)
     model = tiny_llama(tokenizer, config, seed)
-    train(PolicyLoss(model, sft_cfg), tokenised(clean, tokenizer, sft_cfg), sft_cfg, pad_id)
+    train(policy_loss(model, sft_cfg), tokenised(clean, tokenizer, sft_cfg), sft_cfg, pad_id)
     sft_scores = evaluate(model, tokenizer, held_out, config, seed)
     sft_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -332,7 +338,7 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
             if setting.all_golden not in refs:
                 refs[setting.all_golden] = reference(model, data, cfg, pad_id)
             ref = refs[setting.all_golden]
-        train(PolicyLoss(model, cfg), data, cfg, pad_id, ref)
+        train(policy_loss(model, cfg), data, cfg, pad_id, ref)
         scores = evaluate(model, tokenizer, held_out, config, seed)
         runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
                               statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))

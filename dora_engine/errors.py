@@ -27,6 +27,11 @@ class UserImportError(UserError, ImportError):
     """An optional package that the requested feature needs is missing; the message says how to install it."""
 
 
+class TrainingError(UserError, RuntimeError):
+    """A training run that cannot continue (e.g. too many non-finite steps in a row, a checkpoint written
+    with another configuration or world size); the message says why."""
+
+
 class ModelLoadError(UserError, OSError):
     """A model the user named that cannot be loaded: a missing folder, a folder without its files, an
     unknown hub id."""

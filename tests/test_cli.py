@@ -11,11 +11,10 @@ import pytest
 from dora_engine import cli
 from dora_engine.data import corrupt
 from dora_engine.data.schema import Record, RecordError, Response, write_records
-from dora_engine.errors import UserError, UserImportError, UserValueError
+from dora_engine.errors import TrainingError, UserError, UserImportError, UserValueError
 from dora_engine.eval.http_judge import JudgeEndpointError
 from dora_engine.ops.builder import OpLoadError
 from dora_engine.training.config import ConfigError
-from dora_engine.training.engine import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,10 @@ from dora_engine import cli
 from dora_engine.atomic import TEMPORARY_NAME, atomic_path, atomic_write, remove_stale_temporaries
 from dora_engine.data.schema import RecordError, read_records
 from dora_engine.errors import UserValueError
-from dora_engine.training.checkpoint import META, Ranks, check_loadable, tensors_only, verify
+from dora_engine.training.checkpoint import META, check_loadable, tensors_only, verify
 from dora_engine.training.commands import master_port
 from dora_engine.training.config import ConfigError, load_config
+from dora_engine.training.process_group import Ranks
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def test_bad_records_are_named_before_anything_runs(toy, tmp_path, capsys, edit,
     if expected is None:  # accepted: the data load passes (checked without training)
         from training_toy import build_tokenizer
 
-        from dora_engine.training.engine import load_data
+        from dora_engine.training.loading import load_data
 
         cfg = load_config(toy, overrides)
         assert len(load_data(cfg, build_tokenizer(tmp_path / "tok"), cfg.data.train, False)) == 6
@@ -297,3 +298,82 @@ def test_atomic_writes_give_new_files_the_umask_mode_and_keep_an_existing_mode(t
     mode = {name: stat.S_IMODE((tmp_path / name).stat().st_mode) for name in ("new.txt", "new.png", "kept.txt")}
     assert mode == {"new.txt": 0o640, "new.png": 0o640, "kept.txt": 0o604}
     assert (tmp_path / "kept.txt").read_text() == "new"
+
+
+class _WritingEngine:
+    """Stands in for DeepSpeed's engine in ``CheckpointManager.save``: each rank writes its own shard."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        folder = Path(directory) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(3):
+            (folder / f"rank{self.rank}_part{i}.bin").write_bytes(bytes([self.rank, i]) * 1000)
+
+
+def _save_on_two_nodes(rank: int, root: str, shared: bool) -> tuple[list[str], dict]:
+    """Rank body: two one-rank nodes save a checkpoint into one shared folder or one folder each; returns
+    the files this rank hashed and the manifest its node wrote."""
+    from dora_engine.training import checkpoint
+    from dora_engine.training.checkpoint import CheckpointManager
+
+    hashed: list[str] = []
+    entry = checkpoint.file_entry
+
+    def counting_entry(path: Path) -> dict:
+        hashed.append(path.name)
+        return entry(path)
+
+    checkpoint.file_entry = counting_entry
+    directory = Path(root) / ("shared" if shared else f"node{rank}")
+    manager = CheckpointManager(directory, keep=2, ranks=Ranks(rank=rank, local_rank=0, local_size=1, world=2))
+    tag = manager.save(_WritingEngine(rank), 1, {"step": 1})
+    problems = checkpoint.verify(directory / tag, manager.ranks)
+    assert problems == [], problems
+    return hashed, json.loads((directory / tag / META).read_text())["files"]
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("shared", [True, False])
+def test_checkpoint_hashing_is_spread_over_the_ranks_of_all_nodes(tmp_path, shared):
+    """One folder shared by two nodes: each file is hashed once in the whole world (at save and at
+    verify), and each node's manifest lists every file. Node-local folders: each node hashes its own."""
+    from multiproc import run_gloo
+
+    (hashed0, files0), (hashed1, files1) = run_gloo(_save_on_two_nodes, 2, str(tmp_path), shared)
+    if shared:
+        everything = sorted(f"rank{r}_part{i}.bin" for r in range(2) for i in range(3))
+        assert sorted(files0) == sorted(files1) == everything and files0 == files1
+        assert sorted(hashed0 + hashed1) == sorted(everything * 2)  # save + verify, each file once
+        assert not set(hashed0) & set(hashed1)
+    else:
+        assert sorted(files0) == [f"rank0_part{i}.bin" for i in range(3)]
+        assert sorted(files1) == [f"rank1_part{i}.bin" for i in range(3)]
+        assert sorted(hashed0) == sorted(list(files0) * 2) and sorted(hashed1) == sorted(list(files1) * 2)
+
+
+def test_process_group_waits_as_long_as_the_config_says(monkeypatch, tmp_path):
+    """``train.dist_timeout_minutes`` reaches the process group (DeepSpeed's default is 10 minutes)."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from dora_engine.training import process_group
+
+    asked: dict = {}
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: asked.update(kwargs))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # records the variable's state, which the teardown restores
+        monkeypatch.delenv(name)  # init_distributed sets these for a world of one
+    assert process_group.init_distributed(timedelta(minutes=90)) == Ranks()
+    assert asked["timeout"] == timedelta(minutes=90)
+    toy = make_toy(tmp_path)
+    assert load_config(toy).train.dist_timeout_minutes == 60
+    with pytest.raises(ConfigError, match="train.dist_timeout_minutes"):
+        load_config(toy, ["train.dist_timeout_minutes=0"])

@@ -19,7 +19,7 @@ from dora_engine.rows import IGNORE_INDEX, RowTokenizer
 from dora_engine.training.config import ConfigError, load_config
 from dora_engine.training.data import Sampler, collate, load_records, record_rows, row_tokenizer, tokenise
 from dora_engine.training.dsconfig import DEFAULT_DEEPSPEED, build_deepspeed_config
-from dora_engine.training.engine import lr_lambda
+from dora_engine.training.optim import lr_lambda
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -68,3 +68,46 @@ def test_reference_cache_is_reused_and_invalidated(tmp_path):
     newest = max(_cache_files(tmp_path), key=lambda p: p.stat().st_mtime_ns)
     assert len(_cache_files(tmp_path)) == 3
     assert not torch.allclose(torch.load(newest)["ref_logps"], cached)
+
+
+def _reference_pass_frees_its_model(rank: int, config: str) -> tuple[list[int], list[bool]]:
+    """Rank body: ``ensure_reference`` with the cycle collector off, recording the models it loads."""
+    import gc
+    import weakref
+
+    from dora_engine.training import ref_logps
+    from dora_engine.training.config import load_config
+    from dora_engine.training.dsconfig import build_deepspeed_config
+    from dora_engine.training.loading import load_run_data
+    from dora_engine.training.process_group import Ranks
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+    cfg = load_config(config)
+    data = load_run_data(cfg, False)
+    loaded: list[weakref.ref] = []
+    load = ref_logps.load_causal_lm
+
+    def recording_load(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    ref_logps.load_causal_lm = recording_load
+    gc.disable()  # only the trainer's own collection may free the model
+    try:
+        ref = ref_logps.ensure_reference(cfg, data.train, build_deepspeed_config(cfg, 1), Ranks(), data.pad_id, False)
+        return list(ref.shape), [r() is not None for r in loaded]
+    finally:
+        gc.enable()
+
+
+@pytest.mark.multiproc
+def test_reference_model_is_freed_before_the_policy_loads(tmp_path):
+    """Once the reference pass returns, nothing refers to its model any more and it has been collected
+    (DeepSpeed's engine and the module form reference cycles, which only a collection after the last
+    reference is gone frees)."""
+    from multiproc import run_gloo
+
+    config = make_toy(tmp_path, n_records=4)
+    ((shape, alive),) = run_gloo(_reference_pass_frees_its_model, 1, str(config))
+    assert shape == [4, 3] and alive == [False]

@@ -22,15 +22,16 @@ import torch.distributed as dist
 def main() -> int:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
+    from dora_engine.errors import TrainingError
     from dora_engine.training.config import load_config
     from dora_engine.training.data import collate
-    from dora_engine.training.engine import Trainer, TrainingError
+    from dora_engine.training.engine import Trainer
     from dora_engine.training.model import StepOutput
 
     argv = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out_dir, config, overrides = Path(argv[0]), argv[1], argv[2:]
     out_dir.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(load_config(config, overrides), progress=False)
+    trainer = Trainer.from_config(load_config(config, overrides), progress=False)
     engine, module = trainer.engine, trainer.engine.module
     grads: dict[str, torch.Tensor] = {}
     checksums: list[float] = []

@@ -2,7 +2,8 @@
 and the choice of checkpoint for ``--resume`` (docs/design.md section 7.5).
 
 Each checkpoint is a DeepSpeed tag directory ``<output_dir>/checkpoints/step_<N>``. Once every rank has
-finished writing a tag, the ranks hash its files (each rank a share) and the writer records every file's
+finished writing a tag, the ranks hash its files (each rank a share: of the whole world when all nodes
+see one shared folder, else of its node's files, ``hashing_share``) and the writer records every file's
 size and SHA-256 digest, with the step, world size and config, in ``dora_checkpoint.json``; then the
 pointer file ``latest_complete`` is written. A tag counts as complete once its ``dora_checkpoint.json``
 exists, so a run killed mid-save resumes from the previous complete checkpoint.
@@ -36,13 +37,17 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import TEMPORARY_NAME, atomic_write
-from dora_engine.errors import UserError
+from dora_engine.errors import TrainingError, UserError
+from dora_engine.training.process_group import Ranks
 
 POINTER = "latest_complete"
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
 BLOCK = 8 << 20
+# Config keys a resumed run may change without breaking the identical continuation.
+RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
+                     "train.dist_timeout_minutes", "data.cache_dir", "data.num_proc")
 
 
 class CheckpointError(UserError, ValueError):
@@ -183,19 +188,6 @@ class Problem:
     message: str
 
 
-@dataclass(frozen=True)
-class Ranks:
-    """Where this process sits: files are shared among the ranks of a node by ``local_rank``."""
-
-    rank: int = 0
-    local_rank: int = 0
-    local_size: int = 1
-    world: int = 1
-
-    def share(self, items: list[str]) -> list[str]:
-        return [x for i, x in enumerate(items) if i % self.local_size == self.local_rank]
-
-
 def _gather(obj: Any, world: int) -> list[Any]:
     if world == 1 or not dist.is_initialized():
         return [obj]
@@ -207,6 +199,29 @@ def _gather(obj: Any, world: int) -> list[Any]:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def hashing_share(tag_dir: Path, names: list[str], ranks: Ranks) -> tuple[list[str], bool]:
+    """This rank's share of the files ``names`` of ``tag_dir`` to read, and whether the share is of the
+    whole world (collective: every rank calls it with the files it sees).
+
+    When every rank sees the same files (the same names, sizes and modification times: one filesystem
+    shared by all nodes), file i goes to rank i mod world, so each file is read once in the whole run.
+    Otherwise (node-local folders) each node reads what it sees, file i going to local rank i mod
+    local_size."""
+    view = [(name, *_size_and_mtime(tag_dir / name)) for name in names]
+    views = _gather(view, ranks.world)
+    if all(v == views[0] for v in views):
+        return [name for i, name in enumerate(names) if i % ranks.world == ranks.rank], True
+    return ranks.share(names), False
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
 
 
 def verify(tag_dir: Path, ranks: Ranks) -> list[Problem]:
@@ -222,35 +237,33 @@ def verify(tag_dir: Path, ranks: Ranks) -> list[Problem]:
     except CheckpointError as err:
         meta = None
         problems.append(Problem("damaged", str(err)))
-    if meta is not None:
-        present = checkpoint_files(tag_dir)
-        expected = meta.get("files")
-        intact = present
-        if isinstance(expected, dict):
-            missing = sorted(set(expected) - set(present))
-            extra = sorted(set(present) - set(expected))
-            if ranks.rank == 0:
-                problems += [Problem("damaged", f"file {name} is missing") for name in missing]
-                problems += [Problem("unsafe", f"file {name} is not in the manifest; refusing to load it")
-                             for name in extra]
-            intact = []
-            for name in ranks.share(sorted(set(expected) & set(present))):
-                want, path = expected[name], tag_dir / name
-                size = path.stat().st_size
-                if size != want.get("bytes"):
-                    message = f"file {name} has {size} bytes, the manifest says {want.get('bytes')}"
-                    problems.append(Problem("damaged", message))
-                elif file_entry(path)["sha256"] != want.get("sha256"):
-                    problems.append(Problem("damaged", f"file {name} differs from the manifest (SHA-256)"))
-                else:
-                    intact.append(name)
-        else:
-            intact = ranks.share(present)
-        for name in intact:
-            if name.endswith(".pt"):
-                verdict = check_loadable(tag_dir / name)
-                if verdict is not None:
-                    problems.append(Problem(verdict[0], f"file {name} {verdict[1]}"))
+    present = checkpoint_files(tag_dir) if meta is not None else []
+    expected = meta.get("files") if meta is not None else None
+    listed = isinstance(expected, dict)
+    if listed and ranks.rank == 0:
+        problems += [Problem("damaged", f"file {name} is missing") for name in sorted(set(expected) - set(present))]
+        problems += [Problem("unsafe", f"file {name} is not in the manifest; refusing to load it")
+                     for name in sorted(set(present) - set(expected))]
+    # Every rank takes part in the share, whatever it found: it is a collective.
+    share, _ = hashing_share(tag_dir, sorted(set(expected) & set(present)) if listed else present, ranks)
+    intact = []
+    for name in share:
+        if listed:
+            want, path = expected[name], tag_dir / name
+            size = path.stat().st_size
+            if size != want.get("bytes"):
+                message = f"file {name} has {size} bytes, the manifest says {want.get('bytes')}"
+                problems.append(Problem("damaged", message))
+                continue
+            if file_entry(path)["sha256"] != want.get("sha256"):
+                problems.append(Problem("damaged", f"file {name} differs from the manifest (SHA-256)"))
+                continue
+        intact.append(name)
+    for name in intact:
+        if name.endswith(".pt"):
+            verdict = check_loadable(tag_dir / name)
+            if verdict is not None:
+                problems.append(Problem(verdict[0], f"file {name} {verdict[1]}"))
     merged = [p for part in _gather(problems, ranks.world) for p in part]
     return sorted(set(merged), key=lambda p: (p.kind != "unsafe", p.message))
 
@@ -285,11 +298,12 @@ class CheckpointManager:
             state["rng_cuda"] = torch.cuda.get_rng_state()
         engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
         _barrier()
-        mine = {name: file_entry(tag_dir / name) for name in self.ranks.share(checkpoint_files(tag_dir))}
+        share, whole_world = hashing_share(tag_dir, checkpoint_files(tag_dir), self.ranks)
+        mine = {name: file_entry(tag_dir / name) for name in share}
         leader = self.ranks.rank - self.ranks.local_rank
         files: dict[str, Any] = {}
         for node, entries in _gather((leader, mine), self.ranks.world):
-            if node == leader:
+            if whole_world or node == leader:
                 files.update(entries)
         if self.writer:
             meta = dict(client_state) | {"tag": tag, "world_size": self.ranks.world}
@@ -380,3 +394,14 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
         elif a != b:
             out.append(name)
     return out
+
+
+def check_resumable(tag: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """A ``TrainingError`` when the config a checkpoint was written with differs from this run's in a key
+    that affects the optimisation (any key but ``RESUMABLE_CHANGES``)."""
+    changed = [k for k in config_differences(saved, current) if not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise TrainingError(
+            f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
+            "resuming would not continue the same run"
+        )

@@ -71,9 +71,9 @@ def master_port(flag: int | None) -> int:
     elif os.environ.get("MASTER_PORT"):
         value, source = os.environ["MASTER_PORT"], "MASTER_PORT"
     else:
-        from dora_engine.training.engine import _free_port
+        from dora_engine.training.process_group import free_port
 
-        return _free_port()
+        return free_port()
     try:
         port = int(value)
     except ValueError:
@@ -202,23 +202,21 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
     Bad input is one line ``dora-engine TASK: error: ...`` and exit code 2; a run that cannot continue
     (``TrainingError``) exits with 1.
     """
+    from dora_engine.errors import TrainingError
     from dora_engine.training.config import load_config
-    from dora_engine.training.engine import (
-        Trainer,
-        TrainingError,
-        close_distributed,
-        precompute_reference,
-        stop_on_signals,
-    )
+    from dora_engine.training.engine import Trainer
+    from dora_engine.training.process_group import close_distributed
+    from dora_engine.training.ref_logps import precompute_reference
+    from dora_engine.training.signals import StopSignals
 
     try:
-        with stop_on_signals():
+        with StopSignals().installed() as stop:
             cfg = load_config(config, overrides + ([f"checkpoint.resume={resume}"] if resume else []))
             if task == "ref-logps":
                 precompute_reference(cfg)
                 code = 0
             else:
-                code = Trainer(cfg).run()
+                code = Trainer.from_config(cfg, stop=stop).run()
         close_distributed()
         return code
     except UserError as err:

@@ -88,6 +88,7 @@ class TrainConfig:
     chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: DEFAULT_CHUNK_BYTES)
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
     eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
+    dist_timeout_minutes: float = 60.0  # how long a collective waits for the other ranks (e.g. while one exports)
 
 
 @dataclass
@@ -388,6 +389,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         _positive("train.chunk_bytes", t.chunk_bytes)
     _positive("train.max_consecutive_skips", t.max_consecutive_skips)
     _positive("train.eval_every", t.eval_every, allow_zero=True)
+    _positive("train.dist_timeout_minutes", t.dist_timeout_minutes)
     if cfg.lora.enabled:
         _positive("lora.r", cfg.lora.r)
         _positive("lora.alpha", cfg.lora.alpha)

@@ -11,350 +11,107 @@ current optimizer step with a checkpoint (section 6); a second SIGINT stops at o
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
 import os
-import signal
-import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from dora_engine.atomic import remove_stale_temporaries
-from dora_engine.errors import UserError
+from dora_engine.errors import TrainingError
 from dora_engine.generation import EXPORT_FOLDER
-from dora_engine.training import ref_logps as ref_cache
-from dora_engine.training.checkpoint import (
-    CheckpointManager,
-    Ranks,
-    config_differences,
-    written_world_size,
-)
-from dora_engine.training.config import TrainConfig, TrainingConfig
-from dora_engine.training.data import (
-    Sampler,
-    TrainingData,
-    check_token_range,
-    collate,
-    row_tokenizer,
-)
-from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
-from dora_engine.training.library_warnings import silence_understood_warnings
+from dora_engine.training import startup
+from dora_engine.training.checkpoint import CheckpointManager, check_resumable
+from dora_engine.training.config import TrainingConfig
+from dora_engine.training.data import Sampler, collate
+from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision
+from dora_engine.training.loading import RunData, load_run_data
 from dora_engine.training.metrics import MetricsWriter, StepAccumulator, align_stats, peak_memory_bytes
-from dora_engine.training.model import (
-    PolicyLoss,
-    ReferenceLogps,
-    StepOutput,
-    load_causal_lm,
-    load_tokenizer,
-    model_vocab_size,
-)
+from dora_engine.training.model import StepOutput
+from dora_engine.training.optim import total_steps
 from dora_engine.training.plots import plot_metrics
+from dora_engine.training.process_group import Ranks, init_distributed
+from dora_engine.training.ref_logps import ensure_reference
+from dora_engine.training.signals import StopSignals
 
-# Config keys a resumed run may change without breaking the identical continuation.
-RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
-                     "data.cache_dir", "data.num_proc")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 ZERO_GRAD_STEPS = 3  # applied steps in a row with a grad norm of exactly 0 before a warning
-SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in a folder other runs may share is stale after this long
-
-
-class TrainingError(UserError, RuntimeError):
-    """A run that cannot continue (e.g. too many non-finite steps in a row); the message says why."""
-
-
-@dataclass(frozen=True)
-class Dist:
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-_early_stop: list[str] = []  # signals received before a Trainer's loop installed its own handler
-
-
-def _record_stop(signum: int, frame: Any) -> None:
-    if signum == signal.SIGINT and _early_stop:
-        raise KeyboardInterrupt
-    _early_stop.append(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """Record SIGTERM / SIGINT during the setup of a run (data, reference pass, engine) instead of dying,
-    so that a run told to stop while starting stops cleanly before its first step (a second SIGINT
-    interrupts at once). ``Trainer.run`` takes over the handlers for the loop."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _record_stop) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> Dist:
-    """Join the process group the ``deepspeed`` launcher describes, or make a one-process group."""
-    import deepspeed
-
-    if "RANK" not in os.environ:  # plain `python` / `dora-engine train`: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    silence_understood_warnings()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)  # before the process group, so NCCL binds each rank to its own GPU
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), device)
-
-
-def close_distributed() -> None:
-    """Leave the process group at the end of a finished task. A group left to the interpreter's exit
-    handlers can abort a rank that has already done its work ("terminate called without an active
-    exception" from gloo's threads), which fails the whole launch."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def load_data(
-    cfg: TrainingConfig, tokenizer: Any, files: list[str], progress: bool, train: TrainingData | None = None
-) -> TrainingData:
-    """Read, validate and tokenise ``files`` into the memory-mapped cache (``data.cache_dir``), or map the
-    tokens an earlier run or another rank of this node made; every data error names its file and record.
-    With ``train`` (the loaded data.train) the files are data.eval, whose records must have the same K."""
-    from dora_engine.training.tokenised import load_tokenised
-
-    return load_tokenised(
-        files, row_tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage, target_source=cfg.data.target_source,
-        num_responses=train.num_responses if train is not None else cfg.data.num_responses,
-        needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
-        k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
-        num_proc=cfg.data.num_proc, progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
-    )
-
-
-def data_cache_dir(cfg: TrainingConfig) -> Path:
-    """Where tokenised data live: ``data.cache_dir``, else the user's cache (``default_cache_dir``), which
-    every later run shares whatever its output_dir."""
-    from dora_engine.training.tokenised import default_cache_dir
-
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    """Multiplier of the peak lr at optimizer step s: linear warmup, then constant/linear/cosine to 0."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-        return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def total_steps(train: TrainConfig, sampler: Sampler) -> int:
-    """Optimizer steps of a run: ``train.max_steps``, else its epochs' worth of the sampler's steps."""
-    return train.max_steps or train.epochs * sampler.steps_per_epoch
-
-
-def build_optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.AdamW:
-    """The optimizer a run uses when the DeepSpeed config names none: AdamW at the peak lr."""
-    return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-
-
-def build_schedule(
-    optimizer: torch.optim.Optimizer, train: TrainConfig, total: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """The learning-rate schedule of a run of ``total`` optimizer steps (``lr_lambda``)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train.schedule, train.warmup_steps, total))
-
-
-def offload_summary(engine: Any) -> str | None:
-    """What the built ZeRO-3 optimizer offloads and where, e.g. ``optimizer state to cpu, parameters to cpu``
-    (read from the optimizer DeepSpeed made, which is what runs, rather than from the config); None
-    when nothing is offloaded."""
-    optimizer = getattr(engine, "optimizer", None)
-    parts = []
-    for flag, what, config in (
-        ("offload_optimizer", "optimizer state", engine.zero_offload_optimizer()),
-        ("offload_param", "parameters", engine.zero_offload_param()),
-    ):
-        if getattr(optimizer, flag, False):
-            device = getattr(config, "device", "cpu")
-            parts.append(f"{what} to {getattr(device, 'value', device)}")
-    return ", ".join(parts) or None
 
 
 class Trainer:
-    """Builds everything from a ``TrainingConfig`` and runs the loop; ``run()`` returns the exit code."""
+    """The training loop of a run; ``Trainer.from_config(cfg)`` loads and builds its pieces, ``run()`` trains
+    and returns the exit code.
 
-    def __init__(self, cfg: TrainingConfig, *, progress: bool = True):
+    ``engine`` is the policy under DeepSpeed (or an object with the same methods: ``__call__``,
+    ``backward``, ``step``, ``was_step_applied``, ``get_global_grad_norm``, ``train``, ``eval``, ``device``,
+    ``module``, ``save_checkpoint`` / ``load_checkpoint``), ``lr_scheduler`` its schedule, ``sampler`` the
+    data order over ``ranks``, ``checkpoints`` where checkpoints go, ``resume_tag`` the verified checkpoint
+    to start from (None: step 0), ``ref_train`` / ``ref_eval`` the reference log-probs of the data.
+    ``keep_alive`` holds what must live as long as the engine (the ``HfDeepSpeedConfig``).
+    """
+
+    def __init__(
+        self, cfg: TrainingConfig, *, data: RunData, ranks: Ranks, sampler: Sampler, checkpoints: CheckpointManager,
+        engine: Any, lr_scheduler: Any, ref_train: torch.Tensor | None = None, ref_eval: torch.Tensor | None = None,
+        resume_tag: str | None = None, progress: bool = True, stop: StopSignals | None = None, keep_alive: Any = None,
+    ):
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self.progress = progress
-        self.stop_signal: str | None = None
+        self.stop = stop if stop is not None else StopSignals()
         self.precision = resolve_precision(cfg.train.precision)
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            self._remove_stale_temporaries()
-        # 1. Everything that can be wrong with the input, before any process group or model.
-        self.tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.train_data = load_data(cfg, self.tokenizer, cfg.data.train, progress)
-        self.eval_data = (load_data(cfg, self.tokenizer, cfg.data.eval, progress, self.train_data)
-                          if cfg.data.eval else None)
-        vocab = model_vocab_size(cfg.model.path)
-        check_token_range(self.train_data, vocab, "data.train")
-        if self.eval_data is not None:
-            check_token_range(self.eval_data, vocab, "data.eval")
-        # 2. Processes, sampler, reference log-probs.
-        self.dist = init_distributed()
-        self.sampler = Sampler(
-            len(self.train_data), cfg.train.micro_batch_prompts, self.dist.world, cfg.train.grad_accum_steps,
-            cfg.train.seed,
-        )
-        self._check_sizes()
-        local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
-        self.checkpoints = CheckpointManager(
-            self.output_dir / "checkpoints", keep=cfg.checkpoint.keep,
-            ranks=Ranks(self.dist.rank, self.dist.local_rank, local_size, self.dist.world),
-        )
-        self.resume_tag = self._choose_checkpoint()
-        self.ds_config = build_deepspeed_config(cfg, self.dist.world)
-        self.ref_train = self.ref_eval = None
-        if cfg.needs_reference:
-            self.ref_train = ensure_reference(cfg, self.train_data, self.ds_config, self.dist, self.pad_id, progress)
-            if self.eval_data is not None:
-                self.ref_eval = ensure_reference(cfg, self.eval_data, self.ds_config, self.dist, self.pad_id, progress)
-        # 3. The policy engine.
-        torch.manual_seed(cfg.train.seed)
-        self.engine, self.lr_scheduler, self.hf_ds_config = self._build_engine()
-        offloaded = offload_summary(self.engine)
-        if offloaded:
-            self._say(f"ZeRO-3 offload active: {offloaded}")
+        self.tokenizer, self.pad_id = data.tokenizer, data.pad_id
+        self.train_data, self.eval_data = data.train, data.eval
+        self.dist, self.sampler, self.checkpoints, self.resume_tag = ranks, sampler, checkpoints, resume_tag
+        self.engine, self.lr_scheduler, self.keep_alive = engine, lr_scheduler, keep_alive
+        self.ref_train, self.ref_eval = ref_train, ref_eval
 
-    # ---------------------------------------------------------------------------------------- setup
+    @classmethod
+    def from_config(cls, cfg: TrainingConfig, *, progress: bool = True, stop: StopSignals | None = None) -> Trainer:
+        """Load and build everything a run of ``cfg`` needs, in the order of the module docstring."""
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            startup.remove_run_temporaries(cfg)
+        data = load_run_data(cfg, progress)  # 1. everything that can be wrong with the input
+        # 2. Processes, sampler, checkpoint to resume from, reference log-probs.
+        ranks = init_distributed(timedelta(minutes=cfg.train.dist_timeout_minutes))
+        sampler = Sampler(
+            len(data.train), cfg.train.micro_batch_prompts, ranks.world, cfg.train.grad_accum_steps, cfg.train.seed
+        )
+        startup.check_sizes(cfg, data, sampler, ranks.world)
+        checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep=cfg.checkpoint.keep, ranks=ranks)
+        resume_tag = startup.choose_checkpoint(cfg, checkpoints, ranks)
+        ds_config = build_deepspeed_config(cfg, ranks.world)
+        refs = [None, None]
+        if cfg.needs_reference:
+            refs = [ensure_reference(cfg, split, ds_config, ranks, data.pad_id, progress) if split is not None else None
+                    for split in (data.train, data.eval)]
+        torch.manual_seed(cfg.train.seed)  # 3. the policy engine
+        precision = resolve_precision(cfg.train.precision)
+        engine, lr_scheduler, keep_alive = startup.build_policy_engine(
+            cfg, ds_config, precision, total_steps(cfg.train, sampler)
+        )
+        offloaded = startup.offload_summary(engine)
+        if offloaded:
+            startup.say(ranks, f"ZeRO-3 offload active: {offloaded}")
+        return cls(cfg, data=data, ranks=ranks, sampler=sampler, checkpoints=checkpoints, engine=engine,
+                   lr_scheduler=lr_scheduler, ref_train=refs[0], ref_eval=refs[1], resume_tag=resume_tag,
+                   progress=progress, stop=stop, keep_alive=keep_alive)
+
+    @property
+    def stop_signal(self) -> str | None:
+        """Why the run stops after the current step (a signal's name), None while it goes on."""
+        return self.stop.received
+
+    @stop_signal.setter
+    def stop_signal(self, reason: str) -> None:
+        self.stop.received = reason
 
     @property
     def total_steps(self) -> int:
         return total_steps(self.cfg.train, self.sampler)
-
-    def _remove_stale_temporaries(self) -> None:
-        """Remove what killed writes of an earlier run left under our temporary names (``dora_engine.atomic``):
-        everything in the run's own folders, only old ones in a reference cache other runs may share."""
-        checkpoints = self.output_dir / "checkpoints"
-        folders = [(self.output_dir, 0.0), (checkpoints, 0.0)]
-        if checkpoints.is_dir():
-            folders += [(p, 0.0) for p in checkpoints.iterdir() if p.is_dir()]
-        if self.cfg.data.ref_cache_dir:
-            folders.append((Path(self.cfg.data.ref_cache_dir), SHARED_TEMPORARY_AGE_S))
-        else:
-            folders.append((self.output_dir / "ref_cache", 0.0))
-        # Tokenised data: other ranks of this run may be building there already, and other runs may share it.
-        folders.append((data_cache_dir(self.cfg), SHARED_TEMPORARY_AGE_S))
-        removed = [p for folder, age in folders for p in remove_stale_temporaries(folder, older_than_s=age)]
-        if removed and os.environ.get("RANK", "0") == "0":
-            names = ", ".join(str(p) for p in removed[:3]) + (f" and {len(removed) - 3} more" if removed[3:] else "")
-            print(f"[dora-engine] removed {len(removed)} temporary file(s) of interrupted writes: {names}", flush=True)
-
-    def _choose_checkpoint(self) -> str | None:
-        """The verified checkpoint tag to resume from (None: a fresh start), checked against this run's
-        world size and config before anything heavy starts."""
-        wanted = self.cfg.checkpoint.resume
-        if wanted is None:
-            return None
-        chosen = self.checkpoints.choose(wanted, self._say)
-        if chosen is None:
-            self._say(f"no checkpoint in {self.checkpoints.directory}; starting from step 0")
-            return None
-        tag, meta = chosen
-        path = self.checkpoints.directory / tag
-        written = written_world_size(path, meta)
-        if written != self.dist.world:
-            raise TrainingError(
-                f"checkpoint {path} was written by {written} rank(s) and this run has {self.dist.world}; ZeRO-3 keeps "
-                f"one optimizer shard per rank, so resume it with {written} rank(s) (dora-engine train --num-procs "
-                f"{written}, or deepspeed --num_gpus {written})"
-            )
-        if isinstance(meta.get("config"), dict):
-            self._check_config(tag, meta["config"])
-        return tag
-
-    def _check_config(self, tag: str, saved: dict[str, Any]) -> None:
-        changed = [k for k in config_differences(saved, self.cfg.to_dict()) if not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise TrainingError(
-                f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
-                "resuming would not continue the same run"
-            )
-
-    def _check_sizes(self) -> None:
-        if self.sampler.steps_per_epoch == 0:
-            raise TrainingError(
-                f"data.train has {len(self.train_data)} examples, fewer than one optimizer step uses "
-                f"(train.micro_batch_prompts × world size × train.grad_accum_steps = {self.sampler.prompts_per_step})"
-            )
-        per_eval = self.cfg.train.micro_batch_prompts * self.dist.world
-        if self.eval_data is not None and len(self.eval_data) < per_eval:
-            raise TrainingError(
-                f"data.eval has {len(self.eval_data)} examples, fewer than one evaluation batch "
-                f"(train.micro_batch_prompts × world size = {per_eval})"
-            )
-
-    def _build_engine(self) -> tuple[Any, Any, Any]:
-        import deepspeed
-        from transformers.integrations import HfDeepSpeedConfig
-
-        cfg = self.cfg
-        # While this object lives, from_pretrained partitions the weights across ranks as it loads them.
-        hf_ds_config = HfDeepSpeedConfig(self.ds_config)
-        model = load_causal_lm(
-            cfg.model.path, torch_dtype(self.precision), gradient_checkpointing=cfg.train.gradient_checkpointing
-        )
-        if cfg.lora.enabled:
-            from dora_engine.training.model import add_lora
-
-            model = add_lora(model, cfg.lora)
-        module = PolicyLoss(model, cfg)
-        params = [p for p in module.parameters() if p.requires_grad]
-        optimizer = None if "optimizer" in self.ds_config else build_optimizer(params, cfg.train)
-
-        def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return build_schedule(opt, cfg.train, self.total_steps)
-
-        engine, _, _, lr_scheduler = deepspeed.initialize(
-            model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler,
-            config=self.ds_config,
-        )
-        return engine, lr_scheduler, hf_ds_config
 
     def _resume(self) -> dict[str, Any]:
         """Client state of the checkpoint to resume from, or a fresh start's."""
@@ -363,7 +120,7 @@ class Trainer:
         if tag is None:
             return fresh
         state = self.checkpoints.load(self.engine, tag)
-        self._check_config(tag, state["config"])
+        check_resumable(tag, state["config"], self.cfg.to_dict())
         if state["consumed_prompts"] % self.sampler.prompts_per_step:
             raise TrainingError(
                 f"checkpoint {tag} consumed {state['consumed_prompts']} prompts, not a multiple of this run's "
@@ -373,8 +130,6 @@ class Trainer:
         self._say(f"resumed from {self.checkpoints.directory / tag} at step {state['step']}")
         return state
 
-    # ---------------------------------------------------------------------------------------- loop
-
     def _say(self, message: str) -> None:
         if self.dist.main:
             print(f"[dora-engine] {message}", flush=True)
@@ -382,11 +137,6 @@ class Trainer:
     def _warn(self, message: str) -> None:
         if self.dist.main:
             print(f"[dora-engine] warning: {message}", file=sys.stderr, flush=True)
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.stop_signal is not None:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
-        self.stop_signal = self.stop_signal or signal.Signals(signum).name
 
     def _device_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.engine.device) for k, v in batch.items()}
@@ -443,14 +193,16 @@ class Trainer:
         return {f"eval/{k}": v for k, v in metrics.items()}
 
     def run(self) -> int:
+        """Train to the end, or until a stop signal (module docstring); returns the exit code."""
+        with self.stop.installed():
+            return self._loop()
+
+    def _loop(self) -> int:
         from tqdm.auto import tqdm
 
         state = self._resume()
         step, skipped, in_a_row = state["step"], state["skipped_steps"], state["consecutive_skips"]
         writer = MetricsWriter(self.output_dir, self.cfg.logging, self.cfg.to_dict(), step) if self.dist.main else None
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        if self.stop_signal is None and _early_stop:
-            self.stop_signal = _early_stop[0]
         show = self.progress and self.dist.main
         bar = tqdm(total=self.total_steps, initial=step, desc=self.cfg.stage, disable=not show)
         first_step = last_saved = step
@@ -505,8 +257,6 @@ class Trainer:
             return 0
         finally:
             bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
             if writer is not None:
                 writer.close()
 
@@ -552,53 +302,3 @@ class Trainer:
             self._say(f"exported the trained model to {destination}")
         dist.barrier()
         return destination
-
-
-def ensure_reference(
-    cfg: TrainingConfig, data: TrainingData, ds_config: dict, dist_info: Dist, pad_id: int, progress: bool
-) -> torch.Tensor:
-    """S_ref (num_records, K) for ``data``: from the cache when its key matches, else one sharded pass."""
-    import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
-
-    reference = cfg.model.reference or cfg.model.path
-    precision = resolve_precision(cfg.train.precision)
-    key = ref_cache.cache_key(data, ref_cache.model_hash(reference), precision)
-    directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
-    path = ref_cache.cache_file(directory, key)
-    cached = ref_cache.load_cached(path, data)
-    if cached is not None:
-        if dist_info.main:
-            print(f"[dora-engine] reference log-probs: reusing {path}", flush=True)
-        return cached
-    if dist_info.main:
-        print(f"[dora-engine] reference log-probs: computing {path} with {reference}", flush=True)
-    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
-    keep_alive = HfDeepSpeedConfig(config)  # partitioned loading, as for the policy
-    model = load_causal_lm(reference, torch_dtype(precision))
-    model.requires_grad_(False)
-    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, cfg), config=config)
-    ref = ref_cache.compute_reference(
-        engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=dist_info.rank,
-        world=dist_info.world, progress=progress and dist_info.main, device=engine.device,
-    )
-    ref_cache.release(engine)
-    del keep_alive, model
-    if dist_info.local_rank == 0:
-        ref_cache.save_cache(path, ref, key)
-    dist.barrier()
-    return ref
-
-
-def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[torch.Tensor]:
-    """``dora-engine ref-logps``: fill the reference cache of the train (and eval) data of ``cfg``."""
-    if not cfg.needs_reference:
-        raise TrainingError(f"loss {cfg.loss.name!r} in stage {cfg.stage!r} uses no reference log-probs")
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    splits = [load_data(cfg, tokenizer, cfg.data.train, progress)]
-    if cfg.data.eval:
-        splits.append(load_data(cfg, tokenizer, cfg.data.eval, progress, splits[0]))
-    dist_info = init_distributed()
-    ds_config = build_deepspeed_config(cfg, dist_info.world)
-    return [ensure_reference(cfg, data, ds_config, dist_info, pad_id, progress) for data in splits]

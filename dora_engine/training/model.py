@@ -6,6 +6,7 @@ loss (which reads the logits) must be computed there too (docs/design.md section
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -13,10 +14,11 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_engine.errors import UserImportError
+from dora_engine.losses import RobustObjective, get_strategy
 from dora_engine.ops import DoRAOutput
 from dora_engine.ops.lm_head import DoRAPolicy
 from dora_engine.preference import data_parallel_group
-from dora_engine.training.config import LoraConfig, TrainingConfig
+from dora_engine.training.config import LoraConfig, TrainConfig
 
 
 class StepOutput(NamedTuple):
@@ -34,23 +36,30 @@ class StepOutput(NamedTuple):
     out: DoRAOutput | None
 
 
-def policy_options(cfg: TrainingConfig) -> dict[str, Any]:
-    """The ``DoRAPolicy`` settings of a run: its loss path and op options. The op runs with
-    ``validate=False``: the data were validated when they were loaded (``training/data.py``)."""
-    t = cfg.train
-    return dict(
-        loss_path=t.loss_path, mode=t.fused_linear_mode, chunk_bytes=t.chunk_bytes, backend=t.backend,
-        validate=False,
-    )
+@dataclass(frozen=True)
+class LossPath:
+    """How the trainer's modules compute log-probs and loss (docs/design.md section 5.7): ``train.loss_path``,
+    ``train.fused_linear_mode``, ``train.chunk_bytes`` and ``train.backend``."""
+
+    loss_path: str = "auto"
+    mode: str = "single_pass"
+    chunk_bytes: int | None = None
+    backend: str = "auto"
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> LossPath:
+        return cls(train.loss_path, train.fused_linear_mode, train.chunk_bytes, train.backend)
 
 
 class PolicyLoss(DoRAPolicy):
-    """forward(batch) -> StepOutput; ``stage`` selects SFT (NLL) or alignment (the robust DoRA loss)."""
+    """forward(batch) -> StepOutput; ``stage`` selects SFT (NLL) or alignment (``objective``). The op runs
+    with ``validate=False``: the data were validated when they were loaded (``training/data.py``)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainingConfig):
-        super().__init__(model, cfg.objective, **policy_options(cfg))
-        self.stage = cfg.stage
-        self.uses_h_tilde = cfg.needs_h_tilde
+    def __init__(self, model: nn.Module, objective: RobustObjective, *, stage: str, path: LossPath = LossPath()):
+        super().__init__(model, objective, loss_path=path.loss_path, mode=path.mode, chunk_bytes=path.chunk_bytes,
+                         backend=path.backend, validate=False)
+        self.stage = stage
+        self.uses_h_tilde = stage == "align" and get_strategy(objective.strategy).needs_h_tilde
 
     def forward(
         self,
@@ -83,8 +92,9 @@ class ReferenceLogps(DoRAPolicy):
     """forward(batch) -> summed log-probs S (N,) of the frozen reference model (no gradient), through the
     same loss path as the policy."""
 
-    def __init__(self, model: nn.Module, cfg: TrainingConfig):
-        super().__init__(model, **policy_options(cfg))
+    def __init__(self, model: nn.Module, path: LossPath = LossPath()):
+        super().__init__(model, loss_path=path.loss_path, mode=path.mode, chunk_bytes=path.chunk_bytes,
+                         backend=path.backend, validate=False)
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ import torch
 import torch.distributed as dist
 
 from dora_engine.atomic import atomic_path
+from dora_engine.errors import TrainingError
+from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import TrainingData, collate
+from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
+from dora_engine.training.loading import load_run_data
+from dora_engine.training.model import LossPath, ReferenceLogps, load_causal_lm
+from dora_engine.training.process_group import Ranks, init_distributed
 
 SMALL_FILE = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
 
@@ -103,10 +110,89 @@ def save_cache(path: Path, ref: torch.Tensor, key: dict[str, str]) -> None:
         tmp.write_text(json.dumps(key, indent=1), encoding="utf-8")
 
 
-def release(engine: Any) -> None:
-    """Free the reference engine (its ZeRO-3 hooks and partitions) before the policy is built."""
-    engine.destroy()
-    del engine
+def release_memory() -> None:
+    """Free what is no longer referenced now: a DeepSpeed engine and its module refer to each other (hooks),
+    so only the cycle collector frees them, and CUDA's caching allocator keeps freed blocks until asked to
+    give them back."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def reference_pass(
+    cfg: TrainingConfig, data: TrainingData, ds_config: dict[str, Any], ranks: Ranks, pad_id: int, progress: bool
+) -> torch.Tensor:
+    """S_ref (num_records, K) of ``data``: one pass of ``model.reference`` under ZeRO-3 (no optimizer),
+    sharded over the ranks. The model and its engine live only inside this call and only the tensor
+    leaves it, so once it returns nothing refers to them (``release_memory`` frees them)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+    keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - while it lives, the weights load partitioned
+    model = load_causal_lm(cfg.model.reference or cfg.model.path, torch_dtype(resolve_precision(cfg.train.precision)))
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, LossPath.of(cfg.train)), config=config)
+    try:
+        return compute_reference(
+            engine, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=ranks.rank,
+            world=ranks.world, progress=progress and ranks.main, device=engine.device,
+        )
+    finally:
+        engine.destroy()  # its ZeRO-3 hooks and partitions
+        forget_zero3_module(engine.module)
+
+
+def forget_zero3_module(module: torch.nn.Module) -> None:
+    """Drop the references DeepSpeed's ZeRO-3 keeps to ``module`` in its own module state after
+    ``engine.destroy()`` (DeepSpeed 0.19): the root module stays on its forward stack
+    (``parameter_offload.FWD_MODULE_STACK``), and an ``lru_cache`` on a method of the parameter coordinator
+    holds the coordinator and the submodules it was called with. Without this the model is never freed."""
+    from deepspeed.runtime.zero import parameter_offload
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    stack = getattr(parameter_offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not module]
+    # The cached method is wrapped (by DeepSpeed's NVTX instrumentation) without functools.wraps: the cache
+    # sits in the wrapper's closure. Clearing it only costs the coordinators still alive a recomputation.
+    method = getattr(PartitionedParameterCoordinator, "_PartitionedParameterCoordinator__params_to_release", None)
+    for cell in getattr(method, "__closure__", None) or ():
+        cache_clear = getattr(cell.cell_contents, "cache_clear", None)
+        if cache_clear is not None:
+            cache_clear()
+
+
+def ensure_reference(
+    cfg: TrainingConfig, data: TrainingData, ds_config: dict[str, Any], ranks: Ranks, pad_id: int, progress: bool
+) -> torch.Tensor:
+    """S_ref (num_records, K) for ``data``: from the cache when its key matches, else one sharded pass whose
+    model is freed (CUDA memory included) before this returns, so the policy loads into the room it held."""
+    reference = cfg.model.reference or cfg.model.path
+    key = cache_key(data, model_hash(reference), resolve_precision(cfg.train.precision))
+    directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
+    path = cache_file(directory, key)
+    cached = load_cached(path, data)
+    if cached is not None:
+        if ranks.main:
+            print(f"[dora-engine] reference log-probs: reusing {path}", flush=True)
+        return cached
+    if ranks.main:
+        print(f"[dora-engine] reference log-probs: computing {path} with {reference}", flush=True)
+    ref = reference_pass(cfg, data, ds_config, ranks, pad_id, progress)
+    release_memory()
+    if ranks.local_rank == 0:
+        save_cache(path, ref, key)
+    dist.barrier()
+    return ref
+
+
+def precompute_reference(cfg: TrainingConfig, *, progress: bool = True) -> list[torch.Tensor]:
+    """``dora-engine ref-logps``: fill the reference cache of the train (and eval) data of ``cfg``."""
+    if not cfg.needs_reference:
+        raise TrainingError(f"loss {cfg.loss.name!r} in stage {cfg.stage!r} uses no reference log-probs")
+    data = load_run_data(cfg, progress)
+    ranks = init_distributed(timedelta(minutes=cfg.train.dist_timeout_minutes))
+    ds_config = build_deepspeed_config(cfg, ranks.world)
+    splits = [split for split in (data.train, data.eval) if split is not None]
+    return [ensure_reference(cfg, split, ds_config, ranks, data.pad_id, progress) for split in splits]

@@ -1,0 +1,136 @@
+"""What a run does before its first step, after its data are loaded (docs/design.md sections 6-7):
+remove what interrupted writes left, check the data against the batch sizes, choose and check the
+checkpoint to resume from, and build the policy's DeepSpeed engine. ``Trainer.from_config`` calls these
+in order."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dora_engine.atomic import remove_stale_temporaries
+from dora_engine.errors import TrainingError
+from dora_engine.training.checkpoint import CheckpointManager, check_resumable, written_world_size
+from dora_engine.training.config import TrainingConfig
+from dora_engine.training.data import Sampler
+from dora_engine.training.dsconfig import torch_dtype
+from dora_engine.training.loading import RunData, data_cache_dir
+from dora_engine.training.model import LossPath, PolicyLoss, load_causal_lm
+from dora_engine.training.optim import build_optimizer, build_schedule
+from dora_engine.training.process_group import Ranks
+
+SHARED_TEMPORARY_AGE_S = 600.0  # a temporary in a folder other runs may share is stale after this long
+
+
+def say(ranks: Ranks, message: str) -> None:
+    """A progress line, printed once (rank 0)."""
+    if ranks.main:
+        print(f"[dora-engine] {message}", flush=True)
+
+
+def remove_run_temporaries(cfg: TrainingConfig) -> None:
+    """Remove what killed writes of an earlier run left under our temporary names (``dora_engine.atomic``):
+    everything in the run's own folders, only old ones in a cache other runs may share (section 7.4)."""
+    output_dir = Path(cfg.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    folders = [(output_dir, 0.0), (checkpoints, 0.0)]
+    if checkpoints.is_dir():
+        folders += [(p, 0.0) for p in checkpoints.iterdir() if p.is_dir()]
+    if cfg.data.ref_cache_dir:
+        folders.append((Path(cfg.data.ref_cache_dir), SHARED_TEMPORARY_AGE_S))
+    else:
+        folders.append((output_dir / "ref_cache", 0.0))
+    # Tokenised data: other ranks of this run may be building there already, and other runs may share it.
+    folders.append((data_cache_dir(cfg), SHARED_TEMPORARY_AGE_S))
+    removed = [p for folder, age in folders for p in remove_stale_temporaries(folder, older_than_s=age)]
+    if removed and os.environ.get("RANK", "0") == "0":
+        names = ", ".join(str(p) for p in removed[:3]) + (f" and {len(removed) - 3} more" if removed[3:] else "")
+        print(f"[dora-engine] removed {len(removed)} temporary file(s) of interrupted writes: {names}", flush=True)
+
+
+def check_sizes(cfg: TrainingConfig, data: RunData, sampler: Sampler, world: int) -> None:
+    """Enough data for one optimizer step and, with data.eval, one evaluation batch."""
+    if sampler.steps_per_epoch == 0:
+        raise TrainingError(
+            f"data.train has {len(data.train)} examples, fewer than one optimizer step uses "
+            f"(train.micro_batch_prompts × world size × train.grad_accum_steps = {sampler.prompts_per_step})"
+        )
+    per_eval = cfg.train.micro_batch_prompts * world
+    if data.eval is not None and len(data.eval) < per_eval:
+        raise TrainingError(
+            f"data.eval has {len(data.eval)} examples, fewer than one evaluation batch "
+            f"(train.micro_batch_prompts × world size = {per_eval})"
+        )
+
+
+def choose_checkpoint(cfg: TrainingConfig, checkpoints: CheckpointManager, ranks: Ranks) -> str | None:
+    """The verified checkpoint tag to resume from (None: a fresh start), checked against this run's
+    world size and config before anything heavy starts (section 7.5)."""
+    wanted = cfg.checkpoint.resume
+    if wanted is None:
+        return None
+    chosen = checkpoints.choose(wanted, lambda message: say(ranks, message))
+    if chosen is None:
+        say(ranks, f"no checkpoint in {checkpoints.directory}; starting from step 0")
+        return None
+    tag, meta = chosen
+    path = checkpoints.directory / tag
+    written = written_world_size(path, meta)
+    if written != ranks.world:
+        raise TrainingError(
+            f"checkpoint {path} was written by {written} rank(s) and this run has {ranks.world}; ZeRO-3 keeps "
+            f"one optimizer shard per rank, so resume it with {written} rank(s) (dora-engine train --num-procs "
+            f"{written}, or deepspeed --num_gpus {written})"
+        )
+    if isinstance(meta.get("config"), dict):
+        check_resumable(tag, meta["config"], cfg.to_dict())
+    return tag
+
+
+def build_policy_engine(
+    cfg: TrainingConfig, ds_config: dict[str, Any], precision: str, total_steps: int
+) -> tuple[Any, Any, Any]:
+    """The policy (``PolicyLoss`` around the model, LoRA-wrapped when enabled) under DeepSpeed ZeRO-3, with
+    the run's optimizer and schedule; returns (engine, lr scheduler, the ``HfDeepSpeedConfig`` to keep)."""
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # While this object lives, from_pretrained partitions the weights across ranks as it loads them.
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    model = load_causal_lm(
+        cfg.model.path, torch_dtype(precision), gradient_checkpointing=cfg.train.gradient_checkpointing
+    )
+    if cfg.lora.enabled:
+        from dora_engine.training.model import add_lora
+
+        model = add_lora(model, cfg.lora)
+    module = PolicyLoss(model, cfg.objective, stage=cfg.stage, path=LossPath.of(cfg.train))
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = None if "optimizer" in ds_config else build_optimizer(params, cfg.train)
+
+    def scheduler(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return build_schedule(opt, cfg.train, total_steps)
+
+    engine, _, _, lr_scheduler = deepspeed.initialize(
+        model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
+    )
+    return engine, lr_scheduler, hf_ds_config
+
+
+def offload_summary(engine: Any) -> str | None:
+    """What the built ZeRO-3 optimizer offloads and where, e.g. ``optimizer state to cpu, parameters to cpu``
+    (read from the optimizer DeepSpeed made, which is what runs, rather than from the config); None
+    when nothing is offloaded."""
+    optimizer = getattr(engine, "optimizer", None)
+    parts = []
+    for flag, what, config in (
+        ("offload_optimizer", "optimizer state", engine.zero_offload_optimizer()),
+        ("offload_param", "parameters", engine.zero_offload_param()),
+    ):
+        if getattr(optimizer, flag, False):
+            device = getattr(config, "device", "cpu")
+            parts.append(f"{what} to {getattr(device, 'value', device)}")
+    return ", ".join(parts) or None
