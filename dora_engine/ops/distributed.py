@@ -16,20 +16,20 @@ def _sizes(local: int, group: dist.ProcessGroup | None, device: torch.device) ->
     mine = torch.tensor([local], dtype=torch.int64, device=device)
     every = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(every, mine, group=group)
-    return [int(x) for x in every]
+    return torch.cat(every).tolist()  # one host read for all ranks' sizes
 
 
 def gather_uneven(x: torch.Tensor, group: dist.ProcessGroup | None) -> tuple[torch.Tensor, int, int]:
-    """All-gather 1-D ``x`` (sizes may differ by rank). Returns (global, offset of this rank, world)."""
+    """All-gather ``x`` of shape (n,) or (C, n) along its last dimension (n may differ by rank). Returns
+    (global, offset of this rank, world)."""
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    sizes = _sizes(x.numel(), group, x.device)
-    largest = max(sizes)
-    padded = torch.zeros(largest, dtype=x.dtype, device=x.device)
-    padded[: x.numel()] = x
+    sizes = _sizes(x.shape[-1], group, x.device)
+    padded = torch.zeros(*x.shape[:-1], max(sizes), dtype=x.dtype, device=x.device)
+    padded[..., : x.shape[-1]] = x
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    full = torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+    full = torch.cat([p[..., :n] for p, n in zip(parts, sizes, strict=True)], dim=-1)
     return full, sum(sizes[:rank]), world
 
 

@@ -29,8 +29,12 @@ def robust_reduce(
     returning this rank's slice of the weights and of ∂L/∂ℓ (the latter × world size)."""
     if process_group is None:
         return _kernels.robust_reduce(ell, h, code, lam)
-    ell_all, offset, world = gather_uneven(ell, process_group)
-    h_all = None if h is None else gather_uneven(h, process_group)[0]
+    if h is None:
+        ell_all, offset, world = gather_uneven(ell, process_group)
+        h_all = None
+    else:  # one exchange for both (``robust_loss`` gives them one dtype)
+        both, offset, world = gather_uneven(torch.stack([ell, h]), process_group)
+        ell_all, h_all = both[0], both[1]
     loss, weights, grad = _kernels.robust_reduce(ell_all, h_all, code, lam)
     mine = slice(offset, offset + ell.numel())
     return loss, weights[mine], grad[mine] * world
