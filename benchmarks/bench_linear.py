@@ -12,11 +12,14 @@ Methods:
   gemms3, gemms4    the bare GEMMs of single_pass / recompute on the same chunks: the physical floor
   liger_simpo       Liger-Kernel's chunked SimPO loss (K = 2; needs liger_kernel, CUDA); compare with
                     ``--loss simpo --strategy erm``, the same objective
+  liger_dpo         Liger-Kernel's chunked DPO loss (K = 2) without its in-loss reference model, as ours takes
+                    precomputed reference log-probs; compare with ``--loss dpo --strategy erm``
 
 Examples (figures go to benchmarks/RESULTS.md):
   python benchmarks/bench_linear.py --preset cpu      # fp32, V=32000, H=1024, T=512, N=32 (B=8, K=4)
   python benchmarks/bench_linear.py --preset gpu      # bf16, V=128256, H=4096, T=2048, N=16 (B=4, K=4)
   python benchmarks/bench_linear.py --preset liger    # Liger's setting: bf16, T=1024, N=16 (B=8, K=2), simpo
+  python benchmarks/bench_linear.py --preset liger_dpo  # the same point, dpo
 """
 
 from __future__ import annotations
@@ -32,7 +35,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-METHODS = ("single_pass", "recompute", "logits_fused", "logits_reference", "gemms3", "gemms4", "liger_simpo")
+METHODS = ("single_pass", "recompute", "logits_fused", "logits_reference", "gemms3", "gemms4", "liger_simpo",
+           "liger_dpo")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,11 @@ PRESETS = {
         Point(device="cuda", dtype="bfloat16", V=128256, H=4096, T=1024, B=8, K=2, loss="simpo", strategy="erm",
               repeats=3),
         ("single_pass", "recompute", "logits_fused", "gemms3", "liger_simpo"),
+    ),
+    "liger_dpo": (
+        Point(device="cuda", dtype="bfloat16", V=128256, H=4096, T=1024, B=8, K=2, loss="dpo", strategy="erm",
+              repeats=3),
+        ("single_pass", "recompute", "logits_fused", "gemms3", "liger_dpo"),
     ),
 }
 
@@ -107,16 +116,28 @@ def _gemms(x: dict, p: Point, count: int) -> None:
         del z
 
 
+def _liger(x: dict, p: Point, loss_fn: torch.nn.Module) -> None:
+    """Liger's chunked pairwise loss on the same rows: it stacks all chosen rows, then all rejected rows;
+    here row b·K + k, response 0 the chosen one."""
+    if p.K != 2:
+        raise ValueError("Liger's pairwise losses compare two responses: use K = 2")
+    order = torch.cat([torch.arange(0, p.B * 2, 2), torch.arange(1, p.B * 2, 2)]).to(p.device)
+    out = loss_fn(x["weight"], x["hidden"][order], x["labels"][order])
+    (out[0] if isinstance(out, tuple) else out).backward()
+
+
 def _liger_simpo(x: dict, p: Point) -> None:
     from liger_kernel.chunked_loss import LigerFusedLinearSimPOLoss
 
-    if p.K != 2:
-        raise ValueError("Liger's SimPO compares two responses: use K = 2")
-    # Liger stacks all chosen rows, then all rejected rows; here row b·K + k, response 0 the chosen one.
-    order = torch.cat([torch.arange(0, p.B * 2, 2), torch.arange(1, p.B * 2, 2)]).to(p.device)
-    loss_fn = LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.8, compute_nll_loss=False)
-    out = loss_fn(x["weight"], x["hidden"][order], x["labels"][order])
-    (out[0] if isinstance(out, tuple) else out).backward()
+    _liger(x, p, LigerFusedLinearSimPOLoss(beta=2.0, gamma=0.8, compute_nll_loss=False))
+
+
+def _liger_dpo(x: dict, p: Point) -> None:
+    from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+    # use_ref_model=False: no reference GEMM inside the loss, like ours with precomputed S_ref (the
+    # subtraction of S_ref is the only work this leaves out).
+    _liger(x, p, LigerFusedLinearDPOLoss(beta=0.1, compute_nll_loss=False, use_ref_model=False))
 
 
 def run_method(method: str, x: dict, p: Point) -> None:
@@ -133,6 +154,8 @@ def run_method(method: str, x: dict, p: Point) -> None:
         return _gemms(x, p, int(method[-1]))
     elif method == "liger_simpo":
         return _liger_simpo(x, p)
+    elif method == "liger_dpo":
+        return _liger_dpo(x, p)
     else:
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     out.loss.backward()

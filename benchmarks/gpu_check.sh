@@ -33,6 +33,8 @@
 #   bench_linear_gpu     the fused-linear targets (bench_linear.py --preset gpu, best of 2)
 #   bench_linear_liger   Liger-Kernel's setting (--preset liger), with Liger's chunked loss beside ours
 #                        when liger_kernel imports (its wheel is optional in gpu_wheels.txt)
+#   bench_linear_liger_dpo  the same point with DPO: ours (single_pass) beside Liger's fused-linear DPO
+#                        (optional; only when liger_kernel imports)
 #   bench_grid           as much of the full CUDA grid as GRID_BUDGET_S allows (optional)
 # The whole check stays within TOTAL_BUDGET_S (default 470 s, under 8 minutes): each step gets at most the
 # time left, and one that no longer fits is reported as skipped. Exit code 0 only if every step passed;
@@ -180,6 +182,10 @@ liger_methods=single_pass,recompute,logits_fused,gemms3
 if "$PY" -c "import liger_kernel" 2>/dev/null; then liger_methods="$liger_methods,liger_simpo"; fi
 run_step bench_linear_liger 100 "$PY" benchmarks/bench_linear.py --preset liger --loss simpo --strategy erm \
     --repeats 2 --methods "$liger_methods" --out "$LOGS/bench_linear_liger.json"
+if "$PY" -c "import liger_kernel" 2>/dev/null; then
+    optional=1 run_step bench_linear_liger_dpo 80 "$PY" benchmarks/bench_linear.py --preset liger_dpo --repeats 2 \
+        --methods single_pass,liger_dpo --out "$LOGS/bench_linear_liger_dpo.json"
+fi
 optional=1 run_step bench_grid $((GRID_BUDGET_S + 45)) "$PY" benchmarks/bench_op.py --device cuda \
     --time-budget "$GRID_BUDGET_S" --out "$LOGS/bench_grid"
 say "total: $((TOTAL_BUDGET_S - (deadline - $(date +%s)))) s of $TOTAL_BUDGET_S s; $([ "$status" -eq 0 ] && echo \
