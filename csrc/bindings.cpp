@@ -1,6 +1,8 @@
 // Registers the DoRA ops (docs/design.md section 5) as torch.ops.dora_engine.* with CPU and CUDA kernels.
 //
-//   seq_logprobs_fwd   row pass (1): S, L (N,) and the per-token log-sum-exp lse (N, T)
+//   seq_logprobs_fwd   row pass (1): S, L (N,) and the per-token log-sum-exp lse (N, T, 2), kept as the pair
+//                      (row max m, log Σ e^(z − m)) so that the backward is exact at any magnitude
+//                      (dora_math.h's RowNormaliser)
 //   seq_logprobs_bwd   row pass (3): dz = gS[n]·(onehot(y) − softmax(z)) into a new tensor
 //   seq_logprobs_bwd_  the same, written over the logits (which the caller no longer needs)
 //   prompt_loss        stage (2a): ℓ (B,) and ∂ℓ_b/∂S_n (N,)
@@ -63,7 +65,9 @@ void check_rowpass_backward_inputs(const at::Tensor& logits, const at::Tensor& l
                                    const at::Tensor& gS) {
   check_rowpass_inputs(logits, labels);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(lse.sizes() == labels.sizes(), "lse must have shape ", labels.sizes(), " (N, T), got ", lse.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == labels.size(0) && lse.size(1) == labels.size(1) && lse.size(2) == 2,
+              "lse must have shape (", labels.size(0), ", ", labels.size(1), ", 2) (N, T, (m, log s)), got ",
+              lse.sizes());
   TORCH_CHECK(lse.scalar_type() == acc, "lse must have dtype ", acc, ", got ", lse.scalar_type());
   check_same_device(lse, "lse", logits);
   TORCH_CHECK(gS.dim() == 1 && gS.size(0) == logits.size(0), "gS must have shape (", logits.size(0),

@@ -95,17 +95,19 @@ void forward_rows(const scalar_t* z, const Rows& rows, const int64_t* y, int64_t
     for (int64_t r = begin; r < end; ++r) {
       const int64_t label = y[r];
       if (label == ignore_index) {
-        lse[r] = 0;
+        RowNormaliser<acc_t>{0, 0}.store(lse, r);
         lp[r] = 0;
         continue;
       }
       if (!label_in_vocabulary(label, V)) {  // unchecked input: a NaN row (dora_math.h)
-        lse[r] = lp[r] = std::numeric_limits<acc_t>::quiet_NaN();
+        constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+        RowNormaliser<acc_t>{kNaN, kNaN}.store(lse, r);
+        lp[r] = kNaN;
         continue;
       }
       const scalar_t* row = z + rows.offset(r);
       const OnlineLse<acc_t> state = row_lse_state<scalar_t, acc_t>(row, V);
-      lse[r] = state.logsumexp(NaturalUnits{});
+      RowNormaliser<acc_t>::of(state, NaturalUnits{}).store(lse, r);
       lp[r] = state.log_prob(static_cast<acc_t>(row[label]), NaturalUnits{});
     }
   });
@@ -122,8 +124,9 @@ void forward_rows(const scalar_t* z, const Rows& rows, const int64_t* y, int64_t
   });
 }
 
-// out[n, t, :] = gS[n]·(onehot(y) − softmax(z[n, t, :])); zero rows at ignored tokens, NaN rows at labels
-// outside [0, V). out may be z (same rows).
+// out[n, t, :] = gS[n]·(onehot(y) − softmax(z[n, t, :])) with softmax = e^((z − m) − log s) from the saved
+// normaliser (RowNormaliser); zero rows at ignored tokens, NaN rows at labels outside [0, V). out may be z
+// (same rows).
 template <typename scalar_t>
 void backward_rows(const scalar_t* z, const Rows& in, scalar_t* out, const Rows& out_rows, const int64_t* y,
                    const acc_type<scalar_t>* lse, const acc_type<scalar_t>* gS, int64_t ignore_index) {
@@ -141,19 +144,22 @@ void backward_rows(const scalar_t* z, const Rows& in, scalar_t* out, const Rows&
       const bool in_vocabulary = label_in_vocabulary(label, V);
       const scalar_t* row = z + in.offset(r);
       const acc_t g = gS[r / T];
-      const acc_t shift = in_vocabulary ? lse[r] : std::numeric_limits<acc_t>::quiet_NaN();
+      constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+      const RowNormaliser<acc_t> norm =
+          in_vocabulary ? RowNormaliser<acc_t>::load(lse, r) : RowNormaliser<acc_t>{kNaN, kNaN};
+      const acc_t m = norm.m, log_s = norm.log_s;
       // The label's entry in the accumulation dtype before the cast (bf16 would cancel), read before the
       // row is overwritten.
-      const acc_t target = in_vocabulary ? label_gradient(g, static_cast<acc_t>(row[label]), shift) : shift;
+      const acc_t target = in_vocabulary ? norm.label_gradient(g, static_cast<acc_t>(row[label])) : kNaN;
       for (int64_t c = 0; c < V; c += kChunk) {
         const int64_t n = std::min(kChunk, V - c);
         const acc_t* x = widen(row + c, n, buffer);
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) dst[c + i] = -g * exp_acc(x[i] - shift);
+          for (int64_t i = 0; i < n; ++i) dst[c + i] = -g * exp_acc((x[i] - m) - log_s);
         } else {
 #pragma omp simd
-          for (int64_t i = 0; i < n; ++i) buffer[i] = -g * exp_acc(x[i] - shift);
+          for (int64_t i = 0; i < n; ++i) buffer[i] = -g * exp_acc((x[i] - m) - log_s);
           for (int64_t i = 0; i < n; ++i) dst[c + i] = static_cast<scalar_t>(buffer[i]);
         }
       }
@@ -185,7 +191,7 @@ TensorTriple seq_logprobs_fwd_cpu(const at::Tensor& logits_in, const at::Tensor&
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor S = at::empty({N}, logits.options().dtype(acc));
   at::Tensor L = at::empty({N}, logits.options().dtype(acc));
-  at::Tensor lse = at::empty({N, T}, logits.options().dtype(acc));
+  at::Tensor lse = at::empty({N, T, 2}, logits.options().dtype(acc));  // RowNormaliser (m, log s) per token
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "seq_logprobs_fwd_cpu", [&] {
     using acc_t = acc_type<scalar_t>;
     forward_rows<scalar_t>(logits.data_ptr<scalar_t>(), rows_of(logits), labels.data_ptr<int64_t>(), ignore_index,

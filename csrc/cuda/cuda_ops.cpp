@@ -74,7 +74,8 @@ TensorTriple seq_logprobs_fwd_cuda(const at::Tensor& logits_in, const at::Tensor
   const int64_t N = logits.size(0), T = logits.size(1);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto options = logits.options().dtype(acc);
-  at::Tensor S = at::empty({N}, options), L = at::empty({N}, options), lse = at::empty({N, T}, options);
+  at::Tensor S = at::empty({N}, options), L = at::empty({N}, options);
+  at::Tensor lse = at::empty({N, T, 2}, options);  // RowNormaliser (m, log s) per token
   const cuda::RowShape shape = row_shape(logits, ignore_index);
   at::Tensor partial = at::empty({2 * N * T * shape.splits}, options);  // (max, sum) per row and split
   check_launch(cuda::seq_logprobs_fwd(dtype_of(logits), logits.data_ptr(), labels.data_ptr<int64_t>(), shape,

@@ -28,7 +28,8 @@ struct RowShape {
 // (about four waves of blocks) and the rows are long enough to split. Depends on the current device.
 int row_splits(DType dtype, const RowShape& shape);
 
-// Forward row pass: lse (N, T) and S, L (N,) in acc; `partial` holds 2·N·T·shape.splits acc values.
+// Forward row pass: lse (N, T, 2) (each token's RowNormaliser (m, log s), dora_math.h) and S, L (N,) in
+// acc; `partial` holds 2·N·T·shape.splits acc values.
 // A label outside [0, V) that is not ignore_index (unchecked input) gives NaN for its row's lse and S.
 cudaError_t seq_logprobs_fwd(DType dtype, const void* logits, const int64_t* labels, RowShape shape, void* lse,
                              void* partial, void* S, void* L, cudaStream_t stream);

@@ -6,7 +6,7 @@
 // the row's ends and are then read value by value. Each thread loads kUnroll packs into registers before
 // using any of them (kUnroll·16 bytes in flight), folds their maximum into an online (max, Σ exp) pair
 // once, then adds one exponential per value. In fp32 the exponential is 2^u by the flush-to-zero ex2
-// instruction, u = (x − m)·log2 e as one FMA and one add (dora_math.h's Shift).
+// instruction, u = (x − m)·log2 e as one subtraction and one FMA (dora_math.h's Shift).
 //
 // When N·T rows are too few to fill the GPU, `splits` blocks share a row, each over a contiguous range
 // of its packs. The forward writes one partial (max, sum) pair per block; a second kernel merges a row's
@@ -81,15 +81,13 @@ __device__ __forceinline__ float exp2_ftz(float u) {
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Base-2 units: the exponent of x against m is fma(x, log2e, −hi) − lo = (x − m)·log2 e, one FMA and one
-// add per value (Shift in dora_math.h: hi + lo is m·log2 e without its rounding).
+// Base-2 units: the exponent of x against m + lo is fma(x − m, log2e, −lo) = (x − m)·log2 e − lo, one
+// subtraction and one FMA per value (Shift in dora_math.h); lo is 0, or the backward's log s·log2 e.
 struct Base2Units {
-  __device__ __forceinline__ Shift<float> shift_of(float m) const {
-    const float hi = m * kLog2e;
-    return {hi, fmaf(m, kLog2e, -hi)};
-  }
+  __device__ __forceinline__ Shift<float> shift_of(float m) const { return {m, 0.0f}; }
+  __device__ __forceinline__ Shift<float> shift_of(float m, float log_s) const { return {m, log_s * kLog2e}; }
   __device__ __forceinline__ float exp_from(float x, Shift<float> shift) const {
-    return exp2_ftz(fmaf(x, kLog2e, -shift.hi) - shift.lo);
+    return exp2_ftz(fmaf(x - shift.hi, kLog2e, -shift.lo));
   }
   __device__ __forceinline__ float log(float s) const { return log2f(s) * kLn2; }
 };
@@ -320,8 +318,9 @@ __global__ void __launch_bounds__(kRowThreads, kForwardMinBlocks<scalar_t>)
   }
 }
 
-// (1) Forward, second kernel, one block per sequence n: each token's log-sum-exp from its rows' partial
-// pairs (merged in split order), then S[n] = Σ_t lp[n, t] and L[n] = #{t: labels[n, t] ≠ ignore_index}.
+// (1) Forward, second kernel, one block per sequence n: each token's log-sum-exp (m, log s) from its rows'
+// partial pairs (merged in split order), then S[n] = Σ_t lp[n, t] and
+// L[n] = #{t: labels[n, t] ≠ ignore_index}.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads)
     finish_rows(const scalar_t* __restrict__ z, const int64_t* __restrict__ labels, RowShape s,
@@ -338,12 +337,12 @@ __global__ void __launch_bounds__(kRowThreads)
     const int64_t r = n * s.T + t;
     const int64_t label = labels[r];
     if (label == s.ignore_index) {
-      lse[r] = acc_t(0);
+      RowNormaliser<acc_t>{acc_t(0), acc_t(0)}.store(lse, r);
       continue;
     }
     count += acc_t(1);
     if (!label_in_vocabulary(label, s.V)) {
-      lse[r] = acc_t(NAN);
+      RowNormaliser<acc_t>{acc_t(NAN), acc_t(NAN)}.store(lse, r);
       total += acc_t(NAN);
       continue;
     }
@@ -351,7 +350,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int i = 0; i < s.splits; ++i) {
       state.merge(partial_m[r * s.splits + i], partial_s[r * s.splits + i], Units{});
     }
-    lse[r] = state.logsumexp(Units{});
+    RowNormaliser<acc_t>::of(state, Units{}).store(lse, r);
     total += state.log_prob(widen(row_at(z, r, s.T, s.stride_n, s.stride_t)[label]), Units{});
   }
   total = block_all_reduce<kRowThreads>(total, acc_t(0), shared, SumOp{});
@@ -380,9 +379,10 @@ __device__ __forceinline__ void narrow_pack<__half, float, 8>(Pack<__half>& out,
 }
 
 // (3) Backward: block (r, split) writes its packs of grad row r, dz = g·(onehot(y) − p) with
-// p = E(x − lse); the label's value is label_gradient (−g·expm1(z_y − lse)), formed by the thread that
-// loaded z_y before any store, so the pass may write over its own input (grad == z). Packs follow the
-// output row's alignment; the input is read by packs too when its row has the same alignment.
+// p = E((x − m) − log s) from the saved RowNormaliser; the label's value is its label_gradient
+// (−g·expm1((z_y − m) − log s)), formed by the thread that loaded z_y before any store, so the pass may
+// write over its own input (grad == z). Packs follow the output row's alignment; the input is read by
+// packs too when its row has the same alignment.
 template <typename scalar_t>
 __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
     backward_rows(const scalar_t* z, scalar_t* grad, int64_t grad_stride_n, int64_t grad_stride_t,
@@ -409,8 +409,9 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
   const bool vector_loads = ip.vector && op.vector && ip.lead == op.lead;
   const bool in_vocabulary = label_in_vocabulary(label, s.V);
   const acc_t g = gS[task.r / s.T];
-  const acc_t row_lse = in_vocabulary ? lse[task.r] : acc_t(NAN);  // NaN: a NaN row, see dora_math.h
-  const Shift<acc_t> shift = Units{}.shift_of(row_lse);
+  const RowNormaliser<acc_t> norm =  // NaN: a NaN row, see dora_math.h
+      in_vocabulary ? RowNormaliser<acc_t>::load(lse, task.r) : RowNormaliser<acc_t>{acc_t(NAN), acc_t(NAN)};
+  const Shift<acc_t> shift = norm.shift(Units{});
   const acc_t minus_g = -g;
   const scalar_t fill = narrow<scalar_t>(acc_t(0));
   for (int64_t k = range.begin + threadIdx.x; k < range.end; k += kStep) {
@@ -426,7 +427,7 @@ __global__ void __launch_bounds__(kRowThreads, kRowMinBlocks)
       if (in_vocabulary && label >= first && label < first + W) {  // the label's pack: one per row
 #pragma unroll
         for (int j = 0; j < W; ++j) {
-          if (first + j == label) dz[j] = label_gradient(g, widen(p[u].v[j]), row_lse);
+          if (first + j == label) dz[j] = norm.label_gradient(g, widen(p[u].v[j]));
         }
       }
       Pack<scalar_t> result;

@@ -99,24 +99,28 @@ DORA_HD T sigmoid(T x) {
 DORA_HD float fmax_(float a, float b) { return fmaxf(a, b); }
 DORA_HD double fmax_(double a, double b) { return fmax(a, b); }
 
-// A reference value m in the units of a row pass's exponential, as an unevaluated sum hi + lo: the
-// exponent of a value x against it is x·k − hi − lo, k the units' scale. In natural units (k = 1) lo = 0;
-// in base 2 (the CUDA fp32 kernels, k = log2 e) hi is m·k rounded and lo what that rounding took away,
-// so that the exponent is the difference (x − m)·k however large m is: the rounded m·k alone is off by
-// up to half its ulp (512 at |m| = 1e10), a factor up to 2^512 in every term.
+// The reference a row pass takes its exponentials against: the unevaluated sum m + lo of a value m of the
+// row (its maximum, exact at any magnitude) and a small lo in the units of the exponential (0 in the
+// forward; the backward's log s, the sum's log, converted to the units). The exponent of a value x is
+// (x − m)·k − lo, k the units' scale: the difference first, exact whenever x is within a factor 2 of m, so
+// the exponent keeps its digits however large m is (m·k rounded alone is off by up to half its ulp, 512
+// at |m| = 1e10, a factor up to 2^512 in every term; m + log s rounded, by a factor up to e^(ulp/2)).
 template <typename T>
 struct Shift {
   T hi, lo;
 };
 
-// The units of a row pass's exponential: shift_of(m) is a reference in them, exp_from(x, shift) the
-// exponential of x against it, log(s) the natural log of a sum of such exponentials.
-// Natural units: e^(x − m). (The CUDA fp32 kernels use 2^((x − m)·log2 e) instead.)
+// The units of a row pass's exponential: shift_of(m) is a reference in them, shift_of(m, log_s) the
+// reference m + log_s (log_s natural: the backward's normaliser), exp_from(x, shift) the exponential of x
+// against a reference, log(s) the natural log of a sum of such exponentials.
+// Natural units (k = 1): e^((x − m) − lo). (The CUDA fp32 kernels use base 2, k = log2 e, instead.)
 struct NaturalUnits {
   template <typename T>
   DORA_HD Shift<T> shift_of(T m) const { return {m, T(0)}; }
   template <typename T>
-  DORA_HD T exp_from(T x, Shift<T> shift) const { return exp_(x - shift.hi); }
+  DORA_HD Shift<T> shift_of(T m, T log_s) const { return {m, log_s}; }
+  template <typename T>
+  DORA_HD T exp_from(T x, Shift<T> shift) const { return exp_((x - shift.hi) - shift.lo); }
   template <typename T>
   DORA_HD T log(T s) const { return log_(s); }
 };
@@ -159,11 +163,6 @@ struct OnlineLse {
     m = next;
   }
 
-  // log Σ e^u over the values seen, m + log s, rounded once more: the per-token lse the backward reads.
-  DORA_HD_TEMPLATE_CALLS_DEVICE
-  template <typename Units>
-  DORA_HD T logsumexp(const Units& units) const { return m + units.log(s); }
-
   // The log-probability of the value z among the row's values, (z − m) − log s: differences first, so that
   // it keeps its digits at any magnitude of the row (z − lse would lose up to half an ulp of lse).
   DORA_HD_TEMPLATE_CALLS_DEVICE
@@ -171,10 +170,36 @@ struct OnlineLse {
   DORA_HD T log_prob(T z, const Units& units) const { return (z - m) - units.log(s); }
 };
 
-// The label's entry of the backward row pass, g·(1 − p_y) with p_y = exp(z_y − lse), formed as
-// −g·expm1(z_y − lse) so that it keeps its precision as p_y → 1.
+// A token row's log-sum-exp as the forward saves it for the backward: the unevaluated sum m + log_s of the
+// row's maximum m, exact (it is one of the row's values, and bf16/fp16/fp32 values are fp32 values) and the
+// natural log of s = Σ e^(z − m) ∈ [1, V], which keeps its relative precision. So the backward's
+// p = e^((z − m) − log_s) is the softmax to the accumulation dtype's rounding at any magnitude of the row:
+// a single rounded m + log s would put a factor up to e^(spacing(lse)/2) on every p (1 ± 5e-4 at |lse| = 1e4
+// in fp32, beyond e^500 at 1e10). Stored as two consecutive values per token: lse (N, T, 2).
 template <typename T>
-DORA_HD T label_gradient(T g, T z_y, T lse) { return -g * expm1_(z_y - lse); }
+struct RowNormaliser {
+  T m, log_s;
+
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD static RowNormaliser of(const OnlineLse<T>& state, const Units& units) {
+    return {state.m, units.log(state.s)};
+  }
+  DORA_HD static RowNormaliser load(const T* lse, int64_t r) { return {lse[2 * r], lse[2 * r + 1]}; }
+  DORA_HD void store(T* lse, int64_t r) const {
+    lse[2 * r] = m;
+    lse[2 * r + 1] = log_s;
+  }
+
+  // The reference to take the backward's exponentials against: p = units.exp_from(z, shift(units)).
+  DORA_HD_TEMPLATE_CALLS_DEVICE
+  template <typename Units>
+  DORA_HD Shift<T> shift(const Units& units) const { return units.shift_of(m, log_s); }
+
+  // The label's entry of the backward row pass, g·(1 − p_y) with p_y = exp((z_y − m) − log_s), formed as
+  // −g·expm1((z_y − m) − log_s) so that it keeps its precision as p_y → 1.
+  DORA_HD T label_gradient(T g, T z_y) const { return -g * expm1_((z_y - m) - log_s); }
+};
 
 // An unchecked label outside [0, V) that is not ignore_index (validate=False) gives its row a NaN
 // log-sum-exp, hence a NaN token log-prob and S, and a NaN gradient row; nothing outside the row is read.

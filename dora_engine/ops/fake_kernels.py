@@ -15,7 +15,8 @@ from dora_engine.ops.validation import accumulation_dtype
 def _seq_logprobs_fwd(logits, labels, ignore_index):
     N, T, _ = logits.shape
     acc = accumulation_dtype(logits.dtype)
-    return logits.new_empty(N, dtype=acc), logits.new_empty(N, dtype=acc), logits.new_empty(N, T, dtype=acc)
+    # lse: each token's (row max m, log Σ e^(z − m)), csrc/include/dora_math.h's RowNormaliser
+    return logits.new_empty(N, dtype=acc), logits.new_empty(N, dtype=acc), logits.new_empty(N, T, 2, dtype=acc)
 
 
 @torch.library.register_fake("dora_engine::seq_logprobs_bwd")

@@ -5,7 +5,9 @@ the extension (``builder.load_ops``) and raises ``OpLoadError`` when it cannot; 
 tensors on a device the extension has no kernels for (``builder.check_kernels_for``, which the front door
 calls before choosing this backend). The ``"auto"`` backend turns either into one warning and the reference.
 
-Row pass: forward gives S, L and the per-token log-sum-exp; backward is dz = g[n]·(onehot(y) − softmax(z)).
+Row pass: forward gives S, L and the per-token log-sum-exp, saved as the pair (row max m, log Σ e^(z − m))
+(N, T, 2) so that the backward's softmax is exact at any magnitude of the logits; backward is
+dz = g[n]·(onehot(y) − softmax(z)).
 The kernels take any row strides with a unit stride over the vocabulary, so the logits, or a view such as
 ``logits[:, :-1]``, are read in place and saved for backward as they are: nothing is copied (only a view
 whose vocabulary dimension is strided is copied, once, by the kernels). The backward allocates one N×T×V

@@ -264,7 +264,7 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
         acc = accumulation_dtype(hidden.dtype)
         x, y = hidden.reshape(N * T, H), labels.reshape(N * T, 1)
         token_lp = hidden.new_empty(N * T, dtype=acc)
-        lse = hidden.new_empty(N * T, 1, dtype=acc)
+        lse = hidden.new_empty(N * T, 1, 2, dtype=acc)  # (m, log s) per token: seq_logprobs_fwd's lse
         per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], hidden.element_size())
         buffer = hidden.new_empty(min(N * T, per_chunk), weight.shape[0])
         for t0, t1 in spans(N * T, per_chunk):
