@@ -39,8 +39,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dora_engine.data.schema import Prompt, Record, RecordError, Response, iter_jsonl
+from dora_engine.data.schema import Record, RecordError, Response, iter_jsonl
 from dora_engine.errors import UserValueError
+from dora_engine.prompt import Prompt
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
