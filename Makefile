@@ -1,7 +1,7 @@
 PYTHON ?= python3
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
 
-.PHONY: install test lint pytest cuda-compile
+.PHONY: install test lint pytest cuda-compile config-docs
 
 # Installs the package with its test tools (torch must already be present: see README).
 install:
@@ -12,6 +12,10 @@ lint:
 
 pytest:
 	$(PYTHON) -m pytest
+
+# Rewrites launch/README.md's table of config keys from the fields' help in dora_engine/training/config.py.
+config-docs:
+	$(PYTHON) -m dora_engine.training.config_docs
 
 # Compiles every CUDA kernel file alone (no torch headers) for sm_80 and sm_90; skipped without nvcc.
 CUDA_GENCODE = -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90

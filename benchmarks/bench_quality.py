@@ -54,14 +54,13 @@ import torch
 
 from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record, Response
-from dora_engine.data.sharded import derived_seed
 from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
 from dora_engine.eval.winrate import golden_response
-from dora_engine.generation import EVALUATION_SAMPLING, sample_texts
+from dora_engine.generation import EVALUATION_SAMPLING, derived_seed, sample_texts
 from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
 from dora_engine.training.data import ALL_SOURCES, Sampler, TrainingData, collate, row_tokenizer, tokenise
 from dora_engine.training.model import LossPath, PolicyLoss, ReferenceLogps

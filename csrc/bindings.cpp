@@ -6,8 +6,8 @@
 //   seq_logprobs_bwd   row pass (3): dz = gS[n]·(onehot(y) − softmax(z)) into a new tensor
 //   seq_logprobs_bwd_  the same, written over the logits (which the caller no longer needs)
 //   prompt_loss        stage (2a): ℓ (B,) and ∂ℓ_b/∂S_n (N,)
-//   robust_reduce      stage (2b): L, the strategy's weights (B,) and ∂L/∂ℓ (B,)
-//   batch_stage        (2a) + (2b) + gS[n] = ∂L/∂ℓ_b·∂ℓ_b/∂S_n in one call (one launch on the GPU)
+//   robust_reduce      stage (2b): ℒ, the strategy's weights (B,) and ∂ℒ/∂ℓ (B,)
+//   batch_stage        (2a) + (2b) + gS[n] = ∂ℒ/∂ℓ_b·∂ℓ_b/∂S_n in one call (one launch on the GPU)
 //   rescale_           x *= factor (a one-value tensor) unless factor == 1: the fused-linear accumulators'
 //                      rescale, decided on the device without a host synchronisation
 //   contract           what Python must agree with, read from the header: the response limit, each loss

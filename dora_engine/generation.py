@@ -1,6 +1,6 @@
 """Text generation from a causal LM: n sampled completions per prompt, transformers or vllm.
 
-Prompts (``dora_engine.data.schema.Prompt``) go through the tokenizer's chat template when it has one
+Prompts (``dora_engine.prompt.Prompt``) go through the tokenizer's chat template when it has one
 (a string prompt as one user turn); otherwise the plain prompt text is the model input. ``Sampling``
 holds the settings, with the paper's two presets: ``AUGMENTATION_SAMPLING`` for synthetic responses
 (temperature 0.8, repetition penalty 1.1) and ``EVALUATION_SAMPLING`` for evaluated responses
@@ -27,23 +27,29 @@ commands one definition of the ``--backend`` and vLLM flags.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from dora_engine.device import resolve_device
 from dora_engine.errors import UserImportError, UserValueError, loading_user_model
-
-if TYPE_CHECKING:  # dora_engine.data imports this module
-    from dora_engine.data.schema import Prompt
+from dora_engine.prompt import Prompt
 
 GENERATION_BACKENDS = ("transformers", "vllm")
 
 EXPORT_FOLDER = "final"  # <output_dir>/final: the Hugging Face export of a training run (training/engine.py)
 """The folder a training run exports its model to (``<output_dir>/final``): the same for every run."""
+
+
+def derived_seed(seed: int, *parts: object) -> int:
+    """A 63-bit seed from ``seed`` and ``parts``, stable across processes and platforms: a prompt's seed
+    from the run's seed and the record id, a completion's from the prompt's seed and its index."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
 
 
 def model_name(model: str | os.PathLike) -> str:
@@ -112,8 +118,6 @@ def sample_texts(
     ``seeds[i]`` seeds prompt i."""
     import torch
     from tqdm.auto import tqdm
-
-    from dora_engine.data.sharded import derived_seed
 
     if len(seeds) != len(prompts):
         raise ValueError(f"one seed per prompt: got {len(seeds)} seeds for {len(prompts)} prompts")

@@ -8,7 +8,8 @@ The training objective travels as one value, ``RobustObjective`` (loss, its para
 ``RobustObjective.resolve()`` validates it once and gives the ``ResolvedObjective`` every consumer reads.
 
 Shapes: B prompts × K responses. ``S`` summed log-probs, ``L`` valid-token counts, ``S_ref`` reference
-summed log-probs, ``scores`` per-response scores (higher is better), all (B, K). Every function
+summed log-probs, ``scores`` per-response scores (higher is better), all (B, K); ``ell`` the per-prompt
+loss ℓ (B,); ℒ the robust objective over the batch (a scalar, ``loss`` in code). Every function
 computes in the dtype of its inputs; callers upcast bf16/fp16 to fp32 first (float64 stays float64).
 """
 
@@ -169,7 +170,7 @@ def lire(batch: PromptBatch, *, temperature: float, reward_norm: str) -> torch.T
 
 
 # --------------------------------------------------------------------------------------------------
-# Robust strategies: (ℓ (B,), h̃ (B,), λ) -> (L scalar, weights (B,))
+# Robust strategies: (ℓ (B,), h̃ (B,), λ) -> (ℒ scalar, weights (B,))
 # --------------------------------------------------------------------------------------------------
 
 
@@ -184,28 +185,28 @@ def robust_logmeanexp(s: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def erm(ell: torch.Tensor, h: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = (1/B) Σ ℓ_b; weights 1/B."""
+    """ℒ = (1/B) Σ ℓ_b; weights 1/B."""
     return ell.mean(), torch.full_like(ell, 1.0 / ell.numel())
 
 
 def reweight(ell: torch.Tensor, h: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = (1/B) Σ h̃_b ℓ_b; weights h̃_b / Σ h̃."""
+    """ℒ = (1/B) Σ h̃_b ℓ_b; weights h̃_b / Σ h̃."""
     return (h * ell).mean(), h / h.sum()
 
 
 def dro(ell: torch.Tensor, h: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = λ log (1/B) Σ exp(ℓ_b/λ) (KL-DRO); weights softmax(ℓ/λ)."""
+    """ℒ = λ log (1/B) Σ exp(ℓ_b/λ) (KL-DRO); weights softmax(ℓ/λ)."""
     return robust_logmeanexp(ell, lam), torch.softmax(ell.detach() / lam, dim=0)
 
 
 def dora(ell: torch.Tensor, h: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = λ log (1/B) Σ exp(h̃_b ℓ_b/λ) (DoRA, Eq. 9 / Algorithm 1); weights softmax(h̃ℓ/λ)."""
+    """ℒ = λ log (1/B) Σ exp(h̃_b ℓ_b/λ) (DoRA, Eq. 9 / Algorithm 1); weights softmax(h̃ℓ/λ)."""
     s = h * ell
     return robust_logmeanexp(s, lam), torch.softmax(s.detach() / lam, dim=0)
 
 
 def drdpo(ell: torch.Tensor, h: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """L = −β′ log (1/B) Σ exp(−ℓ_b/β′) (Dr.DPO, Wu et al., 2024; β′ = lam); weights softmax(−ℓ/β′)."""
+    """ℒ = −β′ log (1/B) Σ exp(−ℓ_b/β′) (Dr.DPO, Wu et al., 2024; β′ = lam); weights softmax(−ℓ/β′)."""
     return -robust_logmeanexp(-ell, lam), torch.softmax(-ell.detach() / lam, dim=0)
 
 
@@ -360,7 +361,7 @@ def per_sample_loss(loss: str, batch: PromptBatch, params: Mapping[str, Any] | N
 def robust_objective(
     strategy: str, ell: torch.Tensor, h_tilde: torch.Tensor | None, lam: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, weights) of ``strategy`` over the batch; h̃ = None means 1 where the strategy allows it."""
+    """(ℒ, weights) of ``strategy`` over the batch; h̃ = None means 1 where the strategy allows it."""
     spec = get_strategy(strategy)
     if h_tilde is None:
         if spec.needs_h_tilde:
@@ -441,7 +442,7 @@ class ResolvedObjective:
         return self.loss.fn(batch, **self.params)
 
     def reduce(self, ell: torch.Tensor, h_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L, weights) of the strategy over ``ell`` with calibration weights ``h_tilde`` (B,)."""
+        """(ℒ, weights) of the strategy over ``ell`` with calibration weights ``h_tilde`` (B,)."""
         return self.strategy.fn(ell, h_tilde, self.lam)
 
 

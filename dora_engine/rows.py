@@ -25,9 +25,7 @@ from typing import Any
 import torch
 
 from dora_engine.data.schema import Prompt, RecordError, prompt_as_text
-
-IGNORE_INDEX = -100
-"""Label of a position that is not scored (prompt, padding): the Hugging Face convention."""
+from dora_engine.ops import IGNORE_INDEX  # the op's label convention, which the rows follow
 
 
 @dataclass

@@ -9,56 +9,17 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 
 import pytest
+from import_graph import PACKAGE_ROOT, imports, package_modules
 
-import dora_engine
-
-PACKAGE_ROOT = Path(dora_engine.__file__).resolve().parent
 REPO_ROOT = PACKAGE_ROOT.parent
-PACKAGE = "dora_engine"
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE_ROOT.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for p in sorted(PACKAGE_ROOT.rglob("*.py"))}
-
-
-def _imported(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package's modules that ``module`` imports anywhere in its body."""
-    is_package = path.name == "__init__.py"
-    targets: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = module.split(".") if is_package else module.split(".")[:-1]
-                base = base[: len(base) - (node.level - 1)]
-                origin = ".".join(base + ([node.module] if node.module else []))
-            else:
-                origin = node.module or ""
-            # ``from pkg import sub`` imports the module pkg.sub; ``from mod import name`` imports mod
-            names = [f"{origin}.{a.name}" if f"{origin}.{a.name}" in modules else origin for a in node.names]
-        else:
-            continue
-        for name in names:
-            # ``import a.b.c`` may name a module by its longest prefix in the package
-            while name and name not in modules:
-                name = name.rpartition(".")[0]
-            if name and name != module:
-                targets.add(name)
-    return targets
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = _modules()
-    return {name: _imported(name, path, modules) for name, path in modules.items()}
+    """Each module of the package and the package's modules it imports anywhere in its body."""
+    modules = package_modules()
+    return {name: {target for _, target in imports(name, path, modules)} for name, path in modules.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_toy import make_toy
+from training_toy import make_toy, resume_tag
 
 from dora_engine.ops import shift_labels
 
@@ -63,7 +63,7 @@ def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 def _latest_step(run_dir: Path) -> int:
-    return int((run_dir / "checkpoints" / "latest_complete").read_text().split("_")[1])
+    return int(resume_tag(run_dir).split("_")[1])
 
 
 def _sigterm_ranks(proc: subprocess.Popen) -> None:

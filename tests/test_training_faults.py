@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from training_toy import make_toy
+from training_toy import make_toy, resume_tag
 
 pytestmark = pytest.mark.multiproc
 
 HERE = Path(__file__).resolve().parent
-TAG3 = "step_00000003"
+TAG2, TAG3 = "step_00000002", "step_00000003"
 MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 
@@ -131,7 +131,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(single)
     size = optim.stat().st_size
     with open(optim, "r+b") as handle:
         handle.truncate(size // 2)
-    stale = [run / ".metrics.jsonl.k3j4h5g6.tmp", run / "checkpoints" / ".latest_complete.a1b2c3d4.tmp"]
+    stale = [run / ".metrics.jsonl.k3j4h5g6.tmp", run / "checkpoints" / TAG2 / ".dora_checkpoint.json.a1b2c3d4.tmp"]
     for path in stale:  # what writes killed before their rename leave
         path.write_text("partial")
     (run / "notes.tmp").write_text("the user's")
@@ -141,7 +141,7 @@ def test_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(single)
     assert code == 0, text[-3000:]
     assert (f"skipping checkpoint {run / 'checkpoints' / TAG3}: file {OPTIM_STATES} has {size // 2} bytes, "
             f"the manifest says {size}") in text
-    assert f"resumed from {run / 'checkpoints' / 'step_00000002'} at step 2" in text
+    assert f"resumed from {run / 'checkpoints' / TAG2} at step 2" in text
     assert _steps(run) == [1, 2, 3, 4]
     assert not any(p.exists() for p in stale) and (run / "notes.tmp").exists()
     assert "removed 2 temporary file(s) of interrupted writes" in text
@@ -201,7 +201,7 @@ def test_sigint_stops_with_a_checkpoint_and_a_zero_grad_norm_is_warned(single):
     assert "the gradient norm has been exactly 0 for 3 steps in a row" in text
     last = max(_steps(run))
     assert f"stopped on SIGINT after step {last}" in text
-    assert (run / "checkpoints" / "latest_complete").read_text().strip() == f"step_{last:08d}"
+    assert resume_tag(run) == f"step_{last:08d}"
 
 
 # ------------------------------------------------------------------------------------- two launches
@@ -256,7 +256,7 @@ def test_sigterm_to_the_process_group_waits_for_the_ranks_checkpoint_and_exits_0
     last = max(_steps(run))
     assert f"stopped on SIGTERM after step {last}" in text
     tag = run / "checkpoints" / f"step_{last:08d}"
-    assert (run / "checkpoints" / "latest_complete").read_text().strip() == tag.name
+    assert resume_tag(run) == tag.name
     meta = json.loads((tag / "dora_checkpoint.json").read_text())
     assert meta["world_size"] == 2 and len(meta["files"]) == 4
     assert launches["left"] == []  # the front process returned only after every rank had exited
@@ -268,7 +268,7 @@ def test_resuming_a_two_rank_checkpoint_on_one_rank_says_what_to_do(launches):
     code = _run(_train(launches["config"], run, "checkpoint.export=false", "loss.name=simpo", "loss.params={}",
                        f"data.ref_cache_dir={root / 'ref_A'}", "--resume", "auto"), log)
     assert code == 1, log.read_text()[-3000:]
-    tag = (run / "checkpoints" / "latest_complete").read_text().strip()
+    tag = resume_tag(run)
     assert _error_line(log) == (
         f"dora-engine train: error: checkpoint {run / 'checkpoints' / tag} was written by 2 rank(s) and this run has "
         "1; ZeRO-3 keeps one optimizer shard per rank, so resume it with 2 rank(s) (dora-engine train --num-procs 2, "

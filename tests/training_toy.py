@@ -92,3 +92,12 @@ def make_toy(root: Path, *, n_records: int = 16, K: int = 3, overrides: dict | N
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def resume_tag(run_dir: Path) -> str:
+    """The checkpoint that ``--resume auto`` takes in ``run_dir``: the newest complete one that verifies."""
+    from dora_engine.training.checkpoint import CheckpointManager, Ranks
+
+    chosen = CheckpointManager(run_dir / "checkpoints", keep=1, ranks=Ranks()).choose("auto", say=print)
+    assert chosen is not None, f"no checkpoint in {run_dir}"
+    return chosen[0]

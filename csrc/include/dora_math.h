@@ -1,5 +1,5 @@
 // Per-batch stage of the DoRA op (docs/design.md sections 4-5): per-prompt losses ℓ_b with their
-// gradients ∂ℓ_b/∂S, and the robust reduction over prompts with its weights and ∂L/∂ℓ_b.
+// gradients ∂ℓ_b/∂S, and the robust reduction over prompts with its weights and ∂ℒ/∂ℓ_b.
 //
 // Written once for the CPU and CUDA kernels: every function is `DORA_HD` (host and device under
 // nvcc, plain inline under a host compiler). The reductions over prompts are expressed against a
@@ -423,8 +423,8 @@ DORA_HD T prompt_loss(int code, const T* prm, const Prompt<T>& p, T* grad) {
 // ------------------------------------------------------------------------------------------------
 //
 // With s_b the strategy's per-prompt value (erm ℓ, reweight h̃ℓ, dro ℓ, dora h̃ℓ, drdpo −ℓ):
-//   linear (erm, reweight): L = mean(s)
-//   exponential (dro, dora, drdpo): L = ±(m + λ log1p(mean expm1((s − m)/λ))), m = max s,
+//   linear (erm, reweight): ℒ = mean(s)
+//   exponential (dro, dora, drdpo): ℒ = ±(m + λ log1p(mean expm1((s − m)/λ))), m = max s,
 //   weights softmax(s/λ); drdpo takes the minus sign.
 
 DORA_HD bool strategy_is_exponential(int code) {
@@ -456,7 +456,7 @@ DORA_HD T linear_weight(int code, T h, T sum_h, int B) {
   }
 }
 
-// ∂L/∂ℓ_b from the prompt's weight w_b (section 4 table).
+// ∂ℒ/∂ℓ_b from the prompt's weight w_b (section 4 table).
 template <typename T>
 DORA_HD T strategy_dloss_dell(int code, T weight, T h, int B) {
   switch (code) {
@@ -471,7 +471,7 @@ DORA_HD T strategy_dloss_dell(int code, T weight, T h, int B) {
 template <typename T>
 DORA_HD T h_at(const T* h, int b) { return h ? h[b] : T(1); }
 
-// L, weights (B,) and, when dloss_dell is not null, ∂L/∂ℓ (B,) of strategy `code`.
+// ℒ, weights (B,) and, when dloss_dell is not null, ∂ℒ/∂ℓ (B,) of strategy `code`.
 DORA_HD_TEMPLATE_CALLS_DEVICE
 template <typename T, typename Block>
 DORA_HD void robust_reduce(int code, T lam, int B, const T* ell, const T* h, Block& block, T* loss, T* weights,
@@ -522,7 +522,7 @@ DORA_HD void prompt_losses(int code, const T* prm, int B, int K, const T* S, con
   }
 }
 
-// The whole per-batch stage: ℓ, then the strategy, then gS[n] = ∂L/∂ℓ_b · ∂ℓ_b/∂S_n, the coefficient
+// The whole per-batch stage: ℓ, then the strategy, then gS[n] = ∂ℒ/∂ℓ_b · ∂ℓ_b/∂S_n, the coefficient
 // of the backward row pass. dell_dS (N,) is scratch; gS may alias it.
 DORA_HD_TEMPLATE_CALLS_DEVICE
 template <typename T, typename Block>

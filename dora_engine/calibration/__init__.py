@@ -2,7 +2,7 @@
 
 Library API (the ``dora-engine calibrate`` command is a thin layer over it):
 
-``h_tilde(c, gamma=1.0, beta=None) -> float | array``
+``h_tilde(c, gamma=1.0, beta=None) -> float | array`` (defined in ``dora_engine.data.weights``)
     The pure per-prompt weight from classifier probabilities ``c`` of shape (n,) or (B, n):
     ``term_k = γ c_k / (γ c_k / n + β_k (1 − c_k))``, ``h̃ = mean_k term_k`` ∈ (0, n); β defaults to 1/n.
 
@@ -30,6 +30,6 @@ report.md and report.png.
 from dora_engine.calibration.classifier import ClassifierSettings
 from dora_engine.calibration.pipeline import Calibration, fit, score
 from dora_engine.calibration.report import write_report
-from dora_engine.calibration.weights import h_tilde
+from dora_engine.data.weights import h_tilde
 
 __all__ = ["Calibration", "ClassifierSettings", "fit", "h_tilde", "score", "write_report"]

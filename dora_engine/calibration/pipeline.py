@@ -44,8 +44,8 @@ from dora_engine.calibration import classifier
 from dora_engine.calibration.classifier import ClassifierSettings, Example
 from dora_engine.calibration.metrics import classifier_metrics
 from dora_engine.calibration.schemes import ClassifierSpec, SourceRule, plan
-from dora_engine.calibration.weights import CLAMP_EPS, h_tilde
 from dora_engine.data.schema import Record, RecordError
+from dora_engine.data.weights import CLAMP_EPS, h_tilde
 from dora_engine.errors import UserValueError
 
 DEFAULT_MIN_EXAMPLES = 8

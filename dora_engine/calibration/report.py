@@ -20,8 +20,8 @@ import numpy as np
 
 from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.calibration.pipeline import FOLD_META_KEY, PROBS_META_KEY, Calibration, slot_betas
-from dora_engine.calibration.weights import CLAMP_EPS
 from dora_engine.data.schema import Record
+from dora_engine.data.weights import CLAMP_EPS
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 

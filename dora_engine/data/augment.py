@@ -25,13 +25,14 @@ from dataclasses import asdict
 from typing import Any
 
 from dora_engine.data.schema import Record, Response
-from dora_engine.data.sharded import ShardedRun, derived_seed
+from dora_engine.data.sharded import ShardedRun
 from dora_engine.errors import UserValueError
 from dora_engine.generation import (
     AUGMENTATION_SAMPLING,
     Generator,
     Sampling,
     VLLMOptions,
+    derived_seed,
     make_generator,
     model_name,
 )

@@ -20,7 +20,7 @@ Formats (``FORMATS``; each converter takes parsed rows and returns ``list[Record
 ``authors``  ``from_authors``: the DoRA authors' released format, ``query``, ``responses`` (list of
              str), ``scores`` (list of float), ``probs`` (classifier probability per response) and
              optionally ``sources``; ``h_tilde`` follows from ``probs`` by docs/design.md section 4 with
-             γ = 1 and β_k = 1/n, i.e. h̃ = mean_k n·c_k (``dora_engine.calibration.h_tilde``).
+             γ = 1 and β_k = 1/n, i.e. h̃ = mean_k n·c_k (``dora_engine.data.weights.h_tilde``).
              Sources default to ``slot0``, ``slot1``, … .
 
 Records whose response text is empty are dropped with a warning naming them (by default): an
@@ -39,8 +39,9 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from dora_engine.data.schema import Prompt, Record, RecordError, Response, iter_jsonl
+from dora_engine.data.schema import Record, RecordError, Response, iter_jsonl
 from dora_engine.errors import UserValueError
+from dora_engine.prompt import Prompt
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -238,7 +239,7 @@ def from_alpaca_eval(
 
 def from_authors(rows: Iterable[Any], id_prefix: str = "dora", drop_empty: bool = True) -> list[Record]:
     """The DoRA authors' released rows with h̃ from ``probs`` (see the module docstring)."""
-    from dora_engine.calibration.weights import h_tilde
+    from dora_engine.data.weights import h_tilde
 
     records = []
     for i, row in enumerate(rows):

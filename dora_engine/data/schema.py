@@ -21,8 +21,8 @@ from typing import Any
 
 from dora_engine.atomic import atomic_write
 from dora_engine.errors import UserError
+from dora_engine.prompt import Prompt
 
-Prompt = str | list[dict[str, str]]
 H_TILDE_MAX = 1e6
 """The largest h̃ a record may carry: calibration gives h̃ < K (docs/design.md section 4.5), and h̃·ℓ must stay far
 from float32's overflow (3.4e38) for any loss value."""

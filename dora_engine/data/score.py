@@ -22,10 +22,11 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dora_engine.data.schema import Prompt, Record, Response
+from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import ShardedRun
 from dora_engine.device import resolve_device
 from dora_engine.errors import UserValueError, loading_user_model
+from dora_engine.prompt import Prompt
 
 ORACLE = "synth:oracle"
 

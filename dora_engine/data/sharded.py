@@ -3,9 +3,9 @@
 The input records are cut into consecutive shards of ``shard_size``. Each finished shard is written
 atomically to ``<work_dir>/shard-<i>.jsonl``; a rerun after an interruption loads the finished shards
 and processes only the rest, so no prompt is lost or processed twice. ``process(shard, i)`` receives
-the shard and its index; a random step that seeds itself from the records (``derived_seed``) makes a
-resumed run give exactly the output of an uninterrupted one. When every shard is done, the output
-file is written atomically and the work directory removed.
+the shard and its index; a random step that seeds itself from the records
+(``dora_engine.generation.derived_seed``) makes a resumed run give exactly the output of an uninterrupted
+one. When every shard is done, the output file is written atomically and the work directory removed.
 
 ``<work_dir>/run.json`` holds a fingerprint of the input records and of the step's settings; a work
 directory left by a different run is refused (pass ``restart=True``, ``--restart`` on the command line,
@@ -43,12 +43,6 @@ def fingerprint(records: Iterable[Record], settings: dict[str, Any]) -> dict[str
         digest.update(b"\n")
         count += 1
     return {"input_sha256": digest.hexdigest(), "num_records": count, **settings}
-
-
-def derived_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed from ``seed`` and ``parts``, stable across processes and platforms."""
-    text = ":".join(str(p) for p in (seed, *parts))
-    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
 
 
 def _read_manifest(work_dir: Path) -> dict[str, Any] | None:

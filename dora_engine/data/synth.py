@@ -56,8 +56,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from dora_engine.data.corrupt import corrupt_records
-from dora_engine.data.schema import Prompt, Record, Response
+from dora_engine.data.schema import Record, Response
 from dora_engine.errors import UserValueError
+from dora_engine.prompt import Prompt
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

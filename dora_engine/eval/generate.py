@@ -18,8 +18,7 @@ from typing import Any
 
 from dora_engine.atomic import atomic_write
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
-from dora_engine.data.sharded import derived_seed
-from dora_engine.generation import EVALUATION_SAMPLING, Sampling, VLLMOptions, make_generator, model_name
+from dora_engine.generation import EVALUATION_SAMPLING, Sampling, VLLMOptions, derived_seed, make_generator, model_name
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from dora_engine.ops.builder import OpLoadError, check_kernels_for
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.output import DoRAOutput
 from dora_engine.ops.validation import (
+    IGNORE_INDEX,
     check_choice,
     check_chunk_bytes,
     check_labels,
@@ -40,6 +41,7 @@ from dora_engine.ops.validation import (
 
 __all__ = [
     "FUSED_LINEAR_MODES",
+    "IGNORE_INDEX",
     "OP_BACKENDS",
     "DoRAOutput",
     "RobustObjective",
@@ -86,7 +88,7 @@ def _backend(name: str, inputs: torch.Tensor) -> ModuleType:
         return reference
 
 
-def shift_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Hugging Face labels (N, T) (``labels[:, t]`` is token t) → the op's aligned labels: ``labels[:, t + 1]``
     at position t, ``ignore_index`` at the last position. The logits stay whole (the fused kernels also read a
     sliced view such as ``logits[:, :-1]`` in place, without a copy)."""
@@ -99,7 +101,7 @@ def sequence_logprobs(
     logits: torch.Tensor,
     labels: torch.Tensor,
     *,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     validate: bool = True,
     inplace_backward: bool = False,
@@ -138,7 +140,7 @@ def sequence_logprobs_linear(
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     chunk_bytes: int | None = None,
     backend: str = "auto",
     validate: bool = True,
@@ -179,7 +181,7 @@ def dora_loss(
     strategy: str | None = None,
     lam: float | None = None,
     process_group: dist.ProcessGroup | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
     validate: bool = True,
     inplace_backward: bool = False,
@@ -254,7 +256,7 @@ def dora_loss_linear(
     strategy: str | None = None,
     lam: float | None = None,
     process_group: dist.ProcessGroup | None = None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     mode: str = "single_pass",
     chunk_bytes: int | None = None,
     backend: str = "auto",

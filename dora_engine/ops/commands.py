@@ -77,7 +77,7 @@ def self_check(device: str) -> float:
     B, K, T, V = 2, 3, 5, 131
     logits = torch.randn(B * K, T, V, generator=g)
     labels = torch.randint(0, V, (B * K, T), generator=g)
-    labels[:, 0] = -100
+    labels[:, 0] = ops.IGNORE_INDEX
     kwargs: dict[str, Any] = dict(
         num_responses=K, scores=torch.randn(B, K, generator=g), h_tilde=torch.rand(B, generator=g) + 0.5,
         ref_logps=-torch.rand(B * K, generator=g) * 10, loss="dpo_pl", strategy="dora", lam=0.5,

@@ -4,13 +4,13 @@ docs/design.md section 5, "Fused-linear"; ``dora_engine.ops.dora_loss_linear`` v
 logits z = hidden @ weightᵀ + bias of the N = B·K rows are never held at once. Per chunk, the extension's row
 kernels give S, L and the per-token log-sum-exp (``seq_logprobs_fwd``) and write dz = gS[n]·(onehot(y) −
 softmax(z)) over the chunk's logits in place (``seq_logprobs_bwd_``); the stage kernels give ℓ_b with ∂ℓ_b/∂S
-(``prompt_loss``) and the robust reduction with ∂L/∂ℓ_b (``robust_reduce``). The loss math lives in those
+(``prompt_loss``) and the robust reduction with ∂ℒ/∂ℓ_b (``robust_reduce``). The loss math lives in those
 kernels and the registry of ``dora_engine.losses`` only; this module schedules GEMMs and rescales.
 
 ``mode="single_pass"`` (3 GEMMs, nothing recomputed): chunks of whole prompts. Per chunk: logits GEMM,
 row pass, ℓ_b of its prompts, dz in place, then d hidden = dz @ W and d weight += dzᵀ @ hidden. The
 gradient accumulators always hold the gradient of the robust objective over the prompts seen so far,
-L_seen. A new chunk changes L_seen, and with it ∂L_seen/∂ℓ_i of every earlier prompt i by one common
+ℒ_seen. A new chunk changes ℒ_seen, and with it ∂ℒ_seen/∂ℓ_i of every earlier prompt i by one common
 factor r (dro/dora/drdpo: exp((M_old − M_new)/λ)·Z_old/Z_new, the online-softmax rescale; erm/reweight:
 B_old/B_new), read off the stage kernel's gradients as r = g_new[i]/g_old[i] at the earlier prompt with
 the largest g_old (never 0). r stays on the device (no host synchronisation per chunk): the weight and
@@ -77,7 +77,7 @@ def _prompt_loss(S: torch.Tensor, L: torch.Tensor, p: _LossInputs, prompts: slic
 
 
 def _robust_reduce(ell: torch.Tensor, h: torch.Tensor, p: _LossInputs, *, global_batch: bool) -> tuple:
-    """(L, weights, ∂L/∂ℓ) of the strategy (stage 2b); over all ranks' prompts with ``global_batch``."""
+    """(ℒ, weights, ∂ℒ/∂ℓ) of the strategy (stage 2b); over all ranks' prompts with ``global_batch``."""
     group = p.call.process_group if global_batch else None
     return robust_reduce(ell, h, p.call.objective.strategy.code, p.call.objective.lam, group)
 
@@ -162,7 +162,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
     per_chunk = prompts_per_chunk(p.chunk_bytes, K * T, V, hidden.element_size())
     buffer = hidden.new_empty(min(B, per_chunk) * K * T, V)
-    # Per chunk: its prompt with the largest ∂L_seen/∂ℓ and that value then, divided by the unit then.
+    # Per chunk: its prompt with the largest ∂ℒ_seen/∂ℓ and that value then, divided by the unit then.
     tops, thens = [], []
     grad_seen = None
     unit = torch.ones((), dtype=acc, device=hidden.device)  # the weight and bias accumulators hold grad / unit
@@ -178,7 +178,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             continue
         _, _, grad_now = _robust_reduce(ell[:p1], p.call.h_tilde[:p1], p, global_batch=False)
         if grad_seen is not None:
-            # Every earlier prompt's ∂L_seen/∂ℓ is now r times what the accumulators were formed with.
+            # Every earlier prompt's ∂ℒ_seen/∂ℓ is now r times what the accumulators were formed with.
             unit = unit * _common_ratio(grad_now[:p0], grad_seen)
             low = unit < floor
             renormalise = torch.where(low, unit, torch.ones_like(unit))  # 1: rescale_ leaves them untouched

@@ -18,7 +18,7 @@ inside the forward of a module DeepSpeed wraps (docs/design.md section 5):
   holding the very same ``Parameter`` objects. With tied input/output embeddings that parameter is also
   the input embedding's, so both modules own it and ZeRO-3 gathers it for either.
 
-Labels follow the Hugging Face convention (``labels[:, t]`` is token t, ``-100`` marks prompt and padding
+Labels follow the Hugging Face convention (``labels[:, t]`` is token t, ``IGNORE_INDEX`` marks prompt and padding
 tokens); the policy aligns them with ``shift_labels``::
 
     policy = DoRAPolicy(model, RobustObjective(loss="dpo_pl", strategy="dora", lam=1.0))

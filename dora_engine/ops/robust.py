@@ -1,11 +1,11 @@
 """The fused per-batch stage: per-prompt loss, h̃ scaling and robust reduction (docs/design.md section 5).
 
 Stage (2a) ``prompt_loss`` gives ℓ_b and ∂ℓ_b/∂S_n; stage (2b) ``robust_reduce`` gives the strategy's loss,
-weights and ∂L/∂ℓ_b; ``batch_stage`` is both in one kernel call. The math lives in the C++ header
+weights and ∂ℒ/∂ℓ_b; ``batch_stage`` is both in one kernel call. The math lives in the C++ header
 ``csrc/include/dora_math.h`` and in ``dora_engine.losses``; this module only calls the kernels.
 
 Data parallel: with a process group the ℓ_b and h̃_b of every rank are all-gathered, the reduction runs on
-the global batch (identical on every rank), and each rank keeps ∂L/∂ℓ of its own prompts times the world
+the global batch (identical on every rank), and each rank keeps ∂ℒ/∂ℓ of its own prompts times the world
 size, so that DeepSpeed's gradient averaging yields the gradient of the global loss.
 """
 
@@ -25,8 +25,8 @@ _kernels = load_ops()  # importing the fused backend builds or loads the extensi
 def robust_reduce(
     ell: torch.Tensor, h: torch.Tensor | None, code: int, lam: float, process_group: dist.ProcessGroup | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(L, weights, ∂L/∂ℓ) of strategy ``code`` over ``ell``; with ``process_group`` over all ranks' prompts,
-    returning this rank's slice of the weights and of ∂L/∂ℓ (the latter × world size)."""
+    """(ℒ, weights, ∂ℒ/∂ℓ) of strategy ``code`` over ``ell``; with ``process_group`` over all ranks' prompts,
+    returning this rank's slice of the weights and of ∂ℒ/∂ℓ (the latter × world size)."""
     if process_group is None:
         return _kernels.robust_reduce(ell, h, code, lam)
     if h is None:
@@ -41,7 +41,7 @@ def robust_reduce(
 
 
 class _RobustLoss(torch.autograd.Function):
-    """Stages (2a)-(2b) on S: returns (L, ℓ, weights); only L is differentiable, ∂L/∂S = gS."""
+    """Stages (2a)-(2b) on S: returns (ℒ, ℓ, weights); only ℒ is differentiable, ∂ℒ/∂S = gS."""
 
     @staticmethod
     def forward(ctx, S, L, S_ref, scores, h, loss_code: int, params: list[float], strategy_code: int, lam: float,

@@ -14,6 +14,7 @@ import torch
 from dora_engine.losses import ResolvedObjective
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+IGNORE_INDEX = -100  # the label of a position that is not scored (prompt, padding): Hugging Face's convention
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

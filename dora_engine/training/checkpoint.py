@@ -4,9 +4,9 @@ and the choice of checkpoint for ``--resume`` (docs/design.md section 7.5).
 Each checkpoint is a DeepSpeed tag directory ``<output_dir>/checkpoints/step_<N>``. Once every rank has
 finished writing a tag, the ranks hash its files (each rank a share: of the whole world when all nodes
 see one shared folder, else of its node's files, ``hashing_share``) and the writer records every file's
-size and SHA-256 digest, with the step, world size and config, in ``dora_checkpoint.json``; then the
-pointer file ``latest_complete`` is written. A tag counts as complete once its ``dora_checkpoint.json``
-exists, so a run killed mid-save resumes from the previous complete checkpoint.
+size and SHA-256 digest, with the step, world size and config, in ``dora_checkpoint.json``. A tag counts
+as complete once its ``dora_checkpoint.json`` exists, so a run killed mid-save resumes from the previous
+complete checkpoint.
 
 Before anything is loaded, the ranks check the chosen tag against its manifest (every listed file
 present with its size and digest, no other file) and open each ``.pt`` file with torch's weights-only
@@ -40,7 +40,6 @@ from dora_engine.atomic import TEMPORARY_NAME, atomic_write
 from dora_engine.errors import TrainingError, UserError
 from dora_engine.training.process_group import Ranks
 
-POINTER = "latest_complete"
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
@@ -57,15 +56,6 @@ class CheckpointError(UserError, ValueError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def latest_tag(directory: Path) -> str | None:
-    """The tag the pointer names when that tag is complete, or None."""
-    pointer = directory / POINTER
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text(encoding="utf-8").strip()
-    return tag if (directory / tag / META).is_file() else None
 
 
 def complete_tags(directory: Path) -> list[str]:
@@ -284,7 +274,7 @@ class CheckpointManager:
         self.directory = directory
         self.keep = keep
         self.ranks = ranks
-        self.writer = ranks.local_rank == 0  # the local rank 0 of each node writes manifests and pointers, prunes
+        self.writer = ranks.local_rank == 0  # the local rank 0 of each node writes manifests, prunes
 
     def save(self, engine: Any, step: int, client_state: dict[str, Any]) -> str:
         tag = tag_for(step)
@@ -310,8 +300,6 @@ class CheckpointManager:
             meta["files"] = dict(sorted(files.items()))
             with atomic_write(tag_dir / META) as handle:
                 json.dump(meta, handle, indent=1)
-            with atomic_write(self.directory / POINTER) as handle:
-                handle.write(tag + "\n")
             self._prune(keep_tag=tag)
         _barrier()
         return tag

@@ -2,7 +2,8 @@
 
 Top-level keys: ``stage``, ``model``, ``data``, ``loss``, ``robust``, ``train``, ``lora``, ``deepspeed``,
 ``logging``, ``checkpoint``, ``output_dir``. Every unknown key is an error that names it; loss names,
-parameters and defaults come from the registry in ``dora_engine.losses``.
+parameters and defaults come from the registry in ``dora_engine.losses``. Each field's ``metadata["help"]``
+documents its key: ``python -m dora_engine.training.config_docs`` writes them into launch/README.md.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import Any
 import yaml
 
 from dora_engine.errors import UserError
+from dora_engine.generation import EXPORT_FOLDER
 from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss, get_strategy
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
+from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.lm_head import LOSS_PATHS
 
 DATA_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".arrow", ".csv")
@@ -34,102 +37,318 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # Hugging Face model directory (or hub name already in the local cache)
-    tokenizer: str | None = None  # defaults to ``path``
-    reference: str | None = None  # frozen reference model for ref log-probs; defaults to ``path``
-    chat_template: str = "auto"  # auto: the tokenizer's template for chat prompts when it has one; none: plain text
+    path: str = field(
+        default="",
+        metadata={"help": "Required. The Hugging Face model folder (or a hub id already in the local cache): the "
+                          "policy, and the reference unless `model.reference` is set."},
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder; null: `model.path`."},
+    )
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "Frozen reference model for the reference log-probs; null: `model.path`."},
+    )
+    chat_template: str = field(
+        default="auto",
+        metadata={"help": "`auto`: the tokenizer's chat template for prompts when it has one (a string prompt "
+                          "becomes one user turn); `none`: plain text."},
+    )
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # JSONL files (section 3 schema), or what `datasets` loads
-    eval: list[str] = field(default_factory=list)
-    target_source: str = "chosen"  # the golden source: the responses SFT trains on ("*": every response)
-    num_responses: int | None = None  # K; None: the K of the first record (every record must match)
-    max_prompt_tokens: int = 256  # prompts keep their last tokens
-    max_response_tokens: int = 256  # responses keep their first tokens
-    ref_cache_dir: str | None = None  # default <output_dir>/ref_cache
-    allow_empty_responses: bool = False  # keep responses whose text is empty or blank (trained as EOS alone)
-    cache_dir: str | None = None  # tokenised data (memory-mapped Arrow); default $DORA_ENGINE_CACHE/tokenised or
-    # ~/.cache/dora_engine/tokenised
-    num_proc: int | None = None  # tokenising processes; None: 1 below 20k records, else min(8, CPUs)
-    columns: dict[str, str] = field(default_factory=dict)  # schema field -> column, for data `datasets` loads
+    train: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Required. JSONL files in the docs/design.md section 3 schema, or what Hugging Face "
+                          "`datasets` loads: `.parquet`, `.arrow`, `.csv` files, a folder (`save_to_disk`, or data "
+                          "files), a hub id `org/name`."},
+    )
+    eval: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Evaluation data, in any form `data.train` takes; `[]`: no evaluation."},
+    )
+    target_source: str = field(
+        default="chosen",
+        metadata={"help": "The golden source: the responses `sft` trains on (`\"*\"`: every response, whatever its "
+                          "source)."},
+    )
+    num_responses: int | None = field(
+        default=None,
+        metadata={"help": "K; every record must have it (a batch has a fixed K); null: the first record's K."},
+    )
+    max_prompt_tokens: int = field(
+        default=256,
+        metadata={"help": "Prompts keep their last this many tokens."},
+    )
+    max_response_tokens: int = field(
+        default=256,
+        metadata={"help": "Responses keep their first this many tokens."},
+    )
+    ref_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where reference log-probs are cached; null: `<output_dir>/ref_cache`."},
+    )
+    allow_empty_responses: bool = field(
+        default=False,
+        metadata={"help": "Keep responses whose text is empty or blank (they train as the EOS token alone); by "
+                          "default such a record is an error naming it."},
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Tokenised data (memory-mapped Arrow), shared by every rank and later run with the same "
+                          "key (docs/design.md section 3.2); null: `$DORA_ENGINE_CACHE/tokenised`, else "
+                          "`~/.cache/dora_engine/tokenised`."},
+    )
+    num_proc: int | None = field(
+        default=None,
+        metadata={"help": "Processes that tokenise; null: 1 below 20,000 records, else min(8, CPUs)."},
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "For `datasets` sources: which column holds a schema field (`id`, `prompt`, `responses`, "
+                          "`h_tilde`, `meta`, `responses.text`, `responses.source`, `responses.score`), as "
+                          "`field: column`."},
+    )
 
 
 @dataclass
 class LossConfig:
-    name: str = "dpo_pl"
-    params: dict[str, Any] = field(default_factory=dict)
+    name: str = field(
+        default="dpo_pl",
+        metadata={"help": "Any loss of docs/design.md section 4 (the registry in `dora_engine/losses.py`)."},
+    )
+    params: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Overrides of the loss's parameter defaults (e.g. `{length_normalize: true}` for `ipo`: "
+                          "TRL's per-token IPO)."},
+    )
 
 
 @dataclass
 class RobustConfig:
-    strategy: str = "dora"
-    lam: float = 1.0
+    strategy: str = field(
+        default="dora",
+        metadata={"help": "`erm`, `reweight`, `dro`, `dora` or `drdpo` (docs/design.md section 4.3)."},
+    )
+    lam: float = field(
+        default=1.0,
+        metadata={"help": "λ of the strategy (β′ of `drdpo`); `erm` and `reweight` ignore it."},
+    )
 
 
 @dataclass
 class TrainConfig:
-    micro_batch_prompts: int = 1  # prompts per rank per micro-step
-    grad_accum_steps: int = 1
-    lr: float = 5e-7
-    weight_decay: float = 0.0
-    schedule: str = "cosine"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    epochs: int = 1
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    seed: int = 42
-    precision: str = "auto"  # auto (bf16 on a GPU with native bf16, else fp32) | fp32 | bf16 | fp16
-    gradient_checkpointing: bool = False
-    max_grad_norm: float = 1.0
-    backend: str = "auto"  # op backend: auto | fused | reference
-    loss_path: str = "auto"  # logits | fused_linear (hidden states -> dora_loss_linear) | auto: fused_linear if it can
-    fused_linear_mode: str = "single_pass"  # single_pass (3 GEMMs) | recompute (4 GEMMs, least memory)
-    chunk_bytes: int | None = None  # fused_linear: bytes of one chunk of logits (None: DEFAULT_CHUNK_BYTES)
-    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
-    eval_every: int = 0  # optimizer steps between evaluations on data.eval (0: at the end only)
-    dist_timeout_minutes: float = 60.0  # how long a collective waits for the other ranks (e.g. while one exports)
+    micro_batch_prompts: int = field(
+        default=1,
+        metadata={"help": "Prompts (each with K responses) per rank per micro-step."},
+    )
+    grad_accum_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-steps per optimizer step; each micro-step is one batch of Algorithm 1."},
+    )
+    lr: float = field(
+        default=5e-7,
+        metadata={"help": "AdamW learning rate (the peak of the schedule)."},
+    )
+    weight_decay: float = field(
+        default=0.0,
+        metadata={"help": "AdamW weight decay."},
+    )
+    schedule: str = field(
+        default="cosine",
+        metadata={"help": "`constant`, `linear` or `cosine` to 0, after the linear warmup."},
+    )
+    warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps of linear warmup."},
+    )
+    epochs: int = field(
+        default=1,
+        metadata={"help": "Passes over `data.train`; `train.max_steps` wins when set."},
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps; overrides `train.epochs` when set."},
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Data order: epoch e visits `randperm(n, seed + e)`."},
+    )
+    precision: str = field(
+        default="auto",
+        metadata={"help": "`auto`: bf16 on GPUs that compute in it natively (compute capability 8.0 on), fp32 on "
+                          "CPU and on GPUs that only emulate bf16 (T4, V100); or `fp32`, `bf16`, `fp16`."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Hugging Face activation checkpointing."},
+    )
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={"help": "Gradient clipping (DeepSpeed `gradient_clipping`)."},
+    )
+    backend: str = field(
+        default="auto",
+        metadata={"help": "Op backend: `auto` (fused; the reference, with one warning, only when the extension "
+                          "cannot be built or has no kernels for the model's device), `fused`, `reference`."},
+    )
+    loss_path: str = field(
+        default="auto",
+        metadata={"help": "`fused_linear`: hidden states → `dora_loss_linear` in the output layer, never holding all "
+                          "logits; `logits`: model logits → `dora_loss`, its backward written over the logits; "
+                          "`auto`: `fused_linear` unless the model's logits are more than its lm_head's output "
+                          "(soft-capping, logit scaling), then `logits`. Figures: benchmarks/RESULTS.md, "
+                          "\"Training throughput\"."},
+    )
+    fused_linear_mode: str = field(
+        default="single_pass",
+        metadata={"help": "`single_pass`: 3 GEMMs per chunk, nothing recomputed; `recompute`: 4 GEMMs, least "
+                          "memory."},
+    )
+    chunk_bytes: int | None = field(
+        default=None,
+        metadata={"help": "Bytes of one chunk of logits on the fused-linear path; null: "
+                          f"{DEFAULT_CHUNK_BYTES['cuda'] >> 20} MiB on a GPU, {DEFAULT_CHUNK_BYTES['cpu'] >> 20} MiB "
+                          "on CPU."},
+    )
+    max_consecutive_skips: int = field(
+        default=5,
+        metadata={"help": "Non-finite steps in a row before the run stops (with a checkpoint)."},
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps between evaluations on `data.eval` (0: once at the end)."},
+    )
+    dist_timeout_minutes: float = field(
+        default=60.0,
+        metadata={"help": "How long a collective waits for the other ranks before the run fails (rank 0 writes the "
+                          "export while the others wait; the ranks hash a checkpoint's files); DeepSpeed's default "
+                          "is 10."},
+    )
 
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    enabled: bool = field(
+        default=False,
+        metadata={"help": "LoRA adapters via `peft`; the export merges them."},
+    )
+    r: int = field(
+        default=8,
+        metadata={"help": "LoRA rank."},
+    )
+    alpha: int = field(
+        default=16,
+        metadata={"help": "LoRA scaling α."},
+    )
+    dropout: float = field(
+        default=0.0,
+        metadata={"help": "Dropout on the adapters' input, in [0, 1)."},
+    )
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        metadata={"help": "Names of the modules that get adapters."},
+    )
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 1  # optimizer steps between metric records
-    tensorboard: str = "auto"  # auto (when installed) | on | off (YAML's bare on/off, read as booleans, are accepted)
-    wandb: bool = False
-    wandb_project: str = "dora-engine"
-    run_name: str | None = None
+    every: int = field(
+        default=1,
+        metadata={"help": "Optimizer steps between metric records."},
+    )
+    tensorboard: str = field(
+        default="auto",
+        metadata={"help": "`auto` (when installed), `on`, `off` (YAML's bare `on` / `off` are read as booleans and "
+                          "accepted)."},
+    )
+    wandb: bool = field(
+        default=False,
+        metadata={"help": "Log to Weights & Biases."},
+    )
+    wandb_project: str = field(
+        default="dora-engine",
+        metadata={"help": "Weights & Biases project."},
+    )
+    run_name: str | None = field(
+        default=None,
+        metadata={"help": "Weights & Biases run name; null: the one wandb picks."},
+    )
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # optimizer steps between checkpoints (0: only at the end and on SIGTERM)
-    keep: int = 2  # checkpoints kept on disk
-    resume: str | None = None  # None | auto | a checkpoint tag
-    export: bool = True  # Hugging Face export to <output_dir>/final at the end
+    every: int = field(
+        default=0,
+        metadata={"help": "Optimizer steps between checkpoints, and one at the end (0: only on SIGTERM and fault "
+                          "stops)."},
+    )
+    keep: int = field(
+        default=2,
+        metadata={"help": "Complete checkpoints kept on disk."},
+    )
+    resume: str | None = field(
+        default=None,
+        metadata={"help": "`auto` (the newest complete checkpoint that verifies; a fresh start when there is none) "
+                          "or a tag; null: a fresh start."},
+    )
+    export: bool = field(
+        default=True,
+        metadata={"help": f"Write the Hugging Face model to `<output_dir>/{EXPORT_FOLDER}` at the end."},
+    )
 
 
 @dataclass
 class TrainingConfig:
-    stage: str = "align"  # sft | align
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    robust: RobustConfig = field(default_factory=RobustConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    deepspeed: str | dict[str, Any] | None = None  # JSON path or dict; None: launch/zero3.json's settings
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    output_dir: str = "runs/dora"
+    stage: str = field(
+        default="align",
+        metadata={"help": "`sft` (NLL of the target-source responses, token mean over the global batch) or "
+                          "`align`."},
+    )
+    model: ModelConfig = field(
+        default_factory=ModelConfig,
+        metadata={"help": "The policy, its tokenizer and the reference model."},
+    )
+    data: DataConfig = field(
+        default_factory=DataConfig,
+        metadata={"help": "Training and evaluation records, their tokenisation and caches."},
+    )
+    loss: LossConfig = field(
+        default_factory=LossConfig,
+        metadata={"help": "The per-prompt preference loss ℓ."},
+    )
+    robust: RobustConfig = field(
+        default_factory=RobustConfig,
+        metadata={"help": "The robust strategy over the batch."},
+    )
+    train: TrainConfig = field(
+        default_factory=TrainConfig,
+        metadata={"help": "Batching, optimizer, schedule, precision and the loss op."},
+    )
+    lora: LoraConfig = field(
+        default_factory=LoraConfig,
+        metadata={"help": "LoRA adapters."},
+    )
+    deepspeed: str | dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "A DeepSpeed JSON path or an inline mapping; batch sizes, accumulation, clipping, "
+                          "precision and scheduler come from this config and must not be set there; null: "
+                          "`launch/zero3.json`'s settings."},
+    )
+    logging: LoggingConfig = field(
+        default_factory=LoggingConfig,
+        metadata={"help": "Metric records, TensorBoard and Weights & Biases."},
+    )
+    checkpoint: CheckpointConfig = field(
+        default_factory=CheckpointConfig,
+        metadata={"help": "Checkpoints, resuming and the final export."},
+    )
+    output_dir: str = field(
+        default="runs/dora",
+        metadata={"help": "Metrics, checkpoints, export."},
+    )
 
     @property
     def objective(self) -> ResolvedObjective:

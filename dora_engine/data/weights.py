@@ -10,7 +10,8 @@ This is 1 / (1/n + β_k / w_k) with the importance weight w_k = γ_k c_k / (1 �
 lies in (0, n) and so does h̃. With β_k = 1/n and γ_k = 1, term_k = n · c_k exactly.
 
 h̃ is a data weight, never differentiated: tensors are computed in float64 on the CPU and returned in
-the input's floating dtype and device.
+the input's floating dtype and device. It lives with the data, below the calibration that fits the
+classifiers: a record carries h̃, and a converter computes it from released probabilities.
 """
 
 from __future__ import annotations
