@@ -58,3 +58,62 @@ def test_an_export_folder_and_its_weights_get_the_umask_modes(tmp_path, monkeypa
     modes = {p.name: _mode(p) for p in [final, *final.iterdir()]}
     assert modes["final"] == 0o755 and modes["model.safetensors"] == 0o644
     assert set(modes.values()) <= {0o755, 0o644}, modes
+
+
+# --- bad input: one line naming the record, file, key or override ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> Path:
+    from training_toy import make_toy
+
+    return make_toy(tmp_path_factory.mktemp("sec"), n_records=6)
+
+
+def _train_error(capsys: pytest.CaptureFixture[str], config: Path, *overrides: str) -> str:
+    """The one line of a ``dora-engine train`` that fails on bad input (exit code 2)."""
+    from dora_engine import cli
+
+    assert cli.main(["train", "--config", str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    lines = [line.split("\r")[-1].strip() for line in err.split("\n")]
+    lines = [line for line in lines if line and "[WARNING]" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("dora-engine train: error: "), lines
+    return lines[0]
+
+
+def test_a_chat_template_that_rejects_a_role_names_the_record(toy, tmp_path, capsys):
+    import json
+    import shutil
+
+    from training_toy import make_records, write_jsonl
+
+    model = tmp_path / "model"
+    shutil.copytree(toy.parent / "model", model)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings["chat_template"] = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                                 "{{ raise_exception('System role not supported') }}{% endif %}"
+                                 "{{ m['content'] }}{% endfor %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    records = make_records(4)
+    records[2]["prompt"] = [{"role": "system", "content": "w1"}, {"role": "user", "content": records[2]["prompt"]}]
+    data = write_jsonl(tmp_path / "chat.jsonl", records)
+    line = _train_error(capsys, toy, f"model.path={model}", f"data.train=[{data}]", f"output_dir={tmp_path / 'out'}",
+                        f"data.cache_dir={tmp_path / 'cache'}")
+    assert "record 2 (id='toy-2')" in line and "System role not supported" in line and str(model) in line
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.eval"])
+def test_an_empty_data_file_is_named_with_its_key(toy, tmp_path, capsys, key):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    line = _train_error(capsys, toy, f"{key}=[{empty}]", f"output_dir={tmp_path / 'out'}",
+                        f"data.cache_dir={tmp_path / 'cache'}")
+    assert f"{key}: no records in {empty}" in line
+
+
+@pytest.mark.parametrize("override", ["data.train=[/tmp/a.jsonl", "train.lr=!!python/object/apply:os.system ['true']"])
+def test_an_override_that_is_not_yaml_is_one_line_naming_it(toy, capsys, override):
+    line = _train_error(capsys, toy, override)
+    assert f"override {override!r}: the value is not valid YAML" in line

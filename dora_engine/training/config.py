@@ -424,6 +424,12 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong, in a few words on one line (a YAML error's text spans several lines with a caret)."""
+    problem = getattr(err, "problem", None) or str(err)
+    return " ".join(str(problem).split())
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override (the value is parsed as YAML) to a raw config dict."""
     if "=" not in assignment:
@@ -440,7 +446,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                 f"unknown config key {dotted!r} in override; valid keys under {where}: {', '.join(sorted(names))}"
             )
         if depth == len(parts) - 1:
-            node[part] = yaml.safe_load(raw)
+            try:
+                node[part] = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                problem = _yaml_problem(err)
+                raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem})") from None
             return
         hint = typing.get_type_hints(cls)[part] if names is not None else dict
         cls = hint if dataclasses.is_dataclass(hint) else dict

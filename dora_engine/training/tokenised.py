@@ -30,6 +30,7 @@ from dora_engine.data.schema import Record, RecordError, iter_jsonl
 from dora_engine.rows import Row, RowTokenizer, alignment_problem
 from dora_engine.training.data import (
     Example,
+    NoRecordsError,
     TrainingData,
     check_nonempty,
     file_hash,
@@ -329,7 +330,7 @@ def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict
         count = write_records_arrow(paths, work / "records.arrow", columns=columns,
                                     hf_cache=str(path.parent / "hf"), progress=progress)
         if count == 0:
-            raise RecordError("the training data has no records")
+            raise NoRecordsError(paths)
         records = datasets.Dataset.from_file(str(work / "records.arrow"))
         if settings["stage"] == "align" and settings["num_responses"] is None:
             settings = {**settings, "num_responses": len(records[0]["texts"])}
