@@ -4,7 +4,6 @@ redaction, and one-line messages for bad data, templates and overrides."""
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
@@ -117,3 +116,78 @@ def test_an_empty_data_file_is_named_with_its_key(toy, tmp_path, capsys, key):
 def test_an_override_that_is_not_yaml_is_one_line_naming_it(toy, capsys, override):
     line = _train_error(capsys, toy, override)
     assert f"override {override!r}: the value is not valid YAML" in line
+
+
+# --- remote code -----------------------------------------------------------------------------------------
+
+
+def _folder_with_its_own_code(root: Path, toy_model: Path) -> Path:
+    """A model folder whose config maps a model type transformers lacks to the folder's own Python, which
+    leaves a file ``RAN`` beside itself when imported."""
+    import json
+    import shutil
+
+    folder = root / "custom"
+    shutil.copytree(toy_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
+                                                       "AutoModelForCausalLM": "configuration_custom.CustomModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "configuration_custom.py").write_text(
+        "import pathlib\npathlib.Path(__file__).with_name('RAN').write_text('ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'custom_llama'\n"
+        "class CustomModel(LlamaForCausalLM):\n    config_class = CustomConfig\n"
+    )
+    return folder
+
+
+def test_no_loader_calls_from_pretrained_but_the_one_that_sets_trust_remote_code():
+    package = Path(__file__).resolve().parents[1] / "dora_engine"
+    callers = [p.relative_to(package).as_posix() for p in package.rglob("*.py")
+               if ".from_pretrained(" in p.read_text(encoding="utf-8")]
+    assert callers == ["hf_loading.py"]
+
+
+def test_a_folder_with_its_own_code_is_refused_by_every_loader_and_nothing_runs(toy, tmp_path):
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dora_engine.generation import EVALUATION_SAMPLING, make_generator
+    from dora_engine.hf_loading import RemoteCodeError, load_pretrained
+    from dora_engine.training.model import load_causal_lm, model_vocab_size
+
+    folder = _folder_with_its_own_code(tmp_path, toy.parent / "model")
+    expected = f"{folder}: config.json 'auto_map' (model_type 'custom_llama') asks to run the model's own Python code"
+    for load in (lambda: model_vocab_size(str(folder), trust_remote_code=False),
+                 lambda: load_causal_lm(str(folder), torch.float32, trust_remote_code=False),
+                 lambda: load_pretrained(AutoConfig, str(folder), trust_remote_code=False),
+                 lambda: load_pretrained(AutoTokenizer, str(folder), trust_remote_code=False),
+                 lambda: make_generator(str(folder), EVALUATION_SAMPLING, device="cpu")):
+        with pytest.raises(RemoteCodeError) as caught:
+            load()
+        assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    assert not (folder / "RAN").exists()
+
+
+def test_the_opt_in_runs_the_folders_code(toy, tmp_path):
+    from transformers import AutoConfig
+
+    from dora_engine.hf_loading import load_pretrained
+
+    folder = _folder_with_its_own_code(tmp_path, toy.parent / "model")
+    assert type(load_pretrained(AutoConfig, str(folder), trust_remote_code=True)).__name__ == "CustomConfig"
+
+
+def test_train_and_generate_refuse_such_a_folder_in_one_line(toy, tmp_path, capsys):
+    from dora_engine import cli
+
+    folder = _folder_with_its_own_code(tmp_path, toy.parent / "model")
+    line = _train_error(capsys, toy, f"model.path={folder}", f"output_dir={tmp_path / 'out'}")
+    assert f"{folder}: config.json 'auto_map'" in line and "model.trust_remote_code: true" in line
+    data = tmp_path / "prompts.jsonl"
+    data.write_text((toy.parent / "train.jsonl").read_text().splitlines()[0] + "\n")
+    code = cli.main(["eval", "generate", "--model", str(folder), "--data", str(data),
+                     "--output", str(tmp_path / "g.jsonl"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--trust-remote-code" in err[0], err
+    assert not (folder / "RAN").exists()

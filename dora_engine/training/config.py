@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from dora_engine.errors import UserError
+from dora_engine.hf_loading import refuse_remote_code
 from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss, get_strategy
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
 from dora_engine.ops.lm_head import LOSS_PATHS
@@ -38,6 +39,7 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to ``path``
     reference: str | None = None  # frozen reference model for ref log-probs; defaults to ``path``
     chat_template: str = "auto"  # auto: the tokenizer's template for chat prompts when it has one; none: plain text
+    trust_remote_code: bool = False  # run the Python code a model folder ships (its auto_map): only one you trust
 
 
 @dataclass
@@ -355,6 +357,8 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     _check_model_location(tokenizer_key, cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
     _check_model_location("model.reference", cfg.model.reference, MODEL_FILES)
+    for location in {cfg.model.path, cfg.model.tokenizer or cfg.model.path, cfg.model.reference or cfg.model.path}:
+        refuse_remote_code(location, cfg.model.trust_remote_code)
     _choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")

@@ -61,10 +61,10 @@ def load_run_data(cfg: TrainingConfig, progress: bool) -> RunData:
     process group or model."""
     from dora_engine.training.model import load_tokenizer, model_vocab_size
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train = load_data(cfg, tokenizer, cfg.data.train, progress)
     evaluation = load_data(cfg, tokenizer, cfg.data.eval, progress, train) if cfg.data.eval else None
-    vocab = model_vocab_size(cfg.model.path)
+    vocab = model_vocab_size(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     check_token_range(train, vocab, "data.train")
     if evaluation is not None:
         check_token_range(evaluation, vocab, "data.eval")
