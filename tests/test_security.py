@@ -191,3 +191,132 @@ def test_train_and_generate_refuse_such_a_folder_in_one_line(toy, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--trust-remote-code" in err[0], err
     assert not (folder / "RAN").exists()
+
+
+# --- the HTTP judge: deadlines and redaction ----------------------------------------------------------------
+
+
+class _SlowServer:
+    """A chat endpoint on 127.0.0.1 that sends its headers at once and then one byte of body every
+    ``every_s`` seconds (``every_s`` None: never answers at all), or, with ``echo``, a 401 whose body
+    echoes the request in encoded forms."""
+
+    def __init__(self, every_s: float | None = None, echo: bool = False):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests = 0
+        self.stop = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's naming)
+                import base64
+                import json
+                import urllib.parse
+
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.requests += 1
+                if echo:
+                    auth = self.headers["Authorization"]
+                    key = auth.split(" ", 1)[1]
+                    body = json.dumps({"seen": [urllib.parse.quote(key, safe=""), json.dumps(key),
+                                                base64.b64encode(auth.encode()).decode(),
+                                                base64.b64encode(key.encode()).decode()]}).encode()
+                    self.send_response(401)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if every_s is None:
+                    server.stop.wait(30)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", "100000")
+                self.end_headers()
+                while not server.stop.wait(every_s):
+                    try:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _judge(url: str, tmp_path: Path, **options):
+    from dora_engine.eval.http_judge import ChatJudge, ChatOptions
+
+    return ChatJudge("m", ChatOptions(base_url=url, api_key="sk-live-0123456789abcdef", cache_dir=tmp_path,
+                                      backoff_s=0.001, **options))
+
+
+def _pairs(n: int):
+    from dora_engine.eval.comparison import Comparison
+
+    return [Comparison(f"id{i}", f"prompt {i}", "x", "y") for i in range(n)]
+
+
+def test_a_reply_that_trickles_in_is_cut_off_at_the_requests_deadline(tmp_path):
+    import time
+
+    from dora_engine.eval.http_judge import JudgeEndpointError
+
+    server = _SlowServer(every_s=0.2)
+    try:
+        judge = _judge(server.url, tmp_path, timeout_s=5, request_deadline_s=1.0, max_retries=0)
+        started = time.monotonic()
+        with pytest.raises(JudgeEndpointError, match="deadline"):
+            judge.judge(_pairs(1))
+        assert time.monotonic() - started < 3
+    finally:
+        server.close()
+
+
+def test_the_run_deadline_and_consecutive_failures_stop_the_run_early(tmp_path):
+    import time
+
+    from dora_engine.eval.http_judge import JudgeEndpointError
+
+    server = _SlowServer(every_s=None)
+    try:
+        judge = _judge(server.url, tmp_path, timeout_s=0.3, max_retries=5, workers=2, run_deadline_s=1.5,
+                       max_consecutive_failures=1000)
+        started = time.monotonic()
+        with pytest.raises(JudgeEndpointError, match="--timeout"):
+            judge.judge(_pairs(40))
+        assert time.monotonic() - started < 4
+        judge = _judge(server.url, tmp_path, timeout_s=0.2, max_retries=5, workers=2, max_consecutive_failures=3)
+        before = server.requests
+        with pytest.raises(JudgeEndpointError, match="3 failed attempts in a row"):
+            judge.judge(_pairs(40))
+        assert server.requests - before <= 4  # the two workers' attempts in flight when the third failure came
+    finally:
+        server.close()
+
+
+def test_the_keys_encoded_forms_and_the_urls_password_are_redacted(tmp_path):
+    from dora_engine.eval.http_judge import JudgeEndpointError
+
+    server = _SlowServer(echo=True)
+    try:
+        url = server.url.replace("http://", "http://alice:s3cret-pass@")
+        with pytest.raises(JudgeEndpointError) as caught:
+            _judge(url, tmp_path, max_retries=0).judge(_pairs(1))
+    finally:
+        server.close()
+    message = str(caught.value)
+    assert "HTTP 401" in message and "alice:[redacted]@127.0.0.1" in message
+    for leaked in ("s3cret-pass", "0123456789abcdef", "c2stbGl2", "QmVhcmVy"):  # base64 of "sk-liv…", "Bearer"
+        assert leaked not in message, message

@@ -77,6 +77,12 @@ def _register_winrate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="openai judge answer cache (default: judge_cache beside --output, else ./)")
     p.add_argument("--workers", type=int, default=4, help="parallel requests of the openai judge")
     p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="openai judge: stop the whole run after this long (default: no limit; answers are cached)")
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="openai judge: time one request may take in all, however slowly the reply comes (default: 120)")
+    p.add_argument("--max-consecutive-failures", type=int, default=8, metavar="N",
+                   help="openai judge: stop after N failed requests in a row (default: 8)")
     p.add_argument("--tie-tolerance", type=float, default=0.0, help="reward judges: |Δr| at most this is a tie")
     p.add_argument("--batch-size", type=int, default=8, help="reward-model batch size")
     p.add_argument("--device", help="reward-model device (default: cuda when available)")
@@ -95,7 +101,8 @@ def _judge(args: argparse.Namespace) -> Judge:
     beside = Path(args.output).parent if args.output else Path(".")
     cache = Path(args.cache_dir) if args.cache_dir else beside / "judge_cache"
     chat = ChatOptions(template=args.judge_template, seed=args.seed, cache_dir=cache, workers=args.workers,
-                       max_retries=args.max_retries)
+                       max_retries=args.max_retries, request_deadline_s=args.request_timeout,
+                       run_deadline_s=args.timeout, max_consecutive_failures=args.max_consecutive_failures)
     return make_judge(args.judge, tie_tolerance=args.tie_tolerance, batch_size=args.batch_size, device=args.device,
                       chat=chat, trust_remote_code=args.trust_remote_code)
 
