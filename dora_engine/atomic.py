@@ -1,4 +1,9 @@
-"""Atomic file writes: nothing a user wrote is ever left half-written (docs/design.md section 7).
+"""Atomic file writes: nothing a user wrote is ever left half-written (docs/design.md section 7.4).
+
+Permissions. A new file gets what ``open`` would give it (0o666 less the umask), a new folder 0o777 less
+the umask. A destination that is a regular file keeps its permission bits, never its setuid, setgid or
+sticky bit. A destination that is a symbolic link is never followed: the new file replaces the link itself
+(the link's target is untouched) and gets a new file's mode.
 
 Every temporary name made here (and by the training export) has the form ``.<name>.<8 random
 characters>.tmp[<suffix>]`` beside its destination, so that ``remove_stale_temporaries`` can find the
@@ -11,6 +16,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -28,12 +34,35 @@ _UMASK = _read_umask()
 
 
 def _new_file_mode(path: Path) -> int:
-    """The permissions ``path`` gets: those it has when it exists, else what ``open`` would give a new file
-    (0o666 less the process's umask at import); ``mkstemp``'s own 0o600 would hide a user's file from their
-    group."""
+    """The permissions ``path`` gets (module docstring): the permission bits of the regular file it is,
+    else (missing, a link, anything else) what ``open`` would give a new file, 0o666 less the process's
+    umask at import. ``mkstemp``'s own 0o600 would hide a user's file from their group."""
     with contextlib.suppress(FileNotFoundError):
-        return path.stat().st_mode & 0o7777
+        status = path.lstat()
+        if stat.S_ISREG(status.st_mode):
+            return stat.S_IMODE(status.st_mode) & 0o777
     return 0o666 & ~_UMASK
+
+
+def give_default_modes(tree: str | os.PathLike) -> None:
+    """Give ``tree`` and everything below it a new folder's or file's mode (module docstring), before a
+    folder made with ``temporary_dir`` is renamed into place: ``mkdtemp`` makes 0o700 and some writers
+    (safetensors) 0o600. Links are not followed."""
+    tree = Path(tree)
+    for folder, _subfolders, files in os.walk(tree):
+        os.chmod(folder, 0o777 & ~_UMASK)
+        for name in files:
+            entry = Path(folder, name)
+            if not entry.is_symlink():
+                os.chmod(entry, 0o666 & ~_UMASK)
+
+
+def temporary_dir(destination: str | os.PathLike) -> Path:
+    """A new empty folder beside ``destination`` under a temporary name (module docstring), to be filled,
+    passed to ``give_default_modes`` and renamed over ``destination``."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
 
 
 @contextlib.contextmanager

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dora_engine.device import resolve_device
-from dora_engine.errors import UserImportError, UserValueError, loading_user_model
+from dora_engine.errors import UserImportError, UserValueError
+from dora_engine.hf_loading import load_pretrained, refuse_remote_code
 from dora_engine.prompt import Prompt
 
 GENERATION_BACKENDS = ("transformers", "vllm")
@@ -233,19 +234,20 @@ class Generator(Protocol):
 
 class TransformersGenerator:
     """``sample_texts`` with a model loaded by ``AutoModelForCausalLM`` (default dtype: bfloat16 on cuda,
-    float32 on cpu; else a torch dtype name or ``"auto"`` for the checkpoint's)."""
+    float32 on cpu; else a torch dtype name or ``"auto"`` for the checkpoint's); ``trust_remote_code``:
+    ``dora_engine.hf_loading``."""
 
     def __init__(self, model: str, sampling: Sampling, *, batch_size: int = 8, device: str | None = None,
-                 dtype: str | None = None, progress: bool = False) -> None:
+                 dtype: str | None = None, progress: bool = False, trust_remote_code: bool = False) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if batch_size < 1:
             raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
         device = resolve_device(device)
         dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-        with loading_user_model(model):
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForCausalLM.from_pretrained(model, dtype=dtype).to(device)
+        self.tokenizer = load_pretrained(AutoTokenizer, model, trust_remote_code=trust_remote_code)
+        self.model = load_pretrained(AutoModelForCausalLM, model, trust_remote_code=trust_remote_code,
+                                     dtype=dtype).to(device)
         self.sampling = sampling
         self.batch_size = batch_size
         self.progress = progress
@@ -312,7 +314,8 @@ class VLLMGenerator:
     """Sampling with vLLM (``pip install 'dora-engine[generate]'``); each request seeded with its prompt's seed."""
 
     def __init__(self, model: str, sampling: Sampling, *, dtype: str | None = None,
-                 options: VLLMOptions | None = None, progress: bool = False) -> None:
+                 options: VLLMOptions | None = None, progress: bool = False, trust_remote_code: bool = False) -> None:
+        refuse_remote_code(model, trust_remote_code)
         try:
             import vllm
         except ImportError as err:
@@ -326,6 +329,7 @@ class VLLMGenerator:
             model=model, dtype=dtype or "auto", tokenizer_mode="hf", config_format="hf",
             load_format=vllm_load_format(model), tensor_parallel_size=options.tensor_parallel_size,
             gpu_memory_utilization=options.gpu_memory_utilization, max_model_len=options.max_model_len,
+            trust_remote_code=trust_remote_code,
         )
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling = sampling
@@ -349,14 +353,16 @@ class VLLMGenerator:
 
 def make_generator(model: str, sampling: Sampling, *, backend: str = "transformers", batch_size: int = 8,
                    device: str | None = None, dtype: str | None = None, vllm: VLLMOptions | None = None,
-                   progress: bool = False) -> Generator:
+                   progress: bool = False, trust_remote_code: bool = False) -> Generator:
     """A generator for ``model`` (a local folder or hub id) on ``backend`` (see ``GENERATION_BACKENDS``);
-    ``vllm`` holds the vLLM engine's settings (vllm backend only)."""
+    ``vllm`` holds the vLLM engine's settings (vllm backend only); ``trust_remote_code``:
+    ``dora_engine.hf_loading``."""
     if backend == "transformers":
         if vllm is not None:
             raise UserValueError("vLLM options apply to backend 'vllm' only")
         return TransformersGenerator(model, sampling, batch_size=batch_size, device=device, dtype=dtype,
-                                     progress=progress)
+                                     progress=progress, trust_remote_code=trust_remote_code)
     if backend == "vllm":
-        return VLLMGenerator(model, sampling, dtype=dtype, options=vllm, progress=progress)
+        return VLLMGenerator(model, sampling, dtype=dtype, options=vllm, progress=progress,
+                             trust_remote_code=trust_remote_code)
     raise UserValueError(f"unknown backend {backend!r}; valid backends: {', '.join(GENERATION_BACKENDS)}")

@@ -74,10 +74,26 @@ class RowTokenizer:
         return keep_first(ids, self.max_response)
 
     def rows(self, where: str, prompt: Prompt, texts: Sequence[str], responses: Sequence[int]) -> list[Row]:
-        """The rows of responses ``responses`` (indices into ``texts``); ``where`` names the record in errors."""
-        prompt_ids = self.prompt_ids(prompt)
+        """The rows of responses ``responses`` (indices into ``texts``); ``where`` names the record in errors,
+        a chat template that rejects the prompt (e.g. a role it does not support) included."""
+        try:
+            prompt_ids = self.prompt_ids(prompt)
+        except _template_errors(self.use_template) as err:
+            source = getattr(self.tok, "name_or_path", "") or "the tokenizer"
+            raise RecordError(
+                f"{where}: the chat template of {source} rejects this prompt: {' '.join(str(err).split())}"
+            ) from None
         ids = [self.response_ids(texts[k]) for k in responses]
         return scorable_rows(where, prompt_ids, ids, [f"responses[{k}].text" for k in responses])
+
+
+def _template_errors(use_template: bool) -> tuple[type[BaseException], ...]:
+    """The errors a chat template raises (jinja2's, which only a templated prompt needs)."""
+    if not use_template:
+        return ()
+    from jinja2 import TemplateError
+
+    return (TemplateError,)
 
 
 def keep_last(ids: list[int], limit: int | None) -> list[int]:

@@ -69,7 +69,7 @@ def test_engine_reads_the_hf_tokenizer_config_and_weights(fake_vllm, tmp_path):
     kwargs = fake_vllm.engines[0].kwargs
     assert kwargs == {"model": "org/model", "dtype": "bfloat16", "tokenizer_mode": "hf", "config_format": "hf",
                       "load_format": "safetensors", "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
-                      "max_model_len": None}
+                      "max_model_len": None, "trust_remote_code": False}
     texts = generator.generate(["hi there"], 2, [7])
     assert texts == [["7/0", "7/1"]]
     # the chat template's rendering, as token ids (no second bos)

@@ -17,8 +17,9 @@ REPO_ROOT = PACKAGE_ROOT.parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     # the version and the error types that every layer raises
     ("dora_engine", "errors"),
-    # leaves: atomic file writes, the torch device, the prompt type, the registry of losses (the ground truth)
-    ("atomic", "device", "prompt", "losses"),
+    # leaves: atomic file writes, the torch device, the prompt type, the registry of losses (the ground truth),
+    # the one place that loads Hugging Face models (never their own code unless asked)
+    ("atomic", "device", "prompt", "losses", "hf_loading"),
     # the loss op: torch and the registry only, so that the op imports light
     ("ops",),
     # sampling from a model: data augmentation and evaluation both call it, and it needs neither

@@ -46,15 +46,14 @@ def encode(backbone: str, examples: Sequence[Any], *, max_length: int, batch_siz
 
     from dora_engine.calibration.pairs import cut_pairs, load_classifier_tokenizer
     from dora_engine.device import resolve_device
-    from dora_engine.errors import loading_user_model
+    from dora_engine.hf_loading import load_pretrained
 
     keys = [(backbone, max_length, _key(e.prompt, e.response)) for e in examples]
     missing = [i for i, k in enumerate(keys) if k not in _CACHE]
     if missing:
         device = resolve_device(device)
         tokenizer = load_classifier_tokenizer(backbone)
-        with loading_user_model(backbone):
-            model = AutoModel.from_pretrained(backbone)
+        model = load_pretrained(AutoModel, backbone, trust_remote_code=False)
         model.to(device).eval()
         order = sorted(missing, key=lambda i: len(examples[i].prompt) + len(examples[i].response))
         with torch.inference_mode(), tqdm(total=len(order), desc=description, unit="resp") as bar:

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dora_engine.hf_loading import load_pretrained
+
 POOLINGS = ("mean", "cls")
 """Mean over the attended tokens, or the first token."""
 
@@ -48,7 +50,7 @@ class PooledClassifier(nn.Module):
         """The pretrained encoder at ``path`` (any head it has is dropped) with a fresh head."""
         from transformers import AutoModel
 
-        return cls(AutoModel.from_pretrained(path), num_labels, pooling)
+        return cls(load_pretrained(AutoModel, path, trust_remote_code=False), num_labels, pooling)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> PooledClassifier:
@@ -56,7 +58,8 @@ class PooledClassifier(nn.Module):
         from transformers import AutoModel
 
         config = json.loads(Path(folder, HEAD_CONFIG).read_text(encoding="utf-8"))
-        model = cls(AutoModel.from_pretrained(folder), config["num_labels"], config["pooling"])
+        model = cls(load_pretrained(AutoModel, str(folder), trust_remote_code=False), config["num_labels"],
+                    config["pooling"])
         model.head.load_state_dict(load_file(Path(folder, HEAD_WEIGHTS)))
         return model
 
@@ -96,4 +99,6 @@ def load_trained(folder: str | os.PathLike) -> nn.Module:
         return PooledClassifier.load(folder)
     from transformers import AutoModelForSequenceClassification
 
-    return _SequenceClassifierLogits(AutoModelForSequenceClassification.from_pretrained(folder))
+    return _SequenceClassifierLogits(
+        load_pretrained(AutoModelForSequenceClassification, str(folder), trust_remote_code=False)
+    )

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dora_engine.errors import UserImportError, UserValueError, loading_user_model
+from dora_engine.errors import UserImportError, UserValueError
+from dora_engine.hf_loading import load_pretrained
 
 MINILM = "minilm"
 
@@ -47,8 +48,7 @@ def load_classifier_tokenizer(path: str):
     neither; unlike ``training.model.load_tokenizer``, it never pads with unk)."""
     from transformers import AutoTokenizer
 
-    with loading_user_model(path):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=False)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")

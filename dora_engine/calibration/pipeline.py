@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -39,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from dora_engine.atomic import atomic_write
+from dora_engine.atomic import atomic_write, give_default_modes, temporary_dir
 from dora_engine.calibration import classifier
 from dora_engine.calibration.classifier import ClassifierSettings, Example
 from dora_engine.calibration.metrics import classifier_metrics
@@ -307,8 +306,7 @@ def _fit_member(
         seconds = json.loads((folder / CLASSIFIER_META).read_text(encoding="utf-8")).get("seconds", 0.0)
         with np.load(folder / PREDICTIONS) as saved:
             return _Member(str(folder), saved["held_probs"], saved["in_fold_probs"], reused=True, seconds=seconds)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temporary_dir(folder)
     name = f"{spec.name} fold {fold}" + ("" if settings.backbone == "minilm" else f" ({settings.backbone})")
     start = time.perf_counter()
     try:
@@ -327,6 +325,7 @@ def _fit_member(
                 "held_out_counts": _class_counts(held, len(spec.classes)),
                 "seconds": time.perf_counter() - start}
         (tmp / CLASSIFIER_META).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+        give_default_modes(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:

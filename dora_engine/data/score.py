@@ -25,7 +25,8 @@ from typing import Any
 from dora_engine.data.schema import Record, Response
 from dora_engine.data.sharded import ShardedRun
 from dora_engine.device import resolve_device
-from dora_engine.errors import UserValueError, loading_user_model
+from dora_engine.errors import UserValueError
+from dora_engine.hf_loading import load_pretrained
 from dora_engine.prompt import Prompt
 
 ORACLE = "synth:oracle"
@@ -36,7 +37,8 @@ Scorer = Callable[[Sequence[tuple[Prompt, str]]], list[float]]
 class RewardModel:
     """A single-logit sequence classifier that scores (prompt, response) pairs in batches."""
 
-    def __init__(self, model: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None) -> None:
+    def __init__(self, model: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None, *,
+                 trust_remote_code: bool = False) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -44,9 +46,9 @@ class RewardModel:
             raise UserValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
-        with loading_user_model(model):
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model, dtype=dtype)
+        self.tokenizer = load_pretrained(AutoTokenizer, model, trust_remote_code=trust_remote_code)
+        self.model = load_pretrained(AutoModelForSequenceClassification, model, trust_remote_code=trust_remote_code,
+                                     dtype=dtype)
         outputs = self.model.config.num_labels
         if outputs != 1:
             raise UserValueError(

@@ -9,6 +9,7 @@ from pathlib import Path
 from dora_engine.atomic import atomic_write
 from dora_engine.eval.comparison import Judge
 from dora_engine.generation import add_backend_arguments
+from dora_engine.hf_loading import add_trust_remote_code_argument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,6 +40,7 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cuda, cpu, … (default: cuda when available)")
     p.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
     add_backend_arguments(p)
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run_generate)
 
 
@@ -55,6 +57,7 @@ def run_generate(args: argparse.Namespace) -> int:
     generations = generate_records(
         records, args.model, generator=args.generator, backend=args.backend, sampling=sampling, seed=args.seed,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, vllm=vllm_options(args),
+        trust_remote_code=args.trust_remote_code,
     )
     write_generations(args.output, generations)
     if args.alpaca_eval:
@@ -74,12 +77,19 @@ def _register_winrate(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", help="openai judge answer cache (default: judge_cache beside --output, else ./)")
     p.add_argument("--workers", type=int, default=4, help="parallel requests of the openai judge")
     p.add_argument("--max-retries", type=int, default=5)
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="openai judge: stop the whole run after this long (default: no limit; answers are cached)")
+    p.add_argument("--request-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="openai judge: time one request may take in all, however slowly the reply comes (default: 120)")
+    p.add_argument("--max-consecutive-failures", type=int, default=8, metavar="N",
+                   help="openai judge: stop after N failed requests in a row (default: 8)")
     p.add_argument("--tie-tolerance", type=float, default=0.0, help="reward judges: |Δr| at most this is a tie")
     p.add_argument("--batch-size", type=int, default=8, help="reward-model batch size")
     p.add_argument("--device", help="reward-model device (default: cuda when available)")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0, help="seeds the A/B order swap and the bootstrap")
     p.add_argument("--output", help="report JSON: rates, intervals and per-comparison verdicts")
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run_winrate)
 
 
@@ -91,9 +101,10 @@ def _judge(args: argparse.Namespace) -> Judge:
     beside = Path(args.output).parent if args.output else Path(".")
     cache = Path(args.cache_dir) if args.cache_dir else beside / "judge_cache"
     chat = ChatOptions(template=args.judge_template, seed=args.seed, cache_dir=cache, workers=args.workers,
-                       max_retries=args.max_retries)
+                       max_retries=args.max_retries, request_deadline_s=args.request_timeout,
+                       run_deadline_s=args.timeout, max_consecutive_failures=args.max_consecutive_failures)
     return make_judge(args.judge, tie_tolerance=args.tie_tolerance, batch_size=args.batch_size, device=args.device,
-                      chat=chat)
+                      chat=chat, trust_remote_code=args.trust_remote_code)
 
 
 def run_winrate(args: argparse.Namespace) -> int:
@@ -132,6 +143,7 @@ def _register_calibration(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--output-dir", required=True, help="writes calibration_report.json and reward_confidence.png")
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run_calibration)
 
 
@@ -166,7 +178,7 @@ def run_calibration(args: argparse.Namespace) -> int:
             if option is None and missing is not None:
                 raise UserValueError(f"{path} (model {name!r}): line {missing + 1} has no {field!r}; pass {what}")
     classifier = resolve_classifier(args.classifier, args.max_length) if args.classifier else None
-    scorer = make_reward_scorer(args.reward) if args.reward else None
+    scorer = make_reward_scorer(args.reward, trust_remote_code=args.trust_remote_code) if args.reward else None
     for g in groups:
         if scorer is not None:
             g.reward = list(scorer.score(g.instructions, g.outputs))
@@ -204,6 +216,7 @@ def _register_compare(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples of the prompts (default 2000)")
     p.add_argument("--seed", type=int, default=0, help="seeds the bootstrap")
     p.add_argument("--output", help="report JSON (the table is also written beside it as .md)")
+    add_trust_remote_code_argument(p)
     p.set_defaults(func=run_compare)
 
 
@@ -222,7 +235,8 @@ def run_compare(args: argparse.Namespace) -> int:
     baseline, candidate = read_generations(base_path), read_generations(cand_path)
     check_same_prompts(baseline, candidate, (base_path, cand_path))
     records = read_records(args.data)
-    judge = RewardJudge(make_reward_scorer(args.reward), tie_tolerance=args.tie_tolerance)
+    judge = RewardJudge(make_reward_scorer(args.reward, trust_remote_code=args.trust_remote_code),
+                        tie_tolerance=args.tie_tolerance)
     scores = [score_against_golden(name, pair_with_golden(gens, records, args.target_source), judge)
               for name, gens in ((base_name, baseline), (cand_name, candidate))]
     report = paired_report(*scores, n_boot=args.n_boot, seed=args.seed)

@@ -46,12 +46,14 @@ def generate_records(
     device: str | None = None,
     dtype: str = "auto",
     vllm: VLLMOptions | None = None,
+    trust_remote_code: bool = False,
 ) -> list[Generation]:
     """One response per record from the model at ``model_path`` (a local folder or hub id), with
     ``EVALUATION_SAMPLING`` unless given; each record's draws are seeded by ``seed`` and its id. The
     generator name defaults to ``generation.model_name(model_path)``."""
     engine = make_generator(model_path, sampling or EVALUATION_SAMPLING, backend=backend, batch_size=batch_size,
-                            device=device, dtype=dtype, vllm=vllm, progress=True)
+                            device=device, dtype=dtype, vllm=vllm, progress=True,
+                            trust_remote_code=trust_remote_code)
     outputs = engine.generate([r.prompt for r in records], 1, [derived_seed(seed, r.id) for r in records])
     name = generator or model_name(model_path)
     return [Generation(r.id, r.prompt_text(), texts[0], name) for r, texts in zip(records, outputs, strict=True)]

@@ -8,8 +8,14 @@ AlpacaEval-style) and ``harmless`` (HH-RLHF-style dialogues).
 
 The endpoint is ``$OPENAI_BASE_URL/chat/completions`` (default https://api.openai.com/v1) with the key
 ``$OPENAI_API_KEY`` as a bearer token. Rate limits (429), server errors (5xx) and network failures are
-retried with exponential backoff; other HTTP errors stop the run. A failure is one line with the status
-and at most 200 characters of the response body, redacted: the key and every header value this judge sent,
+retried with exponential backoff; other HTTP errors stop the run. Deadlines: one attempt ends after
+``request_deadline_s`` in all (not only per socket read: a server that trickles bytes is cut off), the whole
+run after ``run_deadline_s`` (``--timeout``), and ``max_consecutive_failures`` failed attempts in a row stop
+it (and a request that fails through its retries stops the others). At most ``BODY_READ_LIMIT`` bytes of a
+reply are read. A failure is one line with the status and at most 200 characters of the response body,
+redacted: the key in its plain, URL-encoded, JSON-escaped and base64 forms (of the key and of ``Bearer key``),
+every header value this judge sent, a password in ``OPENAI_BASE_URL`` (shown as ``user:[redacted]@host``;
+sent as basic authentication when there is no key),
 bearer tokens, ``sk-`` keys and anything after a header-like ``Authorization:`` are replaced by
 ``[redacted]``, so a proxy that echoes the request never shows its credentials. Every raw answer is cached on disk,
 one file per key sha256(model, template, prompt, first response, second response), written atomically,
@@ -18,6 +24,7 @@ so a rerun, or a run resumed after a failure, repeats no request.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.client
 import json
@@ -27,6 +34,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -71,6 +79,32 @@ _SECRET_PATTERNS = (
     re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}"),  # OpenAI-style keys
 )
 BODY_LIMIT = 200
+BODY_READ_LIMIT = 1 << 20
+"""Bytes read at most of a reply (an answer or an error body)."""
+
+
+def encoded_forms(secret: str) -> list[str]:
+    """``secret`` as it may appear in an echoed request: plain, URL-encoded, JSON-escaped, base64 (standard
+    and URL-safe) of itself and of ``Bearer secret``."""
+    forms = {secret, urllib.parse.quote(secret, safe=""), urllib.parse.quote_plus(secret), json.dumps(secret)[1:-1]}
+    for raw in (secret, f"Bearer {secret}"):
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(raw.encode("utf-8")).decode("ascii")
+            forms.update({text, text.rstrip("=")})
+    return sorted(forms)
+
+
+def split_credentials(url: str) -> tuple[str, str, str | None]:
+    """``url`` without its ``user:password@`` (what is requested), as it may be shown (the password
+    replaced by ``[redacted]``), and the decoded ``user:password`` (None when it has none)."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, url, None
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    user, _, password = userinfo.partition(":")
+    shown = urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:[redacted]@{host}"))
+    credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), shown, credentials
 
 
 def redact(text: str, secrets: Sequence[str] = ()) -> str:
@@ -122,7 +156,13 @@ class ChatOptions:
     backoff_s: float = 1.0
     """First retry delay in seconds, doubled on each retry."""
     timeout_s: float = 60.0
-    """Timeout of one request in seconds."""
+    """Timeout of one socket operation (connect, one read) in seconds."""
+    request_deadline_s: float = 120.0
+    """Time one attempt may take in all, however the server trickles its reply."""
+    run_deadline_s: float | None = None
+    """Time the whole run may take (``--timeout``); None: no limit."""
+    max_consecutive_failures: int = 8
+    """Failed attempts in a row (across all requests) that stop the run."""
     workers: int = 4
     """Requests in flight at once."""
 
@@ -134,16 +174,23 @@ class ChatJudge:
         o = options
         if o.template not in TEMPLATES:
             raise UserValueError(f"unknown judge template {o.template!r}; valid templates: {', '.join(TEMPLATES)}")
-        if o.max_retries < 0 or o.backoff_s < 0 or o.timeout_s <= 0 or o.workers < 1:
-            raise UserValueError("max_retries and backoff_s must be >= 0, timeout_s > 0 and workers >= 1")
+        if (o.max_retries < 0 or o.backoff_s < 0 or o.timeout_s <= 0 or o.workers < 1 or o.request_deadline_s <= 0
+                or (o.run_deadline_s is not None and o.run_deadline_s <= 0) or o.max_consecutive_failures < 1):
+            raise UserValueError("max_retries and backoff_s must be >= 0, timeout_s, request_deadline_s and "
+                                 "run_deadline_s > 0, workers and max_consecutive_failures >= 1")
         self.model = model
         self.name = f"openai:{model}"
         self.template = o.template
         self.seed = o.seed
         self.base_url = (o.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url, self.shown_url, self._credentials = split_credentials(self.base_url)
         if not self.base_url.startswith(("http://", "https://")):
-            raise UserValueError(f"the judge endpoint must be an http:// or https:// URL, got {self.base_url!r}")
+            raise UserValueError(f"the judge endpoint must be an http:// or https:// URL, got {self.shown_url!r}")
         self.api_key = o.api_key if o.api_key is not None else os.environ.get("OPENAI_API_KEY")
+        secrets = [self.api_key] if self.api_key else []
+        if self._credentials:
+            secrets += [self._credentials, self._credentials.partition(":")[2]]
+        self._secrets = [form for secret in secrets if secret for form in encoded_forms(secret)]
         if not self.api_key and self.base_url == DEFAULT_BASE_URL:
             raise UserValueError(
                 "the openai judge needs OPENAI_API_KEY (or OPENAI_BASE_URL for a keyless local server)"
@@ -152,9 +199,15 @@ class ChatJudge:
         self.max_retries = o.max_retries
         self.backoff_s = o.backoff_s
         self.timeout_s = o.timeout_s
+        self.request_deadline_s = o.request_deadline_s
+        self.run_deadline_s = o.run_deadline_s
+        self.max_consecutive_failures = o.max_consecutive_failures
         self.workers = o.workers
         self.requests_made = 0
         self._lock = threading.Lock()
+        self._run_ends = float("inf")
+        self._failures_in_row = 0
+        self._stopped: str | None = None
 
     def swapped(self, comparison: Comparison) -> bool:
         """Whether the golden response is shown first (as 'A') for this comparison."""
@@ -163,6 +216,8 @@ class ChatJudge:
     def judge(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
         from tqdm.auto import tqdm
 
+        self._run_ends = time.monotonic() + self.run_deadline_s if self.run_deadline_s is not None else float("inf")
+        self._failures_in_row, self._stopped = 0, None
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             verdicts = pool.map(self._judge_one, comparisons)
             return list(tqdm(verdicts, total=len(comparisons), desc=f"judge {self.model}", unit="pair"))
@@ -208,37 +263,84 @@ class ChatJudge:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        elif self._credentials:  # user:password in OPENAI_BASE_URL: HTTP basic authentication
+            headers["Authorization"] = "Basic " + base64.b64encode(self._credentials.encode("utf-8")).decode("ascii")
         request = urllib.request.Request(
             f"{self.base_url}/chat/completions", data=json.dumps(body).encode("utf-8"), headers=headers, method="POST"
         )
-        secrets = [v for v in headers.values() if v != "application/json"] + ([self.api_key] if self.api_key else [])
+        secrets = [v for v in headers.values() if v != "application/json"] + self._secrets
         for attempt in range(self.max_retries + 1):
+            self._check_running()
             with self._lock:
                 self.requests_made += 1
+            deadline = min(time.monotonic() + self.request_deadline_s, self._run_ends)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = json.loads(response.read().decode("utf-8"))
+                timeout = max(0.001, min(self.timeout_s, deadline - time.monotonic()))
+                with urllib.request.urlopen(request, timeout=timeout) as response:
+                    payload = json.loads(_read_bounded(response, deadline).decode("utf-8"))
+                with self._lock:
+                    self._failures_in_row = 0
                 return _message_content(payload)
             except urllib.error.HTTPError as err:
                 failure = f"HTTP {err.code}"
                 try:
-                    body = err.read().decode("utf-8", "replace")
+                    body = _read_bounded(err, deadline).decode("utf-8", "replace")
                 except (OSError, http.client.HTTPException):
                     body = ""
                 if body.strip():
                     failure += f": {redact(body, secrets)}"
                 if err.code < 500 and err.code not in _RETRYABLE_STATUS:
-                    raise JudgeEndpointError(f"judge endpoint {self.base_url}: {failure}") from None
+                    self._stop(f"judge endpoint {self.shown_url}: {failure}")
             except (OSError, http.client.HTTPException, ValueError) as err:
                 # URLError, timeouts, refused or reset connections, TLS errors, truncated replies, a reply
                 # that is not JSON (ValueError covers JSONDecodeError and UnicodeDecodeError)
                 failure = redact(_reason(err), secrets)
+            with self._lock:
+                self._failures_in_row += 1
+                in_row = self._failures_in_row
+            if in_row >= self.max_consecutive_failures:
+                self._stop(f"judge endpoint {self.shown_url}: {self.max_consecutive_failures} failed attempts in a "
+                           f"row, the last: {failure}; "
+                           "finished judgements are cached, so rerunning resumes")
             if attempt < self.max_retries:
-                time.sleep(self.backoff_s * 2**attempt)
-        raise JudgeEndpointError(
-            f"judge endpoint {self.base_url}: gave up after {self.max_retries + 1} attempts ({failure}); "
-            "finished judgements are cached, so rerunning resumes"
-        )
+                time.sleep(max(0.0, min(self.backoff_s * 2**attempt, self._run_ends - time.monotonic())))
+        self._stop(f"judge endpoint {self.shown_url}: gave up after {self.max_retries + 1} attempts ({failure}); "
+                   "finished judgements are cached, so rerunning resumes")
+
+    def _stop(self, message: str) -> None:
+        """End the run: this request raises the first stop's message (the workers may race to stop), and the
+        ones still queued raise it too without asking."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = message
+        raise JudgeEndpointError(self._stopped)
+
+    def _check_running(self) -> None:
+        if self._stopped is not None:
+            raise JudgeEndpointError(self._stopped)
+        if time.monotonic() >= self._run_ends:
+            self._stop(f"judge endpoint {self.shown_url}: the run's deadline of {self.run_deadline_s:g} s "
+                       "(--timeout) passed; finished judgements are cached, so rerunning resumes")
+
+
+class DeadlineExceeded(TimeoutError):
+    """An attempt's reply did not arrive in full before its deadline."""
+
+
+def _read_bounded(response: object, deadline: float) -> bytes:
+    """At most ``BODY_READ_LIMIT`` bytes of ``response``, read a chunk at a time so that a reply that trickles
+    in ends at ``deadline`` (each chunk is bounded by the socket's own timeout)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < BODY_READ_LIMIT:
+        if time.monotonic() >= deadline:
+            raise DeadlineExceeded("the reply did not arrive in full before the request's deadline")
+        chunk = response.read1(min(65536, BODY_READ_LIMIT - size))  # type: ignore[attr-defined]
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 def _message_content(payload: object) -> str:

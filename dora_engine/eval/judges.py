@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from dora_engine.device import resolve_device
-from dora_engine.errors import UserValueError, loading_user_model
+from dora_engine.errors import UserValueError
 from dora_engine.eval.comparison import Comparison, Judge, Verdict
 from dora_engine.eval.http_judge import ChatJudge, ChatOptions
+from dora_engine.hf_loading import load_pretrained
 
 
 class RewardScorer(Protocol):
@@ -48,15 +49,16 @@ class RewardModelScorer:
     """r(x, y) = the single logit of a sequence-classification reward model on the chat (or "x\\n\\ny")."""
 
     def __init__(
-        self, path: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None
+        self, path: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.name = f"reward-model:{path}"
         self.device = resolve_device(device)
-        with loading_user_model(path):
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        self.tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+        self.model = load_pretrained(AutoModelForSequenceClassification, path, trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
         if self.model.config.num_labels != 1:
             raise UserValueError(
                 f"reward model {path} has {self.model.config.num_labels} outputs; a reward model needs exactly 1"
@@ -120,24 +122,28 @@ class RewardJudge:
 
 
 def make_reward_scorer(
-    spec: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None
+    spec: str, *, batch_size: int = 8, max_length: int = 1024, device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> RewardScorer:
-    """``oracle`` or ``reward-model:PATH`` (the model read in batches of ``batch_size`` on ``device``)."""
+    """``oracle`` or ``reward-model:PATH`` (the model read in batches of ``batch_size`` on ``device``;
+    ``trust_remote_code``: ``dora_engine.hf_loading``)."""
     if spec == "oracle":
         return OracleScorer()
     if spec.startswith("reward-model:") and spec.split(":", 1)[1]:
-        return RewardModelScorer(spec.split(":", 1)[1], batch_size=batch_size, max_length=max_length, device=device)
+        return RewardModelScorer(spec.split(":", 1)[1], batch_size=batch_size, max_length=max_length, device=device,
+                                 trust_remote_code=trust_remote_code)
     raise UserValueError(f"unknown reward {spec!r}; use 'oracle' or 'reward-model:PATH'")
 
 
 def make_judge(
     spec: str, *, tie_tolerance: float = 0.0, batch_size: int = 8, device: str | None = None,
-    chat: ChatOptions | None = None,
+    chat: ChatOptions | None = None, trust_remote_code: bool = False,
 ) -> Judge:
     """A judge from its spec: ``oracle``, ``reward-model:PATH`` (rewards within ``tie_tolerance`` tie; the
     model read in batches of ``batch_size`` on ``device``) or ``openai:MODEL`` (asked as ``chat`` says)."""
     if spec.startswith("openai:") and spec.split(":", 1)[1]:
         return ChatJudge(spec.split(":", 1)[1], chat or ChatOptions())
     if spec == "oracle" or spec.startswith("reward-model:"):
-        return RewardJudge(make_reward_scorer(spec, batch_size=batch_size, device=device), tie_tolerance=tie_tolerance)
+        scorer = make_reward_scorer(spec, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+        return RewardJudge(scorer, tie_tolerance=tie_tolerance)
     raise UserValueError(f"unknown judge {spec!r}; use 'oracle', 'reward-model:PATH' or 'openai:MODEL'")

@@ -22,6 +22,7 @@ import yaml
 
 from dora_engine.errors import UserError
 from dora_engine.generation import EXPORT_FOLDER
+from dora_engine.hf_loading import refuse_remote_code
 from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss, get_strategy
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
@@ -54,6 +55,12 @@ class ModelConfig:
         default="auto",
         metadata={"help": "`auto`: the tokenizer's chat template for prompts when it has one (a string prompt "
                           "becomes one user turn); `none`: plain text."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "`true` runs the Python code a model folder ships (its `auto_map`) to load it, with your "
+                          "permissions: only for a folder you trust; `false` refuses such a folder in one line "
+                          "(docs/design.md section 7.6)."},
     )
 
 
@@ -574,6 +581,8 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
     _check_model_location(tokenizer_key, cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
     _check_model_location("model.reference", cfg.model.reference, MODEL_FILES)
+    for location in {cfg.model.path, cfg.model.tokenizer or cfg.model.path, cfg.model.reference or cfg.model.path}:
+        refuse_remote_code(location, cfg.model.trust_remote_code)
     _choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
@@ -643,6 +652,12 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
 # --------------------------------------------------------------------------------------------------
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong, in a few words on one line (a YAML error's text spans several lines with a caret)."""
+    problem = getattr(err, "problem", None) or str(err)
+    return " ".join(str(problem).split())
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``dotted.key=value`` override (the value is parsed as YAML) to a raw config dict."""
     if "=" not in assignment:
@@ -659,7 +674,11 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
                 f"unknown config key {dotted!r} in override; valid keys under {where}: {', '.join(sorted(names))}"
             )
         if depth == len(parts) - 1:
-            node[part] = yaml.safe_load(raw)
+            try:
+                node[part] = yaml.safe_load(raw)
+            except yaml.YAMLError as err:
+                problem = _yaml_problem(err)
+                raise ConfigError(f"override {assignment!r}: the value is not valid YAML ({problem})") from None
             return
         hint = typing.get_type_hints(cls)[part] if names is not None else dict
         cls = hint if dataclasses.is_dataclass(hint) else dict

@@ -32,6 +32,13 @@ class Example:
     h_tilde: float | None
 
 
+class NoRecordsError(RecordError):
+    """Data files that hold no record; the message names them (``load_data`` adds the config key)."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        super().__init__(f"no records in {', '.join(str(p) for p in paths)}")
+
+
 def _where(index: int, record: Record) -> str:
     return f"record {index} (id={record.id!r})"
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from dora_engine.atomic import give_default_modes, temporary_dir
 
 WRAPPER_PREFIX = "model."  # PolicyLoss keeps the causal LM in its ``model`` attribute
 PEFT_PREFIX = "base_model.model."
@@ -64,13 +65,13 @@ def write_export(
     """Write config, weights (safetensors), tokenizer and the run's config, then rename into place."""
     from safetensors.torch import save_file
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    tmp = temporary_dir(destination)
     try:
         model_config.save_pretrained(tmp)
         save_file(untie(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         (tmp / "dora_training.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False), encoding="utf-8")
+        give_default_modes(tmp)
         old = None
         if destination.exists():
             old = destination.with_name(f".{destination.name}.old-{os.getpid()}.tmp")

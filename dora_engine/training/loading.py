@@ -8,8 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dora_engine.data.schema import RecordError
 from dora_engine.training.config import TrainingConfig
-from dora_engine.training.data import TrainingData, check_token_range, row_tokenizer
+from dora_engine.training.data import NoRecordsError, TrainingData, check_token_range, row_tokenizer
 
 
 def load_data(
@@ -20,13 +21,17 @@ def load_data(
     With ``train`` (the loaded data.train) the files are data.eval, whose records must have the same K."""
     from dora_engine.training.tokenised import load_tokenised
 
-    return load_tokenised(
-        files, row_tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage, target_source=cfg.data.target_source,
-        num_responses=train.num_responses if train is not None else cfg.data.num_responses,
-        needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
-        k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
-        num_proc=cfg.data.num_proc, progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
-    )
+    try:
+        return load_tokenised(
+            files, row_tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
+            target_source=cfg.data.target_source,
+            num_responses=train.num_responses if train is not None else cfg.data.num_responses,
+            needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
+            k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
+            num_proc=cfg.data.num_proc, progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
+        )
+    except NoRecordsError as err:
+        raise RecordError(f"{'data.eval' if train is not None else 'data.train'}: {err}") from None
 
 
 def data_cache_dir(cfg: TrainingConfig) -> Path:
@@ -56,10 +61,10 @@ def load_run_data(cfg: TrainingConfig, progress: bool) -> RunData:
     process group or model."""
     from dora_engine.training.model import load_tokenizer, model_vocab_size
 
-    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     train = load_data(cfg, tokenizer, cfg.data.train, progress)
     evaluation = load_data(cfg, tokenizer, cfg.data.eval, progress, train) if cfg.data.eval else None
-    vocab = model_vocab_size(cfg.model.path)
+    vocab = model_vocab_size(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     check_token_range(train, vocab, "data.train")
     if evaluation is not None:
         check_token_range(evaluation, vocab, "data.eval")

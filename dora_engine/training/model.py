@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_engine.errors import UserImportError
+from dora_engine.hf_loading import load_pretrained
 from dora_engine.losses import RobustObjective, get_strategy
 from dora_engine.ops import DoRAOutput
 from dora_engine.ops.lm_head import DoRAPolicy
@@ -101,28 +102,32 @@ class ReferenceLogps(DoRAPolicy):
         return super().forward(input_ids, attention_mask, labels)[0]
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, *, trust_remote_code: bool) -> Any:
+    """The tokenizer at ``path``, padding with EOS (else UNK) when it has no pad token; ``trust_remote_code``:
+    ``dora_engine.hf_loading``."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token if tokenizer.eos_token is not None else tokenizer.unk_token
     return tokenizer
 
 
-def model_vocab_size(path: str) -> int:
+def model_vocab_size(path: str, *, trust_remote_code: bool) -> int:
     """The vocabulary size of the causal LM at ``path``, read from its config (no weights loaded)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(path).vocab_size
+    return load_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code).vocab_size
 
 
-def load_causal_lm(path: str, dtype: torch.dtype, *, gradient_checkpointing: bool = False) -> nn.Module:
+def load_causal_lm(path: str, dtype: torch.dtype, *, trust_remote_code: bool,
+                   gradient_checkpointing: bool = False) -> nn.Module:
     """A Hugging Face causal LM. Under an active ``HfDeepSpeedConfig`` with ZeRO-3 the weights are
-    partitioned across ranks as they load, so no rank ever holds the whole model."""
+    partitioned across ranks as they load, so no rank ever holds the whole model. ``trust_remote_code``:
+    ``dora_engine.hf_loading``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = load_pretrained(AutoModelForCausalLM, path, trust_remote_code=trust_remote_code, dtype=dtype)
     model.config.use_cache = False
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -130,7 +130,8 @@ def reference_pass(
 
     config = {k: v for k, v in ds_config.items() if k != "optimizer"}
     keep_alive = HfDeepSpeedConfig(config)  # noqa: F841 - while it lives, the weights load partitioned
-    model = load_causal_lm(cfg.model.reference or cfg.model.path, torch_dtype(resolve_precision(cfg.train.precision)))
+    model = load_causal_lm(cfg.model.reference or cfg.model.path, torch_dtype(resolve_precision(cfg.train.precision)),
+                           trust_remote_code=cfg.model.trust_remote_code)
     model.requires_grad_(False)
     engine, *_ = deepspeed.initialize(model=ReferenceLogps(model, LossPath.of(cfg.train)), config=config)
     try:

@@ -101,7 +101,8 @@ def build_policy_engine(
     # While this object lives, from_pretrained partitions the weights across ranks as it loads them.
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     model = load_causal_lm(
-        cfg.model.path, torch_dtype(precision), gradient_checkpointing=cfg.train.gradient_checkpointing
+        cfg.model.path, torch_dtype(precision), trust_remote_code=cfg.model.trust_remote_code,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
     )
     if cfg.lora.enabled:
         from dora_engine.training.model import add_lora

@@ -19,18 +19,18 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dora_engine.atomic import atomic_write
+from dora_engine.atomic import atomic_write, give_default_modes, temporary_dir
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
 from dora_engine.rows import Row, RowTokenizer, alignment_problem
 from dora_engine.training.data import (
     Example,
+    NoRecordsError,
     TrainingData,
     check_nonempty,
     file_hash,
@@ -325,12 +325,12 @@ def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict
     import datasets
     import pyarrow.compute as pc
 
-    work = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    work = temporary_dir(path)
     try:
         count = write_records_arrow(paths, work / "records.arrow", columns=columns,
                                     hf_cache=str(path.parent / "hf"), progress=progress)
         if count == 0:
-            raise RecordError("the training data has no records")
+            raise NoRecordsError(paths)
         records = datasets.Dataset.from_file(str(work / "records.arrow"))
         if settings["stage"] == "align" and settings["num_responses"] is None:
             settings = {**settings, "num_responses": len(records[0]["texts"])}
@@ -371,6 +371,7 @@ def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict
                 target = work / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
         (work / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        give_default_modes(work)
         try:
             os.rename(work, path)
         except OSError:  # another node or run finished the same key first: use theirs
