@@ -70,8 +70,13 @@ def dispatch(task: str, args: argparse.Namespace) -> int:
         from dora_engine.training.config import load_config
 
         cfg = load_config(args.config, list(args.overrides))  # a bad config is one line here, not one per rank
-        with run_lock(task, cfg.output_dir):
-            return launch_local(task, args)
+        from dora_engine.training.output_lock import OutputDirInUse
+
+        try:
+            with run_lock(task, cfg.output_dir):
+                return launch_local(task, args)
+        except OutputDirInUse as err:
+            return report_error(task, err)
     return run_task(task, args.config, list(args.overrides), args.resume)
 
 
@@ -191,12 +196,15 @@ def resume_command(task: str, args: argparse.Namespace) -> str:
 def failure_line(task: str, args: argparse.Namespace, watch: Any, code: int, launcher_pids: list[int]) -> str | None:
     """What a launch that ended with ``code`` did wrong, in one line; None when every rank exited with 0."""
     started = watch.started
-    if watch.deaths:
-        what = f"{watch.deaths[0].describe()}; the other ranks were stopped"
-    elif code == 0 and (len(started) < args.num_procs or any(r.exit_code != 0 for r in started.values())):
+    if code == 0 and (len(started) < args.num_procs or any(r.exit_code != 0 for r in started.values())):
         # DeepSpeed's runner exits 0 when its launcher was killed by a signal; the ranks died with it
         pids = ", ".join(str(p) for p in launcher_pids) or "unknown pid"
         what = f"DeepSpeed's launcher (pid {pids}) was killed before its ranks finished; the ranks were stopped"
+    elif watch.deaths:
+        first = watch.deaths[0]
+        if first.signum is None and len(watch.deaths) == 1 and 128 < code < 256:
+            first.signum = 256 - code  # the launcher exits with a killed rank's negative status, modulo 256
+        what = f"{first.describe()}; the other ranks were stopped"
     else:
         return None
     resume = f"; resume with: {resume_command(task, args)}" if task == "train" else ""
@@ -232,7 +240,7 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
         while True:
             watch.poll()
             try:
-                code = proc.wait(timeout=0.1)
+                code = proc.wait(timeout=0.05)  # often: a dead rank's status is seen before it is reaped
                 break
             except subprocess.TimeoutExpired:
                 pass
@@ -259,8 +267,8 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
             return 130
         watch.poll()
         line = failure_line(task, args, watch, code, launcher_pids)
-        if line:
-            print(line, file=sys.stderr, flush=True)
+        if line:  # on a line of its own: a killed rank may have left its progress bar unfinished
+            print(f"\n{line}", file=sys.stderr, flush=True)
             return 1
         return code if code >= 0 else 128 - code
     finally:
@@ -278,7 +286,6 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
     Bad input is one line ``dora-engine TASK: error: ...`` and exit code 2; a run that cannot continue
     (``TrainingError``, an output folder another run holds) exits with 1.
     """
-    from dora_engine.errors import TrainingError
     from dora_engine.training.config import load_config
     from dora_engine.training.engine import Trainer
     from dora_engine.training.process_group import close_distributed
@@ -298,10 +305,18 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
             close_distributed()
         return code
     except UserError as err:
-        if os.environ.get("DORA_ENGINE_DEBUG") == "1":
-            raise
-        print(f"dora-engine {task}: error: {err}", file=sys.stderr, flush=True)
-        return 1 if isinstance(err, TrainingError) else 2
+        return report_error(task, err)
+
+
+def report_error(task: str, err: UserError) -> int:
+    """``err`` as one line ``dora-engine TASK: error: ...``; the exit code: 1 for a run that cannot continue
+    (``TrainingError``), 2 for bad input. ``DORA_ENGINE_DEBUG=1`` shows the traceback instead."""
+    from dora_engine.errors import TrainingError
+
+    if os.environ.get("DORA_ENGINE_DEBUG") == "1":
+        raise err
+    print(f"dora-engine {task}: error: {err}", file=sys.stderr, flush=True)
+    return 1 if isinstance(err, TrainingError) else 2
 
 
 def launch_main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,12 @@ class Death:
     signum: int | None
 
     def describe(self) -> str:
-        how = f"was killed by {signal.Signals(self.signum).name}" if self.signum else "was killed by a signal"
+        how = "was killed by a signal"
+        if self.signum:
+            try:
+                how = f"was killed by {signal.Signals(self.signum).name}"
+            except ValueError:
+                how = f"was killed by signal {self.signum}"
         return f"rank {self.record.rank} (local rank {self.record.local_rank}, pid {self.record.pid}) {how}"
 
 
