@@ -274,3 +274,119 @@ def test_resuming_a_two_rank_checkpoint_on_one_rank_says_what_to_do(launches):
         "1; ZeRO-3 keeps one optimizer shard per rank, so resume it with 2 rank(s) (dora-engine train --num-procs 2, "
         "or deepspeed --num_gpus 2)"
     )
+
+
+# ------------------------------------------------------------------------------- processes killed outright
+
+
+def _process(run: Path, *marks: str) -> int:
+    """The pid of the one process of ``run`` whose command line holds every string of ``marks``."""
+    import psutil
+
+    found = [proc.info["pid"] for proc in psutil.process_iter(["pid", "cmdline"])
+             if proc.info["cmdline"] and str(run) in " ".join(proc.info["cmdline"])
+             and all(m in " ".join(proc.info["cmdline"]) for m in marks)]
+    assert len(found) == 1, (marks, found)
+    return found[0]
+
+
+def _left_after(run: Path, timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    while _processes_of(run) and time.time() < deadline:
+        time.sleep(0.2)
+    return _processes_of(run)
+
+
+def _buffers_of(port: int) -> list[str]:
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory) -> dict:
+    """Three `dora-engine train --num-procs 2` runs at once, each killed with SIGKILL after its first step:
+    'rank' loses its rank 1, 'launcher' DeepSpeed's per-node launcher, 'front' the dora-engine process. While
+    'launcher' trains, a second run on its output folder is started."""
+    root = tmp_path_factory.mktemp("killed")
+    config = make_toy(root, n_records=8)
+    names = ("rank", "launcher", "front")
+    runs = {name: root / f"run_{name}" for name in names}
+    logs = {name: root / f"log_{name}" for name in names}
+    common = ["--num-procs", "2", "checkpoint.export=false", "loss.name=simpo", "loss.params={}",
+              "train.max_steps=100000", "checkpoint.every=1"]
+    procs, out = {}, {"root": root, "config": config, "runs": runs, "logs": logs, "codes": {}, "left": {}}
+    try:
+        for name in names:
+            with open(logs[name], "w") as handle:
+                procs[name] = subprocess.Popen(
+                    _train(config, runs[name], *common, f"data.ref_cache_dir={root / f'ref_{name}'}"),
+                    stdout=handle, stderr=subprocess.STDOUT, env=_env(), start_new_session=True,
+                )
+        for name in names:
+            _wait_for_step(runs[name], 1, procs[name], logs[name], timeout=400)
+        out["ports"] = {name: _port(logs[name]) for name in names}
+        out["buffers"] = {name: _buffers_of(port) for name, port in out["ports"].items()}
+        second = root / "log_second"
+        out["second_code"] = _run(_train(config, runs["launcher"], *common), second, timeout=120)
+        out["front_pid"] = procs["launcher"].pid
+        out["victim"] = _process(runs["rank"], "dora_engine.training", "--local_rank=1")
+        os.kill(out["victim"], signal.SIGKILL)
+        os.kill(_process(runs["launcher"], "deepspeed.launcher.launch"), signal.SIGKILL)
+        os.kill(procs["front"].pid, signal.SIGKILL)
+        for name in names:
+            out["codes"][name] = procs[name].wait(timeout=120)
+        for name in names:
+            out["left"][name] = _left_after(runs[name], 20)
+    finally:
+        for name, proc in procs.items():
+            _kill_tree(proc.pid)
+            for pid in _processes_of(runs[name]):
+                _kill_tree(pid)
+    return out
+
+
+def test_a_killed_rank_is_named_with_its_signal_and_how_to_resume(killed):
+    log, run = killed["logs"]["rank"], killed["runs"]["rank"]
+    assert killed["codes"]["rank"] == 1, log.read_text()[-3000:]
+    last = [line for line in log.read_text().splitlines() if line.strip()][-1]
+    assert last == (
+        f"dora-engine: rank 1 (local rank 1, pid {killed['victim']}) was killed by SIGKILL; the other ranks were "
+        f"stopped; resume with: dora-engine train --config {killed['config']} --num-procs 2 --resume auto "
+        f"output_dir={run} checkpoint.export=false loss.name=simpo 'loss.params={{}}' train.max_steps=100000 "
+        f"checkpoint.every=1 data.ref_cache_dir={killed['root'] / 'ref_rank'}"
+    )
+    assert killed["left"]["rank"] == []
+
+
+def test_a_killed_launcher_fails_the_run_and_takes_its_ranks(killed):
+    log = killed["logs"]["launcher"]
+    assert killed["codes"]["launcher"] == 1, log.read_text()[-3000:]
+    last = [line for line in log.read_text().splitlines() if line.strip()][-1]
+    assert last.startswith("dora-engine: DeepSpeed's launcher (pid ") and "was killed before its ranks finished" in last
+    assert "--resume auto" in last
+    assert killed["left"]["launcher"] == []
+
+
+def test_a_second_run_on_the_same_output_dir_is_refused_with_the_holders_pid(killed):
+    text = (killed["root"] / "log_second").read_text()
+    assert killed["second_code"] == 1, text[-3000:]
+    assert _error_line(killed["root"] / "log_second") == (
+        f"dora-engine train: error: output_dir {killed['runs']['launcher']} is in use by pid {killed['front_pid']} "
+        f"on {os.uname().nodename} (lock {killed['runs']['launcher'] / '.dora_engine.lock'}); wait for that run to "
+        "end or stop it, or choose another output_dir"
+    )
+
+
+def test_a_killed_front_takes_the_launcher_and_ranks_along_and_frees_the_folder(killed):
+    from dora_engine.training.output_lock import output_lock
+
+    assert killed["codes"]["front"] == -signal.SIGKILL
+    assert killed["left"]["front"] == []
+    for run in killed["runs"].values():
+        with output_lock(run):  # every lock was released
+            pass
+
+
+def test_no_run_keeps_its_all_reduce_buffers_in_shared_memory(killed):
+    """The names are removed once every rank has mapped them: none while the runs trained, none after."""
+    assert killed["buffers"] == {name: [] for name in killed["runs"]}
+    assert [_buffers_of(port) for port in killed["ports"].values()] == [[], [], []]

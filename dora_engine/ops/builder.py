@@ -497,11 +497,29 @@ def _acquire(handle: IO[str], path: Path) -> None:
     fcntl.flock(handle, fcntl.LOCK_EX)
 
 
+def _builders_in(build_dir: Path) -> list[int]:
+    """Pids of the processes working in ``build_dir`` (torch runs ninja and the compilers there)."""
+    import psutil
+
+    pids = []
+    for proc in psutil.process_iter(["pid", "cwd"]):
+        if proc.info["cwd"] and Path(proc.info["cwd"]) == build_dir:
+            pids.append(proc.info["pid"])
+    return pids
+
+
 def _remove_stale_torch_lock(build_dir: Path) -> None:
+    """Remove torch's lock in ``build_dir`` unless some process (one that does not take our lock, such as
+    another program's DeepSpeed) is building there now."""
     stale = build_dir / TORCH_LOCK
-    if stale.exists():
-        stale.unlink(missing_ok=True)
-        _say(f"removed {stale}, left by a build that was killed; building again")
+    if not stale.exists():
+        return
+    builders = _builders_in(build_dir.resolve())
+    if builders:
+        _say(f"waiting for pid {builders[0]}, which is building in {build_dir} ({stale})")
+        return
+    stale.unlink(missing_ok=True)
+    _say(f"removed {stale}, left by a build that was killed; building again")
 
 
 def _report_torch_lock(build_dir: Path, why: str) -> None:

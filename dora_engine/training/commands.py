@@ -13,17 +13,27 @@ run in a session of their own, and a SIGTERM or SIGINT sent to this process (or 
 scheduler or Ctrl-C does) is forwarded to the ranks as SIGTERM: they finish the current step, save a
 checkpoint and exit, and this process exits with their status (0 on a clean stop). A second SIGINT stops
 the ranks at once (exit code 130; the last complete checkpoint stays).
+
+The front holds the output folder's lock for the whole run (``output_lock``); the ranks die with it and
+with DeepSpeed's launcher (``lifeline``), and record their start and exit (``run_state``), so that when a
+rank or the launcher is killed the front exits with 1 and one line saying which process died, how, and
+how to resume (docs/design.md section 7.7).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from dora_engine.errors import UserError, UserValueError
@@ -59,8 +69,14 @@ def dispatch(task: str, args: argparse.Namespace) -> int:
     if args.num_procs > 1 and "RANK" not in os.environ:
         from dora_engine.training.config import load_config
 
-        load_config(args.config, list(args.overrides))  # a bad config is one line here, not one per rank
-        return launch_local(task, args)
+        cfg = load_config(args.config, list(args.overrides))  # a bad config is one line here, not one per rank
+        from dora_engine.training.output_lock import OutputDirInUse
+
+        try:
+            with run_lock(task, cfg.output_dir):
+                return launch_local(task, args)
+        except OutputDirInUse as err:
+            return report_error(task, err)
     return run_task(task, args.config, list(args.overrides), args.resume)
 
 
@@ -81,6 +97,32 @@ def master_port(flag: int | None) -> int:
     if not 0 < port < 65536:
         raise UserValueError(f"{source} must be a port number in 1..65535, got {value!r}")
     return port
+
+
+def run_lock(task: str, output_dir: str) -> contextlib.AbstractContextManager[None]:
+    """The output folder's lock of a ``train`` run, taken by the front of a launch or, without one, rank 0."""
+    from dora_engine.training.output_lock import held_by_ancestor, output_lock
+
+    if task != "train" or os.environ.get("RANK", "0") != "0" or held_by_ancestor():
+        return contextlib.nullcontext()
+    return output_lock(output_dir)
+
+
+def _launchers(runner: Any) -> list[Any]:
+    """DeepSpeed's per-node launcher processes under the runner ``runner``."""
+    import psutil
+
+    found = []
+    try:
+        for proc in runner.children(recursive=True):
+            try:
+                if LAUNCHER_MODULE in " ".join(proc.cmdline()):
+                    found.append(proc)
+            except psutil.Error:
+                continue
+    except psutil.Error:
+        pass
+    return found
 
 
 def _ranks(launcher: Any) -> list[Any]:
@@ -145,13 +187,47 @@ def launcher_command(task: str, args: argparse.Namespace, environ: Mapping[str, 
     return cmd + list(args.overrides)
 
 
+def resume_command(task: str, args: argparse.Namespace) -> str:
+    """The command that continues this launch from its last complete checkpoint."""
+    return shlex.join(["dora-engine", task, "--config", args.config, "--num-procs", str(args.num_procs),
+                       "--resume", "auto", *args.overrides])
+
+
+def failure_line(task: str, args: argparse.Namespace, watch: Any, code: int, launcher_pids: list[int]) -> str | None:
+    """What a launch that ended with ``code`` did wrong, in one line; None when every rank exited with 0."""
+    started = watch.started
+    if code == 0 and (len(started) < args.num_procs or any(r.exit_code != 0 for r in started.values())):
+        # DeepSpeed's runner exits 0 when its launcher was killed by a signal; the ranks died with it
+        pids = ", ".join(str(p) for p in launcher_pids) or "unknown pid"
+        what = f"DeepSpeed's launcher (pid {pids}) was killed before its ranks finished; the ranks were stopped"
+    elif watch.deaths:
+        first = watch.deaths[0]
+        if first.signum is None and len(watch.deaths) == 1 and 128 < code < 256:
+            first.signum = 256 - code  # the launcher exits with a killed rank's negative status, modulo 256
+        what = f"{first.describe()}; the other ranks were stopped"
+    else:
+        return None
+    resume = f"; resume with: {resume_command(task, args)}" if task == "train" else ""
+    return f"dora-engine: {what}{resume}"
+
+
 def launch_local(task: str, args: argparse.Namespace) -> int:
     """Run ``task`` on ``--num-procs`` ranks under the ``deepspeed`` launcher and stay in front (module
-    docstring): forward SIGTERM / SIGINT to the ranks, wait for them, exit with their status."""
+    docstring): forward SIGTERM / SIGINT to the ranks, wait for them, exit with their status, or with 1
+    and one line when a rank or the launcher was killed."""
     import psutil
 
-    proc = subprocess.Popen(launcher_command(task, args, os.environ), start_new_session=True)
+    from dora_engine.training.lifeline import FRONT_ENV
+    from dora_engine.training.output_lock import HOLDER_ENV
+    from dora_engine.training.run_state import STATE_ENV, RankWatch
+
+    state = Path(tempfile.mkdtemp(prefix="dora-engine-run-"))
+    watch = RankWatch(state)
+    front = str(os.getpid())
+    env = {**os.environ, STATE_ENV: str(state), FRONT_ENV: front, HOLDER_ENV: front}
+    proc = subprocess.Popen(launcher_command(task, args, os.environ), start_new_session=True, env=env)
     launcher = psutil.Process(proc.pid)
+    launcher_pids: list[int] = []
     received: list[int] = []  # filled by the handler; acted on by the loop (printing in a handler may re-enter)
     signalled: set[int] = set()
     handled = 0
@@ -162,11 +238,13 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
+            watch.poll()
             try:
-                code = proc.wait(timeout=0.5)
+                code = proc.wait(timeout=0.05)  # often: a dead rank's status is seen before it is reaped
                 break
             except subprocess.TimeoutExpired:
                 pass
+            launcher_pids = launcher_pids or [p.pid for p in _launchers(launcher)]
             for signum in received[handled:]:
                 handled += 1
                 signalled.clear()  # tell every rank again
@@ -187,6 +265,11 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
                         signalled.add(rank.pid)
         if received.count(signal.SIGINT) > 1:
             return 130
+        watch.poll()
+        line = failure_line(task, args, watch, code, launcher_pids)
+        if line:  # on a line of its own: a killed rank may have left its progress bar unfinished
+            print(f"\n{line}", file=sys.stderr, flush=True)
+            return 1
         return code if code >= 0 else 128 - code
     finally:
         for sig, handler in previous.items():
@@ -194,15 +277,15 @@ def launch_local(task: str, args: argparse.Namespace) -> int:
         if proc.poll() is None:  # this process is leaving for another reason (an exception): take the ranks along
             _kill_tree(launcher)
             time.sleep(0.1)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def run_task(task: str, config: str, overrides: list[str], resume: str | None) -> int:
     """Load the config and run ``task`` in this process (one rank of a launch, or a world of one).
 
     Bad input is one line ``dora-engine TASK: error: ...`` and exit code 2; a run that cannot continue
-    (``TrainingError``) exits with 1.
+    (``TrainingError``, an output folder another run holds) exits with 1.
     """
-    from dora_engine.errors import TrainingError
     from dora_engine.training.config import load_config
     from dora_engine.training.engine import Trainer
     from dora_engine.training.process_group import close_distributed
@@ -210,27 +293,50 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
     from dora_engine.training.signals import StopSignals
 
     try:
-        with StopSignals().installed() as stop:
-            cfg = load_config(config, overrides + ([f"checkpoint.resume={resume}"] if resume else []))
-            if task == "ref-logps":
-                precompute_reference(cfg)
-                code = 0
-            else:
-                code = Trainer.from_config(cfg, stop=stop).run()
-        close_distributed()
+        with contextlib.ExitStack() as held:
+            with StopSignals().installed() as stop:
+                cfg = load_config(config, overrides + ([f"checkpoint.resume={resume}"] if resume else []))
+                held.enter_context(run_lock(task, cfg.output_dir))
+                if task == "ref-logps":
+                    precompute_reference(cfg)
+                    code = 0
+                else:
+                    code = Trainer.from_config(cfg, stop=stop).run()
+            close_distributed()
         return code
     except UserError as err:
-        if os.environ.get("DORA_ENGINE_DEBUG") == "1":
-            raise
-        print(f"dora-engine {task}: error: {err}", file=sys.stderr, flush=True)
-        return 1 if isinstance(err, TrainingError) else 2
+        return report_error(task, err)
+
+
+def report_error(task: str, err: UserError) -> int:
+    """``err`` as one line ``dora-engine TASK: error: ...``; the exit code: 1 for a run that cannot continue
+    (``TrainingError``), 2 for bad input. ``DORA_ENGINE_DEBUG=1`` shows the traceback instead."""
+    from dora_engine.errors import TrainingError
+
+    if os.environ.get("DORA_ENGINE_DEBUG") == "1":
+        raise err
+    print(f"dora-engine {task}: error: {err}", file=sys.stderr, flush=True)
+    return 1 if isinstance(err, TrainingError) else 2
 
 
 def launch_main(argv: list[str] | None = None) -> int:
-    """Entry of each rank under the ``deepspeed`` launcher (it adds ``--local_rank``)."""
+    """Entry of each rank under the ``deepspeed`` launcher (it adds ``--local_rank``): the rank dies with
+    its launcher and its front, and records its start and exit for the front (module docstring)."""
     parser = argparse.ArgumentParser(prog="launch/train.py", description="one rank of a dora-engine run")
     parser.add_argument("--task", choices=TASKS, default="train")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     add_run_arguments(parser)
     args = parser.parse_args(argv)
-    return run_task(args.task, args.config, list(args.overrides), args.resume)
+    from dora_engine.training.lifeline import die_with_parent, watch_front
+    from dora_engine.training.run_state import record_exit, record_start
+
+    die_with_parent()
+    watch_front()
+    record = record_start()
+    try:
+        code = run_task(args.task, args.config, list(args.overrides), args.resume)
+    except BaseException:
+        record_exit(record, 1)
+        raise
+    record_exit(record, code)
+    return code

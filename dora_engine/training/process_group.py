@@ -16,7 +16,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dora_engine.training.deepspeed_ops import SHM_COMM_BUILDER, load_deepspeed_op
 from dora_engine.training.library_warnings import silence_understood_warnings
+from dora_engine.training.shared_memory import release_own_buffer, remove_stale_buffers
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,10 @@ def init_distributed(timeout: timedelta) -> Ranks:
     ``timeout`` (``train.dist_timeout_minutes``) is how long a collective waits for the other ranks before
     the run fails: rank 0 alone writes the export while the others wait at a barrier, and the ranks hash
     a checkpoint's files before they meet again, which for a large model takes longer than DeepSpeed's
-    default of 10 minutes."""
+    default of 10 minutes.
+
+    On CPU the names of DeepSpeed's shared-memory all-reduce buffers are removed as soon as every rank
+    has mapped them, so that no run leaves them in ``/dev/shm`` (``dora_engine.training.shared_memory``)."""
     import deepspeed
 
     if "RANK" not in os.environ:  # plain `python` / `dora-engine train`: a world of one
@@ -66,9 +71,25 @@ def init_distributed(timeout: timedelta) -> Ranks:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)  # before the process group, so NCCL binds each rank to its own GPU
     if not dist.is_initialized():
+        if not torch.cuda.is_available():
+            _prepare_shared_memory_all_reduce(local_rank)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
+        if not torch.cuda.is_available():
+            if dist.get_world_size() > 1:
+                dist.barrier()  # every rank has mapped every rank's buffer
+            release_own_buffer(dist.get_rank())
     local_size = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1)
     return Ranks(dist.get_rank(), local_rank, local_size, dist.get_world_size(), device)
+
+
+def _prepare_shared_memory_all_reduce(local_rank: int) -> None:
+    """Before DeepSpeed's CPU process group starts: remove the all-reduce buffers killed runs left (local
+    rank 0), and build DeepSpeed's shared-memory op under the build lock (section 7.7)."""
+    if local_rank == 0:
+        removed = remove_stale_buffers()
+        if removed:
+            print(f"[dora-engine] {removed}", flush=True)
+    load_deepspeed_op(SHM_COMM_BUILDER)
 
 
 def close_distributed() -> None:
