@@ -54,6 +54,7 @@ class DataConfig:
     # ~/.cache/dora_engine/tokenised
     num_proc: int | None = None  # tokenising processes; None: 1 below 20k records, else min(8, CPUs)
     columns: dict[str, str] = field(default_factory=dict)  # schema field -> column, for data `datasets` loads
+    format: str = "schema"  # schema: section 3 records; trl | hh | tldr | authors: that public layout, converted
 
 
 @dataclass
@@ -410,8 +411,12 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         _check_output_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.data.num_proc is not None:
         _positive("data.num_proc", cfg.data.num_proc)
+    from dora_engine.data.converters import ROW_CONVERTERS
     from dora_engine.data.hf import check_columns
 
+    _choice("data.format", cfg.data.format, ("schema", *ROW_CONVERTERS))
+    if cfg.data.columns and cfg.data.format != "schema":
+        raise ConfigError(f"config key 'data.columns' applies to data.format schema, not {cfg.data.format!r}")
     try:
         check_columns(cfg.data.columns, "config key 'data.columns'")
     except ValueError as err:
