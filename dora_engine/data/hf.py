@@ -11,6 +11,7 @@ source and the row, as for JSONL files.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -70,6 +71,9 @@ def load_hf(source: str | os.PathLike, *, split: str | None = None, cache_dir: s
 
     path = Path(source)
     kind = "dataset"
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # datasets logs a failed read before raising it: said once, below
     try:
         if path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
             kind = "saved"
@@ -93,6 +97,8 @@ def load_hf(source: str | os.PathLike, *, split: str | None = None, cache_dir: s
         cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
         first = (str(cause).splitlines() or [type(cause).__name__])[0]
         raise UserValueError(f"{source}: cannot be read as {FORMAT_NAMES[kind]} ({first})") from None
+    finally:
+        logger.setLevel(level)
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         chosen = split or ("train" if "train" in loaded else names[0] if len(names) == 1 else None)
