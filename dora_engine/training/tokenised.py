@@ -66,7 +66,7 @@ def iter_source(
 ) -> Iterator[Record]:
     """Validated records of one data.train / data.eval entry in ``data_format`` (data.format), streamed."""
     from dora_engine.data.converters import iter_converted
-    from dora_engine.data.hf import is_hf_source, iter_hf_records, load_hf
+    from dora_engine.data.hf import is_hf_source, iter_hf_records, load_hf, looks_like_trl
 
     if data_format != SCHEMA:
         yield from iter_converted(data_format, path, id_prefix=Path(path).stem or "row", cache_dir=hf_cache)
@@ -76,6 +76,8 @@ def iter_source(
                                    id_prefix=Path(path).stem or "row")
         return
     for n, (_, obj) in enumerate(iter_jsonl(path)):
+        if n == 0 and isinstance(obj, dict) and looks_like_trl(list(obj), {}):
+            raise RecordError(f"{path}: this looks like TRL's layout (prompt/chosen/rejected): use data.format: trl")
         yield Record.from_dict(obj, index=n)
 
 
