@@ -6,7 +6,9 @@ has the network). A column mapping says which column holds each field of the sch
 ``responses``, ``h_tilde``, ``meta``, and, inside each response, ``responses.text``,
 ``responses.source``, ``responses.score``; fields it does not name keep their own name, and columns
 no field names are ignored. A row that does not follow the schema is a ``RecordError`` naming the
-source and the row, as for JSONL files.
+source and the row, as for JSONL files; a source in TRL's layout (``chosen`` / ``rejected``, no
+``responses``) is refused with a pointer to the ``trl`` format (``dora_engine.data.converters``), which
+reads the same sources.
 """
 
 from __future__ import annotations
