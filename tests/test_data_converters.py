@@ -261,7 +261,7 @@ def test_undecodable_input_is_one_line_naming_the_file_and_format(tmp_path, caps
     extra = ["--target", "g"] if fmt == "alpaca" else []
     for name, (path, expected) in _undecodable(tmp_path).items():
         if fmt == "hf" and name.endswith((".json", ".jsonl", ".gz")):
-            continue  # --format hf reads JSON through datasets: its own messages, checked by datasets
+            expected = "cannot be read as JSON"  # --format hf reads any JSON through datasets
         rc, err, _ = _convert(tmp_path, capsys, fmt, path, *extra)
         last = err.strip().splitlines()[-1]
         assert rc == 2 and "Traceback" not in err, (name, err)
@@ -348,3 +348,10 @@ def test_real_hh_rlhf_as_trl_parquet_converts_like_the_raw_file(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "hh.parquet"))
     trl = convert_files("trl", [tmp_path / "hh.parquet"], drop_empty=False)
     assert [(r.prompt, r.responses) for r in trl] == [(r.prompt, r.responses) for r in raw]
+
+
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.parquet", "missing.jsonl.gz"])
+def test_a_missing_file_is_named_not_looked_up_on_the_hub(tmp_path, capsys, name):
+    rc, err, _ = _convert(tmp_path, capsys, "trl", tmp_path / name)
+    assert rc == 2 and err.strip().splitlines() == [
+        f"dora-engine data convert: error: [Errno 2] No such file or directory: '{tmp_path / name}'"]

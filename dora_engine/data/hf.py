@@ -13,6 +13,7 @@ reads the same sources.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -68,10 +69,14 @@ def parse_columns(items: list[str] | None) -> dict[str, str]:
 
 def load_hf(source: str | os.PathLike, *, split: str | None = None, cache_dir: str | None = None) -> Any:
     """A ``datasets.Dataset`` (memory-mapped where the source is Arrow) of ``source``. A source that cannot
-    be read is a ``UserValueError`` in one line naming it and the format it was read as."""
+    be read is a ``UserValueError`` in one line naming it and the format it was read as; a missing file
+    (a name with a data file's suffix, or a path starting with ``/`` or ``.``) is a ``FileNotFoundError``,
+    never a hub request."""
     import datasets
 
     path = Path(source)
+    if not path.exists() and (path.suffix in (*FILE_BUILDERS, ".arrow", ".gz") or str(source).startswith(("/", "."))):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(source))  # a file, not a hub id
     kind = "dataset"
     logger = logging.getLogger("datasets")
     level = logger.level
@@ -93,7 +98,7 @@ def load_hf(source: str | os.PathLike, *, split: str | None = None, cache_dir: s
             loaded = datasets.load_dataset(str(path), split=split or "train", cache_dir=cache_dir)
         else:
             loaded = datasets.load_dataset(str(source), split=split or "train", cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetsError) as err:
+    except (OSError, EOFError, ValueError, datasets.exceptions.DatasetsError) as err:  # OSError, EOFError: gzip
         if isinstance(err, UserValueError):
             raise
         cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
