@@ -248,3 +248,43 @@ def test_sharded_steps_stream_their_input_and_resume(tmp_path, monkeypatch):
     assert calls == [0, 1, 2, 2, 3]  # the finished shards were not redone
     assert len(result) == 10 and [r.id for r in result] == [f"toy-{i}" for i in range(10)]
     assert all(r.h_tilde == 2.0 for r in read_records(out))
+
+
+def _as_trl(records: list[dict]) -> list[dict]:
+    """TRL's conversational form (prompt implicit in chosen/rejected) of K = 2 records: the first response
+    chosen, the last rejected."""
+    def chat(rec: dict, k: int) -> list[dict]:
+        answer = {"role": "assistant", "content": rec["responses"][k]["text"]}
+        return [{"role": "user", "content": rec["prompt"]}, answer]
+
+    return [{"chosen": chat(r, 0), "rejected": chat(r, -1)} for r in records]
+
+
+def test_training_reads_trl_sources_directly_keyed_by_format(toy, tmp_path):
+    """A conversational TRL JSONL and a save_to_disk folder train through the cache with data.format trl,
+    giving the rows of the same records in the schema; the same file in another format is another key."""
+    import datasets
+
+    from dora_engine.training.config import load_config
+    from dora_engine.training.loading import load_data
+
+    tok, cfg = _tokenizer(toy)
+    records = make_records(8, K=2)
+    schema = [{**r, "prompt": [{"role": "user", "content": r["prompt"]}],
+               "responses": [{**x, "source": s, "score": v} for x, s, v in
+                             zip(r["responses"], ("chosen", "rejected"), (1.0, 0.0), strict=True)]}
+              for r in records]
+    schema = [{k: v for k, v in r.items() if k != "h_tilde"} for r in schema]
+    expected = _plain(_load([write_jsonl(tmp_path / "schema.jsonl", schema)], tok, tmp_path / "c0",
+                            needs_h_tilde=False))
+    trl_jsonl = write_jsonl(tmp_path / "trl.jsonl", _as_trl(records))
+    datasets.Dataset.from_list(_as_trl(records)).save_to_disk(str(tmp_path / "trl_saved"))
+    for source in (trl_jsonl, tmp_path / "trl_saved"):
+        cfg = load_config(toy, [f"data.train=[{source}]", "data.format=trl", f"data.cache_dir={tmp_path / 'c1'}",
+                                "robust.strategy=erm"])
+        from transformers import AutoTokenizer
+
+        data = load_data(cfg, AutoTokenizer.from_pretrained(cfg.model.path), cfg.data.train, progress=False)
+        assert data.built and _plain(data) == expected, source
+    with pytest.raises(RecordError, match=r"trl.jsonl: this looks like TRL's layout .*: use data.format: trl"):
+        _load([trl_jsonl], tok, tmp_path / "c1", needs_h_tilde=False)

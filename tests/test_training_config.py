@@ -65,6 +65,8 @@ def test_defaults_overrides_and_registry_defaults(toy):
         ({"robust": {"strategy": "dora", "lam": 0}}, "'robust.lam': lam must be a finite number > 0"),
         ({"robust": {"strategy": "minimax"}}, "'robust.strategy': unknown strategy"),
         ({"data": {"train": ["missing.jsonl"]}}, "'data.train[0]': file not found"),
+        ({"data": {"format": "ultrafeedback"}}, "'data.format' must be one of schema, trl, hh, tldr, authors"),
+        ({"data": {"format": "trl", "columns": {"prompt": "q"}}}, "'data.columns' applies to data.format schema"),
         ({"lora": {"enabled": True, "dropout": 1.5}}, "'lora.dropout'"),
         ({"model": {"path": "/nonexistent/model"}}, "'model.path': folder not found"),
         ({"model": {"reference": "./runs/missing-sft"}}, "'model.reference': folder not found"),

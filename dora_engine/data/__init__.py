@@ -4,8 +4,8 @@ Each pipeline step is a plain function, so the steps compose in Python as on the
 (``dora-engine data convert | augment | score | corrupt | synth``):
 
 - schema: ``Record``, ``Response``, ``RecordError``, ``read_records``, ``write_records``, ``iter_jsonl``;
-- ``converters``: ``convert_files(fmt, paths, target=None)``, ``from_trl``, ``from_hh_rlhf``,
-  ``from_alpaca_eval``, ``from_authors``, ``read_rows``;
+- ``converters``: ``convert_files(fmt, paths, target=None)``, ``from_trl``, ``from_hh_rlhf``, ``from_tldr``,
+  ``from_alpaca_eval``, ``from_authors``, ``iter_rows``, ``read_rows``;
 - ``augment``: ``augment_records``, ``augment_file`` (``Sampling`` from ``dora_engine.generation``);
 - ``score``: ``score_records``, ``score_file``, ``ORACLE``;
 - ``corrupt``: ``corrupt_records``;
@@ -15,7 +15,16 @@ No module here imports torch or transformers at import time.
 """
 
 from dora_engine.data.augment import augment_file, augment_records
-from dora_engine.data.converters import convert_files, from_alpaca_eval, from_authors, from_hh_rlhf, from_trl, read_rows
+from dora_engine.data.converters import (
+    convert_files,
+    from_alpaca_eval,
+    from_authors,
+    from_hh_rlhf,
+    from_tldr,
+    from_trl,
+    iter_rows,
+    read_rows,
+)
 from dora_engine.data.corrupt import corrupt_records
 from dora_engine.data.schema import Record, RecordError, Response, iter_jsonl, read_records, write_records
 from dora_engine.data.score import ORACLE, score_file, score_records
@@ -36,8 +45,10 @@ __all__ = [
     "from_alpaca_eval",
     "from_authors",
     "from_hh_rlhf",
+    "from_tldr",
     "from_trl",
     "iter_jsonl",
+    "iter_rows",
     "oracle_reward",
     "read_records",
     "read_rows",

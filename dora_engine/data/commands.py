@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from dora_engine.data.converters import FORMATS
 from dora_engine.data.schema import Record, read_records, write_records
 from dora_engine.data.summary import summarize
 from dora_engine.data.synth import SPLITS
@@ -82,12 +83,13 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if args.format == "hf":
         return _convert_hf(args)
-    if args.columns or args.split:
-        raise UserValueError("--columns and --split apply to --format hf only")
+    if args.columns:
+        raise UserValueError("--columns applies to --format hf only")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        records = convert_files(args.format, args.inputs, target=args.target, drop_empty=not args.keep_empty)
+        records = convert_files(args.format, args.inputs, target=args.target, drop_empty=not args.keep_empty,
+                                split=args.split)
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     return _finish(args.out, records)
@@ -150,16 +152,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     convert = commands.add_parser("convert", help="convert a public preference format to the dataset schema")
     convert.add_argument("inputs", nargs="+",
-                         help="input files: JSON list or JSONL, .gz allowed; --format hf: what `datasets` loads "
-                              "(Parquet, Arrow, JSON(L), CSV, a save_to_disk folder, a hub id)")
-    convert.add_argument("--format", required=True, choices=["trl", "hh", "alpaca", "authors", "hf"],
-                         help="trl: prompt/chosen/rejected; hh: raw HH-RLHF transcripts; alpaca: AlpacaEval "
-                              "model outputs of several generators; authors: query/responses/scores/probs; hf: "
-                              "rows already in the schema's fields, renamed by --columns")
+                         help="input files: JSON list or JSONL (.gz allowed), or what `datasets` loads (Parquet, "
+                              "Arrow, CSV, a save_to_disk folder, a hub id; --format hf: JSON(L) too)")
+    convert.add_argument("--format", required=True, choices=[*FORMATS, "hf"],
+                         help="trl: TRL's prompt/chosen/rejected (standard or conversational, explicit or implicit "
+                              "prompt); hh: raw HH-RLHF transcripts; tldr: TL;DR summarisation comparisons (info, "
+                              "summaries, choice); alpaca: AlpacaEval model outputs of several generators; authors: "
+                              "query/responses/scores/probs; hf: rows already in the schema's fields, renamed by "
+                              "--columns")
     convert.add_argument("--columns", nargs="*", default=None, metavar="FIELD=COLUMN",
                          help="hf: which column holds a schema field (id, prompt, responses, h_tilde, meta, "
                               "responses.text, responses.source, responses.score)")
-    convert.add_argument("--split", default=None, help="hf: the split to read (default: train, or the only one)")
+    convert.add_argument("--split", default=None,
+                         help="the split of a `datasets` source to read (default: train, or the only one)")
     convert.add_argument("--out", type=Path, required=True, help="output JSONL (.gz allowed)")
     convert.add_argument("--target", default=None, help="alpaca: the generator whose outputs are the target")
     convert.add_argument("--keep-empty", action="store_true",

@@ -1,17 +1,26 @@
 """Converters from public preference formats to the dataset schema (docs/design.md section 3).
 
-Formats (``FORMATS``; each converter takes parsed rows and returns ``list[Record]``):
+Formats (``FORMATS``; each converter takes parsed rows and returns ``list[Record]``; the row-wise ones,
+``ROW_CONVERTERS``, also turn one row into one record for a training run's ``data.format``):
 
-``trl``      ``from_trl``: TRL-style ``prompt`` / ``chosen`` / ``rejected``. The prompt is a string or a
-             chat list; chosen/rejected are strings or chat lists whose last message is the assistant's
-             answer. Without ``prompt`` the chat lists' shared leading messages are the prompt (TRL's
-             implicit-prompt form). Sources ``chosen`` / ``rejected``; scores ``score_chosen`` /
-             ``score_rejected`` when present, else 1 / 0.
+``trl``      ``from_trl``: TRL's preference layout, ``prompt`` / ``chosen`` / ``rejected``. Standard form:
+             strings; conversational form: chat lists whose last message is the assistant's answer.
+             The prompt is explicit (a ``prompt`` string or chat list; a string prompt that chosen/rejected
+             already repeat as a user turn is theirs) or implicit: without ``prompt``, the chat lists'
+             shared leading messages, or for strings their shared leading text up to its last whitespace
+             (the responses start at that whitespace). Sources ``chosen`` / ``rejected``; scores
+             ``score_chosen`` / ``score_rejected`` when present, else 1 / 0.
 ``hh``       ``from_hh_rlhf``: raw HH-RLHF, ``chosen`` / ``rejected`` full transcripts
              (``\\n\\nHuman: … \\n\\nAssistant: …``). Their longest common prefix is cut at its last
              ``\\n\\nAssistant:``; what precedes is the prompt, kept as a chat list of
              ``{"role": "user" | "assistant", "content"}`` so that chat templates apply; what follows in
              each transcript is the response. Sources ``chosen`` / ``rejected``, scores 1 / 0.
+``tldr``     ``from_tldr``: the TL;DR summarisation comparisons (``info`` with ``post`` or ``article`` and
+             optionally ``subreddit`` / ``title`` / ``id``, ``summaries`` of ``{text, policy}``, ``choice``
+             the index of the preferred summary). Prompt ``SUBREDDIT: r/… / TITLE: … / POST: … / TL;DR:``
+             (one line each, absent parts left out; ``ARTICLE:`` for articles); responses the summaries,
+             source = ``policy`` (else ``summary<k>``), score 1 for the chosen summary and 0 for the
+             others; ``meta.post_id`` = ``info.id``.
 ``alpaca``   ``from_alpaca_eval``: AlpacaEval ``model_outputs`` rows (``instruction``, ``output``,
              ``generator``) of several generators, joined on ``instruction`` (instructions missing from
              some generator are dropped with a warning). One response per generator, the ``target``
@@ -26,7 +35,10 @@ Formats (``FORMATS``; each converter takes parsed rows and returns ``list[Record
 Records whose response text is empty are dropped with a warning naming them (by default): an
 empty response has no token to score, which the loss rejects. Ids come from an ``id`` field when
 present, else ``<prefix>-<row index>``. A malformed row raises ``RecordError`` naming the row
-index (and id) and the field at fault. ``read_rows`` reads JSON lists and JSONL, gzipped or not.
+index (and id) and the field at fault. ``iter_rows`` reads the rows of any source: JSON lists and
+JSONL (gzipped or not) directly, and what ``datasets`` loads (Parquet, Arrow, CSV, a folder, a hub id)
+through ``dora_engine.data.hf``; bytes that cannot be decoded are a one-line ``RecordError`` naming the
+file and the format it was read as.
 """
 
 from __future__ import annotations
@@ -35,11 +47,12 @@ import gzip
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from dora_engine.data.schema import Record, RecordError, Response, iter_jsonl
+from dora_engine.data.hf import is_hf_source, iter_dataset_rows, load_hf
+from dora_engine.data.schema import GZIP_MAGIC, Record, RecordError, Response, iter_jsonl
 from dora_engine.errors import UserValueError
 from dora_engine.prompt import Prompt
 
@@ -47,21 +60,40 @@ HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
 
 
-def read_rows(path: str | os.PathLike) -> list[Any]:
-    """Rows of a JSON list file or a JSONL file (either may be gzipped)."""
+def iter_rows(
+    path: str | os.PathLike, *, split: str | None = None, cache_dir: str | None = None
+) -> Iterator[Any]:
+    """The rows of a source: a JSON list or JSONL file (either may be gzipped) read directly, anything
+    else ``datasets`` loads (``dora_engine.data.hf.is_hf_source``) as plain dicts, streamed."""
+    if is_hf_source(path):
+        yield from iter_dataset_rows(load_hf(path, split=split, cache_dir=cache_dir))
+        return
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        head = handle.read(1)
-        while head and head.isspace():
-            head = handle.read(1)
-        if head == "[":
-            try:
-                rows = json.loads(head + handle.read())
-            except json.JSONDecodeError as err:
-                raise RecordError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-            return rows
-    return [obj for _, obj in iter_jsonl(path)]
+    expected = "a JSON list or JSONL file"
+    with open(path, "rb") as raw:
+        opener = gzip.open if raw.read(2) == GZIP_MAGIC else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+            if data.startswith(b"["):
+                data += handle.read()
+    except (OSError, EOFError) as err:  # a damaged or truncated gzip stream
+        raise RecordError(f"{path}: cannot be decompressed ({err}); expected {expected}, gzipped") from None
+    if not data.startswith(b"["):
+        yield from (obj for _, obj in iter_jsonl(path))
+        return
+    try:
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RecordError(f"{path}: not UTF-8 text (byte {err.start + 1} of the list); expected {expected}") from None
+    except json.JSONDecodeError as err:
+        raise RecordError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); expected {expected}") from None
+    yield from rows
+
+
+def read_rows(path: str | os.PathLike) -> list[Any]:
+    """All rows of ``path`` (``iter_rows``)."""
+    return list(iter_rows(path))
 
 
 def _where(index: int, row: Any) -> str:
@@ -126,47 +158,63 @@ def _answer(value: Any, where: str, name: str) -> tuple[list[dict[str, str]] | N
 
 
 def _score(row: dict, name: str, default: float, where: str) -> float:
-    value = row.get(name, default)
+    value = row.get(name)
+    if value is None:
+        return default
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise RecordError(f"{where}: field {name!r} must be a number, got {value!r}")
     return float(value)
 
 
-def from_trl(rows: Iterable[Any], id_prefix: str = "trl", drop_empty: bool = True) -> list[Record]:
-    """TRL-style prompt/chosen/rejected rows (see the module docstring)."""
-    records = []
-    for i, row in enumerate(rows):
-        _field(row, "chosen", i, (str, list))
-        _field(row, "rejected", i, (str, list))
-        where = _where(i, row)
-        lead_c, chosen = _answer(row["chosen"], where, "chosen")
-        lead_r, rejected = _answer(row["rejected"], where, "rejected")
-        if lead_c != lead_r:
-            raise RecordError(f"{where}: fields 'chosen' and 'rejected' differ before their final message")
-        prompt: Prompt
-        if "prompt" in row:
-            prompt = _field(row, "prompt", i, (str, list))
-            if isinstance(prompt, list):
-                prompt = _check_messages(prompt, where, "prompt")
-            prompt = _with_leading(prompt, lead_c or [])
-        elif lead_c:
-            prompt = lead_c
-        else:
-            raise RecordError(f"{where}: field 'prompt' is missing and chosen/rejected have no leading messages")
-        responses = [
-            Response(chosen, "chosen", _score(row, "score_chosen", 1.0, where)),
-            Response(rejected, "rejected", _score(row, "score_rejected", 0.0, where)),
-        ]
-        records.append(Record(_row_id(i, row, id_prefix), prompt, responses))
-    return _finish(records, drop_empty, "trl")
+def trl_record(row: Any, index: int, id_prefix: str = "trl") -> Record:
+    """One TRL prompt/chosen/rejected row (see the module docstring)."""
+    _field(row, "chosen", index, (str, list))
+    _field(row, "rejected", index, (str, list))
+    where = _where(index, row)
+    lead_c, chosen = _answer(row["chosen"], where, "chosen")
+    lead_r, rejected = _answer(row["rejected"], where, "rejected")
+    if lead_c != lead_r:
+        raise RecordError(f"{where}: fields 'chosen' and 'rejected' differ before their final message")
+    prompt: Prompt
+    if row.get("prompt") is not None:
+        prompt = _field(row, "prompt", index, (str, list))
+        if isinstance(prompt, list):
+            prompt = _check_messages(prompt, where, "prompt")
+        prompt = _explicit_prompt(prompt, lead_c or [])
+    elif lead_c:
+        prompt = lead_c
+    elif isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        prompt, chosen, rejected = _split_shared_text(chosen, rejected, where)
+    else:
+        raise RecordError(f"{where}: field 'prompt' is missing and chosen/rejected have no leading messages")
+    responses = [
+        Response(chosen, "chosen", _score(row, "score_chosen", 1.0, where)),
+        Response(rejected, "rejected", _score(row, "score_rejected", 0.0, where)),
+    ]
+    return Record(_row_id(index, row, id_prefix), prompt, responses)
 
 
-def _with_leading(prompt: Prompt, leading: list[dict[str, str]]) -> Prompt:
-    """Append chat turns that chosen/rejected repeat before their answer (TRL's multi-turn form)."""
+def _explicit_prompt(prompt: Prompt, leading: list[dict[str, str]]) -> Prompt:
+    """The prompt of a row with ``prompt`` whose chosen/rejected repeat ``leading`` chat turns before their
+    answer: those turns when they already hold a string prompt as a user turn (UltraFeedback-binarized's
+    layout), else the prompt followed by them (TRL's multi-turn form)."""
     if not leading:
         return prompt
+    if isinstance(prompt, str) and any(m["role"] == "user" and m["content"].strip() == prompt.strip()
+                                       for m in leading):
+        return leading
     base = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     return base + leading
+
+
+def _split_shared_text(chosen: str, rejected: str, where: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of TRL's implicit-prompt standard form: the prompt is the texts' shared
+    beginning up to its last whitespace; each response keeps the rest, that whitespace first."""
+    shared = os.path.commonprefix([chosen, rejected])
+    cut = next((j for j in range(len(shared) - 1, -1, -1) if shared[j].isspace()), 0)
+    if not shared[:cut].strip():
+        raise RecordError(f"{where}: field 'prompt' is missing and 'chosen'/'rejected' share no leading words")
+    return shared[:cut], chosen[cut:], rejected[cut:]
 
 
 def split_hh_transcript(text: str, where: str = "transcript") -> list[dict[str, str]]:
@@ -185,24 +233,52 @@ def split_hh_transcript(text: str, where: str = "transcript") -> list[dict[str, 
     return messages
 
 
-def from_hh_rlhf(rows: Iterable[Any], id_prefix: str = "hh", drop_empty: bool = True) -> list[Record]:
-    """Raw HH-RLHF transcripts (see the module docstring)."""
-    records = []
-    for i, row in enumerate(rows):
-        chosen = _field(row, "chosen", i, str)
-        rejected = _field(row, "rejected", i, str)
-        where = _where(i, row)
-        cut = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
-        if cut < 0:
-            raise RecordError(f"{where}: fields 'chosen'/'rejected' share no prefix ending in {ASSISTANT!r}")
-        prompt = split_hh_transcript(chosen[:cut], f"{where}: field 'chosen'")
-        answers = [text[cut + len(ASSISTANT):].strip() for text in (chosen, rejected)]
-        for name, answer in zip(("chosen", "rejected"), answers, strict=True):
-            if HUMAN in answer:
-                raise RecordError(f"{where}: field {name!r} continues past its final assistant turn")
-        responses = [Response(answers[0], "chosen", 1.0), Response(answers[1], "rejected", 0.0)]
-        records.append(Record(_row_id(i, row, id_prefix), prompt, responses))
-    return _finish(records, drop_empty, "hh")
+def hh_record(row: Any, index: int, id_prefix: str = "hh") -> Record:
+    """One raw HH-RLHF row (see the module docstring)."""
+    chosen = _field(row, "chosen", index, str)
+    rejected = _field(row, "rejected", index, str)
+    where = _where(index, row)
+    cut = os.path.commonprefix([chosen, rejected]).rfind(ASSISTANT)
+    if cut < 0:
+        raise RecordError(f"{where}: fields 'chosen'/'rejected' share no prefix ending in {ASSISTANT!r}")
+    prompt = split_hh_transcript(chosen[:cut], f"{where}: field 'chosen'")
+    answers = [text[cut + len(ASSISTANT):].strip() for text in (chosen, rejected)]
+    for name, answer in zip(("chosen", "rejected"), answers, strict=True):
+        if HUMAN in answer:
+            raise RecordError(f"{where}: field {name!r} continues past its final assistant turn")
+    responses = [Response(answers[0], "chosen", 1.0), Response(answers[1], "rejected", 0.0)]
+    return Record(_row_id(index, row, id_prefix), prompt, responses)
+
+
+def tldr_prompt(info: dict[str, Any]) -> str:
+    """``SUBREDDIT: r/<subreddit>``, ``TITLE: <title>``, ``POST: <post>`` (or ``ARTICLE: <article>``),
+    ``TL;DR:`` on their own lines; parts that ``info`` lacks are left out."""
+    is_post = info.get("post") is not None
+    lines = [f"SUBREDDIT: r/{info['subreddit']}" if info.get("subreddit") else None,
+             f"TITLE: {info['title']}" if info.get("title") else None,
+             f"POST: {info['post']}" if is_post else f"ARTICLE: {info.get('article')}", "TL;DR:"]
+    return "\n".join(line for line in lines if line is not None)
+
+
+def tldr_record(row: Any, index: int, id_prefix: str = "tldr") -> Record:
+    """One TL;DR comparison row (see the module docstring)."""
+    info = _field(row, "info", index, dict)
+    summaries = _field(row, "summaries", index, list)
+    choice = _field(row, "choice", index, int)
+    where = _where(index, row)
+    body = info.get("post") if info.get("post") is not None else info.get("article")
+    if not isinstance(body, str) or not body.strip():
+        raise RecordError(f"{where}: field 'info.post' (or 'info.article') must be a non-empty string")
+    for k, summary in enumerate(summaries):
+        if not (isinstance(summary, dict) and isinstance(summary.get("text"), str)):
+            raise RecordError(f"{where}: field 'summaries[{k}]' must be an object with a string 'text'")
+    if not 0 <= choice < len(summaries):
+        raise RecordError(f"{where}: field 'choice' = {choice} is not the index of one of the "
+                          f"{len(summaries)} summaries")
+    responses = [Response(s["text"], s.get("policy") or f"summary{k}", 1.0 if k == choice else 0.0)
+                 for k, s in enumerate(summaries)]
+    meta = {"post_id": str(info["id"])} if info.get("id") is not None else {}
+    return Record(_row_id(index, row, id_prefix), tldr_prompt(info), responses, meta=meta)
 
 
 def from_alpaca_eval(
@@ -237,34 +313,31 @@ def from_alpaca_eval(
     return _finish(records, drop_empty, "alpaca")
 
 
-def from_authors(rows: Iterable[Any], id_prefix: str = "dora", drop_empty: bool = True) -> list[Record]:
-    """The DoRA authors' released rows with h̃ from ``probs`` (see the module docstring)."""
+def authors_record(row: Any, index: int, id_prefix: str = "dora") -> Record:
+    """One row of the DoRA authors' released format with h̃ from ``probs`` (see the module docstring)."""
     from dora_engine.data.weights import h_tilde
 
-    records = []
-    for i, row in enumerate(rows):
-        query = _field(row, "query", i, (str, list))
-        texts = _field(row, "responses", i, list)
-        scores = _field(row, "scores", i, list)
-        probs = _field(row, "probs", i, list)
-        where = _where(i, row)
-        sources = row.get("sources", [f"slot{k}" for k in range(len(texts))])
-        for name, values in (("scores", scores), ("probs", probs), ("sources", sources)):
-            if not isinstance(values, list) or len(values) != len(texts):
-                got = len(values) if isinstance(values, list) else type(values).__name__
-                raise RecordError(f"{where}: field {name!r} must have one entry per response "
-                                  f"({len(texts)}), got {got}")
-        _check_items(texts, str, where, "responses")
-        _check_items(sources, str, where, "sources")
-        _check_items(scores, (int, float), where, "scores")
-        _check_items(probs, (int, float), where, "probs")
-        outside = [k for k, c in enumerate(probs) if not 0.0 <= c <= 1.0]
-        if outside:
-            raise RecordError(f"{where}: field 'probs[{outside[0]}]' = {probs[outside[0]]!r} is outside [0, 1]")
-        prompt = _check_messages(query, where, "query") if isinstance(query, list) else query
-        responses = [Response(t, s, float(v)) for t, s, v in zip(texts, sources, scores, strict=True)]
-        records.append(Record(_row_id(i, row, id_prefix), prompt, responses, h_tilde=float(h_tilde(probs))))
-    return _finish(records, drop_empty, "authors")
+    query = _field(row, "query", index, (str, list))
+    texts = _field(row, "responses", index, list)
+    scores = _field(row, "scores", index, list)
+    probs = _field(row, "probs", index, list)
+    where = _where(index, row)
+    sources = row.get("sources", [f"slot{k}" for k in range(len(texts))])
+    for name, values in (("scores", scores), ("probs", probs), ("sources", sources)):
+        if not isinstance(values, list) or len(values) != len(texts):
+            got = len(values) if isinstance(values, list) else type(values).__name__
+            raise RecordError(f"{where}: field {name!r} must have one entry per response "
+                              f"({len(texts)}), got {got}")
+    _check_items(texts, str, where, "responses")
+    _check_items(sources, str, where, "sources")
+    _check_items(scores, (int, float), where, "scores")
+    _check_items(probs, (int, float), where, "probs")
+    outside = [k for k, c in enumerate(probs) if not 0.0 <= c <= 1.0]
+    if outside:
+        raise RecordError(f"{where}: field 'probs[{outside[0]}]' = {probs[outside[0]]!r} is outside [0, 1]")
+    prompt = _check_messages(query, where, "query") if isinstance(query, list) else query
+    responses = [Response(t, s, float(v)) for t, s, v in zip(texts, sources, scores, strict=True)]
+    return Record(_row_id(index, row, id_prefix), prompt, responses, h_tilde=float(h_tilde(probs)))
 
 
 def _check_items(values: list, kinds: type | tuple[type, ...], where: str, name: str) -> None:
@@ -273,18 +346,67 @@ def _check_items(values: list, kinds: type | tuple[type, ...], where: str, name:
             raise RecordError(f"{where}: field '{name}[{k}]' has the wrong type ({type(v).__name__})")
 
 
+ROW_CONVERTERS: dict[str, Callable[[Any, int, str], Record]] = {
+    "trl": trl_record,
+    "hh": hh_record,
+    "tldr": tldr_record,
+    "authors": authors_record,
+}
+"""The formats whose rows convert one by one (a training run's ``data.format`` takes them)."""
+
+
+def convert_rows(fmt: str, rows: Iterable[Any], id_prefix: str, drop_empty: bool = True) -> list[Record]:
+    """The records of ``rows`` in the row-wise format ``fmt`` (ids default to ``<id_prefix>-<row index>``),
+    validated, ids unique; records with an empty response dropped with a warning when ``drop_empty``."""
+    convert = ROW_CONVERTERS[fmt]
+    return _finish([convert(row, i, id_prefix) for i, row in enumerate(rows)], drop_empty, fmt)
+
+
+def from_trl(rows: Iterable[Any], id_prefix: str = "trl", drop_empty: bool = True) -> list[Record]:
+    """TRL-style prompt/chosen/rejected rows (``trl_record``)."""
+    return convert_rows("trl", rows, id_prefix, drop_empty)
+
+
+def from_hh_rlhf(rows: Iterable[Any], id_prefix: str = "hh", drop_empty: bool = True) -> list[Record]:
+    """Raw HH-RLHF transcripts (``hh_record``)."""
+    return convert_rows("hh", rows, id_prefix, drop_empty)
+
+
+def from_tldr(rows: Iterable[Any], id_prefix: str = "tldr", drop_empty: bool = True) -> list[Record]:
+    """TL;DR summarisation comparisons (``tldr_record``)."""
+    return convert_rows("tldr", rows, id_prefix, drop_empty)
+
+
+def from_authors(rows: Iterable[Any], id_prefix: str = "dora", drop_empty: bool = True) -> list[Record]:
+    """The DoRA authors' released rows with h̃ from ``probs`` (``authors_record``)."""
+    return convert_rows("authors", rows, id_prefix, drop_empty)
+
+
 FORMATS: dict[str, Callable[..., list[Record]]] = {
     "trl": from_trl,
     "hh": from_hh_rlhf,
+    "tldr": from_tldr,
     "alpaca": from_alpaca_eval,
     "authors": from_authors,
 }
 
 
+def iter_converted(fmt: str, source: str | os.PathLike, *, id_prefix: str, cache_dir: str | None = None
+                   ) -> Iterator[Record]:
+    """Validated records of one source in the row-wise format ``fmt``, streamed (a training run's
+    ``data.format``); empty responses are kept for the run's own check, and duplicate ids are the
+    caller's to refuse."""
+    convert = ROW_CONVERTERS[fmt]
+    for i, row in enumerate(iter_rows(source, cache_dir=cache_dir)):
+        yield Record.from_dict(convert(row, i, id_prefix).to_dict(), index=i)
+
+
 def convert_files(
-    fmt: str, paths: Sequence[str | os.PathLike], target: str | None = None, drop_empty: bool = True
+    fmt: str, paths: Sequence[str | os.PathLike], target: str | None = None, drop_empty: bool = True,
+    split: str | None = None,
 ) -> list[Record]:
-    """Read ``paths`` (all rows concatenated) and convert them with the converter of ``fmt``.
+    """Read ``paths`` (all rows concatenated; any source of ``iter_rows``, ``split`` naming the split of
+    a ``datasets`` source) and convert them with the converter of ``fmt``.
 
     ``target`` is required for ``alpaca`` (the target generator) and refused for the other formats.
     """
@@ -296,7 +418,7 @@ def convert_files(
         raise UserValueError("format 'alpaca' needs target= (the generator whose outputs are the target source)")
     if fmt != "alpaca" and target is not None:
         raise UserValueError(f"target= applies to format 'alpaca' only, not {fmt!r}")
-    rows = [row for path in paths for row in read_rows(path)]
+    rows = [row for path in paths for row in iter_rows(path, split=split)]
     if fmt == "alpaca":
         return from_alpaca_eval(rows, target, drop_empty=drop_empty)
     return FORMATS[fmt](rows, drop_empty=drop_empty)

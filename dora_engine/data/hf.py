@@ -6,11 +6,15 @@ has the network). A column mapping says which column holds each field of the sch
 ``responses``, ``h_tilde``, ``meta``, and, inside each response, ``responses.text``,
 ``responses.source``, ``responses.score``; fields it does not name keep their own name, and columns
 no field names are ignored. A row that does not follow the schema is a ``RecordError`` naming the
-source and the row, as for JSONL files.
+source and the row, as for JSONL files; a source in TRL's layout (``chosen`` / ``rejected``, no
+``responses``) is refused with a pointer to the ``trl`` format (``dora_engine.data.converters``), which
+reads the same sources.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -23,6 +27,9 @@ FIELDS = ("id", "prompt", "responses", "h_tilde", "meta")
 RESPONSE_FIELDS = ("text", "source", "score")
 COLUMN_KEYS = FIELDS + tuple(f"responses.{f}" for f in RESPONSE_FIELDS)
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+FORMAT_NAMES = {"parquet": "Parquet", "csv": "CSV", "json": "JSON", "arrow": "an Arrow file",
+                "saved": "a save_to_disk folder", "dataset": "a dataset"}
+TRL_COLUMNS = ("chosen", "rejected")
 HF_SUFFIXES = (".parquet", ".arrow", ".csv")
 """Suffixes that always go through ``datasets``; other files are read as the schema's JSONL (section 3)."""
 
@@ -61,28 +68,44 @@ def parse_columns(items: list[str] | None) -> dict[str, str]:
 
 
 def load_hf(source: str | os.PathLike, *, split: str | None = None, cache_dir: str | None = None) -> Any:
-    """A ``datasets.Dataset`` (memory-mapped where the source is Arrow) of ``source``."""
+    """A ``datasets.Dataset`` (memory-mapped where the source is Arrow) of ``source``. A source that cannot
+    be read is a ``UserValueError`` in one line naming it and the format it was read as; a missing file
+    (a name with a data file's suffix, or a path starting with ``/`` or ``.``) is a ``FileNotFoundError``,
+    never a hub request."""
     import datasets
 
     path = Path(source)
+    if not path.exists() and (path.suffix in (*FILE_BUILDERS, ".arrow", ".gz") or str(source).startswith(("/", "."))):
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(source))  # a file, not a hub id
+    kind = "dataset"
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)  # datasets logs a failed read before raising it: said once, below
     try:
         if path.is_dir() and any((path / n).is_file() for n in ("state.json", "dataset_dict.json")):
+            kind = "saved"
             loaded = datasets.load_from_disk(str(path))
         elif path.is_file() and path.suffix == ".arrow":
+            kind = "arrow"
             loaded = datasets.Dataset.from_file(str(path))
         elif path.is_file():
             builder = FILE_BUILDERS.get(path.suffix if path.suffix != ".gz" else Path(path.stem).suffix)
             if builder is None:
                 raise UserValueError(f"{path}: unknown data file type (use {', '.join(sorted(FILE_BUILDERS))}, .arrow)")
+            kind = builder
             loaded = datasets.load_dataset(builder, data_files=str(path), split=split or "train", cache_dir=cache_dir)
         elif path.is_dir():
             loaded = datasets.load_dataset(str(path), split=split or "train", cache_dir=cache_dir)
         else:
             loaded = datasets.load_dataset(str(source), split=split or "train", cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError, datasets.exceptions.DatasetNotFoundError) as err:
+    except (OSError, EOFError, ValueError, datasets.exceptions.DatasetsError) as err:  # OSError, EOFError: gzip
         if isinstance(err, UserValueError):
             raise
-        raise UserValueError(f"{source}: cannot be loaded as a dataset ({str(err).splitlines()[0]})") from None
+        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) and err.__cause__ else err
+        first = (str(cause).splitlines() or [type(cause).__name__])[0]
+        raise UserValueError(f"{source}: cannot be read as {FORMAT_NAMES[kind]} ({first})") from None
+    finally:
+        logger.setLevel(level)
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         chosen = split or ("train" if "train" in loaded else names[0] if len(names) == 1 else None)
@@ -124,23 +147,36 @@ def _mapped(row: Mapping[str, Any], columns: Mapping[str, str], n: int, id_prefi
     return out
 
 
+def iter_dataset_rows(dataset: Any, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
+    """The rows of a ``datasets.Dataset`` as plain dicts, read in batches (never held in Python at once)."""
+    for batch in dataset.iter(batch_size=batch_size):
+        keys = list(batch)
+        for values in zip(*(batch[k] for k in keys), strict=True):
+            yield dict(zip(keys, values, strict=True))
+
+
+def looks_like_trl(column_names: list[str], columns: Mapping[str, str]) -> bool:
+    """Whether a source without a ``responses`` column (or mapping) has TRL's ``chosen`` / ``rejected``."""
+    return "responses" not in columns and "responses" not in column_names and all(
+        c in column_names for c in TRL_COLUMNS)
+
+
 def iter_hf_records(
     dataset: Any, columns: Mapping[str, str] | None = None, *, name: str = "dataset", id_prefix: str = "row",
     batch_size: int = 1024,
 ) -> Iterator[Record]:
     """Validated records of a ``datasets.Dataset``, row by row; a bad row is a ``RecordError`` naming
-    ``name`` and the row. Rows are read in batches, so the dataset is never held in Python at once."""
+    ``name`` and the row. Rows are read in batches, so the dataset is never held in Python at once. A
+    dataset in TRL's layout is refused with a pointer to the ``trl`` format."""
     columns = check_columns(columns)
+    if looks_like_trl(dataset.column_names, columns):
+        raise UserValueError(f"{name}: this looks like TRL's layout (prompt/chosen/rejected): use --format trl "
+                             "(data.format: trl in a training config)")
     missing = [c for f, c in columns.items() if "." not in f and c not in dataset.column_names]
     if missing:
         raise UserValueError(f"{name}: no column {missing[0]!r}; columns: {dataset.column_names}")
-    n = 0
-    for batch in dataset.iter(batch_size=batch_size):
-        keys = list(batch)
-        for values in zip(*(batch[k] for k in keys), strict=True):
-            row = dict(zip(keys, values, strict=True))
-            try:
-                yield Record.from_dict(_mapped(row, columns, n, id_prefix), index=n)
-            except RecordError as err:
-                raise RecordError(f"{name}: {err}") from None
-            n += 1
+    for n, row in enumerate(iter_dataset_rows(dataset, batch_size)):
+        try:
+            yield Record.from_dict(_mapped(row, columns, n, id_prefix), index=n)
+        except RecordError as err:
+            raise RecordError(f"{name}: {err}") from None

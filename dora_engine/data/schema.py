@@ -167,7 +167,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     """(line index, parsed object) for each non-blank line of a JSONL file.
 
     A gzip file is read as such whether or not its name ends in ``.gz``; a byte-order mark at the start
-    is skipped. A line that is not UTF-8 or not JSON is a ``RecordError`` naming the file and the line.
+    is skipped. A line that is not UTF-8 or not JSON is a ``RecordError`` naming the file, the line and the
+    expected format.
     """
     path = Path(path)
     compressed = _is_gzip(path)
@@ -182,12 +183,14 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             except StopIteration:
                 return
             except (OSError, EOFError) as err:  # a damaged or truncated gzip stream
-                raise RecordError(f"{path}: cannot be decompressed ({err})") from None
+                raise RecordError(f"{path}: cannot be decompressed ({err}); expected gzipped JSONL") from None
             try:
                 line = raw.decode("utf-8-sig" if i == 0 else "utf-8")
             except UnicodeDecodeError as err:
                 bad = raw[err.start : err.start + 1]
-                raise RecordError(f"{path}: line {i + 1} is not valid UTF-8 (byte {err.start + 1}: {bad!r})") from None
+                raise RecordError(
+                    f"{path}: line {i + 1} is not valid UTF-8 (byte {err.start + 1}: {bad!r}); expected JSONL"
+                ) from None
             if not line.strip():
                 continue
             try:

@@ -118,6 +118,13 @@ class DataConfig:
                           "`h_tilde`, `meta`, `responses.text`, `responses.source`, `responses.score`), as "
                           "`field: column`."},
     )
+    format: str = field(
+        default="schema",
+        metadata={"help": "How `data.train` / `data.eval` rows are read: `schema` (docs/design.md section 3 records, "
+                          "with `data.columns` for `datasets` sources), or a public layout converted row by row as "
+                          "`data convert --format` does: `trl` (prompt/chosen/rejected), `hh`, `tldr`, `authors`; "
+                          "part of the tokenised cache's key."},
+    )
 
 
 @dataclass
@@ -638,8 +645,12 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         _check_output_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.data.num_proc is not None:
         _positive("data.num_proc", cfg.data.num_proc)
+    from dora_engine.data.converters import ROW_CONVERTERS
     from dora_engine.data.hf import check_columns
 
+    _choice("data.format", cfg.data.format, ("schema", *ROW_CONVERTERS))
+    if cfg.data.columns and cfg.data.format != "schema":
+        raise ConfigError(f"config key 'data.columns' applies to data.format schema, not {cfg.data.format!r}")
     try:
         check_columns(cfg.data.columns, "config key 'data.columns'")
     except ValueError as err:

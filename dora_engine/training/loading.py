@@ -28,7 +28,8 @@ def load_data(
             num_responses=train.num_responses if train is not None else cfg.data.num_responses,
             needs_h_tilde=cfg.needs_h_tilde, cache_dir=data_cache_dir(cfg), allow_empty=cfg.data.allow_empty_responses,
             k_from="data.train" if train is not None else None, columns=cfg.data.columns or None,
-            num_proc=cfg.data.num_proc, progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
+            data_format=cfg.data.format, num_proc=cfg.data.num_proc,
+            progress=progress and os.environ.get("LOCAL_RANK", "0") == "0",
         )
     except NoRecordsError as err:
         raise RecordError(f"{'data.eval' if train is not None else 'data.train'}: {err}") from None

@@ -1,15 +1,17 @@
 """Tokenised training data as a memory-mapped Arrow dataset on disk, built once and shared (docs/design.md
 section 3.2).
 
-A build reads the data (the schema's JSONL, or what ``datasets`` loads: ``dora_engine.data.hf``) record
+A build reads the data (the schema's JSONL, or what ``datasets`` loads: ``dora_engine.data.hf``; or either
+in a public format that ``data.format`` names: ``dora_engine.data.converters.ROW_CONVERTERS``) record
 by record into an Arrow file, tokenises it with ``datasets.Dataset.map`` (``num_proc`` processes) and
 saves the result with ``save_to_disk`` under ``<cache_dir>/tokens-<key>``. The key hashes the data
-files' bytes, the tokenizer, the chat template, the length limits and the stage's settings, so every
-rank and every later run with the same key maps the same files instead of tokenising again. The folder
-appears complete or not at all (built under a temporary name, then renamed). Under several ranks, local
-rank 0 of each node builds while the other local ranks wait for the folder (or for the build's error,
-which they raise too). The rows are the ones ``data.tokenise`` makes from the same records, in the same
-order, so the sampler, the collator, the reference cache and resume work the same on both.
+files' bytes, the format they are read in (and its column mapping), the tokenizer, the chat template,
+the length limits and the stage's settings, so every rank and every later run with the same key maps
+the same files instead of tokenising again. The folder appears complete or not at all (built under a
+temporary name, then renamed). Under several ranks, local rank 0 of each node builds while the other
+local ranks wait for the folder (or for the build's error, which they raise too). The rows are the ones
+``data.tokenise`` makes from the same records, in the same order, so the sampler, the collator, the
+reference cache and resume work the same on both.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ BATCH = 1024  # records per Arrow batch and per map call
 PARALLEL_FROM = 20_000  # fewer records are tokenised in this process (starting workers costs more)
 WAIT_POLL_S = 0.5
 SHOW_MAP_BAR_FROM = 10_000  # records; smaller builds take a moment and print nothing
+SCHEMA = "schema"  # data.format of records already in the docs/design.md section 3 schema
 
 def default_cache_dir() -> Path:
     """``$DORA_ENGINE_CACHE/tokenised``, else ``$XDG_CACHE_HOME/dora_engine/tokenised`` (``~/.cache`` by default)."""
@@ -58,15 +61,23 @@ def default_cache_dir() -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def iter_source(path: str, columns: dict[str, str] | None, hf_cache: str | None) -> Iterator[Record]:
-    """Validated records of one data.train / data.eval entry, streamed."""
-    from dora_engine.data.hf import is_hf_source, iter_hf_records, load_hf
+def iter_source(
+    path: str, columns: dict[str, str] | None, hf_cache: str | None, data_format: str = SCHEMA
+) -> Iterator[Record]:
+    """Validated records of one data.train / data.eval entry in ``data_format`` (data.format), streamed."""
+    from dora_engine.data.converters import iter_converted
+    from dora_engine.data.hf import is_hf_source, iter_hf_records, load_hf, looks_like_trl
 
+    if data_format != SCHEMA:
+        yield from iter_converted(data_format, path, id_prefix=Path(path).stem or "row", cache_dir=hf_cache)
+        return
     if is_hf_source(path):
         yield from iter_hf_records(load_hf(path, cache_dir=hf_cache), columns, name=str(path),
                                    id_prefix=Path(path).stem or "row")
         return
     for n, (_, obj) in enumerate(iter_jsonl(path)):
+        if n == 0 and isinstance(obj, dict) and looks_like_trl(list(obj), {}):
+            raise RecordError(f"{path}: this looks like TRL's layout (prompt/chosen/rejected): use data.format: trl")
         yield Record.from_dict(obj, index=n)
 
 
@@ -96,7 +107,8 @@ def _records_schema() -> Any:
 
 
 def write_records_arrow(
-    paths: Sequence[str], destination: Path, *, columns: dict[str, str] | None, hf_cache: str | None, progress: bool
+    paths: Sequence[str], destination: Path, *, columns: dict[str, str] | None, hf_cache: str | None, progress: bool,
+    data_format: str = SCHEMA,
 ) -> int:
     """Stream the records of ``paths`` into one Arrow file (the format ``datasets`` maps); returns the count.
     Ids must be unique across the files; errors name the file and the record."""
@@ -120,7 +132,7 @@ def write_records_arrow(
 
         for f, path in enumerate(paths):
             try:
-                for n, rec in enumerate(iter_source(path, columns, hf_cache)):
+                for n, rec in enumerate(iter_source(path, columns, hf_cache, data_format)):
                     if rec.id in seen:
                         raise RecordError(f"record {n} (id={rec.id!r}): duplicate id (also in {paths[seen[rec.id]]})")
                     seen[rec.id] = f
@@ -321,14 +333,14 @@ def _progress_bars(enabled: bool) -> Iterator[None]:
 
 
 def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict[str, Any], data_hash: str, *,
-           columns: dict[str, str] | None, num_proc: int | None, progress: bool) -> None:
+           columns: dict[str, str] | None, data_format: str, num_proc: int | None, progress: bool) -> None:
     import datasets
     import pyarrow.compute as pc
 
     work = temporary_dir(path)
     try:
         count = write_records_arrow(paths, work / "records.arrow", columns=columns,
-                                    hf_cache=str(path.parent / "hf"), progress=progress)
+                                    hf_cache=str(path.parent / "hf"), progress=progress, data_format=data_format)
         if count == 0:
             raise NoRecordsError(paths)
         records = datasets.Dataset.from_file(str(work / "records.arrow"))
@@ -424,11 +436,12 @@ def _wait(path: Path, marker: Path, progress: bool) -> None:
 def load_tokenised(
     paths: Sequence[str], tokenizer: RowTokenizer, *, stage: str, target_source: str, num_responses: int | None,
     needs_h_tilde: bool, cache_dir: str | os.PathLike, allow_empty: bool = False, k_from: str | None = None,
-    columns: dict[str, str] | None = None, num_proc: int | None = None, progress: bool = False,
-    local_rank: int | None = None,
+    columns: dict[str, str] | None = None, data_format: str = SCHEMA, num_proc: int | None = None,
+    progress: bool = False, local_rank: int | None = None,
 ) -> ArrowTrainingData:
-    """The tokenised data of ``paths`` from ``cache_dir``, built first when no run has built its key.
-    Errors name the file and the record as ``data.tokenise`` does."""
+    """The tokenised data of ``paths`` (read in ``data_format``: ``SCHEMA`` or a row-wise converter's
+    name) from ``cache_dir``, built first when no run has built its key. Errors name the file and the
+    record as ``data.tokenise`` does."""
     cache = Path(cache_dir)
     made = [p for p in [cache, *cache.parents] if not p.exists()]  # removed again when the build fails alone
     cache.mkdir(parents=True, exist_ok=True)
@@ -438,7 +451,8 @@ def load_tokenised(
                 "num_responses": num_responses if stage == "align" else None, "needs_h_tilde": needs_h_tilde,
                 "allow_empty": allow_empty, "k_from": k_from}
     key = hashlib.sha256(json.dumps({"format": FORMAT, "data": data_hash, "tokenizer": tokenizer_digest(tokenizer),
-                                     "settings": settings, "columns": columns or {}}, sort_keys=True).encode())
+                                     "settings": settings, "columns": columns or {}, "data_format": data_format},
+                                    sort_keys=True).encode())
     path = cache / f"tokens-{key.hexdigest()[:24]}"
     if (path / META).is_file():
         return _open(path, built=False)
@@ -452,7 +466,8 @@ def load_tokenised(
         marker.unlink()
     waiting = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1) > 1
     try:
-        _build(path, paths, tokenizer, settings, data_hash, columns=columns, num_proc=num_proc, progress=progress)
+        _build(path, paths, tokenizer, settings, data_hash, columns=columns, data_format=data_format,
+               num_proc=num_proc, progress=progress)
     except BaseException as err:
         if waiting:  # the other local ranks wait for the folder: tell them why it will not come
             with atomic_write(marker) as handle:
