@@ -206,3 +206,29 @@ def test_the_largest_difference_over_the_group_decides(monkeypatch) -> None:
     assert not reduced, "the check runs once"
     with pytest.raises(ValueError, match="measured relative difference 0.5"):
         DoRAPolicy(tiny_model("llama"), OBJECTIVE, loss_path="fused_linear")(input_ids, mask, labels, **kw)
+
+
+@pytest.mark.parametrize("name", ["llama", "falcon_h1_unlisted"])
+def test_a_lora_wrapped_model_is_checked_through_its_wrapper(name: str) -> None:
+    """PEFT LoRA: the check reaches the causal LM inside the wrapper; loss and adapter gradients equal the
+    wrapped model's own logits path."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                           task_type="CAUSAL_LM", init_lora_weights=False)
+    model = peft.get_peft_model(tiny_model(name), lora)
+    oracle = copy.deepcopy(model)
+    input_ids, mask, labels, kw = batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        policy = DoRAPolicy(model, OBJECTIVE)
+        out = policy(input_ids, mask, labels, **kw)
+    assert policy.loss_path == ("logits" if name in REFUSALS else "fused_linear")
+    want_loss, _ = own_logits_path(oracle, input_ids, mask, labels, kw)
+    out.loss.backward()
+    want_loss.backward()
+    torch.testing.assert_close(out.loss, want_loss, rtol=0, atol=1e-10)
+    trained = [(n, p, q) for (n, p), q in zip(model.named_parameters(), oracle.parameters(), strict=True)
+               if p.requires_grad]
+    assert trained and all("lora_" in n for n, _, _ in trained)
+    for param_name, p, q in trained:
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=lambda m, n=param_name: f"{n}: {m}")
