@@ -64,7 +64,7 @@ from dora_engine.ops import (
     sequence_logprobs_linear,
     shift_labels,
 )
-from dora_engine.preference import data_parallel_group
+from dora_engine.ops.distributed import data_parallel_group
 
 LOSS_PATHS = ("auto", "logits", "fused_linear")
 DEFAULT_OBJECTIVE = RobustObjective()  # dpo_pl under dora, λ = 1
