@@ -15,20 +15,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dora_engine.losses import chosen_rejected, get_loss
 from dora_engine.ops import DoRAOutput
+from dora_engine.ops.distributed import data_parallel_group
 
-
-def data_parallel_group() -> dist.ProcessGroup | None:
-    """The world group whenever a process group is initialised, else None (no communication).
-
-    A world of one gets its group too, so that a one-GPU run makes every collective a multi-GPU run makes
-    (on the same device types, through the same code) and shows its failures first."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
+__all__ = ["data_parallel_group", "preference_stats", "weight_moments", "weight_stats"]
 
 
 def preference_stats(

@@ -107,6 +107,9 @@ def test_zero3_tiny_llama_lm_head_gradient_equals_one_process(tmp_path: Path):
     for mode in ("single_pass", "recompute"):
         run = result[mode]
         assert run["tied"], "the loss head must share the input embedding's parameter"
+        assert run["loss_path"] == "fused_linear", "the first forward's check must pass a plain lm_head"
         assert run["losses"][0] == pytest.approx(result["oracle_loss"], rel=1e-5)
         torch.testing.assert_close(torch.tensor(run["grad"]), oracle, rtol=1e-4, atol=1e-6 * oracle.abs().max().item())
         assert run["losses"][-1] < run["losses"][0], f"{mode} did not train: {run['losses']}"
+    # A transform only rank 0's tokens show: the largest difference over the group sends both ranks to logits.
+    assert result["unlisted_transform_paths"] == ["logits", "logits"]

@@ -4,7 +4,8 @@ Launched by tests/test_fused_linear_distributed.py as ``deepspeed --num_gpus 2 t
 For each mode of the fused-linear loss, both ranks train ``DoRAPolicy`` for a few steps on their half
 of one global batch, with the robust reduction over both ranks. Rank 0 also runs the plain logits path
 in one process on the whole global batch; it writes both step-1 lm_head gradients and the losses to
-``--out`` as JSON.
+``--out`` as JSON. Last, a model whose logits are scaled only where rank 0's tokens hold token 0 (a
+transform no config name announces) shows that the first forward's check sends both ranks to ``logits``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,16 @@ def tiny_llama() -> LlamaForCausalLM:
         num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config).float()
+
+
+class ScaledWhereTokenZero(LlamaForCausalLM):
+    """Logits ×2 wherever the input holds token 0."""
+
+    def forward(self, input_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        if bool((input_ids == 0).any()):
+            out.logits = out.logits * 2
+        return out
 
 
 def global_batch() -> dict[str, torch.Tensor]:
@@ -95,7 +106,20 @@ def train(model: LlamaForCausalLM, batch: dict[str, torch.Tensor], mode: str, st
             first_grad = safe_get_full_grad(engine.module.model.lm_head.weight).clone()
         engine.step()
         losses.append(out.loss.item())
-    return {"losses": losses, "grad": first_grad.flatten().tolist(), "tied": tied}
+    return {"losses": losses, "grad": first_grad.flatten().tolist(), "tied": tied,
+            "loss_path": engine.module.loss_path}
+
+
+def unlisted_transform_paths(base: LlamaForCausalLM, local: dict[str, torch.Tensor], rank: int) -> list[str]:
+    """Each rank's loss path after one step of ``auto`` on ``ScaledWhereTokenZero``, token 0 on rank 0 only."""
+    model = ScaledWhereTokenZero(base.config)
+    model.load_state_dict(base.state_dict())
+    input_ids = local["input_ids"].masked_fill(local["input_ids"] == 0, 1)
+    if rank == 0:
+        input_ids[:, 1] = 0
+    paths = [None] * dist.get_world_size()
+    dist.all_gather_object(paths, train(model, {**local, "input_ids": input_ids}, "single_pass", 1)["loss_path"])
+    return paths
 
 
 def main() -> None:
@@ -111,8 +135,10 @@ def main() -> None:
     oracle_loss, oracle_grad = logits_path_grad(copy.deepcopy(base), batch)
     local = rank_slice(batch, rank, world)
     runs = {mode: train(copy.deepcopy(base), local, mode, args.steps) for mode in ("single_pass", "recompute")}
+    unlisted = unlisted_transform_paths(base, local, rank)
     if rank == 0:
-        result = {"world": world, "oracle_loss": oracle_loss, "oracle_grad": oracle_grad.flatten().tolist(), **runs}
+        result = {"world": world, "oracle_loss": oracle_loss, "oracle_grad": oracle_grad.flatten().tolist(), **runs,
+                  "unlisted_transform_paths": unlisted}
         with atomic_write(args.out) as f:
             json.dump(result, f)
     dist.barrier()

@@ -2,13 +2,24 @@
 
 Ranks all-gather their per-prompt scalars, every rank evaluates the same global loss, and the backward
 returns to each rank the gradient of that loss for its own prompts multiplied by the world size, so
-that DeepSpeed's gradient *averaging* yields exactly the gradient of the global loss.
+that DeepSpeed's gradient *averaging* yields exactly the gradient of the global loss. The group is
+``data_parallel_group()`` (re-exported by ``dora_engine.preference`` for the trainers).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+
+
+def data_parallel_group() -> dist.ProcessGroup | None:
+    """The world group whenever a process group is initialised, else None (no communication).
+
+    A world of one gets its group too, so that a one-GPU run makes every collective a multi-GPU run makes
+    (on the same device types, through the same code) and shows its failures first."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
 
 
 def _sizes(local: int, group: dist.ProcessGroup | None, device: torch.device) -> list[int]:

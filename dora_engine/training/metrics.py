@@ -3,7 +3,9 @@
 Names follow TRL where TRL has them: ``loss``, ``rewards/chosen|rejected|margins|accuracies``,
 ``logps/chosen|rejected``; plus ``robust/weight_max``, ``robust/ess`` (1/Σw² of the strategy's
 distribution over the global batch, docs/design.md section 4), ``h_tilde/mean``, ``lr``, ``grad_norm``,
-``tokens_per_s``, ``step_time_s``, ``mem_peak`` (bytes) and ``skipped_steps``. The preference statistics
+``tokens_per_s``, ``step_time_s``, ``mem_peak`` (bytes) and ``skipped_steps``; for a mixture-of-experts model
+whose config sets ``output_router_logits``, ``aux_loss``: its router load-balancing loss, averaged over ranks
+and micro-steps (the trained loss is ``loss`` + router_aux_loss_coef · ``aux_loss``). The preference statistics
 (rewards, log-probs, weights) are those of ``dora_engine.preference``.
 """
 
@@ -53,6 +55,8 @@ class StepAccumulator:
         self.tokens = self._zero()
         self.inv_ess = self._zero()
         self.weight_max = self._zero()
+        self.aux_loss_sum = self._zero()
+        self.aux_loss_count = 0
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.micro_steps = 0
@@ -65,6 +69,9 @@ class StepAccumulator:
         self.loss_sum = self.loss_sum + step.value.detach().double()
         self.tokens = self.tokens + tokens.double()
         self.micro_steps += 1
+        if step.aux_loss is not None:
+            self.aux_loss_sum = self.aux_loss_sum + step.aux_loss.double()
+            self.aux_loss_count += 1
         if stats is not None:
             for k, v in stats["sums"].items():
                 self.sums[k] = self.sums.get(k, self._zero()) + v.double()
@@ -74,11 +81,14 @@ class StepAccumulator:
 
     def reduced(self, stop_flag: bool) -> torch.Tensor:
         """The step's statistics over the data-parallel group, one float64 vector on the device: the sums of
-        ``sorted(self.sums)``, the prompt count, Σw² and the tokens summed over ranks, max w and the stop flag
-        maxed over ranks, then the loss sum (already global: every rank holds the same values)."""
+        ``sorted(self.sums)``, the prompt count, Σw², the tokens and the router losses with their number
+        summed over ranks, max w and the stop flag maxed over ranks, then the loss sum (already global: every
+        rank holds the same values)."""
         keys = sorted(self.sums)
         count = torch.full((), float(self.count), dtype=torch.float64, device=self.device)
-        vec = torch.stack([self.sums[k] for k in keys] + [count, self.inv_ess, self.tokens])
+        aux_count = torch.full((), float(self.aux_loss_count), dtype=torch.float64, device=self.device)
+        vec = torch.stack([self.sums[k] for k in keys]
+                          + [count, self.inv_ess, self.tokens, self.aux_loss_sum, aux_count])
         flags = torch.stack([self.weight_max, torch.full_like(self.weight_max, float(stop_flag))])
         group = data_parallel_group()
         if group is not None:
@@ -89,8 +99,10 @@ class StepAccumulator:
     def reduce(self, stop_flag: bool) -> tuple[dict[str, float], bool]:
         """Global metrics of the step (``reduced``, read to the host at once) and whether any rank asked to stop."""
         keys = sorted(self.sums)
-        *sums, count, inv_ess, tokens, weight_max, stop, loss_sum = self.reduced(stop_flag).tolist()
+        *sums, count, inv_ess, tokens, aux_sum, aux_count, weight_max, stop, loss_sum = self.reduced(stop_flag).tolist()
         metrics = {"loss": loss_sum / max(self.micro_steps, 1)}
+        if aux_count:
+            metrics["aux_loss"] = aux_sum / aux_count
         for k, total in zip(keys, sums, strict=True):
             metrics[k] = total / max(count, 1)
         if keys:

@@ -27,7 +27,10 @@ class StepOutput(NamedTuple):
 
     For ``sft``: ``loss`` is this rank's share of the global token-mean NLL (scaled so that DeepSpeed's
     gradient averaging gives the gradient of the global mean) and ``value`` the global NLL itself; for
-    ``align``: both are the global robust loss. ``out`` is the op's output (align only).
+    ``align``: both are the global robust loss. ``out`` is the op's output (align only). For a
+    mixture-of-experts model whose config sets ``output_router_logits``, ``aux_loss`` is this rank's router
+    load-balancing loss (detached) and ``loss`` also holds ``router_aux_loss_coef · aux_loss``; ``value``
+    does not (it stays the same on every rank).
     """
 
     loss: torch.Tensor
@@ -35,6 +38,7 @@ class StepOutput(NamedTuple):
     seq_logps: torch.Tensor
     seq_lens: torch.Tensor
     out: DoRAOutput | None
+    aux_loss: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -73,10 +77,18 @@ class PolicyLoss(DoRAPolicy):
     ) -> StepOutput:
         group = data_parallel_group()
         if self.stage == "sft":
-            return self._sft(*super().forward(input_ids, attention_mask, labels), group)
+            logprobs, aux = self.compute(input_ids, attention_mask, labels, process_group=group)
+            return self._with_router_loss(self._sft(*logprobs, group), aux)
         h = h_tilde if self.uses_h_tilde else None
-        out = super().forward(input_ids, attention_mask, labels, scores, h, ref_logps, group)
-        return StepOutput(out.loss, out.loss.detach(), out.seq_logps, out.seq_lens, out)
+        out, aux = self.compute(input_ids, attention_mask, labels, scores, h, ref_logps, group)
+        return self._with_router_loss(StepOutput(out.loss, out.loss.detach(), out.seq_logps, out.seq_lens, out), aux)
+
+    def _with_router_loss(self, step: StepOutput, aux: torch.Tensor | None) -> StepOutput:
+        """``step`` training on its loss + router_aux_loss_coef · aux (DeepSpeed's gradient averaging makes
+        that the mean of the ranks' router losses, as data parallelism does for a model's own loss)."""
+        if aux is None:
+            return step
+        return step._replace(loss=step.loss + self.router_aux_loss_coef * aux, aux_loss=aux.detach())
 
     def _sft(self, S: torch.Tensor, L: torch.Tensor, group: Any) -> StepOutput:
         """NLL = −Σ S / Σ L over the global micro-batch (token mean across all ranks)."""
