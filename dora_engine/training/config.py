@@ -213,8 +213,9 @@ class TrainConfig:
         metadata={"help": "`fused_linear`: hidden states → `dora_loss_linear` in the output layer, never holding all "
                           "logits; `logits`: model logits → `dora_loss`, its backward written over the logits; "
                           "`auto`: `fused_linear` unless the model's logits are more than its lm_head's output "
-                          "(soft-capping, logit scaling), then `logits`. Figures: benchmarks/RESULTS.md, "
-                          "\"Training throughput\"."},
+                          "(soft-capping, logit scaling: a known config name, or measured on the first forward, "
+                          "docs/design.md section 5.7), then `logits` with a warning; a forced `fused_linear` on "
+                          "such a model is an error. Figures: benchmarks/RESULTS.md, \"Training throughput\"."},
     )
     fused_linear_mode: str = field(
         default="single_pass",
