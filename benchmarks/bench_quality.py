@@ -1,11 +1,14 @@
 """Quality benchmark: does DoRA beat ERM, reweighting and DRO? Paired differences over seeds, through the engine.
 
-Every run trains through the engine's own code, in one process without DeepSpeed (which only adds
-start-up time at this size): ``dora_engine.training.data`` tokenises and collates (Hugging Face labels),
-``dora_engine.training.model.PolicyLoss`` is the loss module (``dora_loss`` / ``dora_loss_linear`` with
-the loss registry), ``ReferenceLogps`` and ``ref_logps.compute_reference`` give the reference log-probs
-(once per seed and data set, reused by every run), the sampler and the learning-rate schedule are the
-trainer's; only the optimizer loop itself is the few lines of ``train`` below.
+Every run trains as ``dora-engine train`` does, in this process: the run's data are written as JSONL in
+the data schema, the model as a Hugging Face directory, and ``Trainer.from_config`` loads them (tokenising
+into a cache, checking token ids), makes the process group of one (gloo on CPU; one per process, kept for
+its runs), takes the reference log-probs from the reference cache or one pass of the SFT model (once per
+data file, shared by the seed's runs), builds the DeepSpeed ZeRO-3 engine around ``PolicyLoss`` with the
+run's optimizer and schedule, and ``Trainer.run`` trains (``Trainer.train_step``: sampler, collator, loss
+registry, gradient clipping, non-finite steps skipped). The trained weights come back in memory
+(``Trainer.trained_state_dict``) for the evaluation; the SFT run also exports, and its export is every
+alignment run's model and reference. Runs are fp32 on every device.
 
 Per seed:
 
@@ -53,7 +56,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dora_engine.atomic import atomic_path, atomic_write
-from dora_engine.data.schema import Record, Response
+from dora_engine.data.schema import Record, Response, write_records
 from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
 from dora_engine.eval.comparison import Comparison
@@ -61,11 +64,19 @@ from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
 from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, derived_seed, sample_texts
-from dora_engine.training.config import DataConfig, LossConfig, ModelConfig, RobustConfig, TrainConfig, TrainingConfig
-from dora_engine.training.data import ALL_SOURCES, Sampler, TrainingData, collate, row_tokenizer, tokenise
-from dora_engine.training.model import LossPath, PolicyLoss, ReferenceLogps
-from dora_engine.training.optim import build_optimizer, build_schedule, total_steps
-from dora_engine.training.ref_logps import compute_reference
+from dora_engine.training.config import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    RobustConfig,
+    TrainConfig,
+    TrainingConfig,
+)
+from dora_engine.training.data import ALL_SOURCES
+from dora_engine.training.engine import Trainer
+from dora_engine.training.process_group import close_distributed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -160,30 +171,48 @@ def reversed_preferences(records: list[Record]) -> list[Record]:
     return [replace(r, responses=[Response(x.text, x.source, -x.score) for x in r.responses]) for r in records]
 
 
+@dataclass(frozen=True)
+class RunPaths:
+    """Where one run reads its model and data and writes its output. The tokenised data and the reference
+    log-probs go to caches that the seed's runs share: keyed by data, tokenizer and model, they are made
+    once per data file and reused by every later run on it, as for a user's runs."""
+
+    model: str = ""
+    data: str = ""
+    output_dir: str = "runs/bench_quality"
+    tokenised: str | None = None
+    ref_cache: str | None = None
+
+    @classmethod
+    def under(cls, root: Path, model: Path, data: Path, run: str) -> RunPaths:
+        return cls(str(model), str(data), str(root / "runs" / run), str(root / "tokenised"), str(root / "ref_cache"))
+
+
 def run_config(
-    config: BenchConfig, stage: str, seed: int, loss: str = "dpo_pl", strategy: str = "erm"
+    config: BenchConfig, stage: str, seed: int, loss: str = "dpo_pl", strategy: str = "erm", *,
+    paths: RunPaths = RunPaths(),
 ) -> TrainingConfig:
-    """The engine configuration of one SFT or alignment run."""
+    """The engine configuration of one SFT or alignment run, reading and writing where ``paths`` say. fp32 on
+    every device (``auto`` would be bf16 on recent GPUs), so that the figures do not depend on the machine."""
     sft = stage == "sft"
     return TrainingConfig(
         stage=stage,
-        model=ModelConfig(path="in-memory"),
-        data=DataConfig(target_source=ALL_SOURCES, max_prompt_tokens=config.max_prompt_tokens,
-                        max_response_tokens=config.max_response_tokens),
+        model=ModelConfig(path=paths.model),
+        data=DataConfig(train=[paths.data] if paths.data else [], target_source=ALL_SOURCES,
+                        max_prompt_tokens=config.max_prompt_tokens, max_response_tokens=config.max_response_tokens,
+                        cache_dir=paths.tokenised, ref_cache_dir=paths.ref_cache),
         loss=LossConfig(name=loss),
         robust=RobustConfig(strategy=strategy, lam=config.lam),
         train=TrainConfig(
             micro_batch_prompts=config.sft_batch if sft else config.align_batch_prompts,
             lr=config.sft_lr if sft else config.align_lr, schedule="cosine", warmup_steps=2 if sft else 0,
             epochs=config.sft_epochs if sft else config.align_epochs, seed=seed, backend=config.backend,
+            precision="fp32",
         ),
+        logging=LoggingConfig(tensorboard="off"),
+        checkpoint=CheckpointConfig(export=sft),  # the SFT export is the alignment runs' model and reference
+        output_dir=paths.output_dir,
     )
-
-
-def tokenised(records: list[Record], tokenizer: PreTrainedTokenizerBase, cfg: TrainingConfig) -> TrainingData:
-    return tokenise(records, row_tokenizer(tokenizer, cfg.model, cfg.data), stage=cfg.stage,
-                    target_source=cfg.data.target_source, num_responses=None, needs_h_tilde=cfg.needs_h_tilde,
-                    data_hash="bench_quality")
 
 
 def tiny_llama(tokenizer: PreTrainedTokenizerBase, config: BenchConfig, seed: int) -> PreTrainedModel:
@@ -211,42 +240,23 @@ def fit_h_tilde(records: list[Record], config: BenchConfig, seed: int, workdir: 
     return fit(records, target=GOLDEN_SOURCE, output_dir=workdir / "calibration", settings=settings, min_examples=4)
 
 
-def train(module: PolicyLoss, data: TrainingData, cfg: TrainingConfig, pad_id: int,
-          ref: torch.Tensor | None = None) -> None:
-    """The optimizer loop of ``Trainer.train_step`` without DeepSpeed: the trainer's sampler, collator, step
-    count, optimizer, schedule and gradient clipping (off at 0, as DeepSpeed's); a step with a non-finite loss
-    is skipped."""
-    t = cfg.train
-    sampler = Sampler(len(data), t.micro_batch_prompts, 1, t.grad_accum_steps, t.seed)
-    total = total_steps(t, sampler)
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(params, t)
-    schedule = build_schedule(optimizer, t, total)
-    module.train()
-    for step in range(total):
-        finite = True
-        for indices in sampler.step_indices(step, 0):
-            out = module(**collate(data, indices, pad_id=pad_id, ref_logps=ref))
-            finite = finite and bool(torch.isfinite(out.value))
-            (out.loss / t.grad_accum_steps).backward()
-        if finite:
-            if t.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-
-
-def policy_loss(model: PreTrainedModel, cfg: TrainingConfig) -> PolicyLoss:
-    """The trainer's loss module around ``model`` for the run ``cfg``."""
-    return PolicyLoss(model, cfg.objective, stage=cfg.stage, path=LossPath.of(cfg.train))
-
-
-def reference(model: PreTrainedModel, data: TrainingData, cfg: TrainingConfig, pad_id: int) -> torch.Tensor:
-    """S_ref (records, K) of ``data`` under the SFT model, through the trainer's reference pass."""
-    module = ReferenceLogps(model, LossPath.of(cfg.train))
-    return compute_reference(module, data, batch_prompts=cfg.train.micro_batch_prompts, pad_id=pad_id, rank=0,
-                             world=1, progress=False, device=torch.device("cpu"))
+def trained_weights(cfg: TrainingConfig) -> dict[str, torch.Tensor]:
+    """Train ``cfg`` as ``dora-engine train`` does, in this process: ``Trainer.from_config`` (data, the
+    process group of one, reference log-probs from the cache or one pass, the DeepSpeed ZeRO-3 engine) and
+    ``Trainer.run``; returns the trained weights, gathered in memory. A SIGINT or SIGTERM stops the trainer
+    after its current step, and then the whole benchmark."""
+    trainer = Trainer.from_config(cfg, progress=False)
+    try:
+        code = trainer.run()
+        if trainer.stop_signal is not None:  # the trainer took a SIGINT or SIGTERM meant for the bench
+            raise KeyboardInterrupt(f"stopped on {trainer.stop_signal}")
+        if code != 0:
+            raise RuntimeError(f"the {cfg.stage} run in {cfg.output_dir} ended with exit code {code}")
+        state = trainer.trained_state_dict()
+        assert state is not None  # rank 0 of a world of one
+        return state
+    finally:
+        trainer.close()
 
 
 def evaluate(
@@ -290,17 +300,19 @@ class SeedResult:
 
 
 def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
-    """SFT, h̃ and every run of the grid for one seed."""
+    """SFT, h̃ and every run of the grid for one seed; every run trains through the engine's ``Trainer``
+    (``trained_weights``) from files in a folder of its own under ``workdir``."""
     from dora_engine.calibration.pipeline import score
+    from dora_engine.generation import EXPORT_FOLDER
 
     started = time.perf_counter()
     tokenizer = build_synth_tokenizer()
-    pad_id = tokenizer.pad_token_id
     settings = [setting_by_name(name) for name in config.settings]
     held_out = eval_records(config, seed)
     clean = training_records(config, seed, SETTINGS[0])
     with tempfile.TemporaryDirectory(prefix=f"seed{seed}_", dir=workdir) as tmp:
-        calibration = fit_h_tilde(clean, config, seed, Path(tmp))
+        root = Path(tmp)
+        calibration = fit_h_tilde(clean, config, seed, root)
         scored = score(clean, calibration)
         h_clean = [r.h_tilde for r in scored]
         by_target = mean_h_tilde_by_target(scored, GOLDEN_SOURCE)
@@ -313,42 +325,49 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
         if "all-golden" in data_by_setting:
             mean_h["all_golden"] = statistics.fmean(r.h_tilde for r in data_by_setting["all-golden"])
 
-    sft_cfg = run_config(config, "sft", seed)
-    model = tiny_llama(tokenizer, config, seed)
-    train(policy_loss(model, sft_cfg), tokenised(clean, tokenizer, sft_cfg), sft_cfg, pad_id)
-    sft_scores = evaluate(model, tokenizer, held_out, config, seed)
-    sft_state = {k: v.clone() for k, v in model.state_dict().items()}
+        model = tiny_llama(tokenizer, config, seed)  # the SFT start; below, the weights of each evaluated run
+        model.save_pretrained(root / "init")
+        tokenizer.save_pretrained(root / "init")
+        sft_paths = RunPaths.under(root, root / "init", data_file(root, "sft", clean), "sft")
+        model.load_state_dict(trained_weights(run_config(config, "sft", seed, paths=sft_paths)))
+        sft_model = Path(sft_paths.output_dir) / EXPORT_FOLDER
+        sft_scores = evaluate(model, tokenizer, held_out, config, seed)
 
-    runs: list[RunResult] = []
-    refs: dict[bool, torch.Tensor] = {}  # S_ref per set of texts: the mixture's, the all-golden control's
-    plan = [(s, loss, strategy) for s in settings for loss in config.losses for strategy in config.strategies]
-    if config.reversed_check:
-        plan.append((settings[0], config.losses[0], REVERSED))
-    for setting, loss, strategy in plan:
-        run_started = time.perf_counter()
-        records = data_by_setting[setting.name]
-        if strategy == REVERSED:
-            records = reversed_preferences(records)
-        cfg = run_config(config, "align", seed, loss, "erm" if strategy == REVERSED else strategy)
-        data = tokenised(records, tokenizer, cfg)
-        model.load_state_dict(sft_state)
-        ref = None
-        if cfg.needs_reference:
-            if setting.all_golden not in refs:
-                refs[setting.all_golden] = reference(model, data, cfg, pad_id)
-            ref = refs[setting.all_golden]
-        train(policy_loss(model, cfg), data, cfg, pad_id, ref)
-        scores = evaluate(model, tokenizer, held_out, config, seed)
-        runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
-                              statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))
+        runs: list[RunResult] = []
+        plan = [(s, loss, strategy) for s in settings for loss in config.losses for strategy in config.strategies]
+        if config.reversed_check:
+            plan.append((settings[0], config.losses[0], REVERSED))
+        files: dict[tuple[str, bool], Path] = {}
+        for number, (setting, loss, strategy) in enumerate(plan):
+            run_started = time.perf_counter()
+            key = (setting.name, strategy == REVERSED)
+            if key not in files:
+                records = data_by_setting[setting.name]
+                files[key] = data_file(root, f"data{len(files)}", reversed_preferences(records) if key[1] else records)
+            paths = RunPaths.under(root, sft_model, files[key], f"run{number:03d}")
+            cfg = run_config(config, "align", seed, loss, "erm" if strategy == REVERSED else strategy, paths=paths)
+            model.load_state_dict(trained_weights(cfg))
+            scores = evaluate(model, tokenizer, held_out, config, seed)
+            runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
+                                  statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))
     sft = {m: statistics.fmean(sft_scores[m]) for m in METRICS}
     return SeedResult(seed, sft, mean_h, runs, time.perf_counter() - started, sft_scores)
+
+
+def data_file(root: Path, name: str, records: list[Record]) -> Path:
+    """``records`` written as ``<root>/<name>.jsonl`` in the data schema, for a run to read."""
+    path = root / f"{name}.jsonl"
+    write_records(path, records)
+    return path
 
 
 def _worker(args: tuple[BenchConfig, int, str, int]) -> SeedResult:
     config, seed, workdir, threads = args
     torch.set_num_threads(threads)
-    return run_seed(config, seed, Path(workdir))
+    try:
+        return run_seed(config, seed, Path(workdir))
+    finally:
+        close_distributed()  # the next seed of this worker makes a new one
 
 
 # ---------------------------------------------------------------- reporting
@@ -543,7 +562,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.jobs == 1:
             torch.set_num_threads(args.threads)
-            collect(run_seed(config, seed, Path(workdir)) for seed in config.seeds)
+            try:
+                collect(run_seed(config, seed, Path(workdir)) for seed in config.seeds)
+            finally:
+                close_distributed()  # the group the runs' trainers made (one for all)
         else:
             with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
                 collect(pool.imap_unordered(_worker, tasks))

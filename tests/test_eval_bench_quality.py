@@ -1,11 +1,12 @@
-"""benchmarks/bench_quality.py: the quick run end to end (through the engine's data path and loss module),
-the reversed-preference check, and the paired-difference arithmetic on fixed results."""
+"""benchmarks/bench_quality.py: the quick run end to end (every run trained by the engine's ``Trainer``), the
+reversed-preference check, and the paired-difference arithmetic on fixed results."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,19 +28,38 @@ def bench():
     sys.modules.pop(spec.name, None)
 
 
-def test_quick_run_end_to_end(bench, tmp_path):
+def test_quick_run_end_to_end(bench, tmp_path, monkeypatch):
     import torch
+    import torch.distributed as dist
 
-    threads = torch.get_num_threads()
+    from dora_engine.training.engine import Trainer
+
+    steps: list[tuple[str, int, int]] = []  # (stage, the run's total steps, step) of every Trainer.train_step
+    train_step = Trainer.train_step
+
+    def counted(self, step):
+        steps.append((self.cfg.stage, self.total_steps, step))
+        return train_step(self, step)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    threads, environment = torch.get_num_threads(), dict(os.environ)
     try:
         assert bench.main(["--quick", "--output-dir", str(tmp_path)]) == 0
     finally:
         torch.set_num_threads(threads)  # main() sets it for the whole process
+        os.environ.clear()  # and the trainers' process group of one its RANK, MASTER_PORT, ...
+        os.environ.update(environment)
+    assert not dist.is_initialized()  # the bench leaves no process group behind
     report = json.loads((tmp_path / "quality_results.json").read_text())
     config, (seed,) = report["config"], report["seeds"]
     assert report["quick"] is True and seed["seed"] == 0
     runs = {r["strategy"]: r for r in seed["runs"]}
     assert set(runs) == {"erm", "dora", bench.REVERSED}
+    # Every run, the SFT and the three alignment runs, trained through the engine's loop, each step once.
+    sft_steps = config["sft_epochs"] * config["train_prompts"] * config["k"] // config["sft_batch"]
+    align_steps = config["align_epochs"] * config["train_prompts"] // config["align_batch_prompts"]
+    assert steps == [("sft", sft_steps, s) for s in range(sft_steps)] + [
+        ("align", align_steps, s) for s in range(align_steps)] * 3
     for run in runs.values():
         rewards, points = run["per_prompt"]["reward"], run["per_prompt"]["win_rate"]
         assert len(rewards) == len(points) == config["eval_prompts"]

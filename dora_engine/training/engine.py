@@ -35,7 +35,7 @@ from dora_engine.training.model import StepOutput
 from dora_engine.training.optim import total_steps
 from dora_engine.training.plots import plot_metrics
 from dora_engine.training.process_group import Ranks, init_distributed
-from dora_engine.training.ref_logps import ensure_reference
+from dora_engine.training.ref_logps import ensure_reference, forget_zero3_module, release_memory
 from dora_engine.training.signals import StopSignals
 
 ZERO_GRAD_STEPS = 3  # applied steps in a row with a grad norm of exactly 0 before a warning
@@ -47,7 +47,8 @@ class Trainer:
 
     ``engine`` is the policy under DeepSpeed (or an object with the same methods: ``__call__``,
     ``backward``, ``step``, ``was_step_applied``, ``get_global_grad_norm``, ``train``, ``eval``, ``device``,
-    ``module``, ``save_checkpoint`` / ``load_checkpoint``), ``lr_scheduler`` its schedule, ``sampler`` the
+    ``module``, ``save_checkpoint`` / ``load_checkpoint``, and for ``export`` / ``trained_state_dict`` and
+    ``close`` DeepSpeed's ZeRO-3 consolidation and ``destroy``), ``lr_scheduler`` its schedule, ``sampler`` the
     data order over ``ranks``, ``checkpoints`` where checkpoints go, ``resume_tag`` the verified checkpoint
     to start from (None: step 0), ``ref_train`` / ``ref_eval`` the reference log-probs of the data.
     ``keep_alive`` holds what must live as long as the engine (the ``HfDeepSpeedConfig``).
@@ -288,15 +289,31 @@ class Trainer:
         return {"step": step, "consumed_prompts": step * self.sampler.prompts_per_step, "skipped_steps": skipped,
                 "consecutive_skips": in_a_row, "config": self.cfg.to_dict()}
 
+    def trained_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The causal LM's weights as trained so far, gathered from the ZeRO-3 partitions onto rank 0 (None on
+        the other ranks; every rank must call it), LoRA merged into the base weights: what ``export`` writes,
+        kept in memory."""
+        from dora_engine.training.export import gathered_state_dict, merge_lora
+
+        state = gathered_state_dict(self.engine)
+        if state is not None and self.cfg.lora.enabled:
+            state = merge_lora(state, self.cfg.lora.alpha, self.cfg.lora.r)
+        return state
+
+    def close(self) -> None:
+        """Release the engine, its ZeRO-3 hooks and partitions, so that one process can build and run further
+        trainers after this one (``benchmarks/bench_quality.py`` runs many); the trainer is unusable after."""
+        self.engine.destroy()
+        forget_zero3_module(self.engine.module)
+        release_memory()
+
     def export(self) -> Path:
         """Gather the ZeRO-3 weights and write ``<output_dir>/final`` (every rank must call this)."""
-        from dora_engine.training.export import gathered_state_dict, merge_lora, write_export
+        from dora_engine.training.export import write_export
 
         destination = self.output_dir / EXPORT_FOLDER
-        state = gathered_state_dict(self.engine)
+        state = self.trained_state_dict()
         if state is not None:
-            if self.cfg.lora.enabled:
-                state = merge_lora(state, self.cfg.lora.alpha, self.cfg.lora.r)
             model_config = self.engine.module.model.config
             write_export(destination, state, model_config, self.tokenizer, self.cfg.to_dict())
             self._say(f"exported the trained model to {destination}")

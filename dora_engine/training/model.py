@@ -15,7 +15,7 @@ from torch import nn
 
 from dora_engine.errors import UserImportError
 from dora_engine.hf_loading import load_pretrained
-from dora_engine.losses import RobustObjective
+from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import DoRAOutput
 from dora_engine.ops.lm_head import DoRAPolicy
 from dora_engine.preference import data_parallel_group
@@ -60,11 +60,18 @@ class PolicyLoss(DoRAPolicy):
     """forward(batch) -> StepOutput; ``stage`` selects SFT (NLL) or alignment (``objective``). The op runs
     with ``validate=False``: the data were validated when they were loaded (``training/data.py``)."""
 
-    def __init__(self, model: nn.Module, objective: RobustObjective, *, stage: str, path: LossPath = LossPath()):
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: RobustObjective | ResolvedObjective,
+        *,
+        stage: str,
+        path: LossPath = LossPath(),
+    ):
         super().__init__(model, objective, loss_path=path.loss_path, mode=path.mode, chunk_bytes=path.chunk_bytes,
                          backend=path.backend, validate=False)
         self.stage = stage
-        self.uses_h_tilde = stage == "align" and objective.resolve().strategy.needs_h_tilde
+        self.uses_h_tilde = stage == "align" and self.objective.strategy.needs_h_tilde
 
     def forward(
         self,
