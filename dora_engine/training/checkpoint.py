@@ -22,7 +22,6 @@ so a bad file on one rank stops all of them before DeepSpeed's collective load s
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pickle
@@ -38,13 +37,13 @@ import torch.distributed as dist
 
 from dora_engine.atomic import TEMPORARY_NAME, atomic_write
 from dora_engine.errors import TrainingError, UserError
+from dora_engine.training.digests import file_entry
 from dora_engine.training.process_group import Ranks
 
 POINTER = "latest_complete"
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
-BLOCK = 8 << 20
 # Config keys a resumed run may change without breaking the identical continuation.
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
                      "train.dist_timeout_minutes", "data.cache_dir", "data.num_proc")
@@ -151,16 +150,6 @@ def checkpoint_files(tag_dir: Path) -> list[str]:
         for p in tag_dir.rglob("*")
         if p.is_file() and p.name != META and not TEMPORARY_NAME.match(p.name)
     )
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK), b""):
-            digest.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
