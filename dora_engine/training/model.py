@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dora_engine.errors import UserImportError
-from dora_engine.losses import RobustObjective, get_strategy
+from dora_engine.losses import RobustObjective
 from dora_engine.ops import DoRAOutput
 from dora_engine.ops.lm_head import DoRAPolicy
 from dora_engine.preference import data_parallel_group
@@ -59,7 +59,7 @@ class PolicyLoss(DoRAPolicy):
         super().__init__(model, objective, loss_path=path.loss_path, mode=path.mode, chunk_bytes=path.chunk_bytes,
                          backend=path.backend, validate=False)
         self.stage = stage
-        self.uses_h_tilde = stage == "align" and get_strategy(objective.strategy).needs_h_tilde
+        self.uses_h_tilde = stage == "align" and self.objective.strategy.needs_h_tilde
 
     def forward(
         self,
