@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from dora_engine.atomic import TEMPORARY_NAME, atomic_write
 from dora_engine.errors import TrainingError, UserError
+from dora_engine.training.data import TrainingData
 from dora_engine.training.digests import file_entry
 from dora_engine.training.process_group import Ranks
 
@@ -47,6 +48,7 @@ CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed re
 # Config keys a resumed run may change without breaking the identical continuation.
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
                      "train.dist_timeout_minutes", "data.cache_dir", "data.num_proc")
+DATA_KEYS = ("data.train", "data.eval")  # may change too with checkpoint.allow_data_change
 
 
 class CheckpointError(UserError, ValueError):
@@ -387,10 +389,42 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 
 def check_resumable(tag: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A ``TrainingError`` when the config a checkpoint was written with differs from this run's in a key
-    that affects the optimisation (any key but ``RESUMABLE_CHANGES``)."""
-    changed = [k for k in config_differences(saved, current) if not k.startswith(RESUMABLE_CHANGES)]
+    that affects the optimisation (any key but ``RESUMABLE_CHANGES``, and ``DATA_KEYS`` when this run sets
+    ``checkpoint.allow_data_change``)."""
+    allowed = RESUMABLE_CHANGES + (DATA_KEYS if current.get("checkpoint", {}).get("allow_data_change") else ())
+    changed = [k for k in config_differences(saved, current) if not k.startswith(allowed)]
     if changed:
         raise TrainingError(
             f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
             "resuming would not continue the same run"
         )
+
+
+def data_hashes(train: TrainingData, evaluation: TrainingData | None) -> dict[str, str | None]:
+    """The content hashes of a run's data files (``TrainingData.data_hash``), recorded in each checkpoint."""
+    return {"data.train": train.data_hash, "data.eval": evaluation.data_hash if evaluation is not None else None}
+
+
+def check_same_data(tag: str, saved: dict[str, Any] | None, current: dict[str, str | None], allow: bool) -> str | None:
+    """Compare the data hashes a checkpoint recorded (``saved``; None for a checkpoint written before they
+    were) with this run's. Changed content is a ``TrainingError`` naming what changed, or, when ``allow``
+    (``checkpoint.allow_data_change``), the warning to print (None when nothing changed)."""
+    if not isinstance(saved, dict):
+        return None
+    changed = [key for key in DATA_KEYS if saved.get(key) != current.get(key)]
+    if not changed:
+        return None
+    what = " and ".join(changed)
+    hashes = "; ".join(f"{key}: {_short(saved.get(key))} then, {_short(current.get(key))} now" for key in changed)
+    if allow:
+        return f"{what} content changed since checkpoint {tag} ({hashes}); continuing on the changed data " \
+               "(checkpoint.allow_data_change)"
+    raise TrainingError(
+        f"{what} content changed since checkpoint {tag} (SHA-256 of the files, {hashes}), so resuming would not "
+        "continue the same run; restore the data, start a new output_dir, or set checkpoint.allow_data_change=true "
+        "to continue on the changed data"
+    )
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "none"

@@ -115,6 +115,7 @@ class CheckpointConfig:
     keep: int = 2  # checkpoints kept on disk
     resume: str | None = None  # None | auto | a checkpoint tag
     export: bool = True  # Hugging Face export to <output_dir>/final at the end
+    allow_data_change: bool = False  # resume on data.train / data.eval whose files or content changed
 
 
 @dataclass
