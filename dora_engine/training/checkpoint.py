@@ -22,6 +22,7 @@ so a bad file on one rank stops all of them before DeepSpeed's collective load s
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -49,6 +50,9 @@ CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed re
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
                      "train.dist_timeout_minutes", "data.cache_dir", "data.num_proc")
 DATA_KEYS = ("data.train", "data.eval")  # may change too with checkpoint.allow_data_change
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+FULL_BELOW = 16 << 20  # free bytes under which a write error without an errno is taken for a full disk
+MB = 1 << 20
 
 
 class CheckpointError(UserError, ValueError):
@@ -287,7 +291,8 @@ class CheckpointManager:
         state = {**client_state, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
+        with self._out_of_space_reported(tag_dir):
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
         _barrier()
         share, whole_world = hashing_share(tag_dir, checkpoint_files(tag_dir), self.ranks)
         mine = {name: file_entry(tag_dir / name) for name in share}
@@ -299,13 +304,40 @@ class CheckpointManager:
         if self.writer:
             meta = dict(client_state) | {"tag": tag, "world_size": self.ranks.world}
             meta["files"] = dict(sorted(files.items()))
-            with atomic_write(tag_dir / META) as handle:
-                json.dump(meta, handle, indent=1)
-            with atomic_write(self.directory / POINTER) as handle:
-                handle.write(tag + "\n")
+            with self._out_of_space_reported(tag_dir):
+                with atomic_write(tag_dir / META) as handle:
+                    json.dump(meta, handle, indent=1)
+                with atomic_write(self.directory / POINTER) as handle:
+                    handle.write(tag + "\n")
             self._prune(keep_tag=tag)
         _barrier()
         return tag
+
+    @contextlib.contextmanager
+    def _out_of_space_reported(self, tag_dir: Path) -> Iterator[None]:
+        """Turn a write of ``tag_dir`` that failed for want of space (``out_of_space``) into one line
+        naming the folder, the space a checkpoint takes and the one to resume from; the partial tag is
+        removed first, so its space is free again and an earlier complete checkpoint stays the latest.
+        Any other failure goes on as it is."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            reason = out_of_space(err, tag_dir)
+            if reason is None:
+                raise
+            written = folder_bytes(tag_dir)
+            (tag_dir / META).unlink(missing_ok=True)
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            earlier = [t for t in complete_tags(self.directory) if t != tag_dir.name]
+            need = checkpoint_bytes(self.directory / earlier[0]) if earlier else None
+            size = f"about {need / MB:.1f} MB" if need else f"more than the {written / MB:.1f} MB written"
+            resume = (f"checkpoint {self.directory / earlier[0]} stays the one to resume from" if earlier
+                      else "no checkpoint of this run was complete")
+            raise TrainingError(
+                f"{reason} writing checkpoint {tag_dir} (a checkpoint takes {size}; "
+                f"{free_bytes(self.directory) / MB:.1f} MB free there); the partial checkpoint was removed and "
+                f"{resume}. Free space there, then continue with --resume auto"
+            ) from None
 
     def _prune(self, keep_tag: str) -> None:
         tags = sorted(p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
@@ -428,3 +460,45 @@ def check_same_data(tag: str, saved: dict[str, Any] | None, current: dict[str, s
 
 def _short(digest: str | None) -> str:
     return digest[:12] if digest else "none"
+
+
+def out_of_space(err: BaseException, folder: Path) -> str | None:
+    """What made a write in ``folder`` fail when it is a want of space, else None: the message of an
+    ``OSError`` with ENOSPC or EDQUOT in ``err`` or its causes; or ``"No space left on device"`` for a
+    ``RuntimeError`` of torch's C++ writer (which reports a full disk as ``unexpected pos …`` without an
+    errno) while less than ``FULL_BELOW`` bytes are free there, or once another rank that found the disk
+    full has removed the folder."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in OUT_OF_SPACE:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(err, RuntimeError) and (free_bytes(folder) < FULL_BELOW or not folder.exists()):
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on the filesystem of ``path`` (or of its nearest existing parent)."""
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return 0
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder`` (0 when it is gone)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def checkpoint_bytes(tag_dir: Path) -> int | None:
+    """Total size of a complete checkpoint's files, from its manifest (None without one)."""
+    with contextlib.suppress(CheckpointError):
+        files = read_meta(tag_dir).get("files")
+        if isinstance(files, dict):
+            return sum(entry.get("bytes", 0) for entry in files.values() if isinstance(entry, dict))
+    return None
