@@ -181,6 +181,32 @@ def test_changed_data_content_under_the_same_path_is_refused_or_allowed_by_the_c
         data.write_bytes(original)
 
 
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_complete_one_stays(single):
+    """The output folder on a 1000 kB tmpfs (where mounting is allowed), a checkpoint each step: the save
+    that finds the disk full ends the run with one line, without the partial tag."""
+    mount = single["root"] / "small_disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        run, log = mount / "run", single["root"] / "log_full_disk"
+        code = _run(_train(single["config"], run, *single["args"], "checkpoint.keep=5", "train.max_steps=6"), log)
+        assert code != 0
+        folder = run / "checkpoints"
+        last = (folder / "latest_complete").read_text().strip()
+        failed = f"step_{int(last[5:]) + 1:08d}"
+        line = _error_line(log)
+        assert line.startswith("dora-engine train: error: No space left on device writing checkpoint "
+                               f"{folder / failed} (a checkpoint takes about 0."), line
+        assert line.endswith(f"checkpoint {folder / last} stays the one to resume from. Free space there, then "
+                             "continue with --resume auto"), line
+        assert not (folder / failed).exists() and (folder / last / "dora_checkpoint.json").is_file()
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_planted_payload_runs_nothing_and_names_the_file(single):
     """A checkpoint whose model states unpickle into code, with its manifest forged to match: no code runs."""
     import hashlib
