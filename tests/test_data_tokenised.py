@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -163,6 +164,76 @@ def test_two_ranks_tokenise_once(toy, tmp_path):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("tokens-") and p.is_dir()]) == 1
     message = f"{bad}: record 4 (id='toy-4'): field 'responses[0].score' is missing"
     assert results[0][3].startswith(message) and results[1][3] == results[0][3]
+
+
+# ----------------------------------------------------------------------------------- damaged cache folders
+
+
+def _garble(path: Path) -> None:
+    """Same-size garbling of the middle of a file (as a disk or a stray write would)."""
+    raw = bytearray(path.read_bytes())
+    mid = len(raw) // 2
+    raw[mid : mid + 64] = bytes(b ^ 0x5A for b in raw[mid : mid + 64])
+    path.write_bytes(bytes(raw))
+
+
+def _edit_meta(folder: Path, **fields) -> None:
+    meta = json.loads((folder / "dora_tokens.json").read_text())
+    (folder / "dora_tokens.json").write_text(json.dumps(meta | fields))
+
+
+DAMAGE = {
+    "garbled tokens": (lambda f: _garble(next((f / "data").glob("*.arrow"))), "differs from dora_tokens.json"),
+    "truncated arrow": (lambda f: os.truncate(next((f / "data").glob("*.arrow")), 1000), "has 1000 bytes"),
+    "deleted record": (lambda f: (f / "dora_tokens.json").unlink(), "dora_tokens.json is missing"),
+    "garbled record": (lambda f: (f / "dora_tokens.json").write_bytes(b"\x00{\xff"), "cannot be read"),
+    "altered record": (lambda f: _edit_meta(f, num_responses=5), "was altered"),
+    "older record": (lambda f: _edit_meta(f, files=None, digest=None), "lacks files, digest"),
+    "extra file": (lambda f: (f / "data" / "x.arrow").write_bytes(b"x"), "data/x.arrow is not listed"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_folder_is_tokenised_again_after_one_line(toy, tmp_path, capfd, damage):
+    """Whatever is wrong with a cached folder, the next load says so in one line and tokenises again:
+    never a traceback, never rows other than the data's, never a folder left that breaks later runs."""
+    tok, cfg = _tokenizer(toy)
+    cache = tmp_path / "cache"
+    first = _load(cfg.data.train, tok, cache)
+    expected, K = _plain(first), first.num_responses
+    del first  # its memory map would show the garbling too
+    folder = next(cache.glob("tokens-*"))
+    spoil, reason = DAMAGE[damage]
+    spoil(folder)
+    capfd.readouterr()
+    again = _load(cfg.data.train, tok, cache)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and "[WARNING]" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"[dora-engine] warning: tokenised data in {folder} cannot be used (")
+    assert reason in lines[0] and lines[0].endswith("tokenising again")
+    assert again.built and again.path == folder and _plain(again) == expected and again.num_responses == K
+    later = _load(cfg.data.train, tok, cache)
+    assert not later.built and _plain(later) == expected and not capfd.readouterr().err.strip()
+    assert sorted(p.name for p in cache.iterdir()) == [folder.name]  # nothing set aside is left
+
+
+def test_waiting_ranks_map_the_folder_local_rank_0_replaces(toy, tmp_path):
+    """A local rank that finds the folder damaged waits for the one local rank 0 builds in its place."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tok, cfg = _tokenizer(toy)
+    cache = tmp_path / "cache"
+    expected = _plain(_load(cfg.data.train, tok, cache))
+    folder = next(cache.glob("tokens-*"))
+    _garble(next((folder / "data").glob("*.arrow")))
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(_load, cfg.data.train, tok, cache, local_rank=1)
+        time.sleep(1.0)
+        assert not waiting.done()  # it found the folder damaged and waits
+        rebuilt = _load(cfg.data.train, tok, cache, local_rank=0)
+        mapped = waiting.result(timeout=60)
+    assert rebuilt.built and not mapped.built and _plain(mapped) == _plain(rebuilt) == expected
 
 
 # ----------------------------------------------------------------------------------- datasets input

@@ -6,6 +6,7 @@ file, and leaves no output folder behind (docs/design.md section 7).
 
 from __future__ import annotations
 
+import gc
 import gzip
 import hashlib
 import json
@@ -13,6 +14,7 @@ import os
 import pickle
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -377,3 +379,91 @@ def test_process_group_waits_as_long_as_the_config_says(monkeypatch, tmp_path):
     assert load_config(toy).train.dist_timeout_minutes == 60
     with pytest.raises(ConfigError, match="train.dist_timeout_minutes"):
         load_config(toy, ["train.dist_timeout_minutes=0"])
+
+
+# ------------------------------------------------------------------------------------ a full disk at save
+
+
+class _FillingEngine:
+    """Stands in for DeepSpeed's engine: writes ``size`` bytes with torch.save, or fails with ``error``
+    after writing part of them."""
+
+    def __init__(self, size: int, error: BaseException | None = None):
+        self.size, self.error = size, error
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        folder = Path(directory) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"w": torch.zeros(self.size // 4)}, folder / "model_states.pt")
+        if self.error is not None:
+            raise self.error
+
+
+def _manager(directory: Path):
+    from dora_engine.training.checkpoint import CheckpointManager
+
+    return CheckpointManager(directory, keep=2, ranks=Ranks(rank=0, local_rank=0, local_size=1, world=1))
+
+
+def _full_disk_line(directory: Path, err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"No space left on device writing checkpoint {directory / 'step_00000002'} (a "), message
+    assert message.endswith(f"the partial checkpoint was removed and checkpoint {directory / 'step_00000001'} stays "
+                            "the one to resume from. Free space there, then continue with --resume auto"), message
+    assert sorted(p.name for p in directory.iterdir()) == ["step_00000001"]
+    return message
+
+
+@pytest.mark.parametrize("error", ["ENOSPC", "torch writer"])
+def test_a_full_disk_at_save_is_one_line_and_the_last_checkpoint_stays(tmp_path, monkeypatch, error):
+    """An OSError with ENOSPC, or torch's C++ writer error (no errno) on a filesystem with no space left:
+    one line naming the folder and the space a checkpoint takes; the partial tag is removed."""
+    from dora_engine.errors import TrainingError
+    from dora_engine.training import checkpoint
+
+    directory = tmp_path / "checkpoints"
+    manager = _manager(directory)
+    manager.save(_FillingEngine(3 << 20), 1, {"step": 1})
+    written = sum(e["bytes"] for e in json.loads((directory / "step_00000001" / META).read_text())["files"].values())
+    if error == "ENOSPC":
+        failure: BaseException = OSError(28, "No space left on device")
+    else:
+        failure = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    with pytest.raises(TrainingError) as err:
+        manager.save(_FillingEngine(1 << 20, failure), 2, {"step": 2})
+    assert f"(a checkpoint takes about {written / (1 << 20):.1f} MB; " in _full_disk_line(directory, err)
+
+
+def test_another_write_error_is_not_taken_for_a_full_disk(tmp_path):
+    directory = tmp_path / "checkpoints"
+    manager = _manager(directory)
+    failure = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+    with pytest.raises(RuntimeError, match="unexpected pos") as err:
+        manager.save(_FillingEngine(1 << 10, failure), 1, {"step": 1})
+    assert err.value is failure
+
+
+def test_a_real_full_tmpfs_at_save(tmp_path):
+    """A 2 MB tmpfs (where mounting is allowed): torch's own error on the full filesystem becomes the line."""
+    import subprocess
+
+    from dora_engine.errors import TrainingError
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        directory = mount / "checkpoints"
+        manager = _manager(directory)
+        manager.save(_FillingEngine(600 << 10), 1, {"step": 1})
+        with pytest.raises(TrainingError) as err:
+            manager.save(_FillingEngine(4 << 20), 2, {"step": 2})
+        assert "MB free there)" in _full_disk_line(directory, err)
+    finally:
+        err = None  # its traceback holds torch's writer, whose file keeps the mount busy
+        gc.collect()
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)  # detached now, freed once unused

@@ -149,6 +149,64 @@ def test_truncated_latest_checkpoint_falls_back_to_the_newest_intact_one(single)
     assert meta["files"][OPTIM_STATES]["bytes"] == optim.stat().st_size  # step 3 written afresh
 
 
+def test_changed_data_content_under_the_same_path_is_refused_or_allowed_by_the_config(single):
+    """Shuffled records with inverted scores in the same file: the resume stops with one line naming what
+    changed; ``checkpoint.allow_data_change=true`` continues on them with a warning."""
+    data = single["root"] / "train.jsonl"
+    original = data.read_bytes()
+    records = [json.loads(line) for line in original.decode().splitlines()][::-1]
+    for record in records:
+        for response in record["responses"]:
+            response["score"] = -response["score"]
+    try:
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        refused = _copy(single, "run_changed_data")
+        log = single["root"] / "log_changed_data"
+        code = _run(_train(single["config"], refused, *single["args"], "train.max_steps=4", "--resume", "auto"), log)
+        assert code != 0 and _steps(refused) == [1, 2, 3], log.read_text()[-3000:]
+        line = _error_line(log)
+        assert line.startswith(f"dora-engine train: error: data.train content changed since checkpoint {TAG3} "
+                               "(SHA-256 of the files, data.train: "), line
+        assert line.endswith("restore the data, start a new output_dir, or set checkpoint.allow_data_change=true to "
+                             "continue on the changed data"), line
+
+        log = single["root"] / "log_allowed_data"
+        code = _run(_train(single["config"], refused, *single["args"], "train.max_steps=4",
+                           "checkpoint.allow_data_change=true", "--resume", "auto"), log)
+        text = log.read_text()
+        assert code == 0, text[-3000:]
+        assert f"warning: data.train content changed since checkpoint {TAG3} (data.train: " in text
+        assert f"resumed from {refused / 'checkpoints' / TAG3} at step 3" in text and _steps(refused) == [1, 2, 3, 4]
+    finally:
+        data.write_bytes(original)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_last_complete_one_stays(single):
+    """The output folder on a 1000 kB tmpfs (where mounting is allowed), a checkpoint each step: the save
+    that finds the disk full ends the run with one line, without the partial tag."""
+    mount = single["root"] / "small_disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        run, log = mount / "run", single["root"] / "log_full_disk"
+        code = _run(_train(single["config"], run, *single["args"], "checkpoint.keep=5", "train.max_steps=6"), log)
+        assert code != 0
+        folder = run / "checkpoints"
+        last = resume_tag(run)
+        failed = f"step_{int(last[5:]) + 1:08d}"
+        line = _error_line(log)
+        assert line.startswith("dora-engine train: error: No space left on device writing checkpoint "
+                               f"{folder / failed} (a checkpoint takes about 0."), line
+        assert line.endswith(f"checkpoint {folder / last} stays the one to resume from. Free space there, then "
+                             "continue with --resume auto"), line
+        assert not (folder / failed).exists() and (folder / last / "dora_checkpoint.json").is_file()
+    finally:
+        if subprocess.run(["umount", str(mount)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_planted_payload_runs_nothing_and_names_the_file(single):
     """A checkpoint whose model states unpickle into code, with its manifest forged to match: no code runs."""
     import hashlib

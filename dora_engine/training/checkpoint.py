@@ -22,7 +22,7 @@ so a bad file on one rank stops all of them before DeepSpeed's collective load s
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import errno
 import json
 import os
 import pickle
@@ -38,15 +38,20 @@ import torch.distributed as dist
 
 from dora_engine.atomic import TEMPORARY_NAME, atomic_write
 from dora_engine.errors import TrainingError, UserError
+from dora_engine.training.data import TrainingData
+from dora_engine.training.digests import file_entry
 from dora_engine.training.process_group import Ranks
 
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 CLIENT_KEY = "dora_engine"  # our client state lives under one key: DeepSpeed reserves names like skipped_steps
-BLOCK = 8 << 20
 # Config keys a resumed run may change without breaking the identical continuation.
 RESUMABLE_CHANGES = ("logging", "checkpoint", "output_dir", "train.max_steps", "train.epochs", "train.eval_every",
                      "train.dist_timeout_minutes", "data.cache_dir", "data.num_proc")
+DATA_KEYS = ("data.train", "data.eval")  # may change too with checkpoint.allow_data_change
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+FULL_BELOW = 16 << 20  # free bytes under which a write error without an errno is taken for a full disk
+MB = 1 << 20
 
 
 class CheckpointError(UserError, ValueError):
@@ -141,16 +146,6 @@ def checkpoint_files(tag_dir: Path) -> list[str]:
         for p in tag_dir.rglob("*")
         if p.is_file() and p.name != META and not TEMPORARY_NAME.match(p.name)
     )
-
-
-def file_entry(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(BLOCK), b""):
-            digest.update(block)
-            size += len(block)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
@@ -286,7 +281,8 @@ class CheckpointManager:
         state = {**client_state, "rng_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             state["rng_cuda"] = torch.cuda.get_rng_state()
-        engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
+        with self._out_of_space_reported(tag_dir):
+            engine.save_checkpoint(str(self.directory), tag=tag, client_state={CLIENT_KEY: state}, save_latest=False)
         _barrier()
         share, whole_world = hashing_share(tag_dir, checkpoint_files(tag_dir), self.ranks)
         mine = {name: file_entry(tag_dir / name) for name in share}
@@ -298,11 +294,38 @@ class CheckpointManager:
         if self.writer:
             meta = dict(client_state) | {"tag": tag, "world_size": self.ranks.world}
             meta["files"] = dict(sorted(files.items()))
-            with atomic_write(tag_dir / META) as handle:
-                json.dump(meta, handle, indent=1)
+            with self._out_of_space_reported(tag_dir):
+                with atomic_write(tag_dir / META) as handle:
+                    json.dump(meta, handle, indent=1)
             self._prune(keep_tag=tag)
         _barrier()
         return tag
+
+    @contextlib.contextmanager
+    def _out_of_space_reported(self, tag_dir: Path) -> Iterator[None]:
+        """Turn a write of ``tag_dir`` that failed for want of space (``out_of_space``) into one line
+        naming the folder, the space a checkpoint takes and the one to resume from; the partial tag is
+        removed first, so its space is free again and an earlier complete checkpoint stays the latest.
+        Any other failure goes on as it is."""
+        try:
+            yield
+        except (OSError, RuntimeError) as err:
+            reason = out_of_space(err, tag_dir)
+            if reason is None:
+                raise
+            written = folder_bytes(tag_dir)
+            (tag_dir / META).unlink(missing_ok=True)
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            earlier = [t for t in complete_tags(self.directory) if t != tag_dir.name]
+            need = checkpoint_bytes(self.directory / earlier[0]) if earlier else None
+            size = f"about {need / MB:.1f} MB" if need else f"more than the {written / MB:.1f} MB written"
+            resume = (f"checkpoint {self.directory / earlier[0]} stays the one to resume from" if earlier
+                      else "no checkpoint of this run was complete")
+            raise TrainingError(
+                f"{reason} writing checkpoint {tag_dir} (a checkpoint takes {size}; "
+                f"{free_bytes(self.directory) / MB:.1f} MB free there); the partial checkpoint was removed and "
+                f"{resume}. Free space there, then continue with --resume auto"
+            ) from None
 
     def _prune(self, keep_tag: str) -> None:
         tags = sorted(p.name for p in self.directory.iterdir() if p.is_dir() and TAG_PATTERN.match(p.name))
@@ -386,10 +409,84 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any], prefix: s
 
 def check_resumable(tag: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
     """A ``TrainingError`` when the config a checkpoint was written with differs from this run's in a key
-    that affects the optimisation (any key but ``RESUMABLE_CHANGES``)."""
-    changed = [k for k in config_differences(saved, current) if not k.startswith(RESUMABLE_CHANGES)]
+    that affects the optimisation (any key but ``RESUMABLE_CHANGES``, and ``DATA_KEYS`` when this run sets
+    ``checkpoint.allow_data_change``)."""
+    allowed = RESUMABLE_CHANGES + (DATA_KEYS if current.get("checkpoint", {}).get("allow_data_change") else ())
+    changed = [k for k in config_differences(saved, current) if not k.startswith(allowed)]
     if changed:
         raise TrainingError(
             f"checkpoint {tag} was written with a different configuration ({', '.join(changed)}); "
             "resuming would not continue the same run"
         )
+
+
+def data_hashes(train: TrainingData, evaluation: TrainingData | None) -> dict[str, str | None]:
+    """The content hashes of a run's data files (``TrainingData.data_hash``), recorded in each checkpoint."""
+    return {"data.train": train.data_hash, "data.eval": evaluation.data_hash if evaluation is not None else None}
+
+
+def check_same_data(tag: str, saved: dict[str, Any] | None, current: dict[str, str | None], allow: bool) -> str | None:
+    """Compare the data hashes a checkpoint recorded (``saved``; None for a checkpoint written before they
+    were) with this run's. Changed content is a ``TrainingError`` naming what changed, or, when ``allow``
+    (``checkpoint.allow_data_change``), the warning to print (None when nothing changed)."""
+    if not isinstance(saved, dict):
+        return None
+    changed = [key for key in DATA_KEYS if saved.get(key) != current.get(key)]
+    if not changed:
+        return None
+    what = " and ".join(changed)
+    hashes = "; ".join(f"{key}: {_short(saved.get(key))} then, {_short(current.get(key))} now" for key in changed)
+    if allow:
+        return f"{what} content changed since checkpoint {tag} ({hashes}); continuing on the changed data " \
+               "(checkpoint.allow_data_change)"
+    raise TrainingError(
+        f"{what} content changed since checkpoint {tag} (SHA-256 of the files, {hashes}), so resuming would not "
+        "continue the same run; restore the data, start a new output_dir, or set checkpoint.allow_data_change=true "
+        "to continue on the changed data"
+    )
+
+
+def _short(digest: str | None) -> str:
+    return digest[:12] if digest else "none"
+
+
+def out_of_space(err: BaseException, folder: Path) -> str | None:
+    """What made a write in ``folder`` fail when it is a want of space, else None: the message of an
+    ``OSError`` with ENOSPC or EDQUOT in ``err`` or its causes; or ``"No space left on device"`` for a
+    ``RuntimeError`` of torch's C++ writer (which reports a full disk as ``unexpected pos …`` without an
+    errno) while less than ``FULL_BELOW`` bytes are free there, or once another rank that found the disk
+    full has removed the folder."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in OUT_OF_SPACE:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(err, RuntimeError) and (free_bytes(folder) < FULL_BELOW or not folder.exists()):
+        return os.strerror(errno.ENOSPC)
+    return None
+
+
+def free_bytes(path: Path) -> int:
+    """Bytes free to this user on the filesystem of ``path`` (or of its nearest existing parent)."""
+    for folder in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(folder).free
+    return 0
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder`` (0 when it is gone)."""
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size if path.is_file() else 0
+    return total
+
+
+def checkpoint_bytes(tag_dir: Path) -> int | None:
+    """Total size of a complete checkpoint's files, from its manifest (None without one)."""
+    with contextlib.suppress(CheckpointError):
+        files = read_meta(tag_dir).get("files")
+        if isinstance(files, dict):
+            return sum(entry.get("bytes", 0) for entry in files.values() if isinstance(entry, dict))
+    return None

@@ -313,6 +313,11 @@ class CheckpointConfig:
         default=True,
         metadata={"help": f"Write the Hugging Face model to `<output_dir>/{EXPORT_FOLDER}` at the end."},
     )
+    allow_data_change: bool = field(
+        default=False,
+        metadata={"help": "Resume on `data.train` / `data.eval` whose files or content changed since the "
+                          "checkpoint (with a warning); by default such a resume is refused, naming what changed."},
+    )
 
 
 @dataclass

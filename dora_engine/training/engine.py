@@ -25,7 +25,7 @@ import torch.distributed as dist
 from dora_engine.errors import TrainingError
 from dora_engine.generation import EXPORT_FOLDER
 from dora_engine.training import startup
-from dora_engine.training.checkpoint import CheckpointManager, check_resumable
+from dora_engine.training.checkpoint import CheckpointManager, check_resumable, data_hashes
 from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import Sampler, collate
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision
@@ -83,7 +83,7 @@ class Trainer:
         )
         startup.check_sizes(cfg, data, sampler, ranks.world)
         checkpoints = CheckpointManager(Path(cfg.output_dir) / "checkpoints", keep=cfg.checkpoint.keep, ranks=ranks)
-        resume_tag = startup.choose_checkpoint(cfg, checkpoints, ranks)
+        resume_tag = startup.choose_checkpoint(cfg, checkpoints, ranks, data)
         ds_config = build_deepspeed_config(cfg, ranks.world)
         refs = [None, None]
         if cfg.needs_reference:
@@ -287,7 +287,8 @@ class Trainer:
 
     def _client_state(self, step: int, skipped: int, in_a_row: int) -> dict[str, Any]:
         return {"step": step, "consumed_prompts": step * self.sampler.prompts_per_step, "skipped_steps": skipped,
-                "consecutive_skips": in_a_row, "config": self.cfg.to_dict()}
+                "consecutive_skips": in_a_row, "config": self.cfg.to_dict(),
+                "data": data_hashes(self.train_data, self.eval_data)}
 
     def trained_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The causal LM's weights as trained so far, gathered from the ZeRO-3 partitions onto rank 0 (None on

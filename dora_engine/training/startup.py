@@ -13,7 +13,13 @@ import torch
 
 from dora_engine.atomic import remove_stale_temporaries
 from dora_engine.errors import TrainingError
-from dora_engine.training.checkpoint import CheckpointManager, check_resumable, written_world_size
+from dora_engine.training.checkpoint import (
+    CheckpointManager,
+    check_resumable,
+    check_same_data,
+    data_hashes,
+    written_world_size,
+)
 from dora_engine.training.config import TrainingConfig
 from dora_engine.training.data import Sampler
 from dora_engine.training.dsconfig import torch_dtype
@@ -66,9 +72,9 @@ def check_sizes(cfg: TrainingConfig, data: RunData, sampler: Sampler, world: int
         )
 
 
-def choose_checkpoint(cfg: TrainingConfig, checkpoints: CheckpointManager, ranks: Ranks) -> str | None:
+def choose_checkpoint(cfg: TrainingConfig, checkpoints: CheckpointManager, ranks: Ranks, data: RunData) -> str | None:
     """The verified checkpoint tag to resume from (None: a fresh start), checked against this run's
-    world size and config before anything heavy starts (section 7.5)."""
+    world size, config and data content before anything heavy starts (section 7.5)."""
     wanted = cfg.checkpoint.resume
     if wanted is None:
         return None
@@ -87,6 +93,10 @@ def choose_checkpoint(cfg: TrainingConfig, checkpoints: CheckpointManager, ranks
         )
     if isinstance(meta.get("config"), dict):
         check_resumable(tag, meta["config"], cfg.to_dict())
+    changed = check_same_data(tag, meta.get("data"), data_hashes(data.train, data.eval),
+                              cfg.checkpoint.allow_data_change)
+    if changed:
+        say(ranks, f"warning: {changed}")
     return tag
 
 

@@ -8,8 +8,12 @@ saves the result with ``save_to_disk`` under ``<cache_dir>/tokens-<key>``. The k
 files' bytes, the format they are read in (and its column mapping), the tokenizer, the chat template,
 the length limits and the stage's settings, so every rank and every later run with the same key maps
 the same files instead of tokenising again. The folder appears complete or not at all (built under a
-temporary name, then renamed). Under several ranks, local rank 0 of each node builds while the other
-local ranks wait for the folder (or for the build's error, which they raise too). The rows are the ones
+temporary name, then renamed). Its ``dora_tokens.json`` records the size and SHA-256 of every file
+``save_to_disk`` wrote and a digest of its own fields; each process checks them before mapping the files,
+and a folder that fails the check (a file altered, truncated or missing, the record itself unreadable or
+altered) is set aside and built again after one warning line. Under several ranks, local rank 0 of each
+node checks and builds while the other local ranks wait for an intact folder (or for the build's error,
+which they raise too). The rows are the ones
 ``data.tokenise`` makes from the same records, in the same order, so the sampler, the collator, the
 reference cache and resume work the same on both.
 """
@@ -20,7 +24,9 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +35,7 @@ from typing import Any
 
 from dora_engine.atomic import atomic_write, give_default_modes, temporary_dir
 from dora_engine.data.schema import Record, RecordError, iter_jsonl
+from dora_engine.errors import UserError
 from dora_engine.rows import Row, RowTokenizer, alignment_problem
 from dora_engine.training.data import (
     Example,
@@ -39,6 +46,7 @@ from dora_engine.training.data import (
     record_rows,
     sft_targets,
 )
+from dora_engine.training.digests import file_entry
 
 FORMAT = 1  # bump when the stored columns or their meaning change
 META = "dora_tokens.json"
@@ -47,6 +55,18 @@ PARALLEL_FROM = 20_000  # fewer records are tokenised in this process (starting 
 WAIT_POLL_S = 0.5
 SHOW_MAP_BAR_FROM = 10_000  # records; smaller builds take a moment and print nothing
 SCHEMA = "schema"  # data.format of records already in the docs/design.md section 3 schema
+
+META_FIELDS = {"format": int, "num_records": int, "num_responses": int, "examples": int, "data_hash": str,
+               "token_hash": str, "files": dict, "digest": str}
+
+
+class DamagedFolder(Exception):
+    """A tokenised folder that does not match its ``dora_tokens.json`` (or has none); the message says how."""
+
+
+class TokenisedCacheError(UserError, OSError):
+    """A tokenised folder that still fails its check right after it was built; the message names it."""
+
 
 def default_cache_dir() -> Path:
     """``$DORA_ENGINE_CACHE/tokenised``, else ``$XDG_CACHE_HOME/dora_engine/tokenised`` (``~/.cache`` by default)."""
@@ -310,14 +330,89 @@ def tokenizer_digest(tokenizer: RowTokenizer) -> str:
     return digest.hexdigest()
 
 
-def _open(path: Path, built: bool) -> ArrowTrainingData:
-    import datasets
+def data_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file under ``folder/data`` (what ``save_to_disk`` wrote), by path
+    relative to ``folder``."""
+    return {p.relative_to(folder).as_posix(): file_entry(p) for p in sorted((folder / "data").rglob("*"))
+            if p.is_file()}
 
-    meta = json.loads((path / META).read_text(encoding="utf-8"))
-    dataset = datasets.load_from_disk(str(path / "data"))
+
+def meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the fields of a ``dora_tokens.json`` other than ``digest`` (canonical JSON)."""
+    fields = {k: v for k, v in meta.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def checked_meta(folder: Path, data_hash: str) -> dict[str, Any]:
+    """The ``dora_tokens.json`` of ``folder`` once the folder matches it: the record readable, with its
+    fields and its own digest intact, for these data (``data_hash``), and every file under ``data`` the
+    one it lists (no file missing or extra, sizes first, then SHA-256). ``DamagedFolder`` says what
+    does not match."""
+    try:
+        meta = json.loads((folder / META).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DamagedFolder(f"{META} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DamagedFolder(f"{META} cannot be read: {type(err).__name__}") from None
+    if not isinstance(meta, dict):
+        raise DamagedFolder(f"{META} is not a JSON object")
+    wrong = [k for k, kind in META_FIELDS.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise DamagedFolder(f"{META} lacks {', '.join(wrong)} (altered, or written by an older version)")
+    if meta["digest"] != meta_digest(meta):
+        raise DamagedFolder(f"{META} was altered (its digest does not match its fields)")
+    if meta["format"] != FORMAT or meta["data_hash"] != data_hash:
+        raise DamagedFolder(f"{META} describes other data (format or data hash)")
+    listed = meta["files"]
+    present = sorted(p.relative_to(folder).as_posix() for p in (folder / "data").rglob("*") if p.is_file())
+    missing = sorted(set(listed) - set(present))
+    if missing or not listed:
+        raise DamagedFolder(f"file {missing[0]} is missing" if missing else f"{META} lists no files")
+    extra = sorted(set(present) - set(listed))
+    if extra:
+        raise DamagedFolder(f"file {extra[0]} is not listed in {META}")
+    for name, want in listed.items():
+        size = (folder / name).stat().st_size
+        if size != want.get("bytes"):
+            raise DamagedFolder(f"file {name} has {size} bytes, {META} says {want.get('bytes')}")
+    for name, want in listed.items():
+        if file_entry(folder / name)["sha256"] != want.get("sha256"):
+            raise DamagedFolder(f"file {name} differs from {META} (SHA-256)")
+    return meta
+
+
+def _open(path: Path, data_hash: str, built: bool) -> ArrowTrainingData:
+    """The tokenised data of ``path``, memory-mapped once ``checked_meta`` passes; ``DamagedFolder`` else."""
+    import datasets
+    import pyarrow as pa
+
+    try:
+        meta = checked_meta(path, data_hash)
+        dataset = datasets.load_from_disk(str(path / "data"))
+    except OSError as err:  # a file vanished or cannot be read while checking: another process set it aside
+        raise DamagedFolder(f"cannot be read: {type(err).__name__}: {err.strerror or err}") from None
+    except (ValueError, KeyError, TypeError, pa.ArrowException) as err:
+        raise DamagedFolder(f"cannot be mapped: {type(err).__name__}") from None
     table = dataset.data.table
-    return ArrowTrainingData(ArrowExamples(table), meta["num_responses"], meta["data_hash"], meta["token_hash"],
+    if table.num_rows != meta["examples"]:
+        raise DamagedFolder(f"the data hold {table.num_rows} rows, {META} says {meta['examples']}")
+    return ArrowTrainingData(ArrowExamples(table), meta["num_responses"], data_hash, meta["token_hash"],
                              records=meta["num_records"], path=path, built=built, dataset=dataset)
+
+
+def _set_aside(path: Path) -> None:
+    """Move a damaged folder out of ``path`` in one rename (other processes see it whole or gone; those
+    that mapped its files keep them), then remove it. Its temporary name is one that a later run's
+    clean-up of interrupted writes removes (docs/design.md section 7.4) should this process die first."""
+    aside = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:  # another process set it aside first
+        return
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -373,7 +468,7 @@ def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict
         with _progress_bars(False):
             tokens.save_to_disk(str(work / "data"))
         meta = {"format": FORMAT, "num_records": count, "num_responses": settings["num_responses"] or 1,
-                "examples": tokens.num_rows, "data_hash": data_hash, "files": [str(p) for p in paths],
+                "examples": tokens.num_rows, "data_hash": data_hash, "sources": [str(p) for p in paths],
                 "token_hash": token_hash(tokens.data.table, settings["stage"], settings["num_responses"] or 1),
                 "settings": {k: v for k, v in settings.items()}, "tokenise_s": round(time.perf_counter() - started, 2),
                 "num_proc": procs}
@@ -382,14 +477,18 @@ def _build(path: Path, paths: list[str], tokenizer: RowTokenizer, settings: dict
             if name != "data":
                 target = work / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
+        meta["files"] = data_digests(work)
+        meta["digest"] = meta_digest(meta)
         (work / META).write_text(json.dumps(meta, indent=1), encoding="utf-8")
         give_default_modes(work)
         try:
             os.rename(work, path)
-        except OSError:  # another node or run finished the same key first: use theirs
-            if not (path / META).is_file():
-                raise
-            shutil.rmtree(work, ignore_errors=True)
+        except OSError:  # a folder is there: another node or run finished the same key first, so use theirs
+            if (path / META).is_file():
+                shutil.rmtree(work, ignore_errors=True)
+            else:  # a damaged folder (every build renames in a complete one): replace it
+                _set_aside(path)
+                os.rename(work, path)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -417,13 +516,30 @@ def _process_start() -> float:
         return time.time()
 
 
-def _wait(path: Path, marker: Path, progress: bool) -> None:
-    """Wait for local rank 0 to finish ``path``; raise its error when it fails instead. The ranks of one
-    launch start together, so an error written since shortly before this process started is this build's
-    (an older one is an earlier run's, which local rank 0 removes when it starts)."""
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells a folder at ``path`` from the one that replaces it (None when it has no record)."""
+    try:
+        meta = (path / META).stat()
+        return path.stat().st_ino, meta.st_ino, meta.st_mtime_ns
+    except OSError:
+        return None
+
+
+def _wait(path: Path, marker: Path, data_hash: str, progress: bool) -> ArrowTrainingData:
+    """The data of ``path`` once it holds an intact folder, which local rank 0 builds, or replaces when it
+    is damaged; raise local rank 0's error when its build fails instead. The ranks of one launch start
+    together, so an error written since shortly before this process started is this build's (an older
+    one is an earlier run's, which local rank 0 removes when it starts)."""
     since = _process_start() - 10.0
     said = False
-    while not (path / META).is_file():
+    damaged = None
+    while True:
+        seen = _identity(path)
+        if seen is not None and seen != damaged:
+            try:
+                return _open(path, data_hash, built=False)
+            except DamagedFolder:
+                damaged = seen  # local rank 0 finds the same, sets it aside and builds it again
         with contextlib.suppress(FileNotFoundError):
             if marker.stat().st_mtime >= since:
                 raise RecordError(marker.read_text(encoding="utf-8"))
@@ -454,14 +570,18 @@ def load_tokenised(
                                      "settings": settings, "columns": columns or {}, "data_format": data_format},
                                     sort_keys=True).encode())
     path = cache / f"tokens-{key.hexdigest()[:24]}"
-    if (path / META).is_file():
-        return _open(path, built=False)
     marker = cache / f"{path.name}.error"
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if local_rank != 0:
-        _wait(path, marker, progress)
-        return _open(path, built=False)
+        return _wait(path, marker, data_hash, progress)
+    if os.path.lexists(path):
+        try:
+            return _open(path, data_hash, built=False)
+        except DamagedFolder as err:
+            print(f"[dora-engine] warning: tokenised data in {path} cannot be used ({err}); tokenising again",
+                  file=sys.stderr, flush=True)
+            _set_aside(path)
     with contextlib.suppress(FileNotFoundError):
         marker.unlink()
     waiting = int(os.environ.get("LOCAL_SIZE") or os.environ.get("LOCAL_WORLD_SIZE") or 1) > 1
@@ -477,4 +597,8 @@ def load_tokenised(
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         raise
-    return _open(path, built=True)
+    try:
+        return _open(path, data_hash, built=True)
+    except DamagedFolder as err:  # the folder that won the rename (another run's) is damaged too
+        raise TokenisedCacheError(f"tokenised data in {path} cannot be used right after tokenising ({err}); "
+                                  "remove the folder and run again") from None
