@@ -53,15 +53,20 @@ def main() -> None:
 
     from dora_engine.training.config import load_config
     from dora_engine.training.engine import Trainer
+    from dora_engine.training.process_group import close_distributed
 
     with tempfile.TemporaryDirectory() as tmp:
         config = make_toy(Path(tmp), overrides={"train.grad_accum_steps": args.accum,
                                                 "train.max_steps": args.steps + 1})
-        trainer = Trainer(load_config(str(config)), progress=False)
-        trainer.train_step(0)
-        with HostReads() as reads:
-            for step in range(1, args.steps + 1):
-                trainer.train_step(step)
+        trainer = Trainer.from_config(load_config(str(config)), progress=False)
+        try:
+            trainer.train_step(0)
+            with HostReads() as reads:
+                for step in range(1, args.steps + 1):
+                    trainer.train_step(step)
+        finally:
+            trainer.close()
+            close_distributed()
     ours = sum(n for line, n in reads.by_line.items() if line.startswith("dora_engine/"))
     print(f"host reads per optimizer step ({args.accum} micro-steps): dora_engine {ours / args.steps:g}, "
           f"all {sum(reads.by_line.values()) / args.steps:g}")

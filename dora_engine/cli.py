@@ -5,7 +5,9 @@ with ``set_defaults(func=...)``; ``func(args)`` returns the exit code. Command m
 libraries (transformers, deepspeed, matplotlib) inside their functions so that ``--help`` stays fast.
 
 Errors. Bad input ends the command with one line, ``dora-engine COMMAND: error: MESSAGE``, and exit
-code 2 (DORA_ENGINE_DEBUG=1 adds the traceback). Bad input is
+code 2, or 1 for a training run that cannot continue (``TrainingError``); DORA_ENGINE_DEBUG=1 shows the
+traceback instead (``dora_engine.errors.report_user_error``, which each rank of a launch uses too). Bad
+input is
 
 - a ``dora_engine.errors.UserError``: a bad option value, data that breaks the schema, a training
   config that cannot run, a model that cannot be loaded, a missing optional package, a judge endpoint
@@ -27,7 +29,7 @@ import sys
 from pathlib import Path
 
 from dora_engine import __version__
-from dora_engine.errors import UserError
+from dora_engine.errors import UserError, report_user_error
 
 PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 """The OSErrors that are bad input when their file is a path the user named (module docstring)."""
@@ -98,8 +100,8 @@ def is_user_error(err: BaseException, args: argparse.Namespace) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; bad input ends with one line naming the command and exit code 2, a bug with its
-    traceback (module docstring)."""
+    """Run a command; bad input ends with one line naming the command and exit code 2 (1: a run that
+    cannot continue), a bug with its traceback (module docstring)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -109,10 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except (UserError, OSError) as err:
-        if not is_user_error(err, args) or os.environ.get("DORA_ENGINE_DEBUG") == "1":
+        if not is_user_error(err, args):
             raise
-        print(f"dora-engine {' '.join(_command_words(parser, argv))}: error: {err}", file=sys.stderr)
-        return 2
+        return report_user_error(" ".join(_command_words(parser, argv)), err)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
+
+DEBUG_ENV = "DORA_ENGINE_DEBUG"  # "1": a user's error shows its traceback instead of one line
 
 
 class UserError(Exception):
-    """Bad input from the user: the command reports it as one line naming the command, exit code 2."""
+    """Bad input from the user: the command reports it as one line naming the command, exit code
+    ``exit_code`` (2; 1 for a training run that cannot continue)."""
+
+    exit_code = 2
 
 
 class UserValueError(UserError, ValueError):
@@ -29,7 +35,10 @@ class UserImportError(UserError, ImportError):
 
 class TrainingError(UserError, RuntimeError):
     """A training run that cannot continue (e.g. too many non-finite steps in a row, a checkpoint written
-    with another configuration or world size); the message says why."""
+    with another configuration or world size); the message says why. Exit code 1, as for a launch whose
+    rank failed: a scheduler retries it only once the cause is fixed, like bad input."""
+
+    exit_code = 1
 
 
 class ModelLoadError(UserError, OSError):
@@ -49,3 +58,14 @@ def loading_user_model(source: str | os.PathLike) -> Iterator[None]:
     except (OSError, ValueError) as err:
         first_line = next(iter(str(err).splitlines()), type(err).__name__)
         raise ModelLoadError(f"cannot load {os.fspath(source)!r}: {first_line.strip()}") from err
+
+
+def report_user_error(command: str, err: BaseException) -> int:
+    """Print ``err`` as the one line ``dora-engine COMMAND: error: MESSAGE`` on stderr and return its exit
+    code (``UserError.exit_code``; 2 for an ``OSError`` about a path the user named). The one reporter of
+    ``dora-engine`` and of each rank of a launch; with ``DORA_ENGINE_DEBUG=1`` it re-raises ``err`` so that
+    its traceback shows."""
+    if os.environ.get(DEBUG_ENV) == "1":
+        raise err
+    print(f"dora-engine {command}: error: {err}", file=sys.stderr, flush=True)
+    return getattr(err, "exit_code", UserError.exit_code)

@@ -1,4 +1,4 @@
-"""The row layout every trainer of dora-engine feeds the op (docs/design.md section 4, "Rows").
+"""The row layout every trainer of dora-engine feeds the op (docs/design.md section 3.1, "Token rows and labels").
 
 A prompt with K responses becomes K rows ``prompt tokens + response tokens (+ EOS)``; a batch of B prompts is
 N = B·K right-padded rows, row n = b·K + k. Labels follow the Hugging Face convention: ``labels[t]`` is token

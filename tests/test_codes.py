@@ -234,4 +234,4 @@ def test_design_tables_follow_the_registry() -> None:
     for row in doc_table(text, "loss | `loss_params` (kernel order)"):
         params.update(dict.fromkeys(quoted(row[0]), tuple(quoted(row[1]))))
     assert params == {name: spec.param_names for name, spec in LOSSES.items()}
-    assert [quoted(row[0])[0] for row in doc_table(text, "strategy | L")] == list(STRATEGIES)
+    assert [quoted(row[0])[0] for row in doc_table(text, "strategy | ℒ")] == list(STRATEGIES)

@@ -131,12 +131,10 @@ def test_a_rank_dies_with_its_front(tmp_path):
 # ------------------------------------------------------------------------------------------ run state
 
 
-def test_the_front_names_the_rank_that_was_killed_and_its_signal(tmp_path, monkeypatch):
-    monkeypatch.setenv(STATE_ENV, str(tmp_path))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    clean = record_start()
-    record_exit(clean, 1)  # failed after its peer died: it is not the one to blame
+def test_the_front_names_the_rank_that_was_killed_and_its_signal(tmp_path):
+    environ = {STATE_ENV: str(tmp_path), "RANK": "0", "LOCAL_RANK": "0"}
+    clean = record_start(environ)
+    record_exit(clean, 1, environ)  # failed after its peer died: it is not the one to blame
     victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     (tmp_path / "rank-1.json").write_text(json.dumps({"rank": 1, "local_rank": 1, "pid": victim.pid,
                                                       "exit_code": None}))
@@ -212,3 +210,26 @@ def test_a_lock_left_by_a_killed_build_of_deepspeeds_shm_op_is_removed(tmp_path)
     assert done.stdout.strip().splitlines()[-1] == "True"
     assert f"removed {lock}, left by a build that was killed" in done.stderr
     assert not lock.exists()
+
+
+def test_a_rank_that_failed_on_its_own_is_not_reported_as_a_peer_killed():
+    """A rank exits 3 on its own (its traceback says why); 30 s later the launcher kills the peer that hung in
+    a collective: the front adds no line blaming the peer. A rank killed first, whose peer then fails within
+    moments, is the one named."""
+    import argparse
+
+    from dora_engine.training.commands import failure_line
+    from dora_engine.training.run_state import Death, RankRecord
+
+    args = argparse.Namespace(num_procs=2, config="c.yaml", overrides=[])
+    now = time.time()
+
+    def watch(exit_at: float, noticed_at: float) -> argparse.Namespace:
+        failed = RankRecord(0, 0, 100, exit_code=3, exited_at=exit_at)
+        killed = RankRecord(1, 1, 101)
+        return argparse.Namespace(started={0: failed, 1: killed},
+                                  deaths=[Death(killed, signal.SIGKILL, noticed_at=noticed_at)])
+
+    assert failure_line("train", args, watch(now - 31.0, now), 3, [99]) is None
+    line = failure_line("train", args, watch(now - 0.02, now), 137, [99])
+    assert line is not None and line.startswith("dora-engine: rank 1 (local rank 1, pid 101) was killed by SIGKILL")

@@ -80,7 +80,7 @@ def self_check(device: str) -> float:
     labels[:, 0] = ops.IGNORE_INDEX
     kwargs: dict[str, Any] = dict(
         num_responses=K, scores=torch.randn(B, K, generator=g), h_tilde=torch.rand(B, generator=g) + 0.5,
-        ref_logps=-torch.rand(B * K, generator=g) * 10, loss="dpo_pl", strategy="dora", lam=0.5,
+        ref_logps=-torch.rand(B * K, generator=g) * 10, objective=ops.RobustObjective("dpo_pl", {}, "dora", 0.5),
     )
     results = []
     for backend, dtype in (("fused", torch.float32), ("reference", torch.float64)):

@@ -5,7 +5,7 @@ so a loss code, parameter count or need of a reference that drifted between the 
 (``csrc/include/dora_math.h``) and the registry would compute another loss than the one asked for. The
 extension therefore reports what it was built with (the ``contract`` op of ``csrc/bindings.cpp``: the
 response limit, and per code the loss's name, parameter count and need of a reference, the strategy's
-name) and its in-place rule (the ``rows_disjoint`` op); ``check_contract`` compares them with the registry
+name) and its in-place rule (the ``rows_disjoint`` op); ``contract_problems`` compares them with the registry
 and refuses the extension with an ``OpLoadError`` that lists every difference. Python mirrors no number:
 ``OpContract.max_responses`` is the header's ``kMaxResponses``.
 """

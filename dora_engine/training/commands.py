@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dora_engine.errors import UserError, UserValueError
+from dora_engine.errors import UserError, UserValueError, report_user_error
 
 TASKS = ("train", "ref-logps")
 LAUNCHER_MODULE = "deepspeed.launcher.launch"
@@ -76,7 +76,7 @@ def dispatch(task: str, args: argparse.Namespace) -> int:
             with run_lock(task, cfg.output_dir):
                 return launch_local(task, args)
         except OutputDirInUse as err:
-            return report_error(task, err)
+            return report_user_error(task, err)
     return run_task(task, args.config, list(args.overrides), args.resume)
 
 
@@ -193,9 +193,20 @@ def resume_command(task: str, args: argparse.Namespace) -> str:
                        "--resume", "auto", *args.overrides])
 
 
+# A rank's own failure counts as the cause when it came this long before the first death: its peers then
+# died later at the launcher's hands (SIGKILL 30 s after SIGTERM), whereas the peers of a killed rank fail
+# within moments of its death.
+FAILED_BEFORE_DEATH_S = 1.0
+
+
 def failure_line(task: str, args: argparse.Namespace, watch: Any, code: int, launcher_pids: list[int]) -> str | None:
-    """What a launch that ended with ``code`` did wrong, in one line; None when every rank exited with 0."""
+    """What a launch that ended with ``code`` did wrong, in one line; None when every rank exited with 0, or
+    when a rank failed on its own (it said why; DeepSpeed's launcher then stops the others, killing those
+    that hang in a collective, which are not the cause)."""
     started = watch.started
+    failed = [r.exited_at or 0.0 for r in started.values() if r.exit_code not in (None, 0)]
+    if failed and (not watch.deaths or min(failed) < watch.deaths[0].noticed_at - FAILED_BEFORE_DEATH_S):
+        return None
     if code == 0 and (len(started) < args.num_procs or any(r.exit_code != 0 for r in started.values())):
         # DeepSpeed's runner exits 0 when its launcher was killed by a signal; the ranks died with it
         pids = ", ".join(str(p) for p in launcher_pids) or "unknown pid"
@@ -305,18 +316,7 @@ def run_task(task: str, config: str, overrides: list[str], resume: str | None) -
             close_distributed()
         return code
     except UserError as err:
-        return report_error(task, err)
-
-
-def report_error(task: str, err: UserError) -> int:
-    """``err`` as one line ``dora-engine TASK: error: ...``; the exit code: 1 for a run that cannot continue
-    (``TrainingError``), 2 for bad input. ``DORA_ENGINE_DEBUG=1`` shows the traceback instead."""
-    from dora_engine.errors import TrainingError
-
-    if os.environ.get("DORA_ENGINE_DEBUG") == "1":
-        raise err
-    print(f"dora-engine {task}: error: {err}", file=sys.stderr, flush=True)
-    return 1 if isinstance(err, TrainingError) else 2
+        return report_user_error(task, err)
 
 
 def launch_main(argv: list[str] | None = None) -> int:

@@ -304,8 +304,10 @@ class Trainer:
     def close(self) -> None:
         """Release the engine, its ZeRO-3 hooks and partitions, so that one process can build and run further
         trainers after this one (``benchmarks/bench_quality.py`` runs many); the trainer is unusable after."""
-        self.engine.destroy()
-        forget_zero3_module(self.engine.module)
+        engine, self.engine, self.lr_scheduler, self.keep_alive = self.engine, None, None, None
+        engine.destroy()
+        forget_zero3_module(engine.module)
+        del engine  # the last reference: the collector can now free the model and the optimizer
         release_memory()
 
     def export(self) -> Path:

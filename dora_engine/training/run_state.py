@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dora_engine.atomic import atomic_write
@@ -26,6 +27,7 @@ class RankRecord:
     local_rank: int
     pid: int
     exit_code: int | None = None
+    exited_at: float | None = None  # time.time() of the exit record
 
 
 def _record_path(folder: Path, rank: int) -> Path:
@@ -49,7 +51,7 @@ def record_start(environ: dict[str, str] | os._Environ = os.environ) -> RankReco
 
 def record_exit(record: RankRecord, code: int, environ: dict[str, str] | os._Environ = os.environ) -> None:
     """Record that this rank is exiting on its own with ``code``."""
-    _write(RankRecord(record.rank, record.local_rank, record.pid, code), environ)
+    _write(RankRecord(record.rank, record.local_rank, record.pid, code, time.time()), environ)
 
 
 def read_records(folder: Path) -> dict[int, RankRecord]:
@@ -84,6 +86,7 @@ class Death:
 
     record: RankRecord
     signum: int | None
+    noticed_at: float = field(default_factory=time.time)  # when the front saw the rank gone
 
     def describe(self) -> str:
         how = "was killed by a signal"
