@@ -15,7 +15,7 @@ from training_toy import WORDS, build_tokenizer, make_records, make_toy, write_j
 from dora_engine.data.schema import RecordError, read_records
 from dora_engine.training.config import load_config
 from dora_engine.training.data import Sampler, check_token_range, collate, load_records, row_tokenizer, tokenise
-from dora_engine.training.tokenised import load_tokenised
+from dora_engine.training.tokenised import checked_stamp, load_tokenised
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -227,6 +227,7 @@ def test_waiting_ranks_map_the_folder_local_rank_0_replaces(toy, tmp_path):
     expected = _plain(_load(cfg.data.train, tok, cache))
     folder = next(cache.glob("tokens-*"))
     _garble(next((folder / "data").glob("*.arrow")))
+    checked_stamp(folder).unlink()  # a new launch: its local rank 0 has not checked the folder yet
     with ThreadPoolExecutor(1) as pool:
         waiting = pool.submit(_load, cfg.data.train, tok, cache, local_rank=1)
         time.sleep(1.0)
@@ -359,3 +360,24 @@ def test_training_reads_trl_sources_directly_keyed_by_format(toy, tmp_path):
         assert data.built and _plain(data) == expected, source
     with pytest.raises(RecordError, match=r"trl.jsonl: this looks like TRL's layout .*: use data.format: trl"):
         _load([trl_jsonl], tok, tmp_path / "c1", needs_h_tilde=False)
+
+
+def test_waiting_ranks_read_no_digest_local_rank_0_checked_in_their_launch(toy, tmp_path, monkeypatch):
+    """Local rank 0 reads every file's SHA-256 once; the other local ranks of its launch (children of the
+    same launcher) then check the record and the sizes only. A stamp of another launch counts for nothing."""
+    from dora_engine.training import tokenised
+
+    tok, cfg = _tokenizer(toy)
+    cache = tmp_path / "cache"
+    expected = _plain(_load(cfg.data.train, tok, cache, local_rank=0))
+    folder = next(cache.glob("tokens-*"))
+    assert checked_stamp(folder).is_file()
+
+    def unread(path):
+        raise AssertionError(f"{path} read for its digest")
+
+    monkeypatch.setattr(tokenised, "file_entry", unread)
+    assert _plain(_load(cfg.data.train, tok, cache, local_rank=1)) == expected
+    monkeypatch.setattr(tokenised.os, "getppid", lambda: -1)  # another launcher's ranks
+    with pytest.raises(AssertionError, match="read for its digest"):
+        _load(cfg.data.train, tok, cache, local_rank=1)

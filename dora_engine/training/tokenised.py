@@ -343,11 +343,11 @@ def meta_digest(meta: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-def checked_meta(folder: Path, data_hash: str) -> dict[str, Any]:
+def checked_meta(folder: Path, data_hash: str, digests: bool = True) -> dict[str, Any]:
     """The ``dora_tokens.json`` of ``folder`` once the folder matches it: the record readable, with its
     fields and its own digest intact, for these data (``data_hash``), and every file under ``data`` the
-    one it lists (no file missing or extra, sizes first, then SHA-256). ``DamagedFolder`` says what
-    does not match."""
+    one it lists (no file missing or extra, sizes first, then, with ``digests``, SHA-256). ``DamagedFolder``
+    says what does not match."""
     try:
         meta = json.loads((folder / META).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -376,18 +376,18 @@ def checked_meta(folder: Path, data_hash: str) -> dict[str, Any]:
         if size != want.get("bytes"):
             raise DamagedFolder(f"file {name} has {size} bytes, {META} says {want.get('bytes')}")
     for name, want in listed.items():
-        if file_entry(folder / name)["sha256"] != want.get("sha256"):
+        if digests and file_entry(folder / name)["sha256"] != want.get("sha256"):
             raise DamagedFolder(f"file {name} differs from {META} (SHA-256)")
     return meta
 
 
-def _open(path: Path, data_hash: str, built: bool) -> ArrowTrainingData:
+def _open(path: Path, data_hash: str, built: bool, digests: bool = True) -> ArrowTrainingData:
     """The tokenised data of ``path``, memory-mapped once ``checked_meta`` passes; ``DamagedFolder`` else."""
     import datasets
     import pyarrow as pa
 
     try:
-        meta = checked_meta(path, data_hash)
+        meta = checked_meta(path, data_hash, digests)
         dataset = datasets.load_from_disk(str(path / "data"))
     except OSError as err:  # a file vanished or cannot be read while checking: another process set it aside
         raise DamagedFolder(f"cannot be read: {type(err).__name__}: {err.strerror or err}") from None
@@ -525,6 +525,30 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
         return None
 
 
+def checked_stamp(path: Path) -> Path:
+    """Where local rank 0 records that it checked the folder at ``path`` (``_stamp``): beside its record,
+    outside the ``data`` it lists, so that the stamp goes wherever the folder goes."""
+    return path / "dora_checked.json"
+
+
+def _stamp(path: Path, checked: Path) -> None:
+    """Local rank 0 has checked every digest of the folder now at ``path`` in this launch: say so to the
+    other local ranks of the launch (children of the same launcher), which then check only its record and
+    sizes instead of reading every file again."""
+    with atomic_write(checked) as handle:
+        json.dump({"folder": _identity(path), "launcher": os.getppid()}, handle)
+
+
+def _stamped(path: Path, checked: Path) -> bool:
+    """Whether local rank 0 of this launch checked the folder now at ``path`` (``_stamp``)."""
+    try:
+        stamp = json.loads(checked.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    seen = _identity(path)
+    return seen is not None and stamp == {"folder": list(seen), "launcher": os.getppid()}
+
+
 def _wait(path: Path, marker: Path, data_hash: str, progress: bool) -> ArrowTrainingData:
     """The data of ``path`` once it holds an intact folder, which local rank 0 builds, or replaces when it
     is damaged; raise local rank 0's error when its build fails instead. The ranks of one launch start
@@ -537,7 +561,7 @@ def _wait(path: Path, marker: Path, data_hash: str, progress: bool) -> ArrowTrai
         seen = _identity(path)
         if seen is not None and seen != damaged:
             try:
-                return _open(path, data_hash, built=False)
+                return _open(path, data_hash, built=False, digests=not _stamped(path, checked_stamp(path)))
             except DamagedFolder:
                 damaged = seen  # local rank 0 finds the same, sets it aside and builds it again
         with contextlib.suppress(FileNotFoundError):
@@ -575,9 +599,12 @@ def load_tokenised(
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if local_rank != 0:
         return _wait(path, marker, data_hash, progress)
+    checked = checked_stamp(path)
     if os.path.lexists(path):
         try:
-            return _open(path, data_hash, built=False)
+            data = _open(path, data_hash, built=False)
+            _stamp(path, checked)
+            return data
         except DamagedFolder as err:
             print(f"[dora-engine] warning: tokenised data in {path} cannot be used ({err}); tokenising again",
                   file=sys.stderr, flush=True)
@@ -598,7 +625,9 @@ def load_tokenised(
                     folder.rmdir()
         raise
     try:
-        return _open(path, data_hash, built=True)
+        data = _open(path, data_hash, built=True)
+        _stamp(path, checked)
+        return data
     except DamagedFolder as err:  # the folder that won the rename (another run's) is damaged too
         raise TokenisedCacheError(f"tokenised data in {path} cannot be used right after tokenising ({err}); "
                                   "remove the folder and run again") from None
