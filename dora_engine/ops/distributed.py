@@ -48,18 +48,19 @@ class _GatherForGlobalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
         full, offset, world = gather_uneven(x.detach(), group)
-        ctx.slice = (offset, offset + x.numel())
+        ctx.slice = (offset, offset + x.shape[-1])
         ctx.world = world
         return full
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         lo, hi = ctx.slice
-        return grad[lo:hi] * ctx.world, None
+        return grad[..., lo:hi] * ctx.world, None
 
 
 def gather_for_global_loss(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-gather per-prompt values; backward keeps this rank's slice scaled by the world size."""
+    """All-gather per-prompt values, (n,) or (C, n) along the last dimension; backward keeps this rank's
+    slice scaled by the world size."""
     return _GatherForGlobalLoss.apply(x, group)
 
 

@@ -85,9 +85,8 @@ def robust_loss(S: torch.Tensor, L: torch.Tensor, call: LossCall) -> DoRAOutput:
     if process_group is None:
         loss, weights = call.objective.reduce(ell, h)
     else:
-        loss, global_weights = call.objective.reduce(
-            gather_for_global_loss(ell, process_group), gather_for_global_loss(h, process_group)
-        )
+        both = gather_for_global_loss(torch.stack([ell, h]), process_group)  # one exchange for ℓ and h̃
+        loss, global_weights = call.objective.reduce(both[0], both[1])
         weights = local_slice(global_weights, ell, process_group)
     return DoRAOutput(loss, ell.detach(), S.detach(), L.detach(), weights.detach())
 
