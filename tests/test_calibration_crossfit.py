@@ -61,10 +61,11 @@ def recorded_training(monkeypatch) -> dict[str, set[str]]:
     seen: dict[str, set[str]] = {}
     real = classifier.train
 
-    def recording(examples, num_labels, settings, output_dir, description="train"):
+    def recording(examples, num_labels, settings, output_dir, description="train", *, trust_remote_code=False):
         assert description not in seen, f"{description} trained twice"
         seen[description] = {e.prompt for e in examples}
-        return real(examples, num_labels, settings, output_dir, description=description)
+        return real(examples, num_labels, settings, output_dir, description=description,
+                    trust_remote_code=trust_remote_code)
 
     monkeypatch.setattr(classifier, "train", recording)
     return seen

@@ -20,6 +20,7 @@ from dora_engine.integrations.hf_trainer import (
     listwise_loss,
     reference_logps,
 )
+from dora_engine.ops import dora_loss, shift_labels
 from dora_engine.ops.lm_head import DoRAPolicy
 from dora_engine.rows import Row, RowTokenizer
 from dora_engine.training.data import Example, TrainingData, collate, tokenise
@@ -222,3 +223,61 @@ def test_text_records_make_the_engines_rows(toy) -> None:
     assert engine.keys() == listwise.keys()
     for key, value in engine.items():
         assert value.dtype == listwise[key].dtype and torch.equal(value, listwise[key]), key
+
+
+ROUTER_COEF = 0.5
+
+
+def _tiny_mixtral(vocab_size: int) -> torch.nn.Module:
+    """A float64 mixture of 4 experts (top 2) that trains with its router loss (output_router_logits)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                           num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+                           router_aux_loss_coef=ROUTER_COEF, experts_implementation="eager")
+    return MixtralForCausalLM(config).double()
+
+
+def test_a_mixture_of_experts_trains_with_its_router_loss_as_the_engine(toy, tmp_path) -> None:
+    """The trainer's loss is the objective + coef · the model's own aux_loss, logged as ``aux_loss``, with
+    the gradients of the engine's DoRAPolicy; ``listwise_loss`` adds the same term."""
+    from transformers import TrainingArguments
+
+    objective = RobustObjective("simpo", {}, "dora", 1.0)
+    batch = ListwiseCollator(toy["tok"])(toy["records"][:4])
+    model = _tiny_mixtral(len(toy["tok"]))
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=1, logging_steps=1,
+                             report_to="none", save_strategy="no", use_cpu=True)
+    trainer = ListwiseTrainer(model=model, args=args, train_dataset=toy["records"][:4],
+                              processing_class=toy["tok"], objective=objective)
+    model.train()
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    with torch.no_grad():
+        own = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        alone = dora_loss(own.logits, shift_labels(batch["labels"]), num_responses=K, scores=batch["scores"],
+                          h_tilde=batch["h_tilde"], objective=objective).loss
+    assert own.aux_loss.item() > 0
+    torch.testing.assert_close(loss.detach(), alone + ROUTER_COEF * own.aux_loss, rtol=0, atol=1e-12)
+    assert trainer._stats["train"]["aux_loss"] == [pytest.approx(own.aux_loss.item(), abs=1e-12)]
+    torch.testing.assert_close(listwise_loss(model, batch, objective).loss.detach(), loss.detach(), rtol=0, atol=0)
+
+    model.zero_grad()
+    DoRAPolicy(model, objective, loss_path="logits")(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], scores=batch["scores"],
+        h_tilde=batch["h_tilde"],
+    ).loss.backward()
+    engine = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == engine.keys() and any("gate" in name for name in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, engine[name], rtol=0, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+    trainer._stats["train"] = {}
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logged) == 1 and math.isfinite(logged[0]["aux_loss"]) and logged[0]["aux_loss"] > 0

@@ -122,13 +122,19 @@ def test_an_override_that_is_not_yaml_is_one_line_naming_it(toy, capsys, overrid
 
 
 def _folder_with_its_own_code(root: Path, toy_model: Path) -> Path:
-    """A model folder whose config maps a model type transformers lacks to the folder's own Python, which
-    leaves a file ``RAN`` beside itself when imported."""
-    import json
+    """A copy of ``toy_model`` given its own code (``_give_its_own_code``)."""
     import shutil
 
     folder = root / "custom"
     shutil.copytree(toy_model, folder)
+    return _give_its_own_code(folder)
+
+
+def _give_its_own_code(folder: Path) -> Path:
+    """``folder``'s config made to map a model type transformers lacks to the folder's own Python, which
+    leaves a file ``RAN`` beside itself when imported."""
+    import json
+
     config = json.loads((folder / "config.json").read_text())
     config.update(model_type="custom_llama", auto_map={"AutoConfig": "configuration_custom.CustomConfig",
                                                        "AutoModelForCausalLM": "configuration_custom.CustomModel"})
@@ -191,6 +197,85 @@ def test_train_and_generate_refuse_such_a_folder_in_one_line(toy, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--trust-remote-code" in err[0], err
     assert not (folder / "RAN").exists()
+
+
+class _Recorded(Exception):
+    """Raised by the recording loader below, so that nothing is loaded."""
+
+
+def _command_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    """The one line of a command that fails on bad input (exit code 2)."""
+    from dora_engine import cli
+
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = [line.split("\r")[-1].strip() for line in err.split("\n")]
+    lines = [line for line in lines if line and "[WARNING]" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def commands_loading(toy, tmp_path) -> tuple[Path, dict[str, list[str]]]:
+    """A model folder with its own code, and the command lines that load it as their model: a generator
+    (``data augment``), a reward model (``data score``), a calibration encoder (``calibrate``, ``calibrate
+    --apply`` of a calibration fitted on the folder before it had its own code, ``eval calibration``)."""
+    import json
+    import shutil
+
+    from training_toy import make_records, write_jsonl
+
+    from dora_engine import cli
+
+    folder = tmp_path / "custom"
+    shutil.copytree(toy.parent / "model", folder)
+    data = write_jsonl(tmp_path / "data.jsonl", make_records(12))
+    new_prompts = write_jsonl(tmp_path / "new.jsonl", make_records(4, seed=1))
+    fit = ["calibrate", str(data), "--out", str(tmp_path / "h.jsonl"), "--target", "chosen", "--backbone",
+           str(folder), "--folds", "2", "--min-examples", "1", "--device", "cpu"]
+    calibration = tmp_path / "h-calibration"
+    assert cli.main(fit) == 0 and (calibration / "calibration.json").is_file()
+    _give_its_own_code(folder)
+    generations = tmp_path / "generations.jsonl"
+    generations.write_text("".join(json.dumps({"instruction": f"w{i}", "output": f"w{i + 1}", "reward": i}) + "\n"
+                                   for i in range(3)))
+    return folder, {
+        "data augment": ["data", "augment", str(data), "--out", str(tmp_path / "a.jsonl"), "--model", str(folder),
+                         "--n", "1", "--device", "cpu"],
+        "data score": ["data", "score", str(data), "--out", str(tmp_path / "s.jsonl"), "--model", str(folder),
+                       "--device", "cpu"],
+        # other data than the fit above, whose features this process keeps
+        "calibrate": ["calibrate", str(new_prompts), "--out", str(tmp_path / "h2.jsonl"), *fit[4:]],
+        "calibrate --apply": ["calibrate", str(new_prompts), "--out", str(tmp_path / "n.jsonl"), "--apply",
+                              str(calibration), "--device", "cpu"],
+        "eval calibration": ["eval", "calibration", "--model", f"m={generations}", "--classifier", str(calibration),
+                             "--output-dir", str(tmp_path / "diag"), "--device", "cpu"],
+    }
+
+
+@pytest.mark.parametrize("command", ["data augment", "data score", "calibrate", "calibrate --apply",
+                                     "eval calibration"])
+def test_every_command_that_loads_a_model_refuses_its_code_in_one_line_and_opts_in_with_the_flag(
+        commands_loading, capsys, monkeypatch, command):
+    from dora_engine import cli, hf_loading
+
+    folder, commands = commands_loading
+    argv = commands[command]
+    line = _command_error(capsys, argv)
+    assert f"{folder}: config.json 'auto_map' (model_type 'custom_llama')" in line, line
+    assert "--trust-remote-code" in line and "Traceback" not in line
+    assert not (folder / "RAN").exists()
+
+    seen: list[tuple[str, bool]] = []
+
+    def record(source, trust_remote_code: bool) -> None:
+        seen.append((str(source), trust_remote_code))
+        raise _Recorded
+
+    monkeypatch.setattr(hf_loading, "refuse_remote_code", record)
+    with pytest.raises(_Recorded):
+        cli.main([*argv, "--trust-remote-code"])
+    assert seen == [(str(folder), True)], seen
 
 
 # --- the HTTP judge: deadlines and redaction ----------------------------------------------------------------

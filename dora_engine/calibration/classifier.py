@@ -181,12 +181,15 @@ def train(
     settings: ClassifierSettings,
     output_dir: str | os.PathLike,
     description: str = "train",
+    *,
+    trust_remote_code: bool = False,
 ) -> None:
     """Fine-tune the backbone with a fresh ``num_labels``-class head and save it with its tokenizer (for the
     ``tfidf`` and ``tfidf-pair`` backbones: fit and save the bag-of-words classifier, ``bow.train``).
 
     The classifier (``PooledClassifier.save``) and tokenizer are written to ``output_dir`` (callers pass a
     temporary folder and rename it when everything else about the classifier is written too).
+    ``trust_remote_code``: ``dora_engine.hf_loading``.
     """
     if settings.is_bag_of_words:
         from dora_engine.calibration import bow
@@ -198,15 +201,15 @@ def train(
     if settings.encoder == "features":
         from dora_engine.calibration import features
 
-        features.train(examples, num_labels, settings, output_dir)
+        features.train(examples, num_labels, settings, output_dir, trust_remote_code=trust_remote_code)
         return
     from tqdm.auto import tqdm
 
     backbone = resolve_backbone(settings.backbone)
     device = resolve_device(settings.device)
     torch.manual_seed(settings.seed)
-    tokenizer = load_classifier_tokenizer(backbone)
-    model = PooledClassifier.from_backbone(backbone, num_labels, settings.pooling)
+    tokenizer = load_classifier_tokenizer(backbone, trust_remote_code=trust_remote_code)
+    model = PooledClassifier.from_backbone(backbone, num_labels, settings.pooling, trust_remote_code=trust_remote_code)
     model.to(device).train()
 
     generator = torch.Generator().manual_seed(settings.seed)
@@ -247,23 +250,26 @@ def predict(
     batch_size: int,
     device: str = "auto",
     description: str = "score",
+    trust_remote_code: bool = False,
 ) -> np.ndarray:
     """Class probabilities (len(examples), num_labels) in float64, in the order of ``examples``.
 
     Examples are batched by length (less padding); the softmax is taken in fp32. A bag-of-words
     classifier (``bow``) reads the responses (``tfidf-pair``: and the prompts) and ignores the other options.
+    ``trust_remote_code``: ``dora_engine.hf_loading``.
     """
     from dora_engine.calibration import bow, features
 
     if bow.is_saved(model_dir):
         return bow.predict(model_dir, [e.response for e in examples], [e.prompt for e in examples])
     if features.is_saved(model_dir):
-        return features.predict(model_dir, examples, batch_size=batch_size, device=device, description=description)
+        return features.predict(model_dir, examples, batch_size=batch_size, device=device, description=description,
+                                trust_remote_code=trust_remote_code)
     from tqdm.auto import tqdm
 
     device = resolve_device(device)
-    tokenizer = load_classifier_tokenizer(str(model_dir))
-    model = load_trained(model_dir).to(device).eval()
+    tokenizer = load_classifier_tokenizer(str(model_dir), trust_remote_code=trust_remote_code)
+    model = load_trained(model_dir, trust_remote_code=trust_remote_code).to(device).eval()
     num_labels = model.num_labels
     out = np.empty((len(examples), num_labels), dtype=np.float64)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt) + len(examples[i].response))

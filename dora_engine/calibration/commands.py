@@ -18,6 +18,7 @@ from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
 from dora_engine.errors import UserValueError
+from dora_engine.hf_loading import add_trust_remote_code_argument
 
 _DEFAULTS = ClassifierSettings()
 DEFAULT_BATCH_SIZE = _DEFAULTS.batch_size
@@ -79,8 +80,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         scheme=options["scheme"],
         settings=settings,
         min_examples=options["min_examples"],
+        trust_remote_code=args.trust_remote_code,
     )
-    scored = score(records, calibration, beta=args.beta)
+    scored = score(records, calibration, beta=args.beta, trust_remote_code=args.trust_remote_code)
     report = write_report(calibration, scored, output_dir, beta=args.beta, judge_file=args.judge_file)
     write_records(args.out, scored)
     print(report_markdown(report))
@@ -113,7 +115,8 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"{args.apply} was fitted for (drop --target)"
         )
     records = read_records(args.input)
-    scored = score(records, calibration, beta=args.beta, batch_size=args.batch_size, device=args.device)
+    scored = score(records, calibration, beta=args.beta, batch_size=args.batch_size, device=args.device,
+                   trust_remote_code=args.trust_remote_code)
     judge = None if args.judge_file is None else judge_correlation(scored, args.judge_file)
     report = build_report(calibration, scored, beta=args.beta, judge=judge)
     write_records(args.out, scored)
@@ -154,6 +157,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="AlpacaEval-style judge annotations (instruction, output_1, output_2, preference in [1, 2]) of the "
         "dataset's responses: the report adds the rank correlation between c and the judge's preference",
     )
+    add_trust_remote_code_argument(parser)
     training = parser.add_argument_group(
         "training (not with --apply)",
         f"The defaults (backbone {_DEFAULTS.backbone} with --encoder {_DEFAULTS.encoder}, {_DEFAULTS.folds} "

@@ -38,8 +38,9 @@ def _key(prompt: str, response: str) -> str:
 
 
 def encode(backbone: str, examples: Sequence[Any], *, max_length: int, batch_size: int, device: str,
-           description: str = "features") -> np.ndarray:
-    """(len(examples), L·H) float32 features of (prompt, response) pairs from the encoder at ``backbone``."""
+           description: str = "features", trust_remote_code: bool = False) -> np.ndarray:
+    """(len(examples), L·H) float32 features of (prompt, response) pairs from the encoder at ``backbone``;
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     import torch
     from tqdm.auto import tqdm
     from transformers import AutoModel
@@ -52,8 +53,8 @@ def encode(backbone: str, examples: Sequence[Any], *, max_length: int, batch_siz
     missing = [i for i, k in enumerate(keys) if k not in _CACHE]
     if missing:
         device = resolve_device(device)
-        tokenizer = load_classifier_tokenizer(backbone)
-        model = load_pretrained(AutoModel, backbone, trust_remote_code=False)
+        tokenizer = load_classifier_tokenizer(backbone, trust_remote_code=trust_remote_code)
+        model = load_pretrained(AutoModel, backbone, trust_remote_code=trust_remote_code)
         model.to(device).eval()
         order = sorted(missing, key=lambda i: len(examples[i].prompt) + len(examples[i].response))
         with torch.inference_mode(), tqdm(total=len(order), desc=description, unit="resp") as bar:
@@ -75,8 +76,10 @@ def encode(backbone: str, examples: Sequence[Any], *, max_length: int, batch_siz
     return np.stack([_CACHE[k] for k in keys]) if keys else np.empty((0, 0), dtype=np.float32)
 
 
-def train(examples: Sequence[Any], num_labels: int, settings: Any, output_dir: str | os.PathLike) -> None:
-    """Fit the logistic regression on the frozen features of ``examples`` and save it to ``output_dir``."""
+def train(examples: Sequence[Any], num_labels: int, settings: Any, output_dir: str | os.PathLike, *,
+          trust_remote_code: bool = False) -> None:
+    """Fit the logistic regression on the frozen features of ``examples`` and save it to ``output_dir``;
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     from sklearn.linear_model import LogisticRegression
 
     from dora_engine.calibration.bow import linear_head
@@ -85,7 +88,8 @@ def train(examples: Sequence[Any], num_labels: int, settings: Any, output_dir: s
     backbone = resolve_backbone(settings.backbone)
     labels = np.array([e.label for e in examples], dtype=int)
     x = encode(backbone, examples, max_length=settings.max_length, batch_size=settings.batch_size,
-               device=settings.device, description="features (train)").astype(np.float64)
+               device=settings.device, description="features (train)",
+               trust_remote_code=trust_remote_code).astype(np.float64)
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale == 0] = 1.0
     x = (x - mean) / scale
@@ -106,8 +110,8 @@ def is_saved(folder: str | os.PathLike) -> bool:
 
 
 def predict(folder: str | os.PathLike, examples: Sequence[Any], *, batch_size: int, device: str,
-            description: str = "score") -> np.ndarray:
-    """Class probabilities (len(examples), num_labels) in float64."""
+            description: str = "score", trust_remote_code: bool = False) -> np.ndarray:
+    """Class probabilities (len(examples), num_labels) in float64; ``trust_remote_code``: ``dora_engine.hf_loading``."""
     from dora_engine.calibration.bow import load_saved, softmax
     from dora_engine.calibration.pairs import resolve_backbone
 
@@ -115,6 +119,6 @@ def predict(folder: str | os.PathLike, examples: Sequence[Any], *, batch_size: i
     if not examples:
         return np.empty((0, meta["num_labels"]))
     x = encode(resolve_backbone(meta["backbone"]), examples, max_length=meta["max_length"], batch_size=batch_size,
-               device=device, description=description).astype(np.float64)
+               device=device, description=description, trust_remote_code=trust_remote_code).astype(np.float64)
     logits = ((x - a["mean"]) / a["scale"]) @ a["coef"].T + a["intercept"]
     return softmax(logits)

@@ -46,20 +46,23 @@ class PooledClassifier(nn.Module):
         self.head = nn.Linear(encoder.config.hidden_size, num_labels)
 
     @classmethod
-    def from_backbone(cls, path: str, num_labels: int, pooling: str) -> PooledClassifier:
-        """The pretrained encoder at ``path`` (any head it has is dropped) with a fresh head."""
+    def from_backbone(cls, path: str, num_labels: int, pooling: str, *,
+                      trust_remote_code: bool = False) -> PooledClassifier:
+        """The pretrained encoder at ``path`` (any head it has is dropped) with a fresh head;
+        ``trust_remote_code``: ``dora_engine.hf_loading``."""
         from transformers import AutoModel
 
-        return cls(load_pretrained(AutoModel, path, trust_remote_code=False), num_labels, pooling)
+        return cls(load_pretrained(AutoModel, path, trust_remote_code=trust_remote_code), num_labels, pooling)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> PooledClassifier:
+    def load(cls, folder: str | os.PathLike, *, trust_remote_code: bool = False) -> PooledClassifier:
+        """The classifier ``save`` wrote to ``folder``; ``trust_remote_code``: ``dora_engine.hf_loading``."""
         from safetensors.torch import load_file
         from transformers import AutoModel
 
         config = json.loads(Path(folder, HEAD_CONFIG).read_text(encoding="utf-8"))
-        model = cls(load_pretrained(AutoModel, str(folder), trust_remote_code=False), config["num_labels"],
-                    config["pooling"])
+        encoder = load_pretrained(AutoModel, str(folder), trust_remote_code=trust_remote_code)
+        model = cls(encoder, config["num_labels"], config["pooling"])
         model.head.load_state_dict(load_file(Path(folder, HEAD_WEIGHTS)))
         return model
 
@@ -93,12 +96,13 @@ class _SequenceClassifierLogits(nn.Module):
         return self.model(**inputs).logits
 
 
-def load_trained(folder: str | os.PathLike) -> nn.Module:
-    """A saved PooledClassifier, or any Hugging Face sequence classifier, returning logits."""
+def load_trained(folder: str | os.PathLike, *, trust_remote_code: bool = False) -> nn.Module:
+    """A saved PooledClassifier, or any Hugging Face sequence classifier, returning logits;
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     if Path(folder, HEAD_CONFIG).is_file():
-        return PooledClassifier.load(folder)
+        return PooledClassifier.load(folder, trust_remote_code=trust_remote_code)
     from transformers import AutoModelForSequenceClassification
 
     return _SequenceClassifierLogits(
-        load_pretrained(AutoModelForSequenceClassification, str(folder), trust_remote_code=False)
+        load_pretrained(AutoModelForSequenceClassification, str(folder), trust_remote_code=trust_remote_code)
     )

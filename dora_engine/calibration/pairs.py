@@ -43,12 +43,13 @@ class Example:
     label: int = -1
 
 
-def load_classifier_tokenizer(path: str):
+def load_classifier_tokenizer(path: str, *, trust_remote_code: bool = False):
     """The classifier's tokenizer, padding with its eos token when it has no pad token (an error when it has
-    neither; unlike ``training.model.load_tokenizer``, it never pads with unk)."""
+    neither; unlike ``training.model.load_tokenizer``, it never pads with unk).
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     from transformers import AutoTokenizer
 
-    tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=False)
+    tokenizer = load_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserValueError(f"the tokenizer of {path!r} has neither a pad nor an eos token to pad with")

@@ -300,6 +300,7 @@ def _fit_member(
     held: list[Example],
     settings: ClassifierSettings,
     folder: Path,
+    trust_remote_code: bool,
 ) -> _Member:
     sample = in_fold_sample(len(train), fold, settings.seed)
     if (folder / CLASSIFIER_META).is_file():
@@ -310,8 +311,10 @@ def _fit_member(
     name = f"{spec.name} fold {fold}" + ("" if settings.backbone == "minilm" else f" ({settings.backbone})")
     start = time.perf_counter()
     try:
-        classifier.train(train, len(spec.classes), settings, tmp, description=f"train {name}")
-        options = {"max_length": settings.max_length, "batch_size": settings.batch_size, "device": settings.device}
+        classifier.train(train, len(spec.classes), settings, tmp, description=f"train {name}",
+                         trust_remote_code=trust_remote_code)
+        options = {"max_length": settings.max_length, "batch_size": settings.batch_size, "device": settings.device,
+                   "trust_remote_code": trust_remote_code}
         held_probs = classifier.predict(tmp, held, description=f"held-out {name}", **options)
         in_fold_probs = classifier.predict(tmp, [train[i] for i in sample], description=f"in-fold {name}",
                                            **options)
@@ -394,8 +397,10 @@ def fit(
     scheme: str = "per_source",
     settings: ClassifierSettings | None = None,
     min_examples: int = DEFAULT_MIN_EXAMPLES,
+    trust_remote_code: bool = False,
 ) -> Calibration:
-    """Cross-fit (or reuse) the classifiers of ``scheme`` on ``records`` and save ``calibration.json``.
+    """Cross-fit (or reuse) the classifiers of ``scheme`` on ``records`` and save ``calibration.json``
+    (``trust_remote_code``: ``dora_engine.hf_loading``, an opt-in of this call that is not saved).
 
     The target class is always the last class of every classifier. Raises ``ValueError`` naming the
     record or source at fault: a prompt with fewer than 2 responses, a missing target, fewer distinct
@@ -429,7 +434,8 @@ def fit(
             trained = []
             for member in members:
                 key = _cache_key(spec, f, member, train, held_examples)
-                trained.append(_fit_member(spec, f, train, held_examples, member, output_dir / "classifiers" / key))
+                trained.append(_fit_member(spec, f, train, held_examples, member, output_dir / "classifiers" / key,
+                                           trust_remote_code))
             trained_folds.append((trained, _class_counts(train, num_classes),
                                   _class_counts(held_examples, num_classes)))
             held.append([m.held_probs for m in trained])
@@ -506,11 +512,12 @@ def fold_probabilities(
     batch_size: int | None = None,
     device: str | None = None,
     description: str = "score",
+    trust_remote_code: bool = False,
 ) -> np.ndarray:
     """Class probabilities of ``examples`` from one fold's classifier (its members combined).
 
     A response the classifier already scored as part of its held-out fold is read from its saved
-    predictions; the others are predicted.
+    predictions; the others are predicted (``trust_remote_code``: ``dora_engine.hf_loading``).
     """
     out = []
     for path, member in zip(fold.paths, settings.members(), strict=True):
@@ -526,6 +533,7 @@ def fold_probabilities(
                 batch_size=batch_size or member.batch_size,
                 device=device or member.device,
                 description=description,
+                trust_remote_code=trust_remote_code,
             )
             if probs.shape[1] == 0:
                 probs = np.empty((len(examples), predicted.shape[1]))
@@ -544,15 +552,18 @@ def source_probability(
     *,
     batch_size: int | None = None,
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> np.ndarray:
     """c of (prompt, response) pairs scored as responses of ``source``, for prompts outside the training
-    data: the folds' log-odds averaged (logit c = mean_f logit c_f)."""
+    data: the folds' log-odds averaged (logit c = mean_f logit c_f);
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     rule = calibration.rules[source]
     fitted = calibration.classifiers[rule.classifier]
     logits = []
     for fold in fitted.folds:
         probs = fold_probabilities(fold, examples, calibration.settings, batch_size=batch_size, device=device,
-                                   description=f"score {rule.classifier} fold {fold.fold}")
+                                   description=f"score {rule.classifier} fold {fold.fold}",
+                                   trust_remote_code=trust_remote_code)
         logits.append(_logit(rule.probability(probs)))
     return _sigmoid(np.mean(logits, axis=0))
 
@@ -573,6 +584,7 @@ def score(
     beta: str = "uniform",
     batch_size: int | None = None,
     device: str | None = None,
+    trust_remote_code: bool = False,
 ) -> list[Record]:
     """New records with ``h_tilde`` set, each response's c in ``meta["calibration_c"]`` and the fold whose
     classifiers scored the prompt in ``meta["calibration_fold"]``.
@@ -580,7 +592,7 @@ def score(
     A record whose prompt is in the training data is scored by its fold's classifiers (out of fold); any
     other record by all folds, their log density ratios averaged (module docstring; ``calibration_fold``
     is then ``None``). Every response is scored by the classifier its source's rule names. The input is
-    not modified.
+    not modified. ``trust_remote_code``: ``dora_engine.hf_loading``.
     """
     if beta not in BETA_CHOICES:
         raise UserValueError(f"unknown beta {beta!r}; valid: {list(BETA_CHOICES)}")
@@ -606,7 +618,8 @@ def score(
         per_fold = []
         for fold_model in chosen:
             class_probs = fold_probabilities(fold_model, examples, calibration.settings, batch_size=batch_size,
-                                             device=device, description=f"score {name} fold {fold_model.fold}")
+                                             device=device, description=f"score {name} fold {fold_model.fold}",
+                                             trust_remote_code=trust_remote_code)
             per_fold.append(np.array([
                 calibration.rules[records[i].responses[k].source].probability(p[None, :])[0]
                 for (i, k), p in zip(where, class_probs, strict=True)

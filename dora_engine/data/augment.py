@@ -70,11 +70,13 @@ def _checked(n: int, sampling: Sampling | None) -> Sampling:
 def augment_records(
     records: Sequence[Record], model: str, n: int = 2, *, backend: str = "transformers",
     sampling: Sampling | None = None, batch_size: int = 8, source: str | None = None, seed: int = 0,
-    device: str | None = None, vllm: VLLMOptions | None = None,
+    device: str | None = None, vllm: VLLMOptions | None = None, trust_remote_code: bool = False,
 ) -> list[Record]:
-    """Every record with ``n`` more responses sampled from ``model`` (in memory, one shard)."""
+    """Every record with ``n`` more responses sampled from ``model`` (in memory, one shard);
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     sampling = _checked(n, sampling)
-    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device, vllm=vllm)
+    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device, vllm=vllm,
+                               trust_remote_code=trust_remote_code)
     source = source or source_name(model)
     return _augment_shard(records, generator, n, source, seed, {"n": n, **asdict(sampling)})
 
@@ -83,10 +85,10 @@ def augment_file(
     input: str | os.PathLike, output: str | os.PathLike, model: str, n: int = 2, *, backend: str = "transformers",
     sampling: Sampling | None = None, batch_size: int = 8, source: str | None = None, seed: int = 0,
     device: str | None = None, vllm: VLLMOptions | None = None, shard_size: int = 256,
-    work_dir: str | os.PathLike | None = None,
-    restart: bool = False,
+    work_dir: str | os.PathLike | None = None, restart: bool = False, trust_remote_code: bool = False,
 ) -> Sequence[Record]:
-    """Augment a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
+    """Augment a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring);
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     sampling = _checked(n, sampling)
     records = input  # streamed by the sharded run
     source = source or source_name(model)
@@ -96,5 +98,6 @@ def augment_file(
     # The work directory is checked (and an earlier run's progress reported) before the model loads.
     run = ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart,
                      desc="augment")
-    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device, vllm=vllm)
+    generator = make_generator(model, sampling, backend=backend, batch_size=batch_size, device=device, vllm=vllm,
+                               trust_remote_code=trust_remote_code)
     return run.run(lambda shard, _: _augment_shard(shard, generator, n, source, seed, generation))

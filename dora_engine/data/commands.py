@@ -17,6 +17,7 @@ from dora_engine.data.summary import summarize
 from dora_engine.data.synth import SPLITS
 from dora_engine.errors import UserValueError
 from dora_engine.generation import add_backend_arguments
+from dora_engine.hf_loading import add_trust_remote_code_argument
 
 
 def _parse_mix(text: str) -> dict[str, float]:
@@ -104,7 +105,7 @@ def _cmd_augment(args: argparse.Namespace) -> int:
     records = augment_file(
         args.input, args.out, args.model, args.n, backend=args.backend, sampling=sampling,
         batch_size=args.batch_size, source=args.source, seed=args.seed, device=args.device, vllm=vllm_options(args),
-        shard_size=args.shard_size, restart=args.restart,
+        shard_size=args.shard_size, restart=args.restart, trust_remote_code=args.trust_remote_code,
     )
     return _report(args.out, records)
 
@@ -115,7 +116,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     records = score_file(
         args.input, args.out, ORACLE if args.oracle else args.model, batch_size=args.batch_size,
         max_length=args.max_length, keep_existing=args.keep_existing, device=args.device,
-        shard_size=args.shard_size, restart=args.restart,
+        shard_size=args.shard_size, restart=args.restart, trust_remote_code=args.trust_remote_code,
     )
     return _report(args.out, records)
 
@@ -188,6 +189,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     augment.add_argument("--seed", type=int, default=0)
     add_backend_arguments(augment)
     _add_resume_options(augment)
+    add_trust_remote_code_argument(augment)
     augment.set_defaults(func=_cmd_augment)
 
     score = commands.add_parser("score", help="fill every response's score with a single-logit reward model")
@@ -200,6 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--max-length", type=int, default=1024, help="truncate longer inputs from the left")
     score.add_argument("--keep-existing", action="store_true", help="keep scores that are already present")
     _add_resume_options(score)
+    add_trust_remote_code_argument(score)
     score.set_defaults(func=_cmd_score)
 
     synth = commands.add_parser("synth", help="write the synthetic mixture-shift dataset with its known oracle")

@@ -98,11 +98,13 @@ def _oracle_scores(pairs: Sequence[tuple[Prompt, str]]) -> list[float]:
     return [oracle_reward(prompt, response) for prompt, response in pairs]
 
 
-def make_scorer(model: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None) -> Scorer:
-    """A function from (prompt, response) pairs to scores: the oracle for ``ORACLE``, else a ``RewardModel``."""
+def make_scorer(model: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None, *,
+                trust_remote_code: bool = False) -> Scorer:
+    """A function from (prompt, response) pairs to scores: the oracle for ``ORACLE``, else a ``RewardModel``
+    (``trust_remote_code``: ``dora_engine.hf_loading``)."""
     if model == ORACLE:
         return _oracle_scores
-    return RewardModel(model, batch_size, max_length, device).score
+    return RewardModel(model, batch_size, max_length, device, trust_remote_code=trust_remote_code).score
 
 
 def _score_shard(records: Sequence[Record], scorer: Scorer, keep_existing: bool) -> list[Record]:
@@ -123,22 +125,25 @@ def _score_shard(records: Sequence[Record], scorer: Scorer, keep_existing: bool)
 
 def score_records(
     records: Sequence[Record], model: str, *, batch_size: int = 16, max_length: int = 1024,
-    keep_existing: bool = False, device: str | None = None,
+    keep_existing: bool = False, device: str | None = None, trust_remote_code: bool = False,
 ) -> list[Record]:
-    """Every record with its responses scored by the reward model ``model`` or ``ORACLE`` (in memory)."""
-    return _score_shard(records, make_scorer(model, batch_size, max_length, device), keep_existing)
+    """Every record with its responses scored by the reward model ``model`` or ``ORACLE`` (in memory);
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
+    scorer = make_scorer(model, batch_size, max_length, device, trust_remote_code=trust_remote_code)
+    return _score_shard(records, scorer, keep_existing)
 
 
 def score_file(
     input: str | os.PathLike, output: str | os.PathLike, model: str, *, batch_size: int = 16,
     max_length: int = 1024, keep_existing: bool = False, device: str | None = None, shard_size: int = 256,
-    work_dir: str | os.PathLike | None = None, restart: bool = False,
+    work_dir: str | os.PathLike | None = None, restart: bool = False, trust_remote_code: bool = False,
 ) -> Sequence[Record]:
-    """Score a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring)."""
+    """Score a JSONL dataset shard by shard, resuming an interrupted run (see the module docstring);
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     records = input  # streamed by the sharded run
     settings = {"step": "score", "model": str(model), "max_length": max_length, "keep_existing": keep_existing}
     # The work directory is checked (and an earlier run's progress reported) before the model loads.
     run = ShardedRun(records, output, settings=settings, shard_size=shard_size, work_dir=work_dir, restart=restart,
                      desc="score")
-    scorer = make_scorer(model, batch_size, max_length, device)
+    scorer = make_scorer(model, batch_size, max_length, device, trust_remote_code=trust_remote_code)
     return run.run(lambda shard, _: _score_shard(shard, scorer, keep_existing))

@@ -197,9 +197,10 @@ def resolve_classifier(path: str | os.PathLike, max_length: int | None = None) -
 
 def classifier_confidence(
     classifier: str | os.PathLike | ConfidenceClassifier, group: ScoredResponses, *, max_length: int | None = None,
-    batch_size: int = 16, device: str = "auto",
+    batch_size: int = 16, device: str = "auto", trust_remote_code: bool = False,
 ) -> list[float]:
-    """P(golden | x, y) of every response of ``group`` from ``classifier`` (see ``resolve_classifier``)."""
+    """P(golden | x, y) of every response of ``group`` from ``classifier`` (see ``resolve_classifier``);
+    ``trust_remote_code``: ``dora_engine.hf_loading``."""
     from dora_engine.calibration.classifier import Example, predict
     from dora_engine.calibration.pipeline import source_probability
 
@@ -209,9 +210,9 @@ def classifier_confidence(
     if classifier.calibration is not None:
         target = classifier.calibration.target
         return source_probability(classifier.calibration, target, examples, batch_size=batch_size,
-                                  device=device).tolist()
+                                  device=device, trust_remote_code=trust_remote_code).tolist()
     probs = predict(classifier.path, examples, max_length=classifier.max_length, batch_size=batch_size,
-                    device=device, description=f"confidence {group.model}")
+                    device=device, description=f"confidence {group.model}", trust_remote_code=trust_remote_code)
     if probs.shape[1] != 2:
         raise UserValueError(
             f"classifier {classifier.path} has {probs.shape[1]} classes; the diagnostic needs a binary one, "

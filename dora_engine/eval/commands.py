@@ -184,7 +184,8 @@ def run_calibration(args: argparse.Namespace) -> int:
             g.reward = list(scorer.score(g.instructions, g.outputs))
         if classifier is not None:
             g.confidence = list(classifier_confidence(
-                classifier, g, batch_size=args.batch_size, device=args.device
+                classifier, g, batch_size=args.batch_size, device=args.device,
+                trust_remote_code=args.trust_remote_code,
             ))
     normalised, fits = diagnose(groups, args.normalise)
     out = Path(args.output_dir)

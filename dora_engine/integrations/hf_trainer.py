@@ -6,7 +6,9 @@
   have them; text examples are tokenised by ``RowTokenizer``, as the engine's are.
 - ``reference_logps(model, batch)`` gives the reference model's summed log-probs S (N,) of a batch: compute
   them once, store them with the examples (``"ref_logps"``: K numbers) and the collator hands them back.
-- ``listwise_loss(model, batch, objective)`` is the ``DoRAOutput`` of ``dora_loss`` on a batch.
+- ``listwise_loss(model, batch, objective)`` is the ``DoRAOutput`` of ``dora_loss`` on a batch; for a
+  mixture-of-experts model whose config sets ``output_router_logits`` its loss adds the router
+  load-balancing loss, ``router_aux_loss_coef · aux_loss``, as the engine's ``DoRAPolicy`` does.
 - ``ListwiseTrainer`` is a ``transformers.Trainer`` whose ``compute_loss`` is ``listwise_loss``::
 
       trainer = ListwiseTrainer(model=model, args=TrainingArguments("out"),
@@ -33,6 +35,7 @@ from torch import nn
 from dora_engine.data.schema import RecordError
 from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import DoRAOutput, dora_loss, sequence_logprobs, shift_labels
+from dora_engine.ops.lm_head import router_loss_coefficient
 from dora_engine.preference import data_parallel_group, preference_stats, weight_stats
 from dora_engine.rows import Row, RowTokenizer, alignment_problem, keep_first, keep_last, pad_rows, scorable_rows
 
@@ -125,8 +128,20 @@ class ListwiseCollator:
         return rows, [None if s is None else float(s) for s in scores]
 
 
+def _forward(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> Any:
+    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+
+
 def _logits(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False).logits
+    return _forward(model, batch).logits
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel wrappers (DistributedDataParallel, DeepSpeed, FSDP: their ``module``),
+    whose config says whether it trains with a router loss."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return model
 
 
 @torch.no_grad()
@@ -148,15 +163,37 @@ def listwise_loss(
 ) -> DoRAOutput:
     """``dora_loss`` of ``model`` on a ``ListwiseCollator`` batch: the model's logits with the batch's labels
     aligned by ``shift_labels``, its scores, h̃ (used by the strategies that need it) and reference log-probs
-    (``ref_logps``, else the batch's). ``process_group``: reduce over the prompts of every rank."""
+    (``ref_logps``, else the batch's). ``process_group``: reduce over the prompts of every rank. A model
+    trained with a router loss (``ops.lm_head.router_loss_coefficient``) adds ``router_aux_loss_coef`` ·
+    its ``aux_loss`` to the loss, as ``DoRAPolicy`` does (docs/design.md section 5)."""
+    out, aux = _objective_and_router_loss(model, batch, objective, ref_logps, process_group, backend)
+    return _with_router_loss(model, out, aux)
+
+
+def _objective_and_router_loss(
+    model: nn.Module, batch: Mapping[str, torch.Tensor], objective: RobustObjective | ResolvedObjective,
+    ref_logps: torch.Tensor | None, process_group: Any, backend: str,
+) -> tuple[DoRAOutput, torch.Tensor | None]:
+    """(``listwise_loss`` without the router loss, the model's router loss ``aux_loss`` or None): what
+    ``DoRAPolicy.compute`` returns on its logits path."""
     objective = objective.resolve()
     scores = batch["scores"]
     ref = ref_logps if ref_logps is not None else batch.get("ref_logps")
     h = batch.get("h_tilde") if objective.strategy.needs_h_tilde else None
-    return dora_loss(
-        _logits(model, batch), shift_labels(batch["labels"]), num_responses=scores.shape[1], scores=scores,
+    output = _forward(model, batch)
+    aux = output.aux_loss if router_loss_coefficient(_unwrapped(model)) is not None else None
+    out = dora_loss(
+        output.logits, shift_labels(batch["labels"]), num_responses=scores.shape[1], scores=scores,
         h_tilde=h, ref_logps=ref, objective=objective, process_group=process_group, backend=backend,
     )
+    return out, aux
+
+
+def _with_router_loss(model: nn.Module, out: DoRAOutput, aux: torch.Tensor | None) -> DoRAOutput:
+    """``out`` with ``router_aux_loss_coef`` · ``aux`` added to its loss (unchanged when ``aux`` is None)."""
+    if aux is None:
+        return out
+    return out._replace(loss=out.loss + router_loss_coefficient(_unwrapped(model)) * aux)
 
 
 class ListwiseTrainer(transformers.Trainer):
@@ -169,8 +206,10 @@ class ListwiseTrainer(transformers.Trainer):
         backend: the op's backend.
 
     ``data_collator`` defaults to ``ListwiseCollator(processing_class)``. The logged loss is the batch
-    objective; ``rewards/*``, ``logps/*``, ``robust/ess``, ``robust/weight_max`` and ``h_tilde/mean`` are
-    logged beside it. With several processes the strategy reduces over every rank's prompts.
+    objective (+ ``router_aux_loss_coef`` · ``aux_loss`` for a model trained with a router loss, as
+    ``listwise_loss``); ``rewards/*``, ``logps/*``, ``robust/ess``, ``robust/weight_max``, ``h_tilde/mean``
+    and the router loss ``aux_loss`` are logged beside it. With several processes the strategy reduces over
+    every rank's prompts.
     """
 
     # The loss is a mean over prompts: gradient accumulation averages micro-steps (docs/design.md section 5.5)
@@ -205,15 +244,19 @@ class ListwiseTrainer(transformers.Trainer):
                     "(reference_logps) or the trainer a ref_model"
                 )
             ref = reference_logps(self.ref_model, inputs, backend=self.backend)
-        out = listwise_loss(model, inputs, self.objective, ref_logps=ref, process_group=data_parallel_group(),
-                            backend=self.backend)
-        self._record(out, inputs, ref)
+        objective, aux = _objective_and_router_loss(model, inputs, self.objective, ref, data_parallel_group(),
+                                                    self.backend)
+        out = _with_router_loss(model, objective, aux)
+        self._record(out, inputs, ref, aux)
         return (out.loss, out) if return_outputs else out.loss
 
     @torch.no_grad()
-    def _record(self, out: DoRAOutput, inputs: dict[str, Any], ref: torch.Tensor | None) -> None:
+    def _record(self, out: DoRAOutput, inputs: dict[str, Any], ref: torch.Tensor | None,
+                aux: torch.Tensor | None) -> None:
         stats = self._stats["train" if self.model.training else "eval"]
         gather = self.accelerator.gather
+        if aux is not None:
+            stats.setdefault("aux_loss", []).append(gather(aux.detach().reshape(1)).mean().item())
         objective = self.objective
         for name, value in preference_stats(out, inputs["scores"], ref, objective.loss.name, objective.params).items():
             stats.setdefault(name, []).append(gather(value).mean().item())
