@@ -247,6 +247,9 @@ def check_identical(outcome: Outcome, run: Run, reference: Run) -> None:
     outcome.check(losses == ref_losses, f"{run.name}: losses {losses} differ from the reference's {ref_losses}")
     outcome.check(sha == ref_sha, f"{run.name}: final weights differ from the reference's (SHA-256)")
     outcome.identical = True
+    resumed = [line for line in run.lines() if "resumed from " in line]
+    if resumed:
+        outcome.notes.append(f"resumed at step {resumed[-1].rsplit(' at step ', 1)[-1].split()[0]}, identical")
 
 
 def check_one_line(outcome: Outcome, run: Run, starts: str, contains: Iterable[str] = (), code: int | None = None,
@@ -601,8 +604,9 @@ def _phase_two(lab: Lab, outcomes: dict[str, Outcome], kills: list[str], one_ran
             outcomes["stale-build-lock"].check(not planted["lock"].exists(), "the stale lock is still there")
         if "buffer" in planted:
             outcomes["stale-shm-buffer"].check(not planted["buffer"].exists(), "the stale buffer is still there")
-            with contextlib.suppress(FileNotFoundError):
-                planted["buffer"].unlink()
+    if "buffer" in planted:
+        with contextlib.suppress(FileNotFoundError):
+            planted["buffer"].unlink()
 
 
 def _changed_data_then_resume(lab: Lab, outcomes: dict[str, Outcome]) -> None:
