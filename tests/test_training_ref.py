@@ -111,3 +111,63 @@ def test_reference_model_is_freed_before_the_policy_loads(tmp_path):
     config = make_toy(tmp_path, n_records=4)
     ((shape, alive),) = run_gloo(_reference_pass_frees_its_model, 1, str(config))
     assert shape == [4, 3] and alive == [False]
+
+
+# --------------------------------------------------------------------------------- a damaged cache file
+
+
+def _garble_values(path: Path, ref: torch.Tensor) -> None:
+    """Change the stored values in place, keeping the file's size (the zip stores tensor bytes uncompressed)."""
+    blob = path.read_bytes()
+    stored = ref.numpy().tobytes()
+    at = blob.index(stored)
+    edited = (ref + 1.0).numpy().tobytes()
+    path.write_bytes(blob[:at] + edited + blob[at + len(stored):])
+
+
+@pytest.mark.parametrize("damage", ["garbled", "truncated", "no checksum"])
+def test_a_damaged_cache_file_is_recomputed_after_one_warning(tmp_path, monkeypatch, capsys, damage):
+    """A cache file whose values were edited (same size), cut short, or written without a checksum is not
+    used: one warning line, then the reference pass runs again and rewrites it (docs/design.md section 7.4)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from dora_engine.training import ref_logps
+    from dora_engine.training.config import load_config
+    from dora_engine.training.process_group import Ranks
+
+    cfg = load_config(make_toy(tmp_path, n_records=4))
+    data = SimpleNamespace(data_hash="d" * 64, token_hash="t" * 64, num_records=4, num_responses=3)
+    right = torch.arange(12, dtype=torch.float32).view(4, 3) - 20
+    passes = []
+    monkeypatch.setattr(ref_logps, "reference_pass", lambda *args: passes.append(1) or right.clone())
+    monkeypatch.setattr(dist, "barrier", lambda: None)
+
+    def ensure() -> torch.Tensor:
+        return ref_logps.ensure_reference(cfg, data, {}, Ranks(), 0, False)
+
+    assert torch.equal(ensure(), right) and len(passes) == 1
+    (path,) = _cache_files(tmp_path)
+    loaded, problem = ref_logps.load_cached(path, data)
+    assert torch.equal(loaded, right) and problem is None
+    capsys.readouterr()
+    if damage == "garbled":
+        _garble_values(path, right)
+        assert torch.load(path, weights_only=True)["ref_logps"][0, 0] == right[0, 0] + 1  # loads, wrong values
+        why = "its values differ from the SHA-256 recorded when it was written"
+    elif damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        why = "it does not open ("
+    else:
+        torch.save({"ref_logps": right + 1, "key": {}}, path)
+        why = "it records no SHA-256 of its values (written by an older version)"
+    assert ref_logps.load_cached(path, data)[0] is None
+    assert torch.equal(ensure(), right) and len(passes) == 2
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.strip()]
+    assert len(warnings) == 1 and "Traceback" not in err, err
+    assert warnings[0].startswith(f"[dora-engine] warning: reference log-probs cache {path} cannot be used ({why}")
+    assert warnings[0].endswith("; computing it again")
+    assert torch.equal(ref_logps.load_cached(path, data)[0], right)  # rewritten, intact
+    assert torch.equal(ensure(), right) and len(passes) == 2  # reused

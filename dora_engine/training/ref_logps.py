@@ -2,9 +2,11 @@
 
 The cache file is keyed by hashes of the data files, of the tokenised rows (tokenizer, chat template
 and max lengths all show up there) and of the reference model's files, so a later run with the same
-three reuses it and a change to any of them computes a new one. No reference model is loaded while
-training. The pass is sharded across ranks (example i goes to rank i mod world) and runs the model
-under the same ZeRO-3 engine as training, so a reference that does not fit one device still works.
+three reuses it and a change to any of them computes a new one. The file records the SHA-256 of its
+values, checked on every load: a damaged file is computed again after one warning line (docs/design.md
+section 7.4). No reference model is loaded while training. The pass is sharded across ranks (example i
+goes to rank i mod world) and runs the model under the same ZeRO-3 engine as training, so a reference
+that does not fit one device still works.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,14 +61,37 @@ def cache_file(directory: Path, key: dict[str, str]) -> Path:
     return directory / f"ref_logps-{key['key']}.pt"
 
 
-def load_cached(path: Path, data: TrainingData) -> torch.Tensor | None:
-    """The cached (num_records, K) tensor when the file exists and matches the data's shape."""
+def tensor_digest(ref: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: what ``save_cache`` records and ``load_cached`` checks."""
+    digest = hashlib.sha256(f"{ref.dtype}|{tuple(ref.shape)}|".encode())
+    digest.update(ref.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def load_cached(path: Path, data: TrainingData) -> tuple[torch.Tensor | None, str | None]:
+    """The cached (num_records, K) tensor, or None and why it cannot be used (None when there is no file).
+
+    The file must open with the weights-only unpickler, hold a tensor of the data's shape and match the
+    SHA-256 ``save_cache`` recorded beside it, so a truncated, garbled or edited file is recomputed rather
+    than trained on (docs/design.md section 7.4)."""
     if not path.is_file():
-        return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    ref = saved["ref_logps"]
-    num_records = data.num_records
-    return ref if tuple(ref.shape) == (num_records, data.num_responses) else None
+        return None, None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or garbled zip or pickle fails in many ways, none of them a bug here
+        return None, f"it does not open ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    ref = saved.get("ref_logps") if isinstance(saved, dict) else None
+    if not isinstance(ref, torch.Tensor):
+        return None, "it holds no ref_logps tensor"
+    expected = (data.num_records, data.num_responses)
+    if tuple(ref.shape) != expected:
+        return None, f"its tensor has shape {tuple(ref.shape)}, the data need {expected}"
+    recorded = saved.get("sha256")
+    if recorded is None:
+        return None, "it records no SHA-256 of its values (written by an older version)"
+    if tensor_digest(ref) != recorded:
+        return None, "its values differ from the SHA-256 recorded when it was written"
+    return ref, None
 
 
 def compute_reference(
@@ -105,9 +131,17 @@ def compute_reference(
 
 def save_cache(path: Path, ref: torch.Tensor, key: dict[str, str]) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"ref_logps": ref, "key": key}, tmp)
+        torch.save({"ref_logps": ref, "key": key, "sha256": tensor_digest(ref)}, tmp)
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(key, indent=1), encoding="utf-8")
+
+
+def _gather(value: bool, world: int) -> list[bool]:
+    if world == 1 or not dist.is_initialized():
+        return [value]
+    out: list[bool] = [False] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def release_memory() -> None:
@@ -173,7 +207,13 @@ def ensure_reference(
     key = cache_key(data, model_hash(reference), resolve_precision(cfg.train.precision))
     directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     path = cache_file(directory, key)
-    cached = load_cached(path, data)
+    cached, problem = load_cached(path, data)
+    usable = _gather(cached is not None, ranks.world)  # one verdict: the pass below is collective
+    if cached is not None and not all(usable):
+        cached, problem = None, "another rank cannot use its copy"
+    if problem is not None and ranks.main:
+        print(f"[dora-engine] warning: reference log-probs cache {path} cannot be used ({problem}); computing it "
+              "again", file=sys.stderr, flush=True)
     if cached is not None:
         if ranks.main:
             print(f"[dora-engine] reference log-probs: reusing {path}", flush=True)
