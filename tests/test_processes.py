@@ -233,3 +233,33 @@ def test_a_rank_that_failed_on_its_own_is_not_reported_as_a_peer_killed():
     assert failure_line("train", args, watch(now - 31.0, now), 3, [99]) is None
     line = failure_line("train", args, watch(now - 0.02, now), 137, [99])
     assert line is not None and line.startswith("dora-engine: rank 1 (local rank 1, pid 101) was killed by SIGKILL")
+
+
+def test_a_rank_whose_peer_is_gone_stops_in_one_line(tmp_path, monkeypatch, capsys):
+    """A collective that fails because another rank is gone ends this rank with one line and exit 1 (the
+    front names the rank that went); any other error keeps its traceback."""
+    from dora_engine.training import commands, lifeline
+    from dora_engine.training.process_group import lost_peer
+
+    monkeypatch.setenv(STATE_ENV, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(lifeline, "die_with_parent", lambda: None)
+    monkeypatch.setattr(lifeline, "watch_front", lambda: None)
+    gone = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: "
+                        "Connection reset by peer\nmore detail")
+    assert lost_peer(gone) and not lost_peer(RuntimeError("size mismatch")) and not lost_peer(ValueError("x"))
+
+    def fails(error):
+        def run_task(*args):
+            raise error
+        return run_task
+
+    monkeypatch.setattr(commands, "run_task", fails(gone))
+    assert commands.launch_main(["--config", "c.yaml"]) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["dora-engine train: rank 1: stopped, another rank is gone ([../third_party/gloo/gloo/"
+                                "transport/tcp/pair.cc:534] Read error [127.0.0.1]:4242: Connection reset by peer)"]
+    assert json.loads((tmp_path / "rank-1.json").read_text())["exit_code"] == 1
+    monkeypatch.setattr(commands, "run_task", fails(RuntimeError("size mismatch")))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        commands.launch_main(["--config", "c.yaml"])

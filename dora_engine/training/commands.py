@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dora_engine.errors import UserError, UserValueError, report_user_error
+from dora_engine.errors import DEBUG_ENV, UserError, UserValueError, report_user_error
 
 TASKS = ("train", "ref-logps")
 LAUNCHER_MODULE = "deepspeed.launcher.launch"
@@ -328,6 +328,7 @@ def launch_main(argv: list[str] | None = None) -> int:
     add_run_arguments(parser)
     args = parser.parse_args(argv)
     from dora_engine.training.lifeline import die_with_parent, watch_front
+    from dora_engine.training.process_group import lost_peer
     from dora_engine.training.run_state import record_exit, record_start
 
     die_with_parent()
@@ -335,8 +336,14 @@ def launch_main(argv: list[str] | None = None) -> int:
     record = record_start()
     try:
         code = run_task(args.task, args.config, list(args.overrides), args.resume)
-    except BaseException:
+    except BaseException as err:
         record_exit(record, 1)
-        raise
+        if not lost_peer(err) or os.environ.get(DEBUG_ENV) == "1":
+            raise
+        # Another rank is gone: the front names it and says how to resume; a traceback here says nothing more.
+        message = str(err).strip().splitlines()[0][:200]
+        print(f"dora-engine {args.task}: rank {record.rank}: stopped, another rank is gone ({message})",
+              file=sys.stderr, flush=True)
+        return 1
     record_exit(record, code)
     return code

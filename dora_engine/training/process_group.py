@@ -99,3 +99,15 @@ def close_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# What a collective says when the rank at the other end is gone (gloo's sockets; NCCL's abort), rather than
+# a fault of the rank that sees it.
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "remote process exited")
+
+
+def lost_peer(err: BaseException) -> bool:
+    """Whether ``err`` is a collective failing because another rank is gone (killed, or failed on its own):
+    the front of a launch names that rank (docs/design.md section 7.7), so this rank need not add a traceback."""
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in PEER_LOST)
