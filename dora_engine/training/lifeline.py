@@ -42,10 +42,12 @@ def die_with_parent() -> bool:
     return True
 
 
-def watch_front(environ: Mapping[str, str] = os.environ) -> threading.Thread | None:
-    """With ``FRONT_ENV`` set, a daemon thread that kills this process once that process has ended."""
+def watch_front(environ: Mapping[str, str] | None = None) -> threading.Thread | None:
+    """With ``FRONT_ENV`` set (in ``environ``, else ``os.environ``), a daemon thread that kills this process
+    once that process has ended."""
     import psutil
 
+    environ = os.environ if environ is None else environ
     try:
         pid = int(environ.get(FRONT_ENV, ""))
     except ValueError:

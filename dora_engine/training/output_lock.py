@@ -13,7 +13,7 @@ import contextlib
 import fcntl
 import os
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -28,10 +28,12 @@ class OutputDirInUse(TrainingError):
     """Another live run holds the output folder's lock."""
 
 
-def held_by_ancestor(environ: dict[str, str] | os._Environ = os.environ) -> bool:
-    """Whether ``HOLDER_ENV`` names a process this one descends from (the front of its launch)."""
+def held_by_ancestor(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``HOLDER_ENV`` (in ``environ``, else ``os.environ``) names a process this one descends from
+    (the front of its launch)."""
     import psutil
 
+    environ = os.environ if environ is None else environ
     try:
         holder = int(environ.get(HOLDER_ENV, ""))
     except ValueError:

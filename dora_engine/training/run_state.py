@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +35,7 @@ def _record_path(folder: Path, rank: int) -> Path:
     return folder / f"rank-{rank}.json"
 
 
-def _write(record: RankRecord, environ: dict[str, str] | os._Environ) -> None:
+def _write(record: RankRecord, environ: Mapping[str, str]) -> None:
     folder = environ.get(STATE_ENV)
     if not folder or not Path(folder).is_dir():
         return
@@ -42,15 +43,18 @@ def _write(record: RankRecord, environ: dict[str, str] | os._Environ) -> None:
         json.dump(record.__dict__, handle)
 
 
-def record_start(environ: dict[str, str] | os._Environ = os.environ) -> RankRecord:
-    """Record this rank (``RANK``, ``LOCAL_RANK`` of the launcher's environment) as started."""
+def record_start(environ: Mapping[str, str] | None = None) -> RankRecord:
+    """Record this rank (``RANK``, ``LOCAL_RANK`` of the launcher's environment; ``os.environ`` when None)
+    as started."""
+    environ = os.environ if environ is None else environ
     record = RankRecord(int(environ.get("RANK", 0)), int(environ.get("LOCAL_RANK", 0)), os.getpid())
     _write(record, environ)
     return record
 
 
-def record_exit(record: RankRecord, code: int, environ: dict[str, str] | os._Environ = os.environ) -> None:
-    """Record that this rank is exiting on its own with ``code``."""
+def record_exit(record: RankRecord, code: int, environ: Mapping[str, str] | None = None) -> None:
+    """Record that this rank is exiting on its own with ``code`` (``environ``: as for ``record_start``)."""
+    environ = os.environ if environ is None else environ
     _write(RankRecord(record.rank, record.local_rank, record.pid, code, time.time()), environ)
 
 

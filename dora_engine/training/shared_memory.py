@@ -20,8 +20,10 @@ PREFIX = "deepspeed_allreduce_buffer"
 STALE_AGE_S = 60.0  # younger buffers may belong to ranks still starting (created, not yet mapped)
 
 
-def buffer_name(rank: int, environ: Mapping[str, str] = os.environ) -> str:
-    """The name of rank ``rank``'s buffer in a run rendezvousing at ``MASTER_ADDR``:``MASTER_PORT``."""
+def buffer_name(rank: int, environ: Mapping[str, str] | None = None) -> str:
+    """The name of rank ``rank``'s buffer in a run rendezvousing at ``MASTER_ADDR``:``MASTER_PORT`` (of
+    ``environ``, else ``os.environ``)."""
+    environ = os.environ if environ is None else environ
     return f"{PREFIX}_{os.getuid()}_{environ.get('MASTER_ADDR', '')}_{environ.get('MASTER_PORT', '')}_{rank}"
 
 
