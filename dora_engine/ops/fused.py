@@ -1,9 +1,9 @@
 """Fused backend of the op: autograd functions over the C++/CUDA kernels (docs/design.md section 5).
 
 Primitives only; ``dora_engine.ops`` validates the inputs and composes them. Importing this module loads
-the extension (``builder.load_ops``) and raises ``OpLoadError`` when it cannot; so does a primitive given
-tensors on a device the extension has no kernels for (``builder.check_kernels_for``, which the front door
-calls before choosing this backend). The ``"auto"`` backend turns either into one warning and the reference.
+the extension (``builder.load_ops``) and raises ``OpLoadError`` when it cannot; the front door also asks
+``builder.check_kernels_for`` whether the extension has kernels for the inputs' device before it chooses this
+backend (the one place that checks). The ``"auto"`` backend turns either into one warning and the reference.
 
 Row pass: forward gives S, L and the per-token log-sum-exp, saved as the pair (row max m, log Σ e^(z − m))
 (N, T, 2) so that the backward's softmax is exact at any magnitude of the logits; backward is
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from dora_engine.ops.builder import check_kernels_for, load_ops
+from dora_engine.ops.builder import load_ops
 from dora_engine.ops.contract import overwritable, read_contract
 from dora_engine.ops.fused_linear import linear_row_pass, single_pass_loss
 from dora_engine.ops.robust import robust_loss
@@ -66,5 +66,4 @@ def row_pass(
     """S[n] = Σ_t lp[n, t], L[n] = #valid t (N,) in the accumulation dtype; S = L = 0 for rows without a
     valid token. ``inplace_backward``: the backward overwrites ``logits`` with their gradient when they allow it
     (``overwritable``), else allocates it."""
-    check_kernels_for(logits)
     return _SequenceLogprobs.apply(logits, labels, ignore_index, inplace_backward)

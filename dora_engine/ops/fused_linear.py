@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dora_engine.ops.builder import check_kernels_for, load_ops
+from dora_engine.ops.builder import load_ops
 from dora_engine.ops.chunking import prompts_per_chunk, spans, tokens_per_chunk
 from dora_engine.ops.output import DoRAOutput
 from dora_engine.ops.robust import robust_reduce
@@ -321,7 +321,6 @@ def linear_row_pass(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, L) of hidden @ weightᵀ + bias in token chunks of ``chunk_bytes`` logits; backward recomputes
     each chunk (4 GEMMs in all)."""
-    check_kernels_for(hidden)
     return _LinearSequenceLogprobs.apply(hidden.contiguous(), weight, bias, labels, ignore_index, chunk_bytes)
 
 
@@ -331,7 +330,6 @@ def single_pass_loss(
 ) -> DoRAOutput:
     """``dora_loss_linear(mode="single_pass")``: chunks of whole prompts, 3 GEMMs each, gradients formed in
     forward and scaled by grad_output in backward."""
-    check_kernels_for(hidden)
     acc = accumulation_dtype(hidden.dtype)
     grad_on = torch.is_grad_enabled()
     prepared = replace(
