@@ -212,3 +212,20 @@ def test_the_loss_over_a_group_of_one_equals_the_loss_without(group_of_one, back
         results.append((out.loss.detach(), out.weights, z.grad))
     for without, with_group in zip(*results, strict=True):
         assert torch.equal(without, with_group)
+
+
+def test_object_gathers_run_at_world_size_one(group_of_one, monkeypatch) -> None:
+    """The checkpoint's and the reference cache's verdicts are gathered by a group of one too."""
+    from dora_engine.training.process_group import gather_objects
+
+    assert gather_objects({"a": 1}) == [{"a": 1}]  # no process group: nothing to gather
+    group_of_one("gloo")
+    calls = []
+    real = dist.all_gather_object
+
+    def spy(out, obj, *args, **kwargs):
+        calls.append(obj)
+        return real(out, obj, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_gather_object", spy)
+    assert gather_objects(("leader", [1, 2])) == [("leader", [1, 2])] and calls == [("leader", [1, 2])]

@@ -40,7 +40,7 @@ from dora_engine.atomic import TEMPORARY_NAME, atomic_write
 from dora_engine.errors import TrainingError, UserError
 from dora_engine.training.data import TrainingData
 from dora_engine.training.digests import file_entry
-from dora_engine.training.process_group import Ranks
+from dora_engine.training.process_group import Ranks, gather_objects
 
 META = "dora_checkpoint.json"
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
@@ -173,13 +173,6 @@ class Problem:
     message: str
 
 
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1 or not dist.is_initialized():
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
 
 def _barrier() -> None:
     if dist.is_initialized():
@@ -195,7 +188,7 @@ def hashing_share(tag_dir: Path, names: list[str], ranks: Ranks) -> tuple[list[s
     Otherwise (node-local folders) each node reads what it sees, file i going to local rank i mod
     local_size."""
     view = [(name, *_size_and_mtime(tag_dir / name)) for name in names]
-    views = _gather(view, ranks.world)
+    views = gather_objects(view)
     if all(v == views[0] for v in views):
         return [name for i, name in enumerate(names) if i % ranks.world == ranks.rank], True
     return ranks.share(names), False
@@ -249,7 +242,7 @@ def verify(tag_dir: Path, ranks: Ranks) -> list[Problem]:
             verdict = check_loadable(tag_dir / name)
             if verdict is not None:
                 problems.append(Problem(verdict[0], f"file {name} {verdict[1]}"))
-    merged = [p for part in _gather(problems, ranks.world) for p in part]
+    merged = [p for part in gather_objects(problems) for p in part]
     return sorted(set(merged), key=lambda p: (p.kind != "unsafe", p.message))
 
 
@@ -288,7 +281,7 @@ class CheckpointManager:
         mine = {name: file_entry(tag_dir / name) for name in share}
         leader = self.ranks.rank - self.ranks.local_rank
         files: dict[str, Any] = {}
-        for node, entries in _gather((leader, mine), self.ranks.world):
+        for node, entries in gather_objects((leader, mine)):
             if whole_world or node == leader:
                 files.update(entries)
         if self.writer:

@@ -12,6 +12,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,16 @@ def _prepare_shared_memory_all_reduce(local_rank: int) -> None:
         if removed:
             print(f"[dora-engine] {removed}", flush=True)
     load_deepspeed_op(SHM_COMM_BUILDER)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (collective: every rank calls it); ``[obj]`` without a process
+    group. A group of one gathers too, so that one process exercises what several do."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def close_distributed() -> None:

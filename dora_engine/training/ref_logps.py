@@ -29,7 +29,7 @@ from dora_engine.training.data import TrainingData, collate
 from dora_engine.training.dsconfig import build_deepspeed_config, resolve_precision, torch_dtype
 from dora_engine.training.loading import load_run_data
 from dora_engine.training.model import LossPath, ReferenceLogps, load_causal_lm
-from dora_engine.training.process_group import Ranks, init_distributed
+from dora_engine.training.process_group import Ranks, gather_objects, init_distributed
 
 SMALL_FILE = 256 << 20  # files up to this size are hashed by content; larger ones by size and mtime
 
@@ -117,10 +117,7 @@ def compute_reference(
         for j, i in enumerate(indices):
             if lo + j < len(mine):
                 values[i] = S[j].tolist()
-    shards = [values]
-    if world > 1:
-        shards = [None] * world
-        dist.all_gather_object(shards, values)
+    shards = gather_objects(values)
     num_records = data.num_records
     ref = torch.zeros(num_records, data.num_responses, dtype=torch.float32)
     for shard in shards:
@@ -135,13 +132,6 @@ def save_cache(path: Path, ref: torch.Tensor, key: dict[str, str]) -> None:
     with atomic_path(path.with_suffix(".json")) as tmp:
         tmp.write_text(json.dumps(key, indent=1), encoding="utf-8")
 
-
-def _gather(value: bool, world: int) -> list[bool]:
-    if world == 1 or not dist.is_initialized():
-        return [value]
-    out: list[bool] = [False] * world
-    dist.all_gather_object(out, value)
-    return out
 
 
 def release_memory() -> None:
@@ -208,7 +198,7 @@ def ensure_reference(
     directory = Path(cfg.data.ref_cache_dir or Path(cfg.output_dir) / "ref_cache")
     path = cache_file(directory, key)
     cached, problem = load_cached(path, data)
-    usable = _gather(cached is not None, ranks.world)  # one verdict: the pass below is collective
+    usable = gather_objects(cached is not None)  # one verdict: the pass below is collective
     if cached is not None and not all(usable):
         cached, problem = None, "another rank cannot use its copy"
     if problem is not None and ranks.main:
