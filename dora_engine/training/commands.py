@@ -125,20 +125,14 @@ def _launchers(runner: Any) -> list[Any]:
     return found
 
 
-def _ranks(launcher: Any) -> list[Any]:
-    """The rank processes under the ``deepspeed`` runner ``launcher`` (children of its per-node launchers)."""
+def _ranks(runner: Any) -> list[Any]:
+    """The rank processes under the ``deepspeed`` runner ``runner`` (children of its per-node launchers)."""
     import psutil
 
     ranks = []
-    try:
-        for proc in launcher.children(recursive=True):
-            try:
-                if LAUNCHER_MODULE in " ".join(proc.cmdline()):
-                    ranks += proc.children()
-            except psutil.Error:
-                continue
-    except psutil.Error:
-        pass
+    for launcher in _launchers(runner):
+        with contextlib.suppress(psutil.Error):
+            ranks += launcher.children()
     return ranks
 
 
