@@ -157,6 +157,47 @@ def test_sequence_logprobs_linear_matches_reference():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def nll_of_the_logits(hidden, weight, labels, *, bias, **_):
+    """The summed NLL of the materialised logits hidden @ Wᵀ + b through the reference row pass (autograd)."""
+    return ops.NLLOutput.of(*ops.sequence_logprobs(F.linear(hidden, weight, bias), labels, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_nll_linear_matches_the_logits_path(backend, mode, dtype, bias):
+    """The summed NLL of SFT in one pass (or recomputed): the values and gradients of the logits path, with
+    prompt and padding labels, a row without a scored token, token chunks ending inside sequences or one chunk."""
+    hidden, weight, b, labels, _ = make_problem(B=3, K=2, T=7, H=16, V=50, dtype=dtype, bias=bias, seed=11)
+    labels[4] = -100  # nothing scored: S = L = 0 and no gradient
+    tol = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    want = run(nll_of_the_logits, hidden, weight, b, labels)
+    for chunk_bytes in (5 * 50 * hidden.element_size(), None):
+        got = run(ops.nll_linear, hidden, weight, b, labels, mode=mode, chunk_bytes=chunk_bytes, backend=backend)
+        assert_same(*got, *want, *tol)
+        assert got[0].seq_logps[4] == 0 and got[0].seq_lens[4] == 0 and not got[1][0][4].any()
+    torch.testing.assert_close(got[0].loss, -got[0].seq_logps.sum())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nll_linear_without_grad_with_a_frozen_head_and_backward_once(mode):
+    hidden, weight, bias, labels, _ = make_problem(B=2, K=2, T=5, H=8, V=20, dtype=torch.float32)
+    want_out, want_grads = run(nll_of_the_logits, hidden, weight, bias, labels)
+    with torch.no_grad():
+        out = ops.nll_linear(hidden, weight, labels, bias=bias, mode=mode, chunk_bytes=1, backend="fused")
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, want_out.loss)
+    frozen = ops.nll_linear(hidden, weight.detach(), labels, bias=bias.detach(), mode=mode, backend="fused")
+    (grad_hidden,) = torch.autograd.grad(frozen.loss * 1.7, hidden)  # only d hidden is formed (LoRA)
+    torch.testing.assert_close(grad_hidden, want_grads[0], rtol=1e-5, atol=1e-6)
+    out = ops.nll_linear(hidden, weight, labels, bias=bias, mode=mode, backend="fused")
+    out.loss.backward(retain_graph=True)
+    if mode == "single_pass":
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            out.loss.backward()
+
+
 def test_bad_input_is_named():
     hidden, weight, bias, labels, kw = make_problem(B=2, K=2, T=4, H=8, V=10, dtype=torch.float32)
     with pytest.raises(ValueError, match="mode"):
