@@ -245,7 +245,9 @@ class DoRADPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             model_kwargs["output_router_logits"] = True
         outputs = model(**model_kwargs)
-        logits = outputs.logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
+        logits = outputs.logits
+        if logits.shape[1] != labels.shape[1]:  # prompt-learning PEFT prepends virtual tokens
+            logits = logits[:, -labels.shape[1] :]  # (a slice's backward allocates its base's whole shape)
         aligned = shift_labels(labels)
 
         ref_logps = self._reference_logps(inputs).reshape(-1).to(logits.device) if self._needs_reference else None
@@ -254,8 +256,8 @@ class DoRADPOTrainer(DPOTrainer):
         out = dora_loss(
             logits, aligned, num_responses=2, scores=scores, h_tilde=h_tilde if self._uses_h_tilde else None,
             ref_logps=ref_logps, objective=self.dora_objective, process_group=data_parallel_group(),
-            backend=args.dora_backend,
-        )
+            backend=args.dora_backend, inplace_backward=torch.is_grad_enabled() and not return_outputs,
+        )  # nothing reads the logits after the loss: a backward may write their gradient over them
         loss = out.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
