@@ -197,8 +197,8 @@ def _token_pass(
     chunk_bytes: int, grads: _Gradients | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(S, L) (N,) of hidden @ weightᵀ + bias in chunks of ``tokens_per_chunk`` tokens, each token its own
-    length-1 row (a chunk may end anywhere inside a sequence), in one reused logits buffer: 2 GEMMs' worth of
-    logits read. Without ``grads`` it also returns the per-token log-sum-exp (N·T, 1, 2) for a backward that
+    length-1 row (a chunk may end anywhere inside a sequence), one logits GEMM per chunk into one reused
+    buffer. Without ``grads`` it also returns the per-token log-sum-exp (N·T, 1, 2) for a backward that
     recomputes the logits (``recompute``); with them each chunk's gradient of the summed NLL −Σ S (gS = −1)
     goes straight into ``grads`` (3 GEMMs per chunk, ``nll_linear``'s single pass) and nothing is kept."""
     N, T, H = hidden.shape
@@ -208,7 +208,7 @@ def _token_pass(
     lse = hidden.new_empty(N * T, 1, 2, dtype=acc) if grads is None else None  # seq_logprobs_fwd's (m, log s)
     per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], hidden.element_size())
     buffer = hidden.new_empty(min(N * T, per_chunk), weight.shape[0])
-    minus_one = hidden.new_full((min(N * T, per_chunk),), -1.0, dtype=acc)  # ∂(−Σ S)/∂S
+    minus_one = None if grads is None else hidden.new_full((min(N * T, per_chunk),), -1.0, dtype=acc)  # ∂(−Σ S)/∂S
     for t0, t1 in spans(N * T, per_chunk):
         logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
         token_lp[t0:t1], _, chunk_lse = _kernels.seq_logprobs_fwd(logits, y[t0:t1], ignore_index)
