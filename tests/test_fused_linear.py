@@ -157,6 +157,47 @@ def test_sequence_logprobs_linear_matches_reference():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def nll_of_the_logits(hidden, weight, labels, *, bias, **_):
+    """The summed NLL of the materialised logits hidden @ Wᵀ + b through the reference row pass (autograd)."""
+    return ops.NLLOutput.of(*ops.sequence_logprobs(F.linear(hidden, weight, bias), labels, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_nll_linear_matches_the_logits_path(backend, mode, dtype, bias):
+    """The summed NLL of SFT in one pass (or recomputed): the values and gradients of the logits path, with
+    prompt and padding labels, a row without a scored token, token chunks ending inside sequences or one chunk."""
+    hidden, weight, b, labels, _ = make_problem(B=3, K=2, T=7, H=16, V=50, dtype=dtype, bias=bias, seed=11)
+    labels[4] = -100  # nothing scored: S = L = 0 and no gradient
+    tol = {torch.float64: (1e-9, 1e-10), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    want = run(nll_of_the_logits, hidden, weight, b, labels)
+    for chunk_bytes in (5 * 50 * hidden.element_size(), None):
+        got = run(ops.nll_linear, hidden, weight, b, labels, mode=mode, chunk_bytes=chunk_bytes, backend=backend)
+        assert_same(*got, *want, *tol)
+        assert got[0].seq_logps[4] == 0 and got[0].seq_lens[4] == 0 and not got[1][0][4].any()
+    torch.testing.assert_close(got[0].loss, -got[0].seq_logps.sum())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nll_linear_without_grad_with_a_frozen_head_and_backward_once(mode):
+    hidden, weight, bias, labels, _ = make_problem(B=2, K=2, T=5, H=8, V=20, dtype=torch.float32)
+    want_out, want_grads = run(nll_of_the_logits, hidden, weight, bias, labels)
+    with torch.no_grad():
+        out = ops.nll_linear(hidden, weight, labels, bias=bias, mode=mode, chunk_bytes=1, backend="fused")
+    assert not out.loss.requires_grad
+    torch.testing.assert_close(out.loss, want_out.loss)
+    frozen = ops.nll_linear(hidden, weight.detach(), labels, bias=bias.detach(), mode=mode, backend="fused")
+    (grad_hidden,) = torch.autograd.grad(frozen.loss * 1.7, hidden)  # only d hidden is formed (LoRA)
+    torch.testing.assert_close(grad_hidden, want_grads[0], rtol=1e-5, atol=1e-6)
+    out = ops.nll_linear(hidden, weight, labels, bias=bias, mode=mode, backend="fused")
+    out.loss.backward(retain_graph=True)
+    if mode == "single_pass":
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            out.loss.backward()
+
+
 def test_bad_input_is_named():
     hidden, weight, bias, labels, kw = make_problem(B=2, K=2, T=4, H=8, V=10, dtype=torch.float32)
     with pytest.raises(ValueError, match="mode"):
@@ -178,15 +219,18 @@ def test_bad_input_is_named():
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, resource, sys, torch
-    from dora_engine.ops import dora_loss_linear
-    mode, B, K, T, H, V = sys.argv[1], 8, 2, 50, 16, 125_000
+    from dora_engine.ops import dora_loss_linear, nll_linear
+    op, mode, B, K, T, H, V = sys.argv[1], sys.argv[2], 8, 2, 50, 16, 125_000
     torch.manual_seed(0)
     hidden = torch.randn(B * K, T, H, requires_grad=True)
     weight = torch.randn(V, H, requires_grad=True)
     labels = torch.randint(0, V, (B * K, T))
     kw = dict(num_responses=K, scores=torch.randn(B, K), h_tilde=torch.rand(B) + 0.5, ref_logps=torch.randn(B * K))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = dora_loss_linear(hidden, weight, labels, mode=mode, chunk_bytes=10 << 20, backend="fused", **kw)
+    if op == "nll_linear":
+        out = nll_linear(hidden, weight, labels, mode=mode, chunk_bytes=10 << 20, backend="fused")
+    else:
+        out = dora_loss_linear(hidden, weight, labels, mode=mode, chunk_bytes=10 << 20, backend="fused", **kw)
     out.loss.backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"extra_bytes": (after - before) * 1024, "logits_bytes": B * K * T * V * 4}))
@@ -194,11 +238,12 @@ MEMORY_PROBE = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("op", ["dora_loss_linear", "nll_linear"])
 @pytest.mark.parametrize("mode", MODES)
-def test_no_full_logits_allocation(mode):
-    # N·T·V·4 = 400 MB of logits; a chunk is one prompt (50 MB) or 20 tokens (10 MB).
+def test_no_full_logits_allocation(op, mode):
+    # N·T·V·4 = 400 MB of logits; a chunk is one prompt (50 MB) or 20 tokens (10 MB; nll_linear's single pass too).
     proc = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, mode], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", MEMORY_PROBE, op, mode], capture_output=True, text=True, timeout=120, check=True
     )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["extra_bytes"] < 0.25 * result["logits_bytes"], result
@@ -215,6 +260,20 @@ def test_cuda_matches_the_logits_path(mode, dtype):
     kw = {k: v.cuda() for k, v in kw.items() if torch.is_tensor(v)} | {"num_responses": 4}
     want = run(reference_loss_linear, *cuda[:2], cuda[2], labels.cuda(), **kw)
     got = run(dora_loss_linear, *cuda[:2], cuda[2], labels.cuda(), mode=mode, chunk_bytes=1 << 20, **kw)
+    tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
+    assert_same(*got, *want, *tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_nll_linear_matches_the_logits_path(mode, dtype):
+    hidden, weight, bias, labels, _ = make_problem(B=6, K=4, T=33, H=64, V=1000, dtype=dtype)
+    labels[5] = -100
+    cuda = [t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias)]
+    want = run(nll_of_the_logits, *cuda[:2], cuda[2], labels.cuda())
+    got = run(ops.nll_linear, *cuda[:2], cuda[2], labels.cuda(), mode=mode, chunk_bytes=1 << 20, backend="fused")
     tol = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     assert_same(*got, *want, *tol)
 

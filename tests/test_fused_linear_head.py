@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dora_engine.losses import RobustObjective
-from dora_engine.ops import dora_loss, sequence_logprobs
+from dora_engine.ops import NLLOutput, dora_loss, sequence_logprobs
 from dora_engine.ops.lm_head import DoRALossHead, DoRAPolicy, install_loss_head
+from dora_engine.training.model import LossPath, PolicyLoss
 
 transformers = pytest.importorskip("transformers")
 OBJECTIVE = RobustObjective(loss="dpo_pl", strategy="dora", lam=0.5)
@@ -65,6 +66,62 @@ def test_policy_equals_the_logits_path(tied, mode):
     S_ref, L_ref = sequence_logprobs(logits.detach(), labels[:, 1:].contiguous(), backend="reference")
     torch.testing.assert_close(S, S_ref)
     torch.testing.assert_close(L, L_ref)
+
+
+#: The trainer's loss paths (train.loss_path, train.fused_linear_mode) and the path each takes on a Llama.
+SFT_PATHS = [("logits", "single_pass"), ("fused_linear", "single_pass"), ("fused_linear", "recompute"),
+             ("auto", "single_pass")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_bias", [False, True])
+def test_sft_step_on_every_loss_path_equals_the_nll_of_the_models_logits(dtype, head_bias):
+    """The trainer's SFT step (``PolicyLoss``, stage sft): the token-mean NLL of the model's own logits through
+    the reference op, its value and every parameter's gradient, on each loss path; the fused-linear
+    ``single_pass`` forms its gradients in forward. Prompt and padding labels, a row with no scored token."""
+    model = tiny_llama(tied=False)
+    if head_bias:
+        model.lm_head = torch.nn.Linear(16, VOCAB, bias=True)
+    model = model.to(dtype)
+    input_ids, mask, labels, _ = batch()
+    mask[1, -2:] = 0
+    labels[1, -2:] = -100
+    labels[2] = -100
+    oracle = copy.deepcopy(model)
+    logits = oracle(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
+    S, L = sequence_logprobs(logits, labels[:, 1:].contiguous(), backend="reference")
+    want = -S.sum() / L.sum()
+    want.backward()
+    tol = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+    for loss_path, mode in SFT_PATHS:
+        twin = copy.deepcopy(model)
+        policy = PolicyLoss(twin, OBJECTIVE, stage="sft", path=LossPath(loss_path, mode, 5 * VOCAB * 4, "fused"))
+        assert policy.loss_path == ("logits" if loss_path == "logits" else "fused_linear")
+        step = policy(input_ids, mask, labels)
+        step.loss.backward()
+        torch.testing.assert_close(step.loss, want.float(), **tol)
+        torch.testing.assert_close(step.value, want.detach().float(), **tol)
+        torch.testing.assert_close(step.seq_logps, S.detach(), **tol)
+        assert torch.equal(step.seq_lens, L) and step.seq_lens[2] == 0
+        for (name, p), q in zip(twin.named_parameters(), oracle.parameters(), strict=True):
+            scale = q.grad.abs().max().item()
+            torch.testing.assert_close(p.grad, q.grad, rtol=tol["rtol"], atol=tol["atol"] * scale,
+                                       msg=lambda m, name=name, where=(loss_path, mode): f"{where} {name}: {m}")
+
+
+def test_policy_gives_the_summed_nll_on_request():
+    model = tiny_llama(tied=True)
+    input_ids, mask, labels, kw = batch()
+    policy = DoRAPolicy(model, OBJECTIVE, backend="fused")
+    out = policy(input_ids, mask, labels, nll=True)
+    assert isinstance(out, NLLOutput)
+    S, L = policy(input_ids, mask, labels)
+    torch.testing.assert_close(out.loss, -S.sum())
+    assert torch.equal(out.seq_lens, L)
+    with pytest.raises(ValueError, match="nll and scores given together"):
+        policy(input_ids, mask, labels, nll=True, **kw)
+    with pytest.raises(ValueError, match="nll given without labels"):
+        model.lm_head(torch.randn(1, 2, 16), nll=True)
 
 
 def test_head_is_a_drop_in_output_layer():

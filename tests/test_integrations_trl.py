@@ -8,8 +8,14 @@ value and gradient; it trains for two steps and logs TRL's metrics and the strat
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import random
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +24,9 @@ trl = pytest.importorskip("trl")
 
 from datasets import Dataset  # noqa: E402  (after the skip: datasets comes with trl)
 from training_toy import WORDS, build_tokenizer  # noqa: E402
+from trl_step_memory import ENV  # noqa: E402
 
+from dora_engine.errors import UserValueError  # noqa: E402
 from dora_engine.integrations.trl import DoRADPOConfig, DoRADPOTrainer  # noqa: E402
 from dora_engine.losses import RobustObjective  # noqa: E402
 from dora_engine.ops.lm_head import DoRAPolicy  # noqa: E402
@@ -75,7 +83,7 @@ def loss_and_grads(trainer, batch: dict) -> tuple[float, dict[str, torch.Tensor]
     model.zero_grad()
     loss = trainer.compute_loss(model, batch)
     loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def fixed_batch(trainer) -> dict:
@@ -111,9 +119,15 @@ def engine_loss_and_grads(trainer, model, objective: RobustObjective) -> tuple[f
     return out.loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_trains_two_steps_with_trls_logging(toy) -> None:
+#: TRL's metrics of the logits' tokens, which the fused-linear path (no logits) does not log.
+TOKEN_STATS = ("entropy", "mean_token_accuracy", "logits/chosen", "logits/rejected")
+
+
+@pytest.mark.parametrize("loss_path", ["auto", "logits"])
+def test_trains_two_steps_with_trls_logging(toy, loss_path: str) -> None:
     trainer = make_trainer(toy, max_steps=2, logging_steps=1, learning_rate=1e-2, dora_loss="dpo",
-                           dora_strategy="dora", dora_lam=0.5, beta=0.5)
+                           dora_strategy="dora", dora_lam=0.5, beta=0.5, dora_loss_path=loss_path)
+    assert trainer.dora_policy.loss_path == ("fused_linear" if loss_path == "auto" else "logits")
     before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
     logs = [r for r in trainer.state.log_history if "loss" in r]
@@ -121,8 +135,10 @@ def test_trains_two_steps_with_trls_logging(toy) -> None:
     for record in logs:
         assert math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"])
         for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                    "logps/rejected", "entropy", "mean_token_accuracy", "logits/chosen", "num_tokens", "h_tilde/mean"):
+                    "logps/rejected", "num_tokens", "h_tilde/mean"):
             assert math.isfinite(record[key]), key
+        for key in TOKEN_STATS:
+            assert math.isfinite(record[key]) if loss_path == "logits" else key not in record, key
         assert 1.0 <= record["robust/ess"] <= B and 1 / B <= record["robust/weight_max"] <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters(), strict=True))
 
@@ -139,6 +155,86 @@ def test_loss_on_a_fixed_batch_equals_the_engines(toy, loss: str, params: dict, 
     engine, engine_grads = engine_loss_and_grads(trainer, trainer.model, objective)
     assert ours == pytest.approx(engine, rel=1e-12, abs=1e-12)
     assert max_diff(grads, engine_grads) < 1e-11
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_the_fused_linear_path_gives_the_logits_paths_loss_and_gradients(toy, lora: bool) -> None:
+    """``dora_loss_path``: the fused-linear path (``auto`` on a Llama, inside the model's forward, through a
+    PEFT LoRA wrapper too) and the logits path give the same loss and gradients on a fixed batch."""
+    results = {}
+    for loss_path in ("logits", "auto"):
+        model = copy.deepcopy(toy["model"])
+        if lora:
+            peft = pytest.importorskip("peft")
+            model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        trainer = make_trainer(toy, model=model, dora_loss="dpo", dora_strategy="dora", dora_lam=0.5, beta=0.5,
+                               dora_loss_path=loss_path)
+        results[trainer.dora_policy.loss_path] = loss_and_grads(trainer, fixed_batch(trainer))
+    (logits_loss, logits_grads), (fused_loss, fused_grads) = results["logits"], results["fused_linear"]
+    assert fused_loss == pytest.approx(logits_loss, rel=1e-12)
+    assert max_diff(fused_grads, logits_grads) < 1e-11
+    assert fused_grads and all(("lora_" in name) == lora for name in fused_grads)
+
+
+def test_auto_takes_the_logits_path_where_the_first_step_measures_a_logit_transform(toy) -> None:
+    """The engine's rule: logits that are not the lm_head's output (here scaled by a forward hook, a transform
+    no config name tells) send ``auto`` to the logits path with one warning and refuse ``fused_linear``."""
+
+    def halve_logits(module, args, output):
+        if hasattr(output, "logits"):
+            output["logits"] = output.logits * 0.5
+        return output
+
+    want = None
+    for loss_path in ("logits", "auto", "fused_linear"):
+        model = copy.deepcopy(toy["model"])
+        model.register_forward_hook(halve_logits)
+        trainer = make_trainer(toy, model=model, dora_loss="dpo", dora_strategy="erm", dora_loss_path=loss_path)
+        assert trainer.dora_policy.loss_path == ("logits" if loss_path == "logits" else "fused_linear")
+        if loss_path == "fused_linear":
+            with pytest.raises(UserValueError, match="fused_linear' cannot run here: .*measured relative difference"):
+                loss_and_grads(trainer, fixed_batch(trainer))
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = loss_and_grads(trainer, fixed_batch(trainer))
+        said = [w for w in caught if "loss_path 'auto' takes 'logits'" in str(w.message)]
+        assert len(said) == (loss_path == "auto") and trainer.dora_policy.loss_path == "logits"
+        if want is None:
+            want = got
+        assert got[0] == pytest.approx(want[0], rel=1e-12) and max_diff(got[1], want[1]) < 1e-11
+    peft = pytest.importorskip("peft")
+    prompt_tuned = peft.get_peft_model(copy.deepcopy(toy["model"]),
+                                       peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    with pytest.raises(UserValueError, match="a prompt-learning PEFT model prepends virtual tokens"):
+        make_trainer(toy, model=prompt_tuned, dora_loss_path="fused_linear")
+    assert make_trainer(toy, model=prompt_tuned).dora_policy.loss_path == "logits"
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="measures with Linux's clear_refs")
+def test_a_training_step_holds_less_memory_than_trls_own() -> None:
+    """One step on a tiny Llama with V = 32000 (tests/trl_step_memory.py, in subprocesses): the fused-linear
+    path's peak is below TRL's own DPOTrainer's and well below the logits path's, and all three compute the
+    same loss."""
+    script = str(Path(__file__).resolve().parent / "trl_step_memory.py")
+    env = {**os.environ, **ENV}
+    runs = [subprocess.Popen([sys.executable, script, *variants], stdout=subprocess.PIPE, text=True, env=env)
+            for variants in (["trl"], ["logits", "fused_linear"])]
+    peaks, losses, logits_bytes = {}, {}, set()
+    for run in runs:
+        stdout, _ = run.communicate(timeout=300)
+        assert run.returncode == 0
+        for line in stdout.splitlines():
+            if line.startswith('{"variant"'):
+                result = json.loads(line)
+                peaks[result["variant"]], losses[result["variant"]] = result["step_bytes"], result["loss"]
+                logits_bytes.add(result["logits_bytes"])
+    (logits,) = logits_bytes
+    # Measured: TRL 981 MiB, logits 143 MiB, fused_linear 53 MiB; the logits are 119 MiB (docs/design.md section 9)
+    assert peaks["fused_linear"] < peaks["trl"], peaks
+    assert peaks["fused_linear"] < 0.6 * min(peaks["logits"], logits), (peaks, logits)
+    # log 2 (the policy is its reference), up to the float32 rounding of S − S_ref (S ≈ −320) times β = 0.1
+    assert max(losses.values()) - min(losses.values()) < 1e-5, losses
 
 
 # TRL's DPO loss types and their counterparts (docs/design.md section 9).

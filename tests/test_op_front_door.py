@@ -76,6 +76,10 @@ def test_options_are_validated_for_every_backend(backend: str):
         ops.dora_loss_linear(hidden, weight, labels, **inputs, chunk_bytes=0, backend=backend)
     with pytest.raises(ValueError, match="chunk_bytes must be a positive integer"):
         ops.sequence_logprobs_linear(hidden, weight, labels, chunk_bytes=-1, backend=backend)
+    with pytest.raises(ValueError, match="unknown mode 'fast'; valid: single_pass, recompute"):
+        ops.nll_linear(hidden, weight, labels, mode="fast", backend=backend)
+    with pytest.raises(ValueError, match=r"weight must have shape \(V, H\) with H = 4"):
+        ops.nll_linear(hidden, weight[:, :3], labels, backend=backend)
 
 
 def saved_bytes(fn) -> int:

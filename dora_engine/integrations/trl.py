@@ -16,19 +16,29 @@ chosen one scored above the rejected one, and the batch objective is any loss of
 ``robust`` with ``label_smoothing``, ``exo`` its ``exo_pair``, and ``ipo`` with
 ``{"length_normalize": True}`` its ``ipo``. With several processes the robust reduction spans the prompts
 of every rank (section 5.5).
+
+``dora_loss_path`` chooses where the loss reads the model's output, as the engine's ``train.loss_path``
+(``dora_engine.ops.lm_head``): on ``fused_linear`` (``auto``'s choice where the model's logits are its
+lm_head's output) the model's forward runs its decoder and the loss head's ``dora_loss_linear``, so the
+logits are never held; on ``logits`` the op's backward is written over the model's logits.
 """
 
 from __future__ import annotations
 
+import functools
+import types
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
+from torch import nn
 from trl import DPOConfig, DPOTrainer
 
+from dora_engine.errors import UserValueError
 from dora_engine.integrations.scale import dataset_objective
 from dora_engine.losses import DEFAULT_H_SCALE, ObjectiveError, ResolvedObjective, RobustObjective, get_loss
 from dora_engine.ops import OP_BACKENDS, DoRAOutput, dora_loss, shift_labels
+from dora_engine.ops.lm_head import LOSS_PATHS, DoRAPolicy, causal_lm
 from dora_engine.preference import data_parallel_group, preference_stats, weight_stats
 from dora_engine.rows import IGNORE_INDEX, completion_labels, response_major_order
 
@@ -87,6 +97,12 @@ class DoRADPOConfig(DPOConfig):
         dora_backend (`str`, *optional*, defaults to `"auto"`):
             Backend of the op: `"auto"` (the fused C++/CUDA op, falling back to PyTorch when it cannot be built),
             `"fused"` or `"reference"`.
+        dora_loss_path (`str`, *optional*, defaults to `"auto"`):
+            `"fused_linear"`: the decoder's hidden states → `dora_loss_linear` in the output layer, never holding
+            all logits (the logits' token statistics `entropy`, `mean_token_accuracy` and `logits/*` are then not
+            logged); `"logits"`: the model's logits → `dora_loss`; `"auto"`: `"fused_linear"` unless the model's
+            logits are more than its lm_head's output (a known config name, or measured on the first step, as
+            the engine's `train.loss_path`) or a prompt-learning PEFT model prepends virtual tokens.
     """
 
     _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["dora_loss_params"]  # JSON on the command line
@@ -142,6 +158,16 @@ class DoRADPOConfig(DPOConfig):
             "built), 'fused' or 'reference'."
         },
     )
+    dora_loss_path: str = field(
+        default="auto",
+        metadata={
+            "help": "'fused_linear': the decoder's hidden states → `dora_loss_linear` in the output layer, never "
+            "holding all logits (the logits' token statistics entropy, mean_token_accuracy and logits/* are then "
+            "not logged); 'logits': the model's logits → `dora_loss`; 'auto': 'fused_linear' unless the model's "
+            "logits are more than its lm_head's output (a known config name, or measured on the first step, as the "
+            "engine's `train.loss_path`) or a prompt-learning PEFT model prepends virtual tokens."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -153,6 +179,10 @@ class DoRADPOConfig(DPOConfig):
                 )
         if self.dora_backend not in OP_BACKENDS:
             raise ValueError(f"DoRADPOConfig: `dora_backend` must be one of {OP_BACKENDS}, got {self.dora_backend!r}")
+        if self.dora_loss_path not in LOSS_PATHS:
+            raise ValueError(
+                f"DoRADPOConfig: `dora_loss_path` must be one of {LOSS_PATHS}, got {self.dora_loss_path!r}"
+            )
         objective = self.robust_objective()
         if objective.h_scale == "dataset" and objective.h_mean is None:  # the trainer takes c from its data
             objective = replace(objective, h_scale="none")
@@ -209,12 +239,36 @@ class _HTildeCollator:
         return batch
 
 
+def _prompt_learning(model: nn.Module) -> bool:
+    """Whether ``model`` is a prompt-learning PEFT model (its forward prepends virtual tokens)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _loss_in_forward(lm: nn.Module, policy: DoRAPolicy) -> None:
+    """Let ``lm(input_ids=…, attention_mask=…, dora_loss_inputs=(labels, scores, h_tilde, ref_logps,
+    process_group))`` return ``policy.compute``'s (``DoRAOutput``, router loss): the fused-linear loss runs
+    inside the causal LM's own forward, so whatever wraps the model (PEFT, DDP, DeepSpeed, FSDP) sees one
+    forward of it, with its parameters gathered there (docs/design.md section 5.7). Without
+    ``dora_loss_inputs`` the forward is the one ``lm`` had (the signature it shows stays the model's)."""
+    previous = lm.forward
+
+    @functools.wraps(type(lm).forward)
+    def forward(self: nn.Module, *args: Any, dora_loss_inputs: tuple | None = None, **kwargs: Any) -> Any:
+        if dora_loss_inputs is None:
+            return previous(*args, **kwargs)
+        return policy.compute(kwargs["input_ids"], kwargs.get("attention_mask"), *dora_loss_inputs)
+
+    lm.forward = types.MethodType(forward, lm)
+
+
 class DoRADPOTrainer(DPOTrainer):
     """TRL's ``DPOTrainer`` whose loss is ``dora_engine.ops.dora_loss`` (see the module docstring).
 
     Takes the arguments of ``DPOTrainer``, with ``args`` a ``DoRADPOConfig``. Logs TRL's metrics
-    (``rewards/*``, ``logps/*``, ``logits/*``, ``entropy``, ``mean_token_accuracy``, ``num_tokens``) plus
-    ``robust/ess``, ``robust/weight_max`` and ``h_tilde/mean``.
+    (``rewards/*``, ``logps/*``, ``num_tokens``, and on the logits path ``logits/*``, ``entropy``,
+    ``mean_token_accuracy``) plus ``robust/ess``, ``robust/weight_max`` and ``h_tilde/mean``.
+    ``dora_policy.loss_path`` is the loss path taken (``DoRADPOConfig.dora_loss_path``).
     """
 
     _tag_names = ["trl", "dpo", "dora-engine"]
@@ -243,6 +297,18 @@ class DoRADPOTrainer(DPOTrainer):
                 "dora_strategy 'erm' / 'dro')"
             )
         self.data_collator = _HTildeCollator(self.data_collator, args.h_tilde_column, self._uses_h_tilde)
+        loss_path = args.dora_loss_path
+        if _prompt_learning(self.model):
+            if loss_path == "fused_linear":
+                raise UserValueError(
+                    "DoRADPOConfig: `dora_loss_path` 'fused_linear' cannot run here: a prompt-learning PEFT model "
+                    "prepends virtual tokens; use 'logits' or 'auto'"
+                )
+            loss_path = "logits"
+        # The engine's rule: the path resolved here, checked by the first fused-linear step (inside the forward)
+        self.dora_policy = DoRAPolicy(self.model, self.dora_objective, loss_path=loss_path, backend=args.dora_backend)
+        if self.dora_policy.loss_path == "fused_linear":
+            _loss_in_forward(causal_lm(self.model), self.dora_policy)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -270,32 +336,48 @@ class DoRADPOTrainer(DPOTrainer):
         return model_kwargs, labels, order
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
-        """The DoRA loss on TRL's batch, in the op's row layout (``op_rows``)."""
+        """The DoRA loss on TRL's batch, in the op's row layout (``op_rows``), on ``dora_policy.loss_path``."""
         mode = "train" if self.model.training else "eval"
         args: DoRADPOConfig = self.args
         B = inputs["input_ids"].shape[0] // 2
         model_kwargs, labels, order = self.op_rows(inputs)
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        outputs = model(**model_kwargs)
-        logits = outputs.logits[:, -labels.shape[1] :]  # prompt-learning PEFT prepends virtual tokens
+        device = labels.device
         aligned = shift_labels(labels)
-
-        ref_logps = self._reference_logps(inputs).reshape(-1).to(logits.device) if self._needs_reference else None
-        scores = torch.tensor([1.0, 0.0], device=logits.device).expand(B, 2)  # the chosen ranks first
+        ref_logps = self._reference_logps(inputs).reshape(-1).to(device) if self._needs_reference else None
+        scores = torch.tensor([1.0, 0.0], device=device).expand(B, 2)  # the chosen ranks first
         h_tilde = inputs.get("h_tilde")
-        out = dora_loss(
-            logits, aligned, num_responses=2, scores=scores, h_tilde=h_tilde if self._uses_h_tilde else None,
-            ref_logps=ref_logps, objective=self.dora_objective, process_group=data_parallel_group(),
-            backend=args.dora_backend,
-        )
+        h = h_tilde if self._uses_h_tilde else None
+        group = data_parallel_group()
+
+        logits = outputs = None
+        if self.dora_policy.loss_path == "fused_linear":
+            request = (labels, scores, h, ref_logps, group)
+            out, aux = model(input_ids=model_kwargs["input_ids"], attention_mask=model_kwargs["attention_mask"],
+                             dora_loss_inputs=request)
+        else:
+            if self.aux_loss_enabled:
+                model_kwargs["output_router_logits"] = True
+            outputs = model(**model_kwargs)
+            aux = outputs.aux_loss if self.aux_loss_enabled else None
+            logits = outputs.logits
+            if logits.shape[1] != labels.shape[1]:  # prompt-learning PEFT prepends virtual tokens
+                logits = logits[:, -labels.shape[1] :]  # (a slice's backward allocates its base's whole shape)
+            # Nothing reads the logits after the loss: a backward may write their gradient over them.
+            out = dora_loss(
+                logits, aligned, num_responses=2, scores=scores, h_tilde=h, ref_logps=ref_logps,
+                objective=self.dora_objective, process_group=group, backend=args.dora_backend,
+                inplace_backward=torch.is_grad_enabled() and not return_outputs,
+            )
         loss = out.loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
+        if aux is not None:
+            loss = loss + self.router_aux_loss_coef * aux
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux).mean().item())
         self._log_step(mode, inputs, out, logits, aligned, scores, ref_logps, h_tilde)
 
         if return_outputs:
+            if outputs is None:  # the fused-linear loss held no logits: one more forward for them, as TRL does
+                with torch.no_grad():
+                    outputs = model(**model_kwargs)
             inverse = torch.argsort(order)
             outputs["logits"] = outputs.logits[inverse]  # back to TRL's row order
             return loss, outputs
@@ -303,17 +385,34 @@ class DoRADPOTrainer(DPOTrainer):
 
     @torch.no_grad()
     def _log_step(
-        self, mode: str, inputs: dict[str, Any], out: DoRAOutput, logits: torch.Tensor, aligned: torch.Tensor,
-        scores: torch.Tensor, ref_logps: torch.Tensor | None, h_tilde: torch.Tensor | None,
+        self, mode: str, inputs: dict[str, Any], out: DoRAOutput, logits: torch.Tensor | None,
+        aligned: torch.Tensor, scores: torch.Tensor, ref_logps: torch.Tensor | None, h_tilde: torch.Tensor | None,
     ) -> None:
-        """TRL's metrics of the step (averaged over ranks), then the strategy's."""
+        """TRL's metrics of the step (averaged over ranks), then the strategy's; the token statistics of the
+        logits only when there are logits (not on the fused-linear path)."""
         gather = self.accelerator.gather_for_metrics
         metrics = self._metrics[mode]
         params = self.dora_objective.params
         for name, value in preference_stats(out, scores, ref_logps, self.args.dora_loss, params).items():
             metrics[name].append(gather(value).mean().item())
+        if mode == "train":
+            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        if logits is not None:
+            self._log_token_stats(metrics, logits, aligned)
 
-        # Token statistics of the scored positions, one row at a time (no second N·T·V buffer)
+        # out.weights is this rank's share of the distribution over the global batch (it sums to 1 over ranks)
+        weights = out.weights if data_parallel_group() is None else self.accelerator.gather(out.weights)
+        for name, value in weight_stats(weights).items():
+            metrics[name].append(value)
+        if h_tilde is not None:
+            metrics["h_tilde/mean"].append(gather(h_tilde).float().mean().item())
+
+    def _log_token_stats(self, metrics: dict[str, list], logits: torch.Tensor, aligned: torch.Tensor) -> None:
+        """TRL's ``entropy``, ``mean_token_accuracy`` (chosen rows) and ``logits/*`` over the scored positions,
+        averaged over ranks."""
+        gather = self.accelerator.gather_for_metrics
+        # One row at a time (no second N·T·V buffer)
         totals = torch.zeros(6, dtype=torch.float64, device=logits.device)  # entropy, top-1, logit sums, counts
         for n in range(logits.shape[0]):
             scored = aligned[n] != IGNORE_INDEX
@@ -331,13 +430,3 @@ class DoRADPOTrainer(DPOTrainer):
         metrics["mean_token_accuracy"].append((totals[1] / totals[4]).item() if totals[4] > 0 else 0.0)
         metrics["logits/chosen"].append((totals[2] / totals[4]).item() if totals[4] > 0 else 0.0)
         metrics["logits/rejected"].append((totals[3] / totals[5]).item() if totals[5] > 0 else 0.0)
-        if mode == "train":
-            self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
-
-        # out.weights is this rank's share of the distribution over the global batch (it sums to 1 over ranks)
-        weights = out.weights if data_parallel_group() is None else self.accelerator.gather(out.weights)
-        for name, value in weight_stats(weights).items():
-            metrics[name].append(value)
-        if h_tilde is not None:
-            metrics["h_tilde/mean"].append(gather(h_tilde).float().mean().item())

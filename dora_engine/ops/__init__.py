@@ -30,7 +30,7 @@ from dora_engine.ops import reference
 from dora_engine.ops.builder import OpLoadError, check_kernels_for
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.distributed import gather_uneven
-from dora_engine.ops.output import DoRAOutput
+from dora_engine.ops.output import DoRAOutput, NLLOutput
 from dora_engine.ops.validation import (
     IGNORE_INDEX,
     LossCall,
@@ -48,9 +48,11 @@ __all__ = [
     "IGNORE_INDEX",
     "OP_BACKENDS",
     "DoRAOutput",
+    "NLLOutput",
     "RobustObjective",
     "dora_loss",
     "dora_loss_linear",
+    "nll_linear",
     "sequence_logprobs",
     "sequence_logprobs_linear",
     "shift_labels",
@@ -105,6 +107,16 @@ def _scale_h_tilde(call: LossCall, dtype: torch.dtype) -> LossCall:
     if objective.h_scale == "batch" and call.process_group is not None:
         h_batch = gather_uneven(h, call.process_group)[0]
     return replace(call, h_tilde=h / objective.h_divisor(h_batch))
+
+
+def _check_linear_call(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    validate: bool, chunk_bytes: int | None,
+) -> int:
+    """The checks of every ``*_linear`` function's tensors; returns the bytes of one chunk's logits."""
+    check_linear_inputs(hidden, weight, bias)
+    check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
+    return check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -180,10 +192,48 @@ def sequence_logprobs_linear(
     Raises:
         ValueError / TypeError naming the argument at fault; ``OpLoadError`` as in ``sequence_logprobs``.
     """
-    check_linear_inputs(hidden, weight, bias)
-    check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
-    budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
+    budget = _check_linear_call(hidden, weight, bias, labels, ignore_index, validate, chunk_bytes)
     return _backend(backend, hidden).linear_row_pass(hidden, weight, bias, labels, ignore_index, budget)
+
+
+def nll_linear(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+    mode: str = "single_pass",
+    chunk_bytes: int | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> NLLOutput:
+    """The summed token NLL −Σ_n S[n] of the logits hidden @ weightᵀ + bias, holding one chunk of them at a
+    time (docs/design.md section 5.4): the loss of SFT, whose token mean is ``loss / seq_lens.sum()``.
+
+    Args:
+        hidden, weight, bias, labels, ignore_index, backend, validate: as in ``sequence_logprobs_linear``;
+            hidden, weight and bias are differentiable through ``loss``.
+        mode: ``"single_pass"`` (3 GEMMs per chunk of tokens, the gradients formed in forward and scaled by
+            grad_output in backward; backward once only) or ``"recompute"`` (``sequence_logprobs_linear``'s
+            4 GEMMs, least memory). Both give the same values.
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device);
+            a chunk holds at least one token's V logits.
+
+    Returns:
+        ``NLLOutput``: ``loss`` (scalar, the only differentiable output), ``seq_logps`` S (N,), ``seq_lens`` L
+        (N,), in the accumulation dtype (fp32, or float64 for float64 inputs); a row without a valid token has
+        S = L = 0 and no gradient.
+
+    Raises:
+        ValueError / TypeError naming the argument at fault; ``OpLoadError`` as in ``sequence_logprobs``.
+    """
+    check_choice("mode", mode, FUSED_LINEAR_MODES)
+    budget = _check_linear_call(hidden, weight, bias, labels, ignore_index, validate, chunk_bytes)
+    impl = _backend(backend, hidden)
+    if mode == "single_pass":
+        return impl.single_pass_nll(hidden, weight, bias, labels, ignore_index, budget)
+    return NLLOutput.of(*impl.linear_row_pass(hidden, weight, bias, labels, ignore_index, budget))
 
 
 def dora_loss(
@@ -306,9 +356,7 @@ def dora_loss_linear(
     resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
                             h_scale=h_scale, h_mean=h_mean)
     check_choice("mode", mode, FUSED_LINEAR_MODES)
-    check_linear_inputs(hidden, weight, bias)
-    check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
-    budget = check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
+    budget = _check_linear_call(hidden, weight, bias, labels, ignore_index, validate, chunk_bytes)
     impl = _backend(backend, hidden)
     call = check_loss_inputs(
         resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,

@@ -26,10 +26,10 @@ import torch
 
 from dora_engine.ops.builder import load_ops
 from dora_engine.ops.contract import overwritable, read_contract
-from dora_engine.ops.fused_linear import linear_row_pass, single_pass_loss
+from dora_engine.ops.fused_linear import linear_row_pass, single_pass_loss, single_pass_nll
 from dora_engine.ops.robust import robust_loss
 
-__all__ = ["MAX_RESPONSES", "linear_row_pass", "robust_loss", "row_pass", "single_pass_loss"]
+__all__ = ["MAX_RESPONSES", "linear_row_pass", "robust_loss", "row_pass", "single_pass_loss", "single_pass_nll"]
 
 _kernels = load_ops()
 

@@ -26,6 +26,10 @@ gradient; backward only scales them by grad_output.
 ``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the per-token log-sum-exp, chunked in
 tokens (down to one token); backward recomputes each chunk's logits.
 
+``nll_linear(mode="single_pass")`` (the summed NLL −Σ S of SFT, 3 GEMMs): the token chunks of ``recompute``'s
+forward (``_token_pass``), each chunk's dz formed at once with gS = −1 and its gradients taken as above. No
+token's gradient depends on another's, so nothing is rescaled; backward scales them by grad_output.
+
 Weight/bias gradients accumulate in fp32 (float64 for float64 inputs; where torch's mixed-dtype addmm works,
 probed once per device type and dtype by ``mixed_addmm_works``, a bf16/fp16 GEMM writes straight into the fp32
 accumulator) and are cast to the parameter's dtype once at the end.
@@ -39,7 +43,7 @@ import torch
 
 from dora_engine.ops.builder import load_ops
 from dora_engine.ops.chunking import prompts_per_chunk, spans, tokens_per_chunk
-from dora_engine.ops.output import DoRAOutput
+from dora_engine.ops.output import DoRAOutput, NLLOutput
 from dora_engine.ops.robust import robust_reduce
 from dora_engine.ops.validation import LossCall, accumulation_dtype
 
@@ -57,13 +61,20 @@ _MIXED_ADDMM: dict[tuple[str, torch.dtype], bool] = {}
 @dataclass(frozen=True)
 class _LossInputs:
     """A validated ``dora_loss_linear`` call (its per-prompt tensors detached, in the accumulation dtype, h̃
-    filled with ones where absent), minus the tensors that receive gradients."""
+    filled with ones where absent) or ``nll_linear`` call (``call`` None), minus the tensors that receive
+    gradients."""
 
     labels: torch.Tensor
     ignore_index: int
-    call: LossCall
+    call: LossCall | None
     chunk_bytes: int
     needs_grad: tuple[bool, bool, bool]  # hidden, weight, bias
+
+
+def _needs_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[bool, bool, bool]:
+    """Which of hidden, weight and bias receive a gradient from a call made now."""
+    grad_on = torch.is_grad_enabled()
+    return tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias))
 
 
 def _prompt_loss(S: torch.Tensor, L: torch.Tensor, p: _LossInputs, prompts: slice) -> tuple:
@@ -127,6 +138,89 @@ def _linear_into(
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+@dataclass
+class _Gradients:
+    """The gradient buffers of one fused-linear pass, None where no gradient is wanted: d hidden (N·T, H) in
+    hidden's dtype, d weight (V, H) and d bias (V,) accumulated in the accumulation dtype."""
+
+    hidden: torch.Tensor | None
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+    @classmethod
+    def allocate(cls, hidden: torch.Tensor, weight: torch.Tensor, needs_grad: tuple[bool, bool, bool]) -> _Gradients:
+        need_hidden, need_weight, need_bias = needs_grad
+        N, T, H = hidden.shape
+        acc, device = accumulation_dtype(hidden.dtype), hidden.device
+        return cls(
+            hidden.new_empty(N * T, H) if need_hidden else None,
+            torch.zeros(weight.shape, dtype=acc, device=device) if need_weight else None,
+            torch.zeros(weight.shape[0], dtype=acc, device=device) if need_bias else None,
+        )
+
+    @property
+    def wanted(self) -> bool:
+        return any(g is not None for g in (self.hidden, self.weight, self.bias))
+
+    def add_chunk(
+        self, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, gS: torch.Tensor, ignore_index: int,
+        x: torch.Tensor, weight: torch.Tensor, tokens: slice,
+    ) -> None:
+        """One chunk's share: dz = gS[n]·(onehot(y) − softmax(z)) written over its logits (rows of tokens
+        ``tokens``, inputs ``x``), then d hidden[tokens] = dz @ W, d W += dzᵀ @ x and d b += Σ_tokens dz."""
+        _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, ignore_index)
+        dz = logits.view(-1, logits.shape[-1])
+        if self.hidden is not None:
+            torch.mm(dz, weight, out=self.hidden[tokens])
+        if self.weight is not None:
+            _accumulate_weight_grad(self.weight, dz, x)
+        if self.bias is not None:
+            self.bias.add_(dz.sum(dim=0, dtype=self.bias.dtype))
+
+    def rescale_(self, factor: torch.Tensor) -> None:
+        """d weight and d bias ← factor · themselves (nothing read or written where factor is 1)."""
+        for accumulator in (self.weight, self.bias):
+            if accumulator is not None:
+                _kernels.rescale_(accumulator, factor)
+
+    def returned(self, shape: torch.Size, dtype: torch.dtype) -> tuple:
+        """(d hidden of ``shape``, d weight, d bias in the parameters' ``dtype``) as backward returns them."""
+        return (
+            None if self.hidden is None else self.hidden.view(shape),
+            None if self.weight is None else self.weight.to(dtype),
+            None if self.bias is None else self.bias.to(dtype),
+        )
+
+
+def _token_pass(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    chunk_bytes: int, grads: _Gradients | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(S, L) (N,) of hidden @ weightᵀ + bias in chunks of ``tokens_per_chunk`` tokens, each token its own
+    length-1 row (a chunk may end anywhere inside a sequence), one logits GEMM per chunk into one reused
+    buffer. Without ``grads`` it also returns the per-token log-sum-exp (N·T, 1, 2) for a backward that
+    recomputes the logits (``recompute``); with them each chunk's gradient of the summed NLL −Σ S (gS = −1)
+    goes straight into ``grads`` (3 GEMMs per chunk, ``nll_linear``'s single pass) and nothing is kept."""
+    N, T, H = hidden.shape
+    acc = accumulation_dtype(hidden.dtype)
+    x, y = hidden.reshape(N * T, H), labels.reshape(N * T, 1)
+    token_lp = hidden.new_empty(N * T, dtype=acc)
+    lse = hidden.new_empty(N * T, 1, 2, dtype=acc) if grads is None else None  # seq_logprobs_fwd's (m, log s)
+    per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], hidden.element_size())
+    buffer = hidden.new_empty(min(N * T, per_chunk), weight.shape[0])
+    minus_one = None if grads is None else hidden.new_full((min(N * T, per_chunk),), -1.0, dtype=acc)  # ∂(−Σ S)/∂S
+    for t0, t1 in spans(N * T, per_chunk):
+        logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
+        token_lp[t0:t1], _, chunk_lse = _kernels.seq_logprobs_fwd(logits, y[t0:t1], ignore_index)
+        if grads is None:
+            lse[t0:t1] = chunk_lse
+        elif grads.wanted:
+            grads.add_chunk(logits, y[t0:t1], chunk_lse, minus_one[: t1 - t0], ignore_index, x[t0:t1], weight,
+                            slice(t0, t1))
+    L = (labels != ignore_index).sum(dim=1).to(acc)
+    return token_lp.view(N, T).sum(dim=1), L, lse
+
+
 def _common_ratio(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """new[i]/old[i] at the largest old[i]: the factor relating two proportional gradient vectors, as a 0-dim
     tensor on their device (no host synchronisation)."""
@@ -151,11 +245,7 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     V = weight.shape[0]
     K, B = p.call.num_responses, p.call.num_prompts
     acc = accumulation_dtype(hidden.dtype)
-    need_hidden, need_weight, need_bias = p.needs_grad
-    need_any = need_hidden or need_weight or need_bias
-    grad_hidden = torch.empty_like(hidden) if need_hidden else None
-    grad_weight = torch.zeros(V, H, dtype=acc, device=hidden.device) if need_weight else None
-    grad_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
+    grads = _Gradients.allocate(hidden, weight, p.needs_grad)
     S = hidden.new_empty(N, dtype=acc)
     L = hidden.new_empty(N, dtype=acc)
     ell = hidden.new_empty(B, dtype=acc)
@@ -174,43 +264,40 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         labels = p.labels[rows]
         S[rows], L[rows], lse = _kernels.seq_logprobs_fwd(logits, labels, p.ignore_index)
         ell[p0:p1], dell_dS = _prompt_loss(S, L, p, slice(p0, p1))
-        if not need_any:
+        if not grads.wanted:
             continue
         _, _, grad_now = _robust_reduce(ell[:p1], p.call.h_tilde[:p1], p, global_batch=False)
         if grad_seen is not None:
             # Every earlier prompt's ∂ℒ_seen/∂ℓ is now r times what the accumulators were formed with.
             unit = unit * _common_ratio(grad_now[:p0], grad_seen)
             low = unit < floor
-            renormalise = torch.where(low, unit, torch.ones_like(unit))  # 1: rescale_ leaves them untouched
+            grads.rescale_(torch.where(low, unit, torch.ones_like(unit)))  # 1: rescale_ leaves them untouched
             unit = torch.where(low, torch.ones_like(unit), unit)
-            for accumulator in (grad_weight, grad_bias):
-                if accumulator is not None:
-                    _kernels.rescale_(accumulator, renormalise)
         top = grad_now[p0:p1].argmax().view(1) + p0
         tops.append(top)
         thens.append(grad_now.index_select(0, top) / unit)
-        gS = (grad_now[p0:p1] / unit).repeat_interleave(K) * dell_dS
-        _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, p.ignore_index)  # logits now hold dz / unit
-        dz = logits.view(-1, V)
-        if need_hidden:
-            torch.mm(dz, weight, out=grad_hidden[rows].view(-1, H))
-        if need_weight:
-            _accumulate_weight_grad(grad_weight, dz, x)
-        if need_bias:
-            grad_bias.add_(dz.sum(dim=0, dtype=acc))
+        gS = (grad_now[p0:p1] / unit).repeat_interleave(K) * dell_dS  # dz is formed divided by the unit
+        grads.add_chunk(logits, labels, lse, gS, p.ignore_index, x, weight, slice(rows.start * T, rows.stop * T))
         grad_seen = grad_now
 
     loss, weights, grad_final = _robust_reduce(ell, p.call.h_tilde, p, global_batch=True)
     scales = _GradScales()
-    if need_any:
+    if grads.wanted:
         scales.params = _common_ratio(grad_final, grad_seen) * unit
         then = torch.cat(thens)
         final = grad_final.index_select(0, torch.cat(tops))
         # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
         chunk_scale = torch.where(then > 0, final / then, torch.zeros_like(then))
         scales.prompts = chunk_scale.repeat_interleave(per_chunk)[:B]
-    stats = DoRAOutput(loss, ell, S, L, weights)
-    return stats, (grad_hidden, grad_weight, grad_bias), scales
+    return DoRAOutput(loss, ell, S, L, weights), grads, scales
+
+
+def _single_pass_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
+    """The summed NLL −Σ S, the statistics and the gradients in one pass over token chunks (``_token_pass``):
+    3 GEMMs per chunk. No token's gradient depends on another's, so nothing is rescaled."""
+    grads = _Gradients.allocate(hidden, weight, p.needs_grad)
+    S, L, _ = _token_pass(hidden, weight, bias, p.labels, p.ignore_index, p.chunk_bytes, grads)
+    return NLLOutput(-S.sum(), S, L), grads, _GradScales(params=1.0)
 
 
 @dataclass
@@ -218,17 +305,18 @@ class _GradScales:
     """What turns single_pass's accumulated gradients into those of the final loss (applied in backward)."""
 
     params: torch.Tensor | float = 0.0  # weight and bias (a 0-dim tensor on the inputs' device)
-    prompts: torch.Tensor | None = None  # (B,) d hidden of each prompt's rows
+    prompts: torch.Tensor | None = None  # (B,) d hidden of each prompt's rows; None: 1 for every row
 
 
-class _SinglePassLoss(torch.autograd.Function):
-    """Gradients are formed in forward (nothing is recomputed) and scaled by grad_output in backward."""
+class _SinglePass(torch.autograd.Function):
+    """Gradients are formed in forward by ``run`` (``_single_pass`` or ``_single_pass_nll``: nothing is
+    recomputed) and scaled by grad_output in backward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
-        stats, grads, scales = _single_pass(hidden, weight, bias, p)
+    def forward(ctx, run, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
+        stats, grads, scales = run(hidden, weight, bias, p)
         ctx.grads, ctx.scales = grads, scales
-        ctx.param_dtype = weight.dtype
+        ctx.shape, ctx.param_dtype = hidden.shape, weight.dtype
         ctx.mark_non_differentiable(*stats[1:])
         return tuple(stats)
 
@@ -236,18 +324,20 @@ class _SinglePassLoss(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor, *_unused):
         if ctx.grads is None:
             raise RuntimeError(
-                "dora_loss_linear(mode='single_pass') forms its gradients once and cannot be backpropagated "
-                "twice (retain_graph); use mode='recompute'"
+                "mode='single_pass' forms its gradients once and cannot be backpropagated twice (retain_graph); "
+                "use mode='recompute'"
             )
-        (grad_hidden, grad_weight, grad_bias), scales = ctx.grads, ctx.scales
+        grads, scales = ctx.grads, ctx.scales
         ctx.grads = None
-        if grad_hidden is not None:
-            grad_hidden.view(scales.prompts.numel(), -1).mul_((scales.prompts * grad_loss)[:, None])
-        params = [
-            None if g is None else g.mul_(grad_loss * scales.params).to(ctx.param_dtype)
-            for g in (grad_weight, grad_bias)
-        ]
-        return grad_hidden, *params, None
+        if grads.hidden is not None:
+            if scales.prompts is None:
+                grads.hidden.mul_(grad_loss)
+            else:
+                grads.hidden.view(scales.prompts.numel(), -1).mul_((scales.prompts * grad_loss)[:, None])
+        for accumulator in (grads.weight, grads.bias):
+            if accumulator is not None:
+                accumulator.mul_(grad_loss * scales.params)
+        return None, *grads.returned(ctx.shape, ctx.param_dtype), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,54 +350,26 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_bytes: int):
-        N, T, H = hidden.shape
-        acc = accumulation_dtype(hidden.dtype)
-        x, y = hidden.reshape(N * T, H), labels.reshape(N * T, 1)
-        token_lp = hidden.new_empty(N * T, dtype=acc)
-        lse = hidden.new_empty(N * T, 1, 2, dtype=acc)  # (m, log s) per token: seq_logprobs_fwd's lse
-        per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], hidden.element_size())
-        buffer = hidden.new_empty(min(N * T, per_chunk), weight.shape[0])
-        for t0, t1 in spans(N * T, per_chunk):
-            # Each token is its own length-1 row, so a chunk may end anywhere inside a sequence.
-            logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
-            token_lp[t0:t1], _, lse[t0:t1] = _kernels.seq_logprobs_fwd(logits, y[t0:t1], ignore_index)
+        S, L, lse = _token_pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, None)
         ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ignore_index, ctx.tokens_per_chunk = ignore_index, per_chunk
-        L = (labels != ignore_index).sum(dim=1).to(acc)
+        ctx.ignore_index, ctx.chunk_bytes = ignore_index, chunk_bytes
         ctx.mark_non_differentiable(L)
-        return token_lp.view(N, T).sum(dim=1), L
+        return S, L
 
     @staticmethod
     def backward(ctx, grad_S: torch.Tensor, _grad_L):
         hidden, weight, bias, labels, lse = ctx.saved_tensors
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         N, T, H = hidden.shape
-        V = weight.shape[0]
-        acc = lse.dtype
         x, y = hidden.reshape(N * T, H), labels.reshape(N * T, 1)
-        grad_token = grad_S.to(acc).repeat_interleave(T)
-        grad_hidden = torch.empty_like(x) if need_hidden else None
-        grad_weight = torch.zeros(V, H, dtype=acc, device=x.device) if need_weight else None
-        grad_bias = torch.zeros(V, dtype=acc, device=x.device) if need_bias else None
-        buffer = x.new_empty(min(N * T, ctx.tokens_per_chunk), V)
-        for t0, t1 in spans(N * T, ctx.tokens_per_chunk):
+        grad_token = grad_S.to(lse.dtype).repeat_interleave(T)
+        grads = _Gradients.allocate(hidden, weight, ctx.needs_input_grad[:3])
+        per_chunk = tokens_per_chunk(ctx.chunk_bytes, weight.shape[0], hidden.element_size())
+        buffer = x.new_empty(min(N * T, per_chunk), weight.shape[0])
+        for t0, t1 in spans(N * T, per_chunk):
             logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
-            _kernels.seq_logprobs_bwd_(logits, y[t0:t1], lse[t0:t1], grad_token[t0:t1], ctx.ignore_index)
-            dz = logits.view(-1, V)
-            if need_hidden:
-                torch.mm(dz, weight, out=grad_hidden[t0:t1])
-            if need_weight:
-                _accumulate_weight_grad(grad_weight, dz, x[t0:t1])
-            if need_bias:
-                grad_bias.add_(dz.sum(dim=0, dtype=acc))
-        return (
-            None if grad_hidden is None else grad_hidden.view(N, T, H),
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-        )
+            grads.add_chunk(logits, y[t0:t1], lse[t0:t1], grad_token[t0:t1], ctx.ignore_index, x[t0:t1], weight,
+                            slice(t0, t1))
+        return *grads.returned(hidden.shape, weight.dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +393,6 @@ def single_pass_loss(
     """``dora_loss_linear(mode="single_pass")``: chunks of whole prompts, 3 GEMMs each, gradients formed in
     forward and scaled by grad_output in backward."""
     acc = accumulation_dtype(hidden.dtype)
-    grad_on = torch.is_grad_enabled()
     prepared = replace(
         call,
         scores=call.scores.detach().to(acc),
@@ -339,11 +400,15 @@ def single_pass_loss(
         if call.h_tilde is None else call.h_tilde.detach().to(acc),
         ref_logps=None if call.ref_logps is None else call.ref_logps.detach().to(acc),
     )
-    inputs = _LossInputs(
-        labels=labels,
-        ignore_index=ignore_index,
-        call=prepared,
-        chunk_bytes=chunk_bytes,
-        needs_grad=tuple(grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)),
-    )
-    return DoRAOutput(*_SinglePassLoss.apply(hidden.contiguous(), weight, bias, inputs))
+    inputs = _LossInputs(labels, ignore_index, prepared, chunk_bytes, _needs_grad(hidden, weight, bias))
+    return DoRAOutput(*_SinglePass.apply(_single_pass, hidden.contiguous(), weight, bias, inputs))
+
+
+def single_pass_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    chunk_bytes: int,
+) -> NLLOutput:
+    """``nll_linear(mode="single_pass")``: token chunks, 3 GEMMs each, gradients formed in forward and
+    scaled by grad_output in backward."""
+    inputs = _LossInputs(labels, ignore_index, None, chunk_bytes, _needs_grad(hidden, weight, bias))
+    return NLLOutput(*_SinglePass.apply(_single_pass_nll, hidden.contiguous(), weight, bias, inputs))

@@ -19,7 +19,8 @@ inside the forward of a module DeepSpeed wraps (docs/design.md section 5):
   ``aux_loss`` apart).
 - ``DoRALossHead`` owns the lm_head weight (and bias) and computes as its ``LossHeadSettings`` say.
   ``head(hidden)`` returns logits like the ``nn.Linear`` it replaces (generation, evaluation); with labels
-  it returns (S, L), and with scores too the ``DoRAOutput``.
+  it returns (S, L), with ``nll=True`` too the ``NLLOutput`` of ``nll_linear`` (SFT), and with scores the
+  ``DoRAOutput``.
 - ``install_loss_head(model)`` swaps a Hugging Face causal LM's output embedding for a ``DoRALossHead``
   holding the very same ``Parameter`` objects. With tied input/output embeddings that parameter is also
   the input embedding's, so both modules own it and ZeRO-3 gathers it for either.
@@ -35,7 +36,8 @@ tokens); the policy aligns them with ``shift_labels``::
     engine.step()
 
 ``engine(input_ids, attention_mask, labels)`` without scores gives (S, L) per row the same way (e.g. for
-the reference log-prob cache, under ``torch.no_grad()``).
+the reference log-prob cache, under ``torch.no_grad()``), and with ``nll=True`` the summed token NLL
+(``NLLOutput``: SFT, formed in one pass on the fused-linear path with ``mode="single_pass"``).
 """
 
 from __future__ import annotations
@@ -58,8 +60,10 @@ from dora_engine.errors import UserValueError
 from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import (
     DoRAOutput,
+    NLLOutput,
     dora_loss,
     dora_loss_linear,
+    nll_linear,
     sequence_logprobs,
     sequence_logprobs_linear,
     shift_labels,
@@ -87,7 +91,7 @@ class LossHeadSettings:
     objective: RobustObjective | ResolvedObjective = DEFAULT_OBJECTIVE
     """The loss and robust strategy."""
     mode: str = "single_pass"
-    """``single_pass`` (3 GEMMs) or ``recompute`` (4 GEMMs, least memory)."""
+    """``single_pass`` (3 GEMMs) or ``recompute`` (4 GEMMs, least memory), for the loss and the NLL."""
     chunk_bytes: int | None = None
     """Bytes of one chunk of logits; None: the device's ``ops.chunking.DEFAULT_CHUNK_BYTES``."""
     backend: str = "auto"
@@ -123,14 +127,21 @@ class DoRALossHead(nn.Module):
         h_tilde: torch.Tensor | None = None,
         ref_logps: torch.Tensor | None = None,
         process_group: dist.ProcessGroup | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | DoRAOutput:
+        nll: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | NLLOutput | DoRAOutput:
         """hidden (N, T, H) → logits; with labels aligned to hidden (N, T) → (S, L) of
-        ``sequence_logprobs_linear``; with scores (B, K) too → ``DoRAOutput`` of ``dora_loss_linear``."""
+        ``sequence_logprobs_linear``, or with ``nll`` the ``NLLOutput`` of ``nll_linear``; with scores (B, K)
+        too → ``DoRAOutput`` of ``dora_loss_linear``."""
         if labels is None:
-            if scores is not None:
-                raise ValueError("scores given without labels")
+            if scores is not None or nll:
+                raise ValueError(f"{'scores' if scores is not None else 'nll'} given without labels")
             return F.linear(hidden, self.weight, self.bias)
         st = self.settings
+        if _nll_without_scores(nll, scores):
+            return nll_linear(
+                hidden, self.weight, labels, bias=self.bias, mode=st.mode, chunk_bytes=st.chunk_bytes,
+                backend=st.backend, validate=st.validate,
+            )
         if scores is None:
             return sequence_logprobs_linear(
                 hidden, self.weight, labels, bias=self.bias, chunk_bytes=st.chunk_bytes, backend=st.backend,
@@ -141,6 +152,13 @@ class DoRALossHead(nn.Module):
             h_tilde=h_tilde, ref_logps=ref_logps, objective=st.objective, process_group=process_group, mode=st.mode,
             chunk_bytes=st.chunk_bytes, backend=st.backend, validate=st.validate,
         )
+
+
+def _nll_without_scores(nll: bool, scores: torch.Tensor | None) -> bool:
+    """Whether the NLL is asked for; asking for it with scores is an error (the NLL has none)."""
+    if nll and scores is not None:
+        raise ValueError("nll and scores given together: the NLL has no scores")
+    return nll
 
 
 def _num_responses(scores: torch.Tensor) -> int:
@@ -374,10 +392,12 @@ class DoRAPolicy(nn.Module):
         h_tilde: torch.Tensor | None = None,
         ref_logps: torch.Tensor | None = None,
         process_group: dist.ProcessGroup | None = None,
-    ) -> tuple[DoRAOutput | tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        nll: bool = False,
+    ) -> tuple[DoRAOutput | NLLOutput | tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
         """(the op's result, the router loss): the result as ``forward`` returns it but without the router
         loss, and the model's router load-balancing loss ``aux_loss`` (None unless its config sets
         ``output_router_logits``). The first call on the fused-linear path runs ``check_fused_linear``."""
+        nll = _nll_without_scores(nll, scores)
         if not self.checked:
             self.check_fused_linear(input_ids, attention_mask, process_group)
         aligned = shift_labels(labels)
@@ -386,7 +406,7 @@ class DoRAPolicy(nn.Module):
             # get_decoder(): the transformer body, also through a PEFT wrapper (whose base_model is not the body)
             body = causal_lm(self.model).get_decoder()(input_ids=input_ids, attention_mask=attention_mask, **outputs)
             aux = self.router_loss(body.router_logits, attention_mask=attention_mask) if outputs else None
-            return self.head(body.last_hidden_state, aligned, scores, h_tilde, ref_logps, process_group), aux
+            return self.head(body.last_hidden_state, aligned, scores, h_tilde, ref_logps, process_group, nll), aux
         output = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         aux = getattr(output, "aux_loss", None) if self.router_aux_loss_coef is not None else None
         logits = output.logits
@@ -396,7 +416,7 @@ class DoRAPolicy(nn.Module):
             logprobs = sequence_logprobs(
                 logits, aligned, backend=self.backend, validate=self.validate, inplace_backward=inplace
             )
-            return logprobs, aux
+            return NLLOutput.of(*logprobs) if nll else logprobs, aux
         return dora_loss(
             logits, aligned, num_responses=_num_responses(scores), scores=scores, h_tilde=h_tilde,
             ref_logps=ref_logps, objective=self.objective, process_group=process_group, backend=self.backend,
@@ -412,13 +432,16 @@ class DoRAPolicy(nn.Module):
         h_tilde: torch.Tensor | None = None,
         ref_logps: torch.Tensor | None = None,
         process_group: dist.ProcessGroup | None = None,
-    ) -> DoRAOutput | tuple[torch.Tensor, torch.Tensor]:
+        nll: bool = False,
+    ) -> DoRAOutput | NLLOutput | tuple[torch.Tensor, torch.Tensor]:
         """``DoRAOutput`` of the N = B·K rows (row n = b·K + k) when ``scores`` (B, K) is given, else (S, L)
-        per row. ``labels`` (N, T) in the Hugging Face convention; the other arguments as in ``dora_loss``.
-        With a router loss the ``DoRAOutput``'s loss is the objective + ``router_aux_loss_coef`` · aux_loss
-        (``compute`` gives the router loss apart, e.g. for a loss built on (S, L)). The first forward on the
-        fused-linear path is collective when a process group is initialised (``check_fused_linear``)."""
-        result, aux = self.compute(input_ids, attention_mask, labels, scores, h_tilde, ref_logps, process_group)
+        per row, or with ``nll`` the ``NLLOutput`` (the summed token NLL −Σ S, e.g. for SFT). ``labels`` (N, T)
+        in the Hugging Face convention; the other arguments as in ``dora_loss``. With a router loss the
+        ``DoRAOutput``'s loss is the objective + ``router_aux_loss_coef`` · aux_loss (``compute`` gives the
+        router loss apart, e.g. for a loss built on (S, L) or the NLL, to which it is not added). The first
+        forward on the fused-linear path is collective when a process group is initialised
+        (``check_fused_linear``)."""
+        result, aux = self.compute(input_ids, attention_mask, labels, scores, h_tilde, ref_logps, process_group, nll)
         if scores is None or aux is None:
             return result
         return result._replace(loss=result.loss + self.router_aux_loss_coef * aux)

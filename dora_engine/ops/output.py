@@ -1,4 +1,4 @@
-"""The result type of the DoRA op (docs/design.md section 5)."""
+"""The result types of the DoRA op and of the fused-linear NLL (docs/design.md section 5)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,20 @@ class DoRAOutput(NamedTuple):
     seq_logps: torch.Tensor
     seq_lens: torch.Tensor
     weights: torch.Tensor
+
+
+class NLLOutput(NamedTuple):
+    """Result of ``nll_linear``. Only ``loss`` carries gradient.
+
+    loss: scalar −Σ_n S[n], the negative log-likelihood summed over the scored tokens (÷ Σ_n L[n]: the token
+    mean); seq_logps (N,) S; seq_lens (N,) L.
+    """
+
+    loss: torch.Tensor
+    seq_logps: torch.Tensor
+    seq_lens: torch.Tensor
+
+    @classmethod
+    def of(cls, S: torch.Tensor, L: torch.Tensor) -> NLLOutput:
+        """The summed NLL of per-row (S, L) whose S carries gradient."""
+        return cls(-S.sum(), S.detach(), L.detach())

@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from dora_engine.losses import PromptBatch
 from dora_engine.ops.chunking import prompts_per_chunk, spans, tokens_per_chunk
 from dora_engine.ops.distributed import gather_for_global_loss, local_slice
-from dora_engine.ops.output import DoRAOutput
+from dora_engine.ops.output import DoRAOutput, NLLOutput
 from dora_engine.ops.validation import LossCall, accumulation_dtype
 
 #: The per-batch stage has no limit on the responses per prompt.
@@ -67,6 +67,15 @@ def linear_row_pass(
     ]
     lp = torch.cat(parts).view(N, T)
     return lp.sum(dim=1), (labels != ignore_index).sum(dim=1).to(lp.dtype)
+
+
+def single_pass_nll(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
+    chunk_bytes: int,
+) -> NLLOutput:
+    """``nll_linear(mode="single_pass")``: −Σ S of ``linear_row_pass`` (the values do not depend on the
+    schedule; autograd here has no gradient to form in forward)."""
+    return NLLOutput.of(*linear_row_pass(hidden, weight, bias, labels, ignore_index, chunk_bytes))
 
 
 def robust_loss(S: torch.Tensor, L: torch.Tensor, call: LossCall) -> DoRAOutput:

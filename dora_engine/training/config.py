@@ -236,8 +236,8 @@ class TrainConfig:
     )
     fused_linear_mode: str = field(
         default="single_pass",
-        metadata={"help": "`single_pass`: 3 GEMMs per chunk, nothing recomputed; `recompute`: 4 GEMMs, least "
-                          "memory."},
+        metadata={"help": "Fused-linear schedule of both stages (alignment's loss, SFT's NLL): `single_pass`: 3 "
+                          "GEMMs per chunk, the gradients formed in forward; `recompute`: 4 GEMMs, least memory."},
     )
     chunk_bytes: int | None = field(
         default=None,

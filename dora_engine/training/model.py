@@ -16,7 +16,7 @@ from torch import nn
 from dora_engine.errors import UserImportError
 from dora_engine.hf_loading import load_pretrained
 from dora_engine.losses import ResolvedObjective, RobustObjective
-from dora_engine.ops import DoRAOutput
+from dora_engine.ops import DoRAOutput, NLLOutput
 from dora_engine.ops.lm_head import DoRAPolicy
 from dora_engine.preference import data_parallel_group
 from dora_engine.training.config import LoraConfig, TrainConfig
@@ -84,8 +84,8 @@ class PolicyLoss(DoRAPolicy):
     ) -> StepOutput:
         group = data_parallel_group()
         if self.stage == "sft":
-            logprobs, aux = self.compute(input_ids, attention_mask, labels, process_group=group)
-            return self._with_router_loss(self._sft(*logprobs, group), aux)
+            nll, aux = self.compute(input_ids, attention_mask, labels, process_group=group, nll=True)
+            return self._with_router_loss(self._sft(nll, group), aux)
         h = h_tilde if self.uses_h_tilde else None
         out, aux = self.compute(input_ids, attention_mask, labels, scores, h, ref_logps, group)
         return self._with_router_loss(StepOutput(out.loss, out.loss.detach(), out.seq_logps, out.seq_lens, out), aux)
@@ -97,15 +97,16 @@ class PolicyLoss(DoRAPolicy):
             return step
         return step._replace(loss=step.loss + self.router_aux_loss_coef * aux, aux_loss=aux.detach())
 
-    def _sft(self, S: torch.Tensor, L: torch.Tensor, group: Any) -> StepOutput:
-        """NLL = −Σ S / Σ L over the global micro-batch (token mean across all ranks)."""
-        totals = torch.stack([S.detach().sum(), L.sum()])
+    def _sft(self, nll: NLLOutput, group: Any) -> StepOutput:
+        """NLL = −Σ S / Σ L over the global micro-batch (token mean across all ranks), from this rank's summed
+        NLL −Σ S (on the fused-linear path with ``single_pass``, its gradient formed in forward)."""
+        totals = torch.stack([nll.loss.detach(), nll.seq_lens.sum()])
         world = 1
         if group is not None:
             dist.all_reduce(totals, group=group)
             world = dist.get_world_size(group)
         tokens = totals[1].clamp(min=1)
-        return StepOutput(-S.sum() * world / tokens, -totals[0] / tokens, S.detach(), L.detach(), None)
+        return StepOutput(nll.loss * world / tokens, totals[0] / tokens, nll.seq_logps, nll.seq_lens, None)
 
 
 class ReferenceLogps(DoRAPolicy):
