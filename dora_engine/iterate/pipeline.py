@@ -498,9 +498,11 @@ def _calibrate(runner: Runner, label: str, name: str, data: tuple[str, Done]) ->
     return runner.step(label, name, inputs, run)
 
 
-def _align(runner: Runner, label: str, name: str, strategy: str, policy: Policy, ref: Policy,
-           train_data: tuple[str, str, Done]) -> Done:
-    """Step 4: align ``policy`` on the round's data under ``strategy`` with ``ref`` as the reference."""
+def align_config(runner: Runner, strategy: str, policy: Policy, ref: Policy, data_file: Path,
+                 output_dir: Path) -> Any:
+    """The ``TrainingConfig`` of step 4: ``policy`` aligned on ``data_file`` under ``strategy``, with ``ref``
+    as the reference model (``model.reference`` unset when it is the policy itself), exported to
+    ``output_dir/final``; an interrupted run resumes from its last checkpoint."""
     from dora_engine.training.config import (
         CheckpointConfig,
         DataConfig,
@@ -514,28 +516,36 @@ def _align(runner: Runner, label: str, name: str, strategy: str, policy: Policy,
 
     cfg = runner.cfg
     a = cfg.align
+    return TrainingConfig(
+        stage="align",
+        model=ModelConfig(path=str(policy.path), reference=None if ref == policy else str(ref.path)),
+        data=DataConfig(train=[str(data_file)], target_source=cfg.data.target_source,
+                        max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
+                        cache_dir=str(runner.tokenised), ref_cache_dir=str(runner.ref_cache),
+                        allow_empty_responses=True),  # a policy may answer with nothing: EOS alone
+        loss=LossConfig(name=a.loss, params=dict(a.loss_params)),
+        robust=RobustConfig(strategy=strategy, lam=a.lam),
+        train=TrainConfig(micro_batch_prompts=a.micro_batch_prompts, lr=a.lr, schedule=a.schedule,
+                          warmup_steps=a.warmup_steps, epochs=a.epochs, seed=cfg.seed, precision=a.precision,
+                          backend=a.backend),
+        logging=LoggingConfig(tensorboard="off"),
+        checkpoint=CheckpointConfig(every=a.checkpoint_every, resume="auto", export=True),
+        output_dir=str(output_dir),
+    )
+
+
+def _align(runner: Runner, label: str, name: str, strategy: str, policy: Policy, ref: Policy,
+           train_data: tuple[str, str, Done]) -> Done:
+    """Step 4: align ``policy`` on the round's data (``train_data``: the step folder, file and manifest that
+    hold it) under ``strategy`` with ``ref`` as the reference."""
+    cfg = runner.cfg
     folder_name, file_name, data = train_data
     inputs = {"step": "align", "policy": policy.digest, "reference": ref.digest, "data": data.digest,
-              "align": asdict(a), "strategy": strategy, "seed": cfg.seed, "tokens": _token_limits(cfg)}
+              "align": asdict(cfg.align), "strategy": strategy, "seed": cfg.seed, "tokens": _token_limits(cfg)}
 
     def run(folder: Path) -> tuple[list[str], dict[str, Any]]:
-        train_cfg = TrainingConfig(
-            stage="align",
-            model=ModelConfig(path=str(policy.path), reference=None if ref == policy else str(ref.path)),
-            data=DataConfig(train=[str(runner.root / folder_name / file_name)], target_source=cfg.data.target_source,
-                            max_prompt_tokens=cfg.data.max_prompt_tokens,
-                            max_response_tokens=cfg.data.max_response_tokens, cache_dir=str(runner.tokenised),
-                            ref_cache_dir=str(runner.ref_cache), allow_empty_responses=True),
-            loss=LossConfig(name=a.loss, params=dict(a.loss_params)),
-            robust=RobustConfig(strategy=strategy, lam=a.lam),
-            train=TrainConfig(micro_batch_prompts=a.micro_batch_prompts, lr=a.lr, schedule=a.schedule,
-                              warmup_steps=a.warmup_steps, epochs=a.epochs, seed=cfg.seed, precision=a.precision,
-                              backend=a.backend),
-            logging=LoggingConfig(tensorboard="off"),
-            checkpoint=CheckpointConfig(every=a.checkpoint_every, resume="auto", export=True),
-            output_dir=str(folder),
-        )
-        _train(runner, train_cfg, "alignment")
+        _train(runner, align_config(runner, strategy, policy, ref, runner.root / folder_name / file_name, folder),
+               "alignment")
         return [EXPORT_FOLDER], {}
 
     return runner.step(label, name, inputs, run)

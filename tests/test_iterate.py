@@ -1,0 +1,231 @@
+"""``dora-engine iterate``: its config, the rounds' bookkeeping, steps skipped by content hash, resuming."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dora_engine.cli import main
+from dora_engine.data.schema import Record, Response, read_records, write_records
+from dora_engine.errors import UserValueError
+from dora_engine.iterate.config import IterateConfig, load_iterate_config
+from dora_engine.iterate.pipeline import (
+    RUN_MANIFEST,
+    Policy,
+    Runner,
+    _merge,
+    align_config,
+    kept_rounds,
+    lineage,
+    open_run,
+    planned_steps,
+    reference,
+)
+from dora_engine.iterate.steps import MANIFEST, Step, content_digest, record
+from dora_engine.training.config import ConfigError
+from dora_engine.training.signals import StopSignals
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ROOT / "launch" / "configs" / "iterate_synth.yaml"
+
+
+def _config(tmp_path: Path, *overrides: str) -> IterateConfig:
+    return load_iterate_config(DEFAULT, [f"output_dir={tmp_path / 'run'}", *overrides])
+
+
+def _runner(cfg: IterateConfig, steps: int) -> Runner:
+    """A runner of a new run in ``cfg.output_dir``."""
+    open_run(cfg, resume=False)
+    return Runner(cfg, StopSignals(), steps)
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_the_embedded_default_loads() -> None:
+    cfg = load_iterate_config(DEFAULT)
+    assert (cfg.rounds, cfg.strategies, cfg.start.model, cfg.data.train) == (3, ["erm", "dora"], "tiny", "synth")
+    assert cfg.source(2) == "synth-round2"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("rounds=0", "config key 'rounds' must be ≥ 1, got 0"),
+    ("strategies=[erm, erm]", "config key 'strategies' names a strategy twice"),
+    ("strategies=[erm, robust]", "config key 'strategies': unknown strategy 'robust'"),
+    ("strategies=[]", "config key 'strategies' must name at least one strategy"),
+    ("align.reference=initial", "config key 'align.reference' must be one of previous, start, got 'initial'"),
+    ("align.loss=hinge", "config key 'align.loss': unknown loss 'hinge'"),
+    ("align.lr=0", "config key 'align.lr' must be > 0"),
+    ("generate.temperature=0", "config key 'generate.temperature' must be > 0"),
+    ("generate.top_p=1.5", "config key 'generate.top_p' must lie in (0, 1], got 1.5"),
+    ("generate.backend=onnx", "config key 'generate.backend' must be one of transformers, vllm"),
+    ("score.reward=gpt4", "config key 'score.reward' must be 'oracle' or 'reward-model:PATH', got 'gpt4'"),
+    ("score.previous_rounds=-1", "config key 'score.previous_rounds' must be ≥ 0, got -1"),
+    ("calibrate.folds=1", "config key 'calibrate.folds' must be ≥ 2, got 1"),
+    ("start.heads=3", "config key 'start.heads' must divide start.hidden (64), got 3"),
+    ("data.train=missing.jsonl", "config key 'data.train': file not found: missing.jsonl"),
+    ("name=two words", "config key 'name' must be a name without spaces"),
+    ("align.lrr=1", "unknown config key 'align.lrr' in override"),
+    ("rounds=two", "config key 'rounds' must be an integer, got 'two'"),
+])
+def test_a_bad_value_is_one_line_naming_its_key(tmp_path: Path, override: str, message: str, capsys) -> None:
+    assert main(["iterate", "--config", str(DEFAULT), f"output_dir={tmp_path / 'run'}", override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dora-engine iterate: error: ") and "\n" not in err
+    assert message in err
+    assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+def test_a_tiny_start_needs_the_synthetic_data(tmp_path: Path) -> None:
+    data = tmp_path / "train.jsonl"
+    write_records(data, [Record("a", "p", [Response("x", "golden", 1.0), Response("y", "other", 0.0)])])
+    with pytest.raises(ConfigError, match="'start.model': `tiny` .* needs data.train: synth"):
+        _config(tmp_path, f"data.train={data}")
+
+
+# ---------------------------------------------------------------- round bookkeeping
+
+
+def test_sources_and_lineage_name_each_round(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, 'name=""')
+    assert cfg.run_name == "run" and [cfg.source(r) for r in (1, 3)] == ["run-round1", "run-round3"]
+    # round 1 generates from the start policy in every chain (one folder, computed once); later rounds per chain
+    assert [lineage("dora", r) for r in (1, 2, 3)] == ["start", "dora", "dora"]
+    assert [lineage("erm", r) for r in (1, 2)] == ["start", "erm"]
+    assert planned_steps(cfg) == 3 + 3 * (4 + 5)  # start: data, policy, eval; erm 4 steps a round, dora 5
+
+
+@pytest.mark.parametrize("previous,expected", [(0, []), (1, [3]), (2, [2, 3]), (9, [1, 2, 3])])
+def test_earlier_rounds_kept(tmp_path: Path, previous: int, expected: list[int]) -> None:
+    assert kept_rounds(_config(tmp_path, f"score.previous_rounds={previous}"), 4) == expected
+
+
+@pytest.mark.parametrize("choice", ["previous", "start"])
+def test_the_reference_is_the_previous_policy_or_the_start(tmp_path: Path, choice: str) -> None:
+    cfg = _config(tmp_path, f"align.reference={choice}")
+    runner = Runner(cfg, StopSignals(), 1)
+    start = Policy(tmp_path / "start", "s", "start")
+    previous = Policy(tmp_path / "round1" / "align-dora" / "final", "p", "dora-round1")
+    ref = reference(cfg, previous, start)
+    train = align_config(runner, "dora", previous, ref, tmp_path / "data.jsonl", tmp_path / "round2" / "align-dora")
+    assert train.model.path == str(previous.path) and train.robust.strategy == "dora"
+    assert train.model.reference == (None if choice == "previous" else str(start.path))  # None: the policy itself
+    assert (train.stage, train.checkpoint.resume, train.checkpoint.export) == ("align", "auto", True)
+    assert reference(cfg, start, start) is start  # round 1: both choices are the start policy
+
+
+def _records(ids: list[str], responses: list[tuple[str, float | None]]) -> list[Record]:
+    return [Record(i, f"How do I bake bread? {i}", [Response(f"{s} answer {i}", s, score) for s, score in responses])
+            for i in ids]
+
+
+def test_a_round_s_data_keeps_the_training_responses_and_the_kept_rounds(tmp_path: Path) -> None:
+    cfg = _config(tmp_path, "name=t", "score.previous_rounds=1")
+    runner = _runner(cfg, 2)
+    ids = ["a", "b"]
+    earlier = Step(runner.root, "round1/data-start", {"round": 1})
+    write_records(earlier.folder / "train.jsonl",
+                  _records(ids, [("golden", 2.0), ("verbose", 0.5), ("t-round1", 0.25)]))
+    generate = Step(runner.root, "round2/generate-dora", {"round": 2})
+    write_records(generate.folder / "generations.jsonl",
+                  _records(ids, [("golden", 2.0), ("verbose", 0.5), ("t-round2", None), ("t-round2", None)]))
+    generated = ("round2/generate-dora", record(generate, ["generations.jsonl"]))
+    kept = {1: ("round1/data-start", record(earlier, ["train.jsonl"]))}
+    done = _merge(runner, "score", "round2/data-dora", generated, kept, "t-round2")
+    merged = read_records(runner.root / "round2" / "data-dora" / "train.jsonl")
+    assert [r.source for r in merged[0].responses] == ["golden", "verbose", "t-round1", "t-round2", "t-round2"]
+    assert [r.score for r in merged[0].responses[:3]] == [2.0, 0.5, 0.25]  # scores already there are kept
+    assert all(r.score is not None for r in merged[1].responses)  # the round's own responses are scored
+    assert "t-round2" in done.info["summary"]
+
+
+# ---------------------------------------------------------------- steps skipped by content hash
+
+
+def test_a_step_runs_once_for_the_same_inputs_and_refuses_others(tmp_path: Path, capsys) -> None:
+    runner = _runner(_config(tmp_path), 4)
+    calls = []
+
+    def run(folder: Path) -> tuple[list[str], dict]:
+        calls.append(folder)
+        (folder / "out.txt").write_text(f"run {len(calls)}")
+        return ["out.txt"], {"summary": "made"}
+
+    first = runner.step("make", "round1/make", {"x": 1, "policy": "abc"}, run)
+    again = runner.step("make", "round1/make", {"x": 1, "policy": "abc"}, run)
+    assert len(calls) == 1 and again == first
+    assert "done already (round1/make, same inputs); made" in capsys.readouterr().out
+    with pytest.raises(UserValueError, match=r"round1/make was written from other inputs \(they differ in: policy\)"):
+        runner.step("make", "round1/make", {"x": 1, "policy": "abd"}, run)
+    (runner.root / "round1" / "make" / "out.txt").unlink()  # an output gone: the step is done again
+    runner.step("make", "round1/make", {"x": 1, "policy": "abc"}, run)
+    assert len(calls) == 2
+    manifest = json.loads((runner.root / "round1" / "make" / MANIFEST).read_text())
+    assert manifest["inputs"] == {"x": 1, "policy": "abc"} and set(manifest["outputs"]) == {"out.txt"}
+
+
+def test_a_step_killed_before_its_manifest_is_done_again(tmp_path: Path) -> None:
+    runner = _runner(_config(tmp_path), 2)
+
+    def killed(folder: Path) -> tuple[list[str], dict]:
+        (folder / "out.txt").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.step("make", "round1/make", {"x": 1}, killed)
+    assert not (runner.root / "round1" / "make" / MANIFEST).exists()
+
+    def whole(folder: Path) -> tuple[list[str], dict]:
+        (folder / "out.txt").write_text("whole")
+        return ["out.txt"], {}
+
+    assert runner.step("make", "round1/make", {"x": 1}, whole).outputs["out.txt"]["bytes"] == len("whole")
+
+
+def test_the_content_digest_follows_the_bytes(tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "weights.bin").write_bytes(b"\0\1")
+    before = content_digest(folder)
+    assert content_digest(folder) == before
+    (folder / "weights.bin").write_bytes(b"\0\2")
+    assert content_digest(folder) != before
+    assert content_digest(folder / "config.json") != content_digest(folder / "weights.bin")
+
+
+# ---------------------------------------------------------------- the run's folder
+
+
+def test_a_run_continues_only_with_resume_and_the_same_config(tmp_path: Path) -> None:
+    cfg = _config(tmp_path)
+    open_run(cfg, resume=False)
+    assert json.loads((tmp_path / "run" / RUN_MANIFEST).read_text())["config"]["rounds"] == 3
+    with pytest.raises(UserValueError, match="holds an iterate run already; continue it with --resume auto"):
+        open_run(cfg, resume=False)
+    open_run(cfg, resume=True)
+    open_run(_config(tmp_path, "rounds=4", "strategies=[dora]"), resume=True)  # more rounds, fewer chains: fine
+    with pytest.raises(UserValueError) as err:
+        open_run(_config(tmp_path, "align.lr=2e-4", "generate.n=3"), resume=True)
+    assert str(err.value) == (
+        f"the config differs from the one the run in {tmp_path / 'run'} was started with: align.lr (0.0001 then, "
+        "0.0002 now); generate.n (2 then, 3 now). Resume with the same config, or set output_dir to a new folder")
+
+
+def test_a_folder_with_other_files_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(UserValueError, match="is not empty and holds no iterate run"):
+        open_run(_config(tmp_path), resume=True)
+
+
+def test_resume_refused_on_a_changed_config_through_the_command(tmp_path: Path, capsys) -> None:
+    open_run(_config(tmp_path), resume=False)
+    code = main(["iterate", "--config", str(DEFAULT), "--resume", "auto", f"output_dir={tmp_path / 'run'}",
+                 "align.reference=start"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err
+    assert err.endswith("align.reference (\"previous\" then, \"start\" now). Resume with the same config, or set "
+                        "output_dir to a new folder")
