@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dora_engine.cli import main
 from dora_engine.data.schema import Record, Response, read_records, write_records
 from dora_engine.errors import UserValueError
 from dora_engine.iterate.config import IterateConfig, load_iterate_config
+from dora_engine.iterate.config_docs import ITERATE
 from dora_engine.iterate.pipeline import (
     RUN_MANIFEST,
     Policy,
@@ -25,6 +31,7 @@ from dora_engine.iterate.pipeline import (
 )
 from dora_engine.iterate.steps import MANIFEST, Step, content_digest, record
 from dora_engine.training.config import ConfigError
+from dora_engine.training.config_docs import with_key_table
 from dora_engine.training.signals import StopSignals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +83,12 @@ def test_a_bad_value_is_one_line_naming_its_key(tmp_path: Path, override: str, m
     assert err.startswith("dora-engine iterate: error: ") and "\n" not in err
     assert message in err
     assert not (tmp_path / "run").exists()  # refused before anything was made
+
+
+def test_the_key_table_in_launch_readme_is_up_to_date() -> None:
+    text = (ROOT / "launch" / "README.md").read_text(encoding="utf-8")
+    assert with_key_table(text, ITERATE) == text, f"launch/README.md's iterate keys are stale: run `{ITERATE.command}`"
+    assert "| `align.reference` | `str` | `previous` |" in text
 
 
 def test_a_tiny_start_needs_the_synthetic_data(tmp_path: Path) -> None:
@@ -229,3 +242,62 @@ def test_resume_refused_on_a_changed_config_through_the_command(tmp_path: Path, 
     assert code == 2 and "\n" not in err
     assert err.endswith("align.reference (\"previous\" then, \"start\" now). Resume with the same config, or set "
                         "output_dir to a new folder")
+
+
+# ---------------------------------------------------------------- killed and resumed
+
+
+SMALL = ["name=small", "rounds=3", "data.synth_prompts=16", "data.synth_eval_prompts=8", "start.sft_epochs=1",
+         "generate.n=1", "generate.max_new_tokens=8", "calibrate.folds=2", "calibrate.min_examples=1",
+         "align.epochs=1", "evaluate.max_new_tokens=8", "evaluate.n_boot=200"]
+
+
+def _iterate(output_dir: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "dora_engine.cli", "iterate", "--config", str(DEFAULT), *extra,
+               f"output_dir={output_dir}", *SMALL]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, path: Path, timeout: float = 600.0) -> None:
+    """SIGKILL ``proc`` as soon as ``path`` exists (polled every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (exit code {proc.returncode}) before {path} appeared:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out
+    return out
+
+
+@pytest.mark.slow
+def test_killed_twice_and_resumed_it_gives_the_uninterrupted_table(tmp_path: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    reference = _iterate(whole)  # alongside, on the other core
+    run = _iterate(killed)
+    _kill_when(run, killed / "round2" / "align-erm" / "metrics.jsonl")  # inside round 2's alignment loop
+    assert not (killed / "round2" / "align-erm" / MANIFEST).exists()
+    assert (killed / "round2" / "generate-erm" / MANIFEST).exists()
+    run = _iterate(killed, "--resume", "auto")
+    _kill_when(run, killed / "round3" / "generate-erm" / ".generations.jsonl.shards" / "run.json")  # round 3's sampling
+    assert not (killed / "round3" / "generate-erm" / MANIFEST).exists()
+    out = _finish(_iterate(killed, "--resume", "auto"))
+    assert "round 2/3 · erm · generate: done already" in out and "round 3/3 · erm · generate -> " in out
+    _finish(reference)
+    assert (killed / "results.md").read_text() == (whole / "results.md").read_text()
+    assert json.loads((killed / "results.json").read_text()) == json.loads((whole / "results.json").read_text())
+    assert (killed / "iterate.png").stat().st_size > 0
+    sources = {r.source for rec in read_records(killed / "round3" / "data-dora" / "train.jsonl") for r in rec.responses}
+    assert sources == {"golden", "verbose", "off_topic", "repetitive", "small-round3"}
+    trained = yaml.safe_load((killed / "round3" / "align-dora" / "final" / "dora_training.yaml").read_text())
+    assert trained["model"]["path"] == str(killed / "round2" / "align-dora" / "final")
+    assert trained["model"]["reference"] is None  # the previous round's policy, itself

@@ -128,7 +128,8 @@ class GenerateConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "New tokens per response."})
     backend: str = field(
         default="transformers",
-        metadata={"help": "`transformers` (CPU or GPU) or `vllm` (`pip install 'dora-engine[generate]'`)."},
+        metadata={"help": "`transformers` (CPU or GPU) or `vllm` (`pip install 'dora-engine[generate]'`); the "
+                          "evaluation's generations too."},
     )
     batch_size: int = field(default=64, metadata={"help": "Prompts per `generate` call (transformers)."})
 
@@ -183,12 +184,16 @@ class AlignConfig:
     micro_batch_prompts: int = field(default=8, metadata={"help": "Prompts per optimizer step."})
     warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps of linear warmup."})
     schedule: str = field(default="cosine", metadata={"help": "`constant`, `linear` or `cosine`."})
-    precision: str = field(default="fp32", metadata={"help": "`auto`, `fp32`, `bf16` or `fp16` (`train.precision`)."})
-    backend: str = field(default="auto", metadata={"help": "Op backend (`train.backend`)."})
+    precision: str = field(
+        default="fp32",
+        metadata={"help": "`auto`, `fp32`, `bf16` or `fp16` (`train.precision`), of the start's SFT too."},
+    )
+    backend: str = field(default="auto", metadata={"help": "Op backend (`train.backend`), of the SFT too."})
     checkpoint_every: int = field(
         default=0,
-        metadata={"help": "Optimizer steps between checkpoints of an alignment, so that a killed one resumes from "
-                          "its last checkpoint; 0: none (it starts again; a SIGTERM still saves one)."},
+        metadata={"help": "Optimizer steps between checkpoints of an alignment (and of the SFT), so that a killed "
+                          "one resumes from its last checkpoint; 0: none (it starts again; a SIGTERM still saves "
+                          "one)."},
     )
 
 
@@ -221,6 +226,12 @@ class IterateConfig:
     seed: int = field(
         default=0,
         metadata={"help": "Seeds the tiny model, training order, sampling, calibration folds and bootstrap."},
+    )
+    threads: int = field(
+        default=0,
+        metadata={"help": "Torch's intra-op threads in this process; 0: torch's default (one per core). A tiny "
+                          "model runs fastest on 1. May change on resume (later steps may then differ in the last "
+                          "digits)."},
     )
     data: IterateDataConfig = field(
         default_factory=IterateDataConfig, metadata={"help": "Training and held-out prompts."},
@@ -257,7 +268,7 @@ class IterateConfig:
         return dataclasses.asdict(self)
 
 
-RESUMABLE_KEYS = ("rounds", "strategies")
+RESUMABLE_KEYS = ("rounds", "strategies", "threads")
 """Keys that may change when a run is resumed: every step already done stays valid."""
 
 
@@ -289,6 +300,7 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     if not cfg.run_name.strip() or any(c.isspace() for c in cfg.run_name):
         raise ConfigError(f"config key 'name' must be a name without spaces (the sources' prefix), got {cfg.name!r}")
     _at_least("rounds", cfg.rounds, 1)
+    _at_least("threads", cfg.threads, 0)
     if not cfg.strategies:
         raise ConfigError("config key 'strategies' must name at least one strategy")
     if len(set(cfg.strategies)) < len(cfg.strategies):

@@ -566,7 +566,11 @@ def planned_steps(cfg: IterateConfig) -> int:
 def run_iterate(cfg: IterateConfig, *, resume: bool, stop: StopSignals) -> dict[str, Any]:
     """Every step of ``cfg`` not done yet, then the final table (``dora_engine.iterate.report``); returns the
     results. Raises ``Stopped`` when a stop signal ends the run early."""
+    import torch
+
     open_run(cfg, resume)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     runner = Runner(cfg, stop, planned_steps(cfg))
     data = start_data(runner)
     start = start_policy(runner, data)
