@@ -301,3 +301,31 @@ def test_killed_twice_and_resumed_it_gives_the_uninterrupted_table(tmp_path: Pat
     trained = yaml.safe_load((killed / "round3" / "align-dora" / "final" / "dora_training.yaml").read_text())
     assert trained["model"]["path"] == str(killed / "round2" / "align-dora" / "final")
     assert trained["model"]["reference"] is None  # the previous round's policy, itself
+
+
+# ---------------------------------------------------------------- benchmarks/bench_iterate.py
+
+
+@pytest.fixture
+def bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_iterate", ROOT / "benchmarks" / "bench_iterate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_bench_pairs_dora_and_erm_per_seed_and_iteration(bench) -> None:
+    seeds = [{"seed": s, "seconds": 1.0, "prompts": 8,
+              "reward": {"erm": [1.0, 1.0 + s, 1.0], "dora": [1.0, 1.5 + s, 1.2]},
+              "win_rate": {"erm": [0.1, 0.2, 0.3], "dora": [0.1, 0.2, 0.4]}} for s in (0, 1, 2)]
+    summary = bench.summarise(seeds, ["erm", "dora"], n_boot=200)
+    assert [c["mean"] for c in summary["reward_dora_minus_erm"]] == pytest.approx([0.0, 0.5, 0.2])
+    assert summary["reward"]["erm"][1]["mean"] == pytest.approx(2.0) and summary["seeds"] == [0, 1, 2]
+    table = bench.markdown(summary, seeds, "Reported")
+    assert "| 1 | +0.500 | +0.500 | +0.500 |" in table and "| 2 | +0.200 | +0.200 | +0.200 |" in table
+    assert "| dora − erm (paired) | – | **+0.500 [+0.500, +0.500]** | **+0.200 [+0.200, +0.200]** |" in table
+    overrides = bench.seed_overrides(12, Path("/w/seed12"), bench.BENCH, ["align.lr=2e-4"])
+    cfg = load_iterate_config(DEFAULT, [*overrides[:-1], "output_dir=/tmp/unused"])
+    assert (cfg.seed, cfg.data.synth_seed, cfg.run_name, cfg.align.lr) == (12, 12, "seed12", 2e-4)

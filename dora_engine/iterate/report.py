@@ -60,7 +60,9 @@ def summarise(cfg: IterateConfig, start: Evaluation, history: dict[str, Sequence
     return out
 
 
-def _cell(interval: dict[str, float], scale: float, digits: int) -> str:
+def mean_cell(interval: dict[str, float], scale: float = 1.0, digits: int = 3) -> str:
+    """``mean [lo, hi]`` of an ``Interval``'s dict, times ``scale``, without signs (``Interval.format`` signs
+    differences)."""
     mean, lo, hi = (scale * interval[k] for k in ("mean", "lo", "hi"))
     return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
@@ -79,7 +81,7 @@ def markdown(results: dict[str, Any]) -> str:
                   "| strategy | " + " | ".join(f"iteration {i}" if i else "start" for i in iterations) + " |",
                   "| --- | " + " | ".join("---" for _ in iterations) + " |"]
         for strategy, cells in results[metric].items():
-            lines.append(f"| {strategy} | " + " | ".join(_cell(c, scale, digits) for c in cells) + " |")
+            lines.append(f"| {strategy} | " + " | ".join(mean_cell(c, scale, digits) for c in cells) + " |")
         for label, cells in results.get(f"{metric}_differences", {}).items():
             texts = []
             for c in cells:
