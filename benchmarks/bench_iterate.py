@@ -119,7 +119,13 @@ def markdown(summary: dict[str, Any], seeds: list[dict[str, Any]], label: str) -
             for i, c in enumerate(summary[f"{metric}_dora_minus_erm"]):
                 interval = Interval(**c)
                 text = interval.format(scale, digits)
-                texts.append("–" if i == 0 else f"**{text}**" if interval.excludes_zero() else text)
+                if i == 0:
+                    text = "–"  # the shared start
+                elif interval.n < 2:
+                    text = f"{scale * interval.mean:+.{digits}f}"  # one seed: no interval to speak of
+                elif interval.excludes_zero():
+                    text = f"**{text}**"
+                texts.append(text)
             lines.append("| dora − erm (paired) | " + " | ".join(texts) + " |")
     if "reward_dora_minus_erm" in summary:
         lines += ["", "### dora − erm per seed (mean oracle reward)", "",
