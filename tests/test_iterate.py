@@ -134,8 +134,9 @@ def _records(ids: list[str], responses: list[tuple[str, float | None]]) -> list[
             for i in ids]
 
 
-def test_a_round_s_data_keeps_the_training_responses_and_the_kept_rounds(tmp_path: Path) -> None:
-    cfg = _config(tmp_path, "name=t", "score.previous_rounds=1")
+@pytest.mark.parametrize("all_responses", [False, True])
+def test_a_round_s_data_keeps_the_training_responses_and_the_kept_rounds(tmp_path: Path, all_responses: bool) -> None:
+    cfg = _config(tmp_path, "name=t", "score.previous_rounds=1", f"score.all_responses={str(all_responses).lower()}")
     runner = _runner(cfg, 2)
     ids = ["a", "b"]
     earlier = Step(runner.root, "round1/data-start", {"round": 1})
@@ -149,7 +150,11 @@ def test_a_round_s_data_keeps_the_training_responses_and_the_kept_rounds(tmp_pat
     done = _merge(runner, "score", "round2/data-dora", generated, kept, "t-round2")
     merged = read_records(runner.root / "round2" / "data-dora" / "train.jsonl")
     assert [r.source for r in merged[0].responses] == ["golden", "verbose", "t-round1", "t-round2", "t-round2"]
-    assert [r.score for r in merged[0].responses[:3]] == [2.0, 0.5, 0.25]  # scores already there are kept
+    kept_scores = [r.score for r in merged[0].responses[:3]]
+    if all_responses:  # the training responses scored again by the oracle, the kept round's as scored then
+        assert kept_scores[0] not in (2.0, None) and kept_scores[1] not in (0.5, None) and kept_scores[2] == 0.25
+    else:  # scores already there are kept
+        assert kept_scores == [2.0, 0.5, 0.25]
     assert all(r.score is not None for r in merged[1].responses)  # the round's own responses are scored
     assert "t-round2" in done.info["summary"]
 

@@ -94,7 +94,7 @@ class IterateDataConfig:
 class StartConfig:
     model: str = field(
         default=TINY,
-        metadata={"help": "The start policy of every chain: a Hugging Face causal-LM folder (an SFT model), or "
+        metadata={"help": "The start policy of every chain: a local Hugging Face causal-LM folder (an SFT model), or "
                           "`tiny`: a random tiny Llama over the synthetic vocabulary (`start.hidden`, `start.layers`, "
                           "`start.heads`; needs `data.train: synth`)."},
     )
@@ -107,7 +107,10 @@ class StartConfig:
                           "before round 1; 0: `start.model` is the start policy as it is."},
     )
     sft_lr: float = field(default=1e-2, metadata={"help": "SFT learning rate (cosine schedule, 2 warmup steps)."})
-    sft_batch_prompts: int = field(default=16, metadata={"help": "SFT prompts per optimizer step."})
+    sft_batch_rows: int = field(
+        default=64,
+        metadata={"help": "SFT rows (one trained response with its prompt) per optimizer step."},
+    )
     sft_source: str = field(
         default="*",
         metadata={"help": "The responses SFT trains on: a source, or `\"*\"`: every response (the mixture)."},
@@ -139,8 +142,14 @@ class ScoreConfig:
     reward: str = field(
         default=ORACLE,
         metadata={"help": "What scores the generated responses (and any unscored response of `data.train`): "
-                          "`oracle` (the synthetic data's known reward) or `reward-model:PATH` (a single-logit "
-                          "sequence classifier, as `data score`)."},
+                          "`oracle` (the synthetic data's known reward) or `reward-model:PATH` (a local folder of a "
+                          "single-logit sequence classifier, as `data score`)."},
+    )
+    all_responses: bool = field(
+        default=False,
+        metadata={"help": "`true`: `score.reward` scores the training data's responses too, replacing their scores, "
+                          "so that every response of a round is on one scale (for `data.train` scored elsewhere, "
+                          "e.g. human labels 1/0); `false`: only responses without a score are scored."},
     )
     previous_rounds: int = field(
         default=0,
@@ -201,7 +210,7 @@ class AlignConfig:
 class EvaluateConfig:
     reward: str = field(
         default=ORACLE,
-        metadata={"help": "What judges the held-out generations: `oracle` or `reward-model:PATH`."},
+        metadata={"help": "What judges the held-out generations: `oracle` or `reward-model:PATH` (a local folder)."},
     )
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0: greedy."})
     top_k: int = field(default=50, metadata={"help": "Top-k filter; 0: off."})
@@ -277,7 +286,10 @@ def _reward(key: str, spec: str) -> None:
         return
     if not spec.startswith(REWARD_MODEL) or not spec[len(REWARD_MODEL):]:
         raise ConfigError(f"config key {key!r} must be {ORACLE!r} or 'reward-model:PATH', got {spec!r}")
-    _check_model_location(key, spec[len(REWARD_MODEL):], MODEL_FILES)
+    path = spec[len(REWARD_MODEL):]
+    _check_model_location(key, path, MODEL_FILES)
+    if not Path(path).is_dir():  # its content hash keys the steps it scores
+        raise ConfigError(f"config key {key!r}: the reward model must be a local folder, got {path!r}")
 
 
 def _records_file(key: str, value: str) -> None:
@@ -333,9 +345,11 @@ def validate(cfg: IterateConfig) -> IterateConfig:
             raise ConfigError(f"config key 'start.heads' must divide start.hidden ({s.hidden}), got {s.heads}")
     else:
         _check_model_location("start.model", s.model, MODEL_FILES)
+        if not Path(s.model).is_dir():  # its content hash keys every step after it
+            raise ConfigError(f"config key 'start.model' must be a local model folder or `{TINY}`, got {s.model!r}")
     _at_least("start.sft_epochs", s.sft_epochs, 0)
     _positive("start.sft_lr", s.sft_lr)
-    _at_least("start.sft_batch_prompts", s.sft_batch_prompts, 1)
+    _at_least("start.sft_batch_rows", s.sft_batch_rows, 1)
     if not s.sft_source:
         raise ConfigError("config key 'start.sft_source' must be a source or \"*\"")
     g = cfg.generate

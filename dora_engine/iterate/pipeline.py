@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from dora_engine.atomic import atomic_write, give_default_modes, temporary_dir
+from dora_engine.atomic import atomic_write, give_default_modes, remove_stale_temporaries, temporary_dir
 from dora_engine.errors import TrainingError, UserValueError
 from dora_engine.generation import EXPORT_FOLDER, Sampling, derived_seed
 from dora_engine.iterate.config import ORACLE, RESUMABLE_KEYS, REWARD_MODEL, SYNTH, TINY, IterateConfig
@@ -131,6 +131,16 @@ class Runner:
         self.number = 0
         self.tokenised = self.root / "cache" / "tokenised"
         self.ref_cache = self.root / "cache" / "ref_logps"
+        self._rewards: dict[str, str] = {}
+
+    def reward(self, spec: str) -> str:
+        """What a reward spec stands for in a step's inputs: ``oracle``, or the reward model's content hash
+        (computed once per run)."""
+        if spec == ORACLE:
+            return spec
+        if spec not in self._rewards:
+            self._rewards[spec] = content_digest(spec[len(REWARD_MODEL):])
+        return self._rewards[spec]
 
     def say(self, message: str) -> None:
         print(f"[iterate {self.number:>{len(str(self.total))}}/{self.total}] {message}", flush=True)
@@ -150,6 +160,8 @@ class Runner:
         self.say(f"{label} -> {name}")
         started = time.perf_counter()
         step.folder.mkdir(parents=True, exist_ok=True)
+        for folder in (step.folder, *(p for p in step.folder.iterdir() if p.is_dir())):
+            remove_stale_temporaries(folder)  # what writes of a killed attempt left
         outputs, info = run(step.folder)
         done = record(step, outputs, info)
         self._note(name, step.key)
@@ -277,7 +289,7 @@ def _sft_config(runner: Runner, model: Path, output_dir: Path, data: Done) -> An
         data=DataConfig(train=[str(runner.root / START / "data" / TRAIN_FILE)], target_source=s.sft_source,
                         max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.max_response_tokens,
                         cache_dir=str(runner.tokenised), ref_cache_dir=str(runner.ref_cache)),
-        train=TrainConfig(micro_batch_prompts=s.sft_batch_prompts, lr=s.sft_lr, schedule="cosine", warmup_steps=2,
+        train=TrainConfig(micro_batch_prompts=s.sft_batch_rows, lr=s.sft_lr, schedule="cosine", warmup_steps=2,
                           epochs=s.sft_epochs, seed=cfg.seed, precision=cfg.align.precision, backend=cfg.align.backend),
         logging=LoggingConfig(tensorboard="off"),
         checkpoint=CheckpointConfig(every=cfg.align.checkpoint_every, resume="auto", export=True),
@@ -317,8 +329,9 @@ def evaluate(runner: Runner, name: str, label: str, policy: Policy, data: Done,
 
     cfg = runner.cfg
     e = cfg.evaluate
-    inputs = {"step": "evaluate", "policy": policy.digest, "data": data.digest, "evaluate": asdict(e),
-              "backend": cfg.generate.backend, "seed": cfg.seed, "target_source": cfg.data.target_source,
+    inputs = {"step": "evaluate", "policy": policy.digest, "data": data.digest,
+              "evaluate": {**asdict(e), "reward": runner.reward(e.reward)}, "backend": cfg.generate.backend,
+              "seed": cfg.seed, "target_source": cfg.data.target_source,
               "baselines": {b.name: b.digest for b in baselines}}
 
     def run(folder: Path) -> tuple[list[str], dict[str, Any]]:
@@ -326,8 +339,7 @@ def evaluate(runner: Runner, name: str, label: str, policy: Policy, data: Done,
         sampling = Sampling(temperature=e.temperature, top_k=e.top_k, top_p=e.top_p, max_new_tokens=e.max_new_tokens)
         generations = generate_records(records, str(policy.path), generator=policy.name,
                                        backend=cfg.generate.backend, sampling=sampling,
-                                       seed=derived_seed(cfg.seed, "evaluate"), batch_size=e.batch_size,
-                                       dtype="float32")
+                                       seed=derived_seed(cfg.seed, "evaluate"), batch_size=e.batch_size)
         write_generations(folder / GENERATIONS, generations)
         judge = RewardJudge(make_reward_scorer(e.reward))
         scores = score_against_golden(policy.name, pair_with_golden(generations, records, cfg.data.target_source),
@@ -433,18 +445,19 @@ def _generate(runner: Runner, round_: int, label: str, name: str, policy: Policy
 def _merge(runner: Runner, label: str, name: str, generated: tuple[str, Done], kept: dict[int, tuple[str, Done]],
            source: str) -> Done:
     """Step 2: the round's data: the training responses and the round's generations (``generated``: the
-    generate step's folder and manifest), scored where they have no score yet, and the scored responses of
-    the ``kept`` earlier rounds (round -> its data step's folder and manifest)."""
+    generate step's folder and manifest), scored where they have no score yet (all of them with
+    ``score.all_responses``), and the scored responses of the ``kept`` earlier rounds (round -> its data
+    step's folder and manifest)."""
     from dora_engine.data.schema import read_records, write_records
     from dora_engine.data.score import score_records
 
     cfg = runner.cfg
-    inputs = {"step": "score", "generated": generated[1].digest, "reward": cfg.score.reward,
-              "kept": {str(r): done.digest for r, (_, done) in kept.items()}}
+    inputs = {"step": "score", "generated": generated[1].digest, "reward": runner.reward(cfg.score.reward),
+              "all_responses": cfg.score.all_responses, "kept": {str(r): done.digest for r, (_, done) in kept.items()}}
 
     def run(folder: Path) -> tuple[list[str], dict[str, Any]]:
         records = score_records(read_records(runner.root / generated[0] / GENERATIONS),
-                                reward_model(cfg.score.reward), keep_existing=True)
+                                reward_model(cfg.score.reward), keep_existing=not cfg.score.all_responses)
         earlier = {r: {rec.id: rec for rec in read_records(runner.root / data_name / TRAIN_FILE)}
                    for r, (data_name, _) in kept.items()}
         merged = []
