@@ -108,7 +108,7 @@ class StartConfig:
     )
     sft_lr: float = field(default=1e-2, metadata={"help": "SFT learning rate (cosine schedule, 2 warmup steps)."})
     sft_batch_rows: int = field(
-        default=64,
+        default=32,
         metadata={"help": "SFT rows (one trained response with its prompt) per optimizer step."},
     )
     sft_source: str = field(

@@ -180,7 +180,7 @@ def _summary(info: dict[str, Any]) -> str:
     return f"; {text}" if text else ""
 
 
-def reward_model(spec: str) -> str:
+def score_model(spec: str) -> str:
     """``score.reward`` as ``data score`` names it: ``synth:oracle`` or the reward model's path."""
     from dora_engine.data.score import ORACLE as SCORE_ORACLE
 
@@ -457,7 +457,7 @@ def _merge(runner: Runner, label: str, name: str, generated: tuple[str, Done], k
 
     def run(folder: Path) -> tuple[list[str], dict[str, Any]]:
         records = score_records(read_records(runner.root / generated[0] / GENERATIONS),
-                                reward_model(cfg.score.reward), keep_existing=not cfg.score.all_responses)
+                                score_model(cfg.score.reward), keep_existing=not cfg.score.all_responses)
         earlier = {r: {rec.id: rec for rec in read_records(runner.root / data_name / TRAIN_FILE)}
                    for r, (data_name, _) in kept.items()}
         merged = []
