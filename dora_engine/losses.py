@@ -4,7 +4,8 @@ Every path of the project (reference op, fused C++/CUDA op, trainer, CLI, benchm
 and strategy names, parameters and defaults here. The fused kernels receive a loss/strategy *code* and
 the parameters flattened in ``LossSpec.param_names`` order (``encode_params``).
 
-The training objective travels as one value, ``RobustObjective`` (loss, its parameters, strategy, λ);
+The training objective travels as one value, ``RobustObjective`` (loss, its parameters, strategy, λ, the
+scale of h̃);
 ``RobustObjective.resolve()`` validates it once and gives the ``ResolvedObjective`` every consumer reads.
 
 Shapes: B prompts × K responses. ``S`` summed log-probs, ``L`` valid-token counts, ``S_ref`` reference
@@ -371,13 +372,37 @@ def robust_objective(
 
 
 # --------------------------------------------------------------------------------------------------
+# The scale of h̃
+# --------------------------------------------------------------------------------------------------
+
+#: How h̃ is scaled before the strategy (docs/design.md section 4.3): ``none`` as given (the paper's),
+#: ``dataset`` divided by the training set's mean h̃, ``batch`` divided by the global batch's mean h̃.
+H_SCALES = ("none", "dataset", "batch")
+DEFAULT_H_SCALE = "none"
+
+
+def h_divisor(h_scale: str, h_mean: float | None, h_batch: torch.Tensor) -> torch.Tensor:
+    """The constant c by which h̃ is divided (a 0-dim tensor in ``h_batch``'s dtype, no gradient, no host
+    synchronisation): 1 for ``none``, ``h_mean`` for ``dataset``, mean(h_batch) for ``batch``, where
+    ``h_batch`` is h̃ of every prompt the strategy reduces over, and 1 when that mean is 0 (all h̃ zero)."""
+    one = torch.ones((), dtype=h_batch.dtype, device=h_batch.device)
+    if h_scale == "dataset":
+        return one * h_mean
+    if h_scale == "batch":
+        mean = h_batch.detach().mean()
+        return torch.where(mean != 0, mean, one)
+    return one
+
+
+# --------------------------------------------------------------------------------------------------
 # The objective as one value
 # --------------------------------------------------------------------------------------------------
 
 
 class ObjectiveError(UserValueError):
     """An objective that cannot run; ``field`` is the ``RobustObjective`` field at fault (``loss``,
-    ``loss_params``, ``strategy`` or ``lam``), so that a caller can name its own key for it."""
+    ``loss_params``, ``strategy``, ``lam``, ``h_scale`` or ``h_mean``), so that a caller can name its own key
+    for it."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
@@ -397,10 +422,16 @@ class RobustObjective:
     """``erm``, ``reweight``, ``dro``, ``dora`` or ``drdpo``."""
     lam: float = 1.0
     """λ > 0, the temperature of ``dro``, ``dora`` and ``drdpo`` (the kernels check it for every strategy)."""
+    h_scale: str = DEFAULT_H_SCALE
+    """How h̃ is scaled before the strategy (``H_SCALES``; docs/design.md section 4.3): ``none``, ``dataset``
+    (h̃ / ``h_mean``) or ``batch`` (h̃ / the global batch's mean h̃)."""
+    h_mean: float | None = None
+    """The training set's mean h̃ (finite, > 0): required with ``h_scale="dataset"``, None otherwise."""
 
     def resolve(self) -> ResolvedObjective:
-        """The validated objective: loss and strategy known, parameters complete and typed, λ finite and > 0.
-        Raises ``ObjectiveError`` naming the field at fault."""
+        """The validated objective: loss and strategy known, parameters complete and typed, λ finite and > 0,
+        ``h_scale`` known and ``h_mean`` given exactly when it is ``dataset``. Raises ``ObjectiveError``
+        naming the field at fault."""
         try:
             loss = get_loss(self.loss)
         except ValueError as err:
@@ -416,17 +447,33 @@ class RobustObjective:
         lam = self.lam
         if isinstance(lam, bool) or not isinstance(lam, int | float) or not math.isfinite(lam) or lam <= 0:
             raise ObjectiveError("lam", f"lam must be a finite number > 0, got {lam!r}")
-        return ResolvedObjective(loss, MappingProxyType(params), strategy, float(lam))
+        if self.h_scale not in H_SCALES:
+            raise ObjectiveError("h_scale", f"h_scale must be one of {', '.join(H_SCALES)}, got {self.h_scale!r}")
+        h_mean = self.h_mean
+        if self.h_scale == "dataset":
+            if isinstance(h_mean, bool) or not isinstance(h_mean, int | float) or not math.isfinite(h_mean) \
+                    or h_mean <= 0:
+                raise ObjectiveError(
+                    "h_mean", f"h_scale 'dataset' needs h_mean, the training set's mean h̃ (a finite number > 0), "
+                              f"got {h_mean!r}"
+                )
+            h_mean = float(h_mean)
+        elif h_mean is not None:
+            raise ObjectiveError("h_mean", f"h_mean is only given with h_scale 'dataset' (h_scale is "
+                                           f"{self.h_scale!r}), got {h_mean!r}")
+        return ResolvedObjective(loss, MappingProxyType(params), strategy, float(lam), self.h_scale, h_mean)
 
 
 @dataclass(frozen=True)
 class ResolvedObjective:
-    """A validated ``RobustObjective``: the specs, the loss's complete parameters and λ."""
+    """A validated ``RobustObjective``: the specs, the loss's complete parameters, λ and the scale of h̃."""
 
     loss: LossSpec
     params: Mapping[str, ParamValue]
     strategy: StrategySpec
     lam: float
+    h_scale: str = DEFAULT_H_SCALE
+    h_mean: float | None = None
 
     def resolve(self) -> ResolvedObjective:
         """Itself: already validated."""
@@ -441,8 +488,18 @@ class ResolvedObjective:
         """ℓ_b (B,) of the loss."""
         return self.loss.fn(batch, **self.params)
 
+    @property
+    def scales_h(self) -> bool:
+        """Whether the strategy reads h̃ and ``h_scale`` changes it (so the op divides h̃ before reducing)."""
+        return self.strategy.needs_h_tilde and self.h_scale != "none"
+
+    def h_divisor(self, h_batch: torch.Tensor) -> torch.Tensor:
+        """The c of ``h_divisor`` for this objective, ``h_batch`` the h̃ of every prompt reduced over."""
+        return h_divisor(self.h_scale, self.h_mean, h_batch)
+
     def reduce(self, ell: torch.Tensor, h_tilde: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ℒ, weights) of the strategy over ``ell`` with calibration weights ``h_tilde`` (B,)."""
+        """(ℒ, weights) of the strategy over ``ell`` with calibration weights ``h_tilde`` (B,), already
+        scaled (``dora_engine.ops`` divides h̃ by ``h_divisor`` before any backend reduces)."""
         return self.strategy.fn(ell, h_tilde, self.lam)
 
 
@@ -453,13 +510,16 @@ def objective_of(
     loss_params: Mapping[str, Any] | None = None,
     strategy: str | None = None,
     lam: float | None = None,
+    h_scale: str | None = None,
+    h_mean: float | None = None,
 ) -> ResolvedObjective:
     """The resolved objective of a call that takes ``objective=`` or, as a convenience, the flat
-    ``loss`` / ``loss_params`` / ``strategy`` / ``lam`` (which build one; unset ones keep
-    ``RobustObjective``'s defaults). Giving both is an error."""
+    ``loss`` / ``loss_params`` / ``strategy`` / ``lam`` / ``h_scale`` / ``h_mean`` (which build one; unset
+    ones keep ``RobustObjective``'s defaults). Giving both is an error."""
     flat = {
         name: value
-        for name, value in (("loss", loss), ("loss_params", loss_params), ("strategy", strategy), ("lam", lam))
+        for name, value in (("loss", loss), ("loss_params", loss_params), ("strategy", strategy), ("lam", lam),
+                            ("h_scale", h_scale), ("h_mean", h_mean))
         if value is not None
     }
     if objective is None:

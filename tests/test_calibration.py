@@ -8,6 +8,7 @@ import json
 import random
 import shlex
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,14 @@ def test_cli_writes_h_tilde_classifiers_and_report(calibrated):
         assert rec.meta[FOLD_META_KEY] in (0, 1)
     assert report["scored_out_of_fold"] == 24 and report["scored_by_all_folds"] == 0
     assert set(report["h_tilde"]["quantiles"]) >= {"q00", "q50", "q100"}
+    # the mean h̃ of the scored file: what robust.h_scale `dataset` divides by when training on it
+    assert report["h_tilde"]["mean"] == pytest.approx(np.mean([r.h_tilde for r in records]), rel=1e-12)
+    assert report["h_tilde"]["by_target"] == {"with_target": {"prompts": 24, "mean": report["h_tilde"]["mean"]},
+                                              "without_target": {"prompts": 0, "mean": None}}
     assert set(report["sources"]["llm_a"]["h_tilde_term"]["quantiles"]) >= {"q05", "q95"}
     markdown = (calibrated["run"] / "report.md").read_text()
+    assert f"Mean h̃ {report['h_tilde']['mean']:.4g}: what `robust.h_scale: dataset` divides h̃ by" in markdown
+    assert "without a `gold` response: – (0 prompts)" in markdown
     assert markdown.startswith("# Calibration report") and "in-fold ROC-AUC" in markdown
     assert (calibrated["run"] / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((calibrated["run"] / "classifiers").iterdir())) == 3 * 2
@@ -442,6 +449,18 @@ def test_apply_reproduces_calibrate_without_training(calibrated, monkeypatch, tm
     got = read_records(tmp_path / "new.calibrated.jsonl")
     assert [r.h_tilde for r in got] == pytest.approx([r.h_tilde for r in expected], rel=1e-9)
     assert all(0 < r.h_tilde < 2 for r in got)
+    # --apply reports the mean h̃ of what it scored, by whether a prompt has a target response
+    mixed = make_records(4, ("llm_b", "gold"), seed=12)
+    mixed += [replace(r, id=f"q{i}") for i, r in enumerate(make_records(3, ("llm_a", "llm_b"), seed=13))]
+    write_records(tmp_path / "mixed.jsonl", mixed)
+    capsys.readouterr()
+    assert main(["calibrate", str(tmp_path / "mixed.jsonl"), "--apply", str(moved),
+                 "--out", str(tmp_path / "mixed.calibrated.jsonl")]) == 0
+    h = [r.h_tilde for r in read_records(tmp_path / "mixed.calibrated.jsonl")]
+    printed = capsys.readouterr().out
+    assert f"Mean h̃ {np.mean(h):.4g}: what `robust.h_scale: dataset` divides h̃ by" in printed
+    assert f"with a `gold` response: {np.mean(h[:4]):.3f} (4 prompts)" in printed
+    assert f"without a `gold` response: {np.mean(h[4:]):.3f} (3 prompts)" in printed
 
 
 @pytest.mark.parametrize(

@@ -52,6 +52,8 @@ def test_rows_are_those_of_the_in_memory_tokeniser(toy, tmp_path, stage):
                       needs_h_tilde=True, data_hash="x")
     assert _plain(mapped) == _plain(memory) and mapped.num_responses == memory.num_responses
     assert mapped.num_records == 24 and len(mapped) == len(memory)
+    if stage == "align":
+        assert mapped.mean_h_tilde() == pytest.approx(memory.mean_h_tilde(), rel=1e-12)
     batch, expected = collate(mapped, [5, 0, 9], pad_id=0), collate(memory, [5, 0, 9], pad_id=0)
     assert batch.keys() == expected.keys() and all(torch.equal(batch[k], expected[k]) for k in batch)
     check_token_range(mapped, 28, "data.train")

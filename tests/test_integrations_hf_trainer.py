@@ -190,6 +190,29 @@ def test_gradient_accumulation_averages_micro_steps(toy, tmp_path) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_trainer_takes_the_c_of_h_scale_dataset_from_its_training_data(toy, tmp_path) -> None:
+    records = toy["records"]
+    c = sum(r["h_tilde"] for r in records) / len(records)
+    trainer = _trainer(toy, tmp_path / "c", records, objective=RobustObjective("simpo", strategy="dora",
+                                                                               h_scale="dataset"))
+    assert (trainer.objective.h_scale, trainer.objective.h_mean) == ("dataset", pytest.approx(c))
+    given = _trainer(toy, tmp_path / "c", records, objective=RobustObjective("simpo", h_scale="dataset", h_mean=2.0))
+    assert given.objective.h_mean == 2.0
+    batch = ListwiseCollator(toy["tok"])(records[:4])
+    model = toy["policy"]
+    # the loss the trainer computes is that of the op with its c
+    with torch.no_grad():
+        got = listwise_loss(model, batch, trainer.objective).loss
+        want = listwise_loss(model, batch, RobustObjective("simpo", h_scale="dataset", h_mean=c)).loss
+        plain = listwise_loss(model, batch, RobustObjective("simpo")).loss
+    assert got == want and abs(got - plain) > 1e-6
+    no_h = [{k: v for k, v in r.items() if k != "h_tilde"} for r in records]
+    with pytest.raises(ValueError, match="has no 'h_tilde' value"):
+        _trainer(toy, tmp_path / "c", no_h, objective=RobustObjective("simpo", h_scale="dataset"))
+    erm = _trainer(toy, tmp_path / "c", no_h, objective=RobustObjective("simpo", strategy="erm", h_scale="dataset"))
+    assert erm.objective.h_scale == "none"  # erm ignores h̃: nothing to compute
+
+
 def readme_loop_example() -> str:
     """The plain-PyTorch example of README.md: the python block after its "From your own loop" heading."""
     text = README.read_text(encoding="utf-8")

@@ -192,6 +192,30 @@ def test_configuration_errors_name_the_field(toy) -> None:
     make_trainer(no_h, dora_strategy="dro")  # h̃ is only needed by reweight and dora
 
 
+def test_h_scale_dataset_takes_c_from_the_training_dataset(toy) -> None:
+    c = sum(toy["dataset"]["h_tilde"]) / len(toy["dataset"])
+    trainer = make_trainer(toy, dora_loss="dpo", dora_strategy="dora", dora_lam=0.7, dora_h_scale="dataset")
+    assert (trainer.dora_objective.h_scale, trainer.dora_objective.h_mean) == ("dataset", pytest.approx(c))
+    ours, grads = loss_and_grads(trainer, fixed_batch(trainer))
+    objective = RobustObjective("dpo", dict(trainer.dora_objective.params), "dora", 0.7, "dataset", c)
+    engine, engine_grads = engine_loss_and_grads(trainer, trainer.model, objective)
+    assert ours == pytest.approx(engine, rel=1e-12, abs=1e-12)
+    assert max_diff(grads, engine_grads) < 1e-11
+    unscaled = make_trainer(toy, dora_loss="dpo", dora_strategy="dora", dora_lam=0.7)
+    assert abs(loss_and_grads(unscaled, fixed_batch(unscaled))[0] - ours) > 1e-6
+    assert make_trainer(toy, dora_h_scale="dataset", dora_h_mean=2.5).dora_objective.h_mean == 2.5
+    assert make_trainer(toy, dora_h_scale="batch").dora_objective.h_scale == "batch"
+    no_h = {**toy, "dataset": toy["dataset"].remove_columns("h_tilde")}
+    with pytest.raises(ValueError, match="training dataset has no 'h_tilde' column"):
+        make_trainer(no_h, dora_strategy="dora", dora_h_scale="dataset")
+    assert make_trainer(no_h, dora_strategy="dro", dora_h_scale="dataset").dora_objective.h_scale == "none"
+    cpu = {"output_dir": str(toy["root"]), "use_cpu": True, "bf16": False}
+    with pytest.raises(ValueError, match="`dora_h_scale`: h_scale must be one of none, dataset, batch"):
+        DoRADPOConfig(**cpu, dora_h_scale="prompt")
+    with pytest.raises(ValueError, match="`dora_h_mean`: h_mean is only given with h_scale 'dataset'"):
+        DoRADPOConfig(**cpu, dora_h_mean=2.0)
+
+
 def test_config_parses_from_the_command_line(toy) -> None:
     from transformers import HfArgumentParser
 

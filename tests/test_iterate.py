@@ -65,6 +65,7 @@ def test_the_embedded_default_loads() -> None:
     ("align.reference=initial", "config key 'align.reference' must be one of previous, start, got 'initial'"),
     ("align.loss=hinge", "config key 'align.loss': unknown loss 'hinge'"),
     ("align.lr=0", "config key 'align.lr' must be > 0"),
+    ("align.h_scale=prompt", "config key 'align.h_scale' must be one of none, dataset, batch, got 'prompt'"),
     ("generate.temperature=0", "config key 'generate.temperature' must be > 0"),
     ("generate.top_p=1.5", "config key 'generate.top_p' must lie in (0, 1], got 1.5"),
     ("generate.backend=onnx", "config key 'generate.backend' must be one of transformers, vllm"),
@@ -117,13 +118,13 @@ def test_earlier_rounds_kept(tmp_path: Path, previous: int, expected: list[int])
 
 @pytest.mark.parametrize("choice", ["previous", "start"])
 def test_the_reference_is_the_previous_policy_or_the_start(tmp_path: Path, choice: str) -> None:
-    cfg = _config(tmp_path, f"align.reference={choice}")
+    cfg = _config(tmp_path, f"align.reference={choice}", "align.h_scale=dataset")
     runner = Runner(cfg, StopSignals(), 1)
     start = Policy(tmp_path / "start", "s", "start")
     previous = Policy(tmp_path / "round1" / "align-dora" / "final", "p", "dora-round1")
     ref = reference(cfg, previous, start)
     train = align_config(runner, "dora", previous, ref, tmp_path / "data.jsonl", tmp_path / "round2" / "align-dora")
-    assert train.model.path == str(previous.path) and train.robust.strategy == "dora"
+    assert train.model.path == str(previous.path) and (train.robust.strategy, train.robust.h_scale) == ("dora", "dataset")
     assert train.model.reference == (None if choice == "previous" else str(start.path))  # None: the policy itself
     assert (train.stage, train.checkpoint.resume, train.checkpoint.export) == ("align", "auto", True)
     assert reference(cfg, start, start) is start  # round 1: both choices are the start policy

@@ -64,6 +64,7 @@ def test_defaults_overrides_and_registry_defaults(toy):
         ({"loss": {"name": "dpo", "params": {"beta": -1}}}, "'loss.params'"),
         ({"robust": {"strategy": "dora", "lam": 0}}, "'robust.lam': lam must be a finite number > 0"),
         ({"robust": {"strategy": "minimax"}}, "'robust.strategy': unknown strategy"),
+        ({"robust": {"h_scale": "prompt"}}, "'robust.h_scale' must be one of none, dataset, batch, got 'prompt'"),
         ({"data": {"train": ["missing.jsonl"]}}, "'data.train[0]': file not found"),
         ({"data": {"format": "ultrafeedback"}}, "'data.format' must be one of schema, trl, hh, tldr, authors"),
         ({"data": {"format": "trl", "columns": {"prompt": "q"}}}, "'data.columns' applies to data.format schema"),
@@ -79,6 +80,36 @@ def test_bad_config_names_the_key(toy, tmp_path, edit, message):
     with pytest.raises(ConfigError) as err:
         load_config(_write(tmp_path, data))
     assert message in str(err.value)
+
+
+def test_h_scale_dataset_takes_c_from_all_of_data_train(toy, capsys):
+    from dora_engine.training.engine import Trainer
+    from dora_engine.training.loading import RunData
+    from dora_engine.training.process_group import Ranks
+    from dora_engine.training.startup import run_objective
+
+    cfg = load_config(toy, ["robust.h_scale=dataset"])
+    records = load_records(cfg.data.train)
+    tok, _ = _tokeniser(toy)
+    train = tokenise(records, tok, stage="align", target_source="chosen", num_responses=None, needs_h_tilde=True,
+                     data_hash="x")
+    data = RunData(build_tokenizer(toy.parent / "tok"), train, None)
+    c = sum(r.h_tilde for r in records) / len(records)
+    objective = run_objective(cfg, data, Ranks(rank=0, world=2))
+    assert (objective.h_scale, objective.h_mean) == ("dataset", pytest.approx(c))
+    assert f"c = {c:.6g} ({len(records)} records)" in capsys.readouterr().out
+    # Another rank of the run takes the same c from the whole of data.train, not from its shard, and says nothing.
+    assert run_objective(cfg, data, Ranks(rank=1, world=2)).h_mean == objective.h_mean
+    assert capsys.readouterr().out == ""
+    trainer = Trainer(cfg, data=data, ranks=Ranks(), sampler=None, checkpoints=None, engine=None, lr_scheduler=None,
+                      h_mean=objective.h_mean)
+    assert trainer.settings["robust"] == {"strategy": "dora", "lam": 1.0, "h_scale": "dataset",
+                                          "h_mean": objective.h_mean}
+    assert "h_mean" not in cfg.to_dict()["robust"]
+    # A strategy without h̃ accepts the key and ignores it; the other scales need no c.
+    for overrides in (["robust.h_scale=dataset", "robust.strategy=erm"], ["robust.h_scale=batch"], []):
+        other = run_objective(load_config(toy, overrides), data, Ranks())
+        assert other.h_mean is None and other.h_scale == ("batch" if overrides == ["robust.h_scale=batch"] else "none")
 
 
 def test_bad_override_names_the_key(toy):

@@ -1,5 +1,7 @@
 """The calibration report (JSON, Markdown, PNG): classifier quality out of fold and in fold, γ, counts, the
-h̃ distribution overall and by source, reliability, and optionally the agreement of c with a judge.
+h̃ distribution overall and by source, its mean overall (the divisor of ``robust.h_scale: dataset`` for the
+scored file) and on prompts with / without a target response, reliability, and optionally the agreement of c with
+a judge.
 
 Out of fold: every response scored by the fold's classifier that did not train on its prompt (the c that
 h̃ uses). In fold: the same classifiers on a sample of the responses they trained on, i.e. what c would
@@ -21,6 +23,7 @@ import numpy as np
 from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.calibration.pipeline import FOLD_META_KEY, PROBS_META_KEY, Calibration, slot_betas
 from dora_engine.data.schema import Record
+from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.weights import CLAMP_EPS
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
@@ -95,7 +98,10 @@ def build_report(
             }
             for source, values in sorted(per_source.items())
         },
-        "h_tilde": {"prompts": len(h), "mean": float(h.mean()), "quantiles": _quantiles(h)},
+        # mean: what robust.h_scale `dataset` divides h̃ by when training on the scored file
+        "h_tilde": {"prompts": len(h), "mean": float(h.mean()), "quantiles": _quantiles(h),
+                    "by_target": {group: {"prompts": n, "mean": mean if n else None} for group, (mean, n)
+                                  in mean_h_tilde_by_target(scored, calibration.target).items()}},
     }
     if judge is not None:
         report["judge"] = judge
@@ -149,10 +155,15 @@ def report_markdown(report: dict[str, Any]) -> str:
     scored = f"{report['scored_out_of_fold']} prompt(s) scored out of fold"
     if report["scored_by_all_folds"]:
         scored += f", {report['scored_by_all_folds']} outside the training data by the mean of all folds"
+    groups = "; ".join(f"{group.split('_')[0]} a `{report['target']}` response: {_fmt(g['mean'])} "
+                       f"({g['prompts']} prompts)" for group, g in h["by_target"].items())
     lines += [
         "",
         f"h̃ over {h['prompts']} prompts ({scored}): mean {h['mean']:.3f}; "
         + ", ".join(f"{key} {v:.3f}" for key, v in h["quantiles"].items()),
+        "",
+        f"Mean h̃ {h['mean']:.4g}: what `robust.h_scale: dataset` divides h̃ by when training on this file "
+        f"(docs/design.md section 4.3). Mean h̃ {groups}.",
         "",
     ]
     if "judge" in report:

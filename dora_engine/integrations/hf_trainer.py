@@ -33,6 +33,7 @@ import transformers
 from torch import nn
 
 from dora_engine.data.schema import RecordError
+from dora_engine.integrations.scale import dataset_objective
 from dora_engine.losses import ResolvedObjective, RobustObjective
 from dora_engine.ops import DoRAOutput, dora_loss, sequence_logprobs, shift_labels
 from dora_engine.ops.lm_head import router_loss_coefficient
@@ -200,7 +201,9 @@ class ListwiseTrainer(transformers.Trainer):
     """``transformers.Trainer`` training with ``listwise_loss`` (see the module docstring).
 
     Args (keyword, besides ``Trainer``'s):
-        objective: the loss, its parameters, the strategy and λ.
+        objective: the loss, its parameters, the strategy, λ and the scale of h̃; under
+            ``h_scale="dataset"`` without ``h_mean``, c is the mean of the training dataset's ``h_tilde``
+            (docs/design.md section 4.3).
         ref_model: the reference model, for losses that need one when the examples carry no ``ref_logps``
             (moved to the training device; for DeepSpeed or FSDP runs cache ``ref_logps`` instead).
         backend: the op's backend.
@@ -221,7 +224,9 @@ class ListwiseTrainer(transformers.Trainer):
             kwargs["data_collator"] = ListwiseCollator(kwargs.get("processing_class"))
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the same for transformers versions without loss_is_scaled_for_ga
-        self.objective = objective.resolve()
+        # RobustObjective(h_scale="dataset") without h_mean: c is the mean h̃ of the training dataset
+        self.objective = dataset_objective(objective, self.train_dataset, "h_tilde") \
+            if isinstance(objective, RobustObjective) else objective.resolve()
         self.backend = backend
         self.ref_model = None
         if ref_model is not None:

@@ -20,13 +20,14 @@ of every rank (section 5.5).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss
+from dora_engine.integrations.scale import dataset_objective
+from dora_engine.losses import DEFAULT_H_SCALE, ObjectiveError, ResolvedObjective, RobustObjective, get_loss
 from dora_engine.ops import OP_BACKENDS, DoRAOutput, dora_loss, shift_labels
 from dora_engine.preference import data_parallel_group, preference_stats, weight_stats
 from dora_engine.rows import IGNORE_INDEX, completion_labels, response_major_order
@@ -45,7 +46,7 @@ _REPLACED_OPTIONS = {
 }
 #: The config field of each ``RobustObjective`` field.
 _OBJECTIVE_FIELDS = {"loss": "dora_loss", "loss_params": "dora_loss_params", "strategy": "dora_strategy",
-                     "lam": "dora_lam"}
+                     "lam": "dora_lam", "h_scale": "dora_h_scale", "h_mean": "dora_h_mean"}
 _NON_MODEL_KEYS = {"completion_mask", "ref_chosen_logps", "ref_rejected_logps", "h_tilde"}
 
 
@@ -74,6 +75,13 @@ class DoRADPOConfig(DPOConfig):
             `"drdpo"`. `"reweight"` and `"dora"` need the h̃ column.
         dora_lam (`float`, *optional*, defaults to `1.0`):
             λ > 0 of `"dro"`, `"dora"` and `"drdpo"`.
+        dora_h_scale (`str`, *optional*, defaults to `"none"`):
+            Scale of h̃ before `"reweight"` and `"dora"` (docs/design.md section 4.3): `"none"` (h̃ as given),
+            `"dataset"` (divided by its mean over the training dataset, so that λ means the same on every
+            dataset) or `"batch"` (divided by the mean over the global batch).
+        dora_h_mean (`float`, *optional*):
+            The c of `"dataset"`, e.g. from the calibration report; `None`: the mean of the training dataset's
+            h̃ column, taken when the trainer is built.
         h_tilde_column (`str`, *optional*, defaults to `"h_tilde"`):
             Dataset column with each prompt's calibration weight h̃ > 0 (`dora-engine calibrate` writes it).
         dora_backend (`str`, *optional*, defaults to `"auto"`):
@@ -112,6 +120,17 @@ class DoRADPOConfig(DPOConfig):
         },
     )
     dora_lam: float = field(default=1.0, metadata={"help": "λ > 0 of 'dro', 'dora' and 'drdpo'."})
+    dora_h_scale: str = field(
+        default=DEFAULT_H_SCALE,
+        metadata={
+            "help": "Scale of h̃ before 'reweight' and 'dora': 'none' (as given), 'dataset' (divided by its mean over "
+            "the training dataset) or 'batch' (divided by the mean over the global batch)."
+        },
+    )
+    dora_h_mean: float | None = field(
+        default=None,
+        metadata={"help": "The c of 'dataset'; None: the mean of the training dataset's h̃ column."},
+    )
     h_tilde_column: str = field(
         default="h_tilde",
         metadata={"help": "Dataset column with each prompt's calibration weight h̃ > 0 (`dora-engine calibrate`)."},
@@ -134,11 +153,26 @@ class DoRADPOConfig(DPOConfig):
                 )
         if self.dora_backend not in OP_BACKENDS:
             raise ValueError(f"DoRADPOConfig: `dora_backend` must be one of {OP_BACKENDS}, got {self.dora_backend!r}")
-        self.objective()
+        objective = self.robust_objective()
+        if objective.h_scale == "dataset" and objective.h_mean is None:  # the trainer takes c from its data
+            objective = replace(objective, h_scale="none")
+        self._resolved(objective, None)
 
-    def objective(self) -> ResolvedObjective:
-        """The objective of `dora_loss`, its parameters (the loss's defaults, then `beta`, then
-        `dora_loss_params`), `dora_strategy` and `dora_lam`, resolved by the registry."""
+    def objective(self, train_dataset: Any = None) -> ResolvedObjective:
+        """`robust_objective()` resolved by the registry; under `dora_h_scale="dataset"` without `dora_h_mean`
+        its c is the mean of `train_dataset`'s h̃ column (`h_tilde_column`), as the trainer takes it."""
+        return self._resolved(self.robust_objective(), train_dataset)
+
+    def _resolved(self, objective: RobustObjective, train_dataset: Any) -> ResolvedObjective:
+        """``objective`` resolved (``dataset_objective``), an error naming the config field at fault."""
+        try:
+            return dataset_objective(objective, train_dataset, self.h_tilde_column)
+        except ObjectiveError as err:
+            raise ValueError(f"DoRADPOConfig: `{_OBJECTIVE_FIELDS[err.field]}`: {err}") from None
+
+    def robust_objective(self) -> RobustObjective:
+        """The objective of the fields, not yet resolved: `dora_loss`, its parameters (the loss's defaults,
+        then `beta`, then `dora_loss_params`), `dora_strategy`, `dora_lam`, `dora_h_scale` and `dora_h_mean`."""
         params = dict(self.dora_loss_params or {})
         if self.beta is not None:
             try:
@@ -150,10 +184,8 @@ class DoRADPOConfig(DPOConfig):
             if "beta" in params:
                 raise ValueError("DoRADPOConfig: β is set twice, in `beta` and in `dora_loss_params`")
             params["beta"] = self.beta
-        try:
-            return RobustObjective(self.dora_loss, params, self.dora_strategy, self.dora_lam).resolve()
-        except ObjectiveError as err:
-            raise ValueError(f"DoRADPOConfig: `{_OBJECTIVE_FIELDS[err.field]}`: {err}") from None
+        return RobustObjective(self.dora_loss, params, self.dora_strategy, self.dora_lam, self.dora_h_scale,
+                               self.dora_h_mean)
 
 
 @dataclass
@@ -195,10 +227,11 @@ class DoRADPOTrainer(DPOTrainer):
             args = DoRADPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DoRA-DPO")
         if not isinstance(args, DoRADPOConfig):
             raise TypeError(f"DoRADPOTrainer needs args of type DoRADPOConfig, got {type(args).__name__}")
-        self.dora_objective = args.objective()
         super().__init__(model, ref_model, args, *rest, **kwargs)
         if self._is_vision_dataset:
             raise ValueError("DoRADPOTrainer supports text datasets only")
+        self.dora_objective = args.objective(self.train_dataset)  # with the c of dora_h_scale 'dataset'
+
         self.beta = float(self.dora_objective.params.get("beta", 1.0))  # TRL's name for the reward scale
         self._needs_reference = self.dora_objective.loss.needs_reference
         self._uses_h_tilde = self.dora_objective.strategy.needs_h_tilde

@@ -17,7 +17,7 @@ from dora_engine.calibration.pipeline import BETA_CHOICES
 from dora_engine.calibration.schemes import SCHEMES
 from dora_engine.errors import UserValueError
 from dora_engine.generation import GENERATION_BACKENDS
-from dora_engine.losses import ObjectiveError, RobustObjective
+from dora_engine.losses import DEFAULT_H_SCALE, H_SCALES, ObjectiveError, RobustObjective
 from dora_engine.ops import OP_BACKENDS
 from dora_engine.training.config import (
     MODEL_FILES,
@@ -183,6 +183,12 @@ class AlignConfig:
         metadata={"help": "Overrides of the loss's parameter defaults."},
     )
     lam: float = field(default=1.0, metadata={"help": "λ of the strategies that take one."})
+    h_scale: str = field(
+        default=DEFAULT_H_SCALE,
+        metadata={"help": "Scale of h̃ before `reweight` and `dora`, as `robust.h_scale`: `none`, `dataset` (h̃ over "
+                          "its mean on the round's data, so that λ means the same in every round while h̃'s "
+                          "distribution moves) or `batch`."},
+    )
     reference: str = field(
         default="previous",
         metadata={"help": "The reference model of round r: `previous` (the policy round r starts from, as iterative "
@@ -373,6 +379,7 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     except UserValueError as err:
         raise ConfigError(f"config key 'calibrate.backbone': {err}") from None
     a = cfg.align
+    _choice("align.h_scale", a.h_scale, H_SCALES)
     _choice("align.reference", a.reference, REFERENCES)
     _positive("align.lr", a.lr)
     _at_least("align.epochs", a.epochs, 1)

@@ -537,7 +537,7 @@ def align_config(runner: Runner, strategy: str, policy: Policy, ref: Policy, dat
                         cache_dir=str(runner.tokenised), ref_cache_dir=str(runner.ref_cache),
                         allow_empty_responses=True),  # a policy may answer with nothing: EOS alone
         loss=LossConfig(name=a.loss, params=dict(a.loss_params)),
-        robust=RobustConfig(strategy=strategy, lam=a.lam),
+        robust=RobustConfig(strategy=strategy, lam=a.lam, h_scale=a.h_scale),
         train=TrainConfig(micro_batch_prompts=a.micro_batch_prompts, lr=a.lr, schedule=a.schedule,
                           warmup_steps=a.warmup_steps, epochs=a.epochs, seed=cfg.seed, precision=a.precision,
                           backend=a.backend),

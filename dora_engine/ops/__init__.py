@@ -18,6 +18,7 @@ become aligned labels with ``shift_labels``; or pass ``logits[:, :-1]`` with ``l
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from types import ModuleType
 from typing import Any
 
@@ -28,9 +29,12 @@ from dora_engine.losses import ResolvedObjective, RobustObjective, objective_of
 from dora_engine.ops import reference
 from dora_engine.ops.builder import OpLoadError, check_kernels_for
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
+from dora_engine.ops.distributed import gather_uneven
 from dora_engine.ops.output import DoRAOutput
 from dora_engine.ops.validation import (
     IGNORE_INDEX,
+    LossCall,
+    accumulation_dtype,
     check_choice,
     check_chunk_bytes,
     check_labels,
@@ -86,6 +90,21 @@ def _backend(name: str, inputs: torch.Tensor) -> ModuleType:
             )
             _fallback_warned = True
         return reference
+
+
+def _scale_h_tilde(call: LossCall, dtype: torch.dtype) -> LossCall:
+    """``call`` with h̃ divided by the objective's ``h_divisor`` (docs/design.md section 4.3), in the
+    accumulation dtype ``dtype``, before any backend reduces: the one place every path (reference, fused,
+    fused-linear) scales h̃. For ``batch`` with a process group the divisor is the mean over all ranks'
+    h̃ (all-gathered, so it is the same on every rank and the same as one process on the whole batch)."""
+    objective = call.objective
+    if not objective.scales_h:
+        return call
+    h = call.h_tilde.detach().to(dtype)
+    h_batch = h
+    if objective.h_scale == "batch" and call.process_group is not None:
+        h_batch = gather_uneven(h, call.process_group)[0]
+    return replace(call, h_tilde=h / objective.h_divisor(h_batch))
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -180,6 +199,8 @@ def dora_loss(
     loss_params: dict[str, Any] | None = None,
     strategy: str | None = None,
     lam: float | None = None,
+    h_scale: str | None = None,
+    h_mean: float | None = None,
     process_group: dist.ProcessGroup | None = None,
     ignore_index: int = IGNORE_INDEX,
     backend: str = "auto",
@@ -189,7 +210,8 @@ def dora_loss(
     """The robust preference loss of B prompts × K responses from their logits (docs/design.md section 4).
 
     ℓ_b is ``loss`` on prompt b's sequence log-probs S (minus ``ref_logps`` where the loss has a reference),
-    and the batch objective is ``strategy`` over s_b = h̃_b·ℓ_b, e.g. dora: λ·log (1/B) Σ_b exp(h̃_b ℓ_b / λ).
+    and the batch objective is ``strategy`` over s_b = h̃_b·ℓ_b, e.g. dora: λ·log (1/B) Σ_b exp(h̃_b ℓ_b / λ),
+    with h̃ first divided by the constant c of the objective's ``h_scale`` (docs/design.md section 4.3).
 
     Args:
         logits: (N, T, V) with N = B·K, row n = b·K + k; float32, bfloat16, float16 or float64;
@@ -204,9 +226,9 @@ def dora_loss(
         objective: the loss, its parameters, the strategy and λ (``dora_engine.losses.RobustObjective``,
             validated by its ``resolve()``; a ``ResolvedObjective`` is used as it is). None: the one that
             the flat arguments below build.
-        loss, loss_params, strategy, lam: convenience (kept for one release): the fields of the
-            ``RobustObjective`` to build when ``objective`` is None, unset ones at its defaults (``dpo_pl``
-            under ``dora``, λ = 1). Giving them with ``objective`` is an error.
+        loss, loss_params, strategy, lam, h_scale, h_mean: convenience (kept for one release): the fields of
+            the ``RobustObjective`` to build when ``objective`` is None, unset ones at its defaults (``dpo_pl``
+            under ``dora``, λ = 1, h̃ as given). Giving them with ``objective`` is an error.
         process_group: reduce the strategy over the prompts of every rank of this group (data parallel);
             the gradient is then that of the global loss under DeepSpeed's gradient averaging.
         ignore_index: label value of positions that are not scored.
@@ -229,13 +251,15 @@ def dora_loss(
         ``backend="fused"`` when the extension cannot be built or loaded, or has no kernels for the device of
         ``logits``.
     """
-    resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam)
+    resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
+                            h_scale=h_scale, h_mean=h_mean)
     check_logits_labels(logits, labels, ignore_index=ignore_index, check_range=validate)
     impl = _backend(backend, logits)
     call = check_loss_inputs(
         resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
         ref_logps=ref_logps, process_group=process_group, response_limit=impl.MAX_RESPONSES, validate=validate,
     )
+    call = _scale_h_tilde(call, accumulation_dtype(logits.dtype))
     S, L = impl.row_pass(logits, labels, ignore_index, inplace_backward)
     return impl.robust_loss(S, L, call)
 
@@ -255,6 +279,8 @@ def dora_loss_linear(
     loss_params: dict[str, Any] | None = None,
     strategy: str | None = None,
     lam: float | None = None,
+    h_scale: str | None = None,
+    h_mean: float | None = None,
     process_group: dist.ProcessGroup | None = None,
     ignore_index: int = IGNORE_INDEX,
     mode: str = "single_pass",
@@ -267,8 +293,8 @@ def dora_loss_linear(
     Args:
         hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device. All
             three are differentiable through ``loss``.
-        labels, num_responses, scores, h_tilde, ref_logps, objective (or loss, loss_params, strategy, lam),
-        process_group, ignore_index, backend, validate: as in ``dora_loss``.
+        labels, num_responses, scores, h_tilde, ref_logps, objective (or loss, loss_params, strategy, lam,
+        h_scale, h_mean), process_group, ignore_index, backend, validate: as in ``dora_loss``.
         mode: ``"single_pass"`` (3 GEMMs per chunk, nothing recomputed; chunks of whole prompts, so a chunk
             holds at least one prompt's K·T·V logits; backward once only) or ``"recompute"`` (4 GEMMs, token
             chunks, least memory). The reference backend follows the same chunking (``recompute`` by
@@ -277,7 +303,8 @@ def dora_loss_linear(
 
     Returns / Raises: as ``dora_loss``.
     """
-    resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam)
+    resolved = objective_of(objective, loss=loss, loss_params=loss_params, strategy=strategy, lam=lam,
+                            h_scale=h_scale, h_mean=h_mean)
     check_choice("mode", mode, FUSED_LINEAR_MODES)
     check_linear_inputs(hidden, weight, bias)
     check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
@@ -287,6 +314,7 @@ def dora_loss_linear(
         resolved, labels, ignore_index=ignore_index, num_responses=num_responses, scores=scores, h_tilde=h_tilde,
         ref_logps=ref_logps, process_group=process_group, response_limit=impl.MAX_RESPONSES, validate=validate,
     )
+    call = _scale_h_tilde(call, accumulation_dtype(hidden.dtype))
     if mode == "single_pass":
         return impl.single_pass_loss(hidden, weight, bias, labels, ignore_index, budget, call)
     S, L = impl.linear_row_pass(hidden, weight, bias, labels, ignore_index, budget)

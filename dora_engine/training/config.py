@@ -23,7 +23,16 @@ import yaml
 from dora_engine.errors import UserError
 from dora_engine.generation import EXPORT_FOLDER
 from dora_engine.hf_loading import refuse_remote_code
-from dora_engine.losses import ObjectiveError, ResolvedObjective, RobustObjective, get_loss, get_strategy
+from dora_engine.losses import (
+    DEFAULT_H_SCALE,
+    H_SCALES,
+    ObjectiveError,
+    ResolvedObjective,
+    RobustObjective,
+    get_loss,
+    get_strategy,
+    resolve_params,
+)
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
 from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.lm_head import LOSS_PATHS
@@ -150,6 +159,14 @@ class RobustConfig:
     lam: float = field(
         default=1.0,
         metadata={"help": "λ of the strategy (β′ of `drdpo`); `erm` and `reweight` ignore it."},
+    )
+    h_scale: str = field(
+        default=DEFAULT_H_SCALE,
+        metadata={"help": "Scale of h̃ before `reweight` and `dora` (docs/design.md section 4.3): `none` (h̃ as "
+                          "given, the paper's), `dataset` (h̃ divided by its mean over all records of `data.train`, "
+                          "computed at start-up and used for `data.eval` too, so that λ means the same on every "
+                          "dataset) or `batch` (divided by the mean over the global batch of each micro-step). "
+                          "Strategies without h̃ ignore it."},
     )
 
 
@@ -372,14 +389,21 @@ class TrainingConfig:
     )
 
     @property
-    def objective(self) -> ResolvedObjective:
-        """The training objective of ``loss`` and ``robust``, resolved (``validate`` has checked it)."""
-        return RobustObjective(self.loss.name, self.loss.params, self.robust.strategy, self.robust.lam).resolve()
+    def h_scale(self) -> str:
+        """The scale of h̃ the objective applies: ``robust.h_scale`` where the align strategy reads h̃, else
+        ``none`` (the key is accepted and has no effect)."""
+        return self.robust.h_scale if self.needs_h_tilde else "none"
+
+    def objective(self, h_mean: float | None = None) -> ResolvedObjective:
+        """The training objective of ``loss`` and ``robust``, resolved; ``h_mean``: the mean h̃ of data.train,
+        given exactly when ``h_scale`` is ``dataset`` (``validate`` has checked the rest)."""
+        return RobustObjective(self.loss.name, self.loss.params, self.robust.strategy, self.robust.lam,
+                               self.h_scale, h_mean).resolve()
 
     @property
     def loss_params(self) -> dict[str, Any]:
         """The loss's parameters with the registry's defaults filled in."""
-        return dict(self.objective.params)
+        return resolve_params(self.loss.name, self.loss.params)
 
     @property
     def needs_reference(self) -> bool:
@@ -608,6 +632,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         raise ConfigError(f"config key 'data.num_responses' must be ≥ 2, got {cfg.data.num_responses}")
     _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
     _positive("data.max_response_tokens", cfg.data.max_response_tokens)
+    _choice("robust.h_scale", cfg.robust.h_scale, H_SCALES)
     try:
         RobustObjective(cfg.loss.name, cfg.loss.params, cfg.robust.strategy, cfg.robust.lam).resolve()
     except ObjectiveError as err:

@@ -73,6 +73,11 @@ class TrainingData:
         """Records of the files (examples refer to them by ``record_index``; the reference cache has a row each)."""
         return max(ex.record_index for ex in self.examples) + 1
 
+    def mean_h_tilde(self) -> float:
+        """Mean h̃ over the examples of an align split (one per record, every one with h̃): the c of
+        ``robust.h_scale: dataset`` (docs/design.md section 4.3)."""
+        return sum(ex.h_tilde for ex in self.examples) / len(self.examples)
+
 
 def file_hash(paths: Sequence[str]) -> str:
     """sha256 over the bytes of the data files, in order."""

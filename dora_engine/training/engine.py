@@ -58,8 +58,10 @@ class Trainer:
         self, cfg: TrainingConfig, *, data: RunData, ranks: Ranks, sampler: Sampler, checkpoints: CheckpointManager,
         engine: Any, lr_scheduler: Any, ref_train: torch.Tensor | None = None, ref_eval: torch.Tensor | None = None,
         resume_tag: str | None = None, progress: bool = True, stop: StopSignals | None = None, keep_alive: Any = None,
+        h_mean: float | None = None,
     ):
         self.cfg = cfg
+        self.h_mean = h_mean
         self.output_dir = Path(cfg.output_dir)
         self.progress = progress
         self.stop = stop if stop is not None else StopSignals()
@@ -91,15 +93,25 @@ class Trainer:
                     for split in (data.train, data.eval)]
         torch.manual_seed(cfg.train.seed)  # 3. the policy engine
         precision = resolve_precision(cfg.train.precision)
+        objective = startup.run_objective(cfg, data, ranks)
         engine, lr_scheduler, keep_alive = startup.build_policy_engine(
-            cfg, ds_config, precision, total_steps(cfg.train, sampler)
+            cfg, objective, ds_config, precision, total_steps(cfg.train, sampler)
         )
         offloaded = startup.offload_summary(engine)
         if offloaded:
             startup.say(ranks, f"ZeRO-3 offload active: {offloaded}")
         return cls(cfg, data=data, ranks=ranks, sampler=sampler, checkpoints=checkpoints, engine=engine,
                    lr_scheduler=lr_scheduler, ref_train=refs[0], ref_eval=refs[1], resume_tag=resume_tag,
-                   progress=progress, stop=stop, keep_alive=keep_alive)
+                   progress=progress, stop=stop, keep_alive=keep_alive, h_mean=objective.h_mean)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The run's configuration as recorded with its metrics (W&B) and export: ``cfg.to_dict()``, plus
+        ``robust.h_mean``, the c of ``robust.h_scale: dataset`` computed from data.train, when there is one."""
+        settings = self.cfg.to_dict()
+        if self.h_mean is not None:
+            settings["robust"]["h_mean"] = self.h_mean
+        return settings
 
     @property
     def stop_signal(self) -> str | None:
@@ -203,7 +215,7 @@ class Trainer:
 
         state = self._resume()
         step, skipped, in_a_row = state["step"], state["skipped_steps"], state["consecutive_skips"]
-        writer = MetricsWriter(self.output_dir, self.cfg.logging, self.cfg.to_dict(), step) if self.dist.main else None
+        writer = MetricsWriter(self.output_dir, self.cfg.logging, self.settings, step) if self.dist.main else None
         show = self.progress and self.dist.main
         bar = tqdm(total=self.total_steps, initial=step, desc=self.cfg.stage, disable=not show)
         first_step = last_saved = step
@@ -318,7 +330,7 @@ class Trainer:
         state = self.trained_state_dict()
         if state is not None:
             model_config = self.engine.module.model.config
-            write_export(destination, state, model_config, self.tokenizer, self.cfg.to_dict())
+            write_export(destination, state, model_config, self.tokenizer, self.settings)
             self._say(f"exported the trained model to {destination}")
         dist.barrier()
         return destination

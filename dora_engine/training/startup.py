@@ -13,6 +13,7 @@ import torch
 
 from dora_engine.atomic import remove_stale_temporaries
 from dora_engine.errors import TrainingError
+from dora_engine.losses import ResolvedObjective
 from dora_engine.training.checkpoint import (
     CheckpointManager,
     check_resumable,
@@ -100,11 +101,24 @@ def choose_checkpoint(cfg: TrainingConfig, checkpoints: CheckpointManager, ranks
     return tag
 
 
+def run_objective(cfg: TrainingConfig, data: RunData, ranks: Ranks) -> ResolvedObjective:
+    """The run's objective. Under ``robust.h_scale: dataset`` (with a strategy that reads h̃) its c is the
+    mean h̃ over every record of data.train, the same on every rank (each holds all of data.train), and
+    serves data.eval too; it is printed once (docs/design.md section 4.3)."""
+    if cfg.h_scale != "dataset":
+        return cfg.objective()
+    h_mean = data.train.mean_h_tilde()
+    say(ranks, f"robust.h_scale dataset: h̃ divided by its mean over data.train, c = {h_mean:.6g} "
+               f"({len(data.train)} records)")
+    return cfg.objective(h_mean)
+
+
 def build_policy_engine(
-    cfg: TrainingConfig, ds_config: dict[str, Any], precision: str, total_steps: int
+    cfg: TrainingConfig, objective: ResolvedObjective, ds_config: dict[str, Any], precision: str, total_steps: int
 ) -> tuple[Any, Any, Any]:
-    """The policy (``PolicyLoss`` around the model, LoRA-wrapped when enabled) under DeepSpeed ZeRO-3, with
-    the run's optimizer and schedule; returns (engine, lr scheduler, the ``HfDeepSpeedConfig`` to keep)."""
+    """The policy (``PolicyLoss`` around the model, LoRA-wrapped when enabled, training ``objective``) under
+    DeepSpeed ZeRO-3, with the run's optimizer and schedule; returns (engine, lr scheduler, the
+    ``HfDeepSpeedConfig`` to keep)."""
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -118,7 +132,7 @@ def build_policy_engine(
         from dora_engine.training.model import add_lora
 
         model = add_lora(model, cfg.lora)
-    module = PolicyLoss(model, cfg.objective, stage=cfg.stage, path=LossPath.of(cfg.train))
+    module = PolicyLoss(model, objective, stage=cfg.stage, path=LossPath.of(cfg.train))
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = None if "optimizer" in ds_config else build_optimizer(params, cfg.train)
 

@@ -287,6 +287,12 @@ class ArrowTrainingData(TrainingData):
     def num_records(self) -> int:
         return self.records
 
+    def mean_h_tilde(self) -> float:
+        """Mean h̃ over the examples (``TrainingData.mean_h_tilde``), from the column."""
+        import pyarrow.compute as pc
+
+        return float(pc.mean(self.examples.table.column("h_tilde")).as_py())
+
     def max_token_ids(self) -> Any:
         """The largest token id of each row, flattened in row order (a pyarrow array)."""
         import pyarrow.compute as pc
