@@ -124,7 +124,8 @@ def test_the_reference_is_the_previous_policy_or_the_start(tmp_path: Path, choic
     previous = Policy(tmp_path / "round1" / "align-dora" / "final", "p", "dora-round1")
     ref = reference(cfg, previous, start)
     train = align_config(runner, "dora", previous, ref, tmp_path / "data.jsonl", tmp_path / "round2" / "align-dora")
-    assert train.model.path == str(previous.path) and (train.robust.strategy, train.robust.h_scale) == ("dora", "dataset")
+    assert train.model.path == str(previous.path)
+    assert (train.robust.strategy, train.robust.h_scale) == ("dora", "dataset")
     assert train.model.reference == (None if choice == "previous" else str(start.path))  # None: the policy itself
     assert (train.stage, train.checkpoint.resume, train.checkpoint.export) == ("align", "auto", True)
     assert reference(cfg, start, start) is start  # round 1: both choices are the start policy
