@@ -13,9 +13,11 @@ lint:
 pytest:
 	$(PYTHON) -m pytest
 
-# Rewrites launch/README.md's table of config keys from the fields' help in dora_engine/training/config.py.
+# Rewrites launch/README.md's tables of config keys from the fields' help in dora_engine/training/config.py
+# and dora_engine/iterate/config.py.
 config-docs:
 	$(PYTHON) -m dora_engine.training.config_docs
+	$(PYTHON) -m dora_engine.iterate.config_docs
 
 # Compiles every CUDA kernel file alone (no torch headers) for sm_80 and sm_90; skipped without nvcc.
 CUDA_GENCODE = -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90

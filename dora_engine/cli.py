@@ -40,6 +40,7 @@ COMMAND_MODULES = (
     "dora_engine.calibration.commands",
     "dora_engine.training.commands",
     "dora_engine.eval.commands",
+    "dora_engine.iterate.commands",
 )
 
 

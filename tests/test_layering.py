@@ -34,6 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training", "integrations"),
     # generation and judging of trained models, calibration diagnostics
     ("eval",),
+    # iterative self-training: rounds of generation, scoring, calibration, alignment and evaluation
+    ("iterate",),
     # the command, over every phase's commands
     ("cli",),
 )

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -38,6 +38,7 @@ from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
 from dora_engine.ops.lm_head import LOSS_PATHS
 
 DATA_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".arrow", ".csv")
+T = TypeVar("T")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # a `datasets` hub id (org/name) for data.train
 
 
@@ -700,13 +701,14 @@ def _yaml_problem(err: yaml.YAMLError) -> str:
     return " ".join(str(problem).split())
 
 
-def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``dotted.key=value`` override (the value is parsed as YAML) to a raw config dict."""
+def apply_override(data: dict[str, Any], assignment: str, config_class: type = TrainingConfig) -> None:
+    """Apply one ``dotted.key=value`` override (the value is parsed as YAML) to a raw config dict of
+    ``config_class``."""
     if "=" not in assignment:
         raise ConfigError(f"override {assignment!r} must have the form key=value (e.g. train.lr=1e-5)")
     dotted, raw = assignment.split("=", 1)
     parts = dotted.strip().split(".")
-    cls: Any = TrainingConfig
+    cls: Any = config_class
     node = data
     for depth, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
@@ -738,6 +740,15 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     Relative paths of files named in the config (data, model, deepspeed) stay relative to the working
     directory, as on the command line.
     """
+    return validate(read_config(TrainingConfig, path, overrides))
+
+
+def read_config(
+    config_class: type[T], path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()
+) -> T:
+    """A YAML config read into the dataclass ``config_class``, ``key=value`` overrides applied: every key
+    known and every value of its field's type, each failure one ``ConfigError`` naming the key. The checks
+    that need more than types are the caller's (``validate`` for a ``TrainingConfig``)."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -750,5 +761,5 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} must contain a mapping at the top level")
         data = loaded or {}
     for assignment in overrides:
-        apply_override(data, assignment)
-    return validate(_build(TrainingConfig, data))
+        apply_override(data, assignment, config_class)
+    return _build(config_class, data)

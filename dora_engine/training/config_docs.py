@@ -1,10 +1,12 @@
-"""The table of configuration keys in launch/README.md, written from the fields of ``TrainingConfig``: each
-field's type, default and ``metadata["help"]`` (dora_engine/training/config.py is the one place to edit).
+"""Tables of configuration keys in launch/README.md, written from the fields of a config dataclass: each
+field's type, default and ``metadata["help"]`` (the config's module is the one place to edit).
 
     python -m dora_engine.training.config_docs [README] [--check]
 
-rewrites the table between the ``config-keys`` marker comments of README (default: launch/README.md, run
-from the repository root); with ``--check`` it writes nothing and exits 1 when the table is out of date.
+rewrites the table of ``TrainingConfig`` between the ``config-keys`` marker comments of README (default:
+launch/README.md, run from the repository root); with ``--check`` it writes nothing and exits 1 when the
+table is out of date. Another config's table is a ``KeyTable`` with markers of its own, written by its own
+module's ``main`` (``python -m dora_engine.iterate.config_docs`` for ``dora-engine iterate``'s config).
 """
 
 from __future__ import annotations
@@ -19,10 +21,34 @@ from typing import Any
 from dora_engine.atomic import atomic_write
 from dora_engine.training.config import TrainingConfig
 
-START = "<!-- config-keys:start -->"
-END = "<!-- config-keys:end -->"
-COMMAND = "python -m dora_engine.training.config_docs"
 DEFAULT_README = Path("launch") / "README.md"
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyTable:
+    """One generated table: the dataclass it documents, the name of its marker comments, the module whose
+    ``main`` writes it and the file that holds the fields' help."""
+
+    config_class: type
+    marker: str
+    module: str
+    source: str
+
+    @property
+    def start(self) -> str:
+        return f"<!-- {self.marker}:start -->"
+
+    @property
+    def end(self) -> str:
+        return f"<!-- {self.marker}:end -->"
+
+    @property
+    def command(self) -> str:
+        return f"python -m {self.module}"
+
+
+TRAINING = KeyTable(TrainingConfig, "config-keys", "dora_engine.training.config_docs", "dora_engine/training/config.py")
+START, END, COMMAND = TRAINING.start, TRAINING.end, TRAINING.command
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,42 +96,43 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def key_table() -> str:
-    """The Markdown table of every key, markers included."""
+def key_table(table: KeyTable = TRAINING) -> str:
+    """The Markdown table of every key of ``table``'s config, markers included."""
     lines = [
-        START,
-        f"<!-- written by `{COMMAND}` from the fields' help in dora_engine/training/config.py: edit it there -->",
+        table.start,
+        f"<!-- written by `{table.command}` from the fields' help in {table.source}: edit it there -->",
         "",
         "| key | type | default | meaning |",
         "| --- | --- | --- | --- |",
     ]
-    for k in config_keys():
+    for k in config_keys(table.config_class):
         if k.type == "section":
             lines.append(f"| **`{k.key}`** | section | | {_cell(k.help)} |")
         else:
             lines.append(f"| `{k.key}` | `{_cell(k.type)}` | `{_cell(yaml_value(k.default))}` | {_cell(k.help)} |")
-    lines.append(END)
+    lines.append(table.end)
     return "\n".join(lines)
 
 
-def with_key_table(text: str) -> str:
-    """``text`` with the part from the start marker to the end marker replaced by ``key_table()``."""
-    start, end = text.find(START), text.find(END)
+def with_key_table(text: str, table: KeyTable = TRAINING) -> str:
+    """``text`` with the part from ``table``'s start marker to its end marker replaced by ``key_table(table)``."""
+    start, end = text.find(table.start), text.find(table.end)
     if start < 0 or end < start:
-        raise ValueError(f"no {START} ... {END} block to write the config keys into")
-    return text[:start] + key_table() + text[end + len(END):]
+        raise ValueError(f"no {table.start} ... {table.end} block to write the config keys into")
+    return text[:start] + key_table(table) + text[end + len(table.end):]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, table: KeyTable = TRAINING) -> int:
+    parser = argparse.ArgumentParser(prog=table.command, description=f"Write the table of {table.source}'s config "
+                                                                     "keys into README.")
     parser.add_argument("readme", nargs="?", type=Path, default=DEFAULT_README)
     parser.add_argument("--check", action="store_true", help="exit 1 when the table is out of date; write nothing")
     args = parser.parse_args(argv)
     text = args.readme.read_text(encoding="utf-8")
-    updated = with_key_table(text)
+    updated = with_key_table(text, table)
     if args.check:
         if updated != text:
-            print(f"{args.readme}: the config keys are out of date; run `{COMMAND}`", file=sys.stderr)
+            print(f"{args.readme}: the config keys are out of date; run `{table.command}`", file=sys.stderr)
             return 1
         return 0
     if updated != text:
