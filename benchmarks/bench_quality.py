@@ -24,7 +24,10 @@ Per seed:
   words; the evaluation keeps the oracle), ``all-golden`` (a control: every response golden, h̃ from the
   seed's classifiers applied to it; DoRA must not hurt there).
 * Runs: every loss (dpo_pl, rrhf, lire; registry defaults) under every strategy (erm, reweight, dro,
-  dora at λ = 1), from the same SFT start with the same data order.
+  dora at ``lam`` with h̃ scaled as ``h_scale`` says: ``robust.h_scale``), from the same SFT start with the
+  same data order. ``--lams`` adds dora runs at each λ (the sensitivity curve, ``quality_lambda.png``:
+  dora − erm against λ, ∞ being reweighting), under each h̃ scale option of ``--h-scales``; the report then
+  has a table per option and λ for choosing the defaults (worst cell, mean over the mixture settings).
 * Evaluation: one sampled response per evaluation prompt (the paper's decoding: temperature 0.8, top-k 50,
   top-p 0.9; the same sampling seeds for every run), the oracle reward of each (primary metric) and its win
   points against the prompt's golden response (ties half; secondary).
@@ -37,12 +40,16 @@ run; it adds a sanity run trained on reversed preferences, which must end below 
 
     python benchmarks/bench_quality.py --jobs 2         # the full grid (seeds 10-19)
     python benchmarks/bench_quality.py --quick          # a smoke run (under a minute)
+    python benchmarks/bench_quality.py --seeds 100 101 102 --strategies erm reweight dora \
+        --lams 0.25 0.5 1 2 4 --h-scales none dataset --jobs 3 --output-dir runs/tuning   # the λ sweep
+    python benchmarks/bench_quality.py --combine a/quality_results.json b/quality_results.json  # one report
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing
 import statistics
 import sys
@@ -84,6 +91,7 @@ if TYPE_CHECKING:
     from dora_engine.calibration.pipeline import Calibration
 
 METRICS = ("reward", "win_rate")
+H_SCALES = ("none", "dataset", "batch")
 REVERSED = "reversed"  # the --quick sanity run's strategy label: erm on negated scores
 
 
@@ -111,7 +119,10 @@ class BenchConfig:
     settings: tuple[str, ...] = tuple(s.name for s in SETTINGS)
     losses: tuple[str, ...] = ("dpo_pl", "rrhf", "lire")
     strategies: tuple[str, ...] = ("erm", "reweight", "dro", "dora")
-    lam: float = 1.0
+    lam: float = 1.0  # λ of dro and dora
+    h_scale: str = "none"  # robust.h_scale of every run
+    lam_sweep: tuple[float, ...] = ()  # extra dora runs at these λ (the sensitivity curve; ∞ is reweight)
+    scale_sweep: tuple[str, ...] = ()  # ... under each of these h_scale options (default: h_scale only)
     train_prompts: int = 256
     golden_fraction: float = 0.5
     eval_prompts: int = 224
@@ -140,6 +151,44 @@ QUICK = {
     "train_prompts": 64, "eval_prompts": 32, "sft_epochs": 4, "align_epochs": 2, "align_lr": 5e-4,
     "max_new_tokens": 24, "reversed_check": True, "calibration_folds": 2,
 }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The objective of one alignment run: a strategy with its λ and h̃ scale (``robust.*``)."""
+
+    strategy: str
+    lam: float
+    h_scale: str
+
+
+def sweep_label(h_scale: str, lam: float) -> str:
+    return f"dora[{h_scale}] λ={lam:g}"
+
+
+def variants(config: BenchConfig) -> list[tuple[str, Variant]]:
+    """(label, variant) of every alignment run per setting and loss: each of ``strategies`` at ``lam`` and
+    ``h_scale`` (labelled by its name), then dora at every λ of ``lam_sweep`` under each option of
+    ``scale_sweep`` (default: ``h_scale``), except the point that is the plain ``dora`` run already."""
+    plan = [(name, Variant(name, config.lam, config.h_scale)) for name in config.strategies]
+    main_dora = Variant("dora", config.lam, config.h_scale) if "dora" in config.strategies else None
+    for h_scale in config.scale_sweep or (config.h_scale,):
+        for lam in config.lam_sweep:
+            variant = Variant("dora", lam, h_scale)
+            if variant != main_dora:
+                plan.append((sweep_label(h_scale, lam), variant))
+    return plan
+
+
+def curve_labels(config: BenchConfig, h_scale: str) -> list[tuple[float, str]]:
+    """(λ, run label) of dora's sensitivity curve under ``h_scale``, by increasing λ (∞: ``reweight``)."""
+    points = {lam: sweep_label(h_scale, lam) for lam in config.lam_sweep}
+    if "dora" in config.strategies and h_scale == config.h_scale:
+        points[config.lam] = "dora"
+    curve = sorted(points.items())
+    if "reweight" in config.strategies:
+        curve.append((math.inf, "reweight"))
+    return curve
 
 
 # ---------------------------------------------------------------- data and models
@@ -189,12 +238,13 @@ class RunPaths:
 
 
 def run_config(
-    config: BenchConfig, stage: str, seed: int, loss: str = "dpo_pl", strategy: str = "erm", *,
+    config: BenchConfig, stage: str, seed: int, loss: str = "dpo_pl", variant: Variant | None = None, *,
     paths: RunPaths = RunPaths(),
 ) -> TrainingConfig:
     """The engine configuration of one SFT or alignment run, reading and writing where ``paths`` say. fp32 on
     every device (``auto`` would be bf16 on recent GPUs), so that the figures do not depend on the machine."""
     sft = stage == "sft"
+    variant = variant or Variant("erm", config.lam, config.h_scale)
     return TrainingConfig(
         stage=stage,
         model=ModelConfig(path=paths.model),
@@ -202,7 +252,7 @@ def run_config(
                         max_prompt_tokens=config.max_prompt_tokens, max_response_tokens=config.max_response_tokens,
                         cache_dir=paths.tokenised, ref_cache_dir=paths.ref_cache),
         loss=LossConfig(name=loss),
-        robust=RobustConfig(strategy=strategy, lam=config.lam),
+        robust=RobustConfig(strategy=variant.strategy, lam=variant.lam, h_scale=variant.h_scale),
         train=TrainConfig(
             micro_batch_prompts=config.sft_batch if sft else config.align_batch_prompts,
             lr=config.sft_lr if sft else config.align_lr, schedule="cosine", warmup_steps=2 if sft else 0,
@@ -282,10 +332,12 @@ class RunResult:
     seed: int
     setting: str
     loss: str
-    strategy: str
+    strategy: str  # the run's label (``variants``): a strategy's name, or a sweep point such as "dora[none] λ=2"
     reward: float
     win_rate: float
     seconds: float
+    lam: float = 1.0
+    h_scale: str = "none"
     per_prompt: dict[str, list[float]] = field(repr=False, default_factory=dict)
 
 
@@ -334,22 +386,23 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
         sft_scores = evaluate(model, tokenizer, held_out, config, seed)
 
         runs: list[RunResult] = []
-        plan = [(s, loss, strategy) for s in settings for loss in config.losses for strategy in config.strategies]
+        plan = [(s, loss, label, variant) for s in settings for loss in config.losses
+                for label, variant in variants(config)]
         if config.reversed_check:
-            plan.append((settings[0], config.losses[0], REVERSED))
+            plan.append((settings[0], config.losses[0], REVERSED, Variant("erm", config.lam, config.h_scale)))
         files: dict[tuple[str, bool], Path] = {}
-        for number, (setting, loss, strategy) in enumerate(plan):
+        for number, (setting, loss, label, variant) in enumerate(plan):
             run_started = time.perf_counter()
-            key = (setting.name, strategy == REVERSED)
+            key = (setting.name, label == REVERSED)
             if key not in files:
                 records = data_by_setting[setting.name]
                 files[key] = data_file(root, f"data{len(files)}", reversed_preferences(records) if key[1] else records)
             paths = RunPaths.under(root, sft_model, files[key], f"run{number:03d}")
-            cfg = run_config(config, "align", seed, loss, "erm" if strategy == REVERSED else strategy, paths=paths)
-            model.load_state_dict(trained_weights(cfg))
+            model.load_state_dict(trained_weights(run_config(config, "align", seed, loss, variant, paths=paths)))
             scores = evaluate(model, tokenizer, held_out, config, seed)
-            runs.append(RunResult(seed, setting.name, loss, strategy, statistics.fmean(scores["reward"]),
-                                  statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started, scores))
+            runs.append(RunResult(seed, setting.name, loss, label, statistics.fmean(scores["reward"]),
+                                  statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started,
+                                  variant.lam, variant.h_scale, scores))
     sft = {m: statistics.fmean(sft_scores[m]) for m in METRICS}
     return SeedResult(seed, sft, mean_h, runs, time.perf_counter() - started, sft_scores)
 
@@ -382,10 +435,10 @@ def _values(
 
 
 def differences(
-    seeds: Sequence[SeedResult], metric: str, setting: str, loss: str, other: str
+    seeds: Sequence[SeedResult], metric: str, setting: str, loss: str, other: str, label: str = "dora"
 ) -> tuple[dict[int, float], Interval | None]:
-    """dora − ``other`` per seed and the mean with its bootstrap interval over seeds."""
-    dora = _values(seeds, metric, setting=setting, loss=loss, strategy="dora")
+    """Run ``label`` − run ``other`` per seed and the mean with its bootstrap interval over seeds."""
+    dora = _values(seeds, metric, setting=setting, loss=loss, strategy=label)
     base = _values(seeds, metric, setting=setting, loss=loss, strategy=other)
     common = sorted(set(dora) & set(base))
     if not common:
@@ -403,7 +456,7 @@ def _mean_sd(values: Sequence[float], scale: float, digits: int) -> str:
 
 def markdown_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> str:
     others = [s for s in ("erm", "reweight", "dro") if s in config.strategies and "dora" in config.strategies]
-    lines = []
+    lines = sweep_tables(config, seeds) if config.lam_sweep else []
     tables = (("reward", "Mean oracle reward of the generations (primary)", 1.0, 3),
               ("win_rate", "Win rate against the golden responses, ties half (%)", 100.0, 1))
     for metric, title, scale, digits in tables:
@@ -452,6 +505,81 @@ def markdown_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> list[str]:
+    """The λ sweep: per h̃ scale option and λ, the paired difference (dora − erm) in mean reward of every
+    setting × loss cell, and a summary row per candidate for choosing the defaults (the worst cell, the mean
+    over the mixture cells, how many cells lie below zero and how many mixture cells' intervals exclude zero
+    above it)."""
+    if "erm" not in config.strategies:
+        return []
+    cells = [(setting, loss) for setting in config.settings for loss in config.losses]
+    mixture = [(setting, loss) for setting, loss in cells if setting != "all-golden"]
+    lines = ["### λ sweep: dora − erm in mean oracle reward, per h̃ scale and λ", "",
+             f"Seeds {[s.seed for s in seeds]}; paired mean with a bootstrap 95% interval over seeds (**bold**: the "
+             "interval excludes zero); λ = ∞ is reweighting.", "",
+             "| h_scale | λ | " + " | ".join(f"{setting}: {loss}" for setting, loss in cells) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in cells) + " |"]
+    summary = ["", "| h_scale | λ | worst cell | mean over mixture cells | cells below 0 | intervals below 0 | "
+               "mixture intervals above 0 |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for h_scale in config.scale_sweep or (config.h_scale,):
+        for lam, label in curve_labels(config, h_scale):
+            intervals = {cell: differences(seeds, "reward", *cell, "erm", label)[1] for cell in cells}
+            if any(i is None for i in intervals.values()):
+                continue
+            texts = [i.format(1.0, 3) if i.n > 1 else f"{i.mean:+.3f}" for i in intervals.values()]
+            texts = [f"**{t}**" if i.n > 1 and i.excludes_zero() else t
+                     for t, i in zip(texts, intervals.values(), strict=True)]
+            name = "∞" if math.isinf(lam) else f"{lam:g}"
+            lines.append(f"| {h_scale} | {name} | " + " | ".join(texts) + " |")
+            means = [i.mean for i in intervals.values()]
+            mixture_mean = statistics.fmean(intervals[c].mean for c in mixture)
+            summary.append(
+                f"| {h_scale} | {name} | {min(means):+.3f} | {mixture_mean:+.3f}"
+                f" | {sum(m < 0 for m in means)} | {sum(i.n > 1 and i.hi < 0 for i in intervals.values())} | "
+                f"{sum(intervals[c].n > 1 and intervals[c].lo > 0 for c in mixture)} |")
+    return [*lines, *summary, ""]
+
+
+def plot_lambda(config: BenchConfig, seeds: Sequence[SeedResult], path: Path) -> None:
+    """The sensitivity curve: per setting, dora − erm in mean reward against λ (log scale; ∞ = reweight), a
+    line per loss and h̃ scale option, with the bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scales = config.scale_sweep or (config.h_scale,)
+    styles = ("-", "--", ":")
+    fig, axes = plt.subplots(1, len(config.settings), figsize=(4.2 * len(config.settings), 3.8), squeeze=False,
+                             sharey=True)
+    for ax, setting in zip(axes[0], config.settings, strict=True):
+        for color, loss in zip(("C0", "C1", "C2", "C3", "C4"), config.losses, strict=False):
+            for style, h_scale in zip(styles, scales, strict=False):
+                xs, means, errs = [], [], [[], []]
+                for lam, label in curve_labels(config, h_scale):
+                    _, interval = differences(seeds, "reward", setting, loss, "erm", label)
+                    if interval is None:
+                        continue
+                    xs.append(math.log2(lam) if math.isfinite(lam) else math.log2(max(config.lam_sweep)) + 1.5)
+                    means.append(interval.mean)
+                    errs[0].append(interval.mean - interval.lo)
+                    errs[1].append(interval.hi - interval.mean)
+                ax.errorbar(xs, means, yerr=errs, color=color, linestyle=style, marker="o", markersize=3,
+                            capsize=2, label=f"{loss}, {h_scale}")
+        ticks = [*sorted({*config.lam_sweep, config.lam})]
+        ax.set_xticks([math.log2(t) for t in ticks] + [math.log2(max(config.lam_sweep)) + 1.5],
+                      [f"{t:g}" for t in ticks] + ["∞"])
+        ax.axhline(0, color="grey", linewidth=1)
+        ax.set_title(setting)
+        ax.set_xlabel("λ")
+    axes[0][0].set_ylabel("dora − erm, mean oracle reward")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def plot(config: BenchConfig, seeds: Sequence[SeedResult], path: Path) -> None:
     """Per setting, the paired difference dora − erm in mean reward per loss, with its interval."""
     import matplotlib
@@ -493,6 +621,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--settings", nargs="+", choices=[s.name for s in SETTINGS], help="only these settings")
     parser.add_argument("--losses", nargs="+", help="only these losses (default dpo_pl rrhf lire)")
     parser.add_argument("--strategies", nargs="+", help="only these strategies (default erm reweight dro dora)")
+    parser.add_argument("--h-scale", choices=H_SCALES, help="robust.h_scale of every run (default: BenchConfig's)")
+    parser.add_argument("--lams", type=float, nargs="+",
+                        help="the λ sweep: extra dora runs at these λ (the sensitivity curve, quality_lambda.png)")
+    parser.add_argument("--h-scales", nargs="+", choices=H_SCALES,
+                        help="run the λ sweep under each of these h̃ scale options (default: --h-scale's)")
+    parser.add_argument("--combine", nargs="+", metavar="JSON",
+                        help="train nothing: the tables and figures of earlier runs' quality_results.json files "
+                             "together (the same seeds and settings; their runs are joined per seed)")
     parser.add_argument("--output-dir", default="benchmarks/results", help="where the JSON, markdown and PNG go")
     parser.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (default 1)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -514,6 +650,44 @@ def compact(value: object) -> object:
     return value
 
 
+def load_results(path: Path) -> tuple[BenchConfig, list[SeedResult]]:
+    """A ``quality_results.json`` back as the config and seed results it was written from."""
+    report = json.loads(path.read_text())
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["config"].items()})
+    seeds = [SeedResult(**{**s, "runs": [RunResult(**r) for r in s["runs"]]}) for s in report["seeds"]]
+    return config, seeds
+
+
+def union(a: tuple, b: tuple) -> tuple:
+    """The items of ``a`` then those of ``b`` not in ``a``."""
+    return tuple(dict.fromkeys([*a, *b]))
+
+
+def combine(paths: Sequence[Path]) -> tuple[BenchConfig, list[SeedResult]]:
+    """The results of several runs of the bench as one: per seed the runs of every file (a label met twice
+    keeps the first). Refused unless the files share their seeds and every seed's SFT start gave the same
+    per-prompt scores (else the runs did not start from the same model and cannot be paired)."""
+    loaded = [load_results(path) for path in paths]
+    config, first = loaded[0]
+    by_seed = {s.seed: s for s in first}
+    for path, (other, seeds) in zip(paths[1:], loaded[1:], strict=True):
+        if sorted(s.seed for s in seeds) != sorted(by_seed):
+            raise SystemExit(f"--combine: {path} has seeds {sorted(s.seed for s in seeds)}, not {sorted(by_seed)}")
+        for seed in seeds:
+            mine = by_seed[seed.seed]
+            if seed.sft_per_prompt != mine.sft_per_prompt:
+                raise SystemExit(f"--combine: seed {seed.seed}'s SFT start differs in {path} (not the same start)")
+            known = {(r.setting, r.loss, r.strategy) for r in mine.runs}
+            mine.runs += [r for r in seed.runs if (r.setting, r.loss, r.strategy) not in known]
+        config = replace(config, settings=union(config.settings, other.settings),
+                         losses=union(config.losses, other.losses),
+                         strategies=union(config.strategies, other.strategies),
+                         lam_sweep=tuple(sorted(union(config.lam_sweep, other.lam_sweep))),
+                         scale_sweep=union(config.scale_sweep or (config.h_scale,),
+                                           other.scale_sweep or (other.h_scale,)))
+    return config, sorted(by_seed.values(), key=lambda s: s.seed)
+
+
 def configure(args: argparse.Namespace) -> BenchConfig:
     """The run's ``BenchConfig``: the defaults (or ``QUICK``) with the command line's choices, all checked
     before any work starts."""
@@ -523,6 +697,16 @@ def configure(args: argparse.Namespace) -> BenchConfig:
     for name in ("seeds", "settings", "losses", "strategies"):
         if getattr(args, name):
             config = replace(config, **{name: tuple(getattr(args, name))})
+    if args.h_scale:
+        config = replace(config, h_scale=args.h_scale)
+    if args.lams:
+        if any(not math.isfinite(lam) or lam <= 0 for lam in args.lams):
+            raise SystemExit(f"--lams: every λ must be a finite number > 0, got {args.lams}")
+        config = replace(config, lam_sweep=tuple(sorted(set(args.lams))))
+    if args.h_scales:
+        if not args.lams:
+            raise SystemExit("--h-scales needs --lams (the λ of the sweep)")
+        config = replace(config, scale_sweep=tuple(dict.fromkeys(args.h_scales)))
     for assignment in args.set:
         name, _, value = assignment.partition("=")
         current = getattr(config, name, None)
@@ -544,48 +728,62 @@ def configure(args: argparse.Namespace) -> BenchConfig:
     return config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_grid(config: BenchConfig, jobs: int, threads: int) -> list[SeedResult]:
+    """Every seed of ``config``, ``jobs`` at a time, sorted by seed."""
     from tqdm.auto import tqdm
 
-    args = parse_args(argv)
-    config = configure(args)
-    started = time.perf_counter()
     results: list[SeedResult] = []
     with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir, \
             tqdm(total=len(config.seeds), desc="seeds", unit="seed") as bar:
-        tasks = [(config, seed, workdir, args.threads) for seed in config.seeds]
+        tasks = [(config, seed, workdir, threads) for seed in config.seeds]
+
         def collect(outcomes) -> None:
             for result in outcomes:
                 results.append(result)
                 bar.update(1)
                 bar.set_postfix(last=f"seed {result.seed}: {result.seconds:.0f} s")
 
-        if args.jobs == 1:
-            torch.set_num_threads(args.threads)
+        if jobs == 1:
+            torch.set_num_threads(threads)
             try:
                 collect(run_seed(config, seed, Path(workdir)) for seed in config.seeds)
             finally:
                 close_distributed()  # the group the runs' trainers made (one for all)
         else:
-            with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
+            with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
                 collect(pool.imap_unordered(_worker, tasks))
-    results.sort(key=lambda s: s.seed)
+    return sorted(results, key=lambda s: s.seed)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.combine:
+        config, results = combine([Path(p) for p in args.combine])
+    else:
+        config = configure(args)
+        results = run_grid(config, args.jobs, args.threads)
     elapsed = time.perf_counter() - started
     out = Path(args.output_dir)
     table = markdown_tables(config, results)
     with atomic_write(out / "quality_results.json") as handle:
         json.dump(compact({"config": asdict(config), "quick": args.quick, "seconds": elapsed, "jobs": args.jobs,
-                           "seeds": [asdict(s) for s in results]}), handle, separators=(",", ":"))
+                           "combined_from": args.combine or [], "seeds": [asdict(s) for s in results]}),
+                  handle, separators=(",", ":"))
     with atomic_write(out / "quality.md") as handle:
         handle.write(table)
+    figures = ["quality.png"]
     plot(config, results, out / "quality.png")
+    if config.lam_sweep:
+        plot_lambda(config, results, out / "quality_lambda.png")
+        figures.append("quality_lambda.png")
     print(table)
     if config.reversed_check:
         for s in results:
             rev = _values([s], "reward", strategy=REVERSED)[s.seed]
             print(f"seed {s.seed}: reversed-preference policy reward {rev:.3f}, SFT start {s.sft['reward']:.3f}")
     runs = sum(len(s.runs) for s in results)
-    print(f"{runs} runs in {elapsed:.0f} s; wrote {out}/quality_results.json, quality.md, quality.png")
+    print(f"{runs} runs in {elapsed:.0f} s; wrote {out}/quality_results.json, quality.md, {', '.join(figures)}")
     return 0
 
 

@@ -107,6 +107,45 @@ def test_paired_differences_over_seeds(bench):
     assert "| paper, noise 40% | rrhf | +0.100 | +0.050 | +0.200 |" in table
 
 
+def test_lambda_sweep_plan_and_combined_results(bench, tmp_path):
+    """The sweep adds dora runs at each λ and h̃ scale except the plain dora run's point; its curve ends at
+    reweighting (λ = ∞); two result files of the same seeds join per seed, and other seeds are refused."""
+    config = replace(bench.BenchConfig(), strategies=("erm", "reweight", "dora"), lam=1.0, h_scale="none",
+                     lam_sweep=(0.5, 1.0, 2.0), scale_sweep=("none", "dataset"), settings=("paper, noise 0%",),
+                     losses=("rrhf",), seeds=(0, 1))
+    labels = [label for label, _ in bench.variants(config)]
+    assert labels == ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2", "dora[dataset] λ=0.5",
+                      "dora[dataset] λ=1", "dora[dataset] λ=2"]
+    assert dict(bench.variants(config))["dora[dataset] λ=2"] == bench.Variant("dora", 2.0, "dataset")
+    assert bench.curve_labels(config, "none") == [(0.5, "dora[none] λ=0.5"), (1.0, "dora"),
+                                                  (2.0, "dora[none] λ=2"), (math.inf, "reweight")]
+
+    def results(labels: list[str], sft: float) -> list:
+        return [bench.SeedResult(seed, {"reward": 0.4, "win_rate": 0.1}, {"with_golden": 1.0, "without_golden": 0.5},
+                                 [bench.RunResult(seed, "paper, noise 0%", "rrhf", label, 0.1 * i + seed, 0.2, 1.0)
+                                  for i, label in enumerate(labels)], 1.0, {"reward": [sft]})
+                for seed in (0, 1)]
+
+    first = replace(config, scale_sweep=("none",))
+    second = replace(config, strategies=("erm",), scale_sweep=("dataset",))
+    for name, cfg, labels in (("a", first, ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2"]),
+                              ("b", second, ["erm", "dora[dataset] λ=0.5", "dora[dataset] λ=1"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "r.json").write_text(json.dumps({"config": bench.asdict(cfg),
+                                                            "seeds": [bench.asdict(s) for s in results(labels, 0.3)]}))
+    joined, seeds = bench.combine([tmp_path / "a" / "r.json", tmp_path / "b" / "r.json"])
+    assert joined.scale_sweep == ("none", "dataset") and [s.seed for s in seeds] == [0, 1]
+    assert [r.strategy for r in seeds[0].runs] == ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2",
+                                                   "dora[dataset] λ=0.5", "dora[dataset] λ=1"]  # erm kept once
+    table = "\n".join(bench.sweep_tables(joined, seeds))
+    assert "| dataset | 1 | +0.200 |" in table  # dora[dataset] λ=1 − erm = 0.2 on both seeds
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "r.json").write_text(json.dumps({"config": bench.asdict(second), "seeds": [
+        bench.asdict(s) for s in results(["erm"], 0.9)]}))
+    with pytest.raises(SystemExit, match="SFT start differs"):
+        bench.combine([tmp_path / "a" / "r.json", tmp_path / "c" / "r.json"])
+
+
 def test_bench_trains_with_the_quickstart_settings(bench, tmp_path):
     """The benchmark's defaults are the quickstart's (launch/quickstart.sh and its two configs), so the
     figures in benchmarks/RESULTS.md speak for what the quickstart runs."""
@@ -126,7 +165,7 @@ def test_bench_trains_with_the_quickstart_settings(bench, tmp_path):
             f"model.path={tmp_path / 'model'}", f"data.train=[{tmp_path / 'train.jsonl'}]",
             f"output_dir={tmp_path / stage}", f"train.micro_batch_prompts={global_batch}"])  # 1 rank
         loss, strategy = ("rrhf", "dora") if stage == "align" else ("dpo_pl", "erm")
-        ours = bench.run_config(config, stage, 0, loss, strategy)
+        ours = bench.run_config(config, stage, 0, loss, bench.Variant(strategy, config.lam, config.h_scale))
         for section, fields in (("train", ("micro_batch_prompts", "lr", "schedule", "warmup_steps", "epochs",
                                            "grad_accum_steps", "max_grad_norm", "weight_decay")),
                                 ("data", ("max_prompt_tokens", "max_response_tokens"))):
@@ -136,7 +175,8 @@ def test_bench_trains_with_the_quickstart_settings(bench, tmp_path):
         if stage == "sft":
             assert ours.data.target_source == shipped.data.target_source == "*"
         else:
-            assert (shipped.loss.name, shipped.robust.strategy, shipped.robust.lam) == ("rrhf", "dora", config.lam)
+            assert (shipped.loss.name, shipped.robust.strategy, shipped.robust.lam, shipped.robust.h_scale) == (
+                "rrhf", "dora", config.lam, config.h_scale)
             assert loss in config.losses
     assert f"--backbone {config.calibration_backbone} --folds {config.calibration_folds}" in script
     assert f"--num-prompts {config.train_prompts} --k {config.k} --golden-fraction {config.golden_fraction}" in script
