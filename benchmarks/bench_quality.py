@@ -71,6 +71,7 @@ from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
 from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, derived_seed, sample_texts
+from dora_engine.losses import H_SCALES
 from dora_engine.training.config import (
     CheckpointConfig,
     DataConfig,
@@ -91,7 +92,6 @@ if TYPE_CHECKING:
     from dora_engine.calibration.pipeline import Calibration
 
 METRICS = ("reward", "win_rate")
-H_SCALES = ("none", "dataset", "batch")
 REVERSED = "reversed"  # the --quick sanity run's strategy label: erm on negated scores
 
 
@@ -677,8 +677,14 @@ def combine(paths: Sequence[Path]) -> tuple[BenchConfig, list[SeedResult]]:
             mine = by_seed[seed.seed]
             if seed.sft_per_prompt != mine.sft_per_prompt:
                 raise SystemExit(f"--combine: seed {seed.seed}'s SFT start differs in {path} (not the same start)")
-            known = {(r.setting, r.loss, r.strategy) for r in mine.runs}
-            mine.runs += [r for r in seed.runs if (r.setting, r.loss, r.strategy) not in known]
+            known = {(r.setting, r.loss, r.strategy): (r.lam, r.h_scale) for r in mine.runs}
+            for run in seed.runs:
+                key = (run.setting, run.loss, run.strategy)
+                if key not in known:
+                    mine.runs.append(run)
+                elif known[key] != (run.lam, run.h_scale) and run.strategy in ("dora", "dro"):
+                    raise SystemExit(f"--combine: {run.strategy!r} ran at (λ, h_scale) {known[key]} before and "
+                                     f"{(run.lam, run.h_scale)} in {path}")
         config = replace(config, settings=union(config.settings, other.settings),
                          losses=union(config.losses, other.losses),
                          strategies=union(config.strategies, other.strategies),
