@@ -71,7 +71,7 @@ from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
 from dora_engine.eval.winrate import golden_response
 from dora_engine.generation import EVALUATION_SAMPLING, derived_seed, sample_texts
-from dora_engine.losses import H_SCALES
+from dora_engine.losses import H_SCALES, TRAINING_H_SCALE, TRAINING_LAM
 from dora_engine.training.config import (
     CheckpointConfig,
     DataConfig,
@@ -119,8 +119,8 @@ class BenchConfig:
     settings: tuple[str, ...] = tuple(s.name for s in SETTINGS)
     losses: tuple[str, ...] = ("dpo_pl", "rrhf", "lire")
     strategies: tuple[str, ...] = ("erm", "reweight", "dro", "dora")
-    lam: float = 1.0  # λ of dro and dora
-    h_scale: str = "none"  # robust.h_scale of every run
+    lam: float = TRAINING_LAM  # λ of dro and dora
+    h_scale: str = TRAINING_H_SCALE  # robust.h_scale of every run
     lam_sweep: tuple[float, ...] = ()  # extra dora runs at these λ (the sensitivity curve; ∞ is reweight)
     scale_sweep: tuple[str, ...] = ()  # ... under each of these h_scale options (default: h_scale only)
     train_prompts: int = 256

@@ -378,7 +378,13 @@ def robust_objective(
 #: How h̃ is scaled before the strategy (docs/design.md section 4.3): ``none`` as given (the paper's),
 #: ``dataset`` divided by the training set's mean h̃, ``batch`` divided by the global batch's mean h̃.
 H_SCALES = ("none", "dataset", "batch")
+#: The objective's own default: a bare call has no training set to take a mean over.
 DEFAULT_H_SCALE = "none"
+#: The training defaults (``robust.*``, the TRL adapter, ``dora-engine iterate``): chosen on tuning seeds with
+#: benchmarks/bench_quality.py's λ sweep, the one setting with no cell below ERM and the largest gain over it
+#: among dora's (benchmarks/RESULTS.md, "Choosing h̃'s scale and λ").
+TRAINING_H_SCALE = "dataset"
+TRAINING_LAM = 4.0
 
 
 def h_divisor(h_scale: str, h_mean: float | None, h_batch: torch.Tensor) -> torch.Tensor:

@@ -36,7 +36,14 @@ from trl import DPOConfig, DPOTrainer
 
 from dora_engine.errors import UserValueError
 from dora_engine.integrations.scale import dataset_objective
-from dora_engine.losses import DEFAULT_H_SCALE, ObjectiveError, ResolvedObjective, RobustObjective, get_loss
+from dora_engine.losses import (
+    TRAINING_H_SCALE,
+    TRAINING_LAM,
+    ObjectiveError,
+    ResolvedObjective,
+    RobustObjective,
+    get_loss,
+)
 from dora_engine.ops import OP_BACKENDS, DoRAOutput, dora_loss, shift_labels
 from dora_engine.ops.lm_head import LOSS_PATHS, DoRAPolicy, causal_lm
 from dora_engine.preference import data_parallel_group, preference_stats, weight_stats
@@ -135,9 +142,9 @@ class DoRADPOConfig(DPOConfig):
             "'drdpo'. 'reweight' and 'dora' need the h̃ column."
         },
     )
-    dora_lam: float = field(default=1.0, metadata={"help": "λ > 0 of 'dro', 'dora' and 'drdpo'."})
+    dora_lam: float = field(default=TRAINING_LAM, metadata={"help": "λ > 0 of 'dro', 'dora' and 'drdpo'."})
     dora_h_scale: str = field(
-        default=DEFAULT_H_SCALE,
+        default=TRAINING_H_SCALE,
         metadata={
             "help": "Scale of h̃ before 'reweight' and 'dora': 'none' (as given), 'dataset' (divided by its mean over "
             "the training dataset) or 'batch' (divided by the mean over the global batch)."

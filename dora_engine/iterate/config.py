@@ -17,7 +17,7 @@ from dora_engine.calibration.pipeline import BETA_CHOICES
 from dora_engine.calibration.schemes import SCHEMES
 from dora_engine.errors import UserValueError
 from dora_engine.generation import GENERATION_BACKENDS
-from dora_engine.losses import DEFAULT_H_SCALE, H_SCALES, ObjectiveError, RobustObjective
+from dora_engine.losses import H_SCALES, TRAINING_H_SCALE, TRAINING_LAM, ObjectiveError, RobustObjective
 from dora_engine.ops import OP_BACKENDS
 from dora_engine.training.config import (
     MODEL_FILES,
@@ -182,9 +182,9 @@ class AlignConfig:
         default_factory=dict,
         metadata={"help": "Overrides of the loss's parameter defaults."},
     )
-    lam: float = field(default=1.0, metadata={"help": "λ of the strategies that take one."})
+    lam: float = field(default=TRAINING_LAM, metadata={"help": "λ of the strategies that take one."})
     h_scale: str = field(
-        default=DEFAULT_H_SCALE,
+        default=TRAINING_H_SCALE,
         metadata={"help": "Scale of h̃ before `reweight` and `dora`, as `robust.h_scale`: `none`, `dataset` (h̃ over "
                           "its mean on the round's data, so that λ means the same in every round while h̃'s "
                           "distribution moves) or `batch`."},

@@ -24,8 +24,9 @@ from dora_engine.errors import UserError
 from dora_engine.generation import EXPORT_FOLDER
 from dora_engine.hf_loading import refuse_remote_code
 from dora_engine.losses import (
-    DEFAULT_H_SCALE,
     H_SCALES,
+    TRAINING_H_SCALE,
+    TRAINING_LAM,
     ObjectiveError,
     ResolvedObjective,
     RobustObjective,
@@ -157,11 +158,12 @@ class RobustConfig:
         metadata={"help": "`erm`, `reweight`, `dro`, `dora` or `drdpo` (docs/design.md section 4.3)."},
     )
     lam: float = field(
-        default=1.0,
-        metadata={"help": "λ of the strategy (β′ of `drdpo`); `erm` and `reweight` ignore it."},
+        default=TRAINING_LAM,
+        metadata={"help": "λ of the strategy (β′ of `drdpo`); `erm` and `reweight` ignore it. The default goes "
+                          "with `h_scale: dataset` (benchmarks/RESULTS.md)."},
     )
     h_scale: str = field(
-        default=DEFAULT_H_SCALE,
+        default=TRAINING_H_SCALE,
         metadata={"help": "Scale of h̃ before `reweight` and `dora` (docs/design.md section 4.3): `none` (h̃ as "
                           "given, the paper's), `dataset` (h̃ divided by its mean over all records of `data.train`, "
                           "computed at start-up and used for `data.eval` too, so that λ means the same on every "
