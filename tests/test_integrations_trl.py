@@ -151,7 +151,9 @@ def test_trains_two_steps_with_trls_logging(toy, loss_path: str) -> None:
 def test_loss_on_a_fixed_batch_equals_the_engines(toy, loss: str, params: dict, strategy: str) -> None:
     trainer = make_trainer(toy, dora_loss=loss, dora_loss_params=params, dora_strategy=strategy, dora_lam=0.7)
     ours, grads = loss_and_grads(trainer, fixed_batch(trainer))
-    objective = RobustObjective(loss, dict(trainer.dora_objective.params), strategy, 0.7)
+    used = trainer.dora_objective  # the training default scale: h̃ over the training dataset's mean
+    assert used.h_scale == ("dataset" if used.strategy.needs_h_tilde else "none")
+    objective = RobustObjective(loss, dict(used.params), strategy, 0.7, used.h_scale, used.h_mean)
     engine, engine_grads = engine_loss_and_grads(trainer, trainer.model, objective)
     assert ours == pytest.approx(engine, rel=1e-12, abs=1e-12)
     assert max_diff(grads, engine_grads) < 1e-11
@@ -283,7 +285,7 @@ def test_configuration_errors_name_the_field(toy) -> None:
     with pytest.raises(TypeError, match="needs args of type DoRADPOConfig"):
         DoRADPOTrainer(toy["model"], args=trl.DPOConfig(**cpu), train_dataset=toy["dataset"])
     no_h = {**toy, "dataset": toy["dataset"].remove_columns("h_tilde")}
-    with pytest.raises(ValueError, match="needs h̃ but the training dataset has no 'h_tilde' column"):
+    with pytest.raises(ValueError, match="training dataset has no 'h_tilde' column"):
         make_trainer(no_h, dora_strategy="dora")
     make_trainer(no_h, dora_strategy="dro")  # h̃ is only needed by reweight and dora
 
@@ -297,7 +299,7 @@ def test_h_scale_dataset_takes_c_from_the_training_dataset(toy) -> None:
     engine, engine_grads = engine_loss_and_grads(trainer, trainer.model, objective)
     assert ours == pytest.approx(engine, rel=1e-12, abs=1e-12)
     assert max_diff(grads, engine_grads) < 1e-11
-    unscaled = make_trainer(toy, dora_loss="dpo", dora_strategy="dora", dora_lam=0.7)
+    unscaled = make_trainer(toy, dora_loss="dpo", dora_strategy="dora", dora_lam=0.7, dora_h_scale="none")
     assert abs(loss_and_grads(unscaled, fixed_batch(unscaled))[0] - ours) > 1e-6
     assert make_trainer(toy, dora_h_scale="dataset", dora_h_mean=2.5).dora_objective.h_mean == 2.5
     assert make_trainer(toy, dora_h_scale="batch").dora_objective.h_scale == "batch"
@@ -309,7 +311,7 @@ def test_h_scale_dataset_takes_c_from_the_training_dataset(toy) -> None:
     with pytest.raises(ValueError, match="`dora_h_scale`: h_scale must be one of none, dataset, batch"):
         DoRADPOConfig(**cpu, dora_h_scale="prompt")
     with pytest.raises(ValueError, match="`dora_h_mean`: h_mean is only given with h_scale 'dataset'"):
-        DoRADPOConfig(**cpu, dora_h_mean=2.0)
+        DoRADPOConfig(**cpu, dora_h_scale="none", dora_h_mean=2.0)
 
 
 def test_config_parses_from_the_command_line(toy) -> None:

@@ -106,8 +106,10 @@ def test_h_scale_dataset_takes_c_from_all_of_data_train(toy, capsys):
     assert trainer.settings["robust"] == {"strategy": "dora", "lam": 1.0, "h_scale": "dataset",
                                           "h_mean": objective.h_mean}
     assert "h_mean" not in cfg.to_dict()["robust"]
+    assert load_config(toy, []).robust.h_scale == "dataset"  # the training default
     # A strategy without h̃ accepts the key and ignores it; the other scales need no c.
-    for overrides in (["robust.h_scale=dataset", "robust.strategy=erm"], ["robust.h_scale=batch"], []):
+    for overrides in (["robust.h_scale=dataset", "robust.strategy=erm"], ["robust.h_scale=batch"],
+                      ["robust.h_scale=none"]):
         other = run_objective(load_config(toy, overrides), data, Ranks())
         assert other.h_mean is None and other.h_scale == ("batch" if overrides == ["robust.h_scale=batch"] else "none")
 
