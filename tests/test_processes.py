@@ -263,3 +263,24 @@ def test_a_rank_whose_peer_is_gone_stops_in_one_line(tmp_path, monkeypatch, caps
     monkeypatch.setattr(commands, "run_task", fails(RuntimeError("size mismatch")))
     with pytest.raises(RuntimeError, match="size mismatch"):
         commands.launch_main(["--config", "c.yaml"])
+
+
+def test_a_process_trains_again_after_closing_its_group():
+    """A process that closes its group and makes a new one (a benchmark's seeds in one worker, a pipeline's
+    rounds) gets the new world group from DeepSpeed, not the destroyed one it cached: ZeRO-3's optimizer
+    asks for the rank in it first ("Group ... is not registered" otherwise)."""
+    script = """
+from datetime import timedelta
+import torch.distributed as dist
+from deepspeed.utils import groups
+from dora_engine.training.process_group import close_distributed, init_distributed
+
+for attempt in range(2):
+    init_distributed(timedelta(minutes=1))
+    assert dist.get_rank(group=groups._get_data_parallel_group()) == 0
+    close_distributed()
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -1,5 +1,5 @@
 """DeepSpeed's own just-in-time ops that a run triggers, built under this package's build lock
-(docs/design.md section 7.7).
+(docs/design.md section 7.7), and the process-group state DeepSpeed keeps between engines.
 
 DeepSpeed compiles its ops with ``torch.utils.cpp_extension`` on first use, and a build killed midway
 leaves torch's ``lock`` file in the op's build folder, on which every later run waits forever and
@@ -41,3 +41,24 @@ def load_deepspeed_op(builder_name: str) -> bool:
                   "later runs reuse it", file=sys.stderr, flush=True)
         builder.load(verbose=False)
     return True
+
+
+def forget_deepspeed_groups() -> None:
+    """Drop the groups DeepSpeed caches at module level once the process group they belong to is destroyed.
+
+    DeepSpeed (0.19) makes a clone of the world group on first use and keeps it in ``deepspeed.utils.groups``
+    for the life of the process; after ``destroy_process_group`` and a new ``init_process_group`` (a process
+    that trains again: several seeds of a benchmark, the rounds of a pipeline) every new engine would be
+    given that dead group and fail ("Group ... is not registered"). Clearing the cache makes the next
+    engine clone the new world group."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:  # DeepSpeed never ran in this process: nothing cached
+        return
+    for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        cached = getattr(groups, name, None)
+        if isinstance(cached, dict):
+            cached.clear()

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dora_engine.training.deepspeed_ops import SHM_COMM_BUILDER, load_deepspeed_op
+from dora_engine.training.deepspeed_ops import SHM_COMM_BUILDER, forget_deepspeed_groups, load_deepspeed_op
 from dora_engine.training.library_warnings import silence_understood_warnings
 from dora_engine.training.shared_memory import release_own_buffer, remove_stale_buffers
 
@@ -110,6 +110,7 @@ def close_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        forget_deepspeed_groups()  # else the next engine of this process gets the destroyed group
 
 
 # What a collective says when the rank at the other end is gone (gloo's sockets; NCCL's abort), rather than
