@@ -3,7 +3,8 @@
 Every variant trains the same tiny Llama (H = 512, 4 layers, fp32, no gradient checkpointing) on the
 same tokens: 4 prompts × K = 2 responses per step, every row exactly 256 tokens (a 64-token prompt,
 191 response tokens and EOS), the same 4 prompts every step, AdamW at the same lr (constant, no weight
-decay, gradient clipping at 1.0). The policy is the reference model plus a little noise, so that the
+decay, gradient clipping at 1.0; torch's fused AdamW everywhere, Hugging Face's default optimizer and our
+trainer's). The policy is the reference model plus a little noise, so that the
 log-ratios ρ = S − S_ref are not 0 and the step-1 loss depends on every token. Reference log-probs are
 precomputed for every variant; no variant holds a reference model while it trains.
 
@@ -41,8 +42,8 @@ each round (a slow spell of a shared machine then hits every variant alike). Rep
 - peak MiB: the process's peak resident set (``ru_maxrss``) over its whole life, setup included;
   step MiB: the peak resident set while the steps ran (the kernel's high-water mark reset with
   ``/proc/self/clear_refs`` just before the first step); base MiB: the resident set just before the first
-  step, with the model(s) built and loaded (TRL: ``on_train_begin``, its optimizer made, states not yet;
-  ours: after ``Trainer.from_config``, the ZeRO-3 partitions made). step − base is what the steps add.
+  step, with the model built and its weights read (TRL: ``on_train_begin``, its optimizer made, states not
+  yet; ours: after ``Trainer.from_config``, the ZeRO-3 partitions made). step − base is what the steps add.
   Maximum over the rounds. CPU memory only: on a GPU the numbers would be the CUDA allocator's.
 - step-1 loss: the loss of the first step, which variants computing the same loss must agree on within
   fp32 rounding (``LOSS_RTOL``); a row that does not is marked "not the same work". Groups: the
@@ -194,7 +195,12 @@ class StepClock:
         self.base = 0
         self._start = 0.0
 
-    def begin_phase(self) -> None:
+    def begin_phase(self, model=None) -> None:
+        """Take the base and reset the high-water mark; ``model``'s weights are read first, so that pages of
+        a weights file mapped but not yet read count in the base as loaded weights."""
+        if model is not None:
+            for p in model.parameters():
+                float(p.detach().sum())
         gc.collect()
         self.base = rss_bytes()
         reset_peak()
@@ -251,8 +257,8 @@ def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
     losses: list[float] = []
 
     class Clock(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            clock.begin_phase()
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            clock.begin_phase(model)
 
         def on_step_begin(self, args, state, control, **kwargs):
             clock.start()
@@ -273,7 +279,7 @@ def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
     reference = AutoModelForCausalLM.from_pretrained(work / "reference", dtype=torch.float32)
     args = Config(
         output_dir=str(out_dir), per_device_train_batch_size=s.prompts, max_steps=s.steps, learning_rate=s.lr,
-        lr_scheduler_type="constant", optim="adamw_torch", weight_decay=0.0, max_grad_norm=1.0, bf16=False,
+        lr_scheduler_type="constant", optim="adamw_torch_fused", weight_decay=0.0, max_grad_norm=1.0, bf16=False,
         use_cpu=True, gradient_checkpointing=False, precompute_ref_log_probs=True, max_length=None, seed=0,
         report_to="none", save_strategy="no", logging_steps=s.steps, disable_tqdm=True, **own,
     )
