@@ -36,9 +36,10 @@ each round (a slow spell of a shared machine then hits every variant alike). Rep
   M = rows × T tokens of a step, and the lm_head (V × H) on the positions whose next token is scored
   (rows × response tokens), the three products of a linear layer's forward and backward with
   ``torch.mm``: Y = X Wᵀ (M×in · in×out), dX = dY W, dW = dYᵀ X; and per layer the two attention
-  products per row and head with ``torch.bmm`` (Q Kᵀ, P V), three each likewise. Best of 3 per round,
-  median over the rounds. Nothing else (softmax, norms, the embedding's backward, the optimizer) is in
-  it, so every ratio is > 1.
+  products per row and head with ``torch.bmm`` (Q Kᵀ, P V), three each likewise. Best of 3 passes in
+  each round, the best over the rounds (a loaded spell of a shared machine only slows it). Nothing else
+  (softmax, norms, the embedding's backward, the optimizer) is in it, so on an idle machine every ratio
+  is > 1.
 - peak MiB: the process's peak resident set (``ru_maxrss``) over its whole life, setup included;
   step MiB: the peak resident set while the steps ran (the kernel's high-water mark reset with
   ``/proc/self/clear_refs`` just before the first step); base MiB: the resident set just before the first
@@ -406,7 +407,7 @@ def run_rounds(s: Setup, variants: list[str], rounds: int, timeout: float) -> di
 
 def summarise(s: Setup, runs: dict[str, list[dict]], warmup: int, skipped: dict[str, str]) -> dict:
     """Per variant: the figures of the module docstring; the step-1 check across each loss group."""
-    floor = statistics.median(r["floor_s"] for r in runs[FLOOR])
+    floor = min(r["floor_s"] for r in runs[FLOOR])
     rows: dict[str, dict] = {}
     for variant, results in runs.items():
         if variant == FLOOR:
