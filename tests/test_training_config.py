@@ -131,6 +131,16 @@ def test_deepspeed_json_keys_owned_by_the_yaml_are_refused(toy, tmp_path):
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 3
 
 
+def test_one_rank_on_the_default_settings_takes_the_small_gradient_bucket(toy, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    default = load_config(toy)
+    assert build_deepspeed_config(default, world_size=1)["zero_optimization"]["reduce_bucket_size"] == 5e6
+    assert build_deepspeed_config(default, world_size=2)["zero_optimization"]["reduce_bucket_size"] == 5e7
+    assert DEFAULT_DEEPSPEED["zero_optimization"]["reduce_bucket_size"] == 5e7  # the default is left as it is
+    named = load_config(toy, [f"deepspeed={ROOT / 'launch' / 'zero3.json'}"])  # a JSON the user names is kept
+    assert build_deepspeed_config(named, world_size=1)["zero_optimization"]["reduce_bucket_size"] == 5e7
+
+
 def test_launch_configs_are_valid_zero3(toy, monkeypatch):
     monkeypatch.chdir(ROOT)
     shipped = json.loads((ROOT / "launch" / "zero3.json").read_text())

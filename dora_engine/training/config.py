@@ -375,7 +375,8 @@ class TrainingConfig:
         default=None,
         metadata={"help": "A DeepSpeed JSON path or an inline mapping; batch sizes, accumulation, clipping, "
                           "precision and scheduler come from this config and must not be set there; null: "
-                          "`launch/zero3.json`'s settings."},
+                          "`launch/zero3.json`'s settings (in one process with a gradient bucket of 5e6 elements: a "
+                          "rank alone reduces nothing)."},
     )
     logging: LoggingConfig = field(
         default_factory=LoggingConfig,

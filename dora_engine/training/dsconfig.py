@@ -29,6 +29,11 @@ DEFAULT_DEEPSPEED: dict[str, Any] = {
     },
 }
 
+#: ``zero_optimization.reduce_bucket_size`` (elements) of a world of one under the default settings: ZeRO-3
+#: gathers gradients in that bucket to reduce them across ranks, and a rank alone reduces nothing, so
+#: launch/zero3.json's 5e7 (191 MiB in fp32) would be memory only (docs/design.md section 5.7).
+SINGLE_RANK_BUCKET = 5_000_000
+
 OWNED_KEYS = {
     "train_batch_size": "train.micro_batch_prompts × world × train.grad_accum_steps",
     "train_micro_batch_size_per_gpu": "train.micro_batch_prompts",
@@ -69,8 +74,11 @@ def load_deepspeed_config(source: str | dict[str, Any] | None) -> dict[str, Any]
 
 
 def build_deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict[str, Any]:
-    """The JSON passed to ``deepspeed.initialize``; keys the YAML owns must be absent or ``"auto"``."""
+    """The JSON passed to ``deepspeed.initialize``; keys the YAML owns must be absent or ``"auto"``. The
+    default settings in a world of one take ``SINGLE_RANK_BUCKET``."""
     ds = load_deepspeed_config(cfg.deepspeed)
+    if cfg.deepspeed is None and world_size == 1:
+        ds["zero_optimization"]["reduce_bucket_size"] = SINGLE_RANK_BUCKET
     for key, owner in OWNED_KEYS.items():
         if key in ds and ds[key] != "auto":
             raise ConfigError(f"config key 'deepspeed': remove {key!r} from the DeepSpeed JSON; it is set by {owner}")

@@ -142,7 +142,33 @@ def build_policy_engine(
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=module, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config,
     )
+    share_fp32_master(engine.optimizer)
     return engine, lr_scheduler, hf_ds_config
+
+
+def share_fp32_master(optimizer: Any) -> int:
+    """Make the fp32 master partitions of a ZeRO-3 optimizer the weight partitions themselves wherever
+    those are fp32 already (``train.precision: fp32``, nothing offloaded); returns the bytes this frees.
+
+    DeepSpeed (0.19) means to skip the master copy then ("we don't need another copy of the weights",
+    ``stage3.py``) but compares the partition's ``torch.device`` with the accelerator's device *name*, a
+    string, which are never equal: it keeps a clone, one more copy of every weight, and copies it back
+    into the partition after each step. Pointing the master tensor at the partition's storage keeps the
+    tensor object the optimizer holds (its state is keyed by it) and the values (the clone equals the
+    partition); the copy back after each step is then a copy onto itself, which DeepSpeed allows for.
+    Anything else (bf16/fp16 weights, offload, NVMe swapping, another optimizer class) is left alone."""
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    weights = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not weights or getattr(optimizer, "offload_optimizer", False):
+        return 0
+    freed = 0
+    for master, weight in zip(masters, weights, strict=True):
+        if (weight is None or master.data_ptr() == weight.data_ptr() or master.dtype != weight.dtype
+                or master.device != weight.device or master.shape != weight.shape):
+            continue
+        freed += master.numel() * master.element_size()
+        master.data = weight.data
+    return freed
 
 
 def offload_summary(engine: Any) -> str | None:

@@ -1,0 +1,72 @@
+"""benchmarks/bench_peers.py: the same-work check, the table, and a --quick run end to end (slow: seven
+processes, each importing torch, transformers and TRL or DeepSpeed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_peers.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_peers", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peers"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(loss: float, tokens: int = 2048, rounds: int = 1) -> dict:
+    return {"loss1": loss, "loss1_rounds": [loss] * rounds, "tokens_per_step": tokens, "s_per_step": 1.0,
+            "s_per_step_range": [1.0, 1.0], "tokens_per_s": tokens, "tokens_per_s_range": [tokens, tokens],
+            "x_gemm": 2.0, "peak_mib": 100.0, "step_peak_mib": 90.0, "base_mib": 50.0}
+
+
+def test_fp32_rounding_is_the_same_work_and_anything_else_is_not(bench):
+    rows = {"trl_dpo": _row(0.821184), "ours_dpo_erm": _row(0.821158), "adapter_erm": _row(0.8213),
+            "ours_sft": _row(11.97), "adapter_dora": _row(0.9), "ours_dpo_pl_dora": _row(0.9, tokens=2047)}
+    assert bench.same_work("trl_dpo", rows) and bench.same_work("ours_dpo_erm", rows)
+    assert not bench.same_work("adapter_erm", rows)  # 1.4e-4 relative: beyond fp32 rounding
+    assert bench.same_work("ours_sft", rows)  # alone in its group
+    assert bench.same_work("adapter_dora", rows) and not bench.same_work("ours_dpo_pl_dora", rows)  # tokens
+    rows["ours_dpo_erm"]["loss1_rounds"] = [0.821158, 0.83]  # a later round that differs
+    assert not bench.same_work("ours_dpo_erm", rows)
+
+
+def test_the_table_lists_every_variant_skipped_ones_with_the_reason(bench):
+    variants = {v: _row(0.5 if v != "ours_sft" else 7.0) for v in bench.VARIANTS if v != "trl_liger_dpo"}
+    variants["adapter_erm"] = {**_row(0.6), "same_work": False}
+    for v in variants:
+        variants[v].setdefault("same_work", True)
+    summary = {"setup": {"work": "", "vocab": 512}, "gemm_floor_s": 0.5, "machine": "m", "variants": variants,
+               "skipped": {"trl_liger_dpo": "liger_kernel is not installed"}}
+    text = bench.table(summary, rounds=1, warmup=1)
+    names = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert names[1:] == list(bench.VARIANTS)
+    assert "| trl_liger_dpo | skipped: liger_kernel is not installed |" in text
+    assert text.count("(not the same work)") == 1 and "| adapter_erm |" in text
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_quick_run_has_every_variant_and_equal_step_one_losses(tmp_path):
+    pytest.importorskip("trl")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| (\w+) \|(.*)$", proc.stdout, re.M)}
+    assert set(json.loads((tmp_path / "peers_v512.json").read_text())["variants"]) <= set(rows)
+    for name in ("trl_dpo", "adapter_erm", "adapter_dora", "ours_dpo_erm", "ours_dpo_pl_dora", "ours_sft"):
+        assert name in rows and "not the same work" not in rows[name], proc.stdout
+    assert "trl_liger_dpo" in rows
