@@ -66,6 +66,7 @@ from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record, Response, write_records
 from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
+from dora_engine.data.weights import PAPER_RATIO_POWER
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
@@ -121,8 +122,10 @@ class BenchConfig:
     strategies: tuple[str, ...] = ("erm", "reweight", "dro", "dora")
     lam: float = TRAINING_LAM  # λ of dro and dora
     h_scale: str = TRAINING_H_SCALE  # robust.h_scale of every run
+    ratio_power: float = PAPER_RATIO_POWER  # τ of h̃ (calibrate --ratio-power) of every run
     lam_sweep: tuple[float, ...] = ()  # extra dora runs at these λ (the sensitivity curve; ∞ is reweight)
     scale_sweep: tuple[str, ...] = ()  # ... under each of these h_scale options (default: h_scale only)
+    power_sweep: tuple[float, ...] = ()  # ... with h̃ at each of these τ (default: ratio_power only)
     train_prompts: int = 256
     golden_fraction: float = 0.5
     eval_prompts: int = 224
@@ -155,38 +158,50 @@ QUICK = {
 
 @dataclass(frozen=True)
 class Variant:
-    """The objective of one alignment run: a strategy with its λ and h̃ scale (``robust.*``)."""
+    """The objective of one alignment run: a strategy with its λ and h̃ scale (``robust.*``), on h̃ computed
+    with the ratio power τ (``calibrate --ratio-power``)."""
 
     strategy: str
     lam: float
     h_scale: str
+    ratio_power: float = PAPER_RATIO_POWER
 
 
-def sweep_label(h_scale: str, lam: float) -> str:
-    return f"dora[{h_scale}] λ={lam:g}"
+def sweep_label(h_scale: str, lam: float, ratio_power: float = PAPER_RATIO_POWER) -> str:
+    power = "" if ratio_power == PAPER_RATIO_POWER else f" τ={ratio_power:g}"
+    return f"dora[{h_scale}] λ={lam:g}{power}"
+
+
+def sweep_curves(config: BenchConfig) -> list[tuple[str, float]]:
+    """(h_scale, τ) of every sensitivity curve: ``scale_sweep`` × ``power_sweep`` (each defaulting to the
+    config's own option)."""
+    return [(h_scale, power) for h_scale in config.scale_sweep or (config.h_scale,)
+            for power in config.power_sweep or (config.ratio_power,)]
 
 
 def variants(config: BenchConfig) -> list[tuple[str, Variant]]:
-    """(label, variant) of every alignment run per setting and loss: each of ``strategies`` at ``lam`` and
-    ``h_scale`` (labelled by its name), then dora at every λ of ``lam_sweep`` under each option of
-    ``scale_sweep`` (default: ``h_scale``), except the point that is the plain ``dora`` run already."""
-    plan = [(name, Variant(name, config.lam, config.h_scale)) for name in config.strategies]
-    main_dora = Variant("dora", config.lam, config.h_scale) if "dora" in config.strategies else None
-    for h_scale in config.scale_sweep or (config.h_scale,):
-        for lam in config.lam_sweep:
-            variant = Variant("dora", lam, h_scale)
+    """(label, variant) of every alignment run per setting and loss: each of ``strategies`` at ``lam``,
+    ``h_scale`` and ``ratio_power`` (labelled by its name), then dora at every λ of ``lam_sweep`` (default:
+    ``lam``) on every curve of ``sweep_curves``, except the point that is the plain ``dora`` run already."""
+    plan = [(name, Variant(name, config.lam, config.h_scale, config.ratio_power)) for name in config.strategies]
+    main_dora = Variant("dora", config.lam, config.h_scale, config.ratio_power) if "dora" in config.strategies \
+        else None
+    for h_scale, power in sweep_curves(config):
+        for lam in config.lam_sweep or (config.lam,):
+            variant = Variant("dora", lam, h_scale, power)
             if variant != main_dora:
-                plan.append((sweep_label(h_scale, lam), variant))
+                plan.append((sweep_label(h_scale, lam, power), variant))
     return plan
 
 
-def curve_labels(config: BenchConfig, h_scale: str) -> list[tuple[float, str]]:
-    """(λ, run label) of dora's sensitivity curve under ``h_scale``, by increasing λ (∞: ``reweight``)."""
-    points = {lam: sweep_label(h_scale, lam) for lam in config.lam_sweep}
-    if "dora" in config.strategies and h_scale == config.h_scale:
+def curve_labels(config: BenchConfig, h_scale: str, ratio_power: float) -> list[tuple[float, str]]:
+    """(λ, run label) of dora's sensitivity curve under ``h_scale`` and τ, by increasing λ (∞: ``reweight``,
+    on the curve of the config's τ, which reweighting runs at)."""
+    points = {lam: sweep_label(h_scale, lam, ratio_power) for lam in config.lam_sweep or (config.lam,)}
+    if "dora" in config.strategies and h_scale == config.h_scale and ratio_power == config.ratio_power:
         points[config.lam] = "dora"
     curve = sorted(points.items())
-    if "reweight" in config.strategies:
+    if "reweight" in config.strategies and ratio_power == config.ratio_power:
         curve.append((math.inf, "reweight"))
     return curve
 
@@ -338,6 +353,7 @@ class RunResult:
     seconds: float
     lam: float = 1.0
     h_scale: str = "none"
+    ratio_power: float = PAPER_RATIO_POWER
     per_prompt: dict[str, list[float]] = field(repr=False, default_factory=dict)
 
 
@@ -365,17 +381,20 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
     with tempfile.TemporaryDirectory(prefix=f"seed{seed}_", dir=workdir) as tmp:
         root = Path(tmp)
         calibration = fit_h_tilde(clean, config, seed, root)
-        scored = score(clean, calibration)
-        h_clean = [r.h_tilde for r in scored]
-        by_target = mean_h_tilde_by_target(scored, GOLDEN_SOURCE)
+        powers = list(dict.fromkeys([config.ratio_power, *config.power_sweep]))
+        data_by_setting: dict[tuple[str, float], list[Record]] = {}
+        for power in powers:
+            h_clean = [r.h_tilde for r in score(clean, calibration, ratio_power=power)]
+            for setting in settings:
+                records = training_records(config, seed, setting)
+                h = h_clean if not setting.all_golden else \
+                    [r.h_tilde for r in score(records, calibration, ratio_power=power)]
+                data_by_setting[setting.name, power] = [replace(r, h_tilde=v) for r, v in zip(records, h, strict=True)]
+        by_target = mean_h_tilde_by_target(score(clean, calibration, ratio_power=config.ratio_power), GOLDEN_SOURCE)
         mean_h = {"with_golden": by_target["with_target"][0], "without_golden": by_target["without_target"][0]}
-        data_by_setting = {}
-        for setting in settings:
-            records = training_records(config, seed, setting)
-            h = h_clean if not setting.all_golden else [r.h_tilde for r in score(records, calibration)]
-            data_by_setting[setting.name] = [replace(r, h_tilde=v) for r, v in zip(records, h, strict=True)]
-        if "all-golden" in data_by_setting:
-            mean_h["all_golden"] = statistics.fmean(r.h_tilde for r in data_by_setting["all-golden"])
+        if "all-golden" in config.settings:
+            mean_h["all_golden"] = statistics.fmean(r.h_tilde for r in
+                                                    data_by_setting["all-golden", config.ratio_power])
 
         model = tiny_llama(tokenizer, config, seed)  # the SFT start; below, the weights of each evaluated run
         model.save_pretrained(root / "init")
@@ -389,20 +408,21 @@ def run_seed(config: BenchConfig, seed: int, workdir: Path) -> SeedResult:
         plan = [(s, loss, label, variant) for s in settings for loss in config.losses
                 for label, variant in variants(config)]
         if config.reversed_check:
-            plan.append((settings[0], config.losses[0], REVERSED, Variant("erm", config.lam, config.h_scale)))
-        files: dict[tuple[str, bool], Path] = {}
+            plan.append((settings[0], config.losses[0], REVERSED,
+                         Variant("erm", config.lam, config.h_scale, config.ratio_power)))
+        files: dict[tuple[str, float, bool], Path] = {}
         for number, (setting, loss, label, variant) in enumerate(plan):
             run_started = time.perf_counter()
-            key = (setting.name, label == REVERSED)
+            key = (setting.name, variant.ratio_power, label == REVERSED)
             if key not in files:
-                records = data_by_setting[setting.name]
-                files[key] = data_file(root, f"data{len(files)}", reversed_preferences(records) if key[1] else records)
+                records = data_by_setting[key[:2]]
+                files[key] = data_file(root, f"data{len(files)}", reversed_preferences(records) if key[2] else records)
             paths = RunPaths.under(root, sft_model, files[key], f"run{number:03d}")
             model.load_state_dict(trained_weights(run_config(config, "align", seed, loss, variant, paths=paths)))
             scores = evaluate(model, tokenizer, held_out, config, seed)
             runs.append(RunResult(seed, setting.name, loss, label, statistics.fmean(scores["reward"]),
                                   statistics.fmean(scores["win_rate"]), time.perf_counter() - run_started,
-                                  variant.lam, variant.h_scale, scores))
+                                  variant.lam, variant.h_scale, variant.ratio_power, scores))
     sft = {m: statistics.fmean(sft_scores[m]) for m in METRICS}
     return SeedResult(seed, sft, mean_h, runs, time.perf_counter() - started, sft_scores)
 
@@ -456,7 +476,7 @@ def _mean_sd(values: Sequence[float], scale: float, digits: int) -> str:
 
 def markdown_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> str:
     others = [s for s in ("erm", "reweight", "dro") if s in config.strategies and "dora" in config.strategies]
-    lines = sweep_tables(config, seeds) if config.lam_sweep else []
+    lines = sweep_tables(config, seeds) if config.lam_sweep or config.power_sweep else []
     tables = (("reward", "Mean oracle reward of the generations (primary)", 1.0, 3),
               ("win_rate", "Win rate against the golden responses, ties half (%)", 100.0, 1))
     for metric, title, scale, digits in tables:
@@ -514,15 +534,15 @@ def sweep_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> list[str]:
         return []
     cells = [(setting, loss) for setting in config.settings for loss in config.losses]
     mixture = [(setting, loss) for setting, loss in cells if setting != "all-golden"]
-    lines = ["### λ sweep: dora − erm in mean oracle reward, per h̃ scale and λ", "",
+    lines = ["### λ sweep: dora − erm in mean oracle reward, per h̃ scale, ratio power τ and λ", "",
              f"Seeds {[s.seed for s in seeds]}; paired mean with a bootstrap 95% interval over seeds (**bold**: the "
              "interval excludes zero); λ = ∞ is reweighting.", "",
-             "| h_scale | λ | " + " | ".join(f"{setting}: {loss}" for setting, loss in cells) + " |",
-             "| --- | --- | " + " | ".join("---" for _ in cells) + " |"]
-    summary = ["", "| h_scale | λ | worst cell | mean over mixture cells | cells below 0 | intervals below 0 | "
-               "mixture intervals above 0 |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for h_scale in config.scale_sweep or (config.h_scale,):
-        for lam, label in curve_labels(config, h_scale):
+             "| h_scale | τ | λ | " + " | ".join(f"{setting}: {loss}" for setting, loss in cells) + " |",
+             "| --- | --- | --- | " + " | ".join("---" for _ in cells) + " |"]
+    summary = ["", "| h_scale | τ | λ | worst cell | mean over mixture cells | cells below 0 | intervals below 0 | "
+               "mixture intervals above 0 |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for h_scale, power in sweep_curves(config):
+        for lam, label in curve_labels(config, h_scale, power):
             intervals = {cell: differences(seeds, "reward", *cell, "erm", label)[1] for cell in cells}
             if any(i is None for i in intervals.values()):
                 continue
@@ -530,11 +550,11 @@ def sweep_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> list[str]:
             texts = [f"**{t}**" if i.n > 1 and i.excludes_zero() else t
                      for t, i in zip(texts, intervals.values(), strict=True)]
             name = "∞" if math.isinf(lam) else f"{lam:g}"
-            lines.append(f"| {h_scale} | {name} | " + " | ".join(texts) + " |")
+            lines.append(f"| {h_scale} | {power:g} | {name} | " + " | ".join(texts) + " |")
             means = [i.mean for i in intervals.values()]
             mixture_mean = statistics.fmean(intervals[c].mean for c in mixture)
             summary.append(
-                f"| {h_scale} | {name} | {min(means):+.3f} | {mixture_mean:+.3f}"
+                f"| {h_scale} | {power:g} | {name} | {min(means):+.3f} | {mixture_mean:+.3f}"
                 f" | {sum(m < 0 for m in means)} | {sum(i.n > 1 and i.hi < 0 for i in intervals.values())} | "
                 f"{sum(intervals[c].n > 1 and intervals[c].lo > 0 for c in mixture)} |")
     return [*lines, *summary, ""]
@@ -542,32 +562,33 @@ def sweep_tables(config: BenchConfig, seeds: Sequence[SeedResult]) -> list[str]:
 
 def plot_lambda(config: BenchConfig, seeds: Sequence[SeedResult], path: Path) -> None:
     """The sensitivity curve: per setting, dora − erm in mean reward against λ (log scale; ∞ = reweight), a
-    line per loss and h̃ scale option, with the bootstrap intervals."""
+    line per loss and curve (h̃ scale option and τ), with the bootstrap intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scales = config.scale_sweep or (config.h_scale,)
-    styles = ("-", "--", ":")
+    curves = sweep_curves(config)
+    lams = config.lam_sweep or (config.lam,)
+    styles = ("-", "--", ":", "-.")
     fig, axes = plt.subplots(1, len(config.settings), figsize=(4.2 * len(config.settings), 3.8), squeeze=False,
                              sharey=True)
     for ax, setting in zip(axes[0], config.settings, strict=True):
         for color, loss in zip(("C0", "C1", "C2", "C3", "C4"), config.losses, strict=False):
-            for style, h_scale in zip(styles, scales, strict=False):
+            for style, (h_scale, power) in zip(styles, curves, strict=False):
                 xs, means, errs = [], [], [[], []]
-                for lam, label in curve_labels(config, h_scale):
+                for lam, label in curve_labels(config, h_scale, power):
                     _, interval = differences(seeds, "reward", setting, loss, "erm", label)
                     if interval is None:
                         continue
-                    xs.append(math.log2(lam) if math.isfinite(lam) else math.log2(max(config.lam_sweep)) + 1.5)
+                    xs.append(math.log2(lam) if math.isfinite(lam) else math.log2(max(lams)) + 1.5)
                     means.append(interval.mean)
                     errs[0].append(interval.mean - interval.lo)
                     errs[1].append(interval.hi - interval.mean)
                 ax.errorbar(xs, means, yerr=errs, color=color, linestyle=style, marker="o", markersize=3,
-                            capsize=2, label=f"{loss}, {h_scale}")
-        ticks = [*sorted({*config.lam_sweep, config.lam})]
-        ax.set_xticks([math.log2(t) for t in ticks] + [math.log2(max(config.lam_sweep)) + 1.5],
+                            capsize=2, label=f"{loss}, {h_scale}, τ={power:g}")
+        ticks = [*sorted({*lams, config.lam})]
+        ax.set_xticks([math.log2(t) for t in ticks] + [math.log2(max(lams)) + 1.5],
                       [f"{t:g}" for t in ticks] + ["∞"])
         ax.axhline(0, color="grey", linewidth=1)
         ax.set_title(setting)
@@ -626,6 +647,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the λ sweep: extra dora runs at these λ (the sensitivity curve, quality_lambda.png)")
     parser.add_argument("--h-scales", nargs="+", choices=H_SCALES,
                         help="run the λ sweep under each of these h̃ scale options (default: --h-scale's)")
+    parser.add_argument("--ratio-power", type=float, help="τ of every run's h̃ (calibrate --ratio-power; default: "
+                        "BenchConfig's)")
+    parser.add_argument("--ratio-powers", type=float, nargs="+",
+                        help="extra dora runs on h̃ at each of these τ (at --lams' λ, default the config's λ)")
     parser.add_argument("--combine", nargs="+", metavar="JSON",
                         help="train nothing: the tables and figures of earlier runs' quality_results.json files "
                              "together (the same seeds and settings; their runs are joined per seed)")
@@ -677,20 +702,22 @@ def combine(paths: Sequence[Path]) -> tuple[BenchConfig, list[SeedResult]]:
             mine = by_seed[seed.seed]
             if seed.sft_per_prompt != mine.sft_per_prompt:
                 raise SystemExit(f"--combine: seed {seed.seed}'s SFT start differs in {path} (not the same start)")
-            known = {(r.setting, r.loss, r.strategy): (r.lam, r.h_scale) for r in mine.runs}
+            known = {(r.setting, r.loss, r.strategy): (r.lam, r.h_scale, r.ratio_power) for r in mine.runs}
             for run in seed.runs:
                 key = (run.setting, run.loss, run.strategy)
                 if key not in known:
                     mine.runs.append(run)
-                elif known[key] != (run.lam, run.h_scale) and run.strategy in ("dora", "dro"):
-                    raise SystemExit(f"--combine: {run.strategy!r} ran at (λ, h_scale) {known[key]} before and "
-                                     f"{(run.lam, run.h_scale)} in {path}")
+                elif known[key] != (run.lam, run.h_scale, run.ratio_power) and run.strategy != "erm":
+                    raise SystemExit(f"--combine: {run.strategy!r} ran at (λ, h_scale, τ) {known[key]} before and "
+                                     f"{(run.lam, run.h_scale, run.ratio_power)} in {path}")
         config = replace(config, settings=union(config.settings, other.settings),
                          losses=union(config.losses, other.losses),
                          strategies=union(config.strategies, other.strategies),
                          lam_sweep=tuple(sorted(union(config.lam_sweep, other.lam_sweep))),
                          scale_sweep=union(config.scale_sweep or (config.h_scale,),
-                                           other.scale_sweep or (other.h_scale,)))
+                                           other.scale_sweep or (other.h_scale,)),
+                         power_sweep=union(config.power_sweep or (config.ratio_power,),
+                                           other.power_sweep or (other.ratio_power,)))
     return config, sorted(by_seed.values(), key=lambda s: s.seed)
 
 
@@ -713,6 +740,13 @@ def configure(args: argparse.Namespace) -> BenchConfig:
         if not args.lams:
             raise SystemExit("--h-scales needs --lams (the λ of the sweep)")
         config = replace(config, scale_sweep=tuple(dict.fromkeys(args.h_scales)))
+    for power in [p for p in (args.ratio_power,) if p is not None] + list(args.ratio_powers or ()):
+        if not math.isfinite(power) or power < 0:
+            raise SystemExit(f"--ratio-power(s): τ must be a finite number >= 0, got {power}")
+    if args.ratio_power is not None:
+        config = replace(config, ratio_power=args.ratio_power)
+    if args.ratio_powers:
+        config = replace(config, power_sweep=tuple(dict.fromkeys(args.ratio_powers)))
     for assignment in args.set:
         name, _, value = assignment.partition("=")
         current = getattr(config, name, None)
@@ -780,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         handle.write(table)
     figures = ["quality.png"]
     plot(config, results, out / "quality.png")
-    if config.lam_sweep:
+    if config.lam_sweep or config.power_sweep:
         plot_lambda(config, results, out / "quality_lambda.png")
         figures.append("quality_lambda.png")
     print(table)

@@ -173,6 +173,20 @@ def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
     assert "scored out of fold" in capsys.readouterr().out
     first, applied = read_records(tmp_path / "out.jsonl"), read_records(tmp_path / "applied.jsonl")
     assert [r.h_tilde for r in applied] == pytest.approx([r.h_tilde for r in first], rel=1e-12)
+    # --ratio-power: the same c, h̃ from each ratio to the power τ; recorded in the report and its text
+    assert main(["calibrate", str(data), "--apply", str(run), "--ratio-power", "0.5",
+                 "--out", str(tmp_path / "flat.jsonl")]) == 0
+    assert "ratio power τ = 0.5" in capsys.readouterr().out
+    flat = read_records(tmp_path / "flat.jsonl")
+    for plain, flattened in zip(first, flat, strict=True):
+        assert flattened.meta[PROBS_META_KEY] == pytest.approx(plain.meta[PROBS_META_KEY], rel=1e-12)
+    spread = [np.std([r.h_tilde for r in records]) for records in (first, flat)]
+    assert spread[1] < 0.9 * spread[0]  # flatter
+    capsys.readouterr()
+    assert main(["calibrate", str(data), "--apply", str(run), "--ratio-power", "-1",
+                 "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert "ratio_power must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 def test_bag_of_words_features_are_scikit_learns(tmp_path):

@@ -11,13 +11,13 @@ import torch
 from dora_engine.calibration import h_tilde
 
 
-def _by_hand(c: list[float], gamma: list[float], beta: list[float]) -> float:
+def _by_hand(c: list[float], gamma: list[float], beta: list[float], tau: float = 1.0) -> float:
     """The docs/design.md formula written out term by term, in plain Python floats."""
     n = len(c)
     total = 0.0
     for ck, gk, bk in zip(c, gamma, beta, strict=True):
         ck = min(max(ck, 1e-6), 1 - 1e-6)
-        w = gk * ck / (1 - ck)
+        w = (gk * ck / (1 - ck)) ** tau
         total += 1.0 / (1.0 / n + bk / w)
     return total / n
 
@@ -99,3 +99,24 @@ def test_saturated_probabilities_are_clamped():
 def test_bad_input_is_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         h_tilde(**kwargs)
+
+
+def test_ratio_power_flattens_towards_uniform():
+    rng = np.random.default_rng(1)
+    c = rng.uniform(size=(6, 4))
+    gamma = rng.uniform(0.2, 5.0, size=(6, 4))
+    beta = rng.dirichlet(np.ones(4), size=6)
+    for tau in (0.0, 0.25, 0.5, 2.0):
+        expected = [_by_hand(list(c[b]), list(gamma[b]), list(beta[b]), tau) for b in range(6)]
+        np.testing.assert_allclose(h_tilde(c, gamma, beta, ratio_power=tau), expected, rtol=1e-12)
+    # τ = 1 is the paper's h̃; τ = 0 weighs every prompt alike, n / (1 + n β) = n / 2 for uniform β
+    assert h_tilde([0.9, 0.3], ratio_power=1.0) == pytest.approx(1.2, rel=1e-12)
+    np.testing.assert_allclose(h_tilde(c, gamma, ratio_power=0.0), np.full(6, 2.0), rtol=1e-12)
+    spreads = [np.std(h_tilde(c, gamma, ratio_power=tau)) for tau in (1.0, 0.5, 0.25, 0.0)]
+    assert all(a > b for a, b in zip(spreads, spreads[1:], strict=False))
+
+
+@pytest.mark.parametrize("tau", [-0.5, float("nan"), float("inf"), True, "1"])
+def test_bad_ratio_power_is_named(tau):
+    with pytest.raises(ValueError, match="ratio_power must be a finite number >= 0"):
+        h_tilde([0.5, 0.5], ratio_power=tau)

@@ -117,8 +117,13 @@ def test_lambda_sweep_plan_and_combined_results(bench, tmp_path):
     assert labels == ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2", "dora[dataset] λ=0.5",
                       "dora[dataset] λ=1", "dora[dataset] λ=2"]
     assert dict(bench.variants(config))["dora[dataset] λ=2"] == bench.Variant("dora", 2.0, "dataset")
-    assert bench.curve_labels(config, "none") == [(0.5, "dora[none] λ=0.5"), (1.0, "dora"),
-                                                  (2.0, "dora[none] λ=2"), (math.inf, "reweight")]
+    assert bench.curve_labels(config, "none", 1.0) == [(0.5, "dora[none] λ=0.5"), (1.0, "dora"),
+                                                       (2.0, "dora[none] λ=2"), (math.inf, "reweight")]
+    # a τ sweep without a λ sweep: dora at the config's λ on h̃ at each τ; reweighting is on the config's τ only
+    powers = replace(config, lam_sweep=(), scale_sweep=(), power_sweep=(0.25, 1.0))
+    assert bench.variants(powers)[3:] == [("dora[none] λ=1 τ=0.25", bench.Variant("dora", 1.0, "none", 0.25))]
+    assert bench.curve_labels(powers, "none", 0.25) == [(1.0, "dora[none] λ=1 τ=0.25")]
+    assert bench.curve_labels(powers, "none", 1.0) == [(1.0, "dora"), (math.inf, "reweight")]
 
     def results(labels: list[str], sft: float) -> list:
         return [bench.SeedResult(seed, {"reward": 0.4, "win_rate": 0.1}, {"with_golden": 1.0, "without_golden": 0.5},
@@ -138,7 +143,7 @@ def test_lambda_sweep_plan_and_combined_results(bench, tmp_path):
     assert [r.strategy for r in seeds[0].runs] == ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2",
                                                    "dora[dataset] λ=0.5", "dora[dataset] λ=1"]  # erm kept once
     table = "\n".join(bench.sweep_tables(joined, seeds))
-    assert "| dataset | 1 | +0.200 |" in table  # dora[dataset] λ=1 − erm = 0.2 on both seeds
+    assert "| dataset | 1 | 1 | +0.200 |" in table  # dora[dataset] λ=1 − erm = 0.2 on both seeds
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "r.json").write_text(json.dumps({"config": bench.asdict(second), "seeds": [
         bench.asdict(s) for s in results(["erm"], 0.9)]}))

@@ -17,6 +17,7 @@ from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ENCODER_MODES, 
 from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
+from dora_engine.data.weights import PAPER_RATIO_POWER
 from dora_engine.errors import UserValueError
 from dora_engine.hf_loading import add_trust_remote_code_argument
 
@@ -82,8 +83,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         min_examples=options["min_examples"],
         trust_remote_code=args.trust_remote_code,
     )
-    scored = score(records, calibration, beta=args.beta, trust_remote_code=args.trust_remote_code)
-    report = write_report(calibration, scored, output_dir, beta=args.beta, judge_file=args.judge_file)
+    scored = score(records, calibration, beta=args.beta, ratio_power=args.ratio_power,
+                   trust_remote_code=args.trust_remote_code)
+    report = write_report(calibration, scored, output_dir, beta=args.beta, ratio_power=args.ratio_power,
+                          judge_file=args.judge_file)
     write_records(args.out, scored)
     print(report_markdown(report))
     print(f"wrote {args.out}; classifiers and report in {output_dir}")
@@ -115,10 +118,10 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"{args.apply} was fitted for (drop --target)"
         )
     records = read_records(args.input)
-    scored = score(records, calibration, beta=args.beta, batch_size=args.batch_size, device=args.device,
-                   trust_remote_code=args.trust_remote_code)
+    scored = score(records, calibration, beta=args.beta, ratio_power=args.ratio_power, batch_size=args.batch_size,
+                   device=args.device, trust_remote_code=args.trust_remote_code)
     judge = None if args.judge_file is None else judge_correlation(scored, args.judge_file)
-    report = build_report(calibration, scored, beta=args.beta, judge=judge)
+    report = build_report(calibration, scored, beta=args.beta, ratio_power=args.ratio_power, judge=judge)
     write_records(args.out, scored)
     print(report_markdown(report))
     print(f"wrote {args.out} with the classifiers of {args.apply} (nothing trained)")
@@ -146,6 +149,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=BETA_CHOICES,
         default="uniform",
         help="slot weights β_k: uniform 1/n, or the prompt's fraction of the slot's source",
+    )
+    parser.add_argument(
+        "--ratio-power",
+        type=float,
+        default=PAPER_RATIO_POWER,
+        metavar="TAU",
+        help="τ >= 0, the power of each response's density ratio in h̃ (docs/design.md section 4.5): 1 (default) "
+        "is the paper's h̃, smaller flattens the weights towards uniform, 0 weighs every prompt alike",
     )
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"pairs per batch (default: {DEFAULT_BATCH_SIZE}; with --apply, the calibration's)")

@@ -44,7 +44,7 @@ from dora_engine.calibration.classifier import ClassifierSettings, Example
 from dora_engine.calibration.metrics import classifier_metrics
 from dora_engine.calibration.schemes import ClassifierSpec, SourceRule, plan
 from dora_engine.data.schema import Record, RecordError
-from dora_engine.data.weights import CLAMP_EPS, h_tilde
+from dora_engine.data.weights import CLAMP_EPS, PAPER_RATIO_POWER, check_ratio_power, h_tilde
 from dora_engine.errors import UserValueError
 
 DEFAULT_MIN_EXAMPLES = 8
@@ -582,6 +582,7 @@ def score(
     calibration: Calibration,
     *,
     beta: str = "uniform",
+    ratio_power: float = PAPER_RATIO_POWER,
     batch_size: int | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
@@ -591,11 +592,16 @@ def score(
 
     A record whose prompt is in the training data is scored by its fold's classifiers (out of fold); any
     other record by all folds, their log density ratios averaged (module docstring; ``calibration_fold``
-    is then ``None``). Every response is scored by the classifier its source's rule names. The input is
-    not modified. ``trust_remote_code``: ``dora_engine.hf_loading``.
+    is then ``None``). Every response is scored by the classifier its source's rule names. ``beta`` and
+    ``ratio_power`` (τ) shape h̃ from c (``dora_engine.data.weights``). The input is not modified.
+    ``trust_remote_code``: ``dora_engine.hf_loading``.
     """
     if beta not in BETA_CHOICES:
         raise UserValueError(f"unknown beta {beta!r}; valid: {list(BETA_CHOICES)}")
+    try:
+        check_ratio_power(ratio_power)
+    except ValueError as err:
+        raise UserValueError(str(err)) from None
     check_records(records)
     folds = [calibration.fold_of(r) for r in records]
     slots: dict[tuple[str, int | None], list[tuple[int, int]]] = {}
@@ -631,7 +637,7 @@ def score(
     return [
         replace(
             record,
-            h_tilde=h_tilde(probs[i], gammas[i], slot_betas(record, beta)),
+            h_tilde=h_tilde(probs[i], gammas[i], slot_betas(record, beta), ratio_power),
             meta={**record.meta, PROBS_META_KEY: probs[i].tolist(), FOLD_META_KEY: folds[i]},
         )
         for i, record in enumerate(records)

@@ -24,7 +24,7 @@ from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.calibration.pipeline import FOLD_META_KEY, PROBS_META_KEY, Calibration, slot_betas
 from dora_engine.data.schema import Record
 from dora_engine.data.summary import mean_h_tilde_by_target
-from dora_engine.data.weights import CLAMP_EPS
+from dora_engine.data.weights import PAPER_RATIO_POWER, h_tilde_terms
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
@@ -33,24 +33,28 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
     return {f"q{round(q * 100):02d}": float(np.quantile(values, q)) for q in QUANTILES}
 
 
-def response_terms(calibration: Calibration, scored: list[Record], beta: str = "uniform") -> dict[str, np.ndarray]:
-    """Each response's term of h̃, grouped by source (``scored`` from ``score`` with the same ``beta``)."""
+def response_terms(
+    calibration: Calibration, scored: list[Record], beta: str = "uniform", ratio_power: float = PAPER_RATIO_POWER
+) -> dict[str, np.ndarray]:
+    """Each response's term of h̃, grouped by source (``scored`` from ``score`` with the same ``beta`` and
+    ``ratio_power``)."""
     out: dict[str, list[float]] = defaultdict(list)
     for record in scored:
-        n = record.num_responses
-        c = np.clip(np.asarray(record.meta[PROBS_META_KEY], dtype=np.float64), CLAMP_EPS, 1 - CLAMP_EPS)
         fold = record.meta.get(FOLD_META_KEY)
-        gamma = np.array([calibration.gamma(r.source, fold) for r in record.responses])
-        betas = slot_betas(record, beta)
-        betas = np.full(n, 1.0 / n) if betas is None else betas
-        terms = gamma * c / (gamma * c / n + betas * (1 - c))
+        gamma = [calibration.gamma(r.source, fold) for r in record.responses]
+        terms = h_tilde_terms(record.meta[PROBS_META_KEY], gamma, slot_betas(record, beta), ratio_power)
         for response, term in zip(record.responses, terms, strict=True):
             out[response.source].append(float(term))
     return {source: np.array(values) for source, values in sorted(out.items())}
 
 
 def build_report(
-    calibration: Calibration, scored: list[Record], *, beta: str = "uniform", judge: dict[str, Any] | None = None
+    calibration: Calibration,
+    scored: list[Record],
+    *,
+    beta: str = "uniform",
+    ratio_power: float = PAPER_RATIO_POWER,
+    judge: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready summary of a calibration and of the dataset it scored."""
     h = np.array([r.h_tilde for r in scored], dtype=np.float64)
@@ -58,7 +62,7 @@ def build_report(
     for record in scored:
         for response, c in zip(record.responses, record.meta[PROBS_META_KEY], strict=True):
             per_source[response.source].append(c)
-    terms = response_terms(calibration, scored, beta)
+    terms = response_terms(calibration, scored, beta, ratio_power)
     in_training = sum(r.meta.get(FOLD_META_KEY) is not None for r in scored)
     report = {
         "target": calibration.target,
@@ -99,7 +103,8 @@ def build_report(
             for source, values in sorted(per_source.items())
         },
         # mean: what robust.h_scale `dataset` divides h̃ by when training on the scored file
-        "h_tilde": {"prompts": len(h), "mean": float(h.mean()), "quantiles": _quantiles(h),
+        "h_tilde": {"beta": beta, "ratio_power": ratio_power, "prompts": len(h), "mean": float(h.mean()),
+                    "quantiles": _quantiles(h),
                     "by_target": {group: {"prompts": n, "mean": mean if n else None} for group, (mean, n)
                                   in mean_h_tilde_by_target(scored, calibration.target).items()}},
     }
@@ -159,7 +164,8 @@ def report_markdown(report: dict[str, Any]) -> str:
                        f"({g['prompts']} prompts)" for group, g in h["by_target"].items())
     lines += [
         "",
-        f"h̃ over {h['prompts']} prompts ({scored}): mean {h['mean']:.3f}; "
+        f"h̃ (β {h['beta']}, ratio power τ = {h['ratio_power']:g}) over {h['prompts']} prompts ({scored}): "
+        f"mean {h['mean']:.3f}; "
         + ", ".join(f"{key} {v:.3f}" for key, v in h["quantiles"].items()),
         "",
         f"Mean h̃ {h['mean']:.4g}: what `robust.h_scale: dataset` divides h̃ by when training on this file "
@@ -217,6 +223,7 @@ def write_report(
     folder: str | os.PathLike,
     *,
     beta: str = "uniform",
+    ratio_power: float = PAPER_RATIO_POWER,
     judge_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``report.png`` into ``folder``; returns the report.
@@ -227,11 +234,11 @@ def write_report(
 
     folder = Path(folder)
     judge = None if judge_file is None else judge_correlation(scored, judge_file)
-    report = build_report(calibration, scored, beta=beta, judge=judge)
+    report = build_report(calibration, scored, beta=beta, ratio_power=ratio_power, judge=judge)
     with atomic_write(folder / "report.json") as handle:
         json.dump(report, handle, indent=1, ensure_ascii=False)
     with atomic_write(folder / "report.md") as handle:
         handle.write(report_markdown(report))
-    terms = response_terms(calibration, scored, beta)
+    terms = response_terms(calibration, scored, beta, ratio_power)
     plot_report(report, np.array([r.h_tilde for r in scored]), terms, folder / "report.png")
     return report

@@ -4,10 +4,13 @@ For a prompt with n responses, response k has classifier probability c_k ≈ P(g
 odds ratio γ_k of the classifier that scored it (γ_s = #label-0 / #label-1 in its training set) and
 the mixture weight β_k of its slot (default 1/n). With c clamped to [1e-6, 1 − 1e-6]:
 
-    term_k = γ_k c_k / (γ_k c_k / n + β_k (1 − c_k))        h̃ = (1/n) Σ_k term_k
+    w_k = γ_k c_k / (1 − c_k)        term_k = w_k^τ / (w_k^τ / n + β_k)        h̃ = (1/n) Σ_k term_k
 
-This is 1 / (1/n + β_k / w_k) with the importance weight w_k = γ_k c_k / (1 − c_k) (Eq. 5), so each term
-lies in (0, n) and so does h̃. With β_k = 1/n and γ_k = 1, term_k = n · c_k exactly.
+w_k is the importance weight (density ratio) of Eq. 5 and τ ≥ 0 its power (``ratio_power``): τ = 1 is the
+paper's h̃, term_k = γ_k c_k / (γ_k c_k / n + β_k (1 − c_k)), and with β_k = 1/n and γ_k = 1 exactly n · c_k;
+τ < 1 flattens the weights towards uniform (importance-weight flattening, Shimodaira 2000: less variance from
+a few extreme ratios for some bias), and τ = 0 gives every prompt the same h̃, n / (1 + n β) for uniform β.
+Each term lies in (0, n) and so does h̃.
 
 h̃ is a data weight, never differentiated: tensors are computed in float64 on the CPU and returned in
 the input's floating dtype and device. It lives with the data, below the calibration that fits the
@@ -16,14 +19,17 @@ classifiers: a record carries h̃, and a converter computes it from released pro
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 
 CLAMP_EPS = 1e-6
+PAPER_RATIO_POWER = 1.0
+"""τ of the paper's h̃ (no flattening)."""
 
 
-def h_tilde(c: Any, gamma: Any = 1.0, beta: Any = None) -> Any:
+def h_tilde(c: Any, gamma: Any = 1.0, beta: Any = None, ratio_power: float = PAPER_RATIO_POWER) -> Any:
     """h̃ for one prompt (``c`` of shape (n,)) or a batch of prompts (``c`` of shape (B, n)).
 
     Args:
@@ -31,12 +37,26 @@ def h_tilde(c: Any, gamma: Any = 1.0, beta: Any = None) -> Any:
         gamma: the scoring classifier's γ per response: a positive scalar or an array broadcastable
             to ``c`` (e.g. (n,) or (B, n)).
         beta: the slot mixture weights β_k > 0, broadcastable to ``c``; ``None`` means 1/n for every slot.
+        ratio_power: τ ≥ 0, the power of each importance weight (module docstring); 1 is the paper's h̃.
 
     Returns:
         A float for 1-D ``c``; an array (B,) for 2-D ``c`` (a tensor with ``c``'s dtype and device when
         ``c`` is a torch tensor).
     """
     torch_like = _as_torch_reference(c)
+    result = h_tilde_terms(c, gamma, beta, ratio_power).mean(axis=-1)
+    if torch_like is not None:
+        import torch
+
+        dtype = torch_like.dtype if torch_like.dtype.is_floating_point else torch.float64
+        return torch.as_tensor(result, dtype=dtype, device=torch_like.device)
+    return float(result) if result.ndim == 0 else result
+
+
+def h_tilde_terms(c: Any, gamma: Any = 1.0, beta: Any = None, ratio_power: float = PAPER_RATIO_POWER) -> np.ndarray:
+    """The terms term_k of h̃ (module docstring), float64 of ``c``'s shape: h̃ is their mean over the last
+    axis. Arguments as in ``h_tilde``."""
+    check_ratio_power(ratio_power)
     probs = _as_float64(c, "c")
     if probs.ndim not in (1, 2) or probs.shape[-1] < 1:
         raise ValueError(f"h_tilde: c must have shape (n,) or (B, n) with n >= 1, got shape {tuple(probs.shape)}")
@@ -50,16 +70,15 @@ def h_tilde(c: Any, gamma: Any = 1.0, beta: Any = None) -> Any:
     betas = np.full(probs.shape, 1.0 / n) if beta is None else _positive_broadcast(beta, probs.shape, "beta")
 
     clamped = np.clip(probs, CLAMP_EPS, 1.0 - CLAMP_EPS)
-    weighted = gammas * clamped
-    terms = weighted / (weighted / n + betas * (1.0 - clamped))
-    result = terms.mean(axis=-1)
+    ratio = (gammas * clamped / (1.0 - clamped)) ** float(ratio_power)
+    return ratio / (ratio / n + betas)
 
-    if torch_like is not None:
-        import torch
 
-        dtype = torch_like.dtype if torch_like.dtype.is_floating_point else torch.float64
-        return torch.as_tensor(result, dtype=dtype, device=torch_like.device)
-    return float(result) if result.ndim == 0 else result
+def check_ratio_power(ratio_power: Any) -> None:
+    """Raise ``ValueError`` unless ``ratio_power`` is a finite number ≥ 0."""
+    if isinstance(ratio_power, bool) or not isinstance(ratio_power, int | float) or not math.isfinite(ratio_power) \
+            or ratio_power < 0:
+        raise ValueError(f"h_tilde: ratio_power must be a finite number >= 0 (1 is the paper's h̃), got {ratio_power!r}")
 
 
 def _as_torch_reference(x: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from dora_engine.calibration.classifier import ClassifierSettings
 from dora_engine.calibration.pipeline import BETA_CHOICES
 from dora_engine.calibration.schemes import SCHEMES
+from dora_engine.data.weights import PAPER_RATIO_POWER, check_ratio_power
 from dora_engine.errors import UserValueError
 from dora_engine.generation import GENERATION_BACKENDS
 from dora_engine.losses import H_SCALES, TRAINING_H_SCALE, TRAINING_LAM, ObjectiveError, RobustObjective
@@ -169,6 +170,11 @@ class CalibrateConfig:
     folds: int = field(default=5, metadata={"help": "Cross-fitting folds (≥ 2)."})
     scheme: str = field(default="per_source", metadata={"help": "`per_source`, `pooled` or `multiclass`."})
     beta: str = field(default="uniform", metadata={"help": "β of h̃: `uniform` or `source_fraction`."})
+    ratio_power: float = field(
+        default=PAPER_RATIO_POWER,
+        metadata={"help": "τ ≥ 0, the power of each density ratio in h̃, as `calibrate --ratio-power` (docs/design.md "
+                          "section 4.5): 1 is the paper's h̃, smaller flattens it towards uniform."},
+    )
     min_examples: int = field(
         default=8,
         metadata={"help": "Responses of each source that every fold's training data needs."},
@@ -373,6 +379,10 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     _at_least("calibrate.folds", c.folds, 2)
     _choice("calibrate.scheme", c.scheme, SCHEMES)
     _choice("calibrate.beta", c.beta, BETA_CHOICES)
+    try:
+        check_ratio_power(c.ratio_power)
+    except ValueError as err:
+        raise ConfigError(f"config key 'calibrate.ratio_power': {err}") from None
     _at_least("calibrate.min_examples", c.min_examples, 1)
     try:
         ClassifierSettings(backbone=c.backbone, folds=c.folds)

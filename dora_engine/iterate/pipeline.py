@@ -499,8 +499,8 @@ def _calibrate(runner: Runner, label: str, name: str, data: tuple[str, Done]) ->
         settings = ClassifierSettings(backbone=c.backbone, seed=cfg.seed, folds=c.folds)
         calibration = fit(records, target=cfg.data.target_source, output_dir=folder / "calibration", scheme=c.scheme,
                           settings=settings, min_examples=c.min_examples)
-        scored = score(records, calibration, beta=c.beta)
-        write_report(calibration, scored, folder / "calibration", beta=c.beta)
+        scored = score(records, calibration, beta=c.beta, ratio_power=c.ratio_power)
+        write_report(calibration, scored, folder / "calibration", beta=c.beta, ratio_power=c.ratio_power)
         write_records(folder / CALIBRATED, scored)
         means = mean_h_tilde_by_target(scored, cfg.data.target_source)
         (with_m, with_n), (without_m, without_n) = means["with_target"], means["without_target"]
