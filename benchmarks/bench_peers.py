@@ -10,14 +10,19 @@ precomputed for every variant; no variant holds a reference model while it train
 
 Variants:
   trl_dpo            TRL ``DPOTrainer``, ``loss_type="sigmoid"`` (the DPO loss), ``precompute_ref_log_probs``
-  trl_liger_dpo      the same with TRL's flag for Liger's fused-linear DPO loss (``use_liger_loss``); run
-                     only when ``liger_kernel`` imports and the installed TRL has the flag, else listed as
-                     skipped with the reason
+  trl_liger_dpo      the same ``DPOTrainer`` with its loss computed by Liger's chunked fused-linear preference loss
+                     and Liger's sigmoid DPO on the last hidden states and the lm_head weight (the logits of one
+                     pair of rows at a time) and TRL's precomputed reference log-probs (``liger_dpo_trainer``;
+                     TRL 1.16 has no Liger flag for DPO); listed as skipped when ``liger_kernel`` does not
+                     import (``pip install .[peers]``)
   adapter_erm        ``dora_engine.integrations.trl.DoRADPOTrainer``, ``dora_loss="dpo"``, ``dora_strategy="erm"``
-  adapter_dora       the same, ``dora_strategy="dora"`` (λ = 1, h̃ from the data)
+  adapter_dora       the same, ``dora_strategy="dora"``, ``dora_lam=1`` (set here: the training default
+                     ``TRAINING_LAM`` is 4), h̃ from the data divided by its mean (``dora_h_scale``'s default
+                     ``dataset``)
   ours_dpo_erm       ``dora-engine train``'s path: ``Trainer.from_config(load_config(yaml))`` and its
                      ``train_step`` (DeepSpeed ZeRO-3, one process), loss ``dpo``, strategy ``erm``
-  ours_dpo_pl_dora   the same, loss ``dpo_pl``, strategy ``dora`` (λ = 1)
+  ours_dpo_pl_dora   the same, loss ``dpo_pl``, strategy ``dora``, ``robust.lam: 1`` (set here, as for adapter_dora),
+                     ``robust.h_scale`` its default ``dataset``
   ours_sft           the same trainer, stage ``sft`` on the same 8 rows per step (every response a target)
 
 For the TRL variants the reference model is passed as ``ref_model`` with ``precompute_ref_log_probs=True``;
@@ -229,13 +234,83 @@ def skip_reason(variant: str) -> str | None:
             import liger_kernel  # noqa: F401
         except ImportError:
             return "liger_kernel is not installed"
-        from trl import DPOConfig
-
-        if "use_liger_loss" not in DPOConfig.__dataclass_fields__:
-            import trl
-
-            return f"TRL {trl.__version__}'s DPOConfig has no use_liger_loss"
     return None
+
+
+def liger_dpo_trainer():
+    """TRL's ``DPOTrainer`` whose loss is Liger's fused-linear DPO loss (``trl_liger_dpo``).
+
+    It replaces ``DPOTrainer._compute_loss`` alone, for the configuration of the bench (``loss_type="sigmoid"``,
+    precomputed reference log-probs; anything else raises): the backbone gives the last hidden states h (the lm_head
+    is not run), and Liger's chunked loss takes h, the lm_head weight W and the labels (the next token where TRL
+    scores it, ``completion_mask`` = 1, else -100), computes per pair of rows the logits h Wᵀ, their log-softmax, the
+    summed log-probs S of the labels (``average_log_prob=False``, as TRL sums) and the gradients of h and W, and
+    never holds more logits than one pair's. The loss is Liger's sigmoid DPO, −log σ(β((S_c − R_c) − (S_r − R_r)))
+    summed over pairs and divided by their number, which is TRL's mean over pairs, with TRL's β; R are TRL's
+    precomputed reference log-probs of the batch.
+
+    ``LigerFusedLinearDPOLoss`` takes the reference only as the reference model's hidden states and weight, from
+    which it recomputes R at every step; its preference base (``LigerFusedLinearPreferenceBase``, Liger's
+    extension point for custom losses) hands every chunk's S_c, S_r to a ``preference_loss_fn`` with the extra
+    keyword arguments of the call. So the loss here is a subclass of that base whose ``preference_loss_fn`` takes
+    R of the chunk's pairs from a ``ReferencePairs`` (the chunks come in the order of the batch; every pair must be
+    taken exactly once) and calls Liger's DPO ``preference_loss_fn``. Eager (``compiled=False``): torch.compile
+    would trace the hand-out again at every chunk.
+    """
+    from liger_kernel.chunked_loss.dpo_loss import LigerFusedLinearDPOFunction
+    from liger_kernel.chunked_loss.fused_linear_preference import LigerFusedLinearPreferenceBase
+    from trl import DPOTrainer
+
+    class ReferencePairs:
+        """R_c, R_r of a batch, handed out in order, ``n`` pairs at a time."""
+
+        def __init__(self, chosen, rejected) -> None:
+            self.chosen, self.rejected, self.taken = chosen, rejected, 0
+
+        def take(self, n: int):
+            start, self.taken = self.taken, self.taken + n
+            return self.chosen[start:self.taken], self.rejected[start:self.taken]
+
+    class PrecomputedReferenceDPO(LigerFusedLinearPreferenceBase):
+        @staticmethod
+        def preference_loss_fn(chosen_logps, rejected_logps, full_target, beta, reference):
+            ref_chosen, ref_rejected = reference.take(chosen_logps.shape[0])
+            return LigerFusedLinearDPOFunction.preference_loss_fn(
+                chosen_logps, rejected_logps, full_target, ref_chosen_logps=ref_chosen,
+                ref_rejected_logps=ref_rejected, beta=beta, loss_type="sigmoid")
+
+        @classmethod
+        def forward(cls, ctx, hidden, weight, labels, bias, reference, beta):
+            return LigerFusedLinearPreferenceBase.forward(
+                cls=cls, ctx=ctx, _input=hidden, weight=weight, target=labels, bias=bias, beta=beta,
+                compute_nll_loss=False, compiled=False, use_ref_model=False, average_log_prob=False, chunk_size=1,
+                reference=reference)
+
+        @staticmethod
+        def backward(ctx, *grad_output):
+            return *LigerFusedLinearPreferenceBase.backward(ctx, grad_output)[:4], None, None
+
+    class LigerDPOTrainer(DPOTrainer):
+        def _compute_loss(self, model, inputs, return_outputs):
+            if (self.loss_types != ["sigmoid"] or not self.precompute_ref_logps or self.ld_alpha is not None
+                    or self.use_weighting or self.f_divergence_type != "reverse_kl" or self.aux_loss_enabled
+                    or return_outputs):
+                raise ValueError("the Liger loss of the bench is TRL's sigmoid DPO on precomputed reference "
+                                 "log-probs only")
+            kept = {k: v for k, v in inputs.items() if k not in ("completion_mask", "ref_chosen_logps",
+                                                                 "ref_rejected_logps")}
+            hidden = model.get_decoder()(**kept, use_cache=False).last_hidden_state[:, :-1]
+            labels = inputs["input_ids"][:, 1:].masked_fill(inputs["completion_mask"][:, 1:] == 0, -100)
+            head = model.get_output_embeddings()
+            reference = ReferencePairs(inputs["ref_chosen_logps"], inputs["ref_rejected_logps"])
+            loss, _ = PrecomputedReferenceDPO.apply(hidden, head.weight, labels, head.bias, reference, self.beta)
+            if reference.taken != len(reference.chosen):
+                raise RuntimeError(f"Liger's loss took {reference.taken} reference pairs of {len(reference.chosen)}")
+            if self.model.training:
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+            return loss
+
+    return LigerDPOTrainer
 
 
 def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
@@ -251,9 +326,10 @@ def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
         own = {"dora_loss": "dpo", "dora_strategy": variant.split("_")[1], "dora_lam": 1.0}
     else:
         from trl import DPOConfig as Config
-        from trl import DPOTrainer as TrainerClass
+        from trl import DPOTrainer
 
-        own = {"loss_type": ["sigmoid"], **({"use_liger_loss": True} if variant == "trl_liger_dpo" else {})}
+        TrainerClass = liger_dpo_trainer() if variant == "trl_liger_dpo" else DPOTrainer
+        own = {"loss_type": ["sigmoid"]}
     clock = StepClock()
     losses: list[float] = []
 
