@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_pool import run_seeds  # noqa: E402 (a benchmarks module beside this one)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "iterate_synth.yaml"
@@ -192,8 +194,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from tqdm.auto import tqdm
-
     from dora_engine.atomic import atomic_write
     from dora_engine.iterate.config import load_iterate_config
 
@@ -209,19 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  for seed in seeds]
         cfg = load_iterate_config(DEFAULT_CONFIG, tasks[0][1])  # a bad --set is one line before any work
         started = time.perf_counter()
-        results: list[dict[str, Any]] = []
-        with tqdm(total=len(seeds), desc="seeds", unit="seed") as bar:
-            def collect(outcomes) -> None:
-                for result in outcomes:
-                    results.append(result)
-                    bar.update(1)
-                    bar.set_postfix(last=f"seed {result['seed']}: {result['seconds']:.0f} s")
-
-            if args.jobs == 1:
-                collect(_worker(task) for task in tasks)
-            else:
-                with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(tasks))) as pool:
-                    collect(pool.imap_unordered(_worker, tasks))
+        results = run_seeds(_worker, tasks, args.jobs, lambda result: f"seed {result['seed']}: "
+                            f"{result['seconds']:.0f} s")
     results.sort(key=lambda s: s["seed"])
     elapsed = time.perf_counter() - started
     summary = summarise(results, cfg.strategies)

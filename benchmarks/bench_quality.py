@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -86,6 +85,9 @@ from dora_engine.training.config import (
 from dora_engine.training.data import ALL_SOURCES
 from dora_engine.training.engine import Trainer
 from dora_engine.training.process_group import close_distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from seed_pool import run_seeds  # noqa: E402 (a benchmarks module beside this one)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -770,28 +772,9 @@ def configure(args: argparse.Namespace) -> BenchConfig:
 
 def run_grid(config: BenchConfig, jobs: int, threads: int) -> list[SeedResult]:
     """Every seed of ``config``, ``jobs`` at a time, sorted by seed."""
-    from tqdm.auto import tqdm
-
-    results: list[SeedResult] = []
-    with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir, \
-            tqdm(total=len(config.seeds), desc="seeds", unit="seed") as bar:
+    with tempfile.TemporaryDirectory(prefix="bench_quality_") as workdir:
         tasks = [(config, seed, workdir, threads) for seed in config.seeds]
-
-        def collect(outcomes) -> None:
-            for result in outcomes:
-                results.append(result)
-                bar.update(1)
-                bar.set_postfix(last=f"seed {result.seed}: {result.seconds:.0f} s")
-
-        if jobs == 1:
-            torch.set_num_threads(threads)
-            try:
-                collect(run_seed(config, seed, Path(workdir)) for seed in config.seeds)
-            finally:
-                close_distributed()  # the group the runs' trainers made (one for all)
-        else:
-            with multiprocessing.get_context("spawn").Pool(min(jobs, len(tasks))) as pool:
-                collect(pool.imap_unordered(_worker, tasks))
+        results = run_seeds(_worker, tasks, jobs, lambda result: f"seed {result.seed}: {result.seconds:.0f} s")
     return sorted(results, key=lambda s: s.seed)
 
 
