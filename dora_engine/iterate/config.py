@@ -25,10 +25,10 @@ from dora_engine.training.config import (
     PRECISIONS,
     SCHEDULES,
     ConfigError,
-    _check_model_location,
-    _check_output_folder,
-    _choice,
-    _positive,
+    check_choice,
+    check_model_location,
+    check_output_folder,
+    check_positive,
     read_config,
 )
 
@@ -299,7 +299,7 @@ def _reward(key: str, spec: str) -> None:
     if not spec.startswith(REWARD_MODEL) or not spec[len(REWARD_MODEL):]:
         raise ConfigError(f"config key {key!r} must be {ORACLE!r} or 'reward-model:PATH', got {spec!r}")
     path = spec[len(REWARD_MODEL):]
-    _check_model_location(key, path, MODEL_FILES)
+    check_model_location(key, path, MODEL_FILES)
     if not Path(path).is_dir():  # its content hash keys the steps it scores
         raise ConfigError(f"config key {key!r}: the reward model must be a local folder, got {path!r}")
 
@@ -356,29 +356,29 @@ def validate(cfg: IterateConfig) -> IterateConfig:
         if s.hidden % s.heads:
             raise ConfigError(f"config key 'start.heads' must divide start.hidden ({s.hidden}), got {s.heads}")
     else:
-        _check_model_location("start.model", s.model, MODEL_FILES)
+        check_model_location("start.model", s.model, MODEL_FILES)
         if not Path(s.model).is_dir():  # its content hash keys every step after it
             raise ConfigError(f"config key 'start.model' must be a local model folder or `{TINY}`, got {s.model!r}")
     _at_least("start.sft_epochs", s.sft_epochs, 0)
-    _positive("start.sft_lr", s.sft_lr)
+    check_positive("start.sft_lr", s.sft_lr)
     _at_least("start.sft_batch_rows", s.sft_batch_rows, 1)
     if not s.sft_source:
         raise ConfigError("config key 'start.sft_source' must be a source or \"*\"")
     g = cfg.generate
     _at_least("generate.n", g.n, 1)
-    _positive("generate.temperature", g.temperature)  # sampled responses: greedy would give n copies
+    check_positive("generate.temperature", g.temperature)  # sampled responses: greedy would give n copies
     _at_least("generate.top_k", g.top_k, 0)
     _top_p("generate.top_p", g.top_p)
-    _positive("generate.repetition_penalty", g.repetition_penalty)
+    check_positive("generate.repetition_penalty", g.repetition_penalty)
     _at_least("generate.max_new_tokens", g.max_new_tokens, 1)
-    _choice("generate.backend", g.backend, GENERATION_BACKENDS)
+    check_choice("generate.backend", g.backend, GENERATION_BACKENDS)
     _at_least("generate.batch_size", g.batch_size, 1)
     _reward("score.reward", cfg.score.reward)
     _at_least("score.previous_rounds", cfg.score.previous_rounds, 0)
     c = cfg.calibrate
     _at_least("calibrate.folds", c.folds, 2)
-    _choice("calibrate.scheme", c.scheme, SCHEMES)
-    _choice("calibrate.beta", c.beta, BETA_CHOICES)
+    check_choice("calibrate.scheme", c.scheme, SCHEMES)
+    check_choice("calibrate.beta", c.beta, BETA_CHOICES)
     try:
         check_ratio_power(c.ratio_power)
     except ValueError as err:
@@ -389,19 +389,19 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     except UserValueError as err:
         raise ConfigError(f"config key 'calibrate.backbone': {err}") from None
     a = cfg.align
-    _choice("align.h_scale", a.h_scale, H_SCALES)
-    _choice("align.reference", a.reference, REFERENCES)
-    _positive("align.lr", a.lr)
+    check_choice("align.h_scale", a.h_scale, H_SCALES)
+    check_choice("align.reference", a.reference, REFERENCES)
+    check_positive("align.lr", a.lr)
     _at_least("align.epochs", a.epochs, 1)
     _at_least("align.micro_batch_prompts", a.micro_batch_prompts, 1)
     _at_least("align.warmup_steps", a.warmup_steps, 0)
-    _choice("align.schedule", a.schedule, SCHEDULES)
-    _choice("align.precision", a.precision, PRECISIONS)
-    _choice("align.backend", a.backend, OP_BACKENDS)
+    check_choice("align.schedule", a.schedule, SCHEDULES)
+    check_choice("align.precision", a.precision, PRECISIONS)
+    check_choice("align.backend", a.backend, OP_BACKENDS)
     _at_least("align.checkpoint_every", a.checkpoint_every, 0)
     e = cfg.evaluate
     _reward("evaluate.reward", e.reward)
-    _positive("evaluate.temperature", e.temperature, allow_zero=True)
+    check_positive("evaluate.temperature", e.temperature, allow_zero=True)
     _at_least("evaluate.top_k", e.top_k, 0)
     _top_p("evaluate.top_p", e.top_p)
     _at_least("evaluate.max_new_tokens", e.max_new_tokens, 1)
@@ -409,7 +409,7 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     _at_least("evaluate.n_boot", e.n_boot, 100)
     if not cfg.output_dir:
         raise ConfigError("config key 'output_dir' must not be empty")
-    _check_output_folder("output_dir", cfg.output_dir)
+    check_output_folder("output_dir", cfg.output_dir)
     return cfg
 
 

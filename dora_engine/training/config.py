@@ -515,12 +515,14 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """``ConfigError`` naming ``key`` unless ``value`` is one of ``choices`` (also used by iterate's config)."""
     if value not in choices:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+def check_positive(key: str, value: float, allow_zero: bool = False) -> None:
+    """``ConfigError`` naming ``key`` unless ``value`` is finite and > 0 (≥ 0 with ``allow_zero``)."""
     ok = value >= 0 if allow_zero else value > 0
     if not (math.isfinite(value) and ok):
         raise ConfigError(f"config key {key!r} must be {'≥ 0' if allow_zero else '> 0'}, got {value!r}")
@@ -566,7 +568,7 @@ def _in_hub_cache(repo_id: str, filenames: tuple[str, ...]) -> bool:
     return False
 
 
-def _check_model_location(key: str, location: str | None, files: tuple[str, ...]) -> None:
+def check_model_location(key: str, location: str | None, files: tuple[str, ...]) -> None:
     """A local folder must exist and hold ``files`` (one of them); a hub id (``org/name``) must be in the
     local Hugging Face cache, or the hub must be reachable and offline mode off, so that loading never
     waits on a network that is not there."""
@@ -599,7 +601,7 @@ def _check_model_location(key: str, location: str | None, files: tuple[str, ...]
         )
 
 
-def _check_output_folder(key: str, location: str) -> None:
+def check_output_folder(key: str, location: str) -> None:
     """``location`` is a folder, or can be made: its nearest existing parent is a writable folder."""
     path = Path(location).expanduser().absolute()
     if path.exists() and not path.is_dir():
@@ -615,16 +617,16 @@ def _check_output_folder(key: str, location: str) -> None:
 
 def validate(cfg: TrainingConfig) -> TrainingConfig:
     """Checks that need more than types; each failure names its key."""
-    _choice("stage", cfg.stage, STAGES)
+    check_choice("stage", cfg.stage, STAGES)
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required (a Hugging Face model directory)")
-    _check_model_location("model.path", cfg.model.path, MODEL_FILES)
+    check_model_location("model.path", cfg.model.path, MODEL_FILES)
     tokenizer_key = "model.tokenizer" if cfg.model.tokenizer else "model.path"
-    _check_model_location(tokenizer_key, cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
-    _check_model_location("model.reference", cfg.model.reference, MODEL_FILES)
+    check_model_location(tokenizer_key, cfg.model.tokenizer or cfg.model.path, TOKENIZER_FILES)
+    check_model_location("model.reference", cfg.model.reference, MODEL_FILES)
     for location in {cfg.model.path, cfg.model.tokenizer or cfg.model.path, cfg.model.reference or cfg.model.path}:
         refuse_remote_code(location, cfg.model.trust_remote_code)
-    _choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
+    check_choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
     for i, path in enumerate(cfg.data.train + cfg.data.eval):
@@ -633,57 +635,57 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
             raise ConfigError(f"config key 'data.{kind}[{idx}]': file not found: {path}")
     if cfg.data.num_responses is not None and cfg.data.num_responses < 2:
         raise ConfigError(f"config key 'data.num_responses' must be ≥ 2, got {cfg.data.num_responses}")
-    _positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
-    _positive("data.max_response_tokens", cfg.data.max_response_tokens)
-    _choice("robust.h_scale", cfg.robust.h_scale, H_SCALES)
+    check_positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
+    check_positive("data.max_response_tokens", cfg.data.max_response_tokens)
+    check_choice("robust.h_scale", cfg.robust.h_scale, H_SCALES)
     try:
         RobustObjective(cfg.loss.name, cfg.loss.params, cfg.robust.strategy, cfg.robust.lam).resolve()
     except ObjectiveError as err:
         raise ConfigError(f"config key {OBJECTIVE_KEYS[err.field]!r}: {err}") from None
     t = cfg.train
-    _positive("train.micro_batch_prompts", t.micro_batch_prompts)
-    _positive("train.grad_accum_steps", t.grad_accum_steps)
-    _positive("train.lr", t.lr)
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    _choice("train.schedule", t.schedule, SCHEDULES)
-    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
-    _positive("train.epochs", t.epochs)
+    check_positive("train.micro_batch_prompts", t.micro_batch_prompts)
+    check_positive("train.grad_accum_steps", t.grad_accum_steps)
+    check_positive("train.lr", t.lr)
+    check_positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    check_choice("train.schedule", t.schedule, SCHEDULES)
+    check_positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    check_positive("train.epochs", t.epochs)
     if t.max_steps is not None:
-        _positive("train.max_steps", t.max_steps)
-    _choice("train.precision", t.precision, PRECISIONS)
-    _positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    _choice("train.backend", t.backend, OP_BACKENDS)
-    _choice("train.loss_path", t.loss_path, LOSS_PATHS)
-    _choice("train.fused_linear_mode", t.fused_linear_mode, FUSED_LINEAR_MODES)
+        check_positive("train.max_steps", t.max_steps)
+    check_choice("train.precision", t.precision, PRECISIONS)
+    check_positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
+    check_choice("train.backend", t.backend, OP_BACKENDS)
+    check_choice("train.loss_path", t.loss_path, LOSS_PATHS)
+    check_choice("train.fused_linear_mode", t.fused_linear_mode, FUSED_LINEAR_MODES)
     if t.chunk_bytes is not None:
-        _positive("train.chunk_bytes", t.chunk_bytes)
-    _positive("train.max_consecutive_skips", t.max_consecutive_skips)
-    _positive("train.eval_every", t.eval_every, allow_zero=True)
-    _positive("train.dist_timeout_minutes", t.dist_timeout_minutes)
+        check_positive("train.chunk_bytes", t.chunk_bytes)
+    check_positive("train.max_consecutive_skips", t.max_consecutive_skips)
+    check_positive("train.eval_every", t.eval_every, allow_zero=True)
+    check_positive("train.dist_timeout_minutes", t.dist_timeout_minutes)
     if cfg.lora.enabled:
-        _positive("lora.r", cfg.lora.r)
-        _positive("lora.alpha", cfg.lora.alpha)
+        check_positive("lora.r", cfg.lora.r)
+        check_positive("lora.alpha", cfg.lora.alpha)
         if not 0 <= cfg.lora.dropout < 1:
             raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
-    _positive("logging.every", cfg.logging.every)
-    _choice("logging.tensorboard", cfg.logging.tensorboard, ("auto", "on", "off"))
-    _positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
-    _positive("checkpoint.keep", cfg.checkpoint.keep)
+    check_positive("logging.every", cfg.logging.every)
+    check_choice("logging.tensorboard", cfg.logging.tensorboard, ("auto", "on", "off"))
+    check_positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
+    check_positive("checkpoint.keep", cfg.checkpoint.keep)
     if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).is_file():
         raise ConfigError(f"config key 'deepspeed': file not found: {cfg.deepspeed}")
     if not cfg.output_dir:
         raise ConfigError("config key 'output_dir' must not be empty")
-    _check_output_folder("output_dir", cfg.output_dir)
+    check_output_folder("output_dir", cfg.output_dir)
     if cfg.data.ref_cache_dir:
-        _check_output_folder("data.ref_cache_dir", cfg.data.ref_cache_dir)
+        check_output_folder("data.ref_cache_dir", cfg.data.ref_cache_dir)
     if cfg.data.cache_dir:
-        _check_output_folder("data.cache_dir", cfg.data.cache_dir)
+        check_output_folder("data.cache_dir", cfg.data.cache_dir)
     if cfg.data.num_proc is not None:
-        _positive("data.num_proc", cfg.data.num_proc)
+        check_positive("data.num_proc", cfg.data.num_proc)
     from dora_engine.data.converters import ROW_CONVERTERS
     from dora_engine.data.hf import check_columns
 
-    _choice("data.format", cfg.data.format, ("schema", *ROW_CONVERTERS))
+    check_choice("data.format", cfg.data.format, ("schema", *ROW_CONVERTERS))
     if cfg.data.columns and cfg.data.format != "schema":
         raise ConfigError(f"config key 'data.columns' applies to data.format schema, not {cfg.data.format!r}")
     try:
