@@ -65,7 +65,7 @@ from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record, Response, write_records
 from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
-from dora_engine.data.weights import PAPER_RATIO_POWER
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER, PAPER_RATIO_POWER
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
@@ -124,7 +124,7 @@ class BenchConfig:
     strategies: tuple[str, ...] = ("erm", "reweight", "dro", "dora")
     lam: float = TRAINING_LAM  # λ of dro and dora
     h_scale: str = TRAINING_H_SCALE  # robust.h_scale of every run
-    ratio_power: float = PAPER_RATIO_POWER  # τ of h̃ (calibrate --ratio-power) of every run
+    ratio_power: float = CALIBRATION_RATIO_POWER  # τ of h̃ (calibrate --ratio-power) of every run
     lam_sweep: tuple[float, ...] = ()  # extra dora runs at these λ (the sensitivity curve; ∞ is reweight)
     scale_sweep: tuple[str, ...] = ()  # ... under each of these h_scale options (default: h_scale only)
     power_sweep: tuple[float, ...] = ()  # ... with h̃ at each of these τ (default: ratio_power only)
@@ -166,11 +166,12 @@ class Variant:
     strategy: str
     lam: float
     h_scale: str
-    ratio_power: float = PAPER_RATIO_POWER
+    ratio_power: float
 
 
-def sweep_label(h_scale: str, lam: float, ratio_power: float = PAPER_RATIO_POWER) -> str:
-    power = "" if ratio_power == PAPER_RATIO_POWER else f" τ={ratio_power:g}"
+def sweep_label(h_scale: str, lam: float, ratio_power: float | None) -> str:
+    """The run label of a sweep point; τ is named when the sweep varies it (``ratio_power`` not None)."""
+    power = "" if ratio_power is None else f" τ={ratio_power:g}"
     return f"dora[{h_scale}] λ={lam:g}{power}"
 
 
@@ -192,14 +193,15 @@ def variants(config: BenchConfig) -> list[tuple[str, Variant]]:
         for lam in config.lam_sweep or (config.lam,):
             variant = Variant("dora", lam, h_scale, power)
             if variant != main_dora:
-                plan.append((sweep_label(h_scale, lam, power), variant))
+                plan.append((sweep_label(h_scale, lam, power if config.power_sweep else None), variant))
     return plan
 
 
 def curve_labels(config: BenchConfig, h_scale: str, ratio_power: float) -> list[tuple[float, str]]:
     """(λ, run label) of dora's sensitivity curve under ``h_scale`` and τ, by increasing λ (∞: ``reweight``,
     on the curve of the config's τ, which reweighting runs at)."""
-    points = {lam: sweep_label(h_scale, lam, ratio_power) for lam in config.lam_sweep or (config.lam,)}
+    power = ratio_power if config.power_sweep else None
+    points = {lam: sweep_label(h_scale, lam, power) for lam in config.lam_sweep or (config.lam,)}
     if "dora" in config.strategies and h_scale == config.h_scale and ratio_power == config.ratio_power:
         points[config.lam] = "dora"
     curve = sorted(points.items())
@@ -261,7 +263,7 @@ def run_config(
     """The engine configuration of one SFT or alignment run, reading and writing where ``paths`` say. fp32 on
     every device (``auto`` would be bf16 on recent GPUs), so that the figures do not depend on the machine."""
     sft = stage == "sft"
-    variant = variant or Variant("erm", config.lam, config.h_scale)
+    variant = variant or Variant("erm", config.lam, config.h_scale, config.ratio_power)
     return TrainingConfig(
         stage=stage,
         model=ModelConfig(path=paths.model),
@@ -718,8 +720,7 @@ def combine(paths: Sequence[Path]) -> tuple[BenchConfig, list[SeedResult]]:
                          lam_sweep=tuple(sorted(union(config.lam_sweep, other.lam_sweep))),
                          scale_sweep=union(config.scale_sweep or (config.h_scale,),
                                            other.scale_sweep or (other.h_scale,)),
-                         power_sweep=union(config.power_sweep or (config.ratio_power,),
-                                           other.power_sweep or (other.ratio_power,)))
+                         power_sweep=union(config.power_sweep, other.power_sweep))
     return config, sorted(by_seed.values(), key=lambda s: s.seed)
 
 

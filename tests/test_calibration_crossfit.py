@@ -29,6 +29,7 @@ from dora_engine.calibration.pipeline import (
 )
 from dora_engine.cli import main
 from dora_engine.data.schema import Record, Response, read_records, write_records
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "alpaca_eval").is_dir(), reason=f"real data not found at {DATA}")
@@ -118,13 +119,15 @@ def test_h_tilde_is_h_tilde_of_the_out_of_fold_c(tmp_path):
     records = styled_records(24, ("gold", "llm_a", "llm_b"), seed=1)
     calibration = fit(records, target="gold", output_dir=tmp_path, settings=ClassifierSettings(backbone="tfidf",
                       folds=2), min_examples=4)
-    for beta in ("uniform", "source_fraction"):
-        for record in score(records, calibration, beta=beta):
+    for beta, power in (("uniform", None), ("source_fraction", None), ("uniform", 1.0), ("source_fraction", 0.25)):
+        chosen = {} if power is None else {"ratio_power": power}  # None: score's default τ
+        for record in score(records, calibration, beta=beta, **chosen):
             c = record.meta[PROBS_META_KEY]
             fold = record.meta[FOLD_META_KEY]
             gamma = [calibration.gamma(r.source, fold) for r in record.responses]
             fraction = None if beta == "uniform" else [1 / 3] * 3
-            assert record.h_tilde == pytest.approx(h_tilde(c, gamma, fraction), rel=1e-12)
+            tau = CALIBRATION_RATIO_POWER if power is None else power
+            assert record.h_tilde == pytest.approx(h_tilde(c, gamma, fraction, tau), rel=1e-12)
             # γ is the scoring fold's own: #other / #gold among the responses it trained on
             counts = calibration.classifiers["gold-vs-rest"].folds[fold].train_counts
             assert gamma[0] == pytest.approx(counts[0] / counts[1], rel=1e-12)
@@ -146,7 +149,8 @@ def test_new_prompts_get_the_folds_mean_log_odds(tmp_path):
         np.testing.assert_allclose(record.meta[PROBS_META_KEY], 1 / (1 + np.exp(-np.mean(logits, axis=0))),
                                    rtol=1e-9)
         gamma = np.exp(np.mean([np.log(f.train_counts[0] / f.train_counts[1]) for f in fitted.folds]))
-        assert record.h_tilde == pytest.approx(h_tilde(record.meta[PROBS_META_KEY], gamma), rel=1e-12)
+        assert record.h_tilde == pytest.approx(h_tilde(record.meta[PROBS_META_KEY], gamma,
+                                                       ratio_power=CALIBRATION_RATIO_POWER), rel=1e-12)
 
 
 def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
@@ -174,9 +178,10 @@ def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
     first, applied = read_records(tmp_path / "out.jsonl"), read_records(tmp_path / "applied.jsonl")
     assert [r.h_tilde for r in applied] == pytest.approx([r.h_tilde for r in first], rel=1e-12)
     # --ratio-power: the same c, h̃ from each ratio to the power τ; recorded in the report and its text
-    assert main(["calibrate", str(data), "--apply", str(run), "--ratio-power", "0.5",
+    assert f"ratio power τ = {CALIBRATION_RATIO_POWER:g}" in (run / "report.md").read_text()
+    assert main(["calibrate", str(data), "--apply", str(run), "--ratio-power", "0.2",
                  "--out", str(tmp_path / "flat.jsonl")]) == 0
-    assert "ratio power τ = 0.5" in capsys.readouterr().out
+    assert "ratio power τ = 0.2" in capsys.readouterr().out
     flat = read_records(tmp_path / "flat.jsonl")
     for plain, flattened in zip(first, flat, strict=True):
         assert flattened.meta[PROBS_META_KEY] == pytest.approx(plain.meta[PROBS_META_KEY], rel=1e-12)

@@ -116,11 +116,12 @@ def test_lambda_sweep_plan_and_combined_results(bench, tmp_path):
     labels = [label for label, _ in bench.variants(config)]
     assert labels == ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2", "dora[dataset] λ=0.5",
                       "dora[dataset] λ=1", "dora[dataset] λ=2"]
-    assert dict(bench.variants(config))["dora[dataset] λ=2"] == bench.Variant("dora", 2.0, "dataset")
-    assert bench.curve_labels(config, "none", 1.0) == [(0.5, "dora[none] λ=0.5"), (1.0, "dora"),
+    assert dict(bench.variants(config))["dora[dataset] λ=2"] == bench.Variant("dora", 2.0, "dataset",
+                                                                              config.ratio_power)
+    assert bench.curve_labels(config, "none", config.ratio_power) == [(0.5, "dora[none] λ=0.5"), (1.0, "dora"),
                                                        (2.0, "dora[none] λ=2"), (math.inf, "reweight")]
     # a τ sweep without a λ sweep: dora at the config's λ on h̃ at each τ; reweighting is on the config's τ only
-    powers = replace(config, lam_sweep=(), scale_sweep=(), power_sweep=(0.25, 1.0))
+    powers = replace(config, lam_sweep=(), scale_sweep=(), ratio_power=1.0, power_sweep=(0.25, 1.0))
     assert bench.variants(powers)[3:] == [("dora[none] λ=1 τ=0.25", bench.Variant("dora", 1.0, "none", 0.25))]
     assert bench.curve_labels(powers, "none", 0.25) == [(1.0, "dora[none] λ=1 τ=0.25")]
     assert bench.curve_labels(powers, "none", 1.0) == [(1.0, "dora"), (math.inf, "reweight")]
@@ -143,7 +144,7 @@ def test_lambda_sweep_plan_and_combined_results(bench, tmp_path):
     assert [r.strategy for r in seeds[0].runs] == ["erm", "reweight", "dora", "dora[none] λ=0.5", "dora[none] λ=2",
                                                    "dora[dataset] λ=0.5", "dora[dataset] λ=1"]  # erm kept once
     table = "\n".join(bench.sweep_tables(joined, seeds))
-    assert "| dataset | 1 | 1 | +0.200 |" in table  # dora[dataset] λ=1 − erm = 0.2 on both seeds
+    assert "| dataset | 0.5 | 1 | +0.200 |" in table  # τ: the config's; dora[dataset] λ=1 − erm = 0.2 on both seeds
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "r.json").write_text(json.dumps({"config": bench.asdict(second), "seeds": [
         bench.asdict(s) for s in results(["erm"], 0.9)]}))
@@ -170,7 +171,8 @@ def test_bench_trains_with_the_quickstart_settings(bench, tmp_path):
             f"model.path={tmp_path / 'model'}", f"data.train=[{tmp_path / 'train.jsonl'}]",
             f"output_dir={tmp_path / stage}", f"train.micro_batch_prompts={global_batch}"])  # 1 rank
         loss, strategy = ("rrhf", "dora") if stage == "align" else ("dpo_pl", "erm")
-        ours = bench.run_config(config, stage, 0, loss, bench.Variant(strategy, config.lam, config.h_scale))
+        variant = bench.Variant(strategy, config.lam, config.h_scale, config.ratio_power)
+        ours = bench.run_config(config, stage, 0, loss, variant)
         for section, fields in (("train", ("micro_batch_prompts", "lr", "schedule", "warmup_steps", "epochs",
                                            "grad_accum_steps", "max_grad_norm", "weight_decay")),
                                 ("data", ("max_prompt_tokens", "max_response_tokens"))):

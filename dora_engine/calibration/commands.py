@@ -17,7 +17,7 @@ from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ENCODER_MODES, 
 from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
-from dora_engine.data.weights import PAPER_RATIO_POWER
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER
 from dora_engine.errors import UserValueError
 from dora_engine.hf_loading import add_trust_remote_code_argument
 
@@ -153,10 +153,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--ratio-power",
         type=float,
-        default=PAPER_RATIO_POWER,
+        default=CALIBRATION_RATIO_POWER,
         metavar="TAU",
-        help="τ >= 0, the power of each response's density ratio in h̃ (docs/design.md section 4.5): 1 (default) "
-        "is the paper's h̃, smaller flattens the weights towards uniform, 0 weighs every prompt alike",
+        help=f"τ >= 0, the power of each response's density ratio in h̃ (docs/design.md section 4.5): 1 is the "
+        f"paper's h̃, smaller flattens the weights towards uniform, 0 weighs every prompt alike (default "
+        f"{CALIBRATION_RATIO_POWER:g}, chosen on the quality benchmark; benchmarks/RESULTS.md)",
     )
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"pairs per batch (default: {DEFAULT_BATCH_SIZE}; with --apply, the calibration's)")

@@ -44,7 +44,7 @@ from dora_engine.calibration.classifier import ClassifierSettings, Example
 from dora_engine.calibration.metrics import classifier_metrics
 from dora_engine.calibration.schemes import ClassifierSpec, SourceRule, plan
 from dora_engine.data.schema import Record, RecordError
-from dora_engine.data.weights import CLAMP_EPS, PAPER_RATIO_POWER, check_ratio_power, h_tilde
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER, CLAMP_EPS, check_ratio_power, h_tilde
 from dora_engine.errors import UserValueError
 
 DEFAULT_MIN_EXAMPLES = 8
@@ -582,7 +582,7 @@ def score(
     calibration: Calibration,
     *,
     beta: str = "uniform",
-    ratio_power: float = PAPER_RATIO_POWER,
+    ratio_power: float = CALIBRATION_RATIO_POWER,
     batch_size: int | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,

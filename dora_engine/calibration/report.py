@@ -24,7 +24,7 @@ from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.calibration.pipeline import FOLD_META_KEY, PROBS_META_KEY, Calibration, slot_betas
 from dora_engine.data.schema import Record
 from dora_engine.data.summary import mean_h_tilde_by_target
-from dora_engine.data.weights import PAPER_RATIO_POWER, h_tilde_terms
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER, h_tilde_terms
 
 QUANTILES = (0.0, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 1.0)
 
@@ -34,7 +34,7 @@ def _quantiles(values: np.ndarray) -> dict[str, float]:
 
 
 def response_terms(
-    calibration: Calibration, scored: list[Record], beta: str = "uniform", ratio_power: float = PAPER_RATIO_POWER
+    calibration: Calibration, scored: list[Record], beta: str = "uniform", ratio_power: float = CALIBRATION_RATIO_POWER
 ) -> dict[str, np.ndarray]:
     """Each response's term of h̃, grouped by source (``scored`` from ``score`` with the same ``beta`` and
     ``ratio_power``)."""
@@ -53,7 +53,7 @@ def build_report(
     scored: list[Record],
     *,
     beta: str = "uniform",
-    ratio_power: float = PAPER_RATIO_POWER,
+    ratio_power: float = CALIBRATION_RATIO_POWER,
     judge: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A JSON-ready summary of a calibration and of the dataset it scored."""
@@ -223,7 +223,7 @@ def write_report(
     folder: str | os.PathLike,
     *,
     beta: str = "uniform",
-    ratio_power: float = PAPER_RATIO_POWER,
+    ratio_power: float = CALIBRATION_RATIO_POWER,
     judge_file: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write ``report.json``, ``report.md`` and ``report.png`` into ``folder``; returns the report.

@@ -26,7 +26,10 @@ import numpy as np
 
 CLAMP_EPS = 1e-6
 PAPER_RATIO_POWER = 1.0
-"""τ of the paper's h̃ (no flattening)."""
+"""τ of the paper's h̃ (no flattening): the default of the formula, ``h_tilde``."""
+CALIBRATION_RATIO_POWER = 0.5
+"""τ of ``dora-engine calibrate`` and ``calibration.score`` (and iterate's): chosen on the quality benchmark's
+tuning seeds (benchmarks/RESULTS.md, "Flattening h̃")."""
 
 
 def h_tilde(c: Any, gamma: Any = 1.0, beta: Any = None, ratio_power: float = PAPER_RATIO_POWER) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 from dora_engine.calibration.classifier import ClassifierSettings
 from dora_engine.calibration.pipeline import BETA_CHOICES
 from dora_engine.calibration.schemes import SCHEMES
-from dora_engine.data.weights import PAPER_RATIO_POWER, check_ratio_power
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER, check_ratio_power
 from dora_engine.errors import UserValueError
 from dora_engine.generation import GENERATION_BACKENDS
 from dora_engine.losses import H_SCALES, TRAINING_H_SCALE, TRAINING_LAM, ObjectiveError, RobustObjective
@@ -171,7 +171,7 @@ class CalibrateConfig:
     scheme: str = field(default="per_source", metadata={"help": "`per_source`, `pooled` or `multiclass`."})
     beta: str = field(default="uniform", metadata={"help": "β of h̃: `uniform` or `source_fraction`."})
     ratio_power: float = field(
-        default=PAPER_RATIO_POWER,
+        default=CALIBRATION_RATIO_POWER,
         metadata={"help": "τ ≥ 0, the power of each density ratio in h̃, as `calibrate --ratio-power` (docs/design.md "
                           "section 4.5): 1 is the paper's h̃, smaller flattens it towards uniform."},
     )
