@@ -26,6 +26,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -79,8 +82,17 @@ def run_seed(seed: int, overrides: list[str], log: Path) -> dict[str, Any]:
 
 
 def _worker(task: tuple[int, list[str], str]) -> dict[str, Any]:
+    from dora_engine.iterate.pipeline import Stopped
+
     seed, overrides, log = task
-    return run_seed(seed, overrides, Path(log))
+    try:
+        return run_seed(seed, overrides, Path(log))
+    except Stopped:
+        if multiprocessing.parent_process() is None:
+            raise
+        # a pool worker stopped by the pool's terminate (its parent is stopping): what it did is saved for a
+        # rerun with --work-dir; it must end, not go back for another task the parent would wait on
+        os._exit(128 + signal.SIGTERM)
 
 
 # ---------------------------------------------------------------- reporting

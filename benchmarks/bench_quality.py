@@ -28,26 +28,32 @@ Per seed:
   same data order. ``--lams`` adds dora runs at each λ (the sensitivity curve, ``quality_lambda.png``:
   dora − erm against λ, ∞ being reweighting), under each h̃ scale option of ``--h-scales``; the report then
   has a table per option and λ for choosing the defaults (worst cell, mean over the mixture settings).
+  ``--ratio-power`` sets h̃'s τ (``calibrate --ratio-power``) of every run, ``--ratio-powers`` adds dora runs on
+  h̃ at each τ (at ``--lams``' λ, default the config's λ), a curve per τ in the tables.
 * Evaluation: one sampled response per evaluation prompt (the paper's decoding: temperature 0.8, top-k 50,
   top-p 0.9; the same sampling seeds for every run), the oracle reward of each (primary metric) and its win
   points against the prompt's golden response (ties half; secondary).
 
 Report: per loss and setting, each strategy's mean over seeds, and the paired differences dora − erm,
 dora − reweight, dora − dro: per seed, and their mean with a percentile-bootstrap 95% interval over seeds
-(``dora_engine.eval.paired``). Hyper-parameters are ``BenchConfig``'s defaults, fixed before the reported
-seeds 10-19 were run (chosen on seeds 100-106; benchmarks/RESULTS.md). ``--quick`` is the CI-sized smoke
+(``dora_engine.eval.paired``). Hyper-parameters are ``BenchConfig``'s defaults, chosen on tuning seeds
+100-105 (h̃'s scale and λ on 100-102, τ on 100-105; benchmarks/RESULTS.md) and then run once on the
+reported seeds 10-19 (which had been run before with τ = 1). ``--quick`` is the CI-sized smoke
 run; it adds a sanity run trained on reversed preferences, which must end below its SFT start.
 
     python benchmarks/bench_quality.py --jobs 2         # the full grid (seeds 10-19)
     python benchmarks/bench_quality.py --quick          # a smoke run (under a minute)
     python benchmarks/bench_quality.py --seeds 100 101 102 --strategies erm reweight dora \
         --lams 0.25 0.5 1 2 4 --h-scales none dataset --jobs 3 --output-dir runs/tuning   # the λ sweep
+    python benchmarks/bench_quality.py --seeds 100 101 102 103 104 105 --strategies erm dora \
+        --ratio-powers 0.25 0.5 1 --ratio-power 1 --jobs 2 --output-dir runs/tuning_tau  # the τ sweep
     python benchmarks/bench_quality.py --combine a/quality_results.json b/quality_results.json  # one report
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -182,6 +188,11 @@ def sweep_curves(config: BenchConfig) -> list[tuple[str, float]]:
             for power in config.power_sweep or (config.ratio_power,)]
 
 
+def sweep_lams(config: BenchConfig) -> tuple[float, ...]:
+    """The λ of the sweep's dora runs: ``lam_sweep``; the config's λ for a τ sweep without one; none else."""
+    return config.lam_sweep or ((config.lam,) if config.power_sweep else ())
+
+
 def variants(config: BenchConfig) -> list[tuple[str, Variant]]:
     """(label, variant) of every alignment run per setting and loss: each of ``strategies`` at ``lam``,
     ``h_scale`` and ``ratio_power`` (labelled by its name), then dora at every λ of ``lam_sweep`` (default:
@@ -190,7 +201,7 @@ def variants(config: BenchConfig) -> list[tuple[str, Variant]]:
     main_dora = Variant("dora", config.lam, config.h_scale, config.ratio_power) if "dora" in config.strategies \
         else None
     for h_scale, power in sweep_curves(config):
-        for lam in config.lam_sweep or (config.lam,):
+        for lam in sweep_lams(config):
             variant = Variant("dora", lam, h_scale, power)
             if variant != main_dora:
                 plan.append((sweep_label(h_scale, lam, power if config.power_sweep else None), variant))
@@ -201,7 +212,7 @@ def curve_labels(config: BenchConfig, h_scale: str, ratio_power: float) -> list[
     """(λ, run label) of dora's sensitivity curve under ``h_scale`` and τ, by increasing λ (∞: ``reweight``,
     on the curve of the config's τ, which reweighting runs at)."""
     power = ratio_power if config.power_sweep else None
-    points = {lam: sweep_label(h_scale, lam, power) for lam in config.lam_sweep or (config.lam,)}
+    points = {lam: sweep_label(h_scale, lam, power) for lam in sweep_lams(config)}
     if "dora" in config.strategies and h_scale == config.h_scale and ratio_power == config.ratio_power:
         points[config.lam] = "dora"
     curve = sorted(points.items())
@@ -573,13 +584,13 @@ def plot_lambda(config: BenchConfig, seeds: Sequence[SeedResult], path: Path) ->
     import matplotlib.pyplot as plt
 
     curves = sweep_curves(config)
-    lams = config.lam_sweep or (config.lam,)
+    lams = sweep_lams(config)
     styles = ("-", "--", ":", "-.")
     fig, axes = plt.subplots(1, len(config.settings), figsize=(4.2 * len(config.settings), 3.8), squeeze=False,
                              sharey=True)
     for ax, setting in zip(axes[0], config.settings, strict=True):
         for color, loss in zip(("C0", "C1", "C2", "C3", "C4"), config.losses, strict=False):
-            for style, (h_scale, power) in zip(styles, curves, strict=False):
+            for style, (h_scale, power) in zip(itertools.cycle(styles), curves):
                 xs, means, errs = [], [], [[], []]
                 for lam, label in curve_labels(config, h_scale, power):
                     _, interval = differences(seeds, "reward", setting, loss, "erm", label)
@@ -682,9 +693,18 @@ def compact(value: object) -> object:
 def load_results(path: Path) -> tuple[BenchConfig, list[SeedResult]]:
     """A ``quality_results.json`` back as the config and seed results it was written from."""
     report = json.loads(path.read_text())
-    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["config"].items()})
+    fields = {"ratio_power": PAPER_RATIO_POWER, **report["config"]}  # a file from before τ: the paper's h̃
+    config = BenchConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     seeds = [SeedResult(**{**s, "runs": [RunResult(**r) for r in s["runs"]]}) for s in report["seeds"]]
     return config, seeds
+
+
+def objective_of(run: RunResult) -> dict[str, object]:
+    """What a run's result depends on besides its data: λ for dro, h̃ (its scale and τ) for reweight, all
+    three for dora and the sweep's points, nothing for erm."""
+    uses = {"erm": (), REVERSED: (), "dro": ("lam",), "reweight": ("h_scale", "ratio_power")}.get(
+        run.strategy, ("lam", "h_scale", "ratio_power"))
+    return {name: getattr(run, name) for name in uses}
 
 
 def union(a: tuple, b: tuple) -> tuple:
@@ -706,14 +726,14 @@ def combine(paths: Sequence[Path]) -> tuple[BenchConfig, list[SeedResult]]:
             mine = by_seed[seed.seed]
             if seed.sft_per_prompt != mine.sft_per_prompt:
                 raise SystemExit(f"--combine: seed {seed.seed}'s SFT start differs in {path} (not the same start)")
-            known = {(r.setting, r.loss, r.strategy): (r.lam, r.h_scale, r.ratio_power) for r in mine.runs}
+            known = {(r.setting, r.loss, r.strategy): r for r in mine.runs}
             for run in seed.runs:
                 key = (run.setting, run.loss, run.strategy)
                 if key not in known:
                     mine.runs.append(run)
-                elif known[key] != (run.lam, run.h_scale, run.ratio_power) and run.strategy != "erm":
-                    raise SystemExit(f"--combine: {run.strategy!r} ran at (λ, h_scale, τ) {known[key]} before and "
-                                     f"{(run.lam, run.h_scale, run.ratio_power)} in {path}")
+                elif objective_of(known[key]) != objective_of(run):
+                    raise SystemExit(f"--combine: {run.strategy!r} ran with {objective_of(known[key])} before and "
+                                     f"{objective_of(run)} in {path}")
         config = replace(config, settings=union(config.settings, other.settings),
                          losses=union(config.losses, other.losses),
                          strategies=union(config.strategies, other.strategies),

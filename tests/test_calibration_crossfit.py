@@ -174,7 +174,8 @@ def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
     assert json.loads((run / "report.json").read_text())["classifiers"][0]["reused"]
     capsys.readouterr()
     assert main(["calibrate", str(data), "--apply", str(run), "--out", str(tmp_path / "applied.jsonl")]) == 0
-    assert "scored out of fold" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "scored out of fold" in printed and f"h̃ at ratio power τ = {CALIBRATION_RATIO_POWER:g}, as" in printed
     first, applied = read_records(tmp_path / "out.jsonl"), read_records(tmp_path / "applied.jsonl")
     assert [r.h_tilde for r in applied] == pytest.approx([r.h_tilde for r in first], rel=1e-12)
     # --ratio-power: the same c, h̃ from each ratio to the power τ; recorded in the report and its text
@@ -187,11 +188,22 @@ def test_cli_tfidf_reuse_report_and_apply(tmp_path, monkeypatch, capsys):
         assert flattened.meta[PROBS_META_KEY] == pytest.approx(plain.meta[PROBS_META_KEY], rel=1e-12)
     spread = [np.std([r.h_tilde for r in records]) for records in (first, flat)]
     assert spread[1] < 0.9 * spread[0]  # flatter
-    capsys.readouterr()
-    assert main(["calibrate", str(data), "--apply", str(run), "--ratio-power", "-1",
-                 "--out", str(tmp_path / "x.jsonl")]) == 2
-    assert "ratio_power must be a finite number >= 0" in capsys.readouterr().err
+    for bad in ("-1", "nan", "x"):  # refused before anything is trained or scored
+        with pytest.raises(SystemExit) as exit_info:
+            main([*argv, "--ratio-power", bad])
+        assert exit_info.value.code == 2
+        assert "--ratio-power" in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+    # --apply takes τ from the calibration's report; a report from before τ existed means the paper's τ = 1
+    report = json.loads((run / "report.json").read_text())
+    del report["h_tilde"]["ratio_power"]
+    (run / "report.json").write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main(["calibrate", str(data), "--apply", str(run), "--out", str(tmp_path / "old.jsonl")]) == 0
+    assert "h̃ at ratio power τ = 1, as" in capsys.readouterr().out
+    paper = score(read_records(data), load_calibration(run), ratio_power=1.0)
+    assert [r.h_tilde for r in read_records(tmp_path / "old.jsonl")] == pytest.approx([r.h_tilde for r in paper],
+                                                                                     rel=1e-12)
 
 
 def test_bag_of_words_features_are_scikit_learns(tmp_path):

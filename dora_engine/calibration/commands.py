@@ -11,13 +11,14 @@ scored: an interrupted run leaves no partial output.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from dora_engine.calibration.classifier import DEFAULT_BACKBONE, ENCODER_MODES, PAPER_SETTINGS, ClassifierSettings
 from dora_engine.calibration.model import POOLINGS
 from dora_engine.calibration.pipeline import BETA_CHOICES, DEFAULT_MIN_EXAMPLES
 from dora_engine.calibration.schemes import SCHEMES
-from dora_engine.data.weights import CALIBRATION_RATIO_POWER
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER, PAPER_RATIO_POWER, check_ratio_power
 from dora_engine.errors import UserValueError
 from dora_engine.hf_loading import add_trust_remote_code_argument
 
@@ -83,9 +84,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         min_examples=options["min_examples"],
         trust_remote_code=args.trust_remote_code,
     )
-    scored = score(records, calibration, beta=args.beta, ratio_power=args.ratio_power,
+    ratio_power = CALIBRATION_RATIO_POWER if args.ratio_power is None else args.ratio_power
+    scored = score(records, calibration, beta=args.beta, ratio_power=ratio_power,
                    trust_remote_code=args.trust_remote_code)
-    report = write_report(calibration, scored, output_dir, beta=args.beta, ratio_power=args.ratio_power,
+    report = write_report(calibration, scored, output_dir, beta=args.beta, ratio_power=ratio_power,
                           judge_file=args.judge_file)
     write_records(args.out, scored)
     print(report_markdown(report))
@@ -118,14 +120,39 @@ def _cmd_apply(args: argparse.Namespace) -> int:
             f"{args.apply} was fitted for (drop --target)"
         )
     records = read_records(args.input)
-    scored = score(records, calibration, beta=args.beta, ratio_power=args.ratio_power, batch_size=args.batch_size,
+    ratio_power = args.ratio_power
+    if ratio_power is None:
+        ratio_power, source = applied_ratio_power(Path(args.apply))
+        print(f"h̃ at ratio power τ = {ratio_power:g}, {source} (--ratio-power to choose another)")
+    scored = score(records, calibration, beta=args.beta, ratio_power=ratio_power, batch_size=args.batch_size,
                    device=args.device, trust_remote_code=args.trust_remote_code)
     judge = None if args.judge_file is None else judge_correlation(scored, args.judge_file)
-    report = build_report(calibration, scored, beta=args.beta, ratio_power=args.ratio_power, judge=judge)
+    report = build_report(calibration, scored, beta=args.beta, ratio_power=ratio_power, judge=judge)
     write_records(args.out, scored)
     print(report_markdown(report))
     print(f"wrote {args.out} with the classifiers of {args.apply} (nothing trained)")
     return 0
+
+
+def applied_ratio_power(folder: Path) -> tuple[float, str]:
+    """The τ ``--apply`` uses by default, and where it comes from: the one the calibration in ``folder`` scored
+    its own data with (its report.json), so that h̃ of new data matches its training file's; 1 (the paper's)
+    for a report written before τ existed; ``CALIBRATION_RATIO_POWER`` without a report."""
+    report = folder / "report.json"
+    if not report.is_file():
+        return CALIBRATION_RATIO_POWER, f"the default ({report} not found)"
+    recorded = json.loads(report.read_text(encoding="utf-8")).get("h_tilde", {}).get("ratio_power", PAPER_RATIO_POWER)
+    return float(recorded), f"as {report} records for the calibration's own data"
+
+
+def _ratio_power_argument(text: str) -> float:
+    try:
+        value = float(text)
+        check_ratio_power(value, "--ratio-power")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err) if "--ratio-power" in str(err) else f"not a number: {text!r}") \
+            from None
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -152,12 +179,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--ratio-power",
-        type=float,
-        default=CALIBRATION_RATIO_POWER,
+        type=_ratio_power_argument,
+        default=None,
         metavar="TAU",
         help=f"τ >= 0, the power of each response's density ratio in h̃ (docs/design.md section 4.5): 1 is the "
         f"paper's h̃, smaller flattens the weights towards uniform, 0 weighs every prompt alike (default "
-        f"{CALIBRATION_RATIO_POWER:g}, chosen on the quality benchmark; benchmarks/RESULTS.md)",
+        f"{CALIBRATION_RATIO_POWER:g}, chosen on the quality benchmark, benchmarks/RESULTS.md; with --apply, the "
+        f"τ the calibration scored its own data with)",
     )
     parser.add_argument("--batch-size", type=int, default=None,
                         help=f"pairs per batch (default: {DEFAULT_BATCH_SIZE}; with --apply, the calibration's)")

@@ -6,7 +6,8 @@ a judge.
 Out of fold: every response scored by the fold's classifier that did not train on its prompt (the c that
 h̃ uses). In fold: the same classifiers on a sample of the responses they trained on, i.e. what c would
 look like without cross-fitting. By source: each response's term of h̃ (h̃ is the mean of its prompt's
-terms, term_k = γ_k c_k / (γ_k c_k / n + β_k (1 − c_k)) ∈ (0, n); n·c_k when γ = 1 and β = 1/n).
+terms, term_k = w_k^τ / (w_k^τ / n + β_k) ∈ (0, n) with w_k = γ_k c_k / (1 − c_k); n·c_k when γ = 1, β = 1/n
+and τ = 1).
 """
 
 from __future__ import annotations

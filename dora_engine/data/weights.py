@@ -9,8 +9,9 @@ the mixture weight β_k of its slot (default 1/n). With c clamped to [1e-6, 1 �
 w_k is the importance weight (density ratio) of Eq. 5 and τ ≥ 0 its power (``ratio_power``): τ = 1 is the
 paper's h̃, term_k = γ_k c_k / (γ_k c_k / n + β_k (1 − c_k)), and with β_k = 1/n and γ_k = 1 exactly n · c_k;
 τ < 1 flattens the weights towards uniform (importance-weight flattening, Shimodaira 2000: less variance from
-a few extreme ratios for some bias), and τ = 0 gives every prompt the same h̃, n / (1 + n β) for uniform β.
-Each term lies in (0, n) and so does h̃.
+a few extreme ratios for some bias); τ = 0 makes every term 1 / (1/n + β_k), so that with uniform β every
+prompt gets h̃ = n/2 (with ``source_fraction`` β it still depends on the prompt's mix of sources). Each term
+lies in (0, n) and so does h̃.
 
 h̃ is a data weight, never differentiated: tensors are computed in float64 on the CPU and returned in
 the input's floating dtype and device. It lives with the data, below the calibration that fits the
@@ -77,11 +78,11 @@ def h_tilde_terms(c: Any, gamma: Any = 1.0, beta: Any = None, ratio_power: float
     return ratio / (ratio / n + betas)
 
 
-def check_ratio_power(ratio_power: Any) -> None:
-    """Raise ``ValueError`` unless ``ratio_power`` is a finite number ≥ 0."""
+def check_ratio_power(ratio_power: Any, name: str = "h_tilde: ratio_power") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``ratio_power`` is a finite number ≥ 0."""
     if isinstance(ratio_power, bool) or not isinstance(ratio_power, int | float) or not math.isfinite(ratio_power) \
             or ratio_power < 0:
-        raise ValueError(f"h_tilde: ratio_power must be a finite number >= 0 (1 is the paper's h̃), got {ratio_power!r}")
+        raise ValueError(f"{name} must be a finite number >= 0 (1 is the paper's h̃), got {ratio_power!r}")
 
 
 def _as_torch_reference(x: Any) -> Any:

@@ -380,9 +380,9 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     check_choice("calibrate.scheme", c.scheme, SCHEMES)
     check_choice("calibrate.beta", c.beta, BETA_CHOICES)
     try:
-        check_ratio_power(c.ratio_power)
+        check_ratio_power(c.ratio_power, "config key 'calibrate.ratio_power'")
     except ValueError as err:
-        raise ConfigError(f"config key 'calibrate.ratio_power': {err}") from None
+        raise ConfigError(str(err)) from None
     _at_least("calibrate.min_examples", c.min_examples, 1)
     try:
         ClassifierSettings(backbone=c.backbone, folds=c.folds)
