@@ -25,7 +25,7 @@ from dora_engine.training.config import (
     PRECISIONS,
     SCHEDULES,
     ConfigError,
-    check_choice,
+    check_key_choice,
     check_model_location,
     check_output_folder,
     check_positive,
@@ -371,14 +371,14 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     _top_p("generate.top_p", g.top_p)
     check_positive("generate.repetition_penalty", g.repetition_penalty)
     _at_least("generate.max_new_tokens", g.max_new_tokens, 1)
-    check_choice("generate.backend", g.backend, GENERATION_BACKENDS)
+    check_key_choice("generate.backend", g.backend, GENERATION_BACKENDS)
     _at_least("generate.batch_size", g.batch_size, 1)
     _reward("score.reward", cfg.score.reward)
     _at_least("score.previous_rounds", cfg.score.previous_rounds, 0)
     c = cfg.calibrate
     _at_least("calibrate.folds", c.folds, 2)
-    check_choice("calibrate.scheme", c.scheme, SCHEMES)
-    check_choice("calibrate.beta", c.beta, BETA_CHOICES)
+    check_key_choice("calibrate.scheme", c.scheme, SCHEMES)
+    check_key_choice("calibrate.beta", c.beta, BETA_CHOICES)
     try:
         check_ratio_power(c.ratio_power, "config key 'calibrate.ratio_power'")
     except ValueError as err:
@@ -389,15 +389,15 @@ def validate(cfg: IterateConfig) -> IterateConfig:
     except UserValueError as err:
         raise ConfigError(f"config key 'calibrate.backbone': {err}") from None
     a = cfg.align
-    check_choice("align.h_scale", a.h_scale, H_SCALES)
-    check_choice("align.reference", a.reference, REFERENCES)
+    check_key_choice("align.h_scale", a.h_scale, H_SCALES)
+    check_key_choice("align.reference", a.reference, REFERENCES)
     check_positive("align.lr", a.lr)
     _at_least("align.epochs", a.epochs, 1)
     _at_least("align.micro_batch_prompts", a.micro_batch_prompts, 1)
     _at_least("align.warmup_steps", a.warmup_steps, 0)
-    check_choice("align.schedule", a.schedule, SCHEDULES)
-    check_choice("align.precision", a.precision, PRECISIONS)
-    check_choice("align.backend", a.backend, OP_BACKENDS)
+    check_key_choice("align.schedule", a.schedule, SCHEDULES)
+    check_key_choice("align.precision", a.precision, PRECISIONS)
+    check_key_choice("align.backend", a.backend, OP_BACKENDS)
     _at_least("align.checkpoint_every", a.checkpoint_every, 0)
     e = cfg.evaluate
     _reward("evaluate.reward", e.reward)

@@ -515,7 +515,7 @@ def _build(cls: type, data: Any, prefix: str = "") -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+def check_key_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """``ConfigError`` naming ``key`` unless ``value`` is one of ``choices`` (also used by iterate's config)."""
     if value not in choices:
         raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}, got {value!r}")
@@ -617,7 +617,7 @@ def check_output_folder(key: str, location: str) -> None:
 
 def validate(cfg: TrainingConfig) -> TrainingConfig:
     """Checks that need more than types; each failure names its key."""
-    check_choice("stage", cfg.stage, STAGES)
+    check_key_choice("stage", cfg.stage, STAGES)
     if not cfg.model.path:
         raise ConfigError("config key 'model.path' is required (a Hugging Face model directory)")
     check_model_location("model.path", cfg.model.path, MODEL_FILES)
@@ -626,7 +626,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     check_model_location("model.reference", cfg.model.reference, MODEL_FILES)
     for location in {cfg.model.path, cfg.model.tokenizer or cfg.model.path, cfg.model.reference or cfg.model.path}:
         refuse_remote_code(location, cfg.model.trust_remote_code)
-    check_choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
+    check_key_choice("model.chat_template", cfg.model.chat_template, ("auto", "none"))
     if not cfg.data.train:
         raise ConfigError("config key 'data.train' is required (one or more JSONL files)")
     for i, path in enumerate(cfg.data.train + cfg.data.eval):
@@ -637,7 +637,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         raise ConfigError(f"config key 'data.num_responses' must be ≥ 2, got {cfg.data.num_responses}")
     check_positive("data.max_prompt_tokens", cfg.data.max_prompt_tokens)
     check_positive("data.max_response_tokens", cfg.data.max_response_tokens)
-    check_choice("robust.h_scale", cfg.robust.h_scale, H_SCALES)
+    check_key_choice("robust.h_scale", cfg.robust.h_scale, H_SCALES)
     try:
         RobustObjective(cfg.loss.name, cfg.loss.params, cfg.robust.strategy, cfg.robust.lam).resolve()
     except ObjectiveError as err:
@@ -647,16 +647,16 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     check_positive("train.grad_accum_steps", t.grad_accum_steps)
     check_positive("train.lr", t.lr)
     check_positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    check_choice("train.schedule", t.schedule, SCHEDULES)
+    check_key_choice("train.schedule", t.schedule, SCHEDULES)
     check_positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
     check_positive("train.epochs", t.epochs)
     if t.max_steps is not None:
         check_positive("train.max_steps", t.max_steps)
-    check_choice("train.precision", t.precision, PRECISIONS)
+    check_key_choice("train.precision", t.precision, PRECISIONS)
     check_positive("train.max_grad_norm", t.max_grad_norm, allow_zero=True)
-    check_choice("train.backend", t.backend, OP_BACKENDS)
-    check_choice("train.loss_path", t.loss_path, LOSS_PATHS)
-    check_choice("train.fused_linear_mode", t.fused_linear_mode, FUSED_LINEAR_MODES)
+    check_key_choice("train.backend", t.backend, OP_BACKENDS)
+    check_key_choice("train.loss_path", t.loss_path, LOSS_PATHS)
+    check_key_choice("train.fused_linear_mode", t.fused_linear_mode, FUSED_LINEAR_MODES)
     if t.chunk_bytes is not None:
         check_positive("train.chunk_bytes", t.chunk_bytes)
     check_positive("train.max_consecutive_skips", t.max_consecutive_skips)
@@ -668,7 +668,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
         if not 0 <= cfg.lora.dropout < 1:
             raise ConfigError(f"config key 'lora.dropout' must be in [0, 1), got {cfg.lora.dropout}")
     check_positive("logging.every", cfg.logging.every)
-    check_choice("logging.tensorboard", cfg.logging.tensorboard, ("auto", "on", "off"))
+    check_key_choice("logging.tensorboard", cfg.logging.tensorboard, ("auto", "on", "off"))
     check_positive("checkpoint.every", cfg.checkpoint.every, allow_zero=True)
     check_positive("checkpoint.keep", cfg.checkpoint.keep)
     if isinstance(cfg.deepspeed, str) and not Path(cfg.deepspeed).is_file():
@@ -685,7 +685,7 @@ def validate(cfg: TrainingConfig) -> TrainingConfig:
     from dora_engine.data.converters import ROW_CONVERTERS
     from dora_engine.data.hf import check_columns
 
-    check_choice("data.format", cfg.data.format, ("schema", *ROW_CONVERTERS))
+    check_key_choice("data.format", cfg.data.format, ("schema", *ROW_CONVERTERS))
     if cfg.data.columns and cfg.data.format != "schema":
         raise ConfigError(f"config key 'data.columns' applies to data.format schema, not {cfg.data.format!r}")
     try:
