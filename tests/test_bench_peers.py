@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from benchmark_script import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_peers.py"
@@ -19,11 +20,7 @@ BENCH = ROOT / "benchmarks" / "bench_peers.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_peers", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_peers"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_peers")
 
 
 def _row(loss: float, tokens: int = 2048, rounds: int = 1) -> dict:

@@ -3,7 +3,6 @@ reversed-preference check, and the paired-difference arithmetic on fixed results
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -12,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from benchmark_script import load_benchmark
 
 from dora_engine.eval.paired import bootstrap_mean
 
@@ -20,12 +20,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_quality.py"
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_benchmark("bench_quality")
+    sys.modules.pop("bench_quality", None)
 
 
 def test_quick_run_end_to_end(bench, tmp_path, monkeypatch):

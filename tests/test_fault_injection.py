@@ -3,24 +3,20 @@ injects every fault of docs/design.md section 7 into tiny CPU runs (a few minute
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from benchmark_script import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fault_injection.py"
 
 
 @pytest.fixture(scope="module")
 def faults():
-    spec = importlib.util.spec_from_file_location("fault_injection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_injection"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("fault_injection")
 
 
 def test_a_fault_is_survived_clean_failed_or_skipped(faults):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from benchmark_script import load_benchmark
 
 from dora_engine.cli import main
 from dora_engine.data.schema import Record, Response, read_records, write_records
@@ -315,12 +316,7 @@ def test_killed_twice_and_resumed_it_gives_the_uninterrupted_table(tmp_path: Pat
 
 @pytest.fixture
 def bench():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_iterate", ROOT / "benchmarks" / "bench_iterate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_iterate")
 
 
 def test_the_bench_pairs_dora_and_erm_per_seed_and_iteration(bench) -> None:

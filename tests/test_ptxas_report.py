@@ -3,18 +3,15 @@ spills were removed): each entry keeps the spill figures ptxas prints for it, wh
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_script import load_benchmark
+
 LOG = Path(__file__).resolve().parent / "fixtures" / "ptxas_sm90_row_kernels.log"
 
 
 def load_report():
-    spec = importlib.util.spec_from_file_location("ptxas_report", ROOT / "benchmarks" / "ptxas_report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ptxas_report")
 
 
 def test_an_entry_keeps_its_spills_when_a_callee_block_follows() -> None:

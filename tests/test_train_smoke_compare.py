@@ -3,20 +3,13 @@ themselves need minutes; `python benchmarks/train_smoke.py --device cpu --work D
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SMOKE = Path(__file__).resolve().parents[1] / "benchmarks" / "train_smoke.py"
+from benchmark_script import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    spec = importlib.util.spec_from_file_location("train_smoke", SMOKE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("train_smoke")
 
 
 def _rows(loss, chosen, rejected):
