@@ -71,7 +71,7 @@ from dora_engine.atomic import atomic_path, atomic_write
 from dora_engine.data.schema import Record, Response, write_records
 from dora_engine.data.summary import mean_h_tilde_by_target
 from dora_engine.data.synth import GOLDEN_SOURCE, build_synth_tokenizer, synth_records
-from dora_engine.data.weights import CALIBRATION_RATIO_POWER, PAPER_RATIO_POWER
+from dora_engine.data.weights import CALIBRATION_RATIO_POWER, PAPER_RATIO_POWER, check_ratio_power
 from dora_engine.eval.comparison import Comparison
 from dora_engine.eval.judges import OracleScorer, RewardJudge
 from dora_engine.eval.paired import Interval, paired_interval, score_against_golden
@@ -764,8 +764,10 @@ def configure(args: argparse.Namespace) -> BenchConfig:
             raise SystemExit("--h-scales needs --lams (the λ of the sweep)")
         config = replace(config, scale_sweep=tuple(dict.fromkeys(args.h_scales)))
     for power in [p for p in (args.ratio_power,) if p is not None] + list(args.ratio_powers or ()):
-        if not math.isfinite(power) or power < 0:
-            raise SystemExit(f"--ratio-power(s): τ must be a finite number >= 0, got {power}")
+        try:
+            check_ratio_power(power, "--ratio-power(s): τ")
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
     if args.ratio_power is not None:
         config = replace(config, ratio_power=args.ratio_power)
     if args.ratio_powers:
