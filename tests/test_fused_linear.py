@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from functools import partial
 
 import pytest
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from dora_engine import ops
 from dora_engine.losses import LOSSES, STRATEGIES
 from dora_engine.ops import fused_linear
+from dora_engine.ops.chunking import group_spans
 
 dora_loss_linear = partial(ops.dora_loss_linear, backend="fused")
 sequence_logprobs_linear = partial(ops.sequence_logprobs_linear, backend="fused")
@@ -92,6 +94,76 @@ def test_dtypes_chunkings_and_group_sizes(mode, dtype, B, K, prompts_per_chunk):
     got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, chunk_bytes=chunk_bytes, **args)
     tol = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 2e-2)}[dtype]
     assert_same(*got, *want, *tol)
+
+
+class RowCounter:
+    """Records the rows of every logits GEMM of the fused-linear path."""
+
+    def __init__(self, monkeypatch):
+        self.rows = []
+        linear_into = fused_linear._linear_into
+
+        def counted(buffer, x, weight, bias):
+            self.rows.append(x.shape[0])
+            return linear_into(buffer, x, weight, bias)
+
+        monkeypatch.setattr(fused_linear, "_linear_into", counted)
+
+
+@pytest.mark.parametrize("op", ["nll_linear", "sequence_logprobs_linear"])
+@pytest.mark.parametrize("mode", MODES)
+def test_prompt_tokens_and_padding_cost_no_logits(monkeypatch, op, mode):
+    """Every logits GEMM runs on scored rows only (labels ≠ ignore_index): a third of each row is prompt, one
+    row ends in padding, one has nothing scored; forward (and recompute's backward) cover each row once."""
+    hidden, weight, bias, labels, _ = make_problem(B=3, K=2, T=9, H=8, V=20, dtype=torch.float32)
+    labels[4] = -100
+    want = run(nll_of_the_logits, hidden, weight, bias, labels)
+    counter = RowCounter(monkeypatch)
+    if op == "nll_linear":
+        got = run(ops.nll_linear, hidden, weight, bias, labels, mode=mode, backend="fused", chunk_bytes=4 * 20 * 4)
+        assert_same(*got, *want, rtol=1e-5, atol=1e-5)
+    else:
+        S, _ = sequence_logprobs_linear(hidden, weight, labels, bias=bias, chunk_bytes=4 * 20 * 4)
+        S.sum().backward()
+    passes = 2 if mode == "recompute" or op == "sequence_logprobs_linear" else 1
+    assert sum(counter.rows) == passes * int((labels != -100).sum())
+    assert max(counter.rows) == 4
+
+
+@pytest.mark.parametrize(
+    ("chunk_rows", "gemm_rows"), [(12, [11, 12, 12]), (24, [23, 12]), (5, [5, 5, 1, 5, 5] + [5, 5, 2, 5, 5] * 2)]
+)
+def test_single_pass_chunks_whole_prompts_and_cuts_those_too_large(monkeypatch, chunk_rows, gemm_rows):
+    """Prompts of 11, 12, 12 scored rows (a third of each row is prompt, one row ends in padding): packed whole
+    into chunks of ``chunk_rows``
+    logits rows; a prompt larger than a chunk is cut into pieces, all but its last computed again for the
+    gradient (3 GEMMs per row, 4 for the rows computed again), and the values are the reference's."""
+    hidden, weight, bias, labels, kw = make_problem(B=3, K=2, T=9, H=8, V=20, dtype=torch.float32)
+    args = {**kw, "loss": "dpo_pl", "strategy": "dora", "lam": 0.5}
+    want = run(reference_loss_linear, hidden, weight, bias, labels, **args)
+    counter = RowCounter(monkeypatch)
+    got = run(dora_loss_linear, hidden, weight, bias, labels, chunk_bytes=chunk_rows * 20 * 4, **args)
+    assert counter.rows == gemm_rows
+    assert_same(*got, *want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_scored_at_all(mode):
+    hidden, weight, bias, labels, kw = make_problem(B=2, K=2, T=5, H=8, V=20, dtype=torch.float32)
+    labels[:] = -100
+    # Unvalidated (the front door refuses such rows): no logits, S = 0, no NaN, the reference's numbers.
+    args = {**kw, "loss": "dpo", "strategy": "dora", "lam": 0.5, "validate": False}
+    want = run(reference_loss_linear, hidden, weight, bias, labels, **args)
+    got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, **args)
+    assert_same(*got, *want, rtol=1e-6, atol=1e-6)
+    assert not got[1][0].any() and not got[1][1].any()
+
+
+def test_group_spans_pack_whole_groups():
+    assert group_spans([3, 3, 3], 6) == [(0, 2), (2, 3)]
+    assert group_spans([7, 1, 0, 2], 3) == [(0, 1), (1, 4)]  # a group larger than a chunk is a chunk of its own
+    assert group_spans([0, 0], 1) == [(0, 2)]
+    assert group_spans([], 4) == []
 
 
 def test_bf16_weight_gradient_accumulates_in_fp32():
@@ -351,8 +423,9 @@ def test_single_pass_renormalises_its_accumulators_when_the_unit_gets_small(monk
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("strategy", ["dora", "erm"])
-def test_single_pass_makes_no_host_synchronisation(strategy):
-    """The per-chunk rescale stays on the device: forward and backward run under sync debug mode "error"."""
+def test_single_pass_synchronises_with_the_host_once(strategy):
+    """The per-chunk rescale stays on the device: forward and backward make one host synchronisation in
+    all, the scored-row counts that size the chunks (sync debug mode "warn" reports each one)."""
     hidden, weight, bias, labels, kw = make_problem(B=6, K=2, T=9, H=32, V=300, dtype=torch.bfloat16, seed=5)
     params = [t.detach().cuda().requires_grad_(True) for t in (hidden, weight, bias)]
     kw = {k: v.cuda() if torch.is_tensor(v) else v for k, v in kw.items()}
@@ -360,9 +433,13 @@ def test_single_pass_makes_no_host_synchronisation(strategy):
     args = {**kw, "loss": "dpo_pl", "strategy": strategy, "lam": 0.5, "chunk_bytes": 1, "validate": False}
     want = run(reference_loss_linear, *params[:2], params[2], labels, **args)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("warn")
     try:
-        got = run(dora_loss_linear, *params[:2], params[2], labels, **args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = run(dora_loss_linear, *params[:2], params[2], labels, **args)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
     assert_same(*got, *want, rtol=2e-2, atol=2e-2)

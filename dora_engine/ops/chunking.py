@@ -19,6 +19,21 @@ def prompts_per_chunk(chunk_bytes: int, rows_per_prompt: int, vocab: int, elemen
     return max(1, chunk_bytes // (rows_per_prompt * vocab * element_size))
 
 
+def group_spans(counts: list[int], rows_per_chunk: int) -> list[tuple[int, int]]:
+    """[start, stop) of consecutive groups (prompts with ``counts`` scored rows each) packed greedily into
+    chunks of at most ``rows_per_chunk`` rows, a group never split and a chunk at least one group: the
+    single-pass schedule."""
+    chunks, start, rows = [], 0, 0
+    for i, count in enumerate(counts):
+        if i > start and rows + count > rows_per_chunk:
+            chunks.append((start, i))
+            start, rows = i, 0
+        rows += count
+    if counts:
+        chunks.append((start, len(counts)))
+    return chunks
+
+
 def spans(total: int, per_chunk: int) -> list[tuple[int, int]]:
     """[start, stop) of consecutive chunks of ``per_chunk`` items covering ``total``."""
     return [(start, min(start + per_chunk, total)) for start in range(0, total, per_chunk)]

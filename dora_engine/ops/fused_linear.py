@@ -1,27 +1,31 @@
 """Fused-linear primitives of the fused backend: hidden states and lm_head weight, one chunk of logits at a time.
 
 docs/design.md section 5, "Fused-linear"; ``dora_engine.ops.dora_loss_linear`` validates and calls these. The
-logits z = hidden @ weightᵀ + bias of the N = B·K rows are never held at once. Per chunk, the extension's row
-kernels give S, L and the per-token log-sum-exp (``seq_logprobs_fwd``) and write dz = gS[n]·(onehot(y) −
-softmax(z)) over the chunk's logits in place (``seq_logprobs_bwd_``); the stage kernels give ℓ_b with ∂ℓ_b/∂S
+logits z = hidden @ weightᵀ + bias of the N = B·K rows are never held at once, and only the token rows with a
+label (not ``ignore_index``: ``_ScoredRows``) take any, so a prompt's tokens and padding cost no GEMM; finding
+them is each call's one host synchronisation. Per chunk, the extension's row kernels give S, L and the
+per-token log-sum-exp (``seq_logprobs_fwd``) and write dz = gS[n]·(onehot(y) − softmax(z)) over the chunk's
+logits in place (``seq_logprobs_bwd_``); the stage kernels give ℓ_b with ∂ℓ_b/∂S
 (``prompt_loss``) and the robust reduction with ∂ℒ/∂ℓ_b (``robust_reduce``). The loss math lives in those
 kernels and the registry of ``dora_engine.losses`` only; this module schedules GEMMs and rescales.
 
-``mode="single_pass"`` (3 GEMMs, nothing recomputed): chunks of whole prompts. Per chunk: logits GEMM,
-row pass, ℓ_b of its prompts, dz in place, then d hidden = dz @ W and d weight += dzᵀ @ hidden. The
-gradient accumulators always hold the gradient of the robust objective over the prompts seen so far,
-ℒ_seen. A new chunk changes ℒ_seen, and with it ∂ℒ_seen/∂ℓ_i of every earlier prompt i by one common
-factor r (dro/dora/drdpo: exp((M_old − M_new)/λ)·Z_old/Z_new, the online-softmax rescale; erm/reweight:
-B_old/B_new), read off the stage kernel's gradients as r = g_new[i]/g_old[i] at the earlier prompt with
-the largest g_old (never 0). r stays on the device (no host synchronisation per chunk): the weight and
-bias accumulators hold their gradient divided by a running unit u (u ← u·r per chunk), each chunk's dz is
-formed divided by u (through its gS, at no cost), and only when u would fall below a floor (dz/u must not
-overflow) are the accumulators multiplied by u and u reset to 1, by a kernel that does nothing when the
-factor is 1 (``rescale_``); the last u goes into the final scale. d hidden of each chunk is scaled once,
-in backward together with grad_output, by g_final/g_then. g_final comes from the reduction over all
-ranks' prompts when a process group is given (the per-prompt local gradients are exact, only the
-strategy's weights are global), × world size because DeepSpeed averages gradients. Forward forms every
-gradient; backward only scales them by grad_output.
+``mode="single_pass"`` (3 GEMMs, nothing recomputed): chunks of whole prompts, as many as fit ``chunk_bytes``
+(at least one). A prompt larger than a chunk is cut into pieces that fit: its logits are computed piece by
+piece for ℓ, then again for the gradient, all but the last piece (4 GEMMs for those rows). Per chunk: logits
+GEMM, row pass, ℓ_b of its prompts, dz in place, then d hidden = dz @ W and d weight += dzᵀ @ hidden. The
+gradient accumulators always hold the gradient of the robust objective over the prompts seen so far, ℒ_seen. A
+new chunk changes ℒ_seen, and with it ∂ℒ_seen/∂ℓ_i of every earlier prompt i by one common factor r
+(dro/dora/drdpo: exp((M_old − M_new)/λ)·Z_old/Z_new, the online-softmax rescale; erm/reweight: B_old/B_new),
+read off the stage kernel's gradients as r = g_new[i]/g_old[i] at the earlier prompt with the largest g_old
+(never 0). r stays on the device (no host synchronisation per chunk): the weight and bias accumulators hold
+their gradient divided by a running unit u (u ← u·r per chunk), each chunk's dz is formed divided by u
+(through its gS, at no cost), and only when u would fall below a floor (dz/u must not overflow) are the
+accumulators multiplied by u and u reset to 1, by a kernel that does nothing when the factor is 1
+(``rescale_``); the last u goes into the final scale. d hidden of each chunk is scaled once, in backward
+together with grad_output, by g_final/g_then. g_final comes from the reduction over all ranks' prompts when a
+process group is given (the per-prompt local gradients are exact, only the strategy's weights are global), ×
+world size because DeepSpeed averages gradients. Forward forms every gradient; backward only scales them by
+grad_output.
 
 ``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the per-token log-sum-exp, chunked in
 tokens (down to one token); backward recomputes each chunk's logits.
@@ -37,12 +41,13 @@ accumulator) and are cast to the parameter's dtype once at the end.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import torch
 
 from dora_engine.ops.builder import load_ops
-from dora_engine.ops.chunking import prompts_per_chunk, spans, tokens_per_chunk
+from dora_engine.ops.chunking import group_spans, spans, tokens_per_chunk
 from dora_engine.ops.output import DoRAOutput, NLLOutput
 from dora_engine.ops.robust import robust_reduce
 from dora_engine.ops.validation import LossCall, accumulation_dtype
@@ -138,22 +143,61 @@ def _linear_into(
     return torch.addmm(bias, x, weight.t(), out=out)
 
 
+@dataclass(frozen=True)
+class _ScoredRows:
+    """The token rows of hidden (N, T, H) whose label is not ``ignore_index``, in order: every GEMM of the
+    fused-linear path runs on these rows only, so prompt tokens and padding cost no logits. Finding them
+    takes the call's one host synchronisation (the row counts, which size the chunks)."""
+
+    index: torch.Tensor  # (n,) positions in the N·T rows, ascending
+    counts: list[int]  # scored rows of each group of ``group`` consecutive sequences
+    x: torch.Tensor  # (n, H) their hidden states
+    labels: torch.Tensor  # (n, 1) their labels, each token its own length-1 row for the row kernels
+    shape: torch.Size  # hidden's (N, T, H)
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, group: int = 1) -> _ScoredRows:
+        N, T, H = hidden.shape
+        mask = (labels != ignore_index).reshape(-1)
+        counts = mask.view(N // group, group * T).sum(dim=1).tolist()
+        # A stable sort puts the scored rows first, in order, without a second synchronisation (nonzero's).
+        index = torch.argsort((~mask).to(torch.uint8), stable=True)[: sum(counts)]
+        return cls(index, counts, hidden.reshape(N * T, H).index_select(0, index),
+                   labels.reshape(N * T, 1).index_select(0, index), hidden.shape)
+
+    def sequence_sums(self, values: torch.Tensor, rows: slice, rows_of: slice) -> torch.Tensor:
+        """Σ over each sequence of ``rows`` of ``values`` (one per scored row in ``rows_of``), summed over
+        the sequence's T positions as a dense row sum would (0 where nothing is scored)."""
+        T = self.shape[1]
+        dense = values.new_zeros((rows.stop - rows.start) * T)
+        dense.index_copy_(0, self.index[rows_of] - rows.start * T, values)
+        return dense.view(-1, T).sum(dim=1)
+
+    def scattered(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, T, H) with ``values`` (n, H) at the scored rows and 0 elsewhere (d hidden as backward returns it)."""
+        N, T, H = self.shape
+        return values.new_zeros(N * T, H).index_copy_(0, self.index, values).view(N, T, H)
+
+
 @dataclass
 class _Gradients:
-    """The gradient buffers of one fused-linear pass, None where no gradient is wanted: d hidden (N·T, H) in
-    hidden's dtype, d weight (V, H) and d bias (V,) accumulated in the accumulation dtype."""
+    """The gradient buffers of one fused-linear pass, None where no gradient is wanted: d hidden of the
+    scored rows (n, H) in hidden's dtype, d weight (V, H) and d bias (V,) accumulated in the accumulation
+    dtype."""
 
     hidden: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
 
     @classmethod
-    def allocate(cls, hidden: torch.Tensor, weight: torch.Tensor, needs_grad: tuple[bool, bool, bool]) -> _Gradients:
+    def allocate(
+        cls, scored: _ScoredRows, weight: torch.Tensor, needs_grad: tuple[bool, bool, bool]
+    ) -> _Gradients:
         need_hidden, need_weight, need_bias = needs_grad
-        N, T, H = hidden.shape
-        acc, device = accumulation_dtype(hidden.dtype), hidden.device
+        x = scored.x
+        acc, device = accumulation_dtype(x.dtype), x.device
         return cls(
-            hidden.new_empty(N * T, H) if need_hidden else None,
+            torch.empty_like(x) if need_hidden else None,
             torch.zeros(weight.shape, dtype=acc, device=device) if need_weight else None,
             torch.zeros(weight.shape[0], dtype=acc, device=device) if need_bias else None,
         )
@@ -164,14 +208,14 @@ class _Gradients:
 
     def add_chunk(
         self, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, gS: torch.Tensor, ignore_index: int,
-        x: torch.Tensor, weight: torch.Tensor, tokens: slice,
+        x: torch.Tensor, weight: torch.Tensor, rows: slice,
     ) -> None:
-        """One chunk's share: dz = gS[n]·(onehot(y) − softmax(z)) written over its logits (rows of tokens
-        ``tokens``, inputs ``x``), then d hidden[tokens] = dz @ W, d W += dzᵀ @ x and d b += Σ_tokens dz."""
+        """One chunk's share: dz = gS[n]·(onehot(y) − softmax(z)) written over its logits (scored rows
+        ``rows``, inputs ``x``), then d hidden[rows] = dz @ W, d W += dzᵀ @ x and d b += Σ_rows dz."""
         _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, ignore_index)
         dz = logits.view(-1, logits.shape[-1])
         if self.hidden is not None:
-            torch.mm(dz, weight, out=self.hidden[tokens])
+            torch.mm(dz, weight, out=self.hidden[rows])
         if self.weight is not None:
             _accumulate_weight_grad(self.weight, dz, x)
         if self.bias is not None:
@@ -183,42 +227,45 @@ class _Gradients:
             if accumulator is not None:
                 _kernels.rescale_(accumulator, factor)
 
-    def returned(self, shape: torch.Size, dtype: torch.dtype) -> tuple:
-        """(d hidden of ``shape``, d weight, d bias in the parameters' ``dtype``) as backward returns them."""
+    def returned(self, scored: _ScoredRows, dtype: torch.dtype) -> tuple:
+        """(d hidden of hidden's shape, d weight, d bias in the parameters' ``dtype``) as backward returns them."""
         return (
-            None if self.hidden is None else self.hidden.view(shape),
+            None if self.hidden is None else scored.scattered(self.hidden),
             None if self.weight is None else self.weight.to(dtype),
             None if self.bias is None else self.bias.to(dtype),
         )
 
 
 def _token_pass(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
-    chunk_bytes: int, grads: _Gradients | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(S, L) (N,) of hidden @ weightᵀ + bias in chunks of ``tokens_per_chunk`` tokens, each token its own
-    length-1 row (a chunk may end anywhere inside a sequence), one logits GEMM per chunk into one reused
-    buffer. Without ``grads`` it also returns the per-token log-sum-exp (N·T, 1, 2) for a backward that
-    recomputes the logits (``recompute``); with them each chunk's gradient of the summed NLL −Σ S (gS = −1)
-    goes straight into ``grads`` (3 GEMMs per chunk, ``nll_linear``'s single pass) and nothing is kept."""
-    N, T, H = hidden.shape
-    acc = accumulation_dtype(hidden.dtype)
-    x, y = hidden.reshape(N * T, H), labels.reshape(N * T, 1)
-    token_lp = hidden.new_empty(N * T, dtype=acc)
-    lse = hidden.new_empty(N * T, 1, 2, dtype=acc) if grads is None else None  # seq_logprobs_fwd's (m, log s)
-    per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], hidden.element_size())
-    buffer = hidden.new_empty(min(N * T, per_chunk), weight.shape[0])
-    minus_one = None if grads is None else hidden.new_full((min(N * T, per_chunk),), -1.0, dtype=acc)  # ∂(−Σ S)/∂S
-    for t0, t1 in spans(N * T, per_chunk):
-        logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
-        token_lp[t0:t1], _, chunk_lse = _kernels.seq_logprobs_fwd(logits, y[t0:t1], ignore_index)
+    scored: _ScoredRows, weight: torch.Tensor, bias: torch.Tensor | None, ignore_index: int, chunk_bytes: int,
+    grads: _Gradients | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """S (N,) of the scored rows' hidden @ weightᵀ + bias in chunks of ``tokens_per_chunk`` rows (a chunk may
+    end anywhere inside a sequence), one logits GEMM per chunk into one reused buffer. Without ``grads`` it
+    also returns the scored rows' log-sum-exp (n, 1, 2) for a backward that recomputes the logits
+    (``recompute``); with them each chunk's gradient of the summed NLL −Σ S (gS = −1) goes straight into
+    ``grads`` (3 GEMMs per chunk, ``nll_linear``'s single pass) and nothing is kept."""
+    n, N = scored.x.shape[0], scored.shape[0]
+    acc = accumulation_dtype(scored.x.dtype)
+    token_lp = scored.x.new_empty(n, dtype=acc)
+    lse = scored.x.new_empty(n, 1, 2, dtype=acc) if grads is None else None  # seq_logprobs_fwd's (m, log s)
+    per_chunk = tokens_per_chunk(chunk_bytes, weight.shape[0], scored.x.element_size())
+    buffer = scored.x.new_empty(min(n, per_chunk), weight.shape[0])
+    minus_one = None if grads is None else scored.x.new_full((min(n, per_chunk),), -1.0, dtype=acc)  # ∂(−Σ S)/∂S
+    for t0, t1 in spans(n, per_chunk):
+        x, y = scored.x[t0:t1], scored.labels[t0:t1]
+        logits = _linear_into(buffer, x, weight, bias).unsqueeze(1)
+        token_lp[t0:t1], _, chunk_lse = _kernels.seq_logprobs_fwd(logits, y, ignore_index)
         if grads is None:
             lse[t0:t1] = chunk_lse
         elif grads.wanted:
-            grads.add_chunk(logits, y[t0:t1], chunk_lse, minus_one[: t1 - t0], ignore_index, x[t0:t1], weight,
-                            slice(t0, t1))
-    L = (labels != ignore_index).sum(dim=1).to(acc)
-    return token_lp.view(N, T).sum(dim=1), L, lse
+            grads.add_chunk(logits, y, chunk_lse, minus_one[: t1 - t0], ignore_index, x, weight, slice(t0, t1))
+    return scored.sequence_sums(token_lp, slice(0, N), slice(0, n)), lse
+
+
+def _lengths(labels: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """L (N,): the scored tokens of each sequence, in ``dtype``."""
+    return (labels != ignore_index).sum(dim=1).to(dtype)
 
 
 def _common_ratio(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -240,29 +287,39 @@ _DEFAULT_UNIT_FLOOR = 2.0**-64
 
 
 def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
-    """Loss, statistics and the (unscaled) gradients in one pass over prompt chunks: 3 GEMMs per chunk."""
+    """Loss, statistics and the (unscaled) gradients in one pass over chunks of whole prompts (their scored
+    rows): 3 GEMMs per chunk. A prompt whose rows exceed the chunk is cut into pieces that fit, each piece's
+    logits computed again for its gradient once the prompt's ℓ is known (4 GEMMs for that prompt)."""
     N, T, H = hidden.shape
-    V = weight.shape[0]
     K, B = p.call.num_responses, p.call.num_prompts
     acc = accumulation_dtype(hidden.dtype)
-    grads = _Gradients.allocate(hidden, weight, p.needs_grad)
-    S = hidden.new_empty(N, dtype=acc)
-    L = hidden.new_empty(N, dtype=acc)
+    scored = _ScoredRows.of(hidden, p.labels, p.ignore_index, group=K)
+    grads = _Gradients.allocate(scored, weight, p.needs_grad)
+    S = hidden.new_zeros(N, dtype=acc)
+    L = _lengths(p.labels, p.ignore_index, acc)
     ell = hidden.new_empty(B, dtype=acc)
 
-    per_chunk = prompts_per_chunk(p.chunk_bytes, K * T, V, hidden.element_size())
-    buffer = hidden.new_empty(min(B, per_chunk) * K * T, V)
+    rows_per_chunk = tokens_per_chunk(p.chunk_bytes, weight.shape[0], hidden.element_size())
+    chunks = group_spans(scored.counts, rows_per_chunk)
+    offsets = [0, *itertools.accumulate(scored.counts)]
+    buffer = hidden.new_empty(min(rows_per_chunk, max(offsets[p1] - offsets[p0] for p0, p1 in chunks)),
+                              weight.shape[0])
     # Per chunk: its prompt with the largest ∂ℒ_seen/∂ℓ and that value then, divided by the unit then.
     tops, thens = [], []
     grad_seen = None
     unit = torch.ones((), dtype=acc, device=hidden.device)  # the weight and bias accumulators hold grad / unit
     floor = _UNIT_FLOOR.get(hidden.dtype, _DEFAULT_UNIT_FLOOR)
-    for p0, p1 in spans(B, per_chunk):
-        rows = slice(p0 * K, p1 * K)
-        x = hidden[rows].reshape(-1, H)
-        logits = _linear_into(buffer, x, weight, bias).view(-1, T, V)
-        labels = p.labels[rows]
-        S[rows], L[rows], lse = _kernels.seq_logprobs_fwd(logits, labels, p.ignore_index)
+    for p0, p1 in chunks:
+        rows, mine = slice(p0 * K, p1 * K), slice(offsets[p0], offsets[p1])
+        pieces = [slice(mine.start + a, mine.start + b) for a, b in spans(mine.stop - mine.start, rows_per_chunk)]
+        token_lp = hidden.new_empty(mine.stop - mine.start, dtype=acc)
+        lse = hidden.new_empty(mine.stop - mine.start, 1, 2, dtype=acc)
+        for piece in pieces:  # none: nothing scored in these prompts, S = 0
+            logits = _linear_into(buffer, scored.x[piece], weight, bias).unsqueeze(1)
+            local = slice(piece.start - mine.start, piece.stop - mine.start)
+            token_lp[local], _, lse[local] = _kernels.seq_logprobs_fwd(logits, scored.labels[piece], p.ignore_index)
+        if pieces:
+            S[rows] = scored.sequence_sums(token_lp, rows, mine)
         ell[p0:p1], dell_dS = _prompt_loss(S, L, p, slice(p0, p1))
         if not grads.wanted:
             continue
@@ -277,7 +334,13 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         tops.append(top)
         thens.append(grad_now.index_select(0, top) / unit)
         gS = (grad_now[p0:p1] / unit).repeat_interleave(K) * dell_dS  # dz is formed divided by the unit
-        grads.add_chunk(logits, labels, lse, gS, p.ignore_index, x, weight, slice(rows.start * T, rows.stop * T))
+        gS_rows = gS.index_select(0, scored.index[mine] // T - rows.start)
+        for i, piece in enumerate(reversed(pieces)):  # the buffer still holds the last piece's logits
+            if i > 0:
+                logits = _linear_into(buffer, scored.x[piece], weight, bias).unsqueeze(1)
+            local = slice(piece.start - mine.start, piece.stop - mine.start)
+            grads.add_chunk(logits, scored.labels[piece], lse[local], gS_rows[local], p.ignore_index,
+                            scored.x[piece], weight, piece)
         grad_seen = grad_now
 
     loss, weights, grad_final = _robust_reduce(ell, p.call.h_tilde, p, global_batch=True)
@@ -288,16 +351,21 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         final = grad_final.index_select(0, torch.cat(tops))
         # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
         chunk_scale = torch.where(then > 0, final / then, torch.zeros_like(then))
-        scales.prompts = chunk_scale.repeat_interleave(per_chunk)[:B]
-    return DoRAOutput(loss, ell, S, L, weights), grads, scales
+        prompt_scale = chunk_scale.new_empty(B)
+        for c, (p0, p1) in enumerate(chunks):
+            prompt_scale[p0:p1] = chunk_scale[c]  # on the device: no host synchronisation
+        scales.rows = prompt_scale.index_select(0, scored.index // (K * T))
+    return DoRAOutput(loss, ell, S, L, weights), grads, scales, scored
 
 
 def _single_pass_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
     """The summed NLL −Σ S, the statistics and the gradients in one pass over token chunks (``_token_pass``):
     3 GEMMs per chunk. No token's gradient depends on another's, so nothing is rescaled."""
-    grads = _Gradients.allocate(hidden, weight, p.needs_grad)
-    S, L, _ = _token_pass(hidden, weight, bias, p.labels, p.ignore_index, p.chunk_bytes, grads)
-    return NLLOutput(-S.sum(), S, L), grads, _GradScales(params=1.0)
+    scored = _ScoredRows.of(hidden, p.labels, p.ignore_index)
+    grads = _Gradients.allocate(scored, weight, p.needs_grad)
+    S, _ = _token_pass(scored, weight, bias, p.ignore_index, p.chunk_bytes, grads)
+    L = _lengths(p.labels, p.ignore_index, S.dtype)
+    return NLLOutput(-S.sum(), S, L), grads, _GradScales(params=1.0), scored
 
 
 @dataclass
@@ -305,7 +373,7 @@ class _GradScales:
     """What turns single_pass's accumulated gradients into those of the final loss (applied in backward)."""
 
     params: torch.Tensor | float = 0.0  # weight and bias (a 0-dim tensor on the inputs' device)
-    prompts: torch.Tensor | None = None  # (B,) d hidden of each prompt's rows; None: 1 for every row
+    rows: torch.Tensor | None = None  # (n,) d hidden of each scored row; None: 1 for every row
 
 
 class _SinglePass(torch.autograd.Function):
@@ -314,9 +382,9 @@ class _SinglePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
-        stats, grads, scales = run(hidden, weight, bias, p)
-        ctx.grads, ctx.scales = grads, scales
-        ctx.shape, ctx.param_dtype = hidden.shape, weight.dtype
+        stats, grads, scales, scored = run(hidden, weight, bias, p)
+        ctx.grads, ctx.scales, ctx.scored = grads, scales, scored
+        ctx.param_dtype = weight.dtype
         ctx.mark_non_differentiable(*stats[1:])
         return tuple(stats)
 
@@ -327,17 +395,17 @@ class _SinglePass(torch.autograd.Function):
                 "mode='single_pass' forms its gradients once and cannot be backpropagated twice (retain_graph); "
                 "use mode='recompute'"
             )
-        grads, scales = ctx.grads, ctx.scales
-        ctx.grads = None
+        grads, scales, scored = ctx.grads, ctx.scales, ctx.scored
+        ctx.grads = ctx.scored = None
         if grads.hidden is not None:
-            if scales.prompts is None:
+            if scales.rows is None:
                 grads.hidden.mul_(grad_loss)
             else:
-                grads.hidden.view(scales.prompts.numel(), -1).mul_((scales.prompts * grad_loss)[:, None])
+                grads.hidden.mul_((scales.rows * grad_loss)[:, None])
         for accumulator in (grads.weight, grads.bias):
             if accumulator is not None:
                 accumulator.mul_(grad_loss * scales.params)
-        return None, *grads.returned(ctx.shape, ctx.param_dtype), None
+        return None, *grads.returned(scored, ctx.param_dtype), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -346,30 +414,34 @@ class _SinglePass(torch.autograd.Function):
 
 
 class _LinearSequenceLogprobs(torch.autograd.Function):
-    """(S, L) of hidden @ Wᵀ + b in token chunks; keeps the per-token log-sum-exp, recomputes logits."""
+    """(S, L) of hidden @ Wᵀ + b in token chunks of the scored rows; keeps their log-sum-exp, recomputes
+    the logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_bytes: int):
-        S, L, lse = _token_pass(hidden, weight, bias, labels, ignore_index, chunk_bytes, None)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.ignore_index, ctx.chunk_bytes = ignore_index, chunk_bytes
+        scored = _ScoredRows.of(hidden, labels, ignore_index)
+        S, lse = _token_pass(scored, weight, bias, ignore_index, chunk_bytes, None)
+        L = _lengths(labels, ignore_index, S.dtype)
+        ctx.save_for_backward(weight, bias, lse)
+        ctx.scored, ctx.ignore_index, ctx.chunk_bytes = scored, ignore_index, chunk_bytes
         ctx.mark_non_differentiable(L)
         return S, L
 
     @staticmethod
     def backward(ctx, grad_S: torch.Tensor, _grad_L):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        N, T, H = hidden.shape
-        x, y = hidden.reshape(N * T, H), labels.reshape(N * T, 1)
-        grad_token = grad_S.to(lse.dtype).repeat_interleave(T)
-        grads = _Gradients.allocate(hidden, weight, ctx.needs_input_grad[:3])
-        per_chunk = tokens_per_chunk(ctx.chunk_bytes, weight.shape[0], hidden.element_size())
-        buffer = x.new_empty(min(N * T, per_chunk), weight.shape[0])
-        for t0, t1 in spans(N * T, per_chunk):
-            logits = _linear_into(buffer, x[t0:t1], weight, bias).unsqueeze(1)
-            grads.add_chunk(logits, y[t0:t1], lse[t0:t1], grad_token[t0:t1], ctx.ignore_index, x[t0:t1], weight,
-                            slice(t0, t1))
-        return *grads.returned(hidden.shape, weight.dtype), None, None, None
+        weight, bias, lse = ctx.saved_tensors
+        scored = ctx.scored
+        n, T = scored.x.shape[0], scored.shape[1]
+        grad_rows = grad_S.to(lse.dtype).index_select(0, scored.index // T)
+        grads = _Gradients.allocate(scored, weight, ctx.needs_input_grad[:3])
+        per_chunk = tokens_per_chunk(ctx.chunk_bytes, weight.shape[0], scored.x.element_size())
+        buffer = scored.x.new_empty(min(n, per_chunk), weight.shape[0])
+        for t0, t1 in spans(n, per_chunk):
+            x = scored.x[t0:t1]
+            logits = _linear_into(buffer, x, weight, bias).unsqueeze(1)
+            grads.add_chunk(logits, scored.labels[t0:t1], lse[t0:t1], grad_rows[t0:t1], ctx.ignore_index, x,
+                            weight, slice(t0, t1))
+        return *grads.returned(scored, weight.dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------

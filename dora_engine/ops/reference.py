@@ -104,8 +104,8 @@ def single_pass_loss(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor, ignore_index: int,
     chunk_bytes: int, call: LossCall,
 ) -> DoRAOutput:
-    """``dora_loss_linear(mode="single_pass")``: the fused backend's chunks of whole prompts, each chunk's
-    logits kept for backward (nothing recomputed), then the per-batch stage."""
+    """``dora_loss_linear(mode="single_pass")``: chunks of whole prompts (K·T rows each, scored or not), each
+    chunk's logits kept for backward (nothing recomputed), then the per-batch stage."""
     K, T, V = call.num_responses, hidden.shape[1], weight.shape[0]
     per_chunk = prompts_per_chunk(chunk_bytes, K * T, V, hidden.element_size())
     rows = [(p0 * K, p1 * K) for p0, p1 in spans(call.num_prompts, per_chunk)]
