@@ -25,6 +25,7 @@ Examples (figures go to benchmarks/RESULTS.md):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -34,6 +35,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+
+from dora_engine.ops import IGNORE_INDEX
 
 METHODS = ("single_pass", "recompute", "logits_fused", "logits_reference", "gemms3", "gemms4", "liger_simpo",
            "liger_dpo")
@@ -85,7 +88,7 @@ def make_inputs(p: Point) -> dict:
     hidden = torch.randn(N, p.T, p.H, generator=g).to(p.device, dtype).requires_grad_(True)
     weight = (torch.randn(p.V, p.H, generator=g) / p.H**0.5).to(p.device, dtype).requires_grad_(True)
     labels = torch.randint(0, p.V, (N, p.T), generator=g)
-    labels[:, : p.T // 8] = -100  # a prompt prefix
+    labels[:, : p.T // 8] = IGNORE_INDEX  # a prompt prefix
     loss_kwargs = {
         "num_responses": p.K,
         "scores": torch.randn(p.B, p.K, generator=g),
@@ -99,19 +102,23 @@ def make_inputs(p: Point) -> dict:
 
 
 def _gemms(x: dict, p: Point, count: int) -> None:
-    """The GEMMs of the fused-linear loss on single_pass's prompt chunks, without anything else."""
-    from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
+    """The GEMMs of the fused-linear loss on single_pass's chunks (whole prompts' scored rows), without
+    anything else."""
+    from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES, group_spans, tokens_per_chunk
 
     hidden, weight = x["hidden"].detach(), x["weight"].detach()
+    scored = (x["labels"] != IGNORE_INDEX).reshape(-1)
+    rows = hidden.reshape(-1, p.H)[scored]
+    counts = scored.view(-1, p.K * p.T).sum(dim=1).tolist()
     budget = p.chunk_bytes or DEFAULT_CHUNK_BYTES[p.device]
-    rows = max(1, budget // (p.K * p.T * p.V * hidden.element_size())) * p.K
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    grad_hidden = torch.empty_like(hidden)
-    for r0 in range(0, hidden.shape[0], rows):
-        h = hidden[r0 : r0 + rows].reshape(-1, p.H)
+    grad_rows = torch.empty_like(rows)
+    starts = [0, *itertools.accumulate(counts)]
+    for p0, p1 in group_spans(counts, tokens_per_chunk(budget, p.V, hidden.element_size())):
+        h = rows[starts[p0] : starts[p1]]
         for _ in range(count - 2):
             z = h @ weight.t()
-        torch.mm(z, weight, out=grad_hidden[r0 : r0 + rows].view(-1, p.H))
+        torch.mm(z, weight, out=grad_rows[starts[p0] : starts[p1]])
         grad_weight.add_(z.t() @ h)
         del z
 

@@ -67,7 +67,7 @@ def assert_same(out, grads, expected_out, expected_grads, rtol: float, atol: flo
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_loss_and_strategy_matches_the_logits_path(mode):
-    # float64 and 5 prompts in chunks of 2 (the last chunk is smaller): exact up to rounding.
+    # float64 and 5 prompts of 11-12 scored rows in chunks of 36 rows (3 prompts, then 2): exact up to rounding.
     hidden, weight, bias, labels, kw = make_problem(B=5, K=3, T=6, H=8, V=13, dtype=torch.float64)
     chunk_bytes = 2 * 3 * 6 * 13 * 8 if mode == "single_pass" else 7 * 13 * 8
     for loss in LOSSES:
@@ -82,11 +82,12 @@ def test_every_loss_and_strategy_matches_the_logits_path(mode):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("B", "K", "prompts_per_chunk"), [(4, 2, 2), (3, 5, 2), (2, 8, 1), (3, 4, 10)])
-def test_dtypes_chunkings_and_group_sizes(mode, dtype, B, K, prompts_per_chunk):
+@pytest.mark.parametrize(("B", "K", "chunk_prompts"), [(4, 2, 2), (3, 5, 2), (2, 8, 1), (3, 4, 10)])
+def test_dtypes_chunkings_and_group_sizes(mode, dtype, B, K, chunk_prompts):
     T, H, V = 7, 16, 50
     hidden, weight, bias, labels, kw = make_problem(B, K, T, H, V, dtype, seed=B * K)
-    chunk_bytes = prompts_per_chunk * K * T * V * hidden.element_size()
+    # the logits of chunk_prompts prompts' K·T rows; with a third of each row unscored, more prompts fit
+    chunk_bytes = chunk_prompts * K * T * V * hidden.element_size()
     if mode == "recompute":
         chunk_bytes //= 3 * K  # chunks end inside sequences
     args = {**kw, "loss": "dpo_pl", "strategy": "dora", "lam": 0.3}
@@ -130,14 +131,10 @@ def test_prompt_tokens_and_padding_cost_no_logits(monkeypatch, op, mode):
     assert max(counter.rows) == 4
 
 
-@pytest.mark.parametrize(
-    ("chunk_rows", "gemm_rows"), [(12, [11, 12, 12]), (24, [23, 12]), (5, [5, 5, 1, 5, 5] + [5, 5, 2, 5, 5] * 2)]
-)
-def test_single_pass_chunks_whole_prompts_and_cuts_those_too_large(monkeypatch, chunk_rows, gemm_rows):
-    """Prompts of 11, 12, 12 scored rows (a third of each row is prompt, one row ends in padding): packed whole
-    into chunks of ``chunk_rows``
-    logits rows; a prompt larger than a chunk is cut into pieces, all but its last computed again for the
-    gradient (3 GEMMs per row, 4 for the rows computed again), and the values are the reference's."""
+@pytest.mark.parametrize(("chunk_rows", "gemm_rows"), [(12, [11, 12, 12]), (24, [23, 12]), (5, [11, 12, 12])])
+def test_single_pass_chunks_whole_prompts(monkeypatch, chunk_rows, gemm_rows):
+    """Prompts of 11, 12 and 12 scored rows (a third of each row is prompt, one row ends in padding) packed
+    whole, in order, while they fit ``chunk_rows`` logits rows, never cut: the values are the reference's."""
     hidden, weight, bias, labels, kw = make_problem(B=3, K=2, T=9, H=8, V=20, dtype=torch.float32)
     args = {**kw, "loss": "dpo_pl", "strategy": "dora", "lam": 0.5}
     want = run(reference_loss_linear, hidden, weight, bias, labels, **args)

@@ -346,11 +346,10 @@ def dora_loss_linear(
             three are differentiable through ``loss``.
         labels, num_responses, scores, h_tilde, ref_logps, objective (or loss, loss_params, strategy, lam,
         h_scale, h_mean), process_group, ignore_index, backend, validate: as in ``dora_loss``.
-        mode: ``"single_pass"`` (3 GEMMs per chunk, nothing recomputed; chunks of whole prompts, and a
-            prompt larger than a chunk cut into pieces computed again for its gradient, 4 GEMMs for those;
-            backward once only) or ``"recompute"`` (4 GEMMs, token chunks, least memory). Both give the
-            same values; the reference backend's chunks hold whole prompts (``recompute`` by activation
-            checkpointing).
+        mode: ``"single_pass"`` (3 GEMMs per chunk, nothing recomputed; chunks of whole prompts, so a chunk
+            holds at least one prompt's scored rows, K·T·V logits at most; backward once only) or
+            ``"recompute"`` (4 GEMMs, token chunks, least memory). Both give the same values; the reference
+            backend computes the same (``recompute`` by activation checkpointing).
         chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device); a
             chunk holds at least one token's V logits. On the fused backend only the rows with a label (not
             ``ignore_index``) take logits: a prompt's tokens and padding cost no GEMM.

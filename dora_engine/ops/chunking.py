@@ -1,6 +1,7 @@
-"""How the fused-linear ops cut N·T rows of logits into chunks (docs/design.md section 5, "Fused-linear").
+"""How the fused-linear ops cut rows of logits into chunks (docs/design.md section 5, "Fused-linear").
 
-Both backends chunk the same way, so that ``chunk_bytes`` means one thing whichever computes.
+The fused backend chunks the rows that carry a label (``group_spans``, ``tokens_per_chunk``); the reference
+backend chunks all N·T rows (``prompts_per_chunk``, ``tokens_per_chunk``): its values do not depend on them.
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ def tokens_per_chunk(chunk_bytes: int, vocab: int, element_size: int) -> int:
 
 
 def prompts_per_chunk(chunk_bytes: int, rows_per_prompt: int, vocab: int, element_size: int) -> int:
-    """Whole prompts (K·T token rows each) that fit ``chunk_bytes`` (at least one): the single-pass schedule."""
+    """Whole prompts (K·T token rows each) that fit ``chunk_bytes`` (at least one): the reference backend's
+    single-pass chunks."""
     return max(1, chunk_bytes // (rows_per_prompt * vocab * element_size))
 
 
 def group_spans(counts: list[int], rows_per_chunk: int) -> list[tuple[int, int]]:
-    """[start, stop) of consecutive groups (prompts with ``counts`` scored rows each) packed greedily into
-    chunks of at most ``rows_per_chunk`` rows, a group never split and a chunk at least one group: the
-    single-pass schedule."""
+    """[start, stop) of consecutive groups (prompts with ``counts`` scored rows each) packed greedily while
+    their rows fit ``rows_per_chunk``; a group is never split, so a chunk holds at least one group (and more
+    rows than ``rows_per_chunk`` when that group has them): the fused single-pass schedule."""
     chunks, start, rows = [], 0, 0
     for i, count in enumerate(counts):
         if i > start and rows + count > rows_per_chunk:

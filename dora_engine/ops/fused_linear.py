@@ -10,8 +10,7 @@ logits in place (``seq_logprobs_bwd_``); the stage kernels give ℓ_b with ∂�
 kernels and the registry of ``dora_engine.losses`` only; this module schedules GEMMs and rescales.
 
 ``mode="single_pass"`` (3 GEMMs, nothing recomputed): chunks of whole prompts, as many as fit ``chunk_bytes``
-(at least one). A prompt larger than a chunk is cut into pieces that fit: its logits are computed piece by
-piece for ℓ, then again for the gradient, all but the last piece (4 GEMMs for those rows). Per chunk: logits
+(at least one: a prompt is never cut, so a chunk holds at least one prompt's scored rows). Per chunk: logits
 GEMM, row pass, ℓ_b of its prompts, dz in place, then d hidden = dz @ W and d weight += dzᵀ @ hidden. The
 gradient accumulators always hold the gradient of the robust objective over the prompts seen so far, ℒ_seen. A
 new chunk changes ℒ_seen, and with it ∂ℒ_seen/∂ℓ_i of every earlier prompt i by one common factor r
@@ -146,58 +145,57 @@ def _linear_into(
 @dataclass(frozen=True)
 class _ScoredRows:
     """The token rows of hidden (N, T, H) whose label is not ``ignore_index``, in order: every GEMM of the
-    fused-linear path runs on these rows only, so prompt tokens and padding cost no logits. Finding them
-    takes the call's one host synchronisation (the row counts, which size the chunks)."""
+    fused-linear path runs on these rows only, so prompt tokens and padding cost no logits."""
 
     index: torch.Tensor  # (n,) positions in the N·T rows, ascending
-    counts: list[int]  # scored rows of each group of ``group`` consecutive sequences
-    x: torch.Tensor  # (n, H) their hidden states
+    x: torch.Tensor  # (n, H) their hidden states (a copy)
     labels: torch.Tensor  # (n, 1) their labels, each token its own length-1 row for the row kernels
-    shape: torch.Size  # hidden's (N, T, H)
+    T: int
 
     @classmethod
-    def of(cls, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, group: int = 1) -> _ScoredRows:
+    def of(cls, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, group: int = 1
+           ) -> tuple[_ScoredRows, list[int]]:
+        """The scored rows and their number in each group of ``group`` consecutive sequences: the call's
+        one host synchronisation (the counts size the chunks)."""
         N, T, H = hidden.shape
         mask = (labels != ignore_index).reshape(-1)
         counts = mask.view(N // group, group * T).sum(dim=1).tolist()
         # A stable sort puts the scored rows first, in order, without a second synchronisation (nonzero's).
         index = torch.argsort((~mask).to(torch.uint8), stable=True)[: sum(counts)]
-        return cls(index, counts, hidden.reshape(N * T, H).index_select(0, index),
-                   labels.reshape(N * T, 1).index_select(0, index), hidden.shape)
+        return cls.at(index, hidden, labels), counts
 
-    def sequence_sums(self, values: torch.Tensor, rows: slice, rows_of: slice) -> torch.Tensor:
-        """Σ over each sequence of ``rows`` of ``values`` (one per scored row in ``rows_of``), summed over
-        the sequence's T positions as a dense row sum would (0 where nothing is scored)."""
-        T = self.shape[1]
-        dense = values.new_zeros((rows.stop - rows.start) * T)
-        dense.index_copy_(0, self.index[rows_of] - rows.start * T, values)
-        return dense.view(-1, T).sum(dim=1)
+    @classmethod
+    def at(cls, index: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> _ScoredRows:
+        """The rows of hidden and labels at ``index`` (a backward's, from its forward's)."""
+        N, T, H = hidden.shape
+        return cls(index, hidden.reshape(N * T, H).index_select(0, index),
+                   labels.reshape(N * T, 1).index_select(0, index), T)
 
-    def scattered(self, values: torch.Tensor) -> torch.Tensor:
-        """(N, T, H) with ``values`` (n, H) at the scored rows and 0 elsewhere (d hidden as backward returns it)."""
-        N, T, H = self.shape
-        return values.new_zeros(N * T, H).index_copy_(0, self.index, values).view(N, T, H)
+    def sequence_sums(self, values: torch.Tensor, sequences: slice, rows: slice) -> torch.Tensor:
+        """Σ of ``values`` (one per scored row in ``rows``) over each sequence in ``sequences``, summed over
+        its T positions as a dense row sum would (0 where nothing is scored)."""
+        dense = values.new_zeros((sequences.stop - sequences.start) * self.T)
+        dense.index_copy_(0, self.index[rows] - sequences.start * self.T, values)
+        return dense.view(-1, self.T).sum(dim=1)
 
 
 @dataclass
 class _Gradients:
-    """The gradient buffers of one fused-linear pass, None where no gradient is wanted: d hidden of the
-    scored rows (n, H) in hidden's dtype, d weight (V, H) and d bias (V,) accumulated in the accumulation
-    dtype."""
+    """The gradient buffers of one fused-linear pass, None where no gradient is wanted: d hidden (N·T, H) in
+    hidden's dtype (0 at rows without a label), d weight (V, H) and d bias (V,) accumulated in the
+    accumulation dtype."""
 
     hidden: torch.Tensor | None
     weight: torch.Tensor | None
     bias: torch.Tensor | None
 
     @classmethod
-    def allocate(
-        cls, scored: _ScoredRows, weight: torch.Tensor, needs_grad: tuple[bool, bool, bool]
-    ) -> _Gradients:
+    def allocate(cls, hidden: torch.Tensor, weight: torch.Tensor, needs_grad: tuple[bool, bool, bool]) -> _Gradients:
         need_hidden, need_weight, need_bias = needs_grad
-        x = scored.x
-        acc, device = accumulation_dtype(x.dtype), x.device
+        N, T, H = hidden.shape
+        acc, device = accumulation_dtype(hidden.dtype), hidden.device
         return cls(
-            torch.empty_like(x) if need_hidden else None,
+            hidden.new_zeros(N * T, H) if need_hidden else None,
             torch.zeros(weight.shape, dtype=acc, device=device) if need_weight else None,
             torch.zeros(weight.shape[0], dtype=acc, device=device) if need_bias else None,
         )
@@ -207,17 +205,18 @@ class _Gradients:
         return any(g is not None for g in (self.hidden, self.weight, self.bias))
 
     def add_chunk(
-        self, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, gS: torch.Tensor, ignore_index: int,
-        x: torch.Tensor, weight: torch.Tensor, rows: slice,
+        self, logits: torch.Tensor, gS: torch.Tensor, lse: torch.Tensor, ignore_index: int, weight: torch.Tensor,
+        scored: _ScoredRows, rows: slice,
     ) -> None:
-        """One chunk's share: dz = gS[n]·(onehot(y) − softmax(z)) written over its logits (scored rows
-        ``rows``, inputs ``x``), then d hidden[rows] = dz @ W, d W += dzᵀ @ x and d b += Σ_rows dz."""
-        _kernels.seq_logprobs_bwd_(logits, labels, lse, gS, ignore_index)
+        """The share of the scored rows ``rows``, whose logits ``logits`` holds: dz = gS[n]·(onehot(y) −
+        softmax(z)) written over them, then d hidden[their positions] = dz @ W, d W += dzᵀ @ x and
+        d b += Σ_rows dz."""
+        _kernels.seq_logprobs_bwd_(logits, scored.labels[rows], lse, gS, ignore_index)
         dz = logits.view(-1, logits.shape[-1])
         if self.hidden is not None:
-            torch.mm(dz, weight, out=self.hidden[rows])
+            self.hidden.index_copy_(0, scored.index[rows], dz @ weight)
         if self.weight is not None:
-            _accumulate_weight_grad(self.weight, dz, x)
+            _accumulate_weight_grad(self.weight, dz, scored.x[rows])
         if self.bias is not None:
             self.bias.add_(dz.sum(dim=0, dtype=self.bias.dtype))
 
@@ -227,25 +226,25 @@ class _Gradients:
             if accumulator is not None:
                 _kernels.rescale_(accumulator, factor)
 
-    def returned(self, scored: _ScoredRows, dtype: torch.dtype) -> tuple:
-        """(d hidden of hidden's shape, d weight, d bias in the parameters' ``dtype``) as backward returns them."""
+    def returned(self, shape: torch.Size, dtype: torch.dtype) -> tuple:
+        """(d hidden of ``shape``, d weight, d bias in the parameters' ``dtype``) as backward returns them."""
         return (
-            None if self.hidden is None else scored.scattered(self.hidden),
+            None if self.hidden is None else self.hidden.view(shape),
             None if self.weight is None else self.weight.to(dtype),
             None if self.bias is None else self.bias.to(dtype),
         )
 
 
 def _token_pass(
-    scored: _ScoredRows, weight: torch.Tensor, bias: torch.Tensor | None, ignore_index: int, chunk_bytes: int,
-    grads: _Gradients | None,
+    scored: _ScoredRows, N: int, weight: torch.Tensor, bias: torch.Tensor | None, ignore_index: int,
+    chunk_bytes: int, grads: _Gradients | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """S (N,) of the scored rows' hidden @ weightᵀ + bias in chunks of ``tokens_per_chunk`` rows (a chunk may
     end anywhere inside a sequence), one logits GEMM per chunk into one reused buffer. Without ``grads`` it
     also returns the scored rows' log-sum-exp (n, 1, 2) for a backward that recomputes the logits
     (``recompute``); with them each chunk's gradient of the summed NLL −Σ S (gS = −1) goes straight into
     ``grads`` (3 GEMMs per chunk, ``nll_linear``'s single pass) and nothing is kept."""
-    n, N = scored.x.shape[0], scored.shape[0]
+    n = scored.x.shape[0]
     acc = accumulation_dtype(scored.x.dtype)
     token_lp = scored.x.new_empty(n, dtype=acc)
     lse = scored.x.new_empty(n, 1, 2, dtype=acc) if grads is None else None  # seq_logprobs_fwd's (m, log s)
@@ -253,13 +252,12 @@ def _token_pass(
     buffer = scored.x.new_empty(min(n, per_chunk), weight.shape[0])
     minus_one = None if grads is None else scored.x.new_full((min(n, per_chunk),), -1.0, dtype=acc)  # ∂(−Σ S)/∂S
     for t0, t1 in spans(n, per_chunk):
-        x, y = scored.x[t0:t1], scored.labels[t0:t1]
-        logits = _linear_into(buffer, x, weight, bias).unsqueeze(1)
-        token_lp[t0:t1], _, chunk_lse = _kernels.seq_logprobs_fwd(logits, y, ignore_index)
+        logits = _linear_into(buffer, scored.x[t0:t1], weight, bias).unsqueeze(1)
+        token_lp[t0:t1], _, chunk_lse = _kernels.seq_logprobs_fwd(logits, scored.labels[t0:t1], ignore_index)
         if grads is None:
             lse[t0:t1] = chunk_lse
         elif grads.wanted:
-            grads.add_chunk(logits, y, chunk_lse, minus_one[: t1 - t0], ignore_index, x, weight, slice(t0, t1))
+            grads.add_chunk(logits, minus_one[: t1 - t0], chunk_lse, ignore_index, weight, scored, slice(t0, t1))
     return scored.sequence_sums(token_lp, slice(0, N), slice(0, n)), lse
 
 
@@ -288,39 +286,32 @@ _DEFAULT_UNIT_FLOOR = 2.0**-64
 
 def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
     """Loss, statistics and the (unscaled) gradients in one pass over chunks of whole prompts (their scored
-    rows): 3 GEMMs per chunk. A prompt whose rows exceed the chunk is cut into pieces that fit, each piece's
-    logits computed again for its gradient once the prompt's ℓ is known (4 GEMMs for that prompt)."""
+    rows): 3 GEMMs per chunk."""
     N, T, H = hidden.shape
     K, B = p.call.num_responses, p.call.num_prompts
     acc = accumulation_dtype(hidden.dtype)
-    scored = _ScoredRows.of(hidden, p.labels, p.ignore_index, group=K)
-    grads = _Gradients.allocate(scored, weight, p.needs_grad)
+    scored, counts = _ScoredRows.of(hidden, p.labels, p.ignore_index, group=K)
+    grads = _Gradients.allocate(hidden, weight, p.needs_grad)
     S = hidden.new_zeros(N, dtype=acc)
     L = _lengths(p.labels, p.ignore_index, acc)
     ell = hidden.new_empty(B, dtype=acc)
 
-    rows_per_chunk = tokens_per_chunk(p.chunk_bytes, weight.shape[0], hidden.element_size())
-    chunks = group_spans(scored.counts, rows_per_chunk)
-    offsets = [0, *itertools.accumulate(scored.counts)]
-    buffer = hidden.new_empty(min(rows_per_chunk, max(offsets[p1] - offsets[p0] for p0, p1 in chunks)),
-                              weight.shape[0])
+    chunks = group_spans(counts, tokens_per_chunk(p.chunk_bytes, weight.shape[0], hidden.element_size()))
+    offsets = [0, *itertools.accumulate(counts)]
+    buffer = hidden.new_empty(max(offsets[p1] - offsets[p0] for p0, p1 in chunks), weight.shape[0])
     # Per chunk: its prompt with the largest ∂ℒ_seen/∂ℓ and that value then, divided by the unit then.
     tops, thens = [], []
     grad_seen = None
     unit = torch.ones((), dtype=acc, device=hidden.device)  # the weight and bias accumulators hold grad / unit
     floor = _UNIT_FLOOR.get(hidden.dtype, _DEFAULT_UNIT_FLOOR)
     for p0, p1 in chunks:
-        rows, mine = slice(p0 * K, p1 * K), slice(offsets[p0], offsets[p1])
-        pieces = [slice(mine.start + a, mine.start + b) for a, b in spans(mine.stop - mine.start, rows_per_chunk)]
-        token_lp = hidden.new_empty(mine.stop - mine.start, dtype=acc)
-        lse = hidden.new_empty(mine.stop - mine.start, 1, 2, dtype=acc)
-        for piece in pieces:  # none: nothing scored in these prompts, S = 0
-            logits = _linear_into(buffer, scored.x[piece], weight, bias).unsqueeze(1)
-            local = slice(piece.start - mine.start, piece.stop - mine.start)
-            token_lp[local], _, lse[local] = _kernels.seq_logprobs_fwd(logits, scored.labels[piece], p.ignore_index)
-        if pieces:
-            S[rows] = scored.sequence_sums(token_lp, rows, mine)
-        ell[p0:p1], dell_dS = _prompt_loss(S, L, p, slice(p0, p1))
+        prompts, sequences, rows = slice(p0, p1), slice(p0 * K, p1 * K), slice(offsets[p0], offsets[p1])
+        scored_here = rows.stop > rows.start  # else nothing is scored in these prompts: S = 0, no gradient
+        if scored_here:
+            logits = _linear_into(buffer, scored.x[rows], weight, bias).unsqueeze(1)
+            token_lp, _, lse = _kernels.seq_logprobs_fwd(logits, scored.labels[rows], p.ignore_index)
+            S[sequences] = scored.sequence_sums(token_lp, sequences, rows)
+        ell[prompts], dell_dS = _prompt_loss(S, L, p, prompts)
         if not grads.wanted:
             continue
         _, _, grad_now = _robust_reduce(ell[:p1], p.call.h_tilde[:p1], p, global_batch=False)
@@ -330,17 +321,13 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
             low = unit < floor
             grads.rescale_(torch.where(low, unit, torch.ones_like(unit)))  # 1: rescale_ leaves them untouched
             unit = torch.where(low, torch.ones_like(unit), unit)
-        top = grad_now[p0:p1].argmax().view(1) + p0
+        top = grad_now[prompts].argmax().view(1) + p0
         tops.append(top)
         thens.append(grad_now.index_select(0, top) / unit)
-        gS = (grad_now[p0:p1] / unit).repeat_interleave(K) * dell_dS  # dz is formed divided by the unit
-        gS_rows = gS.index_select(0, scored.index[mine] // T - rows.start)
-        for i, piece in enumerate(reversed(pieces)):  # the buffer still holds the last piece's logits
-            if i > 0:
-                logits = _linear_into(buffer, scored.x[piece], weight, bias).unsqueeze(1)
-            local = slice(piece.start - mine.start, piece.stop - mine.start)
-            grads.add_chunk(logits, scored.labels[piece], lse[local], gS_rows[local], p.ignore_index,
-                            scored.x[piece], weight, piece)
+        if scored_here:
+            gS = (grad_now[prompts] / unit).repeat_interleave(K) * dell_dS  # dz is formed divided by the unit
+            gS_rows = gS.index_select(0, scored.index[rows] // T - sequences.start)
+            grads.add_chunk(logits, gS_rows, lse, p.ignore_index, weight, scored, rows)
         grad_seen = grad_now
 
     loss, weights, grad_final = _robust_reduce(ell, p.call.h_tilde, p, global_batch=True)
@@ -351,21 +338,19 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         final = grad_final.index_select(0, torch.cat(tops))
         # then = 0: the chunk's weights underflowed against earlier prompts; its gradient is already 0.
         chunk_scale = torch.where(then > 0, final / then, torch.zeros_like(then))
-        prompt_scale = chunk_scale.new_empty(B)
+        scales.prompts = chunk_scale.new_empty(B)
         for c, (p0, p1) in enumerate(chunks):
-            prompt_scale[p0:p1] = chunk_scale[c]  # on the device: no host synchronisation
-        scales.rows = prompt_scale.index_select(0, scored.index // (K * T))
-    return DoRAOutput(loss, ell, S, L, weights), grads, scales, scored
+            scales.prompts[p0:p1] = chunk_scale[c]  # on the device: no host synchronisation
+    return DoRAOutput(loss, ell, S, L, weights), grads, scales
 
 
 def _single_pass_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
     """The summed NLL −Σ S, the statistics and the gradients in one pass over token chunks (``_token_pass``):
     3 GEMMs per chunk. No token's gradient depends on another's, so nothing is rescaled."""
-    scored = _ScoredRows.of(hidden, p.labels, p.ignore_index)
-    grads = _Gradients.allocate(scored, weight, p.needs_grad)
-    S, _ = _token_pass(scored, weight, bias, p.ignore_index, p.chunk_bytes, grads)
-    L = _lengths(p.labels, p.ignore_index, S.dtype)
-    return NLLOutput(-S.sum(), S, L), grads, _GradScales(params=1.0), scored
+    scored, _ = _ScoredRows.of(hidden, p.labels, p.ignore_index)
+    grads = _Gradients.allocate(hidden, weight, p.needs_grad)
+    S, _ = _token_pass(scored, hidden.shape[0], weight, bias, p.ignore_index, p.chunk_bytes, grads)
+    return NLLOutput(-S.sum(), S, _lengths(p.labels, p.ignore_index, S.dtype)), grads, _GradScales(params=1.0)
 
 
 @dataclass
@@ -373,7 +358,7 @@ class _GradScales:
     """What turns single_pass's accumulated gradients into those of the final loss (applied in backward)."""
 
     params: torch.Tensor | float = 0.0  # weight and bias (a 0-dim tensor on the inputs' device)
-    rows: torch.Tensor | None = None  # (n,) d hidden of each scored row; None: 1 for every row
+    prompts: torch.Tensor | None = None  # (B,) d hidden of each prompt's rows; None: 1 for every row
 
 
 class _SinglePass(torch.autograd.Function):
@@ -382,9 +367,9 @@ class _SinglePass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, run, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
-        stats, grads, scales, scored = run(hidden, weight, bias, p)
-        ctx.grads, ctx.scales, ctx.scored = grads, scales, scored
-        ctx.param_dtype = weight.dtype
+        stats, grads, scales = run(hidden, weight, bias, p)
+        ctx.grads, ctx.scales = grads, scales
+        ctx.shape, ctx.param_dtype = hidden.shape, weight.dtype
         ctx.mark_non_differentiable(*stats[1:])
         return tuple(stats)
 
@@ -395,17 +380,17 @@ class _SinglePass(torch.autograd.Function):
                 "mode='single_pass' forms its gradients once and cannot be backpropagated twice (retain_graph); "
                 "use mode='recompute'"
             )
-        grads, scales, scored = ctx.grads, ctx.scales, ctx.scored
-        ctx.grads = ctx.scored = None
+        grads, scales = ctx.grads, ctx.scales
+        ctx.grads = None
         if grads.hidden is not None:
-            if scales.rows is None:
+            if scales.prompts is None:
                 grads.hidden.mul_(grad_loss)
             else:
-                grads.hidden.mul_((scales.rows * grad_loss)[:, None])
+                grads.hidden.view(scales.prompts.numel(), -1).mul_((scales.prompts * grad_loss)[:, None])
         for accumulator in (grads.weight, grads.bias):
             if accumulator is not None:
                 accumulator.mul_(grad_loss * scales.params)
-        return None, *grads.returned(scored, ctx.param_dtype), None
+        return None, *grads.returned(ctx.shape, ctx.param_dtype), None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -419,29 +404,27 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_bytes: int):
-        scored = _ScoredRows.of(hidden, labels, ignore_index)
-        S, lse = _token_pass(scored, weight, bias, ignore_index, chunk_bytes, None)
+        scored, _ = _ScoredRows.of(hidden, labels, ignore_index)
+        S, lse = _token_pass(scored, hidden.shape[0], weight, bias, ignore_index, chunk_bytes, None)
         L = _lengths(labels, ignore_index, S.dtype)
-        ctx.save_for_backward(weight, bias, lse)
-        ctx.scored, ctx.ignore_index, ctx.chunk_bytes = scored, ignore_index, chunk_bytes
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, scored.index)
+        ctx.ignore_index, ctx.chunk_bytes = ignore_index, chunk_bytes
         ctx.mark_non_differentiable(L)
         return S, L
 
     @staticmethod
     def backward(ctx, grad_S: torch.Tensor, _grad_L):
-        weight, bias, lse = ctx.saved_tensors
-        scored = ctx.scored
-        n, T = scored.x.shape[0], scored.shape[1]
-        grad_rows = grad_S.to(lse.dtype).index_select(0, scored.index // T)
-        grads = _Gradients.allocate(scored, weight, ctx.needs_input_grad[:3])
-        per_chunk = tokens_per_chunk(ctx.chunk_bytes, weight.shape[0], scored.x.element_size())
-        buffer = scored.x.new_empty(min(n, per_chunk), weight.shape[0])
+        hidden, weight, bias, labels, lse, index = ctx.saved_tensors
+        scored = _ScoredRows.at(index, hidden, labels)
+        n = index.shape[0]
+        grad_rows = grad_S.to(lse.dtype).index_select(0, index // scored.T)
+        grads = _Gradients.allocate(hidden, weight, ctx.needs_input_grad[:3])
+        per_chunk = tokens_per_chunk(ctx.chunk_bytes, weight.shape[0], hidden.element_size())
+        buffer = hidden.new_empty(min(n, per_chunk), weight.shape[0])
         for t0, t1 in spans(n, per_chunk):
-            x = scored.x[t0:t1]
-            logits = _linear_into(buffer, x, weight, bias).unsqueeze(1)
-            grads.add_chunk(logits, scored.labels[t0:t1], lse[t0:t1], grad_rows[t0:t1], ctx.ignore_index, x,
-                            weight, slice(t0, t1))
-        return *grads.returned(scored, weight.dtype), None, None, None
+            logits = _linear_into(buffer, scored.x[t0:t1], weight, bias).unsqueeze(1)
+            grads.add_chunk(logits, grad_rows[t0:t1], lse[t0:t1], ctx.ignore_index, weight, scored, slice(t0, t1))
+        return *grads.returned(hidden.shape, weight.dtype), None, None, None
 
 
 # --------------------------------------------------------------------------------------------------

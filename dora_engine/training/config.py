@@ -240,8 +240,8 @@ class TrainConfig:
     fused_linear_mode: str = field(
         default="single_pass",
         metadata={"help": "Fused-linear schedule of both stages (alignment's loss, SFT's NLL): `single_pass`: 3 "
-                          "GEMMs per chunk, the gradients formed in forward (4 for a prompt larger than a chunk); `recompute`: "
-                          "4 GEMMs, least memory. Either way only tokens with a label take logits."},
+                          "GEMMs per chunk of whole prompts, the gradients formed in forward; `recompute`: 4 GEMMs, "
+                          "least memory. Either way only tokens with a label take logits."},
     )
     chunk_bytes: int | None = field(
         default=None,
