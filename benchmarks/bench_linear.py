@@ -104,13 +104,13 @@ def make_inputs(p: Point) -> dict:
 def _gemms(x: dict, p: Point, count: int) -> None:
     """The GEMMs of the fused-linear loss on single_pass's chunks (whole prompts' scored rows), without
     anything else."""
-    from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES, group_spans, tokens_per_chunk
+    from dora_engine.ops.chunking import default_chunk_bytes, group_spans, tokens_per_chunk
 
     hidden, weight = x["hidden"].detach(), x["weight"].detach()
     scored = (x["labels"] != IGNORE_INDEX).reshape(-1)
     rows = hidden.reshape(-1, p.H)[scored]
     counts = scored.view(-1, p.K * p.T).sum(dim=1).tolist()
-    budget = p.chunk_bytes or DEFAULT_CHUNK_BYTES[p.device]
+    budget = p.chunk_bytes or default_chunk_bytes(p.device, p.V, hidden.element_size())
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
     grad_rows = torch.empty_like(rows)
     starts = [0, *itertools.accumulate(counts)]

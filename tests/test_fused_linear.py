@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from dora_engine import ops
 from dora_engine.losses import LOSSES, STRATEGIES
 from dora_engine.ops import fused_linear
-from dora_engine.ops.chunking import group_spans
+from dora_engine.ops.chunking import default_chunk_bytes, group_spans
 
 dora_loss_linear = partial(ops.dora_loss_linear, backend="fused")
 sequence_logprobs_linear = partial(ops.sequence_logprobs_linear, backend="fused")
@@ -154,6 +154,20 @@ def test_nothing_scored_at_all(mode):
     got = run(dora_loss_linear, hidden, weight, bias, labels, mode=mode, **args)
     assert_same(*got, *want, rtol=1e-6, atol=1e-6)
     assert not got[1][0].any() and not got[1][1].any()
+
+
+def test_default_chunk_holds_at_least_512_rows(monkeypatch):
+    """With chunk_bytes None on CPU: 64 MiB, but never fewer than 512 rows of logits (here 64 MiB holds 419)."""
+    assert default_chunk_bytes("cpu", 1000, 4) == 64 << 20
+    assert default_chunk_bytes("cpu", 40_000, 4) == 512 * 40_000 * 4
+    assert default_chunk_bytes("cuda", 40_000, 2) == 256 << 20
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 400, 8, generator=g, requires_grad=True)
+    weight = torch.randn(40_000, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 40_000, (2, 400), generator=g)
+    counter = RowCounter(monkeypatch)
+    ops.nll_linear(hidden, weight, labels, backend="fused").loss.backward()
+    assert counter.rows == [512, 288]
 
 
 def test_group_spans_pack_whole_groups():

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from dora_engine.losses import ResolvedObjective, RobustObjective, objective_of
 from dora_engine.ops import reference
 from dora_engine.ops.builder import OpLoadError, check_kernels_for
-from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
+from dora_engine.ops.chunking import default_chunk_bytes
 from dora_engine.ops.distributed import gather_uneven
 from dora_engine.ops.output import DoRAOutput, NLLOutput
 from dora_engine.ops.validation import (
@@ -116,7 +116,9 @@ def _check_linear_call(
     """The checks of every ``*_linear`` function's tensors; returns the bytes of one chunk's logits."""
     check_linear_inputs(hidden, weight, bias)
     check_labels(labels, hidden.shape[:2], weight.shape[0], hidden.device, ignore_index, validate)
-    return check_chunk_bytes(chunk_bytes, hidden.device, DEFAULT_CHUNK_BYTES)
+    return check_chunk_bytes(
+        chunk_bytes, default_chunk_bytes(hidden.device.type, weight.shape[0], hidden.element_size())
+    )
 
 
 def shift_labels(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -182,7 +184,7 @@ def sequence_logprobs_linear(
         hidden: (N, T, H) float; weight: (V, H) and bias: (V,) or None of the same dtype and device.
             All three are differentiable; the backward recomputes each chunk's logits.
         labels: (N, T) int64 aligned with the logits, in [0, V) or ``ignore_index``.
-        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device);
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.default_chunk_bytes``);
             a chunk holds at least one token's V logits. On the fused backend only the rows with a label
             take logits.
         ignore_index, backend, validate: as in ``sequence_logprobs``.
@@ -218,7 +220,7 @@ def nll_linear(
         mode: ``"single_pass"`` (3 GEMMs per chunk of tokens, the gradients formed in forward and scaled by
             grad_output in backward; backward once only) or ``"recompute"`` (``sequence_logprobs_linear``'s
             4 GEMMs, least memory). Both give the same values.
-        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device);
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.default_chunk_bytes``);
             a chunk holds at least one token's V logits.
 
     Returns:
@@ -350,7 +352,7 @@ def dora_loss_linear(
             holds at least one prompt's scored rows, K·T·V logits at most; backward once only) or
             ``"recompute"`` (4 GEMMs, token chunks, least memory). Both give the same values; the reference
             backend computes the same (``recompute`` by activation checkpointing).
-        chunk_bytes: bytes of one chunk's logits (default: ``chunking.DEFAULT_CHUNK_BYTES`` for the device); a
+        chunk_bytes: bytes of one chunk's logits (default: ``chunking.default_chunk_bytes``); a
             chunk holds at least one token's V logits. On the fused backend only the rows with a label (not
             ``ignore_index``) take logits: a prompt's tokens and padding cost no GEMM.
 

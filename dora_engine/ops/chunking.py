@@ -6,8 +6,18 @@ backend chunks all N·T rows (``prompts_per_chunk``, ``tokens_per_chunk``): its 
 
 from __future__ import annotations
 
-#: Bytes of one chunk's logits when ``chunk_bytes`` is None, by device type.
+#: Bytes of one chunk's logits when ``chunk_bytes`` is None, by device type (at least ``MIN_DEFAULT_ROWS`` rows).
 DEFAULT_CHUNK_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}
+#: Fewest logits rows of a default chunk: at a large vocabulary a short chunk makes short, slower GEMMs (on
+#: CPU, 130-row chunks at V = 128256 made SFT's head 15 % slower than 512-row ones; benchmarks/RESULTS.md).
+MIN_DEFAULT_ROWS = 512
+
+
+def default_chunk_bytes(device_type: str, vocab: int, element_size: int) -> int:
+    """The chunk size when ``chunk_bytes`` is None: the device's ``DEFAULT_CHUNK_BYTES`` (CUDA's for other
+    devices), or ``MIN_DEFAULT_ROWS`` rows of ``vocab`` logits when that is more."""
+    device_default = DEFAULT_CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES["cuda"])
+    return max(device_default, MIN_DEFAULT_ROWS * vocab * element_size)
 
 
 def tokens_per_chunk(chunk_bytes: int, vocab: int, element_size: int) -> int:

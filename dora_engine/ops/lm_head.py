@@ -93,7 +93,7 @@ class LossHeadSettings:
     mode: str = "single_pass"
     """``single_pass`` (3 GEMMs) or ``recompute`` (4 GEMMs, least memory), for the loss and the NLL."""
     chunk_bytes: int | None = None
-    """Bytes of one chunk of logits; None: the device's ``ops.chunking.DEFAULT_CHUNK_BYTES``."""
+    """Bytes of one chunk of logits; None: ``ops.chunking.default_chunk_bytes``."""
     backend: str = "auto"
     """``auto``, ``fused`` or ``reference``."""
     validate: bool = True

@@ -176,10 +176,10 @@ def check_response_limit(num_responses: int, limit: int | None) -> None:
         )
 
 
-def check_chunk_bytes(chunk_bytes: int | None, device: torch.device, defaults: dict[str, int]) -> int:
-    """The chunk size in bytes: ``chunk_bytes``, or the device's default when None."""
+def check_chunk_bytes(chunk_bytes: int | None, default: int) -> int:
+    """The chunk size in bytes: ``chunk_bytes``, or ``default`` when None."""
     if chunk_bytes is None:
-        return defaults.get(device.type, defaults["cuda"])
+        return default
     if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be a positive integer (bytes of one chunk's logits), got {chunk_bytes!r}")
     return chunk_bytes

@@ -35,7 +35,7 @@ from dora_engine.losses import (
     resolve_params,
 )
 from dora_engine.ops import FUSED_LINEAR_MODES, OP_BACKENDS
-from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES
+from dora_engine.ops.chunking import DEFAULT_CHUNK_BYTES, MIN_DEFAULT_ROWS
 from dora_engine.ops.lm_head import LOSS_PATHS
 
 DATA_SUFFIXES = (".jsonl", ".json", ".gz", ".parquet", ".arrow", ".csv")
@@ -247,7 +247,7 @@ class TrainConfig:
         default=None,
         metadata={"help": "Bytes of one chunk of logits on the fused-linear path; null: "
                           f"{DEFAULT_CHUNK_BYTES['cuda'] >> 20} MiB on a GPU, {DEFAULT_CHUNK_BYTES['cpu'] >> 20} MiB "
-                          "on CPU."},
+                          f"on CPU, and at least {MIN_DEFAULT_ROWS} rows of logits."},
     )
     max_consecutive_skips: int = field(
         default=5,
