@@ -26,7 +26,7 @@ process group is given (the per-prompt local gradients are exact, only the strat
 world size because DeepSpeed averages gradients. Forward forms every gradient; backward only scales them by
 grad_output.
 
-``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the per-token log-sum-exp, chunked in
+``mode="recompute"`` (4 GEMMs, least memory): forward keeps only the scored rows' log-sum-exp, chunked in
 tokens (down to one token); backward recomputes each chunk's logits.
 
 ``nll_linear(mode="single_pass")`` (the summed NLL −Σ S of SFT, 3 GEMMs): the token chunks of ``recompute``'s
