@@ -12,7 +12,7 @@ Library API (the ``dora-engine calibrate`` command is a thin layer over it):
     the prompts are dealt into ``settings.folds`` folds and each classifier is trained once per fold on the
     other folds (or reused from ``output_dir/classifiers``); writes ``output_dir/calibration.json``.
 
-``score(records, calibration, *, beta="uniform", ratio_power=0.5, batch_size=None, device=None) -> list[Record]``
+``score(records, calibration, *, beta="uniform", ratio_power=0.25, batch_size=None, device=None) -> list[Record]``
     Copies of ``records`` with ``h_tilde`` set, each response's c in ``meta["calibration_c"]`` and the fold
     that scored the prompt in ``meta["calibration_fold"]``: a training prompt is scored by the classifiers of
     its fold (out of fold), any other prompt by every fold's, log-odds averaged. ``beta="source_fraction"``

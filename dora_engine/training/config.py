@@ -241,7 +241,7 @@ class TrainConfig:
         default="single_pass",
         metadata={"help": "Fused-linear schedule of both stages (alignment's loss, SFT's NLL): `single_pass`: 3 "
                           "GEMMs per chunk of whole prompts, the gradients formed in forward; `recompute`: 4 GEMMs, "
-                          "least memory. Either way only tokens with a label take logits."},
+                          "least memory. On the fused backend only tokens with a label take logits."},
     )
     chunk_bytes: int | None = field(
         default=None,
