@@ -127,9 +127,12 @@ def test_sigterm_on_two_ranks_saves_and_resume_continues_identically(toy):
     assert "stopped on SIGTERM" in (root / "log2a").read_text()
     assert 2 <= stopped < STEPS
     assert f"resumed from {root / 'run2' / 'checkpoints' / f'step_{stopped:08d}'}" in (root / "log2b").read_text()
+    # run1 is another path (one rank, logits, the reference op): fp32 rounding differences of 1e-8 at step 1
+    # grow to about 2e-4 by step 5 on this toy's steep steps; a resume that lost the optimizer's states or the
+    # schedule's step moves the loss by percents.
     expected, got = losses(root / "run1"), losses(root / "run2")
     for step in range(stopped + 1, STEPS + 1):
-        assert got[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-6), step
+        assert got[step] == pytest.approx(expected[step], rel=1e-3, abs=1e-6), step
 
 
 def test_reference_pass_sharded_over_two_ranks_equals_one_rank(toy):
