@@ -154,15 +154,16 @@ class _ScoredRows:
 
     @classmethod
     def of(cls, hidden: torch.Tensor, labels: torch.Tensor, ignore_index: int, group: int = 1
-           ) -> tuple[_ScoredRows, list[int]]:
-        """The scored rows and their number in each group of ``group`` consecutive sequences: the call's
-        one host synchronisation (the counts size the chunks)."""
+           ) -> tuple[_ScoredRows, torch.Tensor, list[int]]:
+        """The scored rows, L (N,) the number in each sequence (on the device), and their number in each
+        group of ``group`` consecutive sequences: the call's one host synchronisation (it sizes the chunks)."""
         N, T, H = hidden.shape
         mask = (labels != ignore_index).reshape(-1)
-        counts = mask.view(N // group, group * T).sum(dim=1).tolist()
+        lengths = mask.view(N, T).sum(dim=1)
+        counts = lengths.view(N // group, group).sum(dim=1).tolist()
         # A stable sort puts the scored rows first, in order, without a second synchronisation (nonzero's).
         index = torch.argsort((~mask).to(torch.uint8), stable=True)[: sum(counts)]
-        return cls.at(index, hidden, labels), counts
+        return cls.at(index, hidden, labels), lengths, counts
 
     @classmethod
     def at(cls, index: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> _ScoredRows:
@@ -261,11 +262,6 @@ def _token_pass(
     return scored.sequence_sums(token_lp, slice(0, N), slice(0, n)), lse
 
 
-def _lengths(labels: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
-    """L (N,): the scored tokens of each sequence, in ``dtype``."""
-    return (labels != ignore_index).sum(dim=1).to(dtype)
-
-
 def _common_ratio(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
     """new[i]/old[i] at the largest old[i]: the factor relating two proportional gradient vectors, as a 0-dim
     tensor on their device (no host synchronisation)."""
@@ -290,10 +286,10 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     N, T, H = hidden.shape
     K, B = p.call.num_responses, p.call.num_prompts
     acc = accumulation_dtype(hidden.dtype)
-    scored, counts = _ScoredRows.of(hidden, p.labels, p.ignore_index, group=K)
+    scored, lengths, counts = _ScoredRows.of(hidden, p.labels, p.ignore_index, group=K)
     grads = _Gradients.allocate(hidden, weight, p.needs_grad)
     S = hidden.new_zeros(N, dtype=acc)
-    L = _lengths(p.labels, p.ignore_index, acc)
+    L = lengths.to(acc)
     ell = hidden.new_empty(B, dtype=acc)
 
     chunks = group_spans(counts, tokens_per_chunk(p.chunk_bytes, weight.shape[0], hidden.element_size()))
@@ -347,10 +343,10 @@ def _single_pass(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 def _single_pass_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, p: _LossInputs):
     """The summed NLL −Σ S, the statistics and the gradients in one pass over token chunks (``_token_pass``):
     3 GEMMs per chunk. No token's gradient depends on another's, so nothing is rescaled."""
-    scored, _ = _ScoredRows.of(hidden, p.labels, p.ignore_index)
+    scored, lengths, _ = _ScoredRows.of(hidden, p.labels, p.ignore_index)
     grads = _Gradients.allocate(hidden, weight, p.needs_grad)
     S, _ = _token_pass(scored, hidden.shape[0], weight, bias, p.ignore_index, p.chunk_bytes, grads)
-    return NLLOutput(-S.sum(), S, _lengths(p.labels, p.ignore_index, S.dtype)), grads, _GradScales(params=1.0)
+    return NLLOutput(-S.sum(), S, lengths.to(S.dtype)), grads, _GradScales(params=1.0)
 
 
 @dataclass
@@ -404,9 +400,9 @@ class _LinearSequenceLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, ignore_index: int, chunk_bytes: int):
-        scored, _ = _ScoredRows.of(hidden, labels, ignore_index)
+        scored, lengths, _ = _ScoredRows.of(hidden, labels, ignore_index)
         S, lse = _token_pass(scored, hidden.shape[0], weight, bias, ignore_index, chunk_bytes, None)
-        L = _lengths(labels, ignore_index, S.dtype)
+        L = lengths.to(S.dtype)
         ctx.save_for_backward(hidden, weight, bias, labels, lse, scored.index)
         ctx.ignore_index, ctx.chunk_bytes = ignore_index, chunk_bytes
         ctx.mark_non_differentiable(L)
