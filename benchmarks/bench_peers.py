@@ -61,6 +61,10 @@ Full run (the machine should be otherwise idle; writes benchmarks/results/peers_
     python benchmarks/bench_peers.py --vocab 128256 --results   # and the section in benchmarks/RESULTS.md
 Quick (CI; tiny model, one round, prints the table, writes JSON only with --out):
     python benchmarks/bench_peers.py --quick [--out DIR]
+Where each variant's memory goes (each variant once, no timings; writes peers_trace_v<V>.json): the allocations
+of at least 32 MiB of its last step, with the operators and the code (ours, DeepSpeed's, TRL's, torch's
+collectives) that made them (``memory_trace.py``):
+    python benchmarks/bench_peers.py --vocab 128256 --steps 2 --trace 32
 """
 
 from __future__ import annotations
@@ -194,12 +198,17 @@ def life_peak_bytes() -> int:
 
 
 class StepClock:
-    """Times the steps and measures the step phase's memory: ``begin_phase`` before the first step."""
+    """Times the steps and measures the step phase's memory: ``begin_phase`` before the first step. With
+    ``trace_mib`` it also traces the last of ``steps`` steps: its allocations of at least that many MiB and the
+    code that made them (``memory_trace.AllocationTrace``; the profiler slows that step)."""
 
-    def __init__(self) -> None:
+    def __init__(self, steps: int, trace_mib: float | None = None) -> None:
         self.times: list[float] = []
         self.base = 0
         self._start = 0.0
+        self._steps = steps
+        self._trace_mib = trace_mib
+        self._trace = None
 
     def begin_phase(self, model=None) -> None:
         """Take the base and reset the high-water mark; ``model``'s weights are read first, so that pages of
@@ -212,14 +221,24 @@ class StepClock:
         reset_peak()
 
     def start(self) -> None:
+        if self._trace_mib is not None and len(self.times) == self._steps - 1:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from memory_trace import AllocationTrace
+
+            self._trace = AllocationTrace()
+            self._trace.start()
         self._start = time.perf_counter()
 
     def stop(self) -> None:
         self.times.append(time.perf_counter() - self._start)
+        if self._trace is not None and len(self.times) == self._steps:
+            self._trace.stop()
 
     def result(self, loss1: float, tokens_per_step: int) -> dict:
+        allocations = None if self._trace is None else self._trace.allocations(int(self._trace_mib * 2**20))
         return {"step_times": self.times, "loss1": loss1, "tokens_per_step": tokens_per_step,
-                "base_bytes": self.base, "step_peak_bytes": hwm_bytes(), "peak_bytes": life_peak_bytes()}
+                "base_bytes": self.base, "step_peak_bytes": hwm_bytes(), "peak_bytes": life_peak_bytes(),
+                "allocations": allocations}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,7 +332,7 @@ def liger_dpo_trainer():
     return LigerDPOTrainer
 
 
-def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
+def trl_worker(variant: str, s: Setup, out_dir: Path, clock: StepClock) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -330,7 +349,6 @@ def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
 
         TrainerClass = liger_dpo_trainer() if variant == "trl_liger_dpo" else DPOTrainer
         own = {"loss_type": ["sigmoid"]}
-    clock = StepClock()
     losses: list[float] = []
 
     class Clock(TrainerCallback):
@@ -374,13 +392,12 @@ def trl_worker(variant: str, s: Setup, out_dir: Path) -> dict:
     return clock.result(losses[0], round(trainer._total_train_tokens / s.steps))
 
 
-def ours_worker(variant: str, s: Setup, out_dir: Path) -> dict:
+def ours_worker(variant: str, s: Setup, out_dir: Path, clock: StepClock) -> dict:
     from dora_engine.training.config import load_config
     from dora_engine.training.engine import Trainer
 
     cfg = load_config(Path(s.work) / f"{variant}.yaml", [f"output_dir={out_dir}"])
     trainer = Trainer.from_config(cfg, progress=False)
-    clock = StepClock()
     clock.begin_phase()
     first: dict = {}
     for step in range(s.steps):
@@ -443,12 +460,13 @@ def gemm_worker(s: Setup) -> dict:
     return {"floor_s": min(times)}
 
 
-def worker(variant: str, s: Setup, out_dir: Path) -> dict:
+def worker(variant: str, s: Setup, out_dir: Path, trace_mib: float | None = None) -> dict:
     if variant == FLOOR:
         return gemm_worker(s)
+    clock = StepClock(s.steps, trace_mib)
     if variant.startswith("ours"):
-        return ours_worker(variant, s, out_dir)
-    return trl_worker(variant, s, out_dir)
+        return ours_worker(variant, s, out_dir, clock)
+    return trl_worker(variant, s, out_dir, clock)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,12 +474,12 @@ def worker(variant: str, s: Setup, out_dir: Path) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def run_once(variant: str, s: Setup, out_dir: Path, timeout: float) -> dict:
+def run_once(variant: str, s: Setup, out_dir: Path, timeout: float, trace_mib: float | None = None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE")}
     env.update(HF_HUB_OFFLINE="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])]))
     cmd = [sys.executable, __file__, "--worker", variant, "--setup", json.dumps(asdict(s)), "--worker-out",
-           str(out_dir)]
+           str(out_dir), *([] if trace_mib is None else ["--trace", str(trace_mib)])]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -563,6 +581,38 @@ def bench(s: Setup, variants: list[str], rounds: int, warmup: int, timeout: floa
     return summarise(s, runs, warmup, skipped)
 
 
+def trace(s: Setup, variants: list[str], trace_mib: float, timeout: float) -> dict:
+    """Each variant once, its last step traced: its allocations of at least ``trace_mib`` MiB (``memory_trace``)."""
+    Path(s.work).mkdir(parents=True, exist_ok=True)
+    prepare(s)
+    traced: dict[str, dict] = {}
+    for variant in variants:
+        if (reason := skip_reason(variant)) is not None:
+            traced[variant] = {"skipped": reason}
+            continue
+        r = run_once(variant, s, Path(s.work) / "runs" / f"{variant}-trace", timeout, trace_mib)
+        traced[variant] = {"base_mib": r["base_bytes"] / 2**20, "step_peak_mib": r["step_peak_bytes"] / 2**20,
+                           "peak_mib": r["peak_bytes"] / 2**20, "allocations": r["allocations"]}
+    return {"setup": asdict(replace(s, work="")), "trace_mib": trace_mib, "traced_step": s.steps,
+            "machine": machine(), "variants": traced}
+
+
+def trace_text(result: dict) -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_trace import format_allocations
+
+    s = Setup(**{**result["setup"], "work": ""})
+    lines = [f"V = {s.vocab}: allocations of at least {result['trace_mib']:g} MiB in step {result['traced_step']} "
+             f"(in time order; frees not shown)"]
+    for variant, r in result["variants"].items():
+        if "skipped" in r:
+            lines += ["", f"{variant}: skipped: {r['skipped']}"]
+            continue
+        lines += ["", f"{variant}: base {r['base_mib']:.0f} MiB, step peak {r['step_peak_mib']:.0f} MiB, "
+                      f"peak {r['peak_mib']:.0f} MiB", "", format_allocations(r["allocations"])]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
@@ -581,15 +631,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="folder of the results JSON, peers_v<V>.json (default: benchmarks/results; "
                                       "--quick: none)")
     parser.add_argument("--results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
+    parser.add_argument("--trace", type=float, metavar="MIB",
+                        help="instead of timing: run each variant once and list the allocations of at least MIB "
+                             "MiB in its last step, with the code that made them (writes peers_trace_v<V>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, Setup(**json.loads(args.setup)), Path(args.worker_out))))
+        print(json.dumps(worker(args.worker, Setup(**json.loads(args.setup)), Path(args.worker_out), args.trace)))
         return 0
     if args.quick:
         args.vocab, args.hidden, args.layers, args.seq, args.steps, args.rounds = [512], 64, 2, 32, 3, 1
+    if args.trace is not None and args.results:
+        parser.error("--trace lists allocations; --results writes the timing tables: run them apart")
+    if args.trace is not None and args.steps < 2:
+        parser.error("--trace traces the last step, which must not be the first (memory_trace.py): --steps 2 or more")
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     from dora_engine.atomic import atomic_write
@@ -600,11 +657,18 @@ def main(argv: list[str] | None = None) -> int:
             s = Setup(str(Path(tmp) / f"v{vocab}"), vocab, args.hidden, args.layers, args.seq, args.prompts,
                       args.steps, args.lr)
             print(f"V = {vocab}", flush=True)
+            out_dir = args.out or (None if args.quick else ROOT / "benchmarks" / "results")
+            if args.trace is not None:
+                result = trace(s, args.variants, args.trace, args.timeout)
+                print(trace_text(result), flush=True)
+                if out_dir is not None:
+                    with atomic_write(Path(out_dir) / f"peers_trace_v{vocab}.json") as handle:
+                        json.dump(result, handle, indent=1)
+                continue
             summary = bench(s, args.variants, args.rounds, args.warmup, args.timeout)
             text = table(summary, args.rounds, args.warmup)
             print(text, flush=True)
             sections.append(text)
-            out_dir = args.out or (None if args.quick else ROOT / "benchmarks" / "results")
             if out_dir is not None:
                 out = Path(out_dir) / f"peers_v{vocab}.json"
                 summary["setup"] = asdict(replace(s, work=""))
