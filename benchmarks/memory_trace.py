@@ -5,7 +5,9 @@
 with its size, the operators that made it (innermost first, e.g. ``aten::clone ← c10d::_reduce_scatter_base_``)
 and the innermost Python frame outside torch (e.g. ``deepspeed/runtime/zero/stage3.py(2418):
 get_grad_norm_direct``): which library's code asked for the memory. Frees are not listed: the profiler does not
-tie a free to its allocation, so the list says what was allocated, not what was alive at the peak.
+tie a free to its allocation, so the list says what was allocated, not what was alive at the peak. Memory events
+outside any operator are left out too: that is how the profiler reports freeing a block allocated before
+``start()``, with a size it does not know.
 
 Trace code that has run once before: torch's profiler (2.13) records the names of Python frames by reference,
 and a frame of code freed before ``stop()`` (imports and one-time setup on a first call) fails to decode
@@ -55,7 +57,9 @@ class AllocationTrace:
             for device, size in (("cpu", event.self_cpu_memory_usage), ("cuda", _device_memory(event))):
                 if size >= min_bytes:
                     operators, frame = _origin(event)
-                    found.append({"MiB": size / 2**20, "device": device, "operators": operators, "made_in": frame})
+                    if operators:
+                        found.append({"MiB": size / 2**20, "device": device, "operators": operators,
+                                      "made_in": frame})
         return found
 
 
