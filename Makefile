@@ -10,8 +10,11 @@ install:
 lint:
 	$(PYTHON) -m ruff check .
 
+# Two workers, each taking whole test files (so a file's module fixtures run once): most of the suite's time is
+# spent waiting on launched processes (ranks, launchers, imports), which two workers overlap on two cores.
+PYTEST_WORKERS ?= 2
 pytest:
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # Rewrites launch/README.md's tables of config keys from the fields' help in dora_engine/training/config.py
 # and dora_engine/iterate/config.py.

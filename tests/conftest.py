@@ -21,7 +21,10 @@ SHARED_MEMORY = Path("/dev/shm")
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """DeepSpeed's CPU all-reduce keeps a buffer per rank in /dev/shm (~70 MB each) that a rank killed on
     purpose (the fault tests) never unlinks: remove those that this session's runs created, all finished now,
-    so that repeated test runs do not fill the machine's memory. A buffer some live process maps stays."""
+    so that repeated test runs do not fill the machine's memory. A buffer some live process maps stays. Under
+    pytest-xdist (``make test``) only the controlling process cleans, once every worker has finished."""
+    if hasattr(session.config, "workerinput"):
+        return
     mapped = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
