@@ -12,6 +12,7 @@ lint:
 
 # Two workers, each taking whole test files (so a file's module fixtures run once): most of the suite's time is
 # spent waiting on launched processes (ranks, launchers, imports), which two workers overlap on two cores.
+# PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= 2
 pytest:
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) --dist loadfile

@@ -86,6 +86,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "benchmarks") not in sys.path:  # bench_train's and memory_trace's functions, imported where used
+    sys.path.insert(0, str(ROOT / "benchmarks"))
 VARIANTS = ("trl_dpo", "trl_liger_dpo", "adapter_erm", "adapter_dora", "ours_dpo_erm", "ours_dpo_pl_dora", "ours_sft")
 FLOOR = "gemm_floor"
 #: The loss each variant computes: variants of one group must agree on the step-1 loss.
@@ -130,10 +132,8 @@ def prepare(s: Setup) -> None:
     (prompt / chosen / rejected / h_tilde, the same texts), and the YAML configs of our variants."""
     import torch
     import yaml
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_train import build_model, write_data
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = Path(s.work)
     build_model(work / "reference", s.vocab, s.hidden, s.layers)
@@ -222,7 +222,6 @@ class StepClock:
 
     def start(self) -> None:
         if self._trace_mib is not None and len(self.times) == self._steps - 1:
-            sys.path.insert(0, str(ROOT / "benchmarks"))
             from memory_trace import AllocationTrace
 
             self._trace = AllocationTrace()
@@ -235,10 +234,11 @@ class StepClock:
             self._trace.stop()
 
     def result(self, loss1: float, tokens_per_step: int) -> dict:
+        # the peaks first: reading the trace's events costs memory of its own
+        peaks = {"step_peak_bytes": hwm_bytes(), "peak_bytes": life_peak_bytes()}
         allocations = None if self._trace is None else self._trace.allocations(int(self._trace_mib * 2**20))
         return {"step_times": self.times, "loss1": loss1, "tokens_per_step": tokens_per_step,
-                "base_bytes": self.base, "step_peak_bytes": hwm_bytes(), "peak_bytes": life_peak_bytes(),
-                "allocations": allocations}
+                "base_bytes": self.base, **peaks, "allocations": allocations}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -573,37 +573,40 @@ def table(summary: dict, rounds: int, warmup: int) -> str:
     return "\n".join(lines)
 
 
-def bench(s: Setup, variants: list[str], rounds: int, warmup: int, timeout: float) -> dict:
-    skipped = {v: reason for v in variants if (reason := skip_reason(v)) is not None}
+def prepared(s: Setup, variants: list[str]) -> dict[str, str]:
+    """Prepare ``s.work`` (``prepare``); returns the variants that cannot run here, with the reason."""
     Path(s.work).mkdir(parents=True, exist_ok=True)
     prepare(s)
+    return {v: reason for v in variants if (reason := skip_reason(v)) is not None}
+
+
+def bench(s: Setup, variants: list[str], rounds: int, warmup: int, timeout: float) -> dict:
+    skipped = prepared(s, variants)
     runs = run_rounds(s, [v for v in variants if v not in skipped], rounds, timeout)
     return summarise(s, runs, warmup, skipped)
 
 
 def trace(s: Setup, variants: list[str], trace_mib: float, timeout: float) -> dict:
-    """Each variant once, its last step traced: its allocations of at least ``trace_mib`` MiB (``memory_trace``)."""
-    Path(s.work).mkdir(parents=True, exist_ok=True)
-    prepare(s)
-    traced: dict[str, dict] = {}
+    """Each variant once, its last step traced: its operators allocating at least ``trace_mib`` MiB
+    (``memory_trace``)."""
+    skipped = prepared(s, variants)
+    traced: dict[str, dict] = {v: {"skipped": reason} for v, reason in skipped.items()}
     for variant in variants:
-        if (reason := skip_reason(variant)) is not None:
-            traced[variant] = {"skipped": reason}
-            continue
-        r = run_once(variant, s, Path(s.work) / "runs" / f"{variant}-trace", timeout, trace_mib)
-        traced[variant] = {"base_mib": r["base_bytes"] / 2**20, "step_peak_mib": r["step_peak_bytes"] / 2**20,
-                           "peak_mib": r["peak_bytes"] / 2**20, "allocations": r["allocations"]}
+        if variant not in skipped:
+            r = run_once(variant, s, Path(s.work) / "runs" / f"{variant}-trace", timeout, trace_mib)
+            traced[variant] = {"base_mib": r["base_bytes"] / 2**20, "step_peak_mib": r["step_peak_bytes"] / 2**20,
+                               "peak_mib": r["peak_bytes"] / 2**20, "allocations": r["allocations"]}
     return {"setup": asdict(replace(s, work="")), "trace_mib": trace_mib, "traced_step": s.steps,
-            "machine": machine(), "variants": traced}
+            "machine": machine(), "variants": {v: traced[v] for v in variants}}
 
 
 def trace_text(result: dict) -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    """``trace``'s result as text: per variant its memory figures and ``memory_trace.format_allocations``."""
     from memory_trace import format_allocations
 
-    s = Setup(**{**result["setup"], "work": ""})
-    lines = [f"V = {s.vocab}: allocations of at least {result['trace_mib']:g} MiB in step {result['traced_step']} "
-             f"(in time order; frees not shown)"]
+    s = Setup(**result["setup"])
+    lines = [f"V = {s.vocab}: operators allocating at least {result['trace_mib']:g} MiB in step "
+             f"{result['traced_step']} (their own memory, in time order; frees not shown)"]
     for variant, r in result["variants"].items():
         if "skipped" in r:
             lines += ["", f"{variant}: skipped: {r['skipped']}"]
@@ -628,12 +631,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="CI: V = 512, H = 64, 2 layers, 32 tokens per row, 3 steps, 1 round")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
-    parser.add_argument("--out", help="folder of the results JSON, peers_v<V>.json (default: benchmarks/results; "
-                                      "--quick: none)")
+    parser.add_argument("--out", help="folder of the results JSON, peers_v<V>.json (--trace: peers_trace_v<V>.json; "
+                                      "default: benchmarks/results; --quick: none)")
     parser.add_argument("--results", action="store_true", help="also write the tables into benchmarks/RESULTS.md")
     parser.add_argument("--trace", type=float, metavar="MIB",
-                        help="instead of timing: run each variant once and list the allocations of at least MIB "
-                             "MiB in its last step, with the code that made them (writes peers_trace_v<V>.json)")
+                        help="instead of timing: run each variant once (--rounds and --warmup unused) and list the "
+                             "operators allocating at least MIB MiB in its last step, with the code that called them "
+                             "(writes peers_trace_v<V>.json)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--setup", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -645,9 +649,11 @@ def main(argv: list[str] | None = None) -> int:
         args.vocab, args.hidden, args.layers, args.seq, args.steps, args.rounds = [512], 64, 2, 32, 3, 1
     if args.trace is not None and args.results:
         parser.error("--trace lists allocations; --results writes the timing tables: run them apart")
+    if args.trace is not None and args.trace <= 0:
+        parser.error(f"--trace must be > 0 MiB, got {args.trace:g}")
     if args.trace is not None and args.steps < 2:
         parser.error("--trace traces the last step, which must not be the first (memory_trace.py): --steps 2 or more")
-    if args.steps <= args.warmup:
+    if args.trace is None and args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     from dora_engine.atomic import atomic_write
 
@@ -662,8 +668,10 @@ def main(argv: list[str] | None = None) -> int:
                 result = trace(s, args.variants, args.trace, args.timeout)
                 print(trace_text(result), flush=True)
                 if out_dir is not None:
-                    with atomic_write(Path(out_dir) / f"peers_trace_v{vocab}.json") as handle:
+                    out = Path(out_dir) / f"peers_trace_v{vocab}.json"
+                    with atomic_write(out) as handle:
                         json.dump(result, handle, indent=1)
+                    print(f"written to {out}")
                 continue
             summary = bench(s, args.variants, args.rounds, args.warmup, args.timeout)
             text = table(summary, args.rounds, args.warmup)
@@ -676,7 +684,6 @@ def main(argv: list[str] | None = None) -> int:
                     json.dump({**summary, "rounds": args.rounds, "warmup": args.warmup}, handle, indent=1)
                 print(f"written to {out}")
     if args.results:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
         from bench_train import write_results
 
         title = "End to end against TRL, CPU"

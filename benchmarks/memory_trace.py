@@ -1,23 +1,25 @@
-"""Where a step's memory goes: the large allocations of one traced stretch of code, and the code that made them.
+"""Where a step's memory goes: the operators of one traced stretch of code that allocate the most, and the code
+that called them.
 
 ``AllocationTrace`` runs torch's profiler with memory profiling (CPU and CUDA allocators) between ``start()`` and
-``stop()``; ``allocations(min_bytes)`` then lists every allocation of at least ``min_bytes`` in time order, each
-with its size, the operators that made it (innermost first, e.g. ``aten::clone ← c10d::_reduce_scatter_base_``)
-and the innermost Python frame outside torch (e.g. ``deepspeed/runtime/zero/stage3.py(2418):
-get_grad_norm_direct``): which library's code asked for the memory. Frees are not listed: the profiler does not
-tie a free to its allocation, so the list says what was allocated, not what was alive at the peak. Memory events
-outside any operator are left out too: that is how the profiler reports freeing a block allocated before
-``start()``, with a size it does not know.
+``stop()`` (or as a context manager); ``allocations(min_bytes)`` then lists, in time order, every operator whose
+own memory (the profiler's *self* memory: what the operator allocated minus what it freed, its child operators'
+apart) is at least ``min_bytes``, each with that size, its operator chain (innermost first, e.g.
+``aten::empty_strided ← aten::clone ← c10d::_reduce_scatter_base_``) and the innermost Python frame outside torch
+and decorators (e.g. ``deepspeed/runtime/zero/stage3.py(2418): get_grad_norm_direct``): which library's code
+asked for the memory. A temporary an operator frees before it returns does not show, and frees are not tied to
+allocations: the list says what the operators kept when they returned, not what was alive at the peak. Memory
+the profiler records under a Python frame alone, outside any operator (seen under a waiting thread's frame), is
+left out: nothing names the code that allocated it.
 
 Trace code that has run once before: torch's profiler (2.13) records the names of Python frames by reference,
 and a frame of code freed before ``stop()`` (imports and one-time setup on a first call) fails to decode
 (``UnicodeDecodeError``) when the events are read.
 
-    trace = AllocationTrace()
-    trace.start(); step(); trace.stop()
+    with AllocationTrace() as trace:
+        step()
     print(format_allocations(trace.allocations(32 << 20)))
 """
-
 from __future__ import annotations
 
 from typing import Any
@@ -39,7 +41,15 @@ class AllocationTrace:
     def __init__(self) -> None:
         self._profile: Any = None
 
+    def __enter__(self) -> AllocationTrace:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def start(self) -> None:
+        """Start recording (CPU operators, and CUDA's where a GPU is visible)."""
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -48,10 +58,14 @@ class AllocationTrace:
         self._profile.start()
 
     def stop(self) -> None:
+        """Stop recording; the events are read by ``allocations``."""
         self._profile.stop()
 
     def allocations(self, min_bytes: int) -> list[dict[str, Any]]:
-        """Allocations of at least ``min_bytes`` (``MiB``, ``device``, ``operators``, ``made_in``), in time order."""
+        """Operators whose own memory is at least ``min_bytes`` > 0 (``MiB``, ``device``, ``operators``,
+        ``made_in``), in time order."""
+        if min_bytes <= 0:
+            raise ValueError(f"min_bytes must be > 0, got {min_bytes}")
         found = []
         for event in sorted(self._profile.events(), key=lambda e: e.time_range.start):
             for device, size in (("cpu", event.self_cpu_memory_usage), ("cuda", _device_memory(event))):
@@ -64,7 +78,7 @@ class AllocationTrace:
 
 
 def _device_memory(event: Any) -> int:
-    # named self_device_memory_usage in newer torch, self_cuda_memory_usage before
+    """The event's own GPU memory (``self_device_memory_usage``; ``self_cuda_memory_usage`` in older torch)."""
     if hasattr(type(event), "self_device_memory_usage"):
         return event.self_device_memory_usage
     return getattr(event, "self_cuda_memory_usage", 0)
@@ -79,11 +93,11 @@ def _origin(event: Any) -> tuple[list[str], str]:
         name = node.name
         if ".py(" in name:
             if not any(w in name.replace("\\", "/") for w in WRAPPERS):
-                return operators[:OPERATORS], short_frame(name)
+                return operators, short_frame(name)
         elif not name.startswith("<built-in") and len(operators) < OPERATORS:
             operators.append(name)
         node = node.cpu_parent
-    return operators[:OPERATORS], "–"
+    return operators, "–"
 
 
 def short_frame(name: str) -> str:

@@ -4,6 +4,7 @@ runs leave in shared memory is removed at the end."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +20,12 @@ SHARED_MEMORY = Path("/dev/shm")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """DeepSpeed's CPU all-reduce keeps a buffer per rank in /dev/shm (~70 MB each) that a rank killed on
-    purpose (the fault tests) never unlinks: remove those that this session's runs created, all finished now,
-    so that repeated test runs do not fill the machine's memory. A buffer some live process maps stays. Under
-    pytest-xdist (``make test``) only the controlling process cleans, once every worker has finished."""
+    """Remove this process's tokenised-data folder. DeepSpeed's CPU all-reduce keeps a buffer per rank in
+    /dev/shm (~70 MB each) that a rank killed on purpose (the fault tests) never unlinks: remove those that this
+    session's runs created, all finished now, so that repeated test runs do not fill the machine's memory. A
+    buffer some live process maps stays. Under pytest-xdist (``make test``) only the controlling process
+    removes them, once every worker has finished."""
+    shutil.rmtree(os.environ["DORA_ENGINE_CACHE"], ignore_errors=True)
     if hasattr(session.config, "workerinput"):
         return
     mapped = set()
@@ -40,6 +43,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips as the module docstring says; the files with ``multiproc`` tests (the long ones) first, so that
+    pytest-xdist's workers, which take whole files in this order, start the longest work first."""
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_slow = pytest.mark.skip(reason="slow: set RUN_SLOW=1 to run")
     run_slow = os.environ.get("RUN_SLOW") == "1"
@@ -48,6 +53,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
+    launching = {item.path for item in items if "multiproc" in item.keywords}
+    items.sort(key=lambda item: item.path not in launching)  # stable: the order within each group stays
 
 
 @pytest.fixture
