@@ -110,3 +110,18 @@ def test_quick_run_has_every_variant_and_equal_step_one_losses(tmp_path):
         assert "skipped: liger_kernel is not installed" in rows["trl_liger_dpo"], proc.stdout
     for name in names:
         assert name in rows and "not the same work" not in rows[name] and "skipped" not in rows[name], proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_quick_trace_names_our_ops_and_deepspeeds_allocations(tmp_path):
+    """``--trace``: our trainer's traced step lists the loss head's d W (our op) and DeepSpeed's step copies."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, str(BENCH), "--quick", "--trace", "0.1", "--variants", "ours_dpo_erm",
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "peers_trace_v512.json").read_text())
+    made_in = [a["made_in"] for a in result["variants"]["ours_dpo_erm"]["allocations"]]
+    assert any(m.startswith("dora_engine/ops/fused_linear.py(") for m in made_in), made_in
+    assert any(m.startswith("deepspeed/runtime/zero/stage3.py(") for m in made_in), made_in
+    assert "ours_dpo_erm: base" in proc.stdout and "| MiB | device | operators | made in |" in proc.stdout
