@@ -61,9 +61,9 @@ Full run (the machine should be otherwise idle; writes benchmarks/results/peers_
     python benchmarks/bench_peers.py --vocab 128256 --results   # and the section in benchmarks/RESULTS.md
 Quick (CI; tiny model, one round, prints the table, writes JSON only with --out):
     python benchmarks/bench_peers.py --quick [--out DIR]
-Where each variant's memory goes (each variant once, no timings; writes peers_trace_v<V>.json): the allocations
-of at least 32 MiB of its last step, with the operators and the code (ours, DeepSpeed's, TRL's, torch's
-collectives) that made them (``memory_trace.py``):
+Where each variant's memory goes (each variant once, no timings; writes peers_trace_v<V>.json): the operators of
+its last step that allocate at least 32 MiB, with the code (ours, DeepSpeed's, TRL's, torch's collectives) that
+called them (``memory_trace.py``):
     python benchmarks/bench_peers.py --vocab 128256 --steps 2 --trace 32
 """
 
@@ -199,8 +199,8 @@ def life_peak_bytes() -> int:
 
 class StepClock:
     """Times the steps and measures the step phase's memory: ``begin_phase`` before the first step. With
-    ``trace_mib`` it also traces the last of ``steps`` steps: its allocations of at least that many MiB and the
-    code that made them (``memory_trace.AllocationTrace``; the profiler slows that step)."""
+    ``trace_mib`` it also traces the last of ``steps`` steps: its operators allocating at least that many MiB and
+    the code that called them (``memory_trace.AllocationTrace``; the profiler slows that step)."""
 
     def __init__(self, steps: int, trace_mib: float | None = None) -> None:
         self.times: list[float] = []
